@@ -1,0 +1,44 @@
+"""The one source of truth for model names and tensor names, dtypes and shapes.
+
+export/ writes these into every config.pbtxt and ONNX graph; the Triton adapters, the pipeline and
+the client read them from here. Token ids are int64: onnxruntime wants int64, and the TensorRT
+recipe in export/ casts at the plan boundary, so no caller ever sees another dtype.
+"""
+
+import numpy as np
+
+# model names inside the Triton repository
+BI_ENCODER = "bi_encoder"
+CROSS_ENCODER = "cross_encoder"
+CLASSIFIER = "email_classifier"
+
+# encoder tensors (both encoders)
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+TOKEN_TYPE_IDS = "token_type_ids"
+EMBEDDING = "embedding"  # bi-encoder output: (batch, dim), mean pooled and L2 normalised
+LOGIT = "logit"  # cross-encoder output: (batch, 1), raw score, no sigmoid
+TOKEN_DTYPE = np.int64
+TOKEN_TRITON_TYPE = "TYPE_INT64"
+
+BI_ENCODER_INPUTS = (INPUT_IDS, ATTENTION_MASK)
+CROSS_ENCODER_INPUTS = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS)
+
+# classifier interface (what callers use)
+TEXT = "TEXT"  # string, (batch, 1)
+SUBJECT = "SUBJECT"  # optional string, (batch, 1)
+LABEL = "LABEL"  # string, (batch, 1)
+PROBABILITY = "PROBABILITY"  # fp32, (batch, 1)
+TOP_LABELS = "TOP_LABELS"  # string, (batch, K)
+TOP_PROBABILITIES = "TOP_PROBABILITIES"  # fp32, (batch, K)
+NEEDS_REVIEW = "NEEDS_REVIEW"  # bool, (batch, 1)
+ERROR = "ERROR"  # string, (batch, 1): empty when the row was classified, else why not
+MODEL_VERSIONS = "MODEL_VERSIONS"  # string, (batch, 3): classifier, bi_encoder, cross_encoder
+STAGE_MS = "STAGE_MS"  # fp32, (batch, 4): milliseconds per stage, see STAGES
+
+STAGES = ("preprocess", "embed", "search", "rerank")
+CLASSIFIER_OUTPUTS = (LABEL, PROBABILITY, TOP_LABELS, TOP_PROBABILITIES, NEEDS_REVIEW, ERROR, MODEL_VERSIONS, STAGE_MS)
+
+# request parameters
+PARAM_TOP_K = "top_k"
+PARAM_THRESHOLD = "threshold"

@@ -1,0 +1,160 @@
+"""The two-stage pipeline as a plain Python class: normalise -> tokenise -> embed -> FAISS top-K ->
+rerank the K (email, label) pairs -> softmax over the K logits.
+
+It does not know what runs the encoders: `Encoders` is PyTorch for the in-process reference
+classifier (training/reference.py), onnxruntime in-process (mailroute/onnx_encoders.py), or BLS
+calls to the bi_encoder / cross_encoder Triton models (export/triton/email_classifier.py). So
+all three produce the same answers from the same code, and tests run it without Triton.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from mailroute import contract
+from mailroute.label_index import LabelIndex
+from mailroute.normalise import InvalidEmail, normalise
+from mailroute.settings import DEFAULTS
+
+
+class Encoders(Protocol):
+    def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """(n, seq) int64 -> (n, dim) float32, mean pooled and L2 normalised."""
+
+    def score(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+        """(n, seq) int64 pairs -> (n,) float32 raw logits."""
+
+
+class BadParameter(ValueError):
+    """A request parameter (top_k, threshold) out of range or of the wrong type."""
+
+
+def check_params(top_k, threshold, n_labels: int) -> tuple:
+    try:
+        k = int(top_k)
+        if k != float(top_k):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise BadParameter(f"top_k must be an integer, got {top_k!r}") from None
+    if not 1 <= k <= n_labels:
+        raise BadParameter(f"top_k must be between 1 and {n_labels} (labels in the taxonomy), got {k}")
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise BadParameter(f"threshold must be a number, got {threshold!r}") from None
+    if not 0.0 <= t <= 1.0:
+        raise BadParameter(f"threshold must be between 0 and 1, got {t}")
+    return k, t
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x - x.max())
+    return z / z.sum()
+
+
+@dataclass
+class Prediction:
+    label: str
+    probability: float
+    top_labels: list
+    top_probabilities: list
+    needs_review: bool
+    error: str = ""
+    stage_ms: dict = field(default_factory=dict)
+
+
+def load_tokenizer(path, max_length: int) -> Tokenizer:
+    tok = Tokenizer.from_file(str(path))
+    tok.enable_truncation(max_length)  # longest_first, as HF / sentence-transformers truncate pairs
+    tok.enable_padding(pad_id=0, pad_token="[PAD]")
+    return tok
+
+
+def tensors(encodings) -> tuple:
+    ids = np.array([e.ids for e in encodings], dtype=contract.TOKEN_DTYPE)  # (n, seq)
+    mask = np.array([e.attention_mask for e in encodings], dtype=contract.TOKEN_DTYPE)
+    types = np.array([e.type_ids for e in encodings], dtype=contract.TOKEN_DTYPE)
+    return ids, mask, types
+
+
+class TwoStageClassifier:
+    """classify(emails) -> label, probability, top-K labels with probabilities, needs_review."""
+
+    def __init__(self, encoders: Encoders, label_index: LabelIndex, bi_tokenizer: Tokenizer, cross_tokenizer: Tokenizer,
+                 top_k: int = DEFAULTS.top_k, threshold: float = DEFAULTS.threshold,
+                 embed_batch: int = 64, score_batch: int = 256):
+        self.encoders, self.index = encoders, label_index
+        self.bi_tok, self.cross_tok = bi_tokenizer, cross_tokenizer
+        self.label_names = np.array(label_index.taxonomy.names, dtype=object)
+        self.label_texts = label_index.taxonomy.texts
+        self.top_k, self.threshold = check_params(top_k, threshold, len(self.label_names))
+        self.embed_batch, self.score_batch = embed_batch, score_batch
+
+    def prepare(self, bodies: Sequence, subjects: Sequence = None) -> tuple:
+        """Normalise every row; a row that cannot be classified gets an error instead of raising."""
+        texts, errors = [], []
+        for i, body in enumerate(bodies):
+            try:
+                texts.append(normalise(body, subjects[i] if subjects is not None else None))
+                errors.append("")
+            except InvalidEmail as e:
+                texts.append(None)
+                errors.append(str(e))
+        return texts, errors
+
+    def _embed(self, texts: list) -> np.ndarray:
+        out = []
+        for s in range(0, len(texts), self.embed_batch):
+            ids, mask, _ = tensors(self.bi_tok.encode_batch(texts[s:s + self.embed_batch]))
+            out.append(self.encoders.embed(ids, mask))
+        return np.concatenate(out).astype(np.float32)  # (n, dim)
+
+    def _score(self, pairs: list) -> np.ndarray:
+        out = []
+        for s in range(0, len(pairs), self.score_batch):
+            ids, mask, types = tensors(self.cross_tok.encode_batch(pairs[s:s + self.score_batch]))
+            out.append(np.asarray(self.encoders.score(ids, mask, types), dtype=np.float32).reshape(-1))
+        return np.concatenate(out)  # (n,)
+
+    def classify_texts(self, texts: list, errors: list, top_k=None, threshold=None) -> list:
+        """Normalised texts (None where errors[i] says why) -> one Prediction per row."""
+        n = len(texts)
+        ks = np.broadcast_to(np.asarray(self.top_k if top_k is None else top_k), (n,))
+        ts = np.broadcast_to(np.asarray(self.threshold if threshold is None else threshold), (n,))
+        ok = [i for i in range(n) if texts[i] is not None]
+        ms = dict.fromkeys(contract.STAGES, 0.0)
+        results = [Prediction("", 0.0, [], [], True, errors[i]) for i in range(n)]
+        if not ok:
+            return results
+        t0 = time.perf_counter()
+        xq = self._embed([texts[i] for i in ok])  # (ok, dim)
+        t1 = time.perf_counter()
+        _, I = self.index.search(xq, int(max(ks[i] for i in ok)))  # (ok, kmax)
+        t2 = time.perf_counter()
+        cand = [I[j, : ks[i]] for j, i in enumerate(ok)]
+        pairs = [(texts[i], self.label_texts[c]) for j, i in enumerate(ok) for c in cand[j]]
+        logits = self._score(pairs)  # (sum of k,)
+        t3 = time.perf_counter()
+        ms.update(embed=(t1 - t0) * 1e3, search=(t2 - t1) * 1e3, rerank=(t3 - t2) * 1e3)
+        start = 0
+        for j, i in enumerate(ok):
+            k = len(cand[j])
+            p = softmax(logits[start:start + k].astype(np.float64))  # (k,)
+            start += k
+            order = np.argsort(-p, kind="stable")
+            top = [str(self.label_names[cand[j][o]]) for o in order]
+            probs = [float(p[o]) for o in order]
+            results[i] = Prediction(top[0], probs[0], top, probs, probs[0] < ts[i], "", dict(ms))
+        return results
+
+    def classify(self, bodies: Sequence, subjects: Sequence = None, top_k=None, threshold=None) -> list:
+        t0 = time.perf_counter()
+        texts, errors = self.prepare(bodies, subjects)
+        pre = (time.perf_counter() - t0) * 1e3
+        results = self.classify_texts(texts, errors, top_k, threshold)
+        for r in results:
+            r.stage_ms["preprocess"] = pre
+        return results

@@ -1,0 +1,26 @@
+"""Defaults shared by training, export and serving. Every CLI flag defaults to one of these."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def banking77_dir() -> Path:
+    """BANKING77 is read in place (never copied): $MAILROUTE_BANKING77 or ../shared/datasets/banking77."""
+    return Path(os.environ.get("MAILROUTE_BANKING77", ROOT.parent / "shared" / "datasets" / "banking77"))
+
+
+@dataclass(frozen=True)
+class Defaults:
+    top_k: int = 10  # candidates retrieved and reranked per email
+    threshold: float = 0.5  # needs_review when the top probability is below this
+    max_email_tokens: int = 128  # bi-encoder input budget (MiniLM was trained at 128/256)
+    max_pair_tokens: int = 160  # cross-encoder (email, label text) pair budget
+    max_email_chars: int = 20_000  # text beyond this is cut before tokenising: bounds the cost of huge input
+    max_request_chars: int = 2_000_000  # a row longer than this is refused rather than truncated
+    seed: int = 12
+
+
+DEFAULTS = Defaults()

@@ -1,0 +1,106 @@
+"""The label taxonomy: names, one-line descriptions, optional groups.
+
+File format (JSON): {"name": "...", "labels": [{"name": "billing_refund", "description": "...",
+"group": "billing"}, ...]}. Label names are identifiers; the text the encoders see for a label is
+`label_text()`, the same in training, in the label index and in serving.
+"""
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+NAME_RE = re.compile(r"^[^\s\x00-\x1f][^\x00-\x1f]{0,99}$")  # printable, at most 100 characters
+
+
+class DataError(ValueError):
+    """Invalid taxonomy or dataset; the message names the file, the line and the problem."""
+
+
+@dataclass(frozen=True)
+class Label:
+    name: str
+    description: str
+    group: str = ""
+
+    def text(self) -> str:
+        return f"{self.name.replace('_', ' ')}: {self.description}"
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    labels: tuple
+    name: str = "taxonomy"
+
+    def __post_init__(self):
+        object.__setattr__(self, "_index", {l.name: i for i, l in enumerate(self.labels)})
+
+    @property
+    def names(self) -> list:
+        return [l.name for l in self.labels]
+
+    @property
+    def texts(self) -> list:
+        return [l.text() for l in self.labels]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __contains__(self, name):
+        return name in self._index
+
+    def index(self, name: str) -> int:
+        if name not in self._index:
+            raise DataError(f"unknown label {name!r} (not in taxonomy {self.name!r})")
+        return self._index[name]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "labels": [asdict(l) for l in self.labels]}
+
+    def fingerprint(self) -> str:
+        """Changes whenever a label or its text changes: the label index records it."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def parse_taxonomy(obj, source="taxonomy") -> Taxonomy:
+    if not isinstance(obj, dict) or not isinstance(obj.get("labels"), list):
+        raise DataError(f"{source}: expected an object with a 'labels' list")
+    labels, seen = [], set()
+    for i, row in enumerate(obj["labels"], 1):
+        where = f"{source}: label #{i}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object with name and description, got {type(row).__name__}")
+        name = str(row.get("name", "")).strip()
+        if not name:
+            raise DataError(f"{where}: missing 'name'")
+        if not NAME_RE.match(name):
+            raise DataError(f"{where}: label name {name!r} must be printable text of at most 100 characters")
+        if name in seen:
+            raise DataError(f"{where}: duplicate label {name!r}")
+        desc = str(row.get("description") or "").strip()
+        if not desc:
+            raise DataError(f"{where}: label {name!r} has no description")
+        seen.add(name)
+        labels.append(Label(name, " ".join(desc.split()), str(row.get("group") or "").strip()))
+    if len(labels) < 2:
+        raise DataError(f"{source}: a taxonomy needs at least 2 labels, got {len(labels)}")
+    return Taxonomy(tuple(labels), str(obj.get("name") or Path(str(source)).stem))
+
+
+def load_taxonomy(path) -> Taxonomy:
+    path = Path(path)
+    try:
+        raw = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: taxonomy file not found") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    return parse_taxonomy(obj, str(path))

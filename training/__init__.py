@@ -1,0 +1,1 @@
+"""Training: datasets, bi-encoder (MNR), hard-candidate mining, listwise cross-encoder, baseline, evaluation."""

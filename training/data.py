@@ -1,0 +1,161 @@
+"""Datasets: the example format, its loaders and their validation.
+
+Examples are JSONL (one object a line) or CSV (a header row), with columns
+  text            the email (or use subject + body instead)
+  subject, body   optional alternative to text
+  label           a label name from the taxonomy ("category" is accepted, as BANKING77 names it)
+  id              optional, unique when given
+Every problem is reported as `file:line: problem`. Loading refuses invalid data unless
+`drop_invalid=True`, which drops bad rows and reports how many.
+"""
+
+import csv
+import io
+import json
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailroute.normalise import InvalidEmail, normalise
+from mailroute.settings import banking77_dir
+from mailroute.taxonomy import DataError, Taxonomy, load_taxonomy
+
+HERE = Path(__file__).resolve().parent
+DEMO_DIR = HERE / "demo"
+BANKING77_TAXONOMY = HERE / "taxonomies" / "banking77.json"
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str  # normalised: what the encoders see
+    label: str
+    id: str = ""
+
+
+@dataclass
+class Dataset:
+    taxonomy: Taxonomy
+    train: list
+    test: list
+
+
+def _rows(path: Path):
+    """Yield (line number, dict) from a JSONL or CSV file."""
+    try:
+        raw = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield n, DataError(f"{path}:{n}: invalid JSON: {e.msg}")
+                continue
+            yield n, obj if isinstance(obj, dict) else DataError(f"{path}:{n}: expected a JSON object")
+    elif path.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(raw))
+        cols = set(reader.fieldnames or [])
+        if not ({"text", "body", "subject"} & cols) or not ({"label", "category"} & cols):
+            raise DataError(f"{path}:1: missing column: need 'text' (or 'subject'/'body') and 'label', found {sorted(cols)}")
+        for row in reader:
+            yield reader.line_num, row
+    else:
+        raise DataError(f"{path}: unknown format {path.suffix!r} (use .jsonl or .csv)")
+
+
+def load_examples(path, taxonomy: Taxonomy, drop_invalid: bool = False) -> list:
+    path = Path(path)
+    examples, problems, ids = [], [], {}
+    for n, row in _rows(path):
+        try:
+            if isinstance(row, DataError):
+                raise row
+            label = str(row.get("label") or row.get("category") or "").strip()
+            if not label:
+                raise DataError(f"{path}:{n}: missing label")
+            if label not in taxonomy:
+                raise DataError(f"{path}:{n}: unknown label {label!r} (not in taxonomy {taxonomy.name!r})")
+            body = row.get("text") if row.get("text") is not None else row.get("body")
+            if body is None and row.get("subject") is None:
+                raise DataError(f"{path}:{n}: missing column 'text' (or 'subject'/'body')")
+            try:
+                text = normalise(body or "", row.get("subject"))
+            except InvalidEmail as e:
+                raise DataError(f"{path}:{n}: {e}") from None
+            rid = str(row.get("id") or "").strip()
+            if rid:
+                if rid in ids:
+                    raise DataError(f"{path}:{n}: duplicate id {rid!r} (first on line {ids[rid]})")
+                ids[rid] = n
+            examples.append(Example(text, label, rid))
+        except DataError as e:
+            if not drop_invalid:
+                raise
+            problems.append(str(e))
+    if problems:
+        print(f"{path}: dropped {len(problems)} invalid row(s); first: {problems[0]}")
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+def load_dataset(taxonomy_path, train_path, test_path, drop_invalid=False) -> Dataset:
+    tax = load_taxonomy(taxonomy_path)
+    return Dataset(tax, load_examples(train_path, tax, drop_invalid), load_examples(test_path, tax, drop_invalid))
+
+
+def load_demo() -> Dataset:
+    """The built-in 50-label email taxonomy (training/demo/)."""
+    return load_dataset(DEMO_DIR / "taxonomy.json", DEMO_DIR / "train.jsonl", DEMO_DIR / "test.jsonl")
+
+
+def load_banking77(folder=None) -> Dataset:
+    """BANKING77 read in place; descriptions of its 77 intents live in training/taxonomies/banking77.json."""
+    folder = Path(folder or banking77_dir())
+    if not (folder / "train.csv").exists():
+        raise DataError(f"{folder}: BANKING77 not found (set --banking77 or MAILROUTE_BANKING77)")
+    return load_dataset(BANKING77_TAXONOMY, folder / "train.csv", folder / "test.csv")
+
+
+def load_named(name: str, banking77=None) -> Dataset:
+    if name == "demo":
+        return load_demo()
+    if name == "banking77":
+        return load_banking77(banking77)
+    raise DataError(f"unknown dataset {name!r}: use 'demo', 'banking77', or --taxonomy/--train/--test files")
+
+
+def split_validation(examples: list, fraction: float, seed: int) -> tuple:
+    """Stratified split of train into (train, validation): every choice is made on validation, never on test."""
+    by_label = defaultdict(list)
+    for e in examples:
+        by_label[e.label].append(e)
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in sorted(by_label):
+        rows = by_label[label][:]
+        rng.shuffle(rows)
+        n_val = max(1, round(len(rows) * fraction)) if len(rows) > 1 and fraction > 0 else 0
+        val += rows[:n_val]
+        train += rows[n_val:]
+    return train, val
+
+
+def sample_per_label(examples: list, n: int, seed: int) -> list:
+    """At most n examples of each label (fixed seed): small runs for tests and smoke checks."""
+    rng = random.Random(seed)
+    rows = examples[:]
+    rng.shuffle(rows)
+    seen, out = Counter(), []
+    for e in rows:
+        if seen[e.label] < n:
+            seen[e.label] += 1
+            out.append(e)
+    return out
