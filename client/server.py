@@ -1,0 +1,132 @@
+"""Start the real tritonserver binary that the nvidia-pytriton wheel ships, on a model repository.
+
+Recipe (shared/docs/triton-local.md): copy the Python backend into a writable folder with the stub
+for this Python, put the wheel's libraries and libpython on LD_LIBRARY_PATH, put this interpreter's
+bin/ first on PATH (the stub takes sys.path from the python3 it finds there), wait for readiness.
+"""
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from mailroute import contract
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pytriton_dir() -> Path:
+    spec = importlib.util.find_spec("pytriton")  # not `import pytriton`: it pulls in gevent and more
+    if spec is None:
+        raise RuntimeError("nvidia-pytriton is not installed: pip install nvidia-pytriton==0.7.0")
+    return Path(spec.origin).parent
+
+
+def backend_dir(work: Path) -> Path:
+    pt = pytriton_dir()
+    be = work / "backends"
+    shutil.copytree(pt / "tritonserver" / "backends" / "python", be / "python", dirs_exist_ok=True)
+    stub = pt / "tritonserver" / "python_backend_stubs" / f"{sys.version_info[0]}.{sys.version_info[1]}" / "triton_python_backend_stub"
+    if not stub.exists():
+        raise RuntimeError(f"no Triton Python backend stub for Python {sys.version_info[0]}.{sys.version_info[1]} in {stub.parent.parent}")
+    shutil.copy(stub, be / "python" / "triton_python_backend_stub")
+    return be
+
+
+class TritonServer:
+    """A running tritonserver; use as a context manager. Ports default to free ones."""
+
+    def __init__(self, repo, grpc_port: int = 0, http_port: int = 0, metrics_port: int = 0, explicit: bool = True,
+                 models=(contract.BI_ENCODER, contract.CROSS_ENCODER, contract.CLASSIFIER), admin_key: str = "",
+                 log_file=None, extra_args=()):
+        self.repo = Path(repo).resolve()
+        self.grpc_port, self.http_port, self.metrics_port = grpc_port or free_port(), http_port or free_port(), metrics_port or free_port()
+        self.explicit, self.models, self.admin_key, self.extra_args = explicit, list(models), admin_key, list(extra_args)
+        self.work = Path(tempfile.mkdtemp(prefix="mailroute-triton-"))
+        self.log_file = Path(log_file) if log_file else self.work / "triton.log"
+        self.proc = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def command(self) -> list:
+        pt = pytriton_dir()
+        cmd = [str(pt / "tritonserver" / "bin" / "tritonserver"), f"--model-repository={self.repo}",
+               f"--backend-directory={backend_dir(self.work)}", f"--grpc-port={self.grpc_port}",
+               f"--http-port={self.http_port}", f"--metrics-port={self.metrics_port}", "--log-verbose=0"]
+        if self.explicit:
+            cmd += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in self.models]
+        if self.admin_key:  # repository and config changes need the key (loading a model runs its code)
+            groups = "model-repository,model-config"
+            cmd += [f"--grpc-restricted-protocol={groups}:admin-key={self.admin_key}",
+                    f"--http-restricted-api={groups}:admin-key={self.admin_key}"]
+        return cmd + self.extra_args
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        libs = [str(pytriton_dir().parent / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR") or ""]
+        env["LD_LIBRARY_PATH"] = ":".join(libs + [env.get("LD_LIBRARY_PATH", "")])
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        return env
+
+    def start(self, timeout: float = 180) -> "TritonServer":
+        self.log = open(self.log_file, "w")
+        self.proc = subprocess.Popen(self.command(), env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{self.tail()}")
+            if self.ready():
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s:\n{self.tail()}")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # tritonserver drains in-flight requests on SIGINT/SIGTERM
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

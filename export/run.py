@@ -1,0 +1,128 @@
+"""`mailroute export`: a trained run -> ONNX (parity-checked) -> a new version in the Triton model repository.
+
+Writes bi_encoder/<v>, cross_encoder/<v> and email_classifier/<v> (which pins those two), re-embeds
+the label texts with the exported bi-encoder so the index matches what is served, and updates the
+three config.pbtxt files (plus configs/tensorrt.pbtxt for the production TensorRT plans).
+"""
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mailroute import contract
+from mailroute.label_index import LabelIndex, weights_id
+from mailroute.onnx_encoders import session
+from mailroute.pipeline import load_tokenizer, tensors
+from mailroute.repository import ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE, versions
+from mailroute.settings import DEFAULTS
+from export import configs
+from export.onnx_export import export_bi_encoder, export_cross_encoder, quantize_int8
+from training.models import load_bi_encoder, load_cross_encoder
+
+TRITON_DIR = Path(__file__).resolve().parent / "triton"
+PARITY_TEXTS = [
+    "Hi, I was charged twice for my subscription this month. Please refund the extra charge.",
+    "I can't log in, the password reset link never arrives.",
+    "Where is my order? Tracking has not updated since Monday and I need it for a wedding on Saturday, please help!",
+    "x",
+]
+
+
+@dataclass
+class ExportConfig:
+    run: str = "runs/demo"
+    repo: str = "model_repository"
+    runtime: str = "portable"  # portable (Python backend + onnxruntime) | native (onnxruntime_onnx backend)
+    gpu: bool = False  # KIND_GPU instances (native runtime, production)
+    quantize: bool = False  # dynamic int8 weights (CPU)
+    version: int = 0  # 0 = next free version number of each model
+    top_k: int = DEFAULTS.top_k
+    threshold: float = DEFAULTS.threshold
+    classifier_instances: int = 1
+    encoder_instances: int = 1
+
+
+def _next_version(repo: Path, model: str, forced: int) -> int:
+    return forced or (max(versions(repo, model), default=0) + 1)
+
+
+def _write_encoder(repo: Path, name: str, onnx_path: Path, tokenizer: Path, cfg: ExportConfig, dim: int, max_batch: int) -> int:
+    v = _next_version(repo, name, cfg.version)
+    vdir = repo / name / str(v)
+    if vdir.exists():
+        raise FileExistsError(f"{vdir} exists: versions are immutable, pick another --version")
+    vdir.mkdir(parents=True)
+    shutil.copy(onnx_path, vdir / MODEL_FILE)
+    shutil.copy(tokenizer, vdir / TOKENIZER_FILE)
+    (vdir / ENCODER_ID_FILE).write_text(weights_id(vdir / MODEL_FILE) + "\n")
+    if cfg.runtime == "portable":
+        shutil.copy(TRITON_DIR / "onnx_encoder.py", vdir / "model.py")
+    (repo / name / "config.pbtxt").write_text(configs.encoder_config(name, dim, cfg.runtime, max_batch, cfg.encoder_instances, cfg.gpu))
+    (repo / name / "configs").mkdir(exist_ok=True)
+    (repo / name / "configs" / "tensorrt.pbtxt").write_text(
+        configs.encoder_config(name, dim, "native", max_batch, cfg.encoder_instances, gpu=True, tensorrt=True))
+    return v
+
+
+def label_index_from_onnx(onnx_path: Path, tokenizer: Path, taxonomy) -> LabelIndex:
+    """Embed the label texts with the exported graph itself: the index matches the served encoder."""
+    tok = load_tokenizer(tokenizer, DEFAULTS.max_email_tokens)
+    sess = session(onnx_path)
+    ids, mask, _ = tensors(tok.encode_batch(taxonomy.texts))
+    xb = sess.run([contract.EMBEDDING], {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask})[0]
+    return LabelIndex.build(taxonomy, xb, weights_id(onnx_path))
+
+
+def export(cfg: ExportConfig) -> dict:
+    run, repo = Path(cfg.run), Path(cfg.repo)
+    if not (run / "bi_encoder").is_dir() or not (run / "cross_encoder").is_dir():
+        raise FileNotFoundError(f"{run} is not a trained run (needs bi_encoder/ and cross_encoder/): run `mailroute train` first")
+    repo.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="mailroute-export-"))
+    report = {"run": str(run), "runtime": cfg.runtime, "quantize": cfg.quantize}
+
+    # 1. ONNX graphs with the contract's names, parity-checked against PyTorch
+    t = time.perf_counter()
+    bi_model, cross_model = load_bi_encoder(run / "bi_encoder"), load_cross_encoder(run / "cross_encoder")
+    old = LabelIndex.load(run / "label_index")
+    bi_tok, cross_tok = run / "bi_encoder" / TOKENIZER_FILE, run / "cross_encoder" / TOKENIZER_FILE
+    texts = PARITY_TEXTS + old.taxonomy.texts[:8]
+    report["parity_max_abs_diff"] = {
+        "bi_encoder": export_bi_encoder(bi_model, bi_tok, work / "bi.onnx", texts),
+        "cross_encoder": export_cross_encoder(cross_model, cross_tok, work / "cross.onnx", [(t, l) for t in PARITY_TEXTS for l in old.taxonomy.texts[:3]]),
+    }
+    print(f"[1/3] ONNX export, parity vs PyTorch (max abs diff): {report['parity_max_abs_diff']}")
+    bi_path, cross_path = work / "bi.onnx", work / "cross.onnx"
+    if cfg.quantize:
+        quantize_int8(bi_path, work / "bi.int8.onnx")
+        quantize_int8(cross_path, work / "cross.int8.onnx")
+        bi_path, cross_path = work / "bi.int8.onnx", work / "cross.int8.onnx"
+
+    # 2. encoder versions (+ configs); the label index rebuilt with the exported bi-encoder
+    dim = int(old.manifest["dim"])
+    bi_v = _write_encoder(repo, contract.BI_ENCODER, bi_path, bi_tok, cfg, dim, max_batch=64)
+    cross_v = _write_encoder(repo, contract.CROSS_ENCODER, cross_path, cross_tok, cfg, dim, max_batch=256)
+    bi_dir = repo / contract.BI_ENCODER / str(bi_v)
+    index = label_index_from_onnx(bi_dir / MODEL_FILE, bi_dir / TOKENIZER_FILE, old.taxonomy)
+
+    # 3. the classifier version that pins them
+    cv = _next_version(repo, contract.CLASSIFIER, cfg.version)
+    cdir = repo / contract.CLASSIFIER / str(cv)
+    cdir.mkdir(parents=True)
+    index.save(cdir / LABEL_INDEX_DIR)
+    shutil.copy(TRITON_DIR / "email_classifier.py", cdir / "model.py")
+    spec = {"bi_encoder_version": bi_v, "cross_encoder_version": cross_v, "top_k": min(cfg.top_k, len(old.taxonomy)),
+            "threshold": cfg.threshold, "source_run": str(run.resolve()), "quantized": cfg.quantize,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (cdir / PIPELINE_FILE).write_text(json.dumps(spec, indent=1) + "\n")
+    (repo / contract.CLASSIFIER / "config.pbtxt").write_text(
+        configs.classifier_config(64, cfg.classifier_instances, embed_batch=64, score_batch=256))
+    report |= {"versions": {contract.CLASSIFIER: cv, contract.BI_ENCODER: bi_v, contract.CROSS_ENCODER: cross_v},
+               "seconds": round(time.perf_counter() - t, 1), "config": asdict(cfg)}
+    (cdir / "export_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"[3/3] {repo}: {contract.CLASSIFIER} v{cv} -> {contract.BI_ENCODER} v{bi_v}, {contract.CROSS_ENCODER} v{cross_v}")
+    return report

@@ -1,0 +1,27 @@
+"""The encoders on onnxruntime, in-process: what the portable Triton models run, without Triton."""
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from mailroute import contract
+
+
+def session(path, threads: int = 0) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or int(os.environ.get("MAILROUTE_ORT_THREADS", "0"))  # 0 = all cores
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=ort.get_available_providers())
+
+
+class OnnxEncoders:
+    def __init__(self, bi_path, cross_path, threads: int = 0):
+        self.bi, self.cross = session(bi_path, threads), session(cross_path, threads)
+
+    def embed(self, input_ids, attention_mask):
+        return self.bi.run([contract.EMBEDDING], {contract.INPUT_IDS: input_ids, contract.ATTENTION_MASK: attention_mask})[0]
+
+    def score(self, input_ids, attention_mask, token_type_ids):
+        feed = {contract.INPUT_IDS: input_ids, contract.ATTENTION_MASK: attention_mask, contract.TOKEN_TYPE_IDS: token_type_ids}
+        return self.cross.run([contract.LOGIT], feed)[0][:, 0].astype(np.float32)

@@ -1,0 +1,73 @@
+"""The layout of the Triton model repository, read by the Triton adapters and by in-process users.
+
+  <repo>/bi_encoder/<v>/      model.onnx  tokenizer.json  encoder_id   (+ model.py when portable)
+  <repo>/cross_encoder/<v>/   model.onnx  tokenizer.json  encoder_id   (+ model.py when portable)
+  <repo>/email_classifier/<v>/ model.py  pipeline.json  label_index/
+pipeline.json pins the bi_encoder and cross_encoder versions this classifier version uses; the label
+index inside it records the encoder_id of the bi-encoder it was built from, and loading refuses a
+mismatch. So a classifier version is one consistent, roll-back-able unit.
+"""
+
+import json
+from pathlib import Path
+
+from mailroute import contract
+from mailroute.label_index import IndexMismatch, LabelIndex
+from mailroute.pipeline import TwoStageClassifier, load_tokenizer
+from mailroute.settings import DEFAULTS
+
+MODEL_FILE, TOKENIZER_FILE, ENCODER_ID_FILE = "model.onnx", "tokenizer.json", "encoder_id"
+PIPELINE_FILE, LABEL_INDEX_DIR = "pipeline.json", "label_index"
+
+
+def versions(repo, model: str) -> list:
+    folder = Path(repo) / model
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
+
+
+def version_dir(repo, model: str, version=None) -> Path:
+    vs = versions(repo, model)
+    if not vs:
+        raise FileNotFoundError(f"no versions of model {model!r} in repository {repo}")
+    v = vs[-1] if version in (None, -1, "latest") else int(version)
+    if v not in vs:
+        raise FileNotFoundError(f"model {model!r} has no version {v} in {repo} (has {vs})")
+    return Path(repo) / model / str(v)
+
+
+def read_pipeline(classifier_dir) -> dict:
+    return json.loads((Path(classifier_dir) / PIPELINE_FILE).read_text())
+
+
+def load_label_index(repo, classifier_dir) -> LabelIndex:
+    """The label index of a classifier version, checked against the bi-encoder version it pins."""
+    spec = read_pipeline(classifier_dir)
+    bi_dir = version_dir(repo, contract.BI_ENCODER, spec["bi_encoder_version"])
+    encoder_id = (bi_dir / ENCODER_ID_FILE).read_text().strip()
+    try:
+        return LabelIndex.load(Path(classifier_dir) / LABEL_INDEX_DIR, expect_encoder=encoder_id)
+    except IndexMismatch as e:
+        raise IndexMismatch(f"{contract.CLASSIFIER} {Path(classifier_dir).name} pins {contract.BI_ENCODER} "
+                            f"{spec['bi_encoder_version']}: {e}") from None
+
+
+def open_classifier(repo, classifier_dir, encoders, **kw) -> TwoStageClassifier:
+    """A TwoStageClassifier over one classifier version: its label index, its pinned encoders' tokenizers."""
+    spec = read_pipeline(classifier_dir)
+    bi_dir = version_dir(repo, contract.BI_ENCODER, spec["bi_encoder_version"])
+    cross_dir = version_dir(repo, contract.CROSS_ENCODER, spec["cross_encoder_version"])
+    kw = {"top_k": spec.get("top_k", DEFAULTS.top_k), "threshold": spec.get("threshold", DEFAULTS.threshold)} | kw
+    return TwoStageClassifier(encoders, load_label_index(repo, classifier_dir),
+                              load_tokenizer(bi_dir / TOKENIZER_FILE, DEFAULTS.max_email_tokens),
+                              load_tokenizer(cross_dir / TOKENIZER_FILE, DEFAULTS.max_pair_tokens), **kw)
+
+
+def open_onnx_classifier(repo, version=None, threads: int = 0, **kw):
+    """The in-process ONNX classifier for a repository version: the same files Triton serves."""
+    from mailroute.onnx_encoders import OnnxEncoders
+
+    cdir = version_dir(repo, contract.CLASSIFIER, version)
+    spec = read_pipeline(cdir)
+    enc = OnnxEncoders(version_dir(repo, contract.BI_ENCODER, spec["bi_encoder_version"]) / MODEL_FILE,
+                       version_dir(repo, contract.CROSS_ENCODER, spec["cross_encoder_version"]) / MODEL_FILE, threads)
+    return open_classifier(repo, cdir, enc, **kw)
