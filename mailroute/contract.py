@@ -1,8 +1,8 @@
 """The one source of truth for model names and tensor names, dtypes and shapes.
 
 export/ writes these into every config.pbtxt and ONNX graph; the Triton adapters, the pipeline and
-the client read them from here. Token ids are int64: onnxruntime wants int64, and the TensorRT
-recipe in export/ casts at the plan boundary, so no caller ever sees another dtype.
+the client read them from here. Token ids are int64 everywhere: onnxruntime takes them as exported, and TensorRT 10 (the 24.10
+container) builds plans with int64 I/O, so no caller ever sees another dtype.
 """
 
 import numpy as np

@@ -25,7 +25,7 @@ def train_bi_encoder(model, examples: list, taxonomy: Taxonomy, epochs: float, b
     batch_size = min(batch_size, len(taxonomy))
     args = SentenceTransformerTrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="mailroute-bi-"), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
-        learning_rate=lr, warmup_ratio=0.1, batch_sampler=BatchSamplers.NO_DUPLICATES, seed=seed, data_seed=seed,
+        learning_rate=lr, warmup_steps=0.1, batch_sampler=BatchSamplers.NO_DUPLICATES, seed=seed, data_seed=seed,
         save_strategy="no", logging_steps=50, report_to="none", use_cpu=True, dataloader_num_workers=0,
     )
     loss = MultipleNegativesRankingLoss(model)  # scale 20, cosine similarity: the standard recipe

@@ -12,7 +12,7 @@ def train_cross_encoder(model, rows: dict, epochs: float, batch_size: int, lr: f
     """batch_size counts emails; each brings its K pairs."""
     args = CrossEncoderTrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="mailroute-ce-"), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
-        learning_rate=lr, warmup_ratio=0.1, seed=seed, data_seed=seed, save_strategy="no", logging_steps=50,
+        learning_rate=lr, warmup_steps=0.1, seed=seed, data_seed=seed, save_strategy="no", logging_steps=50,
         report_to="none", use_cpu=True, dataloader_num_workers=0,
     )
     loss = ListwiseSoftmaxCrossEntropyLoss(model)

@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny random run (real MiniLM tokenizer), its exported repository, a real Triton server.
+
+Tiny models make the tests fast; they are randomly initialised, so tests assert behaviour (shapes,
+consistency, agreement, errors), never accuracy. The slow accuracy test trains real MiniLM weights.
+"""
+
+import os
+import shutil
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mailroute.label_index import weights_id  # noqa: E402
+from training import bi_encoder as bi  # noqa: E402
+from training.data import load_demo  # noqa: E402
+from training.models import load_cross_encoder, make_tiny_base, tiny_bi_encoder  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo():
+    return load_demo()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, demo):
+    """A run folder like `mailroute train` writes, with tiny random encoders over the demo taxonomy."""
+    run = tmp_path_factory.mktemp("tiny-run")
+    model = tiny_bi_encoder(tmp_path_factory.mktemp("tiny-bi-base"))
+    model.save(str(run / "bi_encoder"))
+    index = bi.build_label_index(model, demo.taxonomy, weights_id(run / "bi_encoder" / "model.safetensors"))
+    index.save(run / "label_index")
+    base = make_tiny_base(tmp_path_factory.mktemp("tiny-cross-base"), seed=1)
+    load_cross_encoder(base).save(str(run / "cross_encoder"))
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_run):
+    from training.models import load_bi_encoder
+
+    return load_bi_encoder(tiny_run / "bi_encoder"), load_cross_encoder(tiny_run / "cross_encoder")
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory, tiny_run):
+    from export.run import ExportConfig, export
+
+    repo = tmp_path_factory.mktemp("repo")
+    export(ExportConfig(run=str(tiny_run), repo=str(repo), top_k=5))
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton(tiny_repo):
+    """The real tritonserver binary from nvidia-pytriton, on free ports, over the tiny repository."""
+    from client.server import TritonServer
+
+    with TritonServer(tiny_repo, admin_key="test-admin-key") as server:
+        yield server
+
+
+@pytest.fixture()
+def tiny_reference(tiny_run):
+    from training.reference import load_reference
+
+    return load_reference(tiny_run, top_k=5)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed():
+    torch.manual_seed(0)
+
+
+def copy_tree(src, dst):
+    shutil.copytree(src, dst)
+    return dst

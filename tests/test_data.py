@@ -1,0 +1,104 @@
+import json
+from collections import Counter
+
+import pytest
+
+from mailroute.taxonomy import DataError, load_taxonomy, parse_taxonomy
+from training.data import load_banking77, load_examples, sample_per_label, split_validation
+
+TAX = {"name": "t", "labels": [{"name": "billing_refund", "description": "money back"},
+                               {"name": "billing_dispute", "description": "contested charge", "group": "billing"}]}
+
+
+@pytest.fixture()
+def tax():
+    return parse_taxonomy(TAX)
+
+
+def write(tmp_path, name, text, mode="w"):
+    p = tmp_path / name
+    (p.write_bytes if mode == "wb" else p.write_text)(text)
+    return p
+
+
+def test_demo_dataset_shape(demo):
+    labels = demo.taxonomy.names
+    assert len(labels) == 50
+    assert len({l.group for l in demo.taxonomy.labels}) >= 8
+    train, test = Counter(e.label for e in demo.train), Counter(e.label for e in demo.test)
+    assert min(train[l] for l in labels) >= 10 and min(test[l] for l in labels) >= 4
+    assert not {e.text for e in demo.train} & {e.text for e in demo.test}  # no leak of test emails into train
+
+
+def test_banking77_loads_in_place():
+    d = load_banking77()
+    assert len(d.taxonomy) == 77 and len(d.train) == 10003 and len(d.test) == 3080
+
+
+def test_good_jsonl_and_csv(tmp_path, tax):
+    j = write(tmp_path, "a.jsonl", '{"text": "refund me", "label": "billing_refund", "id": "1"}\n'
+                                    '{"subject": "Charge", "body": "wrong amount", "label": "billing_dispute"}\n')
+    assert [e.text for e in load_examples(j, tax)] == ["refund me", "Charge | wrong amount"]
+    c = write(tmp_path, "a.csv", "text,category\nrefund me,billing_refund\n")
+    assert load_examples(c, tax)[0].label == "billing_refund"
+
+
+@pytest.mark.parametrize("content,problem", [
+    ('{"text": "hi", "label": "nope"}\n', r"a.jsonl:1: unknown label 'nope'"),
+    ('{"text": "ok", "label": "billing_refund"}\n{"text": "  ", "label": "billing_refund"}\n', r"a.jsonl:2: email is empty"),
+    ('{"label": "billing_refund"}\n', r"a.jsonl:1: missing column 'text'"),
+    ('{"text": "a", "label": "billing_refund", "id": "7"}\n{"text": "b", "label": "billing_refund", "id": "7"}\n', r"a.jsonl:2: duplicate id '7' \(first on line 1\)"),
+    ('{"text": "a", "label": ""}\n', r"a.jsonl:1: missing label"),
+    ('{"text": "a", "label": "billing_refund"\n', r"a.jsonl:1: invalid JSON"),
+    ('["text"]\n', r"a.jsonl:1: expected a JSON object"),
+])
+def test_jsonl_problems_name_file_line_and_problem(tmp_path, tax, content, problem):
+    with pytest.raises(DataError, match=problem):
+        load_examples(write(tmp_path, "a.jsonl", content), tax)
+
+
+def test_bad_encoding_names_the_line(tmp_path, tax):
+    p = write(tmp_path, "a.jsonl", b'{"text": "ok", "label": "billing_refund"}\n{"text": "\xff", "label": "billing_refund"}\n', "wb")
+    with pytest.raises(DataError, match=r"a.jsonl:2: not UTF-8"):
+        load_examples(p, tax)
+
+
+def test_csv_missing_column(tmp_path, tax):
+    with pytest.raises(DataError, match=r"a.csv:1: missing column"):
+        load_examples(write(tmp_path, "a.csv", "message,label\nhi,billing_refund\n"), tax)
+
+
+def test_drop_invalid_keeps_good_rows_and_reports_count(tmp_path, tax, capsys):
+    p = write(tmp_path, "a.jsonl", '{"text": "ok", "label": "billing_refund"}\n{"text": "x", "label": "nope"}\n{"text": "", "label": "billing_refund"}\n')
+    assert len(load_examples(p, tax, drop_invalid=True)) == 1
+    assert "dropped 2 invalid row(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("labels,problem", [
+    ([{"name": "a", "description": "x"}, {"name": "b", "description": ""}], "label 'b' has no description"),
+    ([{"name": "a", "description": "x"}, {"name": "a", "description": "y"}], "duplicate label 'a'"),
+    ([{"name": "a", "description": "x"}], "at least 2 labels"),
+    ([{"description": "x"}, {"name": "b", "description": "y"}], "missing 'name'"),
+])
+def test_taxonomy_problems(tmp_path, labels, problem):
+    p = write(tmp_path, "t.json", json.dumps({"labels": labels}))
+    with pytest.raises(DataError, match=problem):
+        load_taxonomy(p)
+
+
+def test_taxonomy_invalid_json_names_line(tmp_path):
+    with pytest.raises(DataError, match=r"t.json:2: invalid JSON"):
+        load_taxonomy(write(tmp_path, "t.json", '{"labels": [\n oops]}'))
+
+
+def test_fingerprint_changes_with_a_description(tax):
+    other = parse_taxonomy({"labels": [TAX["labels"][0], {"name": "billing_dispute", "description": "changed"}]})
+    assert tax.fingerprint() != other.fingerprint()
+
+
+def test_validation_split_is_stratified_and_disjoint(demo):
+    train, val = split_validation(demo.train, 0.2, seed=1)
+    assert len(train) + len(val) == len(demo.train)
+    assert set(Counter(e.label for e in val)) == set(demo.taxonomy.names)
+    assert not set(map(id, train)) & set(map(id, val))
+    assert Counter(e.label for e in sample_per_label(demo.train, 3, 0)).most_common(1)[0][1] == 3

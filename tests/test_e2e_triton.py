@@ -1,0 +1,163 @@
+"""End to end on the real tritonserver binary (nvidia-pytriton), over gRPC, with the tiny exported models."""
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from client import AsyncClassifierClient, ClassifierClient
+from client.classifier_client import retryable
+from mailroute import contract
+from mailroute.repository import open_onnx_classifier
+from mailroute.settings import ROOT
+
+pytestmark = pytest.mark.slow
+
+EMAILS = ["Hi, I was charged twice this month, please refund the extra charge.", "I can't log in, the reset link never arrives.",
+          "Where is my order? Tracking has not moved since Monday.", "Please send me the invoice for March.",
+          "The app crashes every time I open settings.", "How many vacation days do I have left?"]
+SAMPLES = ROOT / "training" / "demo" / "samples"
+
+
+@pytest.fixture()
+def client(triton):
+    with ClassifierClient(triton.grpc_url, timeout=60) as c:
+        yield c
+
+
+def test_classify_over_grpc_agrees_with_in_process(client, tiny_repo, tiny_reference):
+    served = client.classify(EMAILS)
+    onnx_local = open_onnx_classifier(tiny_repo).classify(EMAILS)
+    torch_local = tiny_reference.classify(EMAILS)
+    for s, o, t in zip(served, onnx_local, torch_local):
+        assert s.ok and s.model_versions == {"email_classifier": "1", "bi_encoder": "1", "cross_encoder": "1"}
+        assert s.top_labels == o.top_labels == t.top_labels
+        assert np.abs(np.array(s.top_probabilities) - np.array(t.top_probabilities)).max() < 1e-4
+        assert set(s.stage_ms) == set(contract.STAGES) and s.stage_ms["rerank"] > 0
+
+
+def test_parameters_and_async_client(triton, client):
+    sync = client.classify(EMAILS[:3], top_k=3, threshold=0.0)
+    assert all(len(r.top_labels) == 3 and not r.needs_review for r in sync)
+
+    async def go():
+        async with AsyncClassifierClient(triton.grpc_url, max_batch=2) as c:  # 2 requests in flight, gathered
+            return await c.classify(EMAILS[:3], top_k=3, threshold=0.0)
+
+    assert [r.top_labels for r in asyncio.run(go())] == [r.top_labels for r in sync]
+
+
+def raw_infer(triton, inputs, params=None):
+    c = grpcclient.InferenceServerClient(triton.grpc_url)
+    return c.infer(contract.CLASSIFIER, inputs, parameters=params, client_timeout=60)
+
+
+def text_input(values, shape=None, dtype="BYTES"):
+    arr = np.array(values, dtype=object if dtype == "BYTES" else np.int32)
+    inp = grpcclient.InferInput(contract.TEXT, list(shape or arr.shape), dtype)
+    inp.set_data_from_numpy(arr.reshape(shape) if shape else arr)
+    return inp
+
+
+@pytest.mark.parametrize("what,inputs,params,expect", [
+    ("empty", [[b""]], None, "row:email is empty"),
+    ("whitespace", [[b"  \n\t "]], None, "row:email is empty"),
+    ("1 MB", [[b"word " * 200_000]], None, "row:"),
+    ("invalid UTF-8", [[b"\xff\xfe\xfa \xc3\x28"]], None, "row:email body is not valid UTF-8"),
+    ("over the size limit", [[b"a" * 2_000_001]], None, "row:over the 2,000,000 limit"),
+    ("unknown parameter", [[b"hello"]], {"topk": 3}, "request:unknown request parameter(s) ['topk']"),
+    ("bad top_k", [[b"hello"]], {"top_k": 500}, "request:top_k must be between 1 and 50"),
+    ("bad threshold", [[b"hello"]], {"threshold": "x"}, "request:threshold must be a number"),
+])
+def test_bad_input_matrix(triton, client, what, inputs, params, expect):
+    kind, msg = expect.split(":", 1)
+    if kind == "request":
+        with pytest.raises(InferenceServerException, match=msg.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+            raw_infer(triton, [text_input(inputs)], params)
+    else:
+        res = raw_infer(triton, [text_input(inputs)], params)
+        err = res.as_numpy(contract.ERROR)[0, 0].decode()
+        assert msg in err if msg else err == ""
+    assert client.classify(EMAILS[:1])[0].ok  # still serving
+
+
+def test_wrong_dtype_and_shape_are_refused_by_the_server(triton, client):
+    with pytest.raises(InferenceServerException, match="data-type is 'INT32'"):
+        raw_infer(triton, [text_input([[7]], dtype="INT32")])
+    with pytest.raises(InferenceServerException, match="unexpected shape"):
+        raw_infer(triton, [text_input([[b"a", b"b"]])])
+    assert client.classify(EMAILS[:1])[0].ok
+
+
+def test_mixed_batch_answers_the_good_rows(client):
+    res = client.classify([EMAILS[0], "", b"\xff" * 10, EMAILS[1]])
+    assert [r.ok for r in res] == [True, False, False, True]
+    alone = client.classify([EMAILS[0], EMAILS[1]])
+    assert [res[0].label, res[3].label] == [a.label for a in alone]
+    assert res[0].probability == pytest.approx(alone[0].probability, abs=1e-4)
+
+
+def test_shared_conformance_check(triton):
+    script = ROOT.parent / "shared" / "checks" / "classifier_conformance.py"
+    if not script.exists():
+        pytest.skip(f"{script} not present")
+    r = subprocess.run([sys.executable, str(script), triton.grpc_url], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "all checks hold" in r.stdout
+
+
+def test_repository_api_needs_the_admin_key(triton):
+    c = grpcclient.InferenceServerClient(triton.grpc_url)
+    with pytest.raises(InferenceServerException, match="restricted") as e:
+        c.load_model(contract.CLASSIFIER)
+    assert not retryable(e.value)  # the client must not retry a refusal as if the server were down
+    c.load_model(contract.CLASSIFIER, headers={"triton-grpc-protocol-admin-key": "test-admin-key"})
+    assert c.is_model_ready(contract.CLASSIFIER)
+
+
+def test_metrics_count_requests(triton, client):
+    client.classify(EMAILS[:2])
+    text = urllib.request.urlopen(f"http://127.0.0.1:{triton.metrics_port}/metrics", timeout=5).read().decode()
+    line = [l for l in text.splitlines() if l.startswith("nv_inference_request_success") and 'model="email_classifier"' in l]
+    assert line and float(line[0].split()[-1]) >= 1
+
+
+def test_cli_classify_text_eml_and_jsonl(triton, tmp_path):
+    jl = tmp_path / "in.jsonl"
+    jl.write_text(json.dumps({"id": "a", "subject": "Invoice", "body": "Please resend the March invoice"}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "mailroute.cli", "classify", "--url", triton.grpc_url, "--json", "--top-k", "3",
+                        "I was charged twice", str(SAMPLES / "login_html.eml"), str(jl)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(l) for l in r.stdout.splitlines()]
+    assert [x["source"] for x in rows] == ["arg 1", str(SAMPLES / "login_html.eml"), f"{jl}:1 (a)"]
+    assert all(len(x["top_labels"]) == 3 and x["error"] == "" for x in rows)
+    bad = subprocess.run([sys.executable, "-m", "mailroute.cli", "classify", "--url", triton.grpc_url, str(tmp_path / "missing.eml")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "missing.eml: file not found" in bad.stderr
+
+
+def test_new_version_is_loaded_through_the_repository_api(tiny_repo, tiny_run, tmp_path):
+    """Platform flow: export v2 next to v1, load it with the admin key, callers see v2; v1 files stay for rollback."""
+    from client.server import TritonServer
+    from export.run import ExportConfig, export
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    with TritonServer(repo, admin_key="k") as server:
+        with ClassifierClient(server.grpc_url) as c:
+            assert c.classify_one(EMAILS[0]).model_versions["email_classifier"] == "1"
+            export(ExportConfig(run=str(tiny_run), repo=str(repo), top_k=5))
+            admin = grpcclient.InferenceServerClient(server.grpc_url)
+            h = {"triton-grpc-protocol-admin-key": "k"}
+            for m in (contract.BI_ENCODER, contract.CROSS_ENCODER, contract.CLASSIFIER):
+                admin.load_model(m, headers=h)
+            r = c.classify_one(EMAILS[0])
+            assert r.model_versions == {"email_classifier": "2", "bi_encoder": "2", "cross_encoder": "2"}
+            assert admin.is_model_ready(contract.BI_ENCODER, "1")  # encoder versions stay loadable for rollback

@@ -1,0 +1,105 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mailroute import contract
+from mailroute.label_index import IndexMismatch
+from mailroute.pipeline import BadParameter
+from mailroute.repository import open_onnx_classifier, version_dir
+from training.reference import TorchEncoders
+
+EMAILS = ["I was charged twice for my plan", "Where is my parcel? Tracking is stuck.", "The app crashes when I open settings",
+          "Please send the March invoice", "How many vacation days are left?"]
+
+
+def test_predictions_are_consistent(tiny_reference):
+    preds = tiny_reference.classify(EMAILS)
+    for p in preds:
+        assert p.error == "" and len(p.top_labels) == 5 and len(set(p.top_labels)) == 5
+        assert p.label == p.top_labels[0] and p.probability == p.top_probabilities[0]
+        assert sum(p.top_probabilities) == pytest.approx(1.0, abs=1e-6)  # softmax over exactly the K candidates
+        assert p.top_probabilities == sorted(p.top_probabilities, reverse=True)
+        assert p.needs_review == (p.probability < 0.5)
+
+
+def test_batch_invariance_and_per_row_errors(tiny_reference):
+    batch = tiny_reference.classify(EMAILS[:2] + [b"\xff", "   "] + EMAILS[2:])
+    assert [bool(p.error) for p in batch] == [False, False, True, True, False, False, False]
+    alone = [tiny_reference.classify([e])[0] for e in EMAILS]
+    good = [p for p in batch if not p.error]
+    assert [p.label for p in good] == [p.label for p in alone]
+    assert np.allclose([p.probability for p in good], [p.probability for p in alone], atol=1e-5)
+
+
+def test_thresholds_and_top_k_per_row(tiny_reference):
+    preds = tiny_reference.classify(EMAILS[:2], top_k=np.array([2, 7]), threshold=np.array([0.0, 1.0]))
+    assert [len(p.top_labels) for p in preds] == [2, 7]
+    assert [p.needs_review for p in preds] == [False, True]
+
+
+@pytest.mark.parametrize("k,t,msg", [(0, 0.5, "top_k must be between 1 and 50"), (51, 0.5, "between 1 and 50"),
+                                     ("x", 0.5, "top_k must be an integer"), (2.5, 0.5, "integer"),
+                                     (3, 1.5, "threshold must be between 0 and 1"), (3, "hi", "threshold must be a number")])
+def test_bad_parameters_are_named(tiny_reference, k, t, msg):
+    from mailroute.pipeline import check_params
+
+    with pytest.raises(BadParameter, match=msg):
+        check_params(k, t, 50)
+
+
+def test_torch_encoders_match_sentence_transformers(tiny_models):
+    bi, _ = tiny_models
+    tok = bi.tokenizer(EMAILS, padding=True, return_tensors="np")
+    ours = TorchEncoders(bi, tiny_models[1]).embed(tok["input_ids"].astype(np.int64), tok["attention_mask"].astype(np.int64))
+    theirs = bi.encode(EMAILS, normalize_embeddings=True)
+    assert np.abs(ours - theirs).max() < 1e-5
+
+
+def test_export_writes_contract_names_and_parity(tiny_repo):
+    import onnx
+
+    for name, inputs, output in [(contract.BI_ENCODER, contract.BI_ENCODER_INPUTS, contract.EMBEDDING),
+                                 (contract.CROSS_ENCODER, contract.CROSS_ENCODER_INPUTS, contract.LOGIT)]:
+        g = onnx.load(str(version_dir(tiny_repo, name) / "model.onnx")).graph
+        assert [i.name for i in g.input] == list(inputs) and [o.name for o in g.output] == [output]
+        assert g.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic axes
+        assert g.input[0].type.tensor_type.shape.dim[1].dim_param == "sequence"
+    report = json.loads((version_dir(tiny_repo, contract.CLASSIFIER) / "export_report.json").read_text())
+    assert max(report["parity_max_abs_diff"].values()) < 1e-4
+
+
+def test_parity_check_fails_beyond_tolerance(tiny_models, tiny_run, tmp_path):
+    from export.onnx_export import ParityError, export_bi_encoder
+
+    with pytest.raises(ParityError, match=r"bi_encoder: ONNX differs from PyTorch by .* over the 1e-12 tolerance"):
+        export_bi_encoder(tiny_models[0], tiny_run / "bi_encoder" / "tokenizer.json", tmp_path / "b.onnx", EMAILS, atol=1e-12)
+
+
+def test_onnx_pipeline_agrees_with_pytorch_reference(tiny_repo, tiny_reference):
+    onnx_clf = open_onnx_classifier(tiny_repo)
+    a, b = onnx_clf.classify(EMAILS), tiny_reference.classify(EMAILS)
+    assert [p.top_labels for p in a] == [p.top_labels for p in b]
+    assert np.abs(np.array([p.top_probabilities for p in a]) - np.array([p.top_probabilities for p in b])).max() < 1e-4
+
+
+def test_classifier_refuses_an_index_from_another_bi_encoder(tiny_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    (version_dir(repo, contract.BI_ENCODER) / "encoder_id").write_text("0123456789abcdef\n")
+    with pytest.raises(IndexMismatch, match=r"email_classifier 1 pins bi_encoder 1: label index .* built from bi-encoder '[0-9a-f]+', but is used with '0123456789abcdef'"):
+        open_onnx_classifier(repo)
+
+
+def test_int8_quantisation_runs_and_stays_close(tiny_repo, tmp_path):
+    from export.onnx_export import quantize_int8
+    from mailroute.onnx_encoders import session
+
+    src = version_dir(tiny_repo, contract.BI_ENCODER) / "model.onnx"
+    quantize_int8(src, tmp_path / "q.onnx")
+    ids = np.array([[101, 2054, 2003, 102]], dtype=np.int64)
+    feed = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: np.ones_like(ids)}
+    a, b = session(src).run(None, feed)[0], session(tmp_path / "q.onnx").run(None, feed)[0]
+    assert a.shape == b.shape and float((a @ b.T)[0, 0]) > 0.9  # unit vectors, nearly the same direction

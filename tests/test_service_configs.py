@@ -1,0 +1,87 @@
+"""The classifier's request handling in-process (the same class the Triton model.py adapts), and the
+generated Triton configs / compose file validated by the real parsers."""
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from mailroute import contract
+from mailroute.service import ClassifierService, Request, RequestError
+
+
+@pytest.fixture()
+def service(tiny_reference):
+    return ClassifierService(tiny_reference, ("1", "1", "1"))
+
+
+def col(*texts):
+    return np.array([[t if isinstance(t, bytes) else t.encode()] for t in texts], dtype=object)
+
+
+def test_batch_of_requests_answers_each_in_order(service):
+    out = service.handle([Request(col("refund please", "")), Request(col("parcel late"), parameters='{"top_k": 3}'),
+                          Request(col("x"), parameters='{"top_k": 0}')])
+    assert out[0][contract.LABEL].shape == (2, 1) and out[0][contract.TOP_LABELS].shape == (2, 5)
+    assert out[0][contract.ERROR][1, 0].startswith(b"email is empty")
+    assert out[1][contract.TOP_LABELS].shape == (1, 3)
+    assert isinstance(out[2], RequestError) and "top_k must be between 1 and 50" in str(out[2])
+    assert out[0][contract.MODEL_VERSIONS].shape == (2, 3) and out[0][contract.STAGE_MS].shape == (2, len(contract.STAGES))
+
+
+@pytest.mark.parametrize("req,msg", [
+    (Request(col("a"), parameters='{"topk": 3}'), "unknown request parameter(s) ['topk']"),
+    (Request(col("a"), parameters='{"threshold": "high"}'), "threshold must be a number"),
+    (Request(col("a"), parameters="{not json"), "not JSON"),
+    (Request(np.array([b"a", b"b"], dtype=object)), "shape [batch, 1]"),
+    (Request(np.array([[1]], dtype=np.int32)), "string tensor"),
+    (Request(col("a", "b"), subject=col("s")), "SUBJECT shape [1, 1] differs"),
+])
+def test_malformed_requests_fail_alone(service, req, msg):
+    out = service.handle([req, Request(col("the app crashes"))])
+    assert isinstance(out[0], RequestError) and msg in str(out[0])
+    assert out[1][contract.ERROR][0, 0] == b""  # the good request in the same batch is answered
+
+
+def test_subject_is_used(service):
+    a = service.handle([Request(col("see subject"), subject=col("Refund for order 12"))])[0]
+    b = service.handle([Request(col("Refund for order 12 | see subject"))])[0]
+    assert np.allclose(a[contract.TOP_PROBABILITIES], b[contract.TOP_PROBABILITIES], atol=1e-6)
+
+
+def test_generated_configs_parse_as_model_config(tiny_repo):
+    paths = list(tiny_repo.glob("*/config.pbtxt")) + list(tiny_repo.glob("*/configs/*.pbtxt"))
+    assert len(paths) == 5
+    for p in paths:
+        cfg = text_format.Parse(p.read_text(), model_config_pb2.ModelConfig())
+        assert cfg.name == p.parent.name or cfg.name == p.parent.parent.name
+        assert cfg.max_batch_size > 0 and cfg.HasField("dynamic_batching")
+
+
+def test_native_and_portable_encoders_share_the_interface():
+    from export.configs import encoder_config
+
+    for name in (contract.BI_ENCODER, contract.CROSS_ENCODER):
+        a = text_format.Parse(encoder_config(name, 384, "portable", 64, 1), model_config_pb2.ModelConfig())
+        b = text_format.Parse(encoder_config(name, 384, "native", 64, 1, gpu=True), model_config_pb2.ModelConfig())
+        assert a.backend == "python" and b.platform == "onnxruntime_onnx"
+        assert list(a.input) == list(b.input) and list(a.output) == list(b.output)
+        assert b.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        encoder_config(contract.BI_ENCODER, 384, "fast", 64, 1)
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed (.ci/run installs it)")
+def test_compose_file_is_valid():
+    from mailroute.settings import ROOT
+
+    env = {"MAILROUTE_ADMIN_KEY": "k", "PATH": "/usr/bin:/bin"}
+    r = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "--model-control-mode=explicit" in r.stdout and "capabilities:\n" in r.stdout.replace("        - gpu\n", "")
+    missing = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin"})
+    assert missing.returncode != 0 and "MAILROUTE_ADMIN_KEY" in missing.stderr  # no admin key, no stack

@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import torch
+from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
+
+from mailroute.label_index import LabelIndex
+from training.bi_encoder import mnr_dataset
+from training.listwise_loss import ListwiseSoftmaxCrossEntropyLoss, listwise_softmax_ce
+from training.mining import listwise_rows, mine_candidates
+
+
+def test_listwise_loss_is_softmax_cross_entropy_of_the_k_logits(tiny_models):
+    # Given a cross-encoder and two emails with their candidates
+    _, cross = tiny_models
+    queries = ["I was charged twice", "my parcel is late"]
+    docs = [["refund", "dispute", "double charge"], ["tracking", "delayed", "damaged"]]
+    labels = [[0, 0, 1], [0, 1, 0]]
+    # When the loss is computed
+    loss = ListwiseSoftmaxCrossEntropyLoss(cross)([queries, docs], labels)
+    # Then it equals -mean log softmax(logits)[gold], computed by hand from the model's own logits
+    with torch.no_grad():
+        logits = [cross.model(**cross.preprocess([(q, d) for d in ds])).logits[:, 0] for q, ds in zip(queries, docs)]
+    manual = -np.mean([torch.log_softmax(l, 0)[g].item() for l, g in zip(logits, [2, 1])])
+    assert loss.item() == pytest.approx(manual, abs=1e-5)
+
+
+def test_listwise_ce_masks_padded_candidates():
+    logits = torch.tensor([[2.0, 1.0, 5.0], [0.5, 0.1, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    got = listwise_softmax_ce(logits, torch.tensor([0, 2]), mask)
+    want = -(torch.log_softmax(torch.tensor([2.0, 1.0]), 0)[0] + torch.log_softmax(logits[1], 0)[2]) / 2
+    assert got.item() == pytest.approx(want.item(), abs=1e-6)
+
+
+def test_listwise_loss_rejects_rows_without_exactly_one_gold(tiny_models):
+    loss = ListwiseSoftmaxCrossEntropyLoss(tiny_models[1])
+    with pytest.raises(ValueError, match="exactly one gold"):
+        loss([["q"], [["a", "b"]]], [[1, 1]])
+    with pytest.raises(ValueError, match="exactly one gold"):
+        loss([["q"], [["a", "b"]]], [[0, 0]])
+
+
+def test_mnr_batches_never_hold_two_rows_of_one_label(demo):
+    ds = mnr_dataset(demo.train, demo.taxonomy)
+    sampler = NoDuplicatesBatchSampler(ds, batch_size=32, drop_last=False, valid_label_columns=[], generator=torch.Generator().manual_seed(0))
+    batches = list(sampler)
+    assert sum(len(b) for b in batches) == len(ds)  # every row used once
+    for b in batches:
+        positives = [ds[i]["positive"] for i in b]
+        assert len(set(positives)) == len(positives)
+
+
+def test_mining_matches_brute_force_top_k(tiny_models, demo):
+    bi, _ = tiny_models
+    index = LabelIndex.build(demo.taxonomy, bi.encode(demo.taxonomy.texts, normalize_embeddings=True), "tiny")
+    texts = [e.text for e in demo.train[:40]]
+    I = mine_candidates(bi, texts, index, k=7)  # (40, 7)
+    xq = bi.encode(texts, normalize_embeddings=True)
+    xb = bi.encode(demo.taxonomy.texts, normalize_embeddings=True)
+    S = xq @ xb.T  # brute-force oracle
+    for row, cand in zip(S, I):
+        kth = np.sort(row)[-7]
+        assert all(row[c] >= kth - 1e-5 for c in cand)  # tolerant of ties
+        assert list(cand) == sorted(cand, key=lambda c: -row[c]) or np.allclose(sorted(row[cand])[::-1], row[cand], atol=1e-5)
+
+
+def test_listwise_rows_insert_missed_gold_and_shuffle(demo):
+    tax = demo.taxonomy
+    index = LabelIndex.build(tax, np.eye(len(tax), 64, dtype=np.float32), "x")
+    examples = demo.train[:50]
+    wrong = np.array([[c for c in range(6) if c != tax.index(e.label)][:5] for e in examples])  # gold never retrieved
+    rows = listwise_rows(examples, wrong, index, seed=0)
+    golds_at = []
+    for e, docs, labels in zip(examples, rows["docs"], rows["labels"]):
+        assert sum(labels) == 1 and len(docs) == 5
+        assert docs[labels.index(1)] == tax.labels[tax.index(e.label)].text()
+        golds_at.append(labels.index(1))
+    assert len(set(golds_at)) > 1  # the gold does not always sit in one position
