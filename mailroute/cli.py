@@ -18,17 +18,26 @@ from pathlib import Path
 from mailroute.settings import DEFAULTS, ROOT
 
 
+def _field_comments(cls) -> dict:
+    """The `# comment` after each field of a config dataclass: its --help text (written once, in the config)."""
+    import inspect
+    import re
+
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M)}
+
+
 def _add_dataclass_args(parser, cls, skip=()):
     """Every field of a config dataclass becomes a --flag with the dataclass default (one source of truth)."""
+    comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", help=f"(default: off)")
+            parser.add_argument(flag, action="store_true", help=f"{comments.get(f.name, '')} (default: off)")
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            parser.add_argument(flag, type=typ, default=f.default, help=f"(default: {f.default!r})")
+            parser.add_argument(flag, type=typ, default=f.default, help=f"{comments.get(f.name, '')} (default: {f.default!r})")
 
 
 def _config(cls, args):

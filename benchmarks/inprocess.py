@@ -1,0 +1,48 @@
+"""In-process two-stage throughput: PyTorch (reference classifier) vs ONNX Runtime (the served graphs).
+
+    python benchmarks/inprocess.py --run runs/demo --repo model_repository --n 256 --batch 32
+
+Same pipeline code, same tokenisation, same K; only the encoder runtime differs.
+"""
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from benchmarks.inputs import banking77_texts, email_texts
+from mailroute.repository import open_onnx_classifier
+from training.reference import load_reference
+
+
+def throughput(clf, texts: list, batch: int, k: int) -> float:
+    clf.classify(texts[:batch], top_k=k)  # warm-up (allocations, lazy init)
+    t = time.perf_counter()
+    for s in range(0, len(texts), batch):
+        clf.classify(texts[s:s + batch], top_k=k)
+    return len(texts) / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default="runs/demo")
+    ap.add_argument("--repo", default="model_repository")
+    ap.add_argument("--n", type=int, default=256, help="emails per measurement")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--k", type=int, default=10)
+    a = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    systems = {"pytorch": load_reference(a.run), "onnxruntime": open_onnx_classifier(a.repo)}
+    results = {"machine": platform.platform(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "k": a.k, "batch": a.batch}
+    for name, texts in (("banking77_length", banking77_texts(a.n)), ("email_200_words", email_texts(a.n))):
+        row = {s: throughput(clf, texts, a.batch, a.k) for s, clf in systems.items()}
+        row["onnx_speedup"] = row["onnxruntime"] / row["pytorch"]
+        results[name] = row
+        print(f"{name}: PyTorch {row['pytorch']:.1f} emails/s, ONNX Runtime {row['onnxruntime']:.1f} emails/s, x{row['onnx_speedup']:.2f}", flush=True)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

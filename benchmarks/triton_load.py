@@ -1,0 +1,76 @@
+"""Triton gRPC vs in-process ONNX at a fixed concurrency: emails/s and p50/p99 per request.
+
+    python benchmarks/triton_load.py --repo model_repository --concurrency 8 --seconds 30
+
+Starts the real tritonserver on the repository (free ports), runs `concurrency` threads that each
+send one email per request for `seconds`, then runs the in-process ONNX classifier on the same
+emails with the same batch the server formed on average, and reports the overhead.
+"""
+
+import argparse
+import json
+import platform
+import threading
+import time
+
+from benchmarks.inputs import banking77_texts, email_texts, percentiles
+from client import ClassifierClient
+from client.server import TritonServer
+from mailroute.repository import open_onnx_classifier
+
+
+def load(url: str, texts: list, concurrency: int, seconds: float, k: int) -> dict:
+    lat, errors, stop = [], [], time.time() + seconds
+
+    def worker(i):
+        with ClassifierClient(url, timeout=60) as c:
+            j = i
+            while time.time() < stop:
+                t = time.perf_counter()
+                try:
+                    c.classify([texts[j % len(texts)]], top_k=k)
+                    lat.append((time.perf_counter() - t) * 1e3)
+                except Exception as e:  # noqa: BLE001 - counted and reported
+                    errors.append(str(e)[:80])
+                j += concurrency
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = time.perf_counter() - t0
+    return {"emails_per_s": len(lat) / wall, "requests": len(lat), "errors": len(errors)} | percentiles(lat)
+
+
+def inprocess(clf, texts: list, batch: int, k: int, n: int) -> float:
+    clf.classify(texts[:batch], top_k=k)
+    t = time.perf_counter()
+    for s in range(0, n, batch):
+        clf.classify(texts[s:s + batch], top_k=k)
+    return n / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repo", default="model_repository")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--k", type=int, default=10)
+    a = ap.parse_args()
+    results = {"machine": platform.platform(), "date": time.strftime("%Y-%m-%d"), "k": a.k, "concurrency": a.concurrency}
+    clf = open_onnx_classifier(a.repo)
+    for name, texts in (("banking77_length", banking77_texts(512)), ("email_200_words", email_texts(512))):
+        with TritonServer(a.repo) as server:
+            served = load(server.grpc_url, texts, a.concurrency, a.seconds, a.k)
+        # the in-process baseline at the batch size concurrency allows (the server batches up to that)
+        local = inprocess(clf, texts, a.concurrency, a.k, min(len(texts), max(64, int(served["emails_per_s"] * 10))))
+        served["inprocess_onnx_emails_per_s"] = local
+        served["overhead"] = 1 - served["emails_per_s"] / local
+        results[name] = served
+        print(f"{name}: Triton {served['emails_per_s']:.1f} emails/s (p50 {served['p50_ms']:.0f} ms, p99 {served['p99_ms']:.0f} ms, "
+              f"{served['errors']} errors), in-process ONNX {local:.1f} emails/s, overhead {served['overhead']:.1%}", flush=True)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
