@@ -21,6 +21,7 @@ from mailroute.settings import DEFAULTS
 from export import configs
 from export.onnx_export import export_bi_encoder, export_cross_encoder, quantize_int8
 from training.models import load_bi_encoder, load_cross_encoder
+from training.reference import rerank_settings
 
 TRITON_DIR = Path(__file__).resolve().parent / "triton"
 PARITY_TEXTS = [
@@ -40,7 +41,7 @@ class ExportConfig:
     quantize: bool = False  # dynamic int8 weights (CPU); the accuracy change is measured and reported
     quantize_eval: int = 500  # test emails of the run's dataset used to measure the int8 accuracy change
     version: int = 0  # 0 = next free version number of each model
-    top_k: int = DEFAULTS.top_k  # default candidates per email (callers may override per request)
+    top_k: int = 0  # default candidates per email (callers may override per request); 0 = the K the run was evaluated with
     threshold: float = DEFAULTS.threshold  # default needs_review threshold (callers may override)
     classifier_instances: int = 1  # email_classifier instances (BLS model; more help under load)
     encoder_instances: int = 1  # instances of each encoder model
@@ -89,7 +90,8 @@ def int8_accuracy_change(run: Path, index: LabelIndex, fp32: tuple, int8: tuple,
     out = {"emails": len(test)}
     for name, (b, c) in (("fp32", fp32), ("int8", int8)):
         clf = TwoStageClassifier(OnnxEncoders(b, c), index, load_tokenizer(bi_tok, DEFAULTS.max_email_tokens),
-                                 load_tokenizer(cross_tok, DEFAULTS.max_pair_tokens), top_k=min(DEFAULTS.top_k, len(index.taxonomy)))
+                                 load_tokenizer(cross_tok, DEFAULTS.max_pair_tokens), top_k=min(DEFAULTS.top_k, len(index.taxonomy)),
+                                 prior_scale=rerank_settings(run)["prior_scale"], temperature=rerank_settings(run).get("temperature", 1.0))
         preds = [p for s in range(0, len(test), 32) for p in clf.classify_texts([e.text for e in test[s:s + 32]], [""] * len(test[s:s + 32]))]
         out[f"{name}_accuracy"] = sum(p.label == e.label for p, e in zip(preds, test)) / len(test)
     out["accuracy_change"] = out["int8_accuracy"] - out["fp32_accuracy"]
@@ -137,8 +139,10 @@ def export(cfg: ExportConfig) -> dict:
     cdir.mkdir(parents=True)
     index.save(cdir / LABEL_INDEX_DIR)
     shutil.copy(TRITON_DIR / "email_classifier.py", cdir / "model.py")
-    spec = {"bi_encoder_version": bi_v, "cross_encoder_version": cross_v, "top_k": min(cfg.top_k, len(old.taxonomy)),
-            "threshold": cfg.threshold, "source_run": str(run.resolve()), "quantized": cfg.quantize,
+    top_k = cfg.top_k or rerank_settings(run).get("k_eval", DEFAULTS.top_k)
+    spec = {"bi_encoder_version": bi_v, "cross_encoder_version": cross_v, "top_k": min(top_k, len(old.taxonomy)),
+            "threshold": cfg.threshold, "prior_scale": rerank_settings(run)["prior_scale"],
+            "temperature": rerank_settings(run).get("temperature", 1.0), "source_run": str(run.resolve()), "quantized": cfg.quantize,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (cdir / PIPELINE_FILE).write_text(json.dumps(spec, indent=1) + "\n")
     (repo / contract.CLASSIFIER / "config.pbtxt").write_text(

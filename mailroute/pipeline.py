@@ -84,14 +84,17 @@ class TwoStageClassifier:
     """classify(emails) -> label, probability, top-K labels with probabilities, needs_review."""
 
     def __init__(self, encoders: Encoders, label_index: LabelIndex, bi_tokenizer: Tokenizer, cross_tokenizer: Tokenizer,
-                 top_k: int = DEFAULTS.top_k, threshold: float = DEFAULTS.threshold,
-                 embed_batch: int = 64, score_batch: int = 256):
+                 top_k: int = DEFAULTS.top_k, threshold: float = DEFAULTS.threshold, prior_scale: float = 0.0,
+                 temperature: float = 1.0, embed_batch: int = 64, score_batch: int = 256):
         self.encoders, self.index = encoders, label_index
         self.bi_tok, self.cross_tok = bi_tokenizer, cross_tokenizer
         self.label_names = np.array(label_index.taxonomy.names, dtype=object)
         self.label_texts = label_index.taxonomy.texts
         self.top_k, self.threshold = check_params(top_k, threshold, len(self.label_names))
         self.embed_batch, self.score_batch = embed_batch, score_batch
+        # rerank score = cross-encoder logit + prior_scale * retrieval cosine (the formula training used)
+        self.prior_scale = float(prior_scale)
+        self.temperature = float(temperature)  # fitted on validation so that probabilities are calibrated
 
     def prepare(self, bodies: Sequence, subjects: Sequence = None) -> tuple:
         """Normalise every row; a row that cannot be classified gets an error instead of raising."""
@@ -119,35 +122,46 @@ class TwoStageClassifier:
             out.append(np.asarray(self.encoders.score(ids, mask, types), dtype=np.float32).reshape(-1))
         return np.concatenate(out)  # (n,)
 
+    def score_candidates(self, texts: list, ks) -> tuple:
+        """Stages 1 and 2 for valid texts: per row its candidate ids (k,), retrieval cosines (k,) and
+        cross-encoder logits (k,), plus the stage timings in ms."""
+        t0 = time.perf_counter()
+        xq = self._embed(texts)  # (n, dim)
+        t1 = time.perf_counter()
+        D, I = self.index.search(xq, int(max(ks)))  # (n, kmax)
+        t2 = time.perf_counter()
+        pairs = [(t, self.label_texts[c]) for t, cand, k in zip(texts, I, ks) for c in cand[:k]]
+        flat = self._score(pairs)  # (sum of k,)
+        t3 = time.perf_counter()
+        rows, start = [], 0
+        for j, k in enumerate(ks):
+            rows.append((I[j, :k], D[j, :k].astype(np.float64), flat[start:start + k].astype(np.float64)))
+            start += k
+        return rows, {"embed": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "rerank": (t3 - t2) * 1e3}
+
+    def combine(self, cand, cos, logits, threshold: float, prior_scale: float = None, temperature: float = None) -> Prediction:
+        """softmax over the K rerank scores: (cross-encoder logit + prior_scale x retrieval cosine) / temperature."""
+        w = self.prior_scale if prior_scale is None else prior_scale
+        t = self.temperature if temperature is None else temperature
+        p = softmax((logits + w * cos) / t)  # (k,)
+        order = np.argsort(-p, kind="stable")
+        top = [str(self.label_names[cand[o]]) for o in order]
+        probs = [float(p[o]) for o in order]
+        return Prediction(top[0], probs[0], top, probs, probs[0] < threshold)
+
     def classify_texts(self, texts: list, errors: list, top_k=None, threshold=None) -> list:
         """Normalised texts (None where errors[i] says why) -> one Prediction per row."""
         n = len(texts)
         ks = np.broadcast_to(np.asarray(self.top_k if top_k is None else top_k), (n,))
         ts = np.broadcast_to(np.asarray(self.threshold if threshold is None else threshold), (n,))
         ok = [i for i in range(n) if texts[i] is not None]
-        ms = dict.fromkeys(contract.STAGES, 0.0)
-        results = [Prediction("", 0.0, [], [], True, errors[i]) for i in range(n)]
+        results = [Prediction("", 0.0, [], [], True, errors[i], dict.fromkeys(contract.STAGES, 0.0)) for i in range(n)]
         if not ok:
             return results
-        t0 = time.perf_counter()
-        xq = self._embed([texts[i] for i in ok])  # (ok, dim)
-        t1 = time.perf_counter()
-        _, I = self.index.search(xq, int(max(ks[i] for i in ok)))  # (ok, kmax)
-        t2 = time.perf_counter()
-        cand = [I[j, : ks[i]] for j, i in enumerate(ok)]
-        pairs = [(texts[i], self.label_texts[c]) for j, i in enumerate(ok) for c in cand[j]]
-        logits = self._score(pairs)  # (sum of k,)
-        t3 = time.perf_counter()
-        ms.update(embed=(t1 - t0) * 1e3, search=(t2 - t1) * 1e3, rerank=(t3 - t2) * 1e3)
-        start = 0
-        for j, i in enumerate(ok):
-            k = len(cand[j])
-            p = softmax(logits[start:start + k].astype(np.float64))  # (k,)
-            start += k
-            order = np.argsort(-p, kind="stable")
-            top = [str(self.label_names[cand[j][o]]) for o in order]
-            probs = [float(p[o]) for o in order]
-            results[i] = Prediction(top[0], probs[0], top, probs, probs[0] < ts[i], "", dict(ms))
+        rows, ms = self.score_candidates([texts[i] for i in ok], [int(ks[i]) for i in ok])
+        for i, (cand, cos, logits) in zip(ok, rows):
+            results[i] = self.combine(cand, cos, logits, ts[i])
+            results[i].stage_ms = dict(ms)
         return results
 
     def classify(self, bodies: Sequence, subjects: Sequence = None, top_k=None, threshold=None) -> list:

@@ -56,7 +56,8 @@ def open_classifier(repo, classifier_dir, encoders, **kw) -> TwoStageClassifier:
     spec = read_pipeline(classifier_dir)
     bi_dir = version_dir(repo, contract.BI_ENCODER, spec["bi_encoder_version"])
     cross_dir = version_dir(repo, contract.CROSS_ENCODER, spec["cross_encoder_version"])
-    kw = {"top_k": spec.get("top_k", DEFAULTS.top_k), "threshold": spec.get("threshold", DEFAULTS.threshold)} | kw
+    kw = {"top_k": spec.get("top_k", DEFAULTS.top_k), "threshold": spec.get("threshold", DEFAULTS.threshold),
+          "prior_scale": spec.get("prior_scale", 0.0), "temperature": spec.get("temperature", 1.0)} | kw
     return TwoStageClassifier(encoders, load_label_index(repo, classifier_dir),
                               load_tokenizer(bi_dir / TOKENIZER_FILE, DEFAULTS.max_email_tokens),
                               load_tokenizer(cross_dir / TOKENIZER_FILE, DEFAULTS.max_pair_tokens), **kw)

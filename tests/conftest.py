@@ -33,6 +33,7 @@ def tiny_run(tmp_path_factory, demo):
     index.save(run / "label_index")
     base = make_tiny_base(tmp_path_factory.mktemp("tiny-cross-base"), seed=1)
     load_cross_encoder(base).save(str(run / "cross_encoder"))
+    (run / "rerank.json").write_text('{"prior_scale": 20.0}')  # exercise the retrieval prior in every path
     return run
 
 

@@ -24,6 +24,16 @@ def test_listwise_loss_is_softmax_cross_entropy_of_the_k_logits(tiny_models):
     assert loss.item() == pytest.approx(manual, abs=1e-5)
 
 
+def test_retrieval_prior_is_added_to_the_logits(tiny_models):
+    _, cross = tiny_models
+    docs, prior = ["refund", "dispute", "double charge"], [0.1, 0.5, 0.3]
+    loss = ListwiseSoftmaxCrossEntropyLoss(cross, prior_scale=20.0)([["charged twice"], [docs], [prior]], [[0, 0, 1]])
+    with torch.no_grad():
+        logits = cross.model(**cross.preprocess([("charged twice", d) for d in docs])).logits[:, 0]
+    manual = -torch.log_softmax(logits + 20.0 * torch.tensor(prior), 0)[2].item()
+    assert loss.item() == pytest.approx(manual, abs=1e-5)
+
+
 def test_listwise_ce_masks_padded_candidates():
     logits = torch.tensor([[2.0, 1.0, 5.0], [0.5, 0.1, 0.0]])
     mask = torch.tensor([[True, True, False], [True, True, True]])
@@ -54,10 +64,11 @@ def test_mining_matches_brute_force_top_k(tiny_models, demo):
     bi, _ = tiny_models
     index = LabelIndex.build(demo.taxonomy, bi.encode(demo.taxonomy.texts, normalize_embeddings=True), "tiny")
     texts = [e.text for e in demo.train[:40]]
-    I = mine_candidates(bi, texts, index, k=7)  # (40, 7)
+    I, S_all = mine_candidates(bi, texts, index, k=7)  # (40, 7), (40, labels)
     xq = bi.encode(texts, normalize_embeddings=True)
     xb = bi.encode(demo.taxonomy.texts, normalize_embeddings=True)
     S = xq @ xb.T  # brute-force oracle
+    assert np.abs(S_all - S).max() < 1e-5
     for row, cand in zip(S, I):
         kth = np.sort(row)[-7]
         assert all(row[c] >= kth - 1e-5 for c in cand)  # tolerant of ties
@@ -69,10 +80,13 @@ def test_listwise_rows_insert_missed_gold_and_shuffle(demo):
     index = LabelIndex.build(tax, np.eye(len(tax), 64, dtype=np.float32), "x")
     examples = demo.train[:50]
     wrong = np.array([[c for c in range(6) if c != tax.index(e.label)][:5] for e in examples])  # gold never retrieved
-    rows = listwise_rows(examples, wrong, index, seed=0)
+    scores = np.random.default_rng(0).random((len(examples), len(tax)))
+    rows = listwise_rows(examples, wrong, index, seed=0, scores=scores)
+    assert list(rows) == ["query", "docs", "prior", "labels"]  # the trainer passes columns in this order
     golds_at = []
-    for e, docs, labels in zip(examples, rows["docs"], rows["labels"]):
+    for n, (e, docs, prior, labels) in enumerate(zip(examples, rows["docs"], rows["prior"], rows["labels"])):
         assert sum(labels) == 1 and len(docs) == 5
         assert docs[labels.index(1)] == tax.labels[tax.index(e.label)].text()
+        assert prior[labels.index(1)] == scores[n, tax.index(e.label)]  # each prior travels with its candidate
         golds_at.append(labels.index(1))
     assert len(set(golds_at)) > 1  # the gold does not always sit in one position

@@ -54,7 +54,23 @@ def system_metrics(y_true, y_pred, confidence, labels) -> dict:
             "ece": expected_calibration_error(confidence, correct), "n": len(y_true)}
 
 
-def evaluate_two_stage(clf, examples: list, k: int, batch_size: int = 32) -> dict:
+def fit_temp(scored: list, gold_ids, clf) -> float:
+    """Temperature minimising the NLL of the gold label over the K candidates (rows whose gold was
+    not retrieved cannot inform it and are left out)."""
+    rows = [(c, cos, lg, g) for (c, cos, lg), g in zip(scored, gold_ids) if g in c]
+    best, best_nll = 1.0, float("inf")
+    for t in np.exp(np.linspace(np.log(0.05), np.log(20), 121)):
+        nll = 0.0
+        for c, cos, lg, g in rows:
+            z = (lg + clf.prior_scale * cos) / t
+            z = z - z.max()
+            nll -= z[list(c).index(g)] - np.log(np.exp(z).sum())
+        if nll < best_nll:
+            best, best_nll = float(t), nll
+    return best
+
+
+def evaluate_two_stage(clf, examples: list, k: int, batch_size: int = 32, prior_grid=None, fit_rerank=False) -> dict:
     """Bi-encoder only and two-stage results of one classifier on examples, with per-stage CPU latency."""
     texts, gold = [e.text for e in examples], [e.label for e in examples]
     names = clf.label_names
@@ -72,18 +88,27 @@ def evaluate_two_stage(clf, examples: list, k: int, batch_size: int = 32) -> dic
         ranked.append(I)
     ranked = np.concatenate(ranked)
     bi_pred = [labels[i] for i in ranked[:, 0]]
-    # both stages through the classifier's own code path (what serving runs)
-    preds = []
-    t0 = time.perf_counter()
+    # both stages through the classifier's own code path (what serving runs); the cross-encoder runs
+    # once and every fusion weight of the grid is applied to the same logits
+    scored, t0 = [], time.perf_counter()
     for s in tqdm(range(0, len(texts), batch_size), desc=f"evaluate: two-stage K={k}"):
-        preds += clf.classify_texts(texts[s:s + batch_size], [""] * len(texts[s:s + batch_size]), top_k=k)
+        rows, _ = clf.score_candidates(texts[s:s + batch_size], [k] * len(texts[s:s + batch_size]))
+        scored += rows
     t_total = time.perf_counter() - t0
+    grid = sorted(set(prior_grid or []) | {clf.prior_scale})
+    fusion = {w: accuracy(gold, [clf.combine(*r, clf.threshold, w).label for r in scored]) for w in grid}
+    if fit_rerank:  # the fusion weight first (accuracy does not depend on the temperature)
+        clf.prior_scale = max(grid, key=lambda w: (fusion[w], -w))
+    if fit_rerank:  # one parameter, fitted by NLL on these (validation) emails
+        clf.temperature = fit_temp(scored, gold_ids, clf)
+    preds = [clf.combine(*r, clf.threshold) for r in scored]
     two_pred, two_conf = [p.label for p in preds], [p.probability for p in preds]
     recall = recall_at(gold_ids, ranked)
     bi = system_metrics(gold, bi_pred, bi_conf, labels) | {"recall@10": recall.get("recall@10")}
     two = system_metrics(gold, two_pred, two_conf, labels) | {"recall@10": recall.get("recall@10"), "k": k,
+                                                               "prior_scale": clf.prior_scale, "temperature": clf.temperature,
                                                                "retrieval_misses": int(np.mean([g not in p.top_labels for g, p in zip(gold, preds)]) * len(gold))}
     latency = {"embed_ms_per_email": 1e3 * t_embed / len(texts), "two_stage_ms_per_email": 1e3 * t_total / len(texts),
                "batch_size": batch_size}
-    return {"bi_encoder": bi, "two_stage": two, "retrieval": recall, "confusions": top_confusions(gold, two_pred), "latency": latency,
+    return {"bi_encoder": bi, "two_stage": two, "retrieval": recall, "fusion_accuracy": {str(w): a for w, a in fusion.items()}, "confusions": top_confusions(gold, two_pred), "latency": latency,
             "predictions": [{"gold": g, "label": p.label, "probability": p.probability} for g, p in zip(gold, preds)]}

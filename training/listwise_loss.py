@@ -26,8 +26,13 @@ class ListwiseSoftmaxCrossEntropyLoss(nn.Module):
     softmaxes the labels too: a -inf/0 target, not one-hot CE) and not the cross-encoder
     MultipleNegativesRankingLoss (which adds random in-batch negatives the classifier never sees).
 
+    Optionally each candidate's logit gets a fixed offset `prior_scale * retrieval score` (the
+    bi-encoder cosine): the same formula the pipeline applies at inference, so the cross-encoder
+    learns a correction to retrieval instead of starting from nothing (prior_scale 0 = pure rerank).
+
     Args:
         model: a CrossEncoder with one output label and an identity activation.
+        prior_scale: weight of the retrieval score added to each logit (0 disables it).
         mini_batch_size: pairs per forward pass (memory bound); None = all pairs of the batch at once.
 
     References:
@@ -35,7 +40,8 @@ class ListwiseSoftmaxCrossEntropyLoss(nn.Module):
         family); here the target is the single gold label.
 
     Inputs:
-        (email, [label text 1, ..., label text K]) with labels [0, ..., 1, ..., 0] (exactly one 1).
+        (email, [label text 1, ..., label text K], optional [retrieval score 1, ..., K]) with labels
+        [0, ..., 1, ..., 0] (exactly one 1).
 
     Example:
         ::
@@ -44,17 +50,19 @@ class ListwiseSoftmaxCrossEntropyLoss(nn.Module):
             CrossEncoderTrainer(model=cross_encoder, train_dataset=dataset, loss=loss).train()
     """
 
-    def __init__(self, model, mini_batch_size: int = None):
+    def __init__(self, model, prior_scale: float = 0.0, mini_batch_size: int = None):
         super().__init__()
+        self.prior_scale = prior_scale
         if model.num_labels != 1:
             raise ValueError(f"{self.__class__.__name__} expects a model with 1 output label, but got {model.num_labels}")
         self.model = model
         self.mini_batch_size = mini_batch_size
 
     def forward(self, inputs: list, labels: list, **kwargs) -> Tensor:
-        if len(inputs) != 2:
-            raise ValueError(f"{self.__class__.__name__} expects inputs (queries, docs_list), but got {len(inputs)} inputs")
-        queries, docs_list = inputs
+        if len(inputs) not in (2, 3):
+            raise ValueError(f"{self.__class__.__name__} expects inputs (queries, docs_list[, priors]), but got {len(inputs)} inputs")
+        queries, docs_list = inputs[:2]
+        priors = inputs[2] if len(inputs) == 3 else None
         k_per_query = [len(docs) for docs in docs_list]
         gold = []
         for i, row in enumerate(labels):
@@ -75,9 +83,11 @@ class ListwiseSoftmaxCrossEntropyLoss(nn.Module):
         start = 0
         for i, n in enumerate(k_per_query):
             logits[i, :n] = flat[start:start + n]
+            if priors is not None and self.prior_scale:
+                logits[i, :n] = logits[i, :n] + self.prior_scale * torch.as_tensor(priors[i], dtype=flat.dtype, device=flat.device)
             mask[i, :n] = True
             start += n
         return listwise_softmax_ce(logits, torch.tensor(gold, device=flat.device), mask)
 
     def get_config_dict(self) -> dict:
-        return {"mini_batch_size": self.mini_batch_size}
+        return {"prior_scale": self.prior_scale, "mini_batch_size": self.mini_batch_size}

@@ -10,19 +10,22 @@ from mailroute.label_index import LabelIndex
 from training.bi_encoder import embed
 
 
-def mine_candidates(model, texts: list, index: LabelIndex, k: int) -> np.ndarray:
-    """(n,) texts -> (n, k) label ids, best first."""
-    _, I = index.search(embed(model, texts), k)
-    return I
+def mine_candidates(model, texts: list, index: LabelIndex, k: int) -> tuple:
+    """(n,) texts -> label ids I (n, k) best first, and the cosine of every email to every label S (n, labels)."""
+    xq = embed(model, texts)  # (n, dim)
+    _, I = index.search(xq, k)
+    xb = index.index.reconstruct_n(0, index.index.ntotal)  # (labels, dim)
+    return I, xq @ xb.T
 
 
-def listwise_rows(examples: list, candidates: np.ndarray, index: LabelIndex, seed: int) -> dict:
-    """-> {"query": [...], "docs": [[K label texts]], "labels": [[0/1 x K]]}, exactly one 1 per row."""
+def listwise_rows(examples: list, candidates: np.ndarray, index: LabelIndex, seed: int, scores: np.ndarray = None) -> dict:
+    """-> {"query": [...], "docs": [[K label texts]], "prior": [[K retrieval scores]], "labels": [[0/1 x K]]},
+    exactly one 1 per row ("prior" only when scores are given)."""
     tax = index.taxonomy
     texts = tax.texts
     rng = random.Random(seed)
-    rows = {"query": [], "docs": [], "labels": []}
-    for e, cand in zip(examples, candidates):
+    rows = {"query": [], "docs": [], "labels": []} | ({"prior": []} if scores is not None else {})
+    for n, (e, cand) in enumerate(zip(examples, candidates)):
         gold = tax.index(e.label)
         cand = [int(c) for c in cand]
         if gold not in cand:
@@ -31,4 +34,7 @@ def listwise_rows(examples: list, candidates: np.ndarray, index: LabelIndex, see
         rows["query"].append(e.text)
         rows["docs"].append([texts[c] for c in cand])
         rows["labels"].append([int(c == gold) for c in cand])
-    return rows
+        if scores is not None:
+            rows["prior"].append([float(scores[n, c]) for c in cand])
+    # column order is input order for the trainer: query, docs, prior; labels are taken out by name
+    return {k: rows[k] for k in ("query", "docs", "prior", "labels") if k in rows}

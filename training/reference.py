@@ -4,6 +4,7 @@ Evaluation uses it, and the Triton pipeline must agree with it (same labels, pro
 1e-4). Pooling and normalisation here are written out the same way the ONNX graph computes them.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +47,19 @@ def classifier_from_models(bi_model, cross_model, index: LabelIndex, bi_dir, cro
         load_tokenizer(Path(cross_dir) / "tokenizer.json", DEFAULTS.max_pair_tokens), **kw)
 
 
+RERANK_FILE = "rerank.json"  # how a run's cross-encoder scores are combined: {"prior_scale": ..., "k_train": ...}
+
+
+def rerank_settings(run_dir) -> dict:
+    path = Path(run_dir) / RERANK_FILE
+    return json.loads(path.read_text()) if path.exists() else {"prior_scale": 0.0}
+
+
 def load_reference(run_dir, **kw) -> TwoStageClassifier:
     """A trained run folder (bi_encoder/, cross_encoder/, label_index/) -> the reference classifier."""
     run = Path(run_dir)
     index = LabelIndex.load(run / "label_index")
+    rr = rerank_settings(run)
+    kw = {"prior_scale": rr["prior_scale"], "temperature": rr.get("temperature", 1.0)} | kw
     return classifier_from_models(load_bi_encoder(run / "bi_encoder"), load_cross_encoder(run / "cross_encoder"), index,
                                   run / "bi_encoder", run / "cross_encoder", **kw)

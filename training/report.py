@@ -21,7 +21,11 @@ def write_report(m: dict, path) -> str:
     lines += [f"| {c['gold']} | {c['predicted']} | {c['count']} |" for c in m["confusions"]]
     if "validation" in m:
         v = m["validation"]
-        lines += ["", f"Validation (held out of train): two-stage accuracy {v['two_stage']['accuracy']:.2%}, bi-encoder accuracy {v['bi_encoder']['accuracy']:.2%}."]
+        lines += ["", f"Rerank score = cross-encoder logit + w x retrieval cosine; w = {m['prior_scale']:g} chosen on validation, "
+                      f"then a temperature T = {m['temperature']:.3g} fitted there (NLL) for calibration "
+                      f"(held out of train; bi-encoder alone {v['bi_encoder']['accuracy']:.2%} there):", "",
+                  "| w | validation accuracy | test accuracy (for reference, not used to choose) |", "| --- | --- | --- |"]
+        lines += [f"| {w} | {a:.2%} | {m['fusion_accuracy'].get(w, float('nan')):.2%} |" for w, a in v["fusion_accuracy"].items()]
     text = "\n".join(lines) + "\n"
     open(path, "w").write(text)
     return text

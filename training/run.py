@@ -22,7 +22,7 @@ from training.evaluate import evaluate_two_stage, system_metrics
 from training.flat_baseline import predict_flat, train_flat
 from training.mining import listwise_rows, mine_candidates
 from training.models import load_bi_encoder, load_cross_encoder
-from training.reference import classifier_from_models
+from training.reference import RERANK_FILE, classifier_from_models
 from training.report import write_report
 
 
@@ -44,8 +44,10 @@ class TrainConfig:
     k_train: int = DEFAULTS.top_k  # candidates per email in listwise training
     k_eval: int = DEFAULTS.top_k  # candidates reranked at inference
     ce_epochs: float = 1.0  # cross-encoder listwise epochs
+    train_prior_scale: float = 0.0  # retrieval prior added to the logits during listwise training (0 = pure rerank)
+    prior_grid: str = "0,1,2,5,10,20"  # serving fuses logit + w x retrieval cosine; w is chosen from these on validation
     ce_batch_size: int = 8  # emails per batch (x k_train pairs)
-    ce_lr: float = 4e-5  # cross-encoder learning rate
+    ce_lr: float = 1e-4  # cross-encoder learning rate (its new head starts from nothing)
     flat_epochs: int = 3  # flat softmax baseline epochs
     flat_batch_size: int = 32  # flat baseline batch
     flat_lr: float = 5e-5  # flat baseline learning rate (its new head gets 50x)
@@ -97,25 +99,31 @@ def run(cfg: TrainConfig) -> dict:
 
     # 5. mine the K hard candidates of every training email
     t = time.perf_counter()
-    cand = mine_candidates(model, [e.text for e in train], index, cfg.k_train)
-    rows = listwise_rows(train, cand, index, cfg.seed)
+    cand, scores = mine_candidates(model, [e.text for e in train], index, cfg.k_train)
+    rows = listwise_rows(train, cand, index, cfg.seed, scores if cfg.train_prior_scale else None)
     print(f"[5/8] mined top-{cfg.k_train}: gold retrieved for {np.mean([1 in r for r in rows['labels']]):.1%}"
           f" of train (gold inserted where missed)")
 
     # 6. cross-encoder from the same base weights, new head, listwise softmax CE over those K
     print(f"[6/8] cross-encoder: listwise, K={cfg.k_train}, {cfg.ce_epochs} epoch(s)")
     cross = load_cross_encoder(cfg.base or None)
-    train_cross_encoder(cross, rows, cfg.ce_epochs, cfg.ce_batch_size, cfg.ce_lr, cfg.seed)
+    train_cross_encoder(cross, rows, cfg.ce_epochs, cfg.ce_batch_size, cfg.ce_lr, cfg.seed, cfg.train_prior_scale)
     cross.save(str(out / "cross_encoder"))
     times["cross_encoder_s"] = time.perf_counter() - t
 
-    # 7. evaluate through the reference classifier (the code path serving runs): validation, then test
-    clf = classifier_from_models(model, cross, index, out / "bi_encoder", out / "cross_encoder")
+    # 7. evaluate through the reference classifier (the code path serving runs): the fusion weight is
+    #    chosen on validation (highest accuracy, ties to the smaller weight), then test is measured once
+    grid = [float(w) for w in cfg.prior_grid.split(",") if w.strip()] or [cfg.train_prior_scale]
+    clf = classifier_from_models(model, cross, index, out / "bi_encoder", out / "cross_encoder", prior_scale=grid[0])
     metrics = {"dataset": tax.name, "labels": len(tax), "n_train": len(train), "n_validation": len(val), "n_test": len(test)}
     if val:
-        v = evaluate_two_stage(clf, val, cfg.k_eval)
-        metrics["validation"] = {"bi_encoder": v["bi_encoder"], "two_stage": v["two_stage"], "retrieval": v["retrieval"]}
-    metrics.update(evaluate_two_stage(clf, test, cfg.k_eval))
+        v = evaluate_two_stage(clf, val, cfg.k_eval, prior_grid=grid, fit_rerank=True)  # sets w, then T
+        metrics["validation"] = {"bi_encoder": v["bi_encoder"], "two_stage": v["two_stage"], "retrieval": v["retrieval"],
+                                 "fusion_accuracy": v["fusion_accuracy"]}
+    metrics["prior_scale"], metrics["temperature"] = clf.prior_scale, clf.temperature
+    (out / RERANK_FILE).write_text(json.dumps({"prior_scale": clf.prior_scale, "temperature": clf.temperature,
+                                               "k_train": cfg.k_train, "k_eval": cfg.k_eval}) + "\n")
+    metrics.update(evaluate_two_stage(clf, test, cfg.k_eval, prior_grid=grid))
     metrics["anisotropy"] = {"before": aniso_before, "after": aniso_after}
 
     # 8. the flat softmax baseline: same MiniLM, same data, linear head over all labels
