@@ -59,7 +59,7 @@ def fit_temp(scored: list, gold_ids, clf) -> float:
     not retrieved cannot inform it and are left out)."""
     rows = [(c, cos, lg, g) for (c, cos, lg), g in zip(scored, gold_ids) if g in c]
     best, best_nll = 1.0, float("inf")
-    for t in np.exp(np.linspace(np.log(0.05), np.log(20), 121)):
+    for t in np.exp(np.linspace(np.log(0.005), np.log(20), 161)):
         nll = 0.0
         for c, cos, lg, g in rows:
             z = (lg + clf.prior_scale * cos) / t
