@@ -161,3 +161,25 @@ def test_new_version_is_loaded_through_the_repository_api(tiny_repo, tiny_run, t
             r = c.classify_one(EMAILS[0])
             assert r.model_versions == {"email_classifier": "2", "bi_encoder": "2", "cross_encoder": "2"}
             assert admin.is_model_ready(contract.BI_ENCODER, "1")  # encoder versions stay loadable for rollback
+
+
+def test_serve_command_prints_endpoints_and_stops_on_sigterm(tiny_repo):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "mailroute.cli", "serve", "--repo", str(tiny_repo), "--grpc-port", "0",
+                             "--http-port", "0", "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [], time.time() + 180
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith("Ctrl-C") or not line:
+            break
+    grpc_url = next(l.split()[-1] for l in lines if l.strip().startswith("gRPC"))
+    with ClassifierClient(grpc_url) as c:
+        assert c.ready() and c.classify_one(EMAILS[0]).ok
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    assert "stopping tritonserver" in proc.stdout.read()
+    with ClassifierClient(grpc_url, retries=0, timeout=2) as c:
+        assert not c.ready()  # the server is gone, not orphaned
