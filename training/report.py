@@ -15,7 +15,9 @@ def write_report(m: dict, path) -> str:
     lines += [_row("bi-encoder only", m["bi_encoder"]), _row(f"two-stage (K={m['two_stage']['k']})", m["two_stage"]), ""]
     lines += ["Bi-encoder retrieval: " + ", ".join(f"{k} {v:.2%}" for k, v in m["retrieval"].items()), "",
               f"Anisotropy (mean cosine of random email pairs): {m['anisotropy']['before']:.3f} before MNR, {m['anisotropy']['after']:.3f} after.", "",
-              f"CPU latency: embed {m['latency']['embed_ms_per_email']:.1f} ms/email, whole two-stage {m['latency']['two_stage_ms_per_email']:.1f} ms/email (batch {m['latency']['batch_size']}).", "",
+              f"CPU latency per email (batches of {m['latency']['batch_size']}, PyTorch): embed {m['latency']['embed_ms_per_email']:.1f} ms, "
+              f"FAISS search {m['latency'].get('search_ms_per_email', float('nan')):.2f} ms, rerank {m['latency'].get('rerank_ms_per_email', float('nan')):.1f} ms; "
+              f"whole two-stage {m['latency']['two_stage_ms_per_email']:.1f} ms.", "",
               "Training time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in m["train_time"].items()), "",
               "## Most confused pairs (two-stage, test)", "", "| gold | predicted | count |", "| --- | --- | --- |"]
     lines += [f"| {c['gold']} | {c['predicted']} | {c['count']} |" for c in m["confusions"]]
