@@ -1,6 +1,6 @@
 """In-process two-stage throughput: PyTorch (reference classifier) vs ONNX Runtime (the served graphs).
 
-    python benchmarks/inprocess.py --run runs/demo --repo model_repository --n 256 --batch 32
+    python -m benchmarks.inprocess --run runs/demo --repo model_repository --n 256 --batch 32
 
 Same pipeline code, same tokenisation, same K; only the encoder runtime differs.
 """

@@ -1,6 +1,6 @@
 """Triton gRPC vs in-process ONNX at a fixed concurrency: emails/s and p50/p99 per request.
 
-    python benchmarks/triton_load.py --repo model_repository --concurrency 8 --seconds 30
+    python -m benchmarks.triton_load --repo model_repository --concurrency 8 --seconds 30
 
 Starts the real tritonserver on the repository (free ports), runs `concurrency` threads that each
 send one email per request for `seconds`, then runs the in-process ONNX classifier on the same

@@ -52,6 +52,18 @@ def _export(graph, sample: tuple, inputs: tuple, output: str, path: Path):
                           output_names=[output], dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
 
 
+def optimize_transformer(path: Path, hf_config) -> None:
+    """onnxruntime's transformer optimizer: fuses attention, LayerNorm and GELU into single kernels
+    (the generic graph optimizations of a session do not). Rewrites the file in place."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = optimize_model(str(path), model_type="bert", num_heads=hf_config.num_attention_heads,
+                               hidden_size=hf_config.hidden_size, opt_level=1)
+    model.save_model_to_file(str(path))
+
+
 def _parity(graph, path: Path, sample: tuple, inputs: tuple, what: str, atol: float) -> float:
     with torch.no_grad():
         ref = graph(*(torch.from_numpy(x) for x in sample)).numpy()
@@ -63,24 +75,32 @@ def _parity(graph, path: Path, sample: tuple, inputs: tuple, what: str, atol: fl
     return diff
 
 
-def export_bi_encoder(st_model, tokenizer_json, path, texts: list, atol: float = PARITY_ATOL) -> float:
-    """SentenceTransformer -> ONNX (input_ids, attention_mask) -> embedding. Returns the parity max diff."""
+def export_bi_encoder(st_model, tokenizer_json, path, texts: list, atol: float = PARITY_ATOL, optimize: bool = True) -> float:
+    """SentenceTransformer -> ONNX (input_ids, attention_mask) -> embedding. Returns the parity max diff
+    (of the final, optimized graph)."""
     graph = BiEncoderGraph(st_model[0].auto_model)
     ids, mask, _ = tensors(load_tokenizer(tokenizer_json, DEFAULTS.max_email_tokens).encode_batch(texts))
     _export(graph, (ids, mask), contract.BI_ENCODER_INPUTS, contract.EMBEDDING, Path(path))
+    if optimize:
+        optimize_transformer(Path(path), graph.bert.config)
     return _parity(graph, Path(path), (ids, mask), contract.BI_ENCODER_INPUTS, "bi_encoder", atol)
 
 
-def export_cross_encoder(cross_model, tokenizer_json, path, pairs: list, atol: float = PARITY_ATOL) -> float:
-    """CrossEncoder -> ONNX (input_ids, attention_mask, token_type_ids) -> logit. Returns the parity max diff."""
+def export_cross_encoder(cross_model, tokenizer_json, path, pairs: list, atol: float = PARITY_ATOL, optimize: bool = True) -> float:
+    """CrossEncoder -> ONNX (input_ids, attention_mask, token_type_ids) -> logit. Returns the parity max diff
+    (of the final, optimized graph)."""
     graph = CrossEncoderGraph(cross_model.model)
     sample = tensors(load_tokenizer(tokenizer_json, DEFAULTS.max_pair_tokens).encode_batch(pairs))
     _export(graph, sample, contract.CROSS_ENCODER_INPUTS, contract.LOGIT, Path(path))
+    if optimize:
+        optimize_transformer(Path(path), graph.model.config)
     return _parity(graph, Path(path), sample, contract.CROSS_ENCODER_INPUTS, "cross_encoder", atol)
 
 
 def quantize_int8(src, dst) -> None:
     """Dynamic int8 quantisation of the weights (CPU serving); accuracy change is measured by the caller."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    # the fused graph has com.microsoft ops that shape inference cannot type: their outputs are fp32
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})

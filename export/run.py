@@ -38,6 +38,7 @@ class ExportConfig:
     repo: str = "model_repository"  # Triton model repository to add the new versions to
     runtime: str = "portable"  # portable (Python backend + onnxruntime) | native (onnxruntime_onnx backend)
     gpu: bool = False  # KIND_GPU instances (native runtime, production)
+    no_optimize: bool = False  # skip onnxruntime's transformer fusions (attention, LayerNorm, GELU)
     quantize: bool = False  # dynamic int8 weights (CPU); the accuracy change is measured and reported
     quantize_eval: int = 500  # test emails of the run's dataset used to measure the int8 accuracy change
     version: int = 0  # 0 = next free version number of each model
@@ -113,8 +114,9 @@ def export(cfg: ExportConfig) -> dict:
     bi_tok, cross_tok = run / "bi_encoder" / TOKENIZER_FILE, run / "cross_encoder" / TOKENIZER_FILE
     texts = PARITY_TEXTS + old.taxonomy.texts[:8]
     report["parity_max_abs_diff"] = {
-        "bi_encoder": export_bi_encoder(bi_model, bi_tok, work / "bi.onnx", texts),
-        "cross_encoder": export_cross_encoder(cross_model, cross_tok, work / "cross.onnx", [(t, l) for t in PARITY_TEXTS for l in old.taxonomy.texts[:3]]),
+        "bi_encoder": export_bi_encoder(bi_model, bi_tok, work / "bi.onnx", texts, optimize=not cfg.no_optimize),
+        "cross_encoder": export_cross_encoder(cross_model, cross_tok, work / "cross.onnx", [(t, l) for t in PARITY_TEXTS for l in old.taxonomy.texts[:3]],
+                                              optimize=not cfg.no_optimize),
     }
     print(f"[1/3] ONNX export, parity vs PyTorch (max abs diff): {report['parity_max_abs_diff']}")
     bi_path, cross_path = work / "bi.onnx", work / "cross.onnx"
