@@ -90,3 +90,33 @@ def test_listwise_rows_insert_missed_gold_and_shuffle(demo):
         assert prior[labels.index(1)] == scores[n, tax.index(e.label)]  # each prior travels with its candidate
         golds_at.append(labels.index(1))
     assert len(set(golds_at)) > 1  # the gold does not always sit in one position
+
+
+def test_temperature_fit_recovers_a_known_temperature():
+    from types import SimpleNamespace
+
+    from training.evaluate import expected_calibration_error, fit_temp
+
+    # Given logits whose gold labels are drawn from softmax(logits / 2.5)
+    rng = np.random.default_rng(0)
+    scored, gold = [], []
+    for _ in range(1500):
+        logits = rng.normal(0, 4, 5)
+        p = np.exp(logits / 2.5) / np.exp(logits / 2.5).sum()
+        scored.append((np.arange(5), np.zeros(5), logits))
+        gold.append(int(rng.choice(5, p=p)))
+    # When the temperature is fitted by NLL
+    t = fit_temp(scored, gold, SimpleNamespace(prior_scale=0.0))
+    # Then it is close to the true one, and the calibrated probabilities have a small ECE
+    assert 2.2 < t < 2.8
+    conf = [np.max(np.exp(l / t) / np.exp(l / t).sum()) for _, _, l in scored]
+    assert expected_calibration_error(conf, [int(np.argmax(l)) == g for (_, _, l), g in zip(scored, gold)]) < 0.04
+
+
+def test_ece_and_recall_against_hand_computed_values():
+    from training.evaluate import expected_calibration_error, macro_f1, recall_at
+
+    # two bins: {0.9, 0.9} with 1 of 2 right -> |0.5-0.9|; {0.3} right -> |1-0.3|; weights 2/3 and 1/3
+    assert expected_calibration_error([0.9, 0.9, 0.3], [True, False, True]) == pytest.approx(2 / 3 * 0.4 + 1 / 3 * 0.7)
+    assert recall_at([1, 2], np.array([[1, 0, 3], [0, 3, 2]]), ks=(1, 3)) == {"recall@1": 0.5, "recall@3": 1.0}
+    assert macro_f1(["a", "a", "b"], ["a", "b", "b"]) == pytest.approx((2 / 3 + 2 / 3) / 2)
