@@ -9,7 +9,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from mailroute import contract
@@ -19,6 +19,7 @@ from mailroute.pipeline import load_tokenizer, tensors
 from mailroute.repository import ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE, versions
 from mailroute.settings import DEFAULTS
 from export import configs
+from export.config import ExportConfig  # noqa: F401 (re-exported for callers)
 from export.onnx_export import export_bi_encoder, export_cross_encoder, quantize_int8
 from training.models import load_bi_encoder, load_cross_encoder
 from training.reference import rerank_settings
@@ -30,22 +31,6 @@ PARITY_TEXTS = [
     "Where is my order? Tracking has not updated since Monday and I need it for a wedding on Saturday, please help!",
     "x",
 ]
-
-
-@dataclass
-class ExportConfig:
-    run: str = "runs/demo"  # trained run folder (from `mailroute train`)
-    repo: str = "model_repository"  # Triton model repository to add the new versions to
-    runtime: str = "portable"  # portable (Python backend + onnxruntime) | native (onnxruntime_onnx backend)
-    gpu: bool = False  # KIND_GPU instances (native runtime, production)
-    no_optimize: bool = False  # skip onnxruntime's transformer fusions (attention, LayerNorm, GELU)
-    quantize: bool = False  # dynamic int8 weights (CPU); the accuracy change is measured and reported
-    quantize_eval: int = 500  # test emails of the run's dataset used to measure the int8 accuracy change
-    version: int = 0  # 0 = next free version number of each model
-    top_k: int = 0  # default candidates per email (callers may override per request); 0 = the K the run was evaluated with
-    threshold: float = DEFAULTS.threshold  # default needs_review threshold (callers may override)
-    classifier_instances: int = 1  # email_classifier instances (BLS model; more help under load)
-    encoder_instances: int = 1  # instances of each encoder model
 
 
 def _next_version(repo: Path, model: str, forced: int) -> int:

@@ -150,8 +150,8 @@ def cmd_demo(args):
 
 
 def main(argv=None):
-    from training.run import TrainConfig
-    from export.run import ExportConfig
+    from export.config import ExportConfig
+    from training.config import TrainConfig
 
     ap = argparse.ArgumentParser(prog="mailroute", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)

@@ -7,9 +7,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def shared_dir() -> Path:
+    """The workplace's shared folder (datasets, outside checks): $MAILROUTE_SHARED, ../shared next to
+    this checkout, or /work/shared (where a clone elsewhere, e.g. in CI, still finds it)."""
+    if os.environ.get("MAILROUTE_SHARED"):
+        return Path(os.environ["MAILROUTE_SHARED"])
+    for candidate in (ROOT.parent / "shared", Path("/work/shared")):
+        if candidate.is_dir():
+            return candidate
+    return ROOT.parent / "shared"
+
+
 def banking77_dir() -> Path:
-    """BANKING77 is read in place (never copied): $MAILROUTE_BANKING77 or ../shared/datasets/banking77."""
-    return Path(os.environ.get("MAILROUTE_BANKING77", ROOT.parent / "shared" / "datasets" / "banking77"))
+    """BANKING77 is read in place (never copied): $MAILROUTE_BANKING77 or <shared>/datasets/banking77."""
+    return Path(os.environ.get("MAILROUTE_BANKING77", shared_dir() / "datasets" / "banking77"))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from client import AsyncClassifierClient, ClassifierClient
 from client.classifier_client import retryable
 from mailroute import contract
 from mailroute.repository import open_onnx_classifier
-from mailroute.settings import ROOT
+from mailroute.settings import ROOT, shared_dir
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +105,7 @@ def test_mixed_batch_answers_the_good_rows(client):
 
 
 def test_shared_conformance_check(triton):
-    script = ROOT.parent / "shared" / "checks" / "classifier_conformance.py"
+    script = shared_dir() / "checks" / "classifier_conformance.py"
     if not script.exists():
         pytest.skip(f"{script} not present")
     r = subprocess.run([sys.executable, str(script), triton.grpc_url], capture_output=True, text=True, timeout=600)

@@ -1,0 +1,21 @@
+"""Settings of `mailroute export` (light: the CLI builds its flags from this without importing torch)."""
+
+from dataclasses import dataclass
+
+from mailroute.settings import DEFAULTS
+
+
+@dataclass
+class ExportConfig:
+    run: str = "runs/demo"  # trained run folder (from `mailroute train`)
+    repo: str = "model_repository"  # Triton model repository to add the new versions to
+    runtime: str = "portable"  # portable (Python backend + onnxruntime) | native (onnxruntime_onnx backend)
+    gpu: bool = False  # KIND_GPU instances (native runtime, production)
+    no_optimize: bool = False  # skip onnxruntime's transformer fusions (attention, LayerNorm, GELU)
+    quantize: bool = False  # dynamic int8 weights (CPU); the accuracy change is measured and reported
+    quantize_eval: int = 500  # test emails of the run's dataset used to measure the int8 accuracy change
+    version: int = 0  # 0 = next free version number of each model
+    top_k: int = 0  # default candidates per email (callers may override per request); 0 = the K the run was evaluated with
+    threshold: float = DEFAULTS.threshold  # default needs_review threshold (callers may override)
+    classifier_instances: int = 1  # email_classifier instances (BLS model; more help under load)
+    encoder_instances: int = 1  # instances of each encoder model
