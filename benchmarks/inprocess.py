@@ -32,15 +32,20 @@ def main():
     ap.add_argument("--n", type=int, default=256, help="emails per measurement")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--int8-repo", default="", help="also measure this repository (an export with --quantize)")
     a = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     systems = {"pytorch": load_reference(a.run), "onnxruntime": open_onnx_classifier(a.repo)}
+    if a.int8_repo:
+        systems["onnxruntime_int8"] = open_onnx_classifier(a.int8_repo)
     results = {"machine": platform.platform(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "k": a.k, "batch": a.batch}
     for name, texts in (("banking77_length", banking77_texts(a.n)), ("email_200_words", email_texts(a.n))):
         row = {s: throughput(clf, texts, a.batch, a.k) for s, clf in systems.items()}
         row["onnx_speedup"] = row["onnxruntime"] / row["pytorch"]
+        if "onnxruntime_int8" in row:
+            row["int8_speedup"] = row["onnxruntime_int8"] / row["pytorch"]
         results[name] = row
-        print(f"{name}: PyTorch {row['pytorch']:.1f} emails/s, ONNX Runtime {row['onnxruntime']:.1f} emails/s, x{row['onnx_speedup']:.2f}", flush=True)
+        print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
     print(json.dumps(results, indent=1))
 
 
