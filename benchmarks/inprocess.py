@@ -34,7 +34,6 @@ def main():
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--int8-repo", default="", help="also measure this repository (an export with --quantize)")
     a = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     systems = {"pytorch": load_reference(a.run), "onnxruntime": open_onnx_classifier(a.repo)}
     if a.int8_repo:
         systems["onnxruntime_int8"] = open_onnx_classifier(a.int8_repo)

@@ -147,7 +147,7 @@ class TwoStageClassifier:
         order = np.argsort(-p, kind="stable")
         top = [str(self.label_names[cand[o]]) for o in order]
         probs = [float(p[o]) for o in order]
-        return Prediction(top[0], probs[0], top, probs, probs[0] < threshold)
+        return Prediction(top[0], probs[0], top, probs, bool(probs[0] < threshold))
 
     def classify_texts(self, texts: list, errors: list, top_k=None, threshold=None) -> list:
         """Normalised texts (None where errors[i] says why) -> one Prediction per row."""

@@ -34,10 +34,6 @@ def seed_everything(seed: int):
 
 def run(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     times, t = {}, time.perf_counter()
 
     # 1. data: validation held out of train; test only for the final numbers
@@ -50,6 +46,9 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.sample_per_label:
         train = sample_per_label(train, cfg.sample_per_label, cfg.seed)
     test = data.test[: cfg.test_limit] if cfg.test_limit else data.test
+    out = Path(cfg.out)  # created only once the data is known to be valid
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     print(f"[1/8] data: {len(tax)} labels, {len(train)} train, {len(val)} validation, {len(test)} test")
 
     # 2. bi-encoder from the base weights; anisotropy before training
