@@ -82,7 +82,7 @@ def cmd_serve(args):
 
 def print_table(rows: list, file=sys.stdout):
     print(f"{'email':<44} {'label':<32} {'prob':>5} {'review':<6} next candidates", file=file)
-    for source, text, r in rows:
+    for _source, text, r in rows:
         snippet = (text[:41] + "...") if len(text) > 44 else text
         if not r.ok:
             print(f"{snippet:<44} ERROR: {r.error}", file=file)

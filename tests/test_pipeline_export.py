@@ -3,7 +3,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from mailroute import contract
 from mailroute.label_index import IndexMismatch
