@@ -23,6 +23,7 @@ class TrainConfig:
     k_train: int = DEFAULTS.top_k  # candidates per email in listwise training
     k_eval: int = DEFAULTS.top_k  # candidates reranked at inference
     ce_epochs: float = 1.0  # cross-encoder listwise epochs
+    ce_init: str = "base"  # cross-encoder start weights: base (MiniLM) | bi_encoder (the MNR-fine-tuned encoder, new head)
     train_prior_scale: float = 0.0  # retrieval prior added to the logits during listwise training (0 = pure rerank)
     prior_grid: str = "0,1,2,5,10,20"  # serving fuses logit + w x retrieval cosine; w is chosen from these on validation
     ce_batch_size: int = 8  # emails per batch (x k_train pairs)

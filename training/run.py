@@ -73,9 +73,11 @@ def run(cfg: TrainConfig) -> dict:
     print(f"[5/8] mined top-{cfg.k_train}: gold retrieved for {np.mean([1 in r for r in rows['labels']]):.1%}"
           f" of train (gold inserted where missed)")
 
-    # 6. cross-encoder from the same base weights, new head, listwise softmax CE over those K
+    # 6. cross-encoder from the same base weights (or the fine-tuned bi-encoder), new head, listwise softmax CE over those K
     print(f"[6/8] cross-encoder: listwise, K={cfg.k_train}, {cfg.ce_epochs} epoch(s)")
-    cross = load_cross_encoder(cfg.base or None)
+    if cfg.ce_init not in ("base", "bi_encoder"):
+        raise ValueError(f"ce_init must be 'base' or 'bi_encoder', got {cfg.ce_init!r}")
+    cross = load_cross_encoder(out / "bi_encoder" if cfg.ce_init == "bi_encoder" else (cfg.base or None))
     train_cross_encoder(cross, rows, cfg.ce_epochs, cfg.ce_batch_size, cfg.ce_lr, cfg.seed, cfg.train_prior_scale)
     cross.save(str(out / "cross_encoder"))
     times["cross_encoder_s"] = time.perf_counter() - t
