@@ -34,6 +34,7 @@ class Classification:
     error: str = ""  # set when this email could not be classified (then label is "")
     model_versions: dict = field(default_factory=dict)
     stage_ms: dict = field(default_factory=dict)
+    reranked: bool = False  # stage 2 ran (False where the version's gate found retrieval sure)
 
     @property
     def ok(self) -> bool:
@@ -74,6 +75,7 @@ def parse_result(result) -> list:
             needs_review=bool(out[contract.NEEDS_REVIEW][i, 0]), error=err,
             model_versions=dict(zip(("email_classifier", "bi_encoder", "cross_encoder"), map(_text, out[contract.MODEL_VERSIONS][i]))),
             stage_ms=dict(zip(contract.STAGES, map(float, out[contract.STAGE_MS][i]))),
+            reranked=bool(out[contract.RERANKED][i, 0]),
         ))
     return rows
 
@@ -85,8 +87,8 @@ def retryable(e: Exception) -> bool:
     return "UNAVAILABLE" in str(e.status()) and "restricted" not in msg
 
 
-def _params(top_k, threshold) -> dict:
-    p = {}
+def _params(top_k, threshold, gate=None) -> dict:
+    p = {} if gate is None else {contract.PARAM_GATE: bool(gate)}
     if top_k is not None:
         p[contract.PARAM_TOP_K] = int(top_k)
     if threshold is not None:
@@ -125,10 +127,11 @@ class ClassifierClient(_Base):
                     raise
                 time.sleep(self._delay(attempt))
 
-    def classify(self, texts, subjects=None, top_k=None, threshold=None) -> list:
+    def classify(self, texts, subjects=None, top_k=None, threshold=None, gate=None) -> list:
+        """gate: None = the version's default; False = rerank every email; True = let the gate skip stage 2."""
         out = []
         for t, s in self._chunks(texts, subjects):
-            out += parse_result(self._infer(build_inputs(t, s), _params(top_k, threshold)))
+            out += parse_result(self._infer(build_inputs(t, s), _params(top_k, threshold, gate)))
         return out
 
     def classify_one(self, text, subject=None, **kw) -> Classification:
@@ -165,8 +168,8 @@ class AsyncClassifierClient(_Base):
                     raise
                 await asyncio.sleep(self._delay(attempt))
 
-    async def classify(self, texts, subjects=None, top_k=None, threshold=None) -> list:
-        chunks = [self._infer(build_inputs(t, s, grpcaio), _params(top_k, threshold)) for t, s in self._chunks(texts, subjects)]
+    async def classify(self, texts, subjects=None, top_k=None, threshold=None, gate=None) -> list:
+        chunks = [self._infer(build_inputs(t, s, grpcaio), _params(top_k, threshold, gate)) for t, s in self._chunks(texts, subjects)]
         return [r for res in await asyncio.gather(*chunks) for r in parse_result(res)]
 
     async def close(self):

@@ -54,7 +54,7 @@ def classifier_config(max_batch: int, instances: int, embed_batch: int, score_ba
     s, f, b = "TYPE_STRING", "TYPE_FP32", "TYPE_BOOL"
     outputs = [(contract.LABEL, s, [1]), (contract.PROBABILITY, f, [1]), (contract.TOP_LABELS, s, [-1]),
                (contract.TOP_PROBABILITIES, f, [-1]), (contract.NEEDS_REVIEW, b, [1]), (contract.ERROR, s, [1]),
-               (contract.MODEL_VERSIONS, s, [3]), (contract.STAGE_MS, f, [len(contract.STAGES)])]
+               (contract.MODEL_VERSIONS, s, [3]), (contract.STAGE_MS, f, [len(contract.STAGES)]), (contract.RERANKED, b, [1])]
     lines = [f'name: "{contract.CLASSIFIER}"', 'backend: "python"', f"max_batch_size: {max_batch}",
              _block("input", [_io("input", contract.TEXT, s, [1]), _io("input", contract.SUBJECT, s, [1], optional=True)]),
              _block("output", [_io("output", n, t, d) for n, t, d in outputs]),

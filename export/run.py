@@ -21,8 +21,9 @@ from mailroute.settings import DEFAULTS
 from export import configs
 from export.config import ExportConfig  # noqa: F401 (re-exported for callers)
 from export.onnx_export import export_bi_encoder, export_cross_encoder, quantize_int8
+from mailroute.run_layout import RunFolder
 from training.models import load_bi_encoder, load_cross_encoder
-from training.reference import rerank_settings
+from training.reference import load_policy
 
 TRITON_DIR = Path(__file__).resolve().parent / "triton"
 PARITY_TEXTS = [
@@ -55,29 +56,43 @@ def _write_encoder(repo: Path, name: str, onnx_path: Path, tokenizer: Path, cfg:
     return v
 
 
-def label_index_from_onnx(onnx_path: Path, tokenizer: Path, taxonomy) -> LabelIndex:
-    """Embed the label texts with the exported graph itself: the index matches the served encoder."""
+def _onnx_embed(sess, tok, texts: list, batch: int = 64):
+    import numpy as np
+
+    out = []
+    for s in range(0, len(texts), batch):
+        ids, mask, _ = tensors(tok.encode_batch(texts[s:s + batch]))
+        out.append(sess.run([contract.EMBEDDING], {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask})[0])
+    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+
+def label_index_from_onnx(onnx_path: Path, tokenizer: Path, source: LabelIndex) -> LabelIndex:
+    """Embed the label texts and every exemplar with the exported graph itself, so the index matches
+    the served encoder; scoring rule and label cards are kept."""
     tok = load_tokenizer(tokenizer, DEFAULTS.max_email_tokens)
     sess = session(onnx_path)
-    ids, mask, _ = tensors(tok.encode_batch(taxonomy.texts))
-    xb = sess.run([contract.EMBEDDING], {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask})[0]
-    return LabelIndex.build(taxonomy, xb, weights_id(onnx_path))
+    xb = _onnx_embed(sess, tok, source.taxonomy.texts)
+    xe = _onnx_embed(sess, tok, source.exemplar_texts) if source.exemplar_index is not None else None
+    return LabelIndex.build(source.taxonomy, xb, weights_id(onnx_path), xe, source.exemplar_labels, source.exemplar_texts,
+                            source.scoring, source.cards)
 
 
-def int8_accuracy_change(run: Path, index: LabelIndex, fp32: tuple, int8: tuple, bi_tok, cross_tok, n: int) -> dict:
-    """Accuracy of the fp32 and int8 graphs through the same pipeline, on the run's own test emails."""
+def int8_accuracy_change(run: Path, source: LabelIndex, fp32: tuple, int8: tuple, bi_tok, cross_tok, n: int, top_k: int) -> dict:
+    """Accuracy of the fp32 and int8 graphs through the same pipeline, on the run's own test emails, each
+    with the label index rebuilt from its own bi-encoder graph and the K that is shipped: what it measures
+    is what serves."""
     from mailroute.onnx_encoders import OnnxEncoders
     from mailroute.pipeline import TwoStageClassifier
     from training.data import load_dataset, load_named
 
-    rc = json.loads((run / "config.json").read_text())
+    rc = json.loads(RunFolder(run).config.read_text())
     data = load_dataset(rc["taxonomy"], rc["train"], rc["test"]) if rc.get("taxonomy") else load_named(rc["dataset"], rc.get("banking77") or None)
     test = data.test[:n]
-    out = {"emails": len(test)}
+    out = {"emails": len(test), "top_k": top_k}
     for name, (b, c) in (("fp32", fp32), ("int8", int8)):
+        index = label_index_from_onnx(b, bi_tok, source)
         clf = TwoStageClassifier(OnnxEncoders(b, c), index, load_tokenizer(bi_tok, DEFAULTS.max_email_tokens),
-                                 load_tokenizer(cross_tok, DEFAULTS.max_pair_tokens), top_k=min(DEFAULTS.top_k, len(index.taxonomy)),
-                                 prior_scale=rerank_settings(run)["prior_scale"], temperature=rerank_settings(run).get("temperature", 1.0))
+                                 load_tokenizer(cross_tok, DEFAULTS.max_pair_tokens), top_k=top_k, policy=load_policy(run))
         preds = [p for s in range(0, len(test), 32) for p in clf.classify_texts([e.text for e in test[s:s + 32]], [""] * len(test[s:s + 32]))]
         out[f"{name}_accuracy"] = sum(p.label == e.label for p, e in zip(preds, test)) / len(test)
     out["accuracy_change"] = out["int8_accuracy"] - out["fp32_accuracy"]
@@ -86,7 +101,8 @@ def int8_accuracy_change(run: Path, index: LabelIndex, fp32: tuple, int8: tuple,
 
 def export(cfg: ExportConfig) -> dict:
     run, repo = Path(cfg.run), Path(cfg.repo)
-    if not (run / "bi_encoder").is_dir() or not (run / "cross_encoder").is_dir():
+    folder = RunFolder(run)
+    if not folder.is_trained():
         raise FileNotFoundError(f"{run} is not a trained run (needs bi_encoder/ and cross_encoder/): run `mailroute train` first")
     repo.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="mailroute-export-"))
@@ -94,9 +110,12 @@ def export(cfg: ExportConfig) -> dict:
 
     # 1. ONNX graphs with the contract's names, parity-checked against PyTorch
     t = time.perf_counter()
-    bi_model, cross_model = load_bi_encoder(run / "bi_encoder"), load_cross_encoder(run / "cross_encoder")
-    old = LabelIndex.load(run / "label_index")
-    bi_tok, cross_tok = run / "bi_encoder" / TOKENIZER_FILE, run / "cross_encoder" / TOKENIZER_FILE
+    bi_model, cross_model = load_bi_encoder(folder.bi_encoder), load_cross_encoder(folder.cross_encoder)
+    old = LabelIndex.load(folder.label_index)
+    policy = load_policy(run)
+    run_k = json.loads(folder.config.read_text()).get("k_eval") if folder.config.exists() else None
+    top_k = min(cfg.top_k or run_k or DEFAULTS.top_k, len(old.taxonomy))  # the K the run was evaluated with, unless overridden
+    bi_tok, cross_tok = folder.bi_encoder / TOKENIZER_FILE, folder.cross_encoder / TOKENIZER_FILE
     texts = PARITY_TEXTS + old.taxonomy.texts[:8]
     report["parity_max_abs_diff"] = {
         "bi_encoder": export_bi_encoder(bi_model, bi_tok, work / "bi.onnx", texts, optimize=not cfg.no_optimize),
@@ -109,7 +128,7 @@ def export(cfg: ExportConfig) -> dict:
         quantize_int8(bi_path, work / "bi.int8.onnx")
         quantize_int8(cross_path, work / "cross.int8.onnx")
         report["int8"] = int8_accuracy_change(run, old, (bi_path, cross_path), (work / "bi.int8.onnx", work / "cross.int8.onnx"),
-                                              bi_tok, cross_tok, cfg.quantize_eval)
+                                              bi_tok, cross_tok, cfg.quantize_eval, top_k)
         print(f"[1/3] int8 quantisation: {report['int8']}")
         bi_path, cross_path = work / "bi.int8.onnx", work / "cross.int8.onnx"
 
@@ -118,7 +137,7 @@ def export(cfg: ExportConfig) -> dict:
     bi_v = _write_encoder(repo, contract.BI_ENCODER, bi_path, bi_tok, cfg, dim, max_batch=64)
     cross_v = _write_encoder(repo, contract.CROSS_ENCODER, cross_path, cross_tok, cfg, dim, max_batch=256)
     bi_dir = repo / contract.BI_ENCODER / str(bi_v)
-    index = label_index_from_onnx(bi_dir / MODEL_FILE, bi_dir / TOKENIZER_FILE, old.taxonomy)
+    index = label_index_from_onnx(bi_dir / MODEL_FILE, bi_dir / TOKENIZER_FILE, old)
 
     # 3. the classifier version that pins them
     cv = _next_version(repo, contract.CLASSIFIER, cfg.version)
@@ -126,10 +145,8 @@ def export(cfg: ExportConfig) -> dict:
     cdir.mkdir(parents=True)
     index.save(cdir / LABEL_INDEX_DIR)
     shutil.copy(TRITON_DIR / "email_classifier.py", cdir / "model.py")
-    top_k = cfg.top_k or rerank_settings(run).get("k_eval", DEFAULTS.top_k)
-    spec = {"bi_encoder_version": bi_v, "cross_encoder_version": cross_v, "top_k": min(top_k, len(old.taxonomy)),
-            "threshold": cfg.threshold, "prior_scale": rerank_settings(run)["prior_scale"],
-            "temperature": rerank_settings(run).get("temperature", 1.0), "source_run": str(run.resolve()), "quantized": cfg.quantize,
+    spec = {"bi_encoder_version": bi_v, "cross_encoder_version": cross_v, "top_k": top_k,
+            "threshold": cfg.threshold, "policy": policy.to_dict(), "source_run": str(run.resolve()), "quantized": cfg.quantize,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (cdir / PIPELINE_FILE).write_text(json.dumps(spec, indent=1) + "\n")
     (repo / contract.CLASSIFIER / "config.pbtxt").write_text(

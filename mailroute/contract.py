@@ -35,10 +35,12 @@ NEEDS_REVIEW = "NEEDS_REVIEW"  # bool, (batch, 1)
 ERROR = "ERROR"  # string, (batch, 1): empty when the row was classified, else why not
 MODEL_VERSIONS = "MODEL_VERSIONS"  # string, (batch, 3): classifier, bi_encoder, cross_encoder
 STAGE_MS = "STAGE_MS"  # fp32, (batch, 4): milliseconds per stage, see STAGES
+RERANKED = "RERANKED"  # bool, (batch, 1): stage 2 ran for this email (False where the gate found retrieval sure)
 
 STAGES = ("preprocess", "embed", "search", "rerank")
-CLASSIFIER_OUTPUTS = (LABEL, PROBABILITY, TOP_LABELS, TOP_PROBABILITIES, NEEDS_REVIEW, ERROR, MODEL_VERSIONS, STAGE_MS)
+CLASSIFIER_OUTPUTS = (LABEL, PROBABILITY, TOP_LABELS, TOP_PROBABILITIES, NEEDS_REVIEW, ERROR, MODEL_VERSIONS, STAGE_MS, RERANKED)
 
 # request parameters
 PARAM_TOP_K = "top_k"
 PARAM_THRESHOLD = "threshold"
+PARAM_GATE = "gate"  # bool: false reranks every email; true (default) lets the version's gate skip stage 2

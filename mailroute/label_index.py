@@ -1,12 +1,20 @@
-"""The label index: a FAISS inner-product index over L2-normalised label embeddings.
+"""The label index: FAISS inner-product indexes over L2-normalised embeddings of each label's
+description and of its exemplars (training emails, later corrected emails; k-means prototypes when
+a label has many), and the rule that turns them into one score per label:
 
-It is saved with the taxonomy and a manifest naming the bi-encoder it was built from (version and
-checksum of its weights): an index built by another encoder returns nonsense neighbours, so loading
-checks the manifest and refuses a mismatch.
+    score(label) = description_weight x cos(email, description)
+                   + (1 - description_weight) x mean of the exemplar_top_n best cos(email, exemplar)
+
+A label without exemplars is scored by its description alone, so a new label works zero-shot.
+The exemplar texts are saved with the index: an export re-embeds them with the exported graph.
+
+It is saved with the taxonomy and a manifest naming the bi-encoder it was built from (checksum of its
+weights): an index built by another encoder returns nonsense neighbours, so loading checks the
+manifest and refuses a mismatch.
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import faiss
@@ -14,7 +22,9 @@ import numpy as np
 
 from mailroute.taxonomy import Taxonomy, load_taxonomy
 
+# file names inside a label index folder
 INDEX_FILE, TAXONOMY_FILE, MANIFEST_FILE = "labels.faiss", "taxonomy.json", "manifest.json"
+EXEMPLAR_INDEX_FILE, EXEMPLARS_FILE, CARDS_FILE = "exemplars.faiss", "exemplars.jsonl", "cards.json"
 
 
 class IndexMismatch(RuntimeError):
@@ -28,35 +38,134 @@ def _on_gpu(index):
     return index
 
 
+def _to_cpu(index):
+    return faiss.index_gpu_to_cpu(index) if hasattr(index, "getDevice") else index
+
+
+def _flat_ip(x: np.ndarray, dim: int):
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, dim)
+    faiss.normalize_L2(x)
+    index = faiss.IndexFlatIP(dim)
+    index.add(x)
+    return index
+
+
+@dataclass(frozen=True)
+class LabelScoring:
+    """How description and exemplar cosines become one label score (chosen on validation)."""
+    exemplar_top_n: int = 5  # mean of this many best exemplar cosines per label
+    description_weight: float = 0.3  # share of the description cosine (1 = descriptions only)
+    search_depth: int = 1024  # exemplar neighbours looked at per email (FAISS GPU caps k at 2048)
+
+    def __post_init__(self):
+        if self.exemplar_top_n < 1 or not 0.0 <= self.description_weight <= 1.0 or self.search_depth < 1:
+            raise ValueError(f"LabelScoring expects exemplar_top_n >= 1, 0 <= description_weight <= 1, search_depth >= 1, "
+                             f"but got {self}")
+
+
 @dataclass
 class LabelIndex:
     taxonomy: Taxonomy
-    index: object  # faiss.Index
+    index: object  # faiss.Index over the descriptions, one vector per label, in taxonomy order
     manifest: dict
+    exemplar_index: object = None  # faiss.Index over the exemplars (None: descriptions only)
+    exemplar_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (n_exemplars,) label id of each
+    exemplar_texts: list = field(default_factory=list)  # the emails behind the exemplar vectors
+    cards: list = None  # label side of the cross-encoder pairs; None = taxonomy texts
+    scoring: LabelScoring = LabelScoring()
 
     @classmethod
-    def build(cls, taxonomy: Taxonomy, label_embeddings: np.ndarray, encoder_id: str) -> "LabelIndex":
-        xb = np.ascontiguousarray(label_embeddings, dtype=np.float32)  # (labels, dim)
-        if xb.shape[0] != len(taxonomy):
-            raise ValueError(f"LabelIndex expects one embedding per label ({len(taxonomy)}), but got {xb.shape[0]}")
-        faiss.normalize_L2(xb)
-        index = faiss.IndexFlatIP(xb.shape[1])
-        index.add(xb)
-        manifest = {"encoder": encoder_id, "taxonomy": taxonomy.fingerprint(), "labels": len(taxonomy), "dim": int(xb.shape[1])}
-        return cls(taxonomy, _on_gpu(index), manifest)
+    def build(cls, taxonomy: Taxonomy, label_embeddings: np.ndarray, encoder_id: str, exemplar_embeddings: np.ndarray = None,
+              exemplar_labels=None, exemplar_texts=None, scoring: LabelScoring = None, cards: list = None) -> "LabelIndex":
+        xb = np.asarray(label_embeddings, dtype=np.float32)  # (labels, dim)
+        if xb.ndim != 2 or xb.shape[0] != len(taxonomy):
+            raise ValueError(f"LabelIndex expects one embedding per label ({len(taxonomy)}), but got {xb.shape}")
+        dim = int(xb.shape[1])
+        manifest = {"encoder": encoder_id, "taxonomy": taxonomy.fingerprint(), "labels": len(taxonomy), "dim": dim, "exemplars": 0}
+        self = cls(taxonomy, _on_gpu(_flat_ip(xb, dim)), manifest, scoring=scoring or LabelScoring(), cards=cards)
+        if cards is not None and len(cards) != len(taxonomy):
+            raise ValueError(f"LabelIndex expects one card per label ({len(taxonomy)}), but got {len(cards)}")
+        if exemplar_embeddings is not None and len(exemplar_embeddings):
+            ids = np.asarray(exemplar_labels, dtype=np.int64)
+            if len(ids) != len(exemplar_embeddings) or (exemplar_texts is not None and len(exemplar_texts) != len(ids)):
+                raise ValueError(f"LabelIndex expects one label id and text per exemplar, but got {len(exemplar_embeddings)} "
+                                 f"embeddings, {len(ids)} ids, {None if exemplar_texts is None else len(exemplar_texts)} texts")
+            if ids.min() < 0 or ids.max() >= len(taxonomy):
+                raise ValueError(f"LabelIndex exemplar label ids must be in [0, {len(taxonomy)}), got [{ids.min()}, {ids.max()}]")
+            self.exemplar_index = _on_gpu(_flat_ip(exemplar_embeddings, dim))
+            self.exemplar_labels = ids
+            self.exemplar_texts = list(exemplar_texts) if exemplar_texts is not None else [""] * len(ids)
+            manifest["exemplars"] = int(len(ids))
+        manifest["scoring"] = asdict(self.scoring)
+        return self
 
-    def search(self, xq: np.ndarray, k: int):
-        """(batch, dim) normalised queries -> scores D (batch, k) and label ids I (batch, k), best first."""
+    def __len__(self) -> int:
+        return len(self.taxonomy)
+
+    @property
+    def label_texts(self) -> list:
+        """What the cross-encoder reads on the label side: the label card, or the description."""
+        return self.cards if self.cards is not None else self.taxonomy.texts
+
+    def label_scores(self, xq: np.ndarray, scoring: LabelScoring = None, exclude: np.ndarray = None) -> np.ndarray:
+        """(n, dim) normalised emails -> (n, labels) label scores.
+
+        exclude: optional (n,) exemplar row per email to leave out (-1 none): an email never counts as
+        its own exemplar when training candidates are mined (leave-one-out).
+        """
+        s = scoring or self.scoring
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        n, L = len(xq), len(self.taxonomy)
+        desc = np.empty((n, L), dtype=np.float64)
+        Dd, Id = self.index.search(xq, L)  # (n, labels) best first: put back in label order
+        np.put_along_axis(desc, Id, Dd, axis=1)
+        if self.exemplar_index is None or s.description_weight >= 1.0:
+            return desc
+        depth = min(s.search_depth, self.exemplar_index.ntotal)
+        De, Ie = self.exemplar_index.search(xq, depth)  # (n, depth) best first
+        owner = self.exemplar_labels[Ie]  # (n, depth)
+        if exclude is not None:  # an excluded hit moves to a label of its own (L), dropped below
+            owner = np.where(Ie == np.asarray(exclude)[:, None], L, owner)
+        # rank of each hit within its label: group by label (stable, so best first inside a group)
+        order = np.argsort(owner, axis=1, kind="stable")
+        o, d = np.take_along_axis(owner, order, 1), np.take_along_axis(De.astype(np.float64), order, 1)  # (n, depth)
+        pos = np.broadcast_to(np.arange(depth), (n, depth))
+        starts = np.maximum.accumulate(np.where(np.diff(o, axis=1, prepend=-1) != 0, pos, 0), axis=1)
+        use = (pos - starts) < s.exemplar_top_n
+        r = np.broadcast_to(np.arange(n)[:, None], (n, depth))
+        ex = np.zeros((n, L + 1))
+        taken = np.zeros((n, L + 1))
+        np.add.at(ex, (r[use], o[use]), d[use])
+        np.add.at(taken, (r[use], o[use]), 1)
+        ex, taken = ex[:, :L], taken[:, :L]
+        # labels with fewer hits than top_n are padded with the deepest similarity seen (an upper bound
+        # of what was not looked at); labels without exemplars are scored by their description alone
+        floor = De[:, -1:].astype(np.float64)
+        have = np.bincount(self.exemplar_labels, minlength=L)  # exemplars per label
+        want = np.minimum(s.exemplar_top_n, have)[None, :]  # (1, labels)
+        ex = (ex + np.maximum(want - taken, 0) * floor) / np.maximum(want, 1)
+        return np.where(have[None, :] > 0, s.description_weight * desc + (1 - s.description_weight) * ex, desc)
+
+    def search(self, xq: np.ndarray, k: int, scoring: LabelScoring = None, exclude: np.ndarray = None):
+        """(batch, dim) normalised queries -> label scores D (batch, k) and label ids I (batch, k), best first."""
         k = min(k, len(self.taxonomy))
-        D, I = self.index.search(np.ascontiguousarray(xq, dtype=np.float32), k)
-        return D, I
+        scores = self.label_scores(xq, scoring, exclude)  # (batch, labels)
+        I = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, I, axis=1).astype(np.float32), I
 
     def save(self, folder) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        index = faiss.index_gpu_to_cpu(self.index) if hasattr(self.index, "getDevice") else self.index
-        faiss.write_index(index, str(folder / INDEX_FILE))
+        faiss.write_index(_to_cpu(self.index), str(folder / INDEX_FILE))
         self.taxonomy.save(folder / TAXONOMY_FILE)
+        if self.exemplar_index is not None:
+            faiss.write_index(_to_cpu(self.exemplar_index), str(folder / EXEMPLAR_INDEX_FILE))
+            with open(folder / EXEMPLARS_FILE, "w") as f:
+                names = self.taxonomy.names
+                for lab, text in zip(self.exemplar_labels, self.exemplar_texts):
+                    f.write(json.dumps({"label": names[int(lab)], "text": text}) + "\n")
+        if self.cards is not None:
+            (folder / CARDS_FILE).write_text(json.dumps(self.cards, indent=0) + "\n")
         (folder / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=1) + "\n")
 
     @classmethod
@@ -74,7 +183,25 @@ class LabelIndex:
         index = faiss.read_index(str(folder / INDEX_FILE))
         if index.ntotal != len(taxonomy):
             raise IndexMismatch(f"label index in {folder} holds {index.ntotal} vectors for {len(taxonomy)} labels")
-        return cls(taxonomy, _on_gpu(index), manifest)
+        self = cls(taxonomy, _on_gpu(index), manifest, scoring=LabelScoring(**manifest.get("scoring", {})))
+        if manifest.get("exemplars"):
+            rows = [json.loads(line) for line in (folder / EXEMPLARS_FILE).read_text().splitlines() if line.strip()]
+            ex = faiss.read_index(str(folder / EXEMPLAR_INDEX_FILE))
+            if ex.ntotal != len(rows) or len(rows) != manifest["exemplars"]:
+                raise IndexMismatch(f"label index in {folder}: {ex.ntotal} exemplar vectors, {len(rows)} exemplar rows, "
+                                    f"manifest says {manifest['exemplars']}")
+            self.exemplar_index = _on_gpu(ex)
+            self.exemplar_labels = np.array([taxonomy.index(r["label"]) for r in rows], dtype=np.int64)
+            self.exemplar_texts = [r["text"] for r in rows]
+        if (folder / CARDS_FILE).exists():
+            self.cards = json.loads((folder / CARDS_FILE).read_text())
+        return self
+
+    def with_scoring(self, scoring: LabelScoring) -> "LabelIndex":
+        """The same vectors scored by another rule (a new object; this one is unchanged)."""
+        from dataclasses import replace
+
+        return replace(self, scoring=scoring, manifest=self.manifest | {"scoring": asdict(scoring)})
 
 
 def weights_id(path) -> str:

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from mailroute import contract
 from mailroute.label_index import LabelIndex
 from mailroute.normalise import InvalidEmail, normalise
+from mailroute.rerank_policy import RerankPolicy
 from mailroute.settings import DEFAULTS
 
 
@@ -50,11 +51,6 @@ def check_params(top_k, threshold, n_labels: int) -> tuple:
     return k, t
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    z = np.exp(x - x.max())
-    return z / z.sum()
-
-
 @dataclass
 class Prediction:
     label: str
@@ -63,6 +59,7 @@ class Prediction:
     top_probabilities: list
     needs_review: bool
     error: str = ""
+    reranked: bool = False  # stage 2 ran for this email (False where the gate found retrieval sure)
     stage_ms: dict = field(default_factory=dict)
 
 
@@ -84,17 +81,15 @@ class TwoStageClassifier:
     """classify(emails) -> label, probability, top-K labels with probabilities, needs_review."""
 
     def __init__(self, encoders: Encoders, label_index: LabelIndex, bi_tokenizer: Tokenizer, cross_tokenizer: Tokenizer,
-                 top_k: int = DEFAULTS.top_k, threshold: float = DEFAULTS.threshold, prior_scale: float = 0.0,
-                 temperature: float = 1.0, embed_batch: int = 64, score_batch: int = 256):
+                 top_k: int = DEFAULTS.top_k, threshold: float = DEFAULTS.threshold, policy: RerankPolicy = None,
+                 embed_batch: int = 64, score_batch: int = 256):
         self.encoders, self.index = encoders, label_index
         self.bi_tok, self.cross_tok = bi_tokenizer, cross_tokenizer
         self.label_names = np.array(label_index.taxonomy.names, dtype=object)
-        self.label_texts = label_index.taxonomy.texts
+        self.label_texts = label_index.label_texts  # label cards (description + examples) or descriptions
         self.top_k, self.threshold = check_params(top_k, threshold, len(self.label_names))
         self.embed_batch, self.score_batch = embed_batch, score_batch
-        # rerank score = cross-encoder logit + prior_scale * retrieval cosine (the formula training used)
-        self.prior_scale = float(prior_scale)
-        self.temperature = float(temperature)  # fitted on validation so that probabilities are calibrated
+        self.policy = policy or RerankPolicy()  # fusion, temperature and gate: fitted on validation
 
     def prepare(self, bodies: Sequence, subjects: Sequence = None) -> tuple:
         """Normalise every row; a row that cannot be classified gets an error instead of raising."""
@@ -122,53 +117,57 @@ class TwoStageClassifier:
             out.append(np.asarray(self.encoders.score(ids, mask, types), dtype=np.float32).reshape(-1))
         return np.concatenate(out)  # (n,)
 
-    def score_candidates(self, texts: list, ks) -> tuple:
-        """Stages 1 and 2 for valid texts: per row its candidate ids (k,), retrieval cosines (k,) and
-        cross-encoder logits (k,), plus the stage timings in ms."""
+    def score_candidates(self, texts: list, ks, gate=False) -> tuple:
+        """Stages 1 and 2 for valid texts: per row its candidate ids (k,), retrieval scores (k,) and
+        cross-encoder logits (k,) (None where the gate skipped stage 2), plus the stage timings in ms."""
         t0 = time.perf_counter()
         xq = self._embed(texts)  # (n, dim)
         t1 = time.perf_counter()
-        D, I = self.index.search(xq, int(max(ks)))  # (n, kmax)
+        D, I = self.index.search(xq, int(max(ks)))  # (n, kmax) label scores and ids, best first
         t2 = time.perf_counter()
-        pairs = [(t, self.label_texts[c]) for t, cand, k in zip(texts, I, ks) for c in cand[:k]]
-        flat = self._score(pairs)  # (sum of k,)
+        gates = np.broadcast_to(np.asarray(gate), (len(texts),))
+        skip = np.array([self.policy.skip_rerank(D[j:j + 1, :k], bool(g))[0] for j, (k, g) in enumerate(zip(ks, gates))], dtype=bool)
+        pairs = [(t, self.label_texts[c]) for t, cand, k, s in zip(texts, I, ks, skip) if not s for c in cand[:k]]
+        flat = self._score(pairs) if pairs else np.zeros(0, np.float32)  # (sum of k over reranked rows,)
         t3 = time.perf_counter()
         rows, start = [], 0
         for j, k in enumerate(ks):
-            rows.append((I[j, :k], D[j, :k].astype(np.float64), flat[start:start + k].astype(np.float64)))
-            start += k
+            logits = None if skip[j] else flat[start:start + k].astype(np.float64)
+            rows.append((I[j, :k], D[j, :k].astype(np.float64), logits))
+            start += 0 if skip[j] else k
         return rows, {"embed": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "rerank": (t3 - t2) * 1e3}
 
-    def combine(self, cand, cos, logits, threshold: float, prior_scale: float = None, temperature: float = None) -> Prediction:
-        """softmax over the K rerank scores: (cross-encoder logit + prior_scale x retrieval cosine) / temperature."""
-        w = self.prior_scale if prior_scale is None else prior_scale
-        t = self.temperature if temperature is None else temperature
-        p = softmax((logits + w * cos) / t)  # (k,)
+    def combine(self, cand, retrieval, logits, threshold: float, policy: RerankPolicy = None) -> Prediction:
+        """The K candidates of one email -> its Prediction, by the rerank policy (logits None: stage 2 skipped)."""
+        policy = policy or self.policy
+        p = policy.retrieval_probabilities(retrieval) if logits is None else policy.probabilities(logits, retrieval)  # (k,)
         order = np.argsort(-p, kind="stable")
         top = [str(self.label_names[cand[o]]) for o in order]
         probs = [float(p[o]) for o in order]
-        return Prediction(top[0], probs[0], top, probs, bool(probs[0] < threshold))
+        return Prediction(top[0], probs[0], top, probs, bool(probs[0] < threshold), reranked=logits is not None)
 
-    def classify_texts(self, texts: list, errors: list, top_k=None, threshold=None) -> list:
-        """Normalised texts (None where errors[i] says why) -> one Prediction per row."""
+    def classify_texts(self, texts: list, errors: list, top_k=None, threshold=None, gate=True) -> list:
+        """Normalised texts (None where errors[i] says why) -> one Prediction per row. gate: per row or one
+        bool, whether the policy's gate may skip stage 2 (it never does when the policy has no gate)."""
         n = len(texts)
         ks = np.broadcast_to(np.asarray(self.top_k if top_k is None else top_k), (n,))
         ts = np.broadcast_to(np.asarray(self.threshold if threshold is None else threshold), (n,))
+        gs = np.broadcast_to(np.asarray(gate), (n,))
         ok = [i for i in range(n) if texts[i] is not None]
-        results = [Prediction("", 0.0, [], [], True, errors[i], dict.fromkeys(contract.STAGES, 0.0)) for i in range(n)]
+        results = [Prediction("", 0.0, [], [], True, errors[i], False, dict.fromkeys(contract.STAGES, 0.0)) for i in range(n)]
         if not ok:
             return results
-        rows, ms = self.score_candidates([texts[i] for i in ok], [int(ks[i]) for i in ok])
-        for i, (cand, cos, logits) in zip(ok, rows):
-            results[i] = self.combine(cand, cos, logits, ts[i])
+        rows, ms = self.score_candidates([texts[i] for i in ok], [int(ks[i]) for i in ok], [bool(gs[i]) for i in ok])
+        for i, (cand, retrieval, logits) in zip(ok, rows):
+            results[i] = self.combine(cand, retrieval, logits, ts[i])
             results[i].stage_ms = dict(ms)
         return results
 
-    def classify(self, bodies: Sequence, subjects: Sequence = None, top_k=None, threshold=None) -> list:
+    def classify(self, bodies: Sequence, subjects: Sequence = None, top_k=None, threshold=None, gate=True) -> list:
         t0 = time.perf_counter()
         texts, errors = self.prepare(bodies, subjects)
         pre = (time.perf_counter() - t0) * 1e3
-        results = self.classify_texts(texts, errors, top_k, threshold)
+        results = self.classify_texts(texts, errors, top_k, threshold, gate)
         for r in results:
             r.stage_ms["preprocess"] = pre
         return results

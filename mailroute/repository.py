@@ -3,7 +3,8 @@
   <repo>/bi_encoder/<v>/      model.onnx  tokenizer.json  encoder_id   (+ model.py when portable)
   <repo>/cross_encoder/<v>/   model.onnx  tokenizer.json  encoder_id   (+ model.py when portable)
   <repo>/email_classifier/<v>/ model.py  pipeline.json  label_index/
-pipeline.json pins the bi_encoder and cross_encoder versions this classifier version uses; the label
+pipeline.json pins the bi_encoder and cross_encoder versions this classifier version uses and holds its
+rerank policy (fusion, temperature, gate: mailroute.rerank_policy); the label
 index inside it records the encoder_id of the bi-encoder it was built from, and loading refuses a
 mismatch. So a classifier version is one consistent, roll-back-able unit.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 from mailroute import contract
 from mailroute.label_index import IndexMismatch, LabelIndex
 from mailroute.pipeline import TwoStageClassifier, load_tokenizer
+from mailroute.rerank_policy import RerankPolicy
 from mailroute.settings import DEFAULTS
 
 MODEL_FILE, TOKENIZER_FILE, ENCODER_ID_FILE = "model.onnx", "tokenizer.json", "encoder_id"
@@ -57,7 +59,7 @@ def open_classifier(repo, classifier_dir, encoders, **kw) -> TwoStageClassifier:
     bi_dir = version_dir(repo, contract.BI_ENCODER, spec["bi_encoder_version"])
     cross_dir = version_dir(repo, contract.CROSS_ENCODER, spec["cross_encoder_version"])
     kw = {"top_k": spec.get("top_k", DEFAULTS.top_k), "threshold": spec.get("threshold", DEFAULTS.threshold),
-          "prior_scale": spec.get("prior_scale", 0.0), "temperature": spec.get("temperature", 1.0)} | kw
+          "policy": RerankPolicy.from_dict(spec.get("policy", {}))} | kw
     return TwoStageClassifier(encoders, load_label_index(repo, classifier_dir),
                               load_tokenizer(bi_dir / TOKENIZER_FILE, DEFAULTS.max_email_tokens),
                               load_tokenizer(cross_dir / TOKENIZER_FILE, DEFAULTS.max_pair_tokens), **kw)

@@ -15,7 +15,7 @@ import numpy as np
 from mailroute import contract
 from mailroute.pipeline import BadParameter, TwoStageClassifier, check_params
 
-KNOWN_PARAMS = (contract.PARAM_TOP_K, contract.PARAM_THRESHOLD)
+KNOWN_PARAMS = (contract.PARAM_TOP_K, contract.PARAM_THRESHOLD, contract.PARAM_GATE)
 
 
 class RequestError(ValueError):
@@ -47,6 +47,9 @@ class ClassifierService:
                                 params.get(contract.PARAM_THRESHOLD, self.clf.threshold), len(self.clf.label_names))
         except BadParameter as e:
             raise RequestError(str(e)) from None
+        gate = params.get(contract.PARAM_GATE, True)
+        if not isinstance(gate, bool):
+            raise RequestError(f"{contract.PARAM_GATE} must be a boolean (false = rerank every email), got {gate!r}")
         text = req.text
         if text is None or text.dtype != object or text.ndim != 2 or text.shape[1] != 1:
             raise RequestError(f"{contract.TEXT} must be a string tensor of shape [batch, 1], got "
@@ -54,7 +57,7 @@ class ClassifierService:
         subject = req.subject
         if subject is not None and subject.shape != text.shape:
             raise RequestError(f"{contract.SUBJECT} shape {list(subject.shape)} differs from {contract.TEXT} shape {list(text.shape)}")
-        return text[:, 0], (subject[:, 0] if subject is not None else None), k, t
+        return text[:, 0], (subject[:, 0] if subject is not None else None), k, t, gate
 
     def handle(self, requests: list) -> list:
         """-> one item per request: a dict of output arrays, or a RequestError."""
@@ -66,13 +69,14 @@ class ClassifierService:
                 out[i] = e
         if not parsed:
             return out
-        bodies = [b for _, text, _, _, _ in parsed for b in text]
-        subjects = [s for _, text, subj, _, _ in parsed for s in (subj if subj is not None else [None] * len(text))]
-        ks = [k for _, text, _, k, _ in parsed for _ in text]
-        ts = [t for _, text, _, _, t in parsed for _ in text]
-        preds = self.clf.classify(bodies, subjects, top_k=np.array(ks), threshold=np.array(ts))
+        bodies = [b for _, text, *_ in parsed for b in text]
+        subjects = [s for _, text, subj, *_ in parsed for s in (subj if subj is not None else [None] * len(text))]
+        ks = [k for _, text, _, k, _, _ in parsed for _ in text]
+        ts = [t for _, text, _, _, t, _ in parsed for _ in text]
+        gs = [g for _, text, _, _, _, g in parsed for _ in text]
+        preds = self.clf.classify(bodies, subjects, top_k=np.array(ks), threshold=np.array(ts), gate=np.array(gs))
         start = 0
-        for i, text, _, k, _ in parsed:
+        for i, text, _, k, _, _ in parsed:
             out[i] = self._outputs(preds[start:start + len(text)], k)
             start += len(text)
         return out
@@ -93,4 +97,5 @@ class ClassifierService:
             contract.ERROR: np.array([[p.error.encode()] for p in preds], dtype=object),
             contract.MODEL_VERSIONS: np.tile(self.versions, (n, 1)),
             contract.STAGE_MS: np.array([[p.stage_ms.get(s, 0.0) for s in contract.STAGES] for p in preds], dtype=np.float32),
+            contract.RERANKED: np.array([[p.reranked] for p in preds], dtype=bool),
         }

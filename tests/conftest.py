@@ -12,7 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from mailroute.label_index import weights_id  # noqa: E402
+from mailroute.label_index import LabelScoring, weights_id  # noqa: E402
+from mailroute.rerank_policy import RerankPolicy  # noqa: E402
+from mailroute.run_layout import RunFolder  # noqa: E402
 from training import bi_encoder as bi  # noqa: E402
 from training.data import load_demo  # noqa: E402
 from training.models import load_cross_encoder, make_tiny_base, tiny_bi_encoder  # noqa: E402
@@ -26,15 +28,19 @@ def demo():
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, demo):
     """A run folder like `mailroute train` writes, with tiny random encoders over the demo taxonomy."""
-    run = tmp_path_factory.mktemp("tiny-run")
+    run = RunFolder(tmp_path_factory.mktemp("tiny-run"))
     model = tiny_bi_encoder(tmp_path_factory.mktemp("tiny-bi-base"))
-    model.save(str(run / "bi_encoder"))
-    index = bi.build_label_index(model, demo.taxonomy, weights_id(run / "bi_encoder" / "model.safetensors"))
-    index.save(run / "label_index")
+    model.save(str(run.bi_encoder))
+    # the label index as training builds it: descriptions + training emails as exemplars + label cards
+    x = bi.embed(model, [e.text for e in demo.train])
+    cards, _ = bi.label_cards(demo.taxonomy, demo.train, x, 2)
+    index = bi.build_label_index(model, demo.taxonomy, weights_id(run.bi_encoder / "model.safetensors"), demo.train,
+                                 LabelScoring(exemplar_top_n=3, description_weight=0.3), cards=cards, x=x)
+    index.save(run.label_index)
     base = make_tiny_base(tmp_path_factory.mktemp("tiny-cross-base"), seed=1)
-    load_cross_encoder(base).save(str(run / "cross_encoder"))
-    (run / "rerank.json").write_text('{"prior_scale": 20.0}')  # exercise the retrieval prior in every path
-    return run
+    load_cross_encoder(base).save(str(run.cross_encoder))
+    RerankPolicy(retrieval_weight=20.0, temperature=1.5).save(run.policy)  # exercise the retrieval fusion in every path
+    return run.root
 
 
 @pytest.fixture(scope="session")

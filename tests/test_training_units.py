@@ -4,6 +4,7 @@ import torch
 from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 
 from mailroute.label_index import LabelIndex
+from mailroute.rerank_policy import RerankPolicy
 from training.bi_encoder import mnr_dataset
 from training.listwise_loss import ListwiseSoftmaxCrossEntropyLoss, listwise_softmax_ce
 from training.mining import listwise_rows, mine_candidates
@@ -27,10 +28,11 @@ def test_listwise_loss_is_softmax_cross_entropy_of_the_k_logits(tiny_models):
 def test_retrieval_prior_is_added_to_the_logits(tiny_models):
     _, cross = tiny_models
     docs, prior = ["refund", "dispute", "double charge"], [0.1, 0.5, 0.3]
-    loss = ListwiseSoftmaxCrossEntropyLoss(cross, prior_scale=20.0)([["charged twice"], [docs], [prior]], [[0, 0, 1]])
+    policy = RerankPolicy(retrieval_weight=20.0, temperature=2.0)
+    loss = ListwiseSoftmaxCrossEntropyLoss(cross, policy=policy)([["charged twice"], [docs], [prior]], [[0, 0, 1]])
     with torch.no_grad():
         logits = cross.model(**cross.preprocess([("charged twice", d) for d in docs])).logits[:, 0]
-    manual = -torch.log_softmax(logits + 20.0 * torch.tensor(prior), 0)[2].item()
+    manual = -torch.log_softmax((logits + 20.0 * torch.tensor(prior)) / 2.0, 0)[2].item()  # the policy's formula, by hand
     assert loss.item() == pytest.approx(manual, abs=1e-5)
 
 
@@ -92,25 +94,23 @@ def test_listwise_rows_insert_missed_gold_and_shuffle(demo):
     assert len(set(golds_at)) > 1  # the gold does not always sit in one position
 
 
-def test_temperature_fit_recovers_a_known_temperature():
-    from types import SimpleNamespace
+def test_fusion_fit_recovers_known_weights_and_temperature():
+    from training.evaluate import expected_calibration_error
+    from mailroute.rerank_policy import fit_fusion
 
-    from training.evaluate import expected_calibration_error, fit_temp
-
-    # Given logits whose gold labels are drawn from softmax(logits / 2.5)
+    # Given candidates whose gold is drawn from softmax((logit + 3 x retrieval) / 2.5)
     rng = np.random.default_rng(0)
-    scored, gold = [], []
-    for _ in range(1500):
-        logits = rng.normal(0, 4, 5)
-        p = np.exp(logits / 2.5) / np.exp(logits / 2.5).sum()
-        scored.append((np.arange(5), np.zeros(5), logits))
-        gold.append(int(rng.choice(5, p=p)))
-    # When the temperature is fitted by NLL
-    t = fit_temp(scored, gold, SimpleNamespace(prior_scale=0.0))
-    # Then it is close to the true one, and the calibrated probabilities have a small ECE
-    assert 2.2 < t < 2.8
-    conf = [np.max(np.exp(l / t) / np.exp(l / t).sum()) for _, _, l in scored]
-    assert expected_calibration_error(conf, [int(np.argmax(l)) == g for (_, _, l), g in zip(scored, gold)]) < 0.04
+    logits, retrieval = rng.normal(0, 4, (3000, 5)), rng.normal(0, 1, (3000, 5))
+    z = (logits + 3.0 * retrieval) / 2.5
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    gold = np.array([rng.choice(5, p=row) for row in p])
+    # When the fusion is fitted by NLL
+    policy = fit_fusion(logits, retrieval, gold)
+    # Then weight and temperature are close to the true ones, and the probabilities are calibrated
+    assert 2.2 < policy.temperature < 2.8 and 2.5 < policy.retrieval_weight < 3.5
+    probs = policy.probabilities(logits, retrieval)
+    assert expected_calibration_error(probs.max(1), probs.argmax(1) == gold) < 0.04
 
 
 def test_ece_and_recall_against_hand_computed_values():

@@ -20,12 +20,19 @@ class TrainConfig:
     bi_epochs: float = 2.0  # bi-encoder MNR epochs
     bi_batch_size: int = 64  # MNR batch (capped at the number of labels: no two rows of a label per batch)
     bi_lr: float = 5e-5  # bi-encoder learning rate
-    k_train: int = DEFAULTS.top_k  # candidates per email in listwise training
-    k_eval: int = DEFAULTS.top_k  # candidates reranked at inference
+    device: str = "auto"  # auto (CUDA when PyTorch sees a GPU) | cpu | cuda; bf16/fp16 autocast on a GPU
+    descriptions_only: bool = False  # label index of descriptions only (no training emails as exemplars), as before
+    max_exemplars_per_label: int = 0  # >0: k-means medoids stand in for a label's emails beyond this many
+    top_n_grid: str = "1,3,5,10"  # label score = mean of the top-n exemplar cosines: n chosen on validation from these
+    description_weight_grid: str = "0,0.1,0.2,0.3,0.5"  # ... fused with this share of the description cosine (chosen too)
+    card_examples: int = 2  # label card = description + this many typical emails of the label (0 = description only)
+    oof_folds: int = 0  # >=2: mine training candidates out of fold (one bi-encoder per fold); 0 = leave-one-out
+    k_train: int = 5  # candidates per email in listwise training
+    k_eval: int = 5  # candidates reranked at inference
     ce_epochs: float = 1.0  # cross-encoder listwise epochs
     ce_init: str = "base"  # cross-encoder start weights: base (MiniLM) | bi_encoder (the MNR-fine-tuned encoder, new head)
-    train_prior_scale: float = 0.0  # retrieval prior added to the logits during listwise training (0 = pure rerank)
-    prior_grid: str = "0,1,2,5,10,20"  # serving fuses logit + w x retrieval cosine; w is chosen from these on validation
+    train_retrieval_weight: float = 0.0  # retrieval score fused into the logits during listwise training (0 = pure rerank)
+    gate_tolerance: float = 0.001  # the gate skips stage 2 for as many emails as keep validation accuracy within this
     ce_batch_size: int = 8  # emails per batch (x k_train pairs)
     ce_lr: float = 1e-4  # cross-encoder learning rate (its new head starts from nothing)
     flat_epochs: int = 3  # flat softmax baseline epochs

@@ -1,10 +1,15 @@
-"""Metrics for the evaluation report: accuracy, macro-F1, recall@k, ECE, confusions, latency."""
+"""Evaluation: metrics (accuracy, macro-F1, recall@k, ECE, confusions, latency), the scores of one split
+collected once, and the choices made on validation (label scoring, rerank policy, gate)."""
 
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from mailroute.label_index import LabelScoring
+from mailroute.rerank_policy import RerankPolicy, fit_fusion, fit_gate, fit_retrieval_temperature
 
 
 def accuracy(y_true, y_pred) -> float:
@@ -54,62 +59,101 @@ def system_metrics(y_true, y_pred, confidence, labels) -> dict:
             "ece": expected_calibration_error(confidence, correct), "n": len(y_true)}
 
 
-def fit_temp(scored: list, gold_ids, clf) -> float:
-    """Temperature minimising the NLL of the gold label over the K candidates (rows whose gold was
-    not retrieved cannot inform it and are left out)."""
-    rows = [(c, cos, lg, g) for (c, cos, lg), g in zip(scored, gold_ids) if g in c]
-    best, best_nll = 1.0, float("inf")
-    for t in np.exp(np.linspace(np.log(0.005), np.log(20), 161)):
-        nll = 0.0
-        for c, cos, lg, g in rows:
-            z = (lg + clf.prior_scale * cos) / t
-            z = z - z.max()
-            nll -= z[list(c).index(g)] - np.log(np.exp(z).sum())
-        if nll < best_nll:
-            best, best_nll = float(t), nll
-    return best
+@dataclass
+class Scored:
+    """Everything both stages say about one split, computed once; every variant and policy is read from it."""
+    gold: np.ndarray  # (n,) gold label ids
+    xq: np.ndarray  # (n, dim) email embeddings
+    ranked: np.ndarray  # (n, labels) label ids by retrieval score, best first
+    D: np.ndarray  # (n, k) retrieval scores of the K candidates
+    I: np.ndarray  # (n, k) candidate label ids
+    logits: np.ndarray  # (n, k) cross-encoder logits of the candidates
+    ms: dict = field(default_factory=dict)  # per-stage milliseconds per email
+
+    @property
+    def gold_pos(self) -> np.ndarray:
+        """(n,) position of the gold label among the K candidates, -1 where retrieval missed it."""
+        hit = self.I == self.gold[:, None]
+        return np.where(hit.any(1), hit.argmax(1), -1)
 
 
-def evaluate_two_stage(clf, examples: list, k: int, batch_size: int = 32, prior_grid=None, fit_rerank=False) -> dict:
-    """Bi-encoder only and two-stage results of one classifier on examples, with per-stage CPU latency."""
-    texts, gold = [e.text for e in examples], [e.label for e in examples]
-    names = clf.label_names
-    labels = list(names)
-    gold_ids = np.array([labels.index(g) for g in gold])
-    # stage 1 alone: ranks over all labels, probability = softmax of the MNR-scaled cosines
-    ranked, bi_conf, t_embed = [], [], 0.0
-    for s in tqdm(range(0, len(texts), batch_size), desc="evaluate: retrieval"):
-        t0 = time.perf_counter()
-        xq = clf._embed(texts[s:s + batch_size])
-        t_embed += time.perf_counter() - t0
-        D, I = clf.index.search(xq, len(labels))  # (b, labels)
-        z = np.exp(20.0 * (D - D[:, :1]))
-        bi_conf += list(z[:, 0] / z.sum(1))
-        ranked.append(I)
-    ranked = np.concatenate(ranked)
-    bi_pred = [labels[i] for i in ranked[:, 0]]
-    # both stages through the classifier's own code path (what serving runs); the cross-encoder runs
-    # once and every fusion weight of the grid is applied to the same logits
-    scored, stage_ms, t0 = [], {"embed": 0.0, "search": 0.0, "rerank": 0.0}, time.perf_counter()
-    for s in tqdm(range(0, len(texts), batch_size), desc=f"evaluate: two-stage K={k}"):
-        rows, ms = clf.score_candidates(texts[s:s + batch_size], [k] * len(texts[s:s + batch_size]))
-        scored += rows
-        stage_ms = {name: stage_ms[name] + ms[name] for name in stage_ms}
-    t_total = time.perf_counter() - t0
-    grid = sorted(set(prior_grid or []) | {clf.prior_scale})
-    fusion = {w: accuracy(gold, [clf.combine(*r, clf.threshold, w).label for r in scored]) for w in grid}
-    if fit_rerank:  # the fusion weight first (accuracy does not depend on the temperature)
-        clf.prior_scale = max(grid, key=lambda w: (fusion[w], -w))
-    if fit_rerank:  # one parameter, fitted by NLL on these (validation) emails
-        clf.temperature = fit_temp(scored, gold_ids, clf)
-    preds = [clf.combine(*r, clf.threshold) for r in scored]
-    two_pred, two_conf = [p.label for p in preds], [p.probability for p in preds]
-    recall = recall_at(gold_ids, ranked)
-    bi = system_metrics(gold, bi_pred, bi_conf, labels) | {"recall@10": recall.get("recall@10")}
-    two = system_metrics(gold, two_pred, two_conf, labels) | {"recall@10": recall.get("recall@10"), "k": k,
-                                                               "prior_scale": clf.prior_scale, "temperature": clf.temperature,
-                                                               "retrieval_misses": int(np.mean([g not in p.top_labels for g, p in zip(gold, preds)]) * len(gold))}
-    latency = {"embed_ms_per_email": 1e3 * t_embed / len(texts), "two_stage_ms_per_email": 1e3 * t_total / len(texts),
-               "batch_size": batch_size} | {f"{name}_ms_per_email": v / len(texts) for name, v in stage_ms.items() if name != "embed"}
-    return {"bi_encoder": bi, "two_stage": two, "retrieval": recall, "fusion_accuracy": {str(w): a for w, a in fusion.items()}, "confusions": top_confusions(gold, two_pred), "latency": latency,
-            "predictions": [{"gold": g, "label": p.label, "probability": p.probability} for g, p in zip(gold, preds)]}
+def embed_texts(clf, texts: list, batch_size: int = 32) -> np.ndarray:
+    return np.concatenate([clf._embed(texts[s:s + batch_size]) for s in tqdm(range(0, len(texts), batch_size), desc="evaluate: embed")])
+
+
+def choose_scoring(index, xq: np.ndarray, gold: np.ndarray, top_n_grid, description_weight_grid) -> tuple:
+    """The label scoring rule with the best accuracy on these (validation) emails; ties go to the higher
+    mean reciprocal rank. -> (LabelScoring, {"n=..,w=..": accuracy})."""
+    table, best, best_key = {}, None, None
+    for n in top_n_grid:
+        for w in description_weight_grid:
+            s = LabelScoring(exemplar_top_n=int(n), description_weight=float(w), search_depth=index.scoring.search_depth)
+            _, I = index.search(xq, len(index), scoring=s)
+            rank = (I == gold[:, None]).argmax(1)
+            key = (float(np.mean(rank == 0)), float(np.mean(1.0 / (1 + rank))))
+            table[f"top_n={n},description_weight={w:g}"] = key[0]
+            if best_key is None or key > best_key:
+                best, best_key = s, key
+    return best, table
+
+
+def collect(clf, examples: list, k: int, batch_size: int = 32) -> Scored:
+    """Run stage 1 over all labels and stage 2 over the top K of every email, through the classifier's
+    own embed / search / score code (what serving runs), with per-stage timings."""
+    labels = list(clf.label_names)
+    gold = np.array([labels.index(e.label) for e in examples])
+    texts = [e.text for e in examples]
+    t0 = time.perf_counter()
+    xq = embed_texts(clf, texts, batch_size)
+    t1 = time.perf_counter()
+    D_all, ranked = clf.index.search(xq, len(labels))  # (n, labels)
+    t2 = time.perf_counter()
+    D, I = D_all[:, :k].astype(np.float64), ranked[:, :k]
+    logits = []
+    for s in tqdm(range(0, len(texts), batch_size), desc=f"evaluate: rerank K={k}"):
+        pairs = [(t, clf.label_texts[c]) for t, cand in zip(texts[s:s + batch_size], I[s:s + batch_size]) for c in cand]
+        logits.append(clf._score(pairs).reshape(-1, k))
+    t3 = time.perf_counter()
+    n = max(1, len(texts))
+    ms = {"embed_ms_per_email": 1e3 * (t1 - t0) / n, "search_ms_per_email": 1e3 * (t2 - t1) / n,
+          "rerank_ms_per_email": 1e3 * (t3 - t2) / n, "two_stage_ms_per_email": 1e3 * (t3 - t0) / n, "batch_size": batch_size}
+    return Scored(gold, xq, ranked, D, I, np.concatenate(logits).astype(np.float64), ms)
+
+
+def fit_policy(sc: Scored, tolerance: float = 0.001) -> tuple:
+    """On validation: fusion weights and temperature (NLL), the retrieval-only temperature, then the
+    gate. -> (ungated policy, gated policy, gate report, cross-encoder-only policy)."""
+    ok = sc.gold_pos >= 0
+    pos = sc.gold_pos[ok]
+    fused = fit_fusion(sc.logits[ok], sc.D[ok], pos)
+    fused = fit_retrieval_temperature(sc.D[ok], pos, fused)
+    ce_only = fit_fusion(sc.logits[ok], np.zeros_like(sc.D[ok]), pos)  # the reranker alone, for the variants table
+    ce_only = RerankPolicy(ce_weight=1.0, retrieval_weight=0.0, temperature=ce_only.temperature if ce_only.ce_weight else 1.0)
+    gated, report = fit_gate(fused, sc.logits, sc.D, sc.gold_pos, tolerance)
+    return fused, gated, report, ce_only
+
+
+def predict(sc: Scored, policy: RerankPolicy, names, mode: str = "rerank") -> tuple:
+    """mode: rerank (stage 2 for every email, gate ignored), gated (the policy's gate), retrieval (stage 1 only).
+    -> (predicted names, confidence, reranked (n,) bool)."""
+    if mode == "retrieval":
+        skip = np.ones(len(sc.gold), dtype=bool)
+    else:
+        skip = policy.skip_rerank(sc.D, gate=(mode == "gated"))
+    p = np.where(skip[:, None], policy.retrieval_probabilities(sc.D), policy.probabilities(sc.logits, sc.D))  # (n, k)
+    best = p.argmax(1)
+    return [names[i] for i in sc.I[np.arange(len(best)), best]], p.max(1), ~skip
+
+
+def variants(sc: Scored, names, fused: RerankPolicy, gated: RerankPolicy, ce_only: RerankPolicy, description_ranked=None) -> dict:
+    """Each system variant of the report on one split: {name: metrics}."""
+    gold = [names[g] for g in sc.gold]
+    out = {}
+    if description_ranked is not None:  # stage 1 as it was: cosine to the label description only
+        pred = [names[i] for i in description_ranked[:, 0]]
+        out["bi_encoder_descriptions"] = system_metrics(gold, pred, np.ones(len(pred)), names) | {"ece": None}
+    for name, policy, mode in (("bi_encoder", fused, "retrieval"), ("cross_encoder_only", ce_only, "rerank"),
+                               ("two_stage_ungated", fused, "rerank"), ("two_stage", gated, "gated")):
+        pred, conf, reranked = predict(sc, policy, names, mode)
+        out[name] = system_metrics(gold, pred, conf, names) | {"share_reranked": float(reranked.mean())}
+    return out

@@ -1,10 +1,12 @@
 """The baseline to beat: the same MiniLM with a linear head over all labels, trained with plain
 cross-entropy on the same data and a comparable budget."""
 
+import copy
 import random
 
 import numpy as np
 import torch
+from sentence_transformers.util import batch_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -16,14 +18,17 @@ class FlatClassifier(nn.Module):
         self.head = nn.Linear(encoder.get_embedding_dimension(), n_labels)
 
     def forward(self, texts: list) -> torch.Tensor:
-        features = self.encoder.preprocess(texts)
+        features = batch_to_device(self.encoder.preprocess(texts), self.head.weight.device)
         emb = self.encoder(features)["sentence_embedding"]  # (batch, dim)
         return self.head(emb) * 20.0  # normalised embeddings: the scale lets logits be confident (as MNRL's)
 
 
-def train_flat(encoder, examples: list, taxonomy, epochs: int, batch_size: int, lr: float, seed: int) -> FlatClassifier:
+def train_flat(encoder, examples: list, taxonomy, epochs: int, batch_size: int, lr: float, seed: int, val: list = (),
+               device: str = "cpu") -> tuple:
+    """-> (model, validation accuracy after each epoch). With validation emails, the epoch with the best
+    validation accuracy is kept (the same early stopping the two-stage system gets)."""
     torch.manual_seed(seed)
-    model = FlatClassifier(encoder, len(taxonomy))
+    model = FlatClassifier(encoder, len(taxonomy)).to(device)
     opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": lr}, {"params": model.head.parameters(), "lr": lr * 50}])
     y = [taxonomy.index(e.label) for e in examples]
     rng = random.Random(seed)
@@ -31,25 +36,37 @@ def train_flat(encoder, examples: list, taxonomy, epochs: int, batch_size: int, 
     steps = epochs * ((len(order) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps))
     model.train()
+    val_acc, best = [], None
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     with tqdm(total=steps, desc="flat baseline") as bar:
         for _ in range(epochs):
             rng.shuffle(order)
             for s in range(0, len(order), batch_size):
                 idx = order[s:s + batch_size]
-                logits = model([examples[i].text for i in idx])  # (batch, labels)
-                loss = nn.functional.cross_entropy(logits, torch.tensor([y[i] for i in idx]))
+                with amp:
+                    logits = model([examples[i].text for i in idx]).float()  # (batch, labels)
+                loss = nn.functional.cross_entropy(logits, torch.tensor([y[i] for i in idx], device=logits.device))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 sched.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+            if val:
+                model.eval()
+                acc = float(np.mean(predict_flat(model, [e.text for e in val]).argmax(1) == [taxonomy.index(e.label) for e in val]))
+                val_acc.append(acc)
+                if acc >= max(val_acc):
+                    best = copy.deepcopy(model.state_dict())
+                model.train()
+    if best is not None:
+        model.load_state_dict(best)
     model.eval()
-    return model
+    return model, val_acc
 
 
 @torch.no_grad()
 def predict_flat(model: FlatClassifier, texts: list, batch_size: int = 64) -> np.ndarray:
     """-> (n, labels) probabilities."""
-    out = [torch.softmax(model(texts[s:s + batch_size]), dim=-1).numpy() for s in range(0, len(texts), batch_size)]
+    out = [torch.softmax(model(texts[s:s + batch_size]).float(), dim=-1).cpu().numpy() for s in range(0, len(texts), batch_size)]
     return np.concatenate(out)

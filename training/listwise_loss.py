@@ -4,6 +4,8 @@ import torch
 from sentence_transformers.util import batch_to_device
 from torch import Tensor, nn
 
+from mailroute.rerank_policy import RerankPolicy
+
 
 def listwise_softmax_ce(logits: Tensor, gold: Tensor, mask: Tensor = None) -> Tensor:
     """Mean over emails of -log softmax(logits)[gold].
@@ -26,13 +28,13 @@ class ListwiseSoftmaxCrossEntropyLoss(nn.Module):
     softmaxes the labels too: a -inf/0 target, not one-hot CE) and not the cross-encoder
     MultipleNegativesRankingLoss (which adds random in-batch negatives the classifier never sees).
 
-    Optionally each candidate's logit gets a fixed offset `prior_scale * retrieval score` (the
-    bi-encoder cosine): the same formula the pipeline applies at inference, so the cross-encoder
-    learns a correction to retrieval instead of starting from nothing (prior_scale 0 = pure rerank).
+    Optionally each candidate's logit is fused with its retrieval score by a RerankPolicy: the same
+    formula the pipeline applies at inference (`RerankPolicy.fused`), so the cross-encoder can learn a
+    correction to retrieval instead of starting from nothing (retrieval_weight 0 = pure rerank).
 
     Args:
         model: a CrossEncoder with one output label and an identity activation.
-        prior_scale: weight of the retrieval score added to each logit (0 disables it).
+        policy: the rerank policy whose formula fuses logits and retrieval scores (default: logits only).
         mini_batch_size: pairs per forward pass (memory bound); None = all pairs of the batch at once.
 
     References:
@@ -50,9 +52,9 @@ class ListwiseSoftmaxCrossEntropyLoss(nn.Module):
             CrossEncoderTrainer(model=cross_encoder, train_dataset=dataset, loss=loss).train()
     """
 
-    def __init__(self, model, prior_scale: float = 0.0, mini_batch_size: int = None):
+    def __init__(self, model, policy: RerankPolicy = None, mini_batch_size: int = None):
         super().__init__()
-        self.prior_scale = prior_scale
+        self.policy = policy or RerankPolicy()
         if model.num_labels != 1:
             raise ValueError(f"{self.__class__.__name__} expects a model with 1 output label, but got {model.num_labels}")
         self.model = model
@@ -82,12 +84,15 @@ class ListwiseSoftmaxCrossEntropyLoss(nn.Module):
         mask = torch.zeros(len(queries), k, dtype=torch.bool, device=flat.device)
         start = 0
         for i, n in enumerate(k_per_query):
-            logits[i, :n] = flat[start:start + n]
-            if priors is not None and self.prior_scale:
-                logits[i, :n] = logits[i, :n] + self.prior_scale * torch.as_tensor(priors[i], dtype=flat.dtype, device=flat.device)
+            row = flat[start:start + n]  # (k_i,)
+            if priors is not None:
+                row = self.policy.fused(row, torch.as_tensor(priors[i], dtype=flat.dtype, device=flat.device))
+            else:
+                row = self.policy.fused(row, torch.zeros_like(row))
+            logits[i, :n] = row
             mask[i, :n] = True
             start += n
         return listwise_softmax_ce(logits, torch.tensor(gold, device=flat.device), mask)
 
     def get_config_dict(self) -> dict:
-        return {"prior_scale": self.prior_scale, "mini_batch_size": self.mini_batch_size}
+        return {"policy": self.policy.to_dict(), "mini_batch_size": self.mini_batch_size}

@@ -1,6 +1,14 @@
-"""Hard-candidate mining: each training email's top-K labels from the trained bi-encoder, turned
-into the listwise rows the cross-encoder trains on (the same K candidates it will rerank at
-inference; the gold label is put in when retrieval missed it, positions shuffled)."""
+"""Hard-candidate mining: each training email's top-K labels, turned into the listwise rows the
+cross-encoder trains on (the same K candidates it will rerank at inference; the gold label is put in
+when retrieval missed it, positions shuffled).
+
+Training emails are also exemplars of the label index, so mining them against the full index would
+find each email itself and retrieve its gold label almost always: the cross-encoder would never see
+the hard lists an unseen email gets. Two remedies, chosen by the caller:
+  leave-one-out (default, free): an email is not its own exemplar while its candidates are mined;
+  out-of-fold (oof_folds >= 2, costs one bi-encoder per fold): a fold's candidates come from an
+    encoder and an index that never saw that fold's emails.
+"""
 
 import random
 
@@ -10,19 +18,53 @@ from mailroute.label_index import LabelIndex
 from training.bi_encoder import embed
 
 
-def mine_candidates(model, texts: list, index: LabelIndex, k: int) -> tuple:
-    """(n,) texts -> label ids I (n, k) best first, and the cosine of every email to every label S (n, labels)."""
-    xq = embed(model, texts)  # (n, dim)
-    _, I = index.search(xq, k)
-    xb = index.index.reconstruct_n(0, index.index.ntotal)  # (labels, dim)
-    return I, xq @ xb.T
+def mine_candidates(model, texts: list, index: LabelIndex, k: int, exclude: np.ndarray = None, x: np.ndarray = None) -> tuple:
+    """(n,) texts -> label ids I (n, k) best first, and every label's retrieval score S (n, labels).
+    exclude: (n,) exemplar row of each email in the index (-1 none), left out of its own scores."""
+    xq = embed(model, texts) if x is None else x  # (n, dim)
+    S = index.label_scores(xq, exclude=exclude)  # (n, labels)
+    I = np.argsort(-S, axis=1, kind="stable")[:, :k]
+    return I, S
+
+
+def exemplar_rows(index: LabelIndex, examples: list) -> np.ndarray:
+    """(n,) row of each example's text among the index's exemplars of its label, -1 where absent."""
+    where = {(int(l), t): r for r, (l, t) in enumerate(zip(index.exemplar_labels, index.exemplar_texts))}
+    return np.array([where.get((index.taxonomy.index(e.label), e.text), -1) for e in examples], dtype=np.int64)
+
+
+def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
+    """(n,) fold of each example, balanced, shuffled with the seed."""
+    if folds < 2:
+        raise ValueError(f"out-of-fold mining expects at least 2 folds, but got {folds}")
+    ids = np.arange(n) % folds
+    np.random.default_rng(seed).shuffle(ids)
+    return ids
+
+
+def mine_out_of_fold(examples: list, folds: int, k: int, seed: int, train_fold_encoder, build_index) -> tuple:
+    """Out-of-fold candidates: for each fold f, `train_fold_encoder(other_examples) -> model` and
+    `build_index(model, other_examples) -> LabelIndex`, then mine fold f's emails with them.
+
+    Returns (I (n, k), S (n, labels), folds (n,)); no fold's emails ever reach its own encoder or index."""
+    f = fold_ids(len(examples), folds, seed)
+    I, S = [None] * len(examples), [None] * len(examples)
+    for fold in range(folds):
+        held = np.flatnonzero(f == fold)
+        rest = [examples[i] for i in np.flatnonzero(f != fold)]
+        model = train_fold_encoder(rest)
+        index = build_index(model, rest)
+        Ii, Si = mine_candidates(model, [examples[i].text for i in held], index, k)
+        for j, i in enumerate(held):
+            I[i], S[i] = Ii[j], Si[j]
+    return np.stack(I), np.stack(S), f
 
 
 def listwise_rows(examples: list, candidates: np.ndarray, index: LabelIndex, seed: int, scores: np.ndarray = None) -> dict:
     """-> {"query": [...], "docs": [[K label texts]], "prior": [[K retrieval scores]], "labels": [[0/1 x K]]},
-    exactly one 1 per row ("prior" only when scores are given)."""
+    exactly one 1 per row ("prior" only when scores (n, labels) are given)."""
     tax = index.taxonomy
-    texts = tax.texts
+    texts = index.label_texts
     rng = random.Random(seed)
     rows = {"query": [], "docs": [], "labels": []} | ({"prior": []} if scores is not None else {})
     for n, (e, cand) in enumerate(zip(examples, candidates)):

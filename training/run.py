@@ -1,28 +1,26 @@
-"""`mailroute train`: both stages and the flat baseline on one dataset, evaluated, saved with config and metrics.
-
-Output folder: bi_encoder/ cross_encoder/ label_index/ config.json metrics.json report.md
-"""
+"""`mailroute train`: both stages and the flat baseline on one dataset, evaluated, saved with config,
+the fitted rerank policy and metrics. The folder layout is mailroute.run_layout."""
 
 import json
 import platform
 import random
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from mailroute.label_index import weights_id
+from mailroute.label_index import LabelScoring, weights_id
+from mailroute.run_layout import RunFolder
 from training import bi_encoder as bi
 from training.config import TrainConfig  # noqa: F401 (re-exported for callers)
 from training.cross_encoder import train_cross_encoder
 from training.data import load_dataset, load_named, sample_per_label, split_validation
-from training.evaluate import evaluate_two_stage, system_metrics
+from training.evaluate import choose_scoring, collect, fit_policy, recall_at, system_metrics, top_confusions, variants, predict
 from training.flat_baseline import predict_flat, train_flat
-from training.mining import listwise_rows, mine_candidates
-from training.models import load_bi_encoder, load_cross_encoder
-from training.reference import RERANK_FILE, classifier_from_models
+from training.mining import exemplar_rows, listwise_rows, mine_candidates, mine_out_of_fold
+from training.models import load_bi_encoder, load_cross_encoder, resolve_device
+from training.reference import classifier_from_models
 from training.report import write_report
 
 
@@ -32,8 +30,13 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
+def _grid(text: str, cast) -> list:
+    return [cast(v) for v in text.split(",") if v.strip()]
+
+
 def run(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
     times, t = {}, time.perf_counter()
 
     # 1. data: validation held out of train; test only for the final numbers
@@ -45,71 +48,128 @@ def run(cfg: TrainConfig) -> dict:
     train, val = split_validation(data.train, cfg.validation_fraction, cfg.seed)
     if cfg.sample_per_label:
         train = sample_per_label(train, cfg.sample_per_label, cfg.seed)
+    if not val:
+        raise ValueError("mailroute train needs a validation split (--validation-fraction > 0): every choice is made there")
     test = data.test[: cfg.test_limit] if cfg.test_limit else data.test
-    out = Path(cfg.out)  # created only once the data is known to be valid
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
-    print(f"[1/8] data: {len(tax)} labels, {len(train)} train, {len(val)} validation, {len(test)} test")
+    out = RunFolder(cfg.out)  # created only once the data is known to be valid
+    out.root.mkdir(parents=True, exist_ok=True)
+    out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    print(f"[1/9] data: {len(tax)} labels, {len(train)} train, {len(val)} validation, {len(test)} test; device {device}")
 
     # 2. bi-encoder from the base weights; anisotropy before training
-    model = load_bi_encoder(cfg.base or None)
+    model = load_bi_encoder(cfg.base or None, device=device)
     aniso_before = bi.anisotropy(model, [e.text for e in test])
 
     # 3. MNR fine-tuning, in-batch negatives without false negatives
-    print(f"[3/8] bi-encoder: MNR, {cfg.bi_epochs} epoch(s)")
-    bi.train_bi_encoder(model, train, tax, cfg.bi_epochs, cfg.bi_batch_size, cfg.bi_lr, cfg.seed)
+    print(f"[3/9] bi-encoder: MNR, {cfg.bi_epochs} epoch(s)")
+    bi.train_bi_encoder(model, train, tax, cfg.bi_epochs, cfg.bi_batch_size, cfg.bi_lr, cfg.seed, device)
     aniso_after = bi.anisotropy(model, [e.text for e in test])
     times["bi_encoder_s"] = time.perf_counter() - t
 
-    # 4. save the encoder and the label index built from it
-    model.save(str(out / "bi_encoder"))
-    index = bi.build_label_index(model, tax, weights_id(out / "bi_encoder" / "model.safetensors"))
-    index.save(out / "label_index")
-
-    # 5. mine the K hard candidates of every training email
+    # 4. the label index: descriptions + training emails as exemplars; the scoring rule chosen on validation
     t = time.perf_counter()
-    cand, scores = mine_candidates(model, [e.text for e in train], index, cfg.k_train)
-    rows = listwise_rows(train, cand, index, cfg.seed, scores if cfg.train_prior_scale else None)
-    print(f"[5/8] mined top-{cfg.k_train}: gold retrieved for {np.mean([1 in r for r in rows['labels']]):.1%}"
-          f" of train (gold inserted where missed)")
+    model.save(str(out.bi_encoder))
+    encoder_id = weights_id(out.bi_encoder / "model.safetensors")
+    exemplars = train if (not cfg.descriptions_only) else []
+    x_train = bi.embed(model, [e.text for e in train])  # (n, dim)
+    cards, card_texts = bi.label_cards(tax, train, x_train, cfg.card_examples)
+    index = bi.build_label_index(model, tax, encoder_id, exemplars, cards=cards, max_exemplars_per_label=cfg.max_exemplars_per_label,
+                                 seed=cfg.seed, x=x_train if (not cfg.descriptions_only) else None)
+    x_val = bi.embed(model, [e.text for e in val])
+    gold_val = np.array([tax.index(e.label) for e in val])
+    scoring_table = {}
+    if (not cfg.descriptions_only):
+        scoring, scoring_table = choose_scoring(index, x_val, gold_val, _grid(cfg.top_n_grid, int), _grid(cfg.description_weight_grid, float))
+        index = index.with_scoring(scoring)
+    index.save(out.label_index)
+    print(f"[4/9] label index: {len(tax)} descriptions + {index.manifest['exemplars']} exemplars, scoring {index.scoring} "
+          f"(validation accuracy {max(scoring_table.values(), default=float('nan')):.2%})")
+
+    # 5. mine the K hard candidates of every training email (never finding the email itself)
+    if cfg.oof_folds >= 2 and (not cfg.descriptions_only):
+        def train_fold_encoder(rest):
+            m = load_bi_encoder(cfg.base or None, device=device)
+            return bi.train_bi_encoder(m, rest, tax, cfg.bi_epochs, cfg.bi_batch_size, cfg.bi_lr, cfg.seed, device)
+
+        def build_fold_index(m, rest):
+            return bi.build_label_index(m, tax, "fold", rest, scoring=index.scoring, max_exemplars_per_label=cfg.max_exemplars_per_label, seed=cfg.seed)
+
+        cand, scores, _ = mine_out_of_fold(train, cfg.oof_folds, cfg.k_train, cfg.seed, train_fold_encoder, build_fold_index)
+        how = f"out of fold ({cfg.oof_folds} folds)"
+    else:
+        cand, scores = mine_candidates(model, [e.text for e in train], index, cfg.k_train, exclude=exemplar_rows(index, train), x=x_train)
+        how = "leave-one-out"
+    keep = [i for i, e in enumerate(train) if e.text not in card_texts]  # no email meets itself on the label side
+    rows = listwise_rows([train[i] for i in keep], cand[keep], index, cfg.seed, scores[keep] if cfg.train_retrieval_weight else None)
+    gold_mined = float(np.mean([1 in r for r in rows["labels"]]))
+    gold_retrieved = float(np.mean([tax.index(e.label) in c for e, c in zip(train, cand)]))
+    print(f"[5/9] mined top-{cfg.k_train} {how}: gold retrieved for {gold_retrieved:.1%} of train (inserted where missed)")
+    times["index_and_mining_s"] = time.perf_counter() - t
 
     # 6. cross-encoder from the same base weights (or the fine-tuned bi-encoder), new head, listwise softmax CE over those K
-    print(f"[6/8] cross-encoder: listwise, K={cfg.k_train}, {cfg.ce_epochs} epoch(s)")
+    t = time.perf_counter()
+    print(f"[6/9] cross-encoder: listwise, K={cfg.k_train}, {cfg.ce_epochs} epoch(s), label cards with {cfg.card_examples} example(s)")
     if cfg.ce_init not in ("base", "bi_encoder"):
         raise ValueError(f"ce_init must be 'base' or 'bi_encoder', got {cfg.ce_init!r}")
-    cross = load_cross_encoder(out / "bi_encoder" if cfg.ce_init == "bi_encoder" else (cfg.base or None))
-    train_cross_encoder(cross, rows, cfg.ce_epochs, cfg.ce_batch_size, cfg.ce_lr, cfg.seed, cfg.train_prior_scale)
-    cross.save(str(out / "cross_encoder"))
+    from mailroute.rerank_policy import RerankPolicy
+
+    cross = load_cross_encoder(out.bi_encoder if cfg.ce_init == "bi_encoder" else (cfg.base or None), device=device)
+    train_cross_encoder(cross, rows, cfg.ce_epochs, cfg.ce_batch_size, cfg.ce_lr, cfg.seed,
+                        RerankPolicy(retrieval_weight=cfg.train_retrieval_weight), device)
+    cross.save(str(out.cross_encoder))
     times["cross_encoder_s"] = time.perf_counter() - t
 
-    # 7. evaluate through the reference classifier (the code path serving runs): the fusion weight is
-    #    chosen on validation (highest accuracy, ties to the smaller weight), then test is measured once
-    grid = [float(w) for w in cfg.prior_grid.split(",") if w.strip()] or [cfg.train_prior_scale]
-    clf = classifier_from_models(model, cross, index, out / "bi_encoder", out / "cross_encoder", prior_scale=grid[0])
-    metrics = {"dataset": tax.name, "labels": len(tax), "n_train": len(train), "n_validation": len(val), "n_test": len(test)}
-    if val:
-        v = evaluate_two_stage(clf, val, cfg.k_eval, prior_grid=grid, fit_rerank=True)  # sets w, then T
-        metrics["validation"] = {"bi_encoder": v["bi_encoder"], "two_stage": v["two_stage"], "retrieval": v["retrieval"],
-                                 "fusion_accuracy": v["fusion_accuracy"]}
-    metrics["prior_scale"], metrics["temperature"] = clf.prior_scale, clf.temperature
-    (out / RERANK_FILE).write_text(json.dumps({"prior_scale": clf.prior_scale, "temperature": clf.temperature,
-                                               "k_train": cfg.k_train, "k_eval": cfg.k_eval}) + "\n")
-    metrics.update(evaluate_two_stage(clf, test, cfg.k_eval, prior_grid=grid))
-    metrics["anisotropy"] = {"before": aniso_before, "after": aniso_after}
+    # 7. evaluate through the reference classifier (the code path serving runs): the policy (fusion,
+    #    temperature, gate) is fitted on validation, then test is measured once with it
+    t = time.perf_counter()
+    clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(tax)))
+    k = clf.top_k
+    sv, st = collect(clf, val, k), collect(clf, test, k)
+    fused, gated, gate_report, ce_only = fit_policy(sv, cfg.gate_tolerance)
+    gated.save(out.policy)
+    names = list(tax.names)
+    desc = LabelScoring(description_weight=1.0)
+    v_val = variants(sv, names, fused, gated, ce_only, index.search(sv.xq, len(tax), scoring=desc)[1])
+    v_test = variants(st, names, fused, gated, ce_only, index.search(st.xq, len(tax), scoring=desc)[1])
+    gold_test = [names[g] for g in st.gold]
+    pred, conf, reranked = predict(st, gated, names, "gated")
+    recall = recall_at(st.gold, st.ranked)
+    metrics = {"dataset": tax.name, "labels": len(tax), "n_train": len(train), "n_validation": len(val), "n_test": len(test),
+               "device": device, "k": k, "policy": gated.to_dict(), "gate": gate_report,
+               "label_scoring": asdict(index.scoring), "label_scoring_validation": scoring_table,
+               "mining": {"how": how, "gold_retrieved_train": gold_retrieved, "gold_in_rows": gold_mined, "rows": len(keep)},
+               "bi_encoder": v_test["bi_encoder"] | {"recall@10": recall.get("recall@10")},
+               "two_stage": v_test["two_stage"] | {"recall@10": recall.get("recall@10"), "k": k},
+               "retrieval": recall, "retrieval_validation": recall_at(sv.gold, sv.ranked),
+               "variants": {"validation": v_val, "test": v_test},
+               "confusions": top_confusions(gold_test, pred), "latency": st.ms,
+               "anisotropy": {"before": aniso_before, "after": aniso_after}}
+    times["evaluation_s"] = time.perf_counter() - t
 
-    # 8. the flat softmax baseline: same MiniLM, same data, linear head over all labels
+    # 8. the flat softmax baseline: same MiniLM, same data, linear head over all labels, epochs chosen on validation
+    flat_pred = flat_conf = None
     if not cfg.skip_baseline:
         t = time.perf_counter()
-        flat = train_flat(load_bi_encoder(cfg.base or None), train, tax, cfg.flat_epochs, cfg.flat_batch_size, cfg.flat_lr, cfg.seed)
+        flat, flat_val = train_flat(load_bi_encoder(cfg.base or None, device=device), train, tax, cfg.flat_epochs, cfg.flat_batch_size,
+                                    cfg.flat_lr, cfg.seed, val=val, device=device)
         probs = predict_flat(flat, [e.text for e in test])
-        pred = [tax.names[i] for i in probs.argmax(1)]
-        metrics["flat_baseline"] = system_metrics([e.label for e in test], pred, probs.max(1), tax.names)
+        flat_pred, flat_conf = [tax.names[i] for i in probs.argmax(1)], probs.max(1)
+        metrics["flat_baseline"] = system_metrics(gold_test, flat_pred, flat_conf, tax.names) | {"validation_by_epoch": flat_val}
         times["flat_baseline_s"] = time.perf_counter() - t
     metrics["train_time"] = times
-    metrics["machine"] = {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__}
-    (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in metrics.pop("predictions")))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    write_report(metrics, out / "report.md")
-    print(f"[8/8] saved to {out}: two-stage accuracy {metrics['two_stage']['accuracy']:.2%}, "
-          f"bi-encoder recall@{min(10, len(tax))} {metrics['retrieval'].get('recall@10', float('nan')):.2%}")
+    metrics["machine"] = {"device": device, "cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+                          "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
+
+    # 9. save: predictions of both systems, metrics, the report with its close-pair table and abstention plot
+    with open(out.predictions, "w") as f:
+        for i in range(len(test)):
+            row = {"gold": gold_test[i], "label": pred[i], "probability": float(conf[i]), "reranked": bool(reranked[i])}
+            if flat_pred is not None:
+                row |= {"flat_label": flat_pred[i], "flat_probability": float(flat_conf[i])}
+            f.write(json.dumps(row) + "\n")
+    write_report(metrics, out, index, gold_test, pred, conf, flat_pred, flat_conf)
+    out.metrics.write_text(json.dumps(metrics, indent=1) + "\n")
+    print(f"[9/9] saved to {out.root}: two-stage {metrics['two_stage']['accuracy']:.2%} "
+          f"({metrics['two_stage']['share_reranked']:.0%} reranked), bi-encoder {metrics['bi_encoder']['accuracy']:.2%}"
+          + (f", flat {metrics['flat_baseline']['accuracy']:.2%}" if "flat_baseline" in metrics else ""))
     return metrics

@@ -1,0 +1,146 @@
+"""The rerank policy: how one email's K candidates become probabilities. The one place the formula lives.
+
+    reranked:  p = softmax((ce_weight x cross-encoder logit + retrieval_weight x retrieval score) / temperature)
+    gated:     p = softmax(retrieval score / retrieval_temperature)   (stage 2 skipped)
+
+The gate skips stage 2 for an email whose retrieval is sure: the margin between its best and second
+best retrieval scores exceeds `gate_margin` (None = always rerank). Evaluation, the listwise training
+loss, the in-process pipeline, the ONNX pipeline and Triton all call this class; its JSON form is saved
+in every run folder and in every classifier version (pipeline.json). Fitting returns a new policy and
+never changes the classifier it is fitted on.
+"""
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RerankPolicy:
+    retrieval_weight: float = 0.0  # weight of the retrieval score (label index score) added to each logit
+    ce_weight: float = 1.0  # weight of the cross-encoder logit (0 only when validation finds it useless)
+    temperature: float = 1.0  # divides the fused score: fitted by NLL on validation, for calibration
+    retrieval_temperature: float = 0.05  # divides retrieval scores where stage 2 is skipped (also fitted)
+    gate_margin: float = None  # skip stage 2 when top-1 minus top-2 retrieval score exceeds this; None = always rerank
+
+    def __post_init__(self):
+        if not self.temperature > 0 or not self.retrieval_temperature > 0:
+            raise ValueError(f"{type(self).__name__} expects positive temperatures, but got {self.temperature}, {self.retrieval_temperature}")
+        if self.gate_margin is not None and self.gate_margin < 0:
+            raise ValueError(f"{type(self).__name__} expects gate_margin >= 0 or None, but got {self.gate_margin}")
+
+    # the formula (numpy arrays or torch tensors alike: only arithmetic)
+    def fused(self, logits, retrieval):
+        """(..., k) logits and retrieval scores -> (..., k) scores whose softmax is the answer."""
+        return (self.ce_weight * logits + self.retrieval_weight * retrieval) / self.temperature
+
+    def probabilities(self, logits: np.ndarray, retrieval: np.ndarray) -> np.ndarray:
+        return _softmax(self.fused(np.asarray(logits, np.float64), np.asarray(retrieval, np.float64)))
+
+    def retrieval_probabilities(self, retrieval: np.ndarray) -> np.ndarray:
+        return _softmax(np.asarray(retrieval, np.float64) / self.retrieval_temperature)
+
+    def skip_rerank(self, retrieval: np.ndarray, gate: bool = True) -> np.ndarray:
+        """(n, >=2) retrieval scores, best first -> (n,) bool: True where stage 2 is not needed."""
+        retrieval = np.atleast_2d(retrieval)
+        if not gate or self.gate_margin is None or retrieval.shape[1] < 2:
+            return np.zeros(len(retrieval), dtype=bool)
+        return (retrieval[:, 0] - retrieval[:, 1]) > self.gate_margin
+
+    # JSON form
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RerankPolicy":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__} got unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "RerankPolicy":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def with_gate(self, margin) -> "RerankPolicy":
+        return replace(self, gate_margin=None if margin is None else float(margin))
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# fitting on validation: each returns a new policy
+
+
+def _nll(z: np.ndarray, gold: np.ndarray) -> float:
+    z = z - z.max(1, keepdims=True)
+    return float(-(z[np.arange(len(z)), gold] - np.log(np.exp(z).sum(1))).sum())
+
+
+def fit_fusion(logits: np.ndarray, retrieval: np.ndarray, gold: np.ndarray, base: RerankPolicy = RerankPolicy()) -> RerankPolicy:
+    """Conditional-logit fit of score = a x logit + b x retrieval by NLL of the gold candidate.
+
+    Args:
+        logits, retrieval: (n, k) per email and candidate, rows whose gold was retrieved only.
+        gold: (n,) position of the gold candidate in each row.
+    Returns a policy with ce_weight 1, retrieval_weight b/a, temperature 1/a (or, when the cross-encoder
+    carries no signal (a <= 0), ce_weight 0 and retrieval only).
+    """
+    from scipy.optimize import minimize
+
+    logits, retrieval, gold = np.asarray(logits, np.float64), np.asarray(retrieval, np.float64), np.asarray(gold)
+    if logits.shape != retrieval.shape or logits.ndim != 2 or len(gold) != len(logits):
+        raise ValueError(f"fit_fusion expects (n, k) logits and retrieval and (n,) gold, but got {logits.shape}, {retrieval.shape}, {gold.shape}")
+    rows = np.arange(len(gold))
+
+    def objective(ab):  # NLL and its gradient
+        z = ab[0] * logits + ab[1] * retrieval
+        z = z - z.max(1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(1, keepdims=True)
+        nll = -np.log(p[rows, gold] + 1e-300).sum()
+        grad = [-(logits[rows, gold] - (p * logits).sum(1)).sum(), -(retrieval[rows, gold] - (p * retrieval).sum(1)).sum()]
+        return nll, np.array(grad)
+
+    a, b = minimize(objective, np.array([1.0, 1.0]), jac=True, method="L-BFGS-B").x
+    if a <= 1e-6:
+        return replace(base, ce_weight=0.0, retrieval_weight=1.0, temperature=float(1.0 / max(b, 1e-6)))
+    return replace(base, ce_weight=1.0, retrieval_weight=float(b / a), temperature=float(1.0 / a))
+
+
+def fit_retrieval_temperature(retrieval: np.ndarray, gold: np.ndarray, base: RerankPolicy) -> RerankPolicy:
+    """Temperature of the retrieval-only softmax (used where the gate skips stage 2), by NLL."""
+    retrieval = np.asarray(retrieval, np.float64)
+    grid = np.exp(np.linspace(np.log(1e-3), np.log(2.0), 200))
+    best = min(grid, key=lambda t: _nll(retrieval / t, gold))
+    return replace(base, retrieval_temperature=float(best))
+
+
+def fit_gate(policy: RerankPolicy, logits: np.ndarray, retrieval: np.ndarray, gold: np.ndarray, tolerance: float = 0.001) -> tuple:
+    """The largest share of emails that can skip stage 2 while validation accuracy stays within
+    `tolerance` of always reranking. Rows: every email (gold = -1 where retrieval missed it).
+
+    Returns (policy with gate_margin, {"margin", "share_reranked", "accuracy_gated", "accuracy_ungated"}).
+    """
+    logits, retrieval, gold = np.asarray(logits, np.float64), np.asarray(retrieval, np.float64), np.asarray(gold)
+    reranked_ok = policy.probabilities(logits, retrieval).argmax(1) == gold  # (n,)
+    retrieval_ok = retrieval.argmax(1) == gold
+    margin = retrieval[:, 0] - retrieval[:, 1]
+    ungated = reranked_ok.mean()
+    best = (None, 1.0, ungated)  # no gate
+    for m in np.unique(margin)[::-1]:  # from the strictest gate down
+        skip = margin > m
+        acc = np.where(skip, retrieval_ok, reranked_ok).mean()
+        if acc >= ungated - tolerance and 1 - skip.mean() < best[1]:
+            best = (float(m), float(1 - skip.mean()), float(acc))
+    gated = policy.with_gate(best[0])
+    return gated, {"margin": best[0], "share_reranked": best[1], "accuracy_gated": best[2], "accuracy_ungated": float(ungated)}

@@ -1,0 +1,38 @@
+"""The files of a training run folder (`mailroute train --out RUN`), named once for train, export and tests.
+
+  RUN/bi_encoder/  RUN/cross_encoder/   sentence-transformers model folders
+  RUN/label_index/                      mailroute.label_index.LabelIndex (descriptions + exemplars + cards)
+  RUN/rerank_policy.json                mailroute.rerank_policy.RerankPolicy fitted on validation
+  RUN/config.json  RUN/metrics.json  RUN/report.md  RUN/predictions.jsonl  RUN/abstention.png
+"""
+
+from pathlib import Path
+
+BI_ENCODER_DIR = "bi_encoder"
+CROSS_ENCODER_DIR = "cross_encoder"
+LABEL_INDEX_DIR = "label_index"
+POLICY_FILE = "rerank_policy.json"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+PREDICTIONS_FILE = "predictions.jsonl"
+ABSTENTION_PLOT = "abstention.png"
+
+
+class RunFolder:
+    """Paths of one run folder."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.bi_encoder = self.root / BI_ENCODER_DIR
+        self.cross_encoder = self.root / CROSS_ENCODER_DIR
+        self.label_index = self.root / LABEL_INDEX_DIR
+        self.policy = self.root / POLICY_FILE
+        self.config = self.root / CONFIG_FILE
+        self.metrics = self.root / METRICS_FILE
+        self.report = self.root / REPORT_FILE
+        self.predictions = self.root / PREDICTIONS_FILE
+        self.abstention_plot = self.root / ABSTENTION_PLOT
+
+    def is_trained(self) -> bool:
+        return self.bi_encoder.is_dir() and self.cross_encoder.is_dir() and self.label_index.is_dir()

@@ -1,0 +1,175 @@
+"""The parts behind two-stage accuracy: the rerank policy, the exemplar-aware label index, gating,
+out-of-fold mining and the device flag."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from mailroute.label_index import IndexMismatch, LabelIndex, LabelScoring
+from mailroute.rerank_policy import RerankPolicy, fit_gate
+from mailroute.taxonomy import Label, Taxonomy
+
+EMAILS = ["I was charged twice for my plan", "Where is my parcel? Tracking is stuck.", "The app crashes when I open settings",
+          "Please send the March invoice", "How many vacation days are left?", "refund please", "my password reset link expired"]
+
+
+def test_policy_json_round_trip_and_unknown_fields(tmp_path):
+    p = RerankPolicy(retrieval_weight=3.5, ce_weight=1.0, temperature=0.7, retrieval_temperature=0.03, gate_margin=0.12)
+    p.save(tmp_path / "policy.json")
+    assert RerankPolicy.load(tmp_path / "policy.json") == p
+    assert RerankPolicy.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    with pytest.raises(ValueError, match="unknown field"):
+        RerankPolicy.from_dict({"prior_scale": 20})
+    with pytest.raises(ValueError, match="positive temperatures"):
+        RerankPolicy(temperature=0)
+
+
+def test_policy_formula_is_one_softmax_over_the_fused_scores():
+    p = RerankPolicy(retrieval_weight=2.0, temperature=0.5)
+    logits, retrieval = np.array([1.0, 0.0, -1.0]), np.array([0.2, 0.9, 0.1])
+    z = (logits + 2.0 * retrieval) / 0.5
+    assert np.allclose(p.probabilities(logits, retrieval), np.exp(z) / np.exp(z).sum())
+
+
+def test_fit_gate_keeps_accuracy_and_skips_where_retrieval_is_sure():
+    # Given retrieval that is right whenever its margin is large, and a reranker that is right everywhere
+    rng = np.random.default_rng(0)
+    n = 400
+    retrieval = np.sort(rng.uniform(0, 1, (n, 5)), axis=1)[:, ::-1].copy()
+    margin = retrieval[:, 0] - retrieval[:, 1]
+    gold = np.where(margin > np.median(margin), 0, 1)
+    logits = np.zeros((n, 5))
+    logits[np.arange(n), gold] = 10.0
+    # When the gate is fitted
+    gated, report = fit_gate(RerankPolicy(), logits, retrieval, gold, tolerance=0.0)
+    # Then about half the emails skip stage 2, at no accuracy cost
+    assert report["accuracy_gated"] == report["accuracy_ungated"] == 1.0
+    assert 0.45 <= report["share_reranked"] <= 0.55
+    assert not gated.skip_rerank(retrieval, gate=False).any()
+    assert gated.skip_rerank(retrieval).mean() == pytest.approx(1 - report["share_reranked"])
+
+
+def _tiny_taxonomy():
+    return Taxonomy((Label("a", "alpha"), Label("b", "beta"), Label("c", "gamma"), Label("z", "zero-shot label")), "t")
+
+
+def _unit(rng, n, dim=16):
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_label_scores_match_a_brute_force_oracle():
+    # Given descriptions, exemplars for three of four labels, and queries (fixed seed)
+    rng = np.random.default_rng(1)
+    tax = _tiny_taxonomy()
+    xb, xe, xq = _unit(rng, 4), _unit(rng, 30), _unit(rng, 9)
+    owner = np.repeat([0, 1, 2], 10)
+    s = LabelScoring(exemplar_top_n=3, description_weight=0.25)
+    index = LabelIndex.build(tax, xb, "enc", xe, owner, [f"e{i}" for i in range(30)], s)
+    # When the index scores every label
+    got = index.label_scores(xq)
+    # Then it equals the formula computed by hand; the label without exemplars gets its description cosine
+    desc, ex = xq @ xb.T, xq @ xe.T
+    for lab in range(3):
+        top = np.sort(ex[:, owner == lab], axis=1)[:, ::-1][:, :3].mean(1)
+        assert np.allclose(got[:, lab], 0.25 * desc[:, lab] + 0.75 * top, atol=1e-5)
+    assert np.allclose(got[:, 3], desc[:, 3], atol=1e-5)
+    # and leaving one exemplar out is the same formula without it
+    got_x = index.label_scores(xq[:1], exclude=np.array([0]))
+    top0 = np.sort(ex[0, 1:10])[::-1][:3].mean()
+    assert got_x[0, 0] == pytest.approx(0.25 * desc[0, 0] + 0.75 * top0, abs=1e-5)
+    D, I = index.search(xq, 2)
+    assert np.array_equal(I[:, 0], got.argmax(1)) and np.allclose(D[:, 0], got.max(1), atol=1e-6)
+
+
+def test_exemplar_index_round_trip_and_refuses_a_foreign_bi_encoder(tmp_path):
+    rng = np.random.default_rng(2)
+    tax = _tiny_taxonomy()
+    index = LabelIndex.build(tax, _unit(rng, 4), "encoder-A", _unit(rng, 6), [0, 0, 1, 1, 2, 2], list("uvwxyz"),
+                             LabelScoring(2, 0.5), cards=["a card", "b card", "c card", "zero-shot label"])
+    index.save(tmp_path / "ix")
+    again = LabelIndex.load(tmp_path / "ix", expect_encoder="encoder-A")
+    xq = _unit(rng, 5)
+    assert np.allclose(again.label_scores(xq), index.label_scores(xq), atol=1e-6)
+    assert again.exemplar_texts == list("uvwxyz") and again.label_texts[0] == "a card" and again.scoring == LabelScoring(2, 0.5)
+    with pytest.raises(IndexMismatch, match="encoder-B"):
+        LabelIndex.load(tmp_path / "ix", expect_encoder="encoder-B")
+
+
+def test_out_of_fold_mining_never_shows_a_fold_its_own_emails(demo, tiny_models):
+    from training import bi_encoder as bi
+    from training.mining import mine_out_of_fold
+
+    # Given an encoder "trainer" that records what it was trained on
+    bi_model, _ = tiny_models
+    examples = demo.train[:60]
+    seen = []
+
+    def train_fold_encoder(rest):
+        seen.append({e.text for e in rest})
+        return bi_model
+
+    def build_index(model, rest):
+        assert {e.text for e in rest} == seen[-1]  # the index holds the same emails as its encoder saw
+        return bi.build_label_index(model, demo.taxonomy, "fold", rest)
+
+    # When candidates are mined out of fold
+    I, S, folds = mine_out_of_fold(examples, 3, 5, 0, train_fold_encoder, build_index)
+    # Then each fold was mined by an encoder that never saw any of its emails, and every email was mined once
+    assert len(seen) == 3 and I.shape == (60, 5) and S.shape == (60, len(demo.taxonomy))
+    for f in range(3):
+        held = {e.text for e, g in zip(examples, folds) if g == f}
+        assert held and not (held & seen[f])
+        assert len(seen[f]) + len(held) >= len({e.text for e in examples})
+
+
+def test_leave_one_out_mining_does_not_find_the_email_itself(demo, tiny_models):
+    from training import bi_encoder as bi
+    from training.mining import exemplar_rows, mine_candidates
+
+    bi_model, _ = tiny_models
+    index = bi.build_label_index(bi_model, demo.taxonomy, "x", demo.train, LabelScoring(exemplar_top_n=1, description_weight=0.0))
+    texts = [e.text for e in demo.train[:40]]
+    _, S_all = mine_candidates(bi_model, texts, index, 5)
+    _, S_loo = mine_candidates(bi_model, texts, index, 5, exclude=exemplar_rows(index, demo.train[:40]))
+    gold = [demo.taxonomy.index(e.label) for e in demo.train[:40]]
+    # with top-1 exemplar scoring and the email in the index, its gold label scores its self-similarity (1.0)
+    assert np.allclose(S_all[np.arange(40), gold], 1.0, atol=1e-4)
+    assert (S_loo[np.arange(40), gold] < 1.0 - 1e-4).all()
+
+
+def test_gate_off_gives_the_same_labels_where_the_gate_does_not_fire(tiny_reference):
+    # Given a policy whose gate fires for about half of the emails
+    clf = tiny_reference
+    xq = clf._embed(EMAILS)
+    D, _ = clf.index.search(xq, clf.top_k)
+    margin = np.median(D[:, 0] - D[:, 1])
+    clf.policy = clf.policy.with_gate(margin)
+    # When classified with and without the gate
+    gated, ungated = clf.classify(EMAILS), clf.classify(EMAILS, gate=False)
+    # Then stage 2 ran exactly where the gate did not fire, and there the answers are identical
+    fired = (D[:, 0] - D[:, 1]) > margin
+    assert [not p.reranked for p in gated] == list(fired) and all(p.reranked for p in ungated)
+    assert 0 < fired.sum() < len(EMAILS)
+    for g, u, f in zip(gated, ungated, fired):
+        if not f:
+            assert g.top_labels == u.top_labels and g.probability == pytest.approx(u.probability, abs=1e-9)
+        else:
+            assert sum(g.top_probabilities) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_cuda_flag_falls_back_to_cpu_with_a_clear_message(monkeypatch):
+    import torch
+
+    from training.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(RuntimeWarning, match="no CUDA device.*CPU"):
+        assert resolve_device("cuda") == "cpu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="device must be one of"):
+        resolve_device("tpu")
