@@ -9,6 +9,7 @@ import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -39,7 +40,9 @@ def tiny_run(tmp_path_factory, demo):
     index.save(run.label_index)
     base = make_tiny_base(tmp_path_factory.mktemp("tiny-cross-base"), seed=1)
     load_cross_encoder(base).save(str(run.cross_encoder))
-    RerankPolicy(retrieval_weight=20.0, temperature=1.5).save(run.policy)  # exercise the retrieval fusion in every path
+    # exercise the retrieval fusion in every path, and a gate that fires for about half of the demo emails
+    D, _ = index.search(bi.embed(model, [e.text for e in demo.test]), 5)
+    RerankPolicy(retrieval_weight=20.0, temperature=1.5, gate_margin=float(np.median(D[:, 0] - D[:, 1]))).save(run.policy)
     return run.root
 
 

@@ -54,6 +54,18 @@ def test_parameters_and_async_client(triton, client):
     assert [r.top_labels for r in asyncio.run(go())] == [r.top_labels for r in sync]
 
 
+def test_gate_parameter_and_reranked_output(client, demo):
+    # Given the tiny version's gate (it fires for about half of the demo emails)
+    emails = [e.text for e in demo.test[:40]]
+    gated, ungated = client.classify(emails), client.classify(emails, gate=False)
+    # Then the response says where stage 2 ran, gate=false reranks every email, and where both reranked they agree
+    assert all(r.reranked for r in ungated)
+    assert any(not r.reranked for r in gated)
+    for g, u in zip(gated, ungated):
+        if g.reranked:
+            assert g.top_labels == u.top_labels and g.probability == pytest.approx(u.probability, abs=1e-5)
+
+
 def raw_infer(triton, inputs, params=None):
     c = grpcclient.InferenceServerClient(triton.grpc_url)
     return c.infer(contract.CLASSIFIER, inputs, parameters=params, client_timeout=60)
@@ -75,6 +87,7 @@ def text_input(values, shape=None, dtype="BYTES"):
     ("unknown parameter", [[b"hello"]], {"topk": 3}, "request:unknown request parameter(s) ['topk']"),
     ("bad top_k", [[b"hello"]], {"top_k": 500}, "request:top_k must be between 1 and 50"),
     ("bad threshold", [[b"hello"]], {"threshold": "x"}, "request:threshold must be a number"),
+    ("bad gate", [[b"hello"]], {"gate": 3}, "request:gate must be a boolean"),
 ])
 def test_bad_input_matrix(triton, client, what, inputs, params, expect):
     kind, msg = expect.split(":", 1)

@@ -24,6 +24,12 @@ def test_train_both_stages_beats_chance_and_writes_the_report(tmp_path):
     out = tmp_path / "run"
     assert json.loads((out / "config.json").read_text())["sample_per_label"] == 6
     assert json.loads((out / "metrics.json").read_text())["n_train"] == 77 * 6
-    assert "| two-stage (K=4) |" in (out / "report.md").read_text()
-    for part in ("bi_encoder/model.safetensors", "cross_encoder/model.safetensors", "label_index/labels.faiss"):
+    report = (out / "report.md").read_text()
+    assert "| two-stage (K=4, gated) |" in report and "closest label pairs" in report
+    for part in ("bi_encoder/model.safetensors", "cross_encoder/model.safetensors", "label_index/labels.faiss",
+                 "label_index/exemplars.faiss", "label_index/cards.json", "rerank_policy.json", "abstention.png"):
         assert (out / part).exists()
+    # the policy saved is the one the metrics were measured with, and every variant was measured on both splits
+    assert json.loads((out / "rerank_policy.json").read_text()) == m["policy"]
+    assert set(m["variants"]["validation"]) == set(m["variants"]["test"]) >= {"bi_encoder", "two_stage", "two_stage_ungated"}
+    assert 0.0 <= m["two_stage"]["share_reranked"] <= 1.0
