@@ -4,9 +4,16 @@
         for r in c.classify(["I was charged twice", "Where is my parcel?"], top_k=5):
             print(r.label, r.probability, r.needs_review)
 
-Many emails go in one call (split into requests of at most `max_batch` rows). UNAVAILABLE answers
-(server starting, overloaded, connection reset) are retried with exponential backoff; every other
-error, and UNAVAILABLE caused by a restricted protocol (a missing admin key), is raised at once.
+Many emails go in one call (split into requests of at most `max_batch` rows; the async client keeps
+at most `max_in_flight` of them in flight). Retryable failures are retried with exponential backoff:
+UNAVAILABLE (server starting, overloaded, a backend being recovered, connection reset) and a backend
+process that is not healthy; INVALID_ARGUMENT (the caller's mistake), every other error, and
+UNAVAILABLE caused by a restricted protocol (a missing admin key) are raised at once. What is raised is
+a ClassifierError that says whether it was retryable.
+
+TLS: pass `ssl=True` and the PEM files (`root_certificates`, `private_key`, `certificate_chain`);
+they go to tritonclient's InferenceServerClient unchanged. Keepalive: `keepalive` takes a
+tritonclient.grpc.KeepAliveOptions (defaults: a ping every 30 s, 20 s to answer).
 """
 
 import asyncio
@@ -22,6 +29,21 @@ from tritonclient.utils import InferenceServerException
 from mailroute import contract
 
 OUTPUTS = contract.CLASSIFIER_OUTPUTS
+
+
+class ClassifierError(InferenceServerException):
+    """A classification request failed. `retryable` says whether sending it again may succeed
+    (server side, transient) or not (the request itself is wrong, or access is refused)."""
+
+    def __init__(self, e: InferenceServerException, attempts: int):
+        self.retryable, self.attempts = retryable(e), attempts
+        why = f"retryable, gave up after {attempts} attempt(s)" if self.retryable else "not retryable"
+        super().__init__(f"{e.message()} [{why}]", status=e.status(), debug_details=e.debug_details())
+
+
+def default_keepalive():
+    return grpcclient.KeepAliveOptions(keepalive_time_ms=30_000, keepalive_timeout_ms=20_000, keepalive_permit_without_calls=True,
+                                       http2_max_pings_without_data=0)
 
 
 @dataclass
@@ -83,8 +105,10 @@ def parse_result(result) -> list:
 def retryable(e: Exception) -> bool:
     if not isinstance(e, InferenceServerException):
         return False
-    msg = e.message() or ""
-    return "UNAVAILABLE" in str(e.status()) and "restricted" not in msg
+    msg, status = e.message() or "", str(e.status())
+    if "UNAVAILABLE" in status:
+        return "restricted" not in msg  # a missing admin key stays missing
+    return "INTERNAL" in status and "is not healthy" in msg  # a backend process died; the watchdog brings it back
 
 
 def _params(top_k, threshold, gate=None) -> dict:
@@ -98,10 +122,18 @@ def _params(top_k, threshold, gate=None) -> dict:
 
 class _Base:
     def __init__(self, url: str = "127.0.0.1:8001", model: str = contract.CLASSIFIER, version: str = "",
-                 timeout: float = 30.0, retries: int = 3, backoff: float = 0.2, max_batch: int = 64, headers: dict = None):
+                 timeout: float = 30.0, retries: int = 5, backoff: float = 0.2, max_batch: int = 64, headers: dict = None,
+                 max_in_flight: int = 4, keepalive=None, ssl: bool = False, root_certificates=None, private_key=None,
+                 certificate_chain=None):
+        """retries with backoff 0.2 s doubling: 5 retries wait about 6 s in all, enough to ride out a
+        backend reload (measured 1.5 s to recovery) but not a full server restart."""
         self.url, self.model, self.version = url, model, version
         self.timeout, self.retries, self.backoff, self.max_batch = timeout, retries, backoff, max_batch
-        self.headers = headers
+        self.headers, self.max_in_flight = headers, max_in_flight
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        self._conn = {"keepalive_options": keepalive or default_keepalive(), "ssl": ssl, "root_certificates": root_certificates,
+                      "private_key": private_key, "certificate_chain": certificate_chain}
 
     def _delay(self, attempt: int) -> float:
         return self.backoff * (2 ** attempt) * (1 + random.random() * 0.25)  # jitter: clients don't retry in lockstep
@@ -115,7 +147,7 @@ class _Base:
 class ClassifierClient(_Base):
     def __init__(self, url: str = "127.0.0.1:8001", **kw):
         super().__init__(url, **kw)
-        self.client = grpcclient.InferenceServerClient(url)
+        self.client = grpcclient.InferenceServerClient(url, **self._conn)
 
     def _infer(self, inputs, params):
         for attempt in range(self.retries + 1):
@@ -124,7 +156,7 @@ class ClassifierClient(_Base):
                                          parameters=params or None, client_timeout=self.timeout, headers=self.headers)
             except InferenceServerException as e:
                 if attempt == self.retries or not retryable(e):
-                    raise
+                    raise ClassifierError(e, attempt + 1) from None
                 time.sleep(self._delay(attempt))
 
     def classify(self, texts, subjects=None, top_k=None, threshold=None, gate=None) -> list:
@@ -156,21 +188,34 @@ class ClassifierClient(_Base):
 class AsyncClassifierClient(_Base):
     def __init__(self, url: str = "127.0.0.1:8001", **kw):
         super().__init__(url, **kw)
-        self.client = grpcaio.InferenceServerClient(url)
+        self.client = grpcaio.InferenceServerClient(url, **self._conn)
+        self.in_flight = self.peak_in_flight = 0  # requests on the wire now, and the most at once
 
     async def _infer(self, inputs, params):
         for attempt in range(self.retries + 1):
             try:
-                return await self.client.infer(self.model, inputs, model_version=self.version, outputs=[grpcaio.InferRequestedOutput(o) for o in OUTPUTS],
-                                               parameters=params or None, client_timeout=self.timeout, headers=self.headers)
+                self.in_flight += 1
+                self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+                try:
+                    return await self.client.infer(self.model, inputs, model_version=self.version, outputs=[grpcaio.InferRequestedOutput(o) for o in OUTPUTS],
+                                                   parameters=params or None, client_timeout=self.timeout, headers=self.headers)
+                finally:
+                    self.in_flight -= 1
             except InferenceServerException as e:
                 if attempt == self.retries or not retryable(e):
-                    raise
+                    raise ClassifierError(e, attempt + 1) from None
                 await asyncio.sleep(self._delay(attempt))
 
     async def classify(self, texts, subjects=None, top_k=None, threshold=None, gate=None) -> list:
-        chunks = [self._infer(build_inputs(t, s, grpcaio), _params(top_k, threshold, gate)) for t, s in self._chunks(texts, subjects)]
-        return [r for res in await asyncio.gather(*chunks) for r in parse_result(res)]
+        """Chunks of max_batch rows, at most max_in_flight requests on the wire at once, answers in input order."""
+        limit = asyncio.Semaphore(self.max_in_flight)
+
+        async def one(t, s):
+            async with limit:
+                return await self._infer(build_inputs(t, s, grpcaio), _params(top_k, threshold, gate))
+
+        results = await asyncio.gather(*(one(t, s) for t, s in self._chunks(texts, subjects)))
+        return [r for res in results for r in parse_result(res)]
 
     async def close(self):
         await self.client.close()

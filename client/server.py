@@ -88,7 +88,7 @@ class TritonServer:
         return env
 
     def start(self, timeout: float = 180) -> "TritonServer":
-        self.log = open(self.log_file, "w")
+        self.log = open(self.log_file, "a")
         self.proc = subprocess.Popen(self.command(), env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.time() + timeout
@@ -101,7 +101,14 @@ class TritonServer:
         self.stop()
         raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s:\n{self.tail()}")
 
+    def restart(self, timeout: float = 180) -> "TritonServer":
+        """Stop and start again on the same ports (the watchdog's last resort)."""
+        self.stop()
+        return self.start(timeout)
+
     def ready(self) -> bool:
+        """Triton's own readiness: the process answers. It stays true when a backend stub dies; the
+        proven readiness is client.watchdog.Watchdog (a canary classification)."""
         try:
             with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as r:
                 return r.status == 200

@@ -71,12 +71,22 @@ def cmd_serve(args):
                           admin_key=args.admin_key, log_file=args.log)
     print(f"starting tritonserver on {Path(args.repo).resolve()} (log: {server.log_file}) ...", flush=True)
     server.start(timeout=args.timeout)
-    print(f"ready\n  gRPC     {server.grpc_url}\n  HTTP     {server.http_url}\n  metrics  http://127.0.0.1:{server.metrics_port}/metrics\n"
-          f"Ctrl-C or SIGTERM stops it.", flush=True)
+    watchdog = readiness = None
+    if args.ready_port >= 0:
+        from client.watchdog import ReadinessServer, Watchdog
+
+        watchdog = Watchdog(server, interval=args.canary_interval).start()
+        readiness = ReadinessServer(watchdog, args.ready_port).start()
+    print(f"ready\n  gRPC     {server.grpc_url}\n  HTTP     {server.http_url}\n  metrics  http://127.0.0.1:{server.metrics_port}/metrics"
+          + (f"\n  ready    http://127.0.0.1:{readiness.port}/ready  (canary classification every {args.canary_interval:g} s; "
+             f"dead backends are reloaded)" if readiness else "") + "\nCtrl-C or SIGTERM stops it.", flush=True)
     try:
         _wait_for_signal()
     finally:
         print("stopping tritonserver ...", flush=True)
+        if watchdog:
+            watchdog.stop()
+            readiness.stop()
         server.stop()
 
 
@@ -181,6 +191,10 @@ def main(argv=None):
     p.add_argument("--poll-all", action="store_true", help="load every model in the repository at start (default: explicit mode, the three mailroute models)")
     p.add_argument("--log", default=None, help="server log file (default: a temporary file)")
     p.add_argument("--timeout", type=float, default=180, help="seconds to wait for readiness")
+    p.add_argument("--ready-port", type=int, default=8003,
+                   help="port of the proven readiness endpoint /ready (a canary classification; 200 or 503) and /live; "
+                        "its watchdog reloads models whose backend process died. 0 = a free port, -1 = off (default: 8003)")
+    p.add_argument("--canary-interval", type=float, default=2.0, help="seconds between canary classifications (default: 2)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("classify", help="classify emails through a running server",

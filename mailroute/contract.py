@@ -34,11 +34,23 @@ TOP_PROBABILITIES = "TOP_PROBABILITIES"  # fp32, (batch, K)
 NEEDS_REVIEW = "NEEDS_REVIEW"  # bool, (batch, 1)
 ERROR = "ERROR"  # string, (batch, 1): empty when the row was classified, else why not
 MODEL_VERSIONS = "MODEL_VERSIONS"  # string, (batch, 3): classifier, bi_encoder, cross_encoder
-STAGE_MS = "STAGE_MS"  # fp32, (batch, 4): milliseconds per stage, see STAGES
+# fp32, (batch, 4): milliseconds each stage (STAGES) took for the server batch this row was part of. Per
+# batch, not per row: one Triton batch merges several requests, so rows of a batch share these values
+# and summing them over rows overcounts. Per-stage histograms are on the Prometheus endpoint (METRIC_*).
+STAGE_MS = "STAGE_MS"
 RERANKED = "RERANKED"  # bool, (batch, 1): stage 2 ran for this email (False where the gate found retrieval sure)
 
 STAGES = ("preprocess", "embed", "search", "rerank")
 CLASSIFIER_OUTPUTS = (LABEL, PROBABILITY, TOP_LABELS, TOP_PROBABILITIES, NEEDS_REVIEW, ERROR, MODEL_VERSIONS, STAGE_MS, RERANKED)
+
+# Prometheus metrics of email_classifier (Python-backend custom metrics on Triton's metrics port),
+# every one labelled with the classifier version
+METRIC_STAGE_MS = "mailroute_stage_duration_ms"  # histogram per stage (label "stage"), per server batch
+METRIC_EMAILS = "mailroute_emails_total"  # counter: rows classified
+METRIC_RERANKED = "mailroute_reranked_total"  # counter: rows stage 2 ran for (share reranked = this / emails)
+METRIC_NEEDS_REVIEW = "mailroute_needs_review_total"  # counter: rows below their threshold
+METRIC_ROW_ERRORS = "mailroute_row_errors_total"  # counter per error kind (label "kind")
+STAGE_MS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 # request parameters
 PARAM_TOP_K = "top_k"

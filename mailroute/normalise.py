@@ -15,7 +15,12 @@ from mailroute.settings import DEFAULTS
 
 
 class InvalidEmail(ValueError):
-    """The input cannot be classified (not UTF-8, empty after cleaning, too large)."""
+    """The input cannot be classified (not UTF-8, empty after cleaning, too large). `kind` names which,
+    for metrics and callers that branch on it."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 _BLOCK_TAGS = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "table", "ul", "ol"}
@@ -130,7 +135,7 @@ def decode_text(raw, what="text") -> str:
         try:
             return bytes(raw).decode("utf-8")
         except UnicodeDecodeError as e:
-            raise InvalidEmail(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            raise InvalidEmail(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})", "not_utf8") from None
     return str(raw)
 
 
@@ -139,14 +144,14 @@ def normalise(body, subject=None, max_chars: int = DEFAULTS.max_email_chars) -> 
     body = decode_text(body, "email body")
     subject = decode_text(subject, "subject") if subject is not None else ""
     if len(body) > DEFAULTS.max_request_chars:
-        raise InvalidEmail(f"email is {len(body):,} characters, over the {DEFAULTS.max_request_chars:,} limit")
+        raise InvalidEmail(f"email is {len(body):,} characters, over the {DEFAULTS.max_request_chars:,} limit", "too_large")
     # cleaning cost grows with length, so cut generously first (quotes and signatures come later in a
     # message, so the new text survives the cut)
     body = clean_body(body[: max_chars * 4])
     subject = " ".join(re.sub(r"^\s*((re|fwd?|aw|tr)\s*:\s*)+", "", subject, flags=re.I).split())
     text = f"{subject} | {body}" if subject and body else (subject or body)
     if not text:
-        raise InvalidEmail("email is empty after normalisation (no subject, no body text)")
+        raise InvalidEmail("email is empty after normalisation (no subject, no body text)", "empty")
     return text[:max_chars]
 
 

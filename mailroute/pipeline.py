@@ -60,6 +60,7 @@ class Prediction:
     needs_review: bool
     error: str = ""
     reranked: bool = False  # stage 2 ran for this email (False where the gate found retrieval sure)
+    error_kind: str = ""  # empty | not_utf8 | too_large (mailroute.normalise.InvalidEmail.kind)
     stage_ms: dict = field(default_factory=dict)
 
 
@@ -100,7 +101,7 @@ class TwoStageClassifier:
                 errors.append("")
             except InvalidEmail as e:
                 texts.append(None)
-                errors.append(str(e))
+                errors.append(e)
         return texts, errors
 
     def _embed(self, texts: list) -> np.ndarray:
@@ -154,7 +155,8 @@ class TwoStageClassifier:
         ts = np.broadcast_to(np.asarray(self.threshold if threshold is None else threshold), (n,))
         gs = np.broadcast_to(np.asarray(gate), (n,))
         ok = [i for i in range(n) if texts[i] is not None]
-        results = [Prediction("", 0.0, [], [], True, errors[i], False, dict.fromkeys(contract.STAGES, 0.0)) for i in range(n)]
+        results = [Prediction("", 0.0, [], [], True, str(errors[i]), False, getattr(errors[i], "kind", "invalid" if errors[i] else ""),
+                              dict.fromkeys(contract.STAGES, 0.0)) for i in range(n)]
         if not ok:
             return results
         rows, ms = self.score_candidates([texts[i] for i in ok], [int(ks[i]) for i in ok], [bool(gs[i]) for i in ok])

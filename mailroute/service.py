@@ -18,6 +18,9 @@ from mailroute.pipeline import BadParameter, TwoStageClassifier, check_params
 KNOWN_PARAMS = (contract.PARAM_TOP_K, contract.PARAM_THRESHOLD, contract.PARAM_GATE)
 
 
+ERROR_KINDS = "_error_kinds"  # key of the per-row error kinds in a result (the adapter counts them; not an output)
+
+
 class RequestError(ValueError):
     """The whole request is malformed; the message goes back to the caller."""
 
@@ -98,4 +101,5 @@ class ClassifierService:
             contract.MODEL_VERSIONS: np.tile(self.versions, (n, 1)),
             contract.STAGE_MS: np.array([[p.stage_ms.get(s, 0.0) for s in contract.STAGES] for p in preds], dtype=np.float32),
             contract.RERANKED: np.array([[p.reranked] for p in preds], dtype=bool),
+            ERROR_KINDS: [p.error_kind for p in preds if p.error],  # for metrics, not sent
         }

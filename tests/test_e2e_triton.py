@@ -181,7 +181,8 @@ def test_serve_command_prints_endpoints_and_stops_on_sigterm(tiny_repo):
     import time
 
     proc = subprocess.Popen([sys.executable, "-m", "mailroute.cli", "serve", "--repo", str(tiny_repo), "--grpc-port", "0",
-                             "--http-port", "0", "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--http-port", "0", "--metrics-port", "0", "--ready-port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     lines, deadline = [], time.time() + 180
     while time.time() < deadline:
         line = proc.stdout.readline()
@@ -191,6 +192,9 @@ def test_serve_command_prints_endpoints_and_stops_on_sigterm(tiny_repo):
     grpc_url = next(l.split()[-1] for l in lines if l.strip().startswith("gRPC"))
     with ClassifierClient(grpc_url) as c:
         assert c.ready() and c.classify_one(EMAILS[0]).ok
+    ready_url = next(l.split()[1] for l in lines if l.strip().startswith("ready "))
+    with urllib.request.urlopen(ready_url, timeout=5) as r:  # the proven readiness: a canary classification passed
+        assert r.status == 200 and json.loads(r.read())["ready"] is True
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     assert "stopping tritonserver" in proc.stdout.read()

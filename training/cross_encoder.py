@@ -1,9 +1,12 @@
 """Stage 2: the cross-encoder, trained listwise over each email's mined K candidates."""
 
+import copy
 import tempfile
 
+import numpy as np
 from datasets import Dataset
 from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
+from transformers import TrainerCallback
 
 from mailroute.rerank_policy import RerankPolicy
 from training.bi_encoder import trainer_device_args
@@ -23,3 +26,37 @@ def train_cross_encoder(model, rows: dict, epochs: float, batch_size: int, lr: f
         loss = ListwiseSoftmaxCrossEntropyLoss(model, policy=policy)
         CrossEncoderTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows), loss=loss, callbacks=callbacks).train()
     return model
+
+
+def listwise_accuracy(model, rows: dict, batch_size: int = 256) -> float:
+    """Share of rows whose gold candidate gets the highest cross-encoder logit (the reranker alone)."""
+    pairs = [(q, d) for q, docs in zip(rows["query"], rows["docs"]) for d in docs]
+    scores = np.asarray(model.predict(pairs, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)).reshape(-1)
+    hits, start = [], 0
+    for docs, labels in zip(rows["docs"], rows["labels"]):
+        hits.append(int(np.argmax(scores[start:start + len(docs)])) == labels.index(1))
+        start += len(docs)
+    return float(np.mean(hits))
+
+
+class KeepBestEpoch(TrainerCallback):
+    """Early stopping by epochs: after every epoch, the cross-encoder's listwise accuracy on validation
+    rows (mined like training rows); `restore()` puts back the weights of the best epoch."""
+
+    def __init__(self, model, validation_rows: dict):
+        self.model, self.rows = model, validation_rows
+        self.history, self.best = [], None
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.model.model.eval()
+        acc = listwise_accuracy(self.model, self.rows)
+        self.model.model.train()
+        self.history.append(acc)
+        if acc >= max(self.history):
+            self.best = {k: v.detach().cpu().clone() for k, v in self.model.model.state_dict().items()}
+        print(f"cross-encoder epoch {len(self.history)}: validation listwise accuracy {acc:.2%}")
+
+    def restore(self) -> list:
+        if self.best is not None:
+            self.model.model.load_state_dict(copy.deepcopy(self.best))
+        return self.history

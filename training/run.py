@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 from mailroute.label_index import LabelScoring, weights_id
+from mailroute.rerank_policy import RerankPolicy
 from mailroute.run_layout import RunFolder
 from training import bi_encoder as bi
 from training.config import TrainConfig  # noqa: F401 (re-exported for callers)
-from training.cross_encoder import train_cross_encoder
+from training.cross_encoder import KeepBestEpoch, train_cross_encoder
 from training.data import load_dataset, load_named, sample_per_label, split_validation
 from training.evaluate import choose_scoring, collect, fit_policy, recall_at, system_metrics, top_confusions, variants, predict
 from training.flat_baseline import predict_flat, train_flat
@@ -111,11 +112,14 @@ def run(cfg: TrainConfig) -> dict:
     print(f"[6/9] cross-encoder: listwise, K={cfg.k_train}, {cfg.ce_epochs} epoch(s), label cards with {cfg.card_examples} example(s)")
     if cfg.ce_init not in ("base", "bi_encoder"):
         raise ValueError(f"ce_init must be 'base' or 'bi_encoder', got {cfg.ce_init!r}")
-    from mailroute.rerank_policy import RerankPolicy
-
     cross = load_cross_encoder(out.bi_encoder if cfg.ce_init == "bi_encoder" else (cfg.base or None), device=device)
+    keep_best = None
+    if cfg.ce_epochs > 1:  # epochs by early stopping: validation rows mined like training rows, checked after every epoch
+        cand_val, scores_val = mine_candidates(model, [e.text for e in val], index, cfg.k_train, x=x_val)
+        keep_best = KeepBestEpoch(cross, listwise_rows(val, cand_val, index, cfg.seed, scores_val if cfg.train_retrieval_weight else None))
     train_cross_encoder(cross, rows, cfg.ce_epochs, cfg.ce_batch_size, cfg.ce_lr, cfg.seed,
-                        RerankPolicy(retrieval_weight=cfg.train_retrieval_weight), device)
+                        RerankPolicy(retrieval_weight=cfg.train_retrieval_weight), device, callbacks=[keep_best] if keep_best else None)
+    ce_history = keep_best.restore() if keep_best else []
     cross.save(str(out.cross_encoder))
     times["cross_encoder_s"] = time.perf_counter() - t
 
@@ -137,6 +141,7 @@ def run(cfg: TrainConfig) -> dict:
     metrics = {"dataset": tax.name, "labels": len(tax), "n_train": len(train), "n_validation": len(val), "n_test": len(test),
                "device": device, "k": k, "policy": gated.to_dict(), "gate": gate_report,
                "label_scoring": asdict(index.scoring), "label_scoring_validation": scoring_table,
+               "cross_encoder_validation_by_epoch": ce_history,
                "mining": {"how": how, "gold_retrieved_train": gold_retrieved, "gold_in_rows": gold_mined, "rows": len(keep)},
                "bi_encoder": v_test["bi_encoder"] | {"recall@10": recall.get("recall@10")},
                "two_stage": v_test["two_stage"] | {"recall@10": recall.get("recall@10"), "k": k},

@@ -13,7 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 from mailroute import contract
 from mailroute.repository import open_classifier, read_pipeline
-from mailroute.service import ClassifierService, Request, RequestError
+from mailroute.service import ERROR_KINDS, ClassifierService, Request, RequestError
 
 
 def _infer(model: str, version: int, inputs: dict, output: str) -> np.ndarray:
@@ -44,6 +44,52 @@ def _input(request, name):
     return None if t is None else t.as_numpy()
 
 
+class ClassifierMetrics:
+    """Python-backend custom metrics on Triton's Prometheus endpoint (names in mailroute.contract),
+    labelled with the classifier version."""
+
+    def __init__(self, version: str):
+        v = {"version": str(version)}
+        self._families = []  # a MetricFamily must outlive its Metric objects: keep them all
+        hist = pb_utils.MetricFamily(name=contract.METRIC_STAGE_MS, description="milliseconds per pipeline stage, per server batch",
+                                     kind=pb_utils.MetricFamily.HISTOGRAM)
+        self._families.append(hist)
+        self.stage = {s: hist.Metric(labels=v | {"stage": s}, buckets=list(contract.STAGE_MS_BUCKETS)) for s in contract.STAGES}
+
+        def counter(name, description):
+            family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
+            self._families.append(family)
+            return family
+
+        self.emails = counter(contract.METRIC_EMAILS, "emails classified").Metric(labels=v)
+        self.reranked = counter(contract.METRIC_RERANKED, "emails whose candidates the cross-encoder reranked").Metric(labels=v)
+        self.review = counter(contract.METRIC_NEEDS_REVIEW, "emails below their probability threshold").Metric(labels=v)
+        self._errors_family = counter(contract.METRIC_ROW_ERRORS, "emails that could not be classified, by kind")
+        self._errors, self._v = {}, v
+
+    def record(self, results: list) -> None:
+        stage_ms, n, reranked, review = None, 0, 0, 0
+        for res in results:
+            if isinstance(res, RequestError):
+                continue
+            ok = res[contract.ERROR][:, 0] == b""
+            n += int(ok.sum())
+            reranked += int(res[contract.RERANKED][ok, 0].sum())
+            review += int(res[contract.NEEDS_REVIEW][ok, 0].sum())
+            for kind in res.get(ERROR_KINDS, []):
+                if kind not in self._errors:
+                    self._errors[kind] = self._errors_family.Metric(labels=self._v | {"kind": kind})
+                self._errors[kind].increment(1)
+            if ok.any():
+                stage_ms = res[contract.STAGE_MS][ok][0]  # one batch: every row carries the batch's timings
+        self.emails.increment(n)
+        self.reranked.increment(reranked)
+        self.review.increment(review)
+        if stage_ms is not None:
+            for s, ms in zip(contract.STAGES, stage_ms):
+                self.stage[s].observe(float(ms))
+
+
 class TritonPythonModel:
     def initialize(self, args):
         here = Path(args["model_repository"]) / args["model_version"]
@@ -55,6 +101,7 @@ class TritonPythonModel:
         clf = open_classifier(repo, here, BLSEncoders(bi_v, cross_v), embed_batch=int(params.get("embed_batch", 64)),
                               score_batch=int(params.get("score_batch", 256)))
         self.service = ClassifierService(clf, (args["model_version"], bi_v, cross_v))
+        self.metrics = ClassifierMetrics(args["model_version"])
         pb_utils.Logger.log_info(f"{contract.CLASSIFIER} v{args['model_version']}: {len(clf.label_names)} labels, "
                                  f"{contract.BI_ENCODER} v{bi_v}, {contract.CROSS_ENCODER} v{cross_v}")
 
@@ -63,12 +110,18 @@ class TritonPythonModel:
         try:
             results = self.service.handle(batch)
         except Exception as e:  # an encoder failed: every request of this batch learns why, the model keeps serving
+            # a server fault that a retry may get past (a backend being reloaded): UNAVAILABLE, retryable
             pb_utils.Logger.log_error(f"{contract.CLASSIFIER}: {e}")
-            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"classification failed: {e}")) for _ in requests]
+            err = pb_utils.TritonError(f"classification failed, retry: {e}", pb_utils.TritonError.UNAVAILABLE)
+            return [pb_utils.InferenceResponse(error=err) for _ in requests]
+        try:
+            self.metrics.record(results)
+        except Exception as e:  # metrics never cost a caller its answer
+            pb_utils.Logger.log_warn(f"{contract.CLASSIFIER}: metrics not recorded: {e}")
         responses = []
         for res in results:
-            if isinstance(res, RequestError):
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(res))))
+            if isinstance(res, RequestError):  # the caller's mistake: INVALID_ARGUMENT, never retried
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(res), pb_utils.TritonError.INVALID_ARG)))
             else:
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in res.items()]))
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, res[k]) for k in contract.CLASSIFIER_OUTPUTS]))
         return responses

@@ -1,0 +1,164 @@
+"""Honest readiness and recovery for a running mailroute Triton server.
+
+Triton's own /v2/health/ready keeps answering 200 after a Python-backend stub process dies, while
+every classification fails with "Stub process '<model>_0_0' is not healthy" (measured on the 2.51
+binary). So readiness here is proven: a canary classification through `email_classifier`, repeated
+every `interval` seconds; the server is ready while the last canary passed less than `max_age` ago.
+
+Recovery, measured on the 2.51 binary (2026-11-26):
+  - a repository `load` of a loaded model with an unchanged config is a no-op (0.002 s): the dead
+    stub stays dead;
+  - a `load` with a config override that differs (a `reload_nonce` parameter) replaces the model's
+    instances with fresh stubs: the pipeline answered again 1.5 s after the reload began;
+  - restarting the whole server works too but takes the server's full start time (every model).
+So the watchdog reloads the models named in the failure (all three when it cannot tell) and restarts
+the server only when `restart_after` reloads in a row did not bring the canary back.
+"""
+
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from mailroute import contract
+
+CANARY = "Hello, I was charged twice for my subscription this month, please refund the extra charge."
+ADMIN_HEADER = "triton-grpc-protocol-admin-key"
+_UNHEALTHY = re.compile(r"Stub process '(\w+?)_\d+_\d+' is not healthy")
+
+
+class Watchdog:
+    """Canary readiness plus self-repair for one TritonServer (client.server.TritonServer)."""
+
+    def __init__(self, server, interval: float = 2.0, max_age: float = 6.0, restart_after: int = 3, timeout: float = 10.0):
+        self.server, self.interval, self.max_age, self.restart_after, self.timeout = server, interval, max_age, restart_after, timeout
+        self.last_ok = 0.0
+        self.failures = 0  # consecutive failed canaries
+        self.events = []  # what was repaired, when, and how long until the canary passed again
+        self._down_since = None
+        self._stop = threading.Event()
+        self._thread = None
+        self._lock = threading.Lock()
+
+    # readiness
+    def canary(self) -> tuple:
+        """One classification through the whole pipeline -> (ok, error message)."""
+        import tritonclient.grpc as grpcclient
+        import numpy as np
+
+        try:
+            c = grpcclient.InferenceServerClient(self.server.grpc_url)
+            inp = grpcclient.InferInput(contract.TEXT, [1, 1], "BYTES")
+            inp.set_data_from_numpy(np.array([[CANARY.encode()]], dtype=object))
+            res = c.infer(contract.CLASSIFIER, [inp], client_timeout=self.timeout)
+            err = res.as_numpy(contract.ERROR)[0, 0]
+            c.close()
+            return (not err), (err.decode() if err else "")
+        except Exception as e:  # any failure of the canary means "not ready"
+            return False, str(e)
+
+    @property
+    def ready(self) -> bool:
+        return time.time() - self.last_ok < self.max_age
+
+    def status(self) -> dict:
+        return {"ready": self.ready, "last_ok_age_s": round(time.time() - self.last_ok, 2) if self.last_ok else None,
+                "consecutive_failures": self.failures, "recoveries": self.events[-10:]}
+
+    # repair
+    def _admin_client(self):
+        import tritonclient.grpc as grpcclient
+
+        return grpcclient.InferenceServerClient(self.server.grpc_url), {ADMIN_HEADER: self.server.admin_key} if self.server.admin_key else None
+
+    def reload(self, models) -> None:
+        """Reload models with fresh backend processes: a config override with a new nonce forces it."""
+        c, headers = self._admin_client()
+        for m in models:
+            cfg = c.get_model_config(m, as_json=True, headers=headers)["config"]
+            cfg.setdefault("parameters", {})["reload_nonce"] = {"string_value": f"{time.time():.6f}"}
+            c.load_model(m, config=json.dumps(cfg), headers=headers)
+        c.close()
+
+    def repair(self, error: str) -> str:
+        dead = sorted(set(_UNHEALTHY.findall(error)))
+        models = [m for m in dead if m in self.server.models] or list(self.server.models)
+        if self.failures >= self.restart_after or self.server.proc is None or self.server.proc.poll() is not None:
+            self.server.restart()
+            return "restart"
+        try:
+            self.reload(models)
+            return "reload " + ",".join(models)
+        except Exception as e:  # the server itself is unwell: the next round restarts it
+            return f"reload failed: {e}"
+
+    def check_once(self) -> bool:
+        ok, err = self.canary()
+        with self._lock:
+            if ok:
+                if self._down_since is not None and self.events:
+                    self.events[-1]["recovered_after_s"] = round(time.time() - self._down_since, 2)
+                self.last_ok, self.failures, self._down_since = time.time(), 0, None
+                return True
+            self.failures += 1
+            if self._down_since is None:
+                self._down_since = time.time()
+            action = self.repair(err)
+            self.events.append({"at": time.strftime("%H:%M:%S"), "error": err[:200], "action": action})
+            return False
+
+    # thread
+    def start(self) -> "Watchdog":
+        self.check_once()
+        self._thread = threading.Thread(target=self._loop, name="mailroute-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            self.check_once()
+
+    def stop(self):
+        self._stop.set()
+        if self._thread:
+            self._thread.join(self.timeout + self.interval)
+
+
+class ReadinessServer:
+    """GET /ready -> 200 while the watchdog's canary passes, else 503 (JSON body either way);
+    GET /live -> 200 while the server process runs. For load balancers and the compose health check."""
+
+    def __init__(self, watchdog: Watchdog, port: int, host: str = "0.0.0.0"):
+        wd = watchdog
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path.rstrip("/") == "/ready":
+                    code, body = (200 if wd.ready else 503), wd.status()
+                elif self.path.rstrip("/") == "/live":
+                    alive = wd.server.proc is not None and wd.server.proc.poll() is None
+                    code, body = (200 if alive else 503), {"live": alive}
+                else:
+                    code, body = 404, {"error": f"unknown path {self.path!r}: use /ready or /live"}
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):  # no line per health probe
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="mailroute-readiness", daemon=True)
+
+    def start(self) -> "ReadinessServer":
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

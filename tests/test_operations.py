@@ -1,0 +1,140 @@
+"""Operations on the real tritonserver: a crashed backend is noticed and recovered, status codes say
+whose fault a failure is, Prometheus metrics move, and the async client bounds its requests in flight."""
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from client import AsyncClassifierClient, ClassifierClient, ClassifierError
+from client.server import TritonServer
+from client.watchdog import ReadinessServer, Watchdog
+from mailroute import contract
+
+pytestmark = pytest.mark.slow
+
+EMAIL = "Hi, I was charged twice this month, please refund the extra charge."
+
+
+def stub_pid(model: str, server: TritonServer) -> int:
+    """The Python-backend stub process of one model instance of this server."""
+    out = subprocess.run(["pgrep", "-af", "triton_python_backend_stub"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if f"{model}_0_0" in line and str(server.work) in line:
+            return int(line.split()[0])
+    raise AssertionError(f"no stub process of {model} in:\n{out}")
+
+
+@pytest.fixture()
+def fresh_server(tiny_repo):
+    """A server of its own: these tests kill its processes."""
+    with TritonServer(tiny_repo, admin_key="ops-key") as server:
+        yield server
+
+
+def test_killed_stub_turns_readiness_false_and_is_recovered(fresh_server):
+    # Given a served pipeline with its watchdog and readiness endpoint
+    wd = Watchdog(fresh_server, interval=0.5, max_age=1.5).start()
+    ready = ReadinessServer(wd, 0, host="127.0.0.1").start()
+    url = f"http://127.0.0.1:{ready.port}/ready"
+    try:
+        assert urllib.request.urlopen(url, timeout=5).status == 200
+        # When the cross-encoder's backend process is killed
+        os.kill(stub_pid(contract.CROSS_ENCODER, fresh_server), signal.SIGKILL)
+        t0 = time.time()
+        # Then readiness turns false (Triton's own readiness would still say 200) ...
+        saw_unready = False
+        while time.time() - t0 < 15 and not saw_unready:
+            try:
+                urllib.request.urlopen(url, timeout=5)
+            except urllib.error.HTTPError as e:
+                saw_unready = e.code == 503
+            time.sleep(0.1)
+        assert saw_unready
+        # ... and the model is reloaded: classifications succeed again within 15 s, readiness back to 200
+        with ClassifierClient(fresh_server.grpc_url, timeout=30) as c:
+            deadline = time.time() + 15
+            while True:
+                try:
+                    assert c.classify_one(EMAIL).ok
+                    break
+                except ClassifierError:
+                    assert time.time() < deadline, f"not recovered in 15 s: {wd.status()}"
+        while not wd.ready:
+            assert time.time() - t0 < 20
+            time.sleep(0.2)
+        assert urllib.request.urlopen(url, timeout=5).status == 200
+        assert any(e["action"].startswith("reload") and contract.CROSS_ENCODER in e["action"] for e in wd.events)
+    finally:
+        wd.stop()
+        ready.stop()
+
+
+def test_client_retries_carry_a_request_over_the_recovery_gap(fresh_server):
+    # Given a watchdog that repairs, and a dead classifier stub
+    wd = Watchdog(fresh_server, interval=0.5, max_age=1.5).start()
+    try:
+        os.kill(stub_pid(contract.CLASSIFIER, fresh_server), signal.SIGKILL)
+        time.sleep(0.2)
+        # When a client with the default retries classifies during the gap, it gets its answer
+        with ClassifierClient(fresh_server.grpc_url, timeout=30) as c:
+            results = [c.classify_one(EMAIL) for _ in range(5)]
+        assert all(r.ok for r in results)
+    finally:
+        wd.stop()
+
+
+def test_caller_errors_are_invalid_argument_and_not_retried(triton):
+    with ClassifierClient(triton.grpc_url, retries=5, backoff=2.0) as c:
+        t0 = time.time()
+        with pytest.raises(ClassifierError, match="top_k must be between") as err:
+            c.classify([EMAIL], top_k=500)
+        assert "INVALID_ARGUMENT" in str(err.value.status()) and not err.value.retryable
+        assert time.time() - t0 < 2.0  # no backoff: a caller error is raised at once
+        assert isinstance(err.value, InferenceServerException) and "not retryable" in str(err.value)
+
+
+def _metrics(server) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def _value(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_appear_and_move_after_requests(triton):
+    before = _metrics(triton)
+    with ClassifierClient(triton.grpc_url) as c:
+        res = c.classify([EMAIL, "", "Where is my parcel?"])
+    assert [r.ok for r in res] == [True, False, True]
+    after = _metrics(triton)
+    for name in (contract.METRIC_STAGE_MS, contract.METRIC_EMAILS, contract.METRIC_RERANKED, contract.METRIC_ROW_ERRORS):
+        assert name in after, name
+    assert _value(after, contract.METRIC_EMAILS + "{") - _value(before, contract.METRIC_EMAILS + "{") == 2
+    assert _value(after, contract.METRIC_ROW_ERRORS, kind="empty") - _value(before, contract.METRIC_ROW_ERRORS, kind="empty") == 1
+    for stage in contract.STAGES:
+        count = contract.METRIC_STAGE_MS + "_count"
+        assert _value(after, count, stage=stage) > _value(before, count, stage=stage)
+    assert re.search(contract.METRIC_EMAILS + r'\{[^}]*version="1"', after)
+
+
+def test_async_client_bounds_requests_in_flight(triton):
+    async def go():
+        async with AsyncClassifierClient(triton.grpc_url, max_batch=1, max_in_flight=2) as c:
+            res = await c.classify([EMAIL, "Where is my parcel?", "The app crashes", "Send the invoice", "refund"] * 2)
+            return res, c.peak_in_flight
+
+    res, peak = asyncio.run(go())
+    assert len(res) == 10 and all(r.ok for r in res)
+    assert 1 <= peak <= 2
