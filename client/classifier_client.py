@@ -108,7 +108,11 @@ def retryable(e: Exception) -> bool:
     msg, status = e.message() or "", str(e.status())
     if "UNAVAILABLE" in status:
         return "restricted" not in msg  # a missing admin key stays missing
-    return "INTERNAL" in status and "is not healthy" in msg  # a backend process died; the watchdog brings it back
+    if "INTERNAL" in status and "is not healthy" in msg:
+        return True  # a backend process died; the watchdog brings it back
+    # a request cut off by a dying server comes back with no message (INTERNAL or UNKNOWN); classifying is
+    # idempotent, so sending it again is safe
+    return ("INTERNAL" in status or "UNKNOWN" in status) and not msg.strip()
 
 
 def _params(top_k, threshold, gate=None) -> dict:

@@ -57,6 +57,7 @@ class TritonServer:
         self.work = Path(tempfile.mkdtemp(prefix="mailroute-triton-"))
         self.log_file = Path(log_file) if log_file else self.work / "triton.log"
         self.proc = None
+        self._backends = None  # copied once: a restart reuses it (its stub may still be busy while old processes exit)
 
     @property
     def grpc_url(self) -> str:
@@ -69,7 +70,7 @@ class TritonServer:
     def command(self) -> list:
         pt = pytriton_dir()
         cmd = [str(pt / "tritonserver" / "bin" / "tritonserver"), f"--model-repository={self.repo}",
-               f"--backend-directory={backend_dir(self.work)}", f"--grpc-port={self.grpc_port}",
+               f"--backend-directory={self._backend_dir()}", f"--grpc-port={self.grpc_port}",
                f"--http-port={self.http_port}", f"--metrics-port={self.metrics_port}", "--log-verbose=0"]
         if self.explicit:
             cmd += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in self.models]
@@ -78,6 +79,11 @@ class TritonServer:
             cmd += [f"--grpc-restricted-protocol={groups}:admin-key={self.admin_key}",
                     f"--http-restricted-api={groups}:admin-key={self.admin_key}"]
         return cmd + self.extra_args
+
+    def _backend_dir(self) -> Path:
+        if self._backends is None:
+            self._backends = backend_dir(self.work)
+        return self._backends
 
     def env(self) -> dict:
         env = dict(os.environ)
@@ -132,8 +138,13 @@ class TritonServer:
         if getattr(self, "log", None):
             self.log.close()
 
+    def cleanup(self) -> None:
+        """Remove the server's temporary folder (backend copy, and the log unless it was given a path)."""
+        shutil.rmtree(self.work, ignore_errors=True)
+
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc):
         self.stop()
+        self.cleanup()

@@ -10,9 +10,12 @@ Recovery, measured on the 2.51 binary (2026-11-26):
     stub stays dead;
   - a `load` with a config override that differs (a `reload_nonce` parameter) replaces the model's
     instances with fresh stubs: the pipeline answered again 1.5 s after the reload began;
-  - restarting the whole server works too but takes the server's full start time (every model).
-So the watchdog reloads the models named in the failure (all three when it cannot tell) and restarts
-the server only when `restart_after` reloads in a row did not bring the canary back.
+  - but under load (a soak at 70% of maximum throughput) the same reload crashed tritonserver 2.51
+    (signal 11) once; the watchdog then restarts the server at once (its full start time, ~3 s for
+    the tiny test models), and the client's retries carry requests over the gap.
+So the watchdog reloads the models named in the failure (all three when it cannot tell), gives the
+reload `grace` seconds to bring the canary back (a loaded server answers slowly while it catches up),
+and restarts the server only when a reload fails or `restart_after` reloads in a row did not help.
 """
 
 import json
@@ -21,9 +24,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from mailroute import contract
+from mailroute.health import canary
 
-CANARY = "Hello, I was charged twice for my subscription this month, please refund the extra charge."
 ADMIN_HEADER = "triton-grpc-protocol-admin-key"
 _UNHEALTHY = re.compile(r"Stub process '(\w+?)_\d+_\d+' is not healthy")
 
@@ -31,10 +33,14 @@ _UNHEALTHY = re.compile(r"Stub process '(\w+?)_\d+_\d+' is not healthy")
 class Watchdog:
     """Canary readiness plus self-repair for one TritonServer (client.server.TritonServer)."""
 
-    def __init__(self, server, interval: float = 2.0, max_age: float = 6.0, restart_after: int = 3, timeout: float = 10.0):
+    def __init__(self, server, interval: float = 2.0, max_age: float = 6.0, restart_after: int = 2, timeout: float = 10.0,
+                 grace: float = 15.0):
         self.server, self.interval, self.max_age, self.restart_after, self.timeout = server, interval, max_age, restart_after, timeout
+        self.grace = grace
         self.last_ok = 0.0
         self.failures = 0  # consecutive failed canaries
+        self.repairs = 0  # repairs since the canary last passed
+        self._last_repair = 0.0
         self.events = []  # what was repaired, when, and how long until the canary passed again
         self._down_since = None
         self._stop = threading.Event()
@@ -44,19 +50,7 @@ class Watchdog:
     # readiness
     def canary(self) -> tuple:
         """One classification through the whole pipeline -> (ok, error message)."""
-        import tritonclient.grpc as grpcclient
-        import numpy as np
-
-        try:
-            c = grpcclient.InferenceServerClient(self.server.grpc_url)
-            inp = grpcclient.InferInput(contract.TEXT, [1, 1], "BYTES")
-            inp.set_data_from_numpy(np.array([[CANARY.encode()]], dtype=object))
-            res = c.infer(contract.CLASSIFIER, [inp], client_timeout=self.timeout)
-            err = res.as_numpy(contract.ERROR)[0, 0]
-            c.close()
-            return (not err), (err.decode() if err else "")
-        except Exception as e:  # any failure of the canary means "not ready"
-            return False, str(e)
+        return canary(self.server.http_url, self.timeout)
 
     @property
     def ready(self) -> bool:
@@ -82,15 +76,25 @@ class Watchdog:
         c.close()
 
     def repair(self, error: str) -> str:
+        """-> what was done ("" = nothing: the last repair is still within its grace period)."""
+        if self.server.proc is None or self.server.proc.poll() is not None:  # the server itself died: at once
+            self.repairs, self._last_repair = self.restart_after + 1, time.time()
+            self.server.restart()
+            return "restart (server process had exited)"
+        if self.repairs and time.time() - self._last_repair < self.grace:
+            return ""
+        self.repairs += 1
+        self._last_repair = time.time()
         dead = sorted(set(_UNHEALTHY.findall(error)))
         models = [m for m in dead if m in self.server.models] or list(self.server.models)
-        if self.failures >= self.restart_after or self.server.proc is None or self.server.proc.poll() is not None:
+        if self.repairs > self.restart_after:
             self.server.restart()
             return "restart"
         try:
             self.reload(models)
             return "reload " + ",".join(models)
-        except Exception as e:  # the server itself is unwell: the next round restarts it
+        except Exception as e:  # the server itself is unwell: the next repair restarts it
+            self.repairs = self.restart_after
             return f"reload failed: {e}"
 
     def check_once(self) -> bool:
@@ -99,13 +103,17 @@ class Watchdog:
             if ok:
                 if self._down_since is not None and self.events:
                     self.events[-1]["recovered_after_s"] = round(time.time() - self._down_since, 2)
-                self.last_ok, self.failures, self._down_since = time.time(), 0, None
+                self.last_ok, self.failures, self.repairs, self._down_since = time.time(), 0, 0, None
                 return True
             self.failures += 1
             if self._down_since is None:
                 self._down_since = time.time()
-            action = self.repair(err)
-            self.events.append({"at": time.strftime("%H:%M:%S"), "error": err[:200], "action": action})
+            try:
+                action = self.repair(err)
+            except Exception as e:  # never let the watchdog thread die: try again next round
+                action = f"repair failed: {e}"
+            if action:
+                self.events.append({"at": time.strftime("%H:%M:%S"), "error": err[:200], "action": action})
             return False
 
     # thread

@@ -11,4 +11,4 @@ COPY mailroute /opt/mailroute/mailroute
 RUN pip install --no-cache-dir --no-deps /opt/mailroute
 
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD curl -fsS localhost:8000/v2/health/ready || exit 1
+    CMD python3 -m mailroute.health http://localhost:8000 || exit 1

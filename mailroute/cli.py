@@ -88,6 +88,7 @@ def cmd_serve(args):
             watchdog.stop()
             readiness.stop()
         server.stop()
+        server.cleanup()
 
 
 def print_table(rows: list, file=sys.stdout):
