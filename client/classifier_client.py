@@ -112,7 +112,8 @@ def retryable(e: Exception) -> bool:
         return True  # a backend process died; the watchdog brings it back
     # a request cut off by a dying server comes back with no message (INTERNAL or UNKNOWN); classifying is
     # idempotent, so sending it again is safe
-    return ("INTERNAL" in status or "UNKNOWN" in status) and not msg.strip()
+    cut_off = not msg.strip() or not msg.isprintable()  # no message, or a torn frame's bytes
+    return ("INTERNAL" in status or "UNKNOWN" in status) and cut_off
 
 
 def _params(top_k, threshold, gate=None) -> dict:

@@ -4,8 +4,10 @@ Tiny models make the tests fast; they are randomly initialised, so tests assert 
 consistency, agreement, errors), never accuracy. The slow accuracy test trains real MiniLM weights.
 """
 
+import json
 import os
 import shutil
+from dataclasses import asdict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -17,6 +19,7 @@ from mailroute.label_index import LabelScoring, weights_id  # noqa: E402
 from mailroute.rerank_policy import RerankPolicy  # noqa: E402
 from mailroute.run_layout import RunFolder  # noqa: E402
 from training import bi_encoder as bi  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
 from training.data import load_demo  # noqa: E402
 from training.models import load_cross_encoder, make_tiny_base, tiny_bi_encoder  # noqa: E402
 
@@ -30,6 +33,7 @@ def demo():
 def tiny_run(tmp_path_factory, demo):
     """A run folder like `mailroute train` writes, with tiny random encoders over the demo taxonomy."""
     run = RunFolder(tmp_path_factory.mktemp("tiny-run"))
+    run.config.write_text(json.dumps(asdict(TrainConfig(dataset="demo", k_eval=5))) + "\n")
     model = tiny_bi_encoder(tmp_path_factory.mktemp("tiny-bi-base"))
     model.save(str(run.bi_encoder))
     # the label index as training builds it: descriptions + training emails as exemplars + label cards

@@ -102,3 +102,19 @@ def test_int8_quantisation_runs_and_stays_close(tiny_repo, tmp_path):
     feed = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: np.ones_like(ids)}
     a, b = session(src).run(None, feed)[0], session(tmp_path / "q.onnx").run(None, feed)[0]
     assert a.shape == b.shape and float((a @ b.T)[0, 0]) > 0.9  # unit vectors, nearly the same direction
+
+
+def test_quantized_export_measures_what_it_ships(tiny_run, tmp_path, demo):
+    from export.run import ExportConfig, export
+    from mailroute.run_layout import RunFolder
+
+    # Given a run exported as int8 with K=4
+    report = export(ExportConfig(run=str(tiny_run), repo=str(tmp_path / "repo"), top_k=4, quantize=True, quantize_eval=20))
+    # Then the accuracy change was measured with the shipped K, and the version ships that K and the run's policy
+    assert report["int8"]["top_k"] == 4 and report["int8"]["emails"] == 20
+    spec = json.loads((tmp_path / "repo" / contract.CLASSIFIER / "1" / "pipeline.json").read_text())
+    assert spec["top_k"] == 4 and spec["policy"] == json.loads(RunFolder(tiny_run).policy.read_text())
+    # and its label index (descriptions + every exemplar) was embedded by the shipped int8 graph: it loads pinned to it
+    clf = open_onnx_classifier(tmp_path / "repo")
+    assert clf.index.manifest["exemplars"] == len(demo.train) and clf.index.cards is not None
+    assert clf.classify(EMAILS[:2])[0].error == ""
