@@ -2,6 +2,7 @@
 
   mailroute demo                      train on the built-in taxonomy, export, start Triton, classify samples
   mailroute train --dataset banking77 both stages + flat baseline, evaluated, saved to --out
+  mailroute refit --run runs/demo     fit the rerank policy (fusion, temperature, gate) again on validation
   mailroute export --run runs/demo    ONNX (parity-checked) -> new versions in model_repository/
   mailroute serve                     start tritonserver on the repository, print endpoints, stop on Ctrl-C
   mailroute classify "text" a.eml b.jsonl --url 127.0.0.1:8001
@@ -48,6 +49,12 @@ def cmd_train(args):
     from training.run import TrainConfig, run
 
     run(_config(TrainConfig, args))
+
+
+def cmd_refit(args):
+    from training.run import refit
+
+    refit(args.run, args.gate_tolerance, args.device)
 
 
 def cmd_export(args):
@@ -178,6 +185,15 @@ def main(argv=None):
                                    "(format in training/data.py and the README). Invalid data stops training unless --drop-invalid.")
     _add_dataclass_args(p, TrainConfig)
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("refit", help="fit a trained run's rerank policy again on validation (e.g. another gate tolerance), no retraining",
+                       description="Scores validation and test again with the run's models, fits fusion, temperature and gate on "
+                                   "validation, and rewrites rerank_policy.json, metrics.json and report.md (the flat baseline is kept).")
+    p.add_argument("--run", required=True, help="trained run folder")
+    p.add_argument("--gate-tolerance", type=float, default=None,
+                   help="validation accuracy the gate may give up versus reranking every email (default: the run's)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.set_defaults(fn=cmd_refit)
 
     p = sub.add_parser("export", help="export a trained run to ONNX and write new versions into the Triton model repository")
     _add_dataclass_args(p, ExportConfig)

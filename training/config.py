@@ -32,7 +32,7 @@ class TrainConfig:
     ce_epochs: float = 1.0  # cross-encoder listwise epochs
     ce_init: str = "base"  # cross-encoder start weights: base (MiniLM) | bi_encoder (the MNR-fine-tuned encoder, new head)
     train_retrieval_weight: float = 0.0  # retrieval score fused into the logits during listwise training (0 = pure rerank)
-    gate_tolerance: float = 0.001  # the gate skips stage 2 for as many emails as keep validation accuracy within this
+    gate_tolerance: float = 0.0  # the gate skips stage 2 for as many emails as keep validation accuracy within this of reranking all
     ce_batch_size: int = 8  # emails per batch (x k_train pairs)
     ce_lr: float = 1e-4  # cross-encoder learning rate (its new head starts from nothing)
     flat_epochs: int = 3  # flat softmax baseline epochs

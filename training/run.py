@@ -5,7 +5,7 @@ import json
 import platform
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from training import bi_encoder as bi
 from training.config import TrainConfig  # noqa: F401 (re-exported for callers)
 from training.cross_encoder import KeepBestEpoch, train_cross_encoder
 from training.data import load_dataset, load_named, sample_per_label, split_validation
-from training.evaluate import choose_scoring, collect, fit_policy, recall_at, system_metrics, top_confusions, variants, predict
+from training.evaluate import choose_scoring, collect, fit_policy, predict, recall_at, system_metrics, top_confusions, variants
 from training.flat_baseline import predict_flat, train_flat
 from training.mining import exemplar_rows, listwise_rows, mine_candidates, mine_out_of_fold
 from training.models import load_bi_encoder, load_cross_encoder, resolve_device
@@ -126,29 +126,14 @@ def run(cfg: TrainConfig) -> dict:
     # 7. evaluate through the reference classifier (the code path serving runs): the policy (fusion,
     #    temperature, gate) is fitted on validation, then test is measured once with it
     t = time.perf_counter()
-    clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(tax)))
-    k = clf.top_k
-    sv, st = collect(clf, val, k), collect(clf, test, k)
-    fused, gated, gate_report, ce_only = fit_policy(sv, cfg.gate_tolerance)
-    gated.save(out.policy)
-    names = list(tax.names)
-    desc = LabelScoring(description_weight=1.0)
-    v_val = variants(sv, names, fused, gated, ce_only, index.search(sv.xq, len(tax), scoring=desc)[1])
-    v_test = variants(st, names, fused, gated, ce_only, index.search(st.xq, len(tax), scoring=desc)[1])
-    gold_test = [names[g] for g in st.gold]
-    pred, conf, reranked = predict(st, gated, names, "gated")
-    recall = recall_at(st.gold, st.ranked)
     metrics = {"dataset": tax.name, "labels": len(tax), "n_train": len(train), "n_validation": len(val), "n_test": len(test),
-               "device": device, "k": k, "policy": gated.to_dict(), "gate": gate_report,
-               "label_scoring": asdict(index.scoring), "label_scoring_validation": scoring_table,
-               "cross_encoder_validation_by_epoch": ce_history,
+               "device": device, "label_scoring_validation": scoring_table, "cross_encoder_validation_by_epoch": ce_history,
                "mining": {"how": how, "gold_retrieved_train": gold_retrieved, "gold_in_rows": gold_mined, "rows": len(keep)},
-               "bi_encoder": v_test["bi_encoder"] | {"recall@10": recall.get("recall@10")},
-               "two_stage": v_test["two_stage"] | {"recall@10": recall.get("recall@10"), "k": k},
-               "retrieval": recall, "retrieval_validation": recall_at(sv.gold, sv.ranked),
-               "variants": {"validation": v_val, "test": v_test},
-               "confusions": top_confusions(gold_test, pred), "latency": st.ms,
                "anisotropy": {"before": aniso_before, "after": aniso_after}}
+    clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(tax)))
+    ev = evaluate_and_fit(clf, val, test, cfg.gate_tolerance)
+    ev.policy.save(out.policy)
+    metrics |= ev.metrics
     times["evaluation_s"] = time.perf_counter() - t
 
     # 8. the flat softmax baseline: same MiniLM, same data, linear head over all labels, epochs chosen on validation
@@ -159,22 +144,91 @@ def run(cfg: TrainConfig) -> dict:
                                     cfg.flat_lr, cfg.seed, val=val, device=device)
         probs = predict_flat(flat, [e.text for e in test])
         flat_pred, flat_conf = [tax.names[i] for i in probs.argmax(1)], probs.max(1)
-        metrics["flat_baseline"] = system_metrics(gold_test, flat_pred, flat_conf, tax.names) | {"validation_by_epoch": flat_val}
+        metrics["flat_baseline"] = system_metrics(ev.gold, flat_pred, flat_conf, tax.names) | {"validation_by_epoch": flat_val}
         times["flat_baseline_s"] = time.perf_counter() - t
     metrics["train_time"] = times
     metrics["machine"] = {"device": device, "cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
                           "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
 
     # 9. save: predictions of both systems, metrics, the report with its close-pair table and abstention plot
-    with open(out.predictions, "w") as f:
-        for i in range(len(test)):
-            row = {"gold": gold_test[i], "label": pred[i], "probability": float(conf[i]), "reranked": bool(reranked[i])}
-            if flat_pred is not None:
-                row |= {"flat_label": flat_pred[i], "flat_probability": float(flat_conf[i])}
-            f.write(json.dumps(row) + "\n")
-    write_report(metrics, out, index, gold_test, pred, conf, flat_pred, flat_conf)
-    out.metrics.write_text(json.dumps(metrics, indent=1) + "\n")
+    save_evaluation(out, metrics, index, ev, flat_pred, flat_conf)
     print(f"[9/9] saved to {out.root}: two-stage {metrics['two_stage']['accuracy']:.2%} "
           f"({metrics['two_stage']['share_reranked']:.0%} reranked), bi-encoder {metrics['bi_encoder']['accuracy']:.2%}"
           + (f", flat {metrics['flat_baseline']['accuracy']:.2%}" if "flat_baseline" in metrics else ""))
+    return metrics
+
+
+@dataclass
+class Evaluation:
+    policy: RerankPolicy  # the served (gated) policy
+    metrics: dict
+    gold: list  # test gold label names
+    pred: list  # test predictions of the served policy
+    conf: np.ndarray
+    reranked: np.ndarray
+
+
+def evaluate_and_fit(clf, val: list, test: list, gate_tolerance: float) -> Evaluation:
+    """Both stages on validation and test (scores computed once per split); the policy fitted on
+    validation; every variant measured on both."""
+    tax, names, k = clf.index.taxonomy, list(clf.label_names), clf.top_k
+    sv, st = collect(clf, val, k), collect(clf, test, k)
+    fused, gated, gate_report, ce_only = fit_policy(sv, gate_tolerance)
+    desc = LabelScoring(description_weight=1.0)
+    v_val = variants(sv, names, fused, gated, ce_only, clf.index.search(sv.xq, len(tax), scoring=desc)[1])
+    v_test = variants(st, names, fused, gated, ce_only, clf.index.search(st.xq, len(tax), scoring=desc)[1])
+    gold_test = [names[g] for g in st.gold]
+    pred, conf, reranked = predict(st, gated, names, "gated")
+    recall = recall_at(st.gold, st.ranked)
+    metrics = {"k": k, "policy": gated.to_dict(), "gate": gate_report | {"tolerance": gate_tolerance},
+               "label_scoring": asdict(clf.index.scoring),
+               "bi_encoder": v_test["bi_encoder"] | {"recall@10": recall.get("recall@10")},
+               "two_stage": v_test["two_stage"] | {"recall@10": recall.get("recall@10"), "k": k},
+               "retrieval": recall, "retrieval_validation": recall_at(sv.gold, sv.ranked),
+               "variants": {"validation": v_val, "test": v_test},
+               "confusions": top_confusions(gold_test, pred), "latency": st.ms}
+    return Evaluation(gated, metrics, gold_test, pred, conf, reranked)
+
+
+def save_evaluation(out: RunFolder, metrics: dict, index, ev: Evaluation, flat_pred=None, flat_conf=None) -> None:
+    with open(out.predictions, "w") as f:
+        for i in range(len(ev.gold)):
+            row = {"gold": ev.gold[i], "label": ev.pred[i], "probability": float(ev.conf[i]), "reranked": bool(ev.reranked[i])}
+            if flat_pred is not None:
+                row |= {"flat_label": flat_pred[i], "flat_probability": float(flat_conf[i])}
+            f.write(json.dumps(row) + "\n")
+    write_report(metrics, out, index, ev.gold, ev.pred, ev.conf, flat_pred, flat_conf)
+    out.metrics.write_text(json.dumps(metrics, indent=1) + "\n")
+
+
+def refit(run_dir, gate_tolerance: float = None, device: str = "auto") -> dict:
+    """Fit the rerank policy of a trained run again without retraining (e.g. another gate tolerance):
+    the same splits as `mailroute train`, both stages scored again, policy, metrics and report rewritten.
+    The flat baseline's numbers and predictions are kept from the run."""
+    from mailroute.label_index import LabelIndex
+
+    out = RunFolder(run_dir)
+    if not out.is_trained() or not out.metrics.exists():
+        raise FileNotFoundError(f"{out.root} is not a trained run folder (needs {out.bi_encoder.name}/, {out.cross_encoder.name}/, "
+                                f"{out.label_index.name}/ and {out.metrics.name}): run `mailroute train` first")
+    cfg = TrainConfig(**json.loads(out.config.read_text()))
+    if gate_tolerance is not None:
+        cfg.gate_tolerance = gate_tolerance
+    device = resolve_device(device)
+    data = load_dataset(cfg.taxonomy, cfg.train, cfg.test, cfg.drop_invalid) if cfg.taxonomy else load_named(cfg.dataset, cfg.banking77 or None)
+    _, val = split_validation(data.train, cfg.validation_fraction, cfg.seed)
+    test = data.test[: cfg.test_limit] if cfg.test_limit else data.test
+    model, cross = load_bi_encoder(out.bi_encoder, device=device), load_cross_encoder(out.cross_encoder, device=device)
+    index = LabelIndex.load(out.label_index)
+    clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(index)))
+    ev = evaluate_and_fit(clf, val, test, cfg.gate_tolerance)
+    ev.policy.save(out.policy)
+    metrics = json.loads(out.metrics.read_text()) | ev.metrics | {"refit": {"date": time.strftime("%Y-%m-%d %H:%M"), "gate_tolerance": cfg.gate_tolerance}}
+    rows = [json.loads(line) for line in out.predictions.read_text().splitlines() if line.strip()]
+    flat_pred = [r["flat_label"] for r in rows] if rows and "flat_label" in rows[0] else None
+    flat_conf = np.array([r["flat_probability"] for r in rows]) if flat_pred else None
+    out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    save_evaluation(out, metrics, index, ev, flat_pred, flat_conf)
+    print(f"refit {out.root}: two-stage {metrics['two_stage']['accuracy']:.2%} ({metrics['two_stage']['share_reranked']:.0%} reranked), "
+          f"ungated {metrics['variants']['test']['two_stage_ungated']['accuracy']:.2%}")
     return metrics
