@@ -3,6 +3,7 @@
   mailroute demo                      train on the built-in taxonomy, export, start Triton, classify samples
   mailroute train --dataset banking77 both stages + flat baseline, evaluated, saved to --out
   mailroute refit --run runs/demo     fit the rerank policy (fusion, temperature, gate) again on validation
+  mailroute sweep a: b:--oof-folds=3 -- --dataset banking77   several train configurations at once, one summary
   mailroute export --run runs/demo    ONNX (parity-checked) -> new versions in model_repository/
   mailroute serve                     start tritonserver on the repository, print endpoints, stop on Ctrl-C
   mailroute classify "text" a.eml b.jsonl --url 127.0.0.1:8001
@@ -171,6 +172,12 @@ def main(argv=None):
     from export.config import ExportConfig
     from training.config import TrainConfig
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sweep"]:  # its own parser: the flags after `--` belong to every `mailroute train`
+        from training.sweep import main as sweep_main
+
+        sys.exit(sweep_main(argv[1:]))
+
     ap = argparse.ArgumentParser(prog="mailroute", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -185,6 +192,9 @@ def main(argv=None):
                                    "(format in training/data.py and the README). Invalid data stops training unless --drop-invalid.")
     _add_dataclass_args(p, TrainConfig)
     p.set_defaults(fn=cmd_train)
+
+    sub.add_parser("sweep", help="several `mailroute train` configurations at once (e.g. five on one GPU), one summary table; "
+                                 "see `mailroute sweep --help`")
 
     p = sub.add_parser("refit", help="fit a trained run's rerank policy again on validation (e.g. another gate tolerance), no retraining",
                        description="Scores validation and test again with the run's models, fits fusion, temperature and gate on "

@@ -173,3 +173,14 @@ def test_cuda_flag_falls_back_to_cpu_with_a_clear_message(monkeypatch):
         assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
     with pytest.raises(ValueError, match="device must be one of"):
         resolve_device("tpu")
+
+
+def test_sweep_configurations_parse_and_bad_ones_are_named():
+    from training.sweep import parse_config
+
+    assert parse_config("oof3:--oof-folds=3,--ce-epochs=2") == ("oof3", ["--oof-folds", "3", "--ce-epochs", "2"])
+    assert parse_config("base:") == ("base", []) and parse_config("base") == ("base", [])
+    with pytest.raises(ValueError, match="not a --flag=value"):
+        parse_config("x:oof-folds=3")
+    with pytest.raises(ValueError, match="plain NAME"):
+        parse_config("a/b:--k-eval=3")
