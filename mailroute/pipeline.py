@@ -1,5 +1,6 @@
-"""The two-stage pipeline as a plain Python class: normalise -> tokenise -> embed -> FAISS top-K ->
-rerank the K (email, label) pairs -> softmax over the K logits.
+"""The two-stage pipeline as a plain Python class: normalise -> tokenise -> embed -> label index top-K
+(descriptions + exemplars) -> the gate (retrieval sure? stage 2 skipped) -> rerank the K (email, label
+card) pairs -> the RerankPolicy's softmax over the K fused scores.
 
 It does not know what runs the encoders: `Encoders` is PyTorch for the in-process reference
 classifier (training/reference.py), onnxruntime in-process (mailroute/onnx_encoders.py), or BLS
