@@ -5,7 +5,8 @@ every classification fails with "Stub process '<model>_0_0' is not healthy" (mea
 binary). So readiness here is proven: a canary classification through `email_classifier`, repeated
 every `interval` seconds; the server is ready while the last canary passed less than `max_age` ago.
 
-Recovery, measured on the 2.51 binary (2026-11-26):
+Recovery, measured by hand on the 2.51 binary with the tiny test models (2026-11-26; tests/test_operations.py
+checks the behaviour, benchmarks/soak.py the loaded case):
   - a repository `load` of a loaded model with an unchanged config is a no-op (0.002 s): the dead
     stub stays dead;
   - a `load` with a config override that differs (a `reload_nonce` parameter) replaces the model's

@@ -244,7 +244,9 @@ def main(argv=None):
         from mailroute.taxonomy import DataError
         from tritonclient.utils import InferenceServerException
 
-        if isinstance(e, (DataError, FileNotFoundError, FileExistsError, InferenceServerException)):
+        from mailroute.settings import BadSetting
+
+        if isinstance(e, (DataError, BadSetting, FileNotFoundError, FileExistsError, InferenceServerException)):
             sys.exit(f"mailroute {args.command}: {e}")
         raise
 

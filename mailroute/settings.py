@@ -23,6 +23,10 @@ def banking77_dir() -> Path:
     return Path(os.environ.get("MAILROUTE_BANKING77", shared_dir() / "datasets" / "banking77"))
 
 
+class BadSetting(ValueError):
+    """A command-line setting out of its allowed values; the CLI prints it as one line."""
+
+
 @dataclass(frozen=True)
 class Defaults:
     top_k: int = 10  # candidates retrieved and reranked per email

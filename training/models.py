@@ -11,7 +11,7 @@ import torch  # noqa: E402
 from sentence_transformers import CrossEncoder, SentenceTransformer  # noqa: E402
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer  # noqa: E402
 
-from mailroute.settings import DEFAULTS  # noqa: E402
+from mailroute.settings import DEFAULTS, BadSetting  # noqa: E402
 
 
 def base_model_dir() -> Path:
@@ -26,7 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 def resolve_device(name: str = "auto") -> str:
     """auto -> cuda when PyTorch sees a GPU, else cpu; cuda without a GPU falls back to cpu, saying so."""
     if name not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {name!r}")
+        raise BadSetting(f"--device must be one of {DEVICES}, got {name!r}")
     if name == "cpu":
         return "cpu"
     if torch.cuda.is_available():

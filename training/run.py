@@ -13,6 +13,7 @@ import torch
 from mailroute.label_index import LabelScoring, weights_id
 from mailroute.rerank_policy import RerankPolicy
 from mailroute.run_layout import RunFolder
+from mailroute.settings import BadSetting
 from training import bi_encoder as bi
 from training.config import TrainConfig  # noqa: F401 (re-exported for callers)
 from training.cross_encoder import KeepBestEpoch, train_cross_encoder
@@ -38,6 +39,8 @@ def _grid(text: str, cast) -> list:
 def run(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    if cfg.ce_init not in ("base", "bi_encoder"):  # settings are checked before any work
+        raise BadSetting(f"--ce-init must be 'base' or 'bi_encoder', got {cfg.ce_init!r}")
     times, t = {}, time.perf_counter()
 
     # 1. data: validation held out of train; test only for the final numbers
@@ -110,8 +113,6 @@ def run(cfg: TrainConfig) -> dict:
     # 6. cross-encoder from the same base weights (or the fine-tuned bi-encoder), new head, listwise softmax CE over those K
     t = time.perf_counter()
     print(f"[6/9] cross-encoder: listwise, K={cfg.k_train}, {cfg.ce_epochs} epoch(s), label cards with {cfg.card_examples} example(s)")
-    if cfg.ce_init not in ("base", "bi_encoder"):
-        raise ValueError(f"ce_init must be 'base' or 'bi_encoder', got {cfg.ce_init!r}")
     cross = load_cross_encoder(out.bi_encoder if cfg.ce_init == "bi_encoder" else (cfg.base or None), device=device)
     keep_best = None
     if cfg.ce_epochs > 1:  # epochs by early stopping: validation rows mined like training rows, checked after every epoch

@@ -23,18 +23,19 @@ import time
 from pathlib import Path
 
 from mailroute.run_layout import METRICS_FILE, REPORT_FILE
+from mailroute.settings import BadSetting
 
 
 def parse_config(spec: str) -> tuple:
     """'name:--flag=value,--other=v' -> (name, ['--flag', 'value', '--other', 'v'])."""
     name, _, rest = spec.partition(":")
     if not name or not name.replace("_", "").replace("-", "").isalnum():
-        raise ValueError(f"configuration {spec!r}: expected NAME[:--flag=value,...] with a plain NAME")
+        raise BadSetting(f"configuration {spec!r}: expected NAME[:--flag=value,...] with a plain NAME")
     args = []
     for item in filter(None, rest.split(",")):
         flag, eq, value = item.partition("=")
         if not flag.startswith("--"):
-            raise ValueError(f"configuration {spec!r}: {item!r} is not a --flag=value")
+            raise BadSetting(f"configuration {spec!r}: {item!r} is not a --flag=value")
         args += [flag] + ([value] if eq else [])
     return name, args
 
@@ -58,7 +59,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/sweep", help="parent folder of the runs and the summary (default: runs/sweep)")
     ap.add_argument("--parallel", type=int, default=5, help="runs at once (default 5)")
     a = ap.parse_args(argv)
-    configs = [parse_config(c) for c in a.configs]
+    try:
+        configs = [parse_config(c) for c in a.configs]
+    except BadSetting as e:
+        raise SystemExit(f"mailroute sweep: {e}") from None
     if len({n for n, _ in configs}) != len(configs):
         raise SystemExit("mailroute sweep: configuration names must be unique")
     out = Path(a.out)
