@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import signal
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,11 +49,6 @@ def server_rss_mb(server: TritonServer) -> float:
         except psutil.NoSuchProcess:  # a backend process being replaced
             pass
     return total / 2**20
-
-
-def stub_pid(server: TritonServer, model: str) -> int:
-    out = subprocess.run(["pgrep", "-af", "triton_python_backend_stub"], capture_output=True, text=True).stdout
-    return next(int(l.split()[0]) for l in out.splitlines() if f"{model}_0_0" in l and str(server.work) in l)
 
 
 def max_throughput(url: str, texts: list, concurrency: int, seconds: float) -> float:
@@ -121,7 +115,7 @@ def main(argv=None):
             if a.kill_at < 0:
                 return
             time.sleep(a.kill_at)
-            os.kill(stub_pid(server, contract.CROSS_ENCODER), signal.SIGKILL)
+            os.kill(server.stub_pid(contract.CROSS_ENCODER), signal.SIGKILL)
             killed_at[0] = time.time() - start
             print(f"killed the {contract.CROSS_ENCODER} stub at {killed_at[0]:.0f} s")
 

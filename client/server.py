@@ -138,6 +138,14 @@ class TritonServer:
         if getattr(self, "log", None):
             self.log.close()
 
+    def stub_pid(self, model: str) -> int:
+        """The Python-backend process of a model's first instance on this server (for fault drills)."""
+        out = subprocess.run(["pgrep", "-af", "triton_python_backend_stub"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if f"{model}_0_0" in line and str(self.work) in line:
+                return int(line.split()[0])
+        raise LookupError(f"no backend process of {model} for the server in {self.work}:\n{out}")
+
     def cleanup(self) -> None:
         """Remove the server's temporary folder (backend copy, and the log unless it was given a path)."""
         shutil.rmtree(self.work, ignore_errors=True)

@@ -5,7 +5,6 @@ import asyncio
 import os
 import re
 import signal
-import subprocess
 import time
 import urllib.request
 
@@ -20,15 +19,6 @@ from mailroute import contract
 pytestmark = pytest.mark.slow
 
 EMAIL = "Hi, I was charged twice this month, please refund the extra charge."
-
-
-def stub_pid(model: str, server: TritonServer) -> int:
-    """The Python-backend stub process of one model instance of this server."""
-    out = subprocess.run(["pgrep", "-af", "triton_python_backend_stub"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        if f"{model}_0_0" in line and str(server.work) in line:
-            return int(line.split()[0])
-    raise AssertionError(f"no stub process of {model} in:\n{out}")
 
 
 @pytest.fixture()
@@ -46,7 +36,7 @@ def test_killed_stub_turns_readiness_false_and_is_recovered(fresh_server):
     try:
         assert urllib.request.urlopen(url, timeout=5).status == 200
         # When the cross-encoder's backend process is killed
-        os.kill(stub_pid(contract.CROSS_ENCODER, fresh_server), signal.SIGKILL)
+        os.kill(fresh_server.stub_pid(contract.CROSS_ENCODER), signal.SIGKILL)
         t0 = time.time()
         # Then readiness turns false (Triton's own readiness would still say 200) ...
         saw_unready = False
@@ -80,7 +70,7 @@ def test_client_retries_carry_a_request_over_the_recovery_gap(fresh_server):
     # Given a watchdog that repairs, and a dead classifier stub
     wd = Watchdog(fresh_server, interval=0.5, max_age=1.5).start()
     try:
-        os.kill(stub_pid(contract.CLASSIFIER, fresh_server), signal.SIGKILL)
+        os.kill(fresh_server.stub_pid(contract.CLASSIFIER), signal.SIGKILL)
         time.sleep(0.2)
         # When a client with the default retries classifies during the gap, it gets its answer
         with ClassifierClient(fresh_server.grpc_url, timeout=30) as c:
