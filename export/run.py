@@ -106,6 +106,13 @@ def export(cfg: ExportConfig) -> dict:
         raise FileNotFoundError(f"{run} is not a trained run (needs bi_encoder/ and cross_encoder/): run `mailroute train` first")
     repo.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="mailroute-export-"))
+    try:
+        return _export(cfg, run, repo, folder, work)
+    finally:  # the scratch folder goes, whether the export succeeded or not
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: Path) -> dict:
     report = {"run": str(run), "runtime": cfg.runtime, "quantize": cfg.quantize}
 
     # 1. ONNX graphs with the contract's names, parity-checked against PyTorch
@@ -154,6 +161,5 @@ def export(cfg: ExportConfig) -> dict:
     report |= {"versions": {contract.CLASSIFIER: cv, contract.BI_ENCODER: bi_v, contract.CROSS_ENCODER: cross_v},
                "seconds": round(time.perf_counter() - t, 1), "config": asdict(cfg)}
     (cdir / "export_report.json").write_text(json.dumps(report, indent=1) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
     print(f"[3/3] {repo}: {contract.CLASSIFIER} v{cv} -> {contract.BI_ENCODER} v{bi_v}, {contract.CROSS_ENCODER} v{cross_v}")
     return report
