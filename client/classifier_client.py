@@ -11,6 +11,10 @@ process that is not healthy; INVALID_ARGUMENT (the caller's mistake), every othe
 UNAVAILABLE caused by a restricted protocol (a missing admin key) are raised at once. What is raised is
 a ClassifierError that says whether it was retryable.
 
+Feedback: give the client a store (`mailroute.feedback_store.FeedbackStore`); `classify(..., record=True)`
+records every answered email with what was shown and sets `prediction_id`; `correct(prediction_id, label)`
+records the right label (typed errors for an unknown label or prediction, duplicates and conflicts).
+
 TLS: pass `ssl=True` and the PEM files (`root_certificates`, `private_key`, `certificate_chain`);
 they go to tritonclient's InferenceServerClient unchanged. Keepalive: `keepalive` takes a
 tritonclient.grpc.KeepAliveOptions (defaults: a ping every 30 s, 20 s to answer).
@@ -57,6 +61,7 @@ class Classification:
     model_versions: dict = field(default_factory=dict)
     stage_ms: dict = field(default_factory=dict)
     reranked: bool = False  # stage 2 ran (False where the version's gate found retrieval sure)
+    prediction_id: str = None  # set by classify(..., record=True): what correct() takes
 
     @property
     def ok(self) -> bool:
@@ -129,12 +134,12 @@ class _Base:
     def __init__(self, url: str = "127.0.0.1:8001", model: str = contract.CLASSIFIER, version: str = "",
                  timeout: float = 30.0, retries: int = 5, backoff: float = 0.2, max_batch: int = 64, headers: dict = None,
                  max_in_flight: int = 4, keepalive=None, ssl: bool = False, root_certificates=None, private_key=None,
-                 certificate_chain=None):
+                 certificate_chain=None, store=None):
         """retries with backoff 0.2 s doubling: 5 retries wait about 6 s in all, enough to ride out a
         backend reload (measured 1.5 s to recovery) but not a full server restart."""
         self.url, self.model, self.version = url, model, version
         self.timeout, self.retries, self.backoff, self.max_batch = timeout, retries, backoff, max_batch
-        self.headers, self.max_in_flight = headers, max_in_flight
+        self.headers, self.max_in_flight, self.store = headers, max_in_flight, store
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self._conn = {"keepalive_options": keepalive or default_keepalive(), "ssl": ssl, "root_certificates": root_certificates,
@@ -142,6 +147,17 @@ class _Base:
 
     def _delay(self, attempt: int) -> float:
         return self.backoff * (2 ** attempt) * (1 + random.random() * 0.25)  # jitter: clients don't retry in lockstep
+
+    def _record(self, texts, subjects, results) -> None:
+        if self.store is None:
+            raise ValueError("classify(..., record=True) needs a feedback store: ClassifierClient(url, store=FeedbackStore(...))")
+        for r, pid in zip(results, self.store.record(list(texts), results, None if subjects is None else list(subjects))):
+            r.prediction_id = pid
+
+    def _correct(self, prediction_id, label, who=None):
+        if self.store is None:
+            raise ValueError("correct() needs a feedback store: ClassifierClient(url, store=FeedbackStore(...))")
+        return self.store.correct(prediction_id, label, who=who)
 
     def _chunks(self, texts, subjects):
         texts = list(texts)
@@ -164,12 +180,19 @@ class ClassifierClient(_Base):
                     raise ClassifierError(e, attempt + 1) from None
                 time.sleep(self._delay(attempt))
 
-    def classify(self, texts, subjects=None, top_k=None, threshold=None, gate=None) -> list:
-        """gate: None = the version's default; False = rerank every email; True = let the gate skip stage 2."""
+    def classify(self, texts, subjects=None, top_k=None, threshold=None, gate=None, record=False) -> list:
+        """gate: None = the version's default; False = rerank every email; True = let the gate skip stage 2.
+        record: store each answered email and what was shown (sets prediction_id)."""
         out = []
         for t, s in self._chunks(texts, subjects):
             out += parse_result(self._infer(build_inputs(t, s), _params(top_k, threshold, gate)))
+        if record:
+            self._record(texts, subjects, out)
         return out
+
+    def correct(self, prediction_id: str, label: str, who: str = None):
+        """The right label for a recorded prediction -> the stored correction."""
+        return self._correct(prediction_id, label, who)
 
     def classify_one(self, text, subject=None, **kw) -> Classification:
         return self.classify([text], None if subject is None else [subject], **kw)[0]
@@ -211,7 +234,7 @@ class AsyncClassifierClient(_Base):
                     raise ClassifierError(e, attempt + 1) from None
                 await asyncio.sleep(self._delay(attempt))
 
-    async def classify(self, texts, subjects=None, top_k=None, threshold=None, gate=None) -> list:
+    async def classify(self, texts, subjects=None, top_k=None, threshold=None, gate=None, record=False) -> list:
         """Chunks of max_batch rows, at most max_in_flight requests on the wire at once, answers in input order."""
         limit = asyncio.Semaphore(self.max_in_flight)
 
@@ -220,7 +243,13 @@ class AsyncClassifierClient(_Base):
                 return await self._infer(build_inputs(t, s, grpcaio), _params(top_k, threshold, gate))
 
         results = await asyncio.gather(*(one(t, s) for t, s in self._chunks(texts, subjects)))
-        return [r for res in results for r in parse_result(res)]
+        out = [r for res in results for r in parse_result(res)]
+        if record:  # the database write runs in a thread: the event loop keeps serving other requests
+            await asyncio.to_thread(self._record, texts, subjects, out)
+        return out
+
+    async def correct(self, prediction_id: str, label: str, who: str = None):
+        return await asyncio.to_thread(self._correct, prediction_id, label, who)
 
     async def close(self):
         await self.client.close()

@@ -16,9 +16,10 @@ from mailroute import contract
 from mailroute.label_index import LabelIndex, weights_id
 from mailroute.onnx_encoders import session
 from mailroute.pipeline import load_tokenizer, tensors
-from mailroute.repository import ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE, versions
+from mailroute.repository import ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE
 from mailroute.settings import DEFAULTS
-from export import configs
+from export import configs, versions
+from export.versions import new_version
 from export.config import ExportConfig  # noqa: F401 (re-exported for callers)
 from export.onnx_export import export_bi_encoder, export_cross_encoder, quantize_int8
 from mailroute.run_layout import RunFolder
@@ -34,21 +35,13 @@ PARITY_TEXTS = [
 ]
 
 
-def _next_version(repo: Path, model: str, forced: int) -> int:
-    return forced or (max(versions(repo, model), default=0) + 1)
-
-
 def _write_encoder(repo: Path, name: str, onnx_path: Path, tokenizer: Path, cfg: ExportConfig, dim: int, max_batch: int) -> int:
-    v = _next_version(repo, name, cfg.version)
-    vdir = repo / name / str(v)
-    if vdir.exists():
-        raise FileExistsError(f"{vdir} exists: versions are immutable, pick another --version")
-    vdir.mkdir(parents=True)
-    shutil.copy(onnx_path, vdir / MODEL_FILE)
-    shutil.copy(tokenizer, vdir / TOKENIZER_FILE)
-    (vdir / ENCODER_ID_FILE).write_text(weights_id(vdir / MODEL_FILE) + "\n")
-    if cfg.runtime == "portable":
-        shutil.copy(TRITON_DIR / "onnx_encoder.py", vdir / "model.py")
+    with new_version(repo, name, cfg.version) as (vdir, v):  # renamed into place only when complete
+        shutil.copy(onnx_path, vdir / MODEL_FILE)
+        shutil.copy(tokenizer, vdir / TOKENIZER_FILE)
+        (vdir / ENCODER_ID_FILE).write_text(weights_id(vdir / MODEL_FILE) + "\n")
+        if cfg.runtime == "portable":
+            shutil.copy(TRITON_DIR / "onnx_encoder.py", vdir / "model.py")
     (repo / name / "config.pbtxt").write_text(configs.encoder_config(name, dim, cfg.runtime, max_batch, cfg.encoder_instances, cfg.gpu))
     (repo / name / "configs").mkdir(exist_ok=True)
     (repo / name / "configs" / "tensorrt.pbtxt").write_text(
@@ -56,7 +49,7 @@ def _write_encoder(repo: Path, name: str, onnx_path: Path, tokenizer: Path, cfg:
     return v
 
 
-def _onnx_embed(sess, tok, texts: list, batch: int = 64):
+def onnx_embed(sess, tok, texts: list, batch: int = 64):
     import numpy as np
 
     out = []
@@ -71,8 +64,8 @@ def label_index_from_onnx(onnx_path: Path, tokenizer: Path, source: LabelIndex) 
     the served encoder; scoring rule and label cards are kept."""
     tok = load_tokenizer(tokenizer, DEFAULTS.max_email_tokens)
     sess = session(onnx_path)
-    xb = _onnx_embed(sess, tok, source.taxonomy.texts)
-    xe = _onnx_embed(sess, tok, source.exemplar_texts) if source.exemplar_index is not None else None
+    xb = onnx_embed(sess, tok, source.taxonomy.texts)
+    xe = onnx_embed(sess, tok, source.exemplar_texts) if source.exemplar_index is not None else None
     return LabelIndex.build(source.taxonomy, xb, weights_id(onnx_path), xe, source.exemplar_labels, source.exemplar_texts,
                             source.scoring, source.cards)
 
@@ -147,17 +140,17 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
     index = label_index_from_onnx(bi_dir / MODEL_FILE, bi_dir / TOKENIZER_FILE, old)
 
     # 3. the classifier version that pins them
-    cv = _next_version(repo, contract.CLASSIFIER, cfg.version)
+    with new_version(repo, contract.CLASSIFIER, cfg.version) as (cdir, cv):
+        index.save(cdir / LABEL_INDEX_DIR)
+        shutil.copy(TRITON_DIR / "email_classifier.py", cdir / "model.py")
+        spec = {"bi_encoder_version": bi_v, "cross_encoder_version": cross_v, "top_k": top_k, "kind": "export",
+                "threshold": cfg.threshold, "policy": policy.to_dict(), "source_run": str(run.resolve()), "quantized": cfg.quantize,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (cdir / PIPELINE_FILE).write_text(json.dumps(spec, indent=1) + "\n")
     cdir = repo / contract.CLASSIFIER / str(cv)
-    cdir.mkdir(parents=True)
-    index.save(cdir / LABEL_INDEX_DIR)
-    shutil.copy(TRITON_DIR / "email_classifier.py", cdir / "model.py")
-    spec = {"bi_encoder_version": bi_v, "cross_encoder_version": cross_v, "top_k": top_k,
-            "threshold": cfg.threshold, "policy": policy.to_dict(), "source_run": str(run.resolve()), "quantized": cfg.quantize,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (cdir / PIPELINE_FILE).write_text(json.dumps(spec, indent=1) + "\n")
     (repo / contract.CLASSIFIER / "config.pbtxt").write_text(
         configs.classifier_config(64, cfg.classifier_instances, embed_batch=64, score_batch=256))
+    versions.promote(repo, cv, note=f"mailroute export of {run}")  # the config serves the new version (a running server: `mailroute versions promote`)
     report |= {"versions": {contract.CLASSIFIER: cv, contract.BI_ENCODER: bi_v, contract.CROSS_ENCODER: cross_v},
                "seconds": round(time.perf_counter() - t, 1), "config": asdict(cfg)}
     (cdir / "export_report.json").write_text(json.dumps(report, indent=1) + "\n")

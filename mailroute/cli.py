@@ -6,7 +6,10 @@
   mailroute sweep a: b:--oof-folds=3 -- --dataset banking77   several train configurations at once, one summary
   mailroute export --run runs/demo    ONNX (parity-checked) -> new versions in model_repository/
   mailroute serve                     start tritonserver on the repository, print endpoints, stop on Ctrl-C
-  mailroute classify "text" a.eml b.jsonl --url 127.0.0.1:8001
+  mailroute classify "text" a.eml b.jsonl --url 127.0.0.1:8001 [--record]
+  mailroute feedback add --prediction ID --label L | import corrections.jsonl | status | train [--promote]
+  mailroute versions list | promote V | rollback | prune --keep 3
+  mailroute labels add --name N --description "..." [--example "..."]
 """
 
 import argparse
@@ -121,14 +124,111 @@ def cmd_classify(args):
         sys.exit(f"mailroute classify: {e}")
     if not emails:
         sys.exit("mailroute classify: no emails given")
-    with ClassifierClient(args.url, timeout=args.timeout, headers=None) as c:
-        results = c.classify([e.text for e in emails], [e.subject for e in emails], top_k=args.top_k, threshold=args.threshold)
+    store = _store(args) if args.record else None
+    with ClassifierClient(args.url, timeout=args.timeout, headers=None, store=store) as c:
+        results = c.classify([e.text for e in emails], [e.subject for e in emails], top_k=args.top_k, threshold=args.threshold,
+                             record=args.record)
     if args.json:
         for e, r in zip(emails, results):
             print(json.dumps({"source": e.source} | dataclasses.asdict(r), ensure_ascii=False))
     else:
         print_table([(e.source, (e.subject + " | " if e.subject else "") + e.text.decode("utf-8", "replace").replace("\n", " "), r)
                      for e, r in zip(emails, results)])
+        if args.record:
+            print("prediction ids (for `mailroute feedback add --prediction ID --label L`): "
+                  + " ".join(r.prediction_id or "-" for r in results))
+
+
+def _serving_labels(repo):
+    """Label names of the serving classifier version (what corrections may name); None without a repository."""
+    from export.versions import serving_version
+    from mailroute import contract
+    from mailroute.repository import load_label_index, version_dir, versions
+
+    if not versions(repo, contract.CLASSIFIER):
+        return None
+    return load_label_index(repo, version_dir(repo, contract.CLASSIFIER, serving_version(repo))).taxonomy.names
+
+
+def _store(args):
+    from mailroute.feedback_store import FeedbackStore
+
+    return FeedbackStore(args.db or None, labels=_serving_labels(args.repo), store_text=not args.hash_only)
+
+
+def cmd_feedback(args):
+    from dataclasses import asdict
+
+    if args.action == "train":
+        from training.feedback import FeedbackConfig, build_candidate
+
+        report = build_candidate(_config(FeedbackConfig, args))
+        g = report["gate"]
+        print(json.dumps(report, indent=1, default=str) if args.json else
+              f"{'continued training' if not args.exemplars_only else 'exemplars'}: {contract_name()} v{report['version']} from "
+              f"v{report['base_version']} ({report['used']} corrections, {report['new_exemplars']} new exemplars, "
+              f"{report['held_out']} held out)\ngate {'PASSED' if g['passed'] else 'FAILED'}: evaluation "
+              f"{g['candidate']['evaluation_accuracy']:.2%} vs serving {g['serving']['evaluation_accuracy']:.2%} "
+              f"(may drop {g['max_eval_drop']:.2%}), held-out corrections {g['candidate']['corrections_accuracy']:.2%} vs "
+              f"{g['serving']['corrections_accuracy']:.2%}"
+              + (f"\npromoted: v{report['version']} serves" if "promotion" in report else
+                 ("\nnot promoted (--promote to serve it when the gate passes)" if g["passed"] else "\nnot promoted")))
+        return
+    with _store(args) as store:
+        if args.action == "add":
+            c = store.correct(args.prediction, args.label, text=args.text, who=args.who, source="cli")
+            print(json.dumps(asdict(c), default=str) if args.json else f"correction {c.id}: {c.label}"
+                  + (f" (was {c.wrong_label})" if c.wrong_label else ""))
+        elif args.action == "import":
+            n = store.import_file(args.file, who=args.who)
+            print(f"imported {n} corrections from {args.file}")
+        else:
+            print(json.dumps(store.counts()))
+
+
+def contract_name():
+    from mailroute import contract
+
+    return contract.CLASSIFIER
+
+
+def cmd_versions(args):
+    from export import versions
+
+    if args.action == "list":
+        rows = versions.list_versions(args.repo)
+        print(json.dumps(rows, indent=1) if args.json else versions.format_versions(rows))
+    elif args.action == "promote":
+        e = versions.promote(args.repo, args.version, args.url or None, args.admin_key)
+        print(f"{contract_name()} v{e['version']} serves (was v{e['previous']})" + ("" if args.url else "; no --url: takes effect when the server loads it"))
+    elif args.action == "rollback":
+        e = versions.rollback(args.repo, args.url or None, args.admin_key, args.to)
+        print(f"rolled back: {contract_name()} v{e['version']} serves (was v{e['previous']})")
+    else:
+        removed = versions.prune(args.repo, args.keep, args.url or None, args.admin_key)
+        print("removed: " + ", ".join(f"{m} {v}" for m, v in removed.items()))
+
+
+def cmd_labels(args):
+    from training.data import load_examples
+    from training.feedback import add_label
+
+    evaluation = []
+    if args.eval:
+        from mailroute import contract
+        from mailroute.repository import load_label_index, version_dir
+        from mailroute.taxonomy import Taxonomy
+        from export.derive import label_from_args
+        from export.versions import serving_version
+
+        base = load_label_index(args.repo, version_dir(args.repo, contract.CLASSIFIER, args.base or serving_version(args.repo))).taxonomy
+        evaluation = load_examples(Path(args.eval), Taxonomy(base.labels + (label_from_args(args.name, args.description),), base.name))
+    report = add_label(args.repo, args.name, args.description, args.example, args.base, evaluation)
+    if args.promote:
+        from export.versions import promote
+
+        report["promotion"] = promote(args.repo, report["version"], args.url or None, args.admin_key, note=f"label {args.name} added")
+    print(json.dumps(report, indent=1, default=str))
 
 
 def cmd_demo(args):
@@ -166,6 +266,19 @@ def cmd_demo(args):
         acc = sum(p.label == e.label for p, e in zip(preds, test)) / len(test)
         print(f"\nheld-out demo test set through Triton: {len(test)} emails, accuracy {acc:.1%}, {len(test) / secs:.1f} emails/s")
     print(f"\ndone in {(time.time() - t0) / 60:.1f} min")
+
+
+def _store_args(p):
+    p.add_argument("--db", default="", help="feedback store URL (default: $MAILROUTE_FEEDBACK_URL or sqlite:///feedback.sqlite3)")
+    p.add_argument("--repo", default=str(ROOT / "model_repository"), help="model repository: corrections must name its serving labels")
+    p.add_argument("--hash-only", action="store_true", help="privacy: keep only a hash of each email's text")
+
+
+def _server_args(p):
+    p.add_argument("--repo", default=str(ROOT / "model_repository"), help="model repository (default: model_repository/)")
+    p.add_argument("--url", default="", help="running server's gRPC host:port: load the change into it (default: files only)")
+    p.add_argument("--admin-key", default="", help="the server's admin key (mailroute serve --admin-key)")
+    p.add_argument("--json", action="store_true") if "--json" not in p._option_string_actions else None
 
 
 def main(argv=None):
@@ -233,7 +346,61 @@ def main(argv=None):
     p.add_argument("--threshold", type=float, default=None, help=f"needs_review below this probability (server default: {DEFAULTS.threshold})")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     p.add_argument("--json", action="store_true", help="one JSON object per email instead of a table")
+    p.add_argument("--record", action="store_true", help="record the predictions in the feedback store (prints their ids)")
+    _store_args(p)
     p.set_defaults(fn=cmd_classify)
+
+    from training.feedback_config import FeedbackConfig
+
+    fb = sub.add_parser("feedback", help="corrections: add, bulk import, status, and train a gated candidate version from them",
+                        description="Corrections are stored (SQLite by default, any SQLAlchemy URL) and take effect two ways: as "
+                                    "exemplars of their label at once (`train --exemplars-only`), and by continued listwise training "
+                                    "of the cross-encoder with replay (`train`). Every candidate passes the promotion gate first.")
+    fsub = fb.add_subparsers(dest="action", required=True)
+    p = fsub.add_parser("add", help="one correction, by prediction id (from classify --record) or by email text")
+    p.add_argument("--prediction", default=None, help="prediction id")
+    p.add_argument("--text", default=None, help="the email text (instead of --prediction)")
+    p.add_argument("--label", required=True, help="the correct label")
+    p.add_argument("--who", default=None, help="who corrected it")
+    p.add_argument("--json", action="store_true")
+    _store_args(p)
+    p = fsub.add_parser("import", help="bulk import from .jsonl or .csv (prediction_id or text, label[, subject, who]); all or nothing")
+    p.add_argument("file")
+    p.add_argument("--who", default=None, help="who corrected them (where a row does not say)")
+    _store_args(p)
+    p = fsub.add_parser("status", help="how many predictions and corrections the store holds")
+    _store_args(p)
+    p = fsub.add_parser("train", help="corrections -> candidate version (exemplars + continued training) -> gate [-> promote]")
+    _add_dataclass_args(p, FeedbackConfig)
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    for p in fsub.choices.values():
+        p.set_defaults(fn=cmd_feedback)
+
+    vp = sub.add_parser("versions", help="classifier versions: list (with gate results), promote, rollback, prune")
+    vsub = vp.add_subparsers(dest="action", required=True)
+    p = vsub.add_parser("list", help="every classifier version, what it pins, how it was made, its gate result; * = serving")
+    p.add_argument("--json", action="store_true")
+    p = vsub.add_parser("promote", help="serve a version (loaded into the running server with --url)")
+    p.add_argument("version", type=int)
+    p = vsub.add_parser("rollback", help="serve again the version that served before the current one")
+    p.add_argument("--to", type=int, default=None, help="roll back to this version instead")
+    p = vsub.add_parser("prune", help="remove old classifier versions and encoder versions no kept classifier pins")
+    p.add_argument("--keep", type=int, default=3, help="newest classifier versions to keep (the serving one always stays)")
+    for p in vsub.choices.values():
+        _server_args(p)
+        p.set_defaults(fn=cmd_versions)
+
+    lp = sub.add_parser("labels", help="add a label at run time: a new classifier version, no retraining")
+    lsub = lp.add_subparsers(dest="action", required=True)
+    p = lsub.add_parser("add", help="name + description (+ examples) -> a new classifier version; --eval reports zero-shot accuracy")
+    p.add_argument("--name", required=True)
+    p.add_argument("--description", required=True)
+    p.add_argument("--example", action="append", default=[], help="an example email of the label (repeatable)")
+    p.add_argument("--base", type=int, default=0, help="classifier version to start from (default: the serving one)")
+    p.add_argument("--eval", default=None, help=".jsonl/.csv of labelled emails (some of the new label): zero-shot accuracy")
+    p.add_argument("--promote", action="store_true", help="serve the new version")
+    _server_args(p)
+    p.set_defaults(fn=cmd_labels)
 
     args = ap.parse_args(argv)
     try:
@@ -246,7 +413,10 @@ def main(argv=None):
 
         from mailroute.settings import BadSetting
 
-        if isinstance(e, (DataError, BadSetting, FileNotFoundError, FileExistsError, InferenceServerException)):
+        from export.versions import VersionError
+        from mailroute.feedback_store import FeedbackError
+
+        if isinstance(e, (DataError, BadSetting, FileNotFoundError, FileExistsError, InferenceServerException, FeedbackError, VersionError)):
             sys.exit(f"mailroute {args.command}: {e}")
         raise
 

@@ -2,7 +2,8 @@
 
   <repo>/bi_encoder/<v>/      model.onnx  tokenizer.json  encoder_id   (+ model.py when portable)
   <repo>/cross_encoder/<v>/   model.onnx  tokenizer.json  encoder_id   (+ model.py when portable)
-  <repo>/email_classifier/<v>/ model.py  pipeline.json  label_index/
+  <repo>/email_classifier/<v>/ model.py  pipeline.json  label_index/  (+ gate_report.json when made from feedback)
+  <repo>/email_classifier/config.pbtxt   its version policy names the serving version (export.versions)
 pipeline.json pins the bi_encoder and cross_encoder versions this classifier version uses and holds its
 rerank policy (fusion, temperature, gate: mailroute.rerank_policy); the label
 index inside it records the encoder_id of the bi-encoder it was built from, and loading refuses a
@@ -20,6 +21,10 @@ from mailroute.settings import DEFAULTS
 
 MODEL_FILE, TOKENIZER_FILE, ENCODER_ID_FILE = "model.onnx", "tokenizer.json", "encoder_id"
 PIPELINE_FILE, LABEL_INDEX_DIR = "pipeline.json", "label_index"
+GATE_REPORT_FILE = "gate_report.json"  # email_classifier/<v>/: the promotion gate's measurements of this version
+# cross_encoder/<v>/pytorch/: the sentence-transformers weights behind a version made by continued training
+# (what the next round continues from); an exported version's weights are its pipeline's source_run
+TORCH_WEIGHTS_DIR = "pytorch"
 
 
 def versions(repo, model: str) -> list:

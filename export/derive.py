@@ -1,0 +1,118 @@
+"""New classifier versions derived from an existing one without retraining the bi-encoder:
+
+  - corrected emails become exemplars of their label (the first speed of feedback: at once);
+  - a new label (name, description, optional examples) joins the taxonomy (zero-shot: scored by its
+    description, and by its examples when given);
+  - a new cross-encoder version (continued training) is pinned instead of the old one.
+
+The bi-encoder version stays pinned and every new vector is embedded with its exported graph, so the
+label index's encoder checksum still matches and the new version loads where the old one did.
+"""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mailroute import contract
+from mailroute.label_index import LabelIndex
+from mailroute.pipeline import load_tokenizer
+from mailroute.repository import (ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE, TORCH_WEIGHTS_DIR,
+                                  load_label_index, read_pipeline, version_dir)
+from mailroute.settings import DEFAULTS
+from mailroute.taxonomy import NAME_RE, DataError, Label, parse_taxonomy
+from export.versions import new_version
+
+CARD_EXAMPLES, CARD_CHARS = 2, 240  # a new label's card: description + up to 2 examples (as training builds cards)
+
+
+def embed_with_version(repo, bi_version: int, texts: list) -> np.ndarray:
+    """(n,) texts -> (n, dim) embeddings by the exported graph of one bi-encoder version."""
+    from export.run import onnx_embed
+    from mailroute.onnx_encoders import session
+
+    bdir = version_dir(repo, contract.BI_ENCODER, bi_version)
+    return onnx_embed(session(bdir / MODEL_FILE), load_tokenizer(bdir / TOKENIZER_FILE, DEFAULTS.max_email_tokens), list(texts))
+
+
+def _vectors(index) -> np.ndarray:
+    return index.reconstruct_n(0, index.ntotal) if index is not None and index.ntotal else np.zeros((0, 1), np.float32)
+
+
+def derived_index(repo, base_dir: Path, exemplars: list = (), new_labels: list = ()) -> LabelIndex:
+    """The base version's label index plus exemplars [(text, label)] and new labels [(Label, [examples])]."""
+    spec = read_pipeline(base_dir)
+    old = load_label_index(repo, base_dir)
+    taken = set(old.taxonomy.names)
+    for label, _ in new_labels:
+        if label.name in taken:
+            raise ValueError(f"label {label.name!r} is already in the taxonomy of {contract.CLASSIFIER} {base_dir.name}")
+        taken.add(label.name)
+    taxonomy = parse_taxonomy({"name": old.taxonomy.name, "labels": [vars(l) for l in old.taxonomy.labels] + [vars(l) for l, _ in new_labels]})
+    exemplars = list(exemplars) + [(text, label.name) for label, examples in new_labels for text in examples]
+    for text, name in exemplars:
+        taxonomy.index(name)  # DataError naming the unknown label
+    new_texts = [label.text() for label, _ in new_labels] + [t for t, _ in exemplars]
+    x_new = embed_with_version(repo, spec["bi_encoder_version"], new_texts) if new_texts else None
+    n_labels = len(new_labels)
+    xb = np.concatenate([_vectors(old.index)] + ([x_new[:n_labels]] if n_labels else []))
+    xe_old = _vectors(old.exemplar_index) if old.exemplar_index is not None else np.zeros((0, xb.shape[1]), np.float32)
+    xe = np.concatenate([xe_old] + ([x_new[n_labels:]] if exemplars else []))
+    ids = np.concatenate([old.exemplar_labels, np.array([taxonomy.index(n) for _, n in exemplars], dtype=np.int64)])
+    cards = None
+    if old.cards is not None:
+        cards = list(old.cards) + [(label.text() + (" Examples: " + " | ".join(e[:100] for e in examples[:CARD_EXAMPLES]) if examples else ""))[:CARD_CHARS]
+                                   for label, examples in new_labels]
+    return LabelIndex.build(taxonomy, xb, old.manifest["encoder"], xe if len(xe) else None, ids, list(old.exemplar_texts) + [t for t, _ in exemplars],
+                            old.scoring, cards)
+
+
+def derive_version(repo, base: int, kind: str, exemplars: list = (), new_labels: list = (), cross_encoder_version: int = None,
+                   policy: dict = None, note: str = "", extra: dict = None) -> int:
+    """Write a new classifier version (atomically, not served yet) from classifier version `base`."""
+    repo = Path(repo)
+    base_dir = version_dir(repo, contract.CLASSIFIER, base)
+    spec = read_pipeline(base_dir)
+    index = derived_index(repo, base_dir, exemplars, new_labels)
+    with new_version(repo, contract.CLASSIFIER) as (folder, v):
+        index.save(folder / LABEL_INDEX_DIR)
+        shutil.copy(base_dir / "model.py", folder / "model.py")
+        spec = spec | {"kind": kind, "parent": int(base_dir.name), "note": note,
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | (extra or {})
+        if cross_encoder_version is not None:
+            version_dir(repo, contract.CROSS_ENCODER, cross_encoder_version)  # exists, or FileNotFoundError
+            spec["cross_encoder_version"] = int(cross_encoder_version)
+        if policy is not None:
+            spec["policy"] = policy
+        (folder / PIPELINE_FILE).write_text(json.dumps(spec, indent=1) + "\n")
+    return v
+
+
+def write_cross_encoder_version(repo, cross_model, pairs: list) -> int:
+    """A continued-training cross-encoder -> a new cross_encoder version (ONNX, parity-checked), atomically."""
+    from export.onnx_export import export_cross_encoder
+    from mailroute.label_index import weights_id
+
+    repo = Path(repo)
+    prev = version_dir(repo, contract.CROSS_ENCODER)
+    with new_version(repo, contract.CROSS_ENCODER) as (folder, v):
+        cross_model.save(str(folder / TORCH_WEIGHTS_DIR))  # what the next round of continued training starts from
+        shutil.copy(folder / TORCH_WEIGHTS_DIR / TOKENIZER_FILE, folder / TOKENIZER_FILE)
+        export_cross_encoder(cross_model, folder / TOKENIZER_FILE, folder / MODEL_FILE, pairs)
+        (folder / ENCODER_ID_FILE).write_text(weights_id(folder / MODEL_FILE) + "\n")
+        if (prev / "model.py").exists():  # the portable runtime: the same adapter as the version before
+            shutil.copy(prev / "model.py", folder / "model.py")
+    return v
+
+
+def label_from_args(name: str, description: str, group: str = "") -> Label:
+    """A new taxonomy entry, checked by the taxonomy's own rules (DataError naming what is wrong)."""
+    name, description = str(name).strip(), " ".join(str(description).split())
+    if not NAME_RE.match(name):
+        raise DataError(f"new label: name {name!r} must be printable text of at most 100 characters")
+    if not description:
+        raise DataError(f"new label {name!r}: a description is needed (the label index and the cross-encoder read it)")
+    return Label(name, description, group.strip())
+

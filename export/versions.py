@@ -1,0 +1,222 @@
+"""Versions in the Triton model repository: written atomically, listed, promoted into the running
+server, rolled back, pruned.
+
+Which `email_classifier` version serves is its config's version policy (`specific { versions: [v] }`),
+so a server that restarts serves the same version it served before. Every change of it is appended to
+`email_classifier/promotions.jsonl`; `rollback` serves the version that served before the current one.
+
+Behaviour of tritonserver 2.51 this relies on (measured here; tests/test_versions_triton.py checks it):
+  - a folder inside a model folder whose name is not a number is ignored, so a version is built in
+    `.staging-<v>-<pid>` and renamed into place only when complete: a crash leaves no half version;
+  - `load` of a model whose config names another version loads that version, then swaps: requests in
+    flight and arriving during the swap are answered (0 failures under concurrent load);
+  - when that version fails to load, `load` answers INVALID_ARGUMENT and the old version keeps serving;
+    the config on disk is then put back, so a restart serves the old version too.
+"""
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from mailroute import contract
+from mailroute.repository import GATE_REPORT_FILE, PIPELINE_FILE, read_pipeline, versions
+
+CONFIG_FILE = "config.pbtxt"
+HISTORY_FILE = "promotions.jsonl"  # in <repo>/email_classifier/: one line per change of the serving version
+STAGING_PREFIX = ".staging-"
+ADMIN_HEADER = "triton-grpc-protocol-admin-key"
+
+
+class VersionError(RuntimeError):
+    """A version operation that cannot be done (unknown version, nothing to roll back to, failed load)."""
+
+
+class PromotionFailed(VersionError):
+    """The server refused to load the new version; the old one is still serving."""
+
+
+@contextmanager
+def new_version(repo, model: str, version: int = 0):
+    """Yield (folder to fill, version number); the folder becomes <repo>/<model>/<v> only when the block
+    ends without an exception, by one rename. A failed block leaves nothing behind."""
+    root = Path(repo) / model
+    root.mkdir(parents=True, exist_ok=True)
+    v = version or max(versions(repo, model), default=0) + 1
+    final = root / str(v)
+    if final.exists():
+        raise FileExistsError(f"{final} exists: versions are immutable, pick another version")
+    staging = root / f"{STAGING_PREFIX}{v}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging, v
+        os.rename(staging, final)  # atomic on one file system; fails if another writer took v first
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def remove_stale_staging(repo) -> list:
+    """Staging folders left by a crashed writer (their process is gone) -> removed, listed."""
+    gone = []
+    for p in Path(repo).glob(f"*/{STAGING_PREFIX}*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(str(p))
+    return gone
+
+
+# the serving version: the classifier config's version policy
+
+def read_config(repo, model: str = contract.CLASSIFIER) -> model_config_pb2.ModelConfig:
+    cfg = model_config_pb2.ModelConfig()
+    text_format.Parse((Path(repo) / model / CONFIG_FILE).read_text(), cfg)
+    return cfg
+
+
+def write_config(repo, cfg: model_config_pb2.ModelConfig, model: str = contract.CLASSIFIER) -> None:
+    path = Path(repo) / model / CONFIG_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text_format.MessageToString(cfg))
+    os.replace(tmp, path)  # a reader sees the old config or the new one, never half of one
+
+
+def serving_version(repo):
+    """The classifier version the config serves (None when the config serves the latest, as old repositories did)."""
+    cfg = read_config(repo)
+    return int(cfg.version_policy.specific.versions[0]) if cfg.version_policy.HasField("specific") else None
+
+
+def set_serving(repo, version: int) -> None:
+    cfg = read_config(repo)
+    cfg.version_policy.Clear()
+    cfg.version_policy.specific.versions.append(int(version))
+    write_config(repo, cfg)
+
+
+def history(repo) -> list:
+    path = Path(repo) / contract.CLASSIFIER / HISTORY_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _log(repo, entry: dict) -> None:
+    with open(Path(repo) / contract.CLASSIFIER / HISTORY_FILE, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def _load(url: str, model: str, admin_key: str = "") -> None:
+    import tritonclient.grpc as grpcclient
+
+    c = grpcclient.InferenceServerClient(url)
+    try:
+        c.load_model(model, headers={ADMIN_HEADER: admin_key} if admin_key else None)
+    finally:
+        c.close()
+
+
+def promote(repo, version: int, url: str = None, admin_key: str = "", action: str = "promote", note: str = "") -> dict:
+    """Serve classifier `version`: the config names it, and (url given) the running server loads it and its
+    pinned encoder versions. If the server cannot load it, the old config is put back and PromotionFailed
+    raised: the old version keeps serving."""
+    repo = Path(repo)
+    if int(version) not in versions(repo, contract.CLASSIFIER):
+        raise VersionError(f"{contract.CLASSIFIER} has no version {version} in {repo} (has {versions(repo, contract.CLASSIFIER)})")
+    old_cfg, old = read_config(repo), serving_version(repo)
+    set_serving(repo, version)
+    t = time.perf_counter()
+    if url:
+        try:
+            for model in (contract.BI_ENCODER, contract.CROSS_ENCODER):  # `all` policy: a load picks up new encoder versions
+                _load(url, model, admin_key)
+            _load(url, contract.CLASSIFIER, admin_key)
+        except Exception as e:
+            write_config(repo, old_cfg)
+            raise PromotionFailed(f"server at {url} could not load {contract.CLASSIFIER} {version}; "
+                                  f"version {old} is still serving: {getattr(e, 'message', lambda: str(e))()}") from None
+    entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": action, "version": int(version), "previous": old,
+             "loaded_in_s": round(time.perf_counter() - t, 3) if url else None, "note": note}
+    _log(repo, entry)
+    return entry
+
+
+def rollback(repo, url: str = None, admin_key: str = "", to: int = None) -> dict:
+    """Serve again the version that served before the current one (or `to`)."""
+    current = serving_version(repo)
+    if to is None:
+        served = [h["version"] for h in history(repo) if h["version"] != current]
+        if not served:
+            raise VersionError(f"nothing to roll back to: {contract.CLASSIFIER} {current} is the only version served so far")
+        to = served[-1]
+    return promote(repo, to, url, admin_key, action="rollback")
+
+
+def list_versions(repo) -> list:
+    """One row per classifier version: what it pins, how it was made, its gate result, whether it serves."""
+    repo = Path(repo)
+    serving = serving_version(repo)
+    rows = []
+    for v in versions(repo, contract.CLASSIFIER):
+        vdir = repo / contract.CLASSIFIER / str(v)
+        try:
+            spec = read_pipeline(vdir)
+        except (OSError, ValueError) as e:
+            rows.append({"version": v, "error": f"unreadable {PIPELINE_FILE}: {e}"})
+            continue
+        gate = json.loads((vdir / GATE_REPORT_FILE).read_text()) if (vdir / GATE_REPORT_FILE).exists() else None
+        manifest_path = vdir / "label_index" / "manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        rows.append({"version": v, "serving": v == serving or (serving is None and v == max(versions(repo, contract.CLASSIFIER))),
+                     "kind": spec.get("kind", "export"), "parent": spec.get("parent"), "created": spec.get("created"),
+                     "bi_encoder": spec["bi_encoder_version"], "cross_encoder": spec["cross_encoder_version"],
+                     "labels": manifest.get("labels"), "exemplars": manifest.get("exemplars"), "gate": gate})
+    return rows
+
+
+def format_versions(rows: list) -> str:
+    head = f"{'':2}{'version':>7}  {'kind':<12}{'parent':>6}  {'bi':>3} {'cross':>5}  {'labels':>6} {'exemplars':>9}  gate"
+    lines = [head]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"  {r['version']:>7}  {r['error']}")
+            continue
+        g = r["gate"]
+        gate = "-" if not g else (f"{'passed' if g['passed'] else 'FAILED'}: eval {g['candidate']['evaluation_accuracy']:.2%} "
+                                  f"(serving {g['serving']['evaluation_accuracy']:.2%}), held-out corrections "
+                                  f"{g['candidate']['corrections_accuracy']:.2%} (serving {g['serving']['corrections_accuracy']:.2%})")
+        lines.append(f"{'*' if r['serving'] else ' ':2}{r['version']:>7}  {r['kind']:<12}{r['parent'] or '-':>6}  {r['bi_encoder']:>3} "
+                     f"{r['cross_encoder']:>5}  {r['labels'] or '-':>6} {r['exemplars'] if r['exemplars'] is not None else '-':>9}  {gate}")
+    return "\n".join(lines) + "\n(* = serving)"
+
+
+def prune(repo, keep: int = 3, url: str = None, admin_key: str = "") -> dict:
+    """Remove classifier versions beyond the newest `keep` (never the serving one, never one in the last
+    `keep` entries of the promotion history: rollback targets) and every encoder version no remaining
+    classifier version pins. The server (url given) reloads the encoders so it lets go of removed versions."""
+    repo = Path(repo)
+    if keep < 1:
+        raise VersionError(f"prune keeps at least 1 classifier version, got keep={keep}")
+    cvs = versions(repo, contract.CLASSIFIER)
+    serving = serving_version(repo) or (cvs[-1] if cvs else None)
+    protected = set(cvs[-keep:]) | {serving} | {h["version"] for h in history(repo)[-keep:]}
+    removed = {contract.CLASSIFIER: [v for v in cvs if v not in protected]}
+    for v in removed[contract.CLASSIFIER]:
+        shutil.rmtree(repo / contract.CLASSIFIER / str(v))
+    pinned = {contract.BI_ENCODER: set(), contract.CROSS_ENCODER: set()}
+    for v in versions(repo, contract.CLASSIFIER):
+        spec = read_pipeline(repo / contract.CLASSIFIER / str(v))
+        pinned[contract.BI_ENCODER].add(spec["bi_encoder_version"])
+        pinned[contract.CROSS_ENCODER].add(spec["cross_encoder_version"])
+    for model, keep_set in pinned.items():
+        removed[model] = [v for v in versions(repo, model) if v not in keep_set]
+        for v in removed[model]:
+            shutil.rmtree(repo / model / str(v))
+        if url and removed[model]:
+            _load(url, model, admin_key)
+    return removed

@@ -1,0 +1,244 @@
+"""Stage 3: corrections -> a candidate classifier version -> the promotion gate -> (optionally) served.
+
+Corrections take effect at two speeds:
+  exemplars  corrected emails join the label index as exemplars of their label (no training, no encoder
+             change: the bi-encoder checksum pinning still holds);
+  continued  and the cross-encoder keeps training from the serving version, listwise softmax cross-entropy
+             as in `mailroute train`, on lists of: the gold label + the label the system wrongly chose (a
+             guaranteed hard negative) + the retrieval top-K; plus a replay sample of the original training
+             emails (`replay_ratio` per correction), mined the same way, against forgetting.
+
+The gate compares the candidate with the serving version, both run from the repository files on
+onnxruntime (what Triton serves), on the frozen evaluation split (the source run's validation split:
+never test) and on held-out corrections (a fixed share chosen by the email's hash, never trained on and
+never added as exemplars). It passes when held-out corrections improve (or, with none held out, do not
+get worse) and the evaluation accuracy drops by at most `max_eval_drop`. The report is saved beside the
+version (gate_report.json).
+"""
+
+import json
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from mailroute import contract
+from mailroute.feedback_store import FeedbackStore
+from mailroute.repository import GATE_REPORT_FILE, TORCH_WEIGHTS_DIR, load_label_index, open_onnx_classifier, read_pipeline, version_dir
+from mailroute.rerank_policy import RerankPolicy
+from mailroute.run_layout import RunFolder
+from mailroute.settings import DEFAULTS, BadSetting
+from training.data import Example
+from training.feedback_config import FeedbackConfig
+
+
+def held_out(text_hash: str, fraction: float) -> bool:
+    """A fixed share of emails, chosen by hash: the same email is held out in every round."""
+    return int(text_hash[:8], 16) % 10_000 < fraction * 10_000
+
+
+def source_run(repo, version: int) -> Path:
+    """The training run behind a classifier version: its own source_run, or its parent's."""
+    spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, version))
+    while "source_run" not in spec and spec.get("parent"):
+        spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, spec["parent"]))
+    if "source_run" not in spec:
+        raise FileNotFoundError(f"{contract.CLASSIFIER} {version} records no source run: pass --replay-run")
+    return Path(spec["source_run"])
+
+
+def cross_encoder_weights(repo, cross_version: int) -> Path:
+    """PyTorch weights of a cross_encoder version: its pytorch/ folder (made by continued training) or
+    the run it was exported from."""
+    vdir = version_dir(repo, contract.CROSS_ENCODER, cross_version)
+    if (vdir / TORCH_WEIGHTS_DIR).is_dir():
+        return vdir / TORCH_WEIGHTS_DIR
+    for v in sorted(Path(repo, contract.CLASSIFIER).iterdir()):
+        if v.name.isdigit():
+            spec = read_pipeline(v)
+            if spec["cross_encoder_version"] == cross_version and "source_run" in spec:
+                weights = RunFolder(spec["source_run"]).cross_encoder
+                if weights.is_dir():
+                    return weights
+    raise FileNotFoundError(f"no PyTorch weights for {contract.CROSS_ENCODER} {cross_version}: neither {vdir / TORCH_WEIGHTS_DIR} "
+                            f"nor the run it was exported from exists")
+
+
+def run_splits(run: Path):
+    """(train, validation) of a run, exactly as `mailroute train` split them."""
+    from training.config import TrainConfig
+    from training.data import load_dataset, load_named, sample_per_label, split_validation
+
+    cfg = TrainConfig(**json.loads(RunFolder(run).config.read_text()))
+    data = load_dataset(cfg.taxonomy, cfg.train, cfg.test, cfg.drop_invalid) if cfg.taxonomy else load_named(cfg.dataset, cfg.banking77 or None)
+    train, val = split_validation(data.train, cfg.validation_fraction, cfg.seed)
+    if cfg.sample_per_label:
+        train = sample_per_label(train, cfg.sample_per_label, cfg.seed)
+    return train, val, cfg
+
+
+def accuracy(clf, examples: list, batch: int = 64) -> float:
+    if not examples:
+        return float("nan")
+    hits = 0
+    for s in range(0, len(examples), batch):
+        rows = examples[s:s + batch]
+        preds = clf.classify_texts([e.text for e in rows], [""] * len(rows))
+        hits += sum(p.label == e.label for p, e in zip(preds, rows))
+    return hits / len(examples)
+
+
+def gate(repo, serving: int, candidate: int, evaluation: list, held: list, max_eval_drop: float) -> dict:
+    """Both versions from the repository files on onnxruntime; -> the gate report (also saved beside the candidate)."""
+    t = time.perf_counter()
+    out = {}
+    for name, v in (("serving", serving), ("candidate", candidate)):
+        clf = open_onnx_classifier(repo, v)
+        known = [e for e in held if e.label in clf.index.taxonomy]
+        out[name] = {"version": v, "evaluation_accuracy": accuracy(clf, evaluation), "corrections_accuracy": accuracy(clf, known)}
+    c, s = out["candidate"], out["serving"]
+    eval_drop = s["evaluation_accuracy"] - c["evaluation_accuracy"]
+    if held:
+        corrections_ok = c["corrections_accuracy"] > s["corrections_accuracy"]
+    else:
+        corrections_ok = True  # nothing held out: only the evaluation split can speak
+    report = {"passed": bool(corrections_ok and eval_drop <= max_eval_drop), "serving": s, "candidate": c,
+              "evaluation_emails": len(evaluation), "held_out_corrections": len(held), "max_eval_drop": max_eval_drop,
+              "eval_drop": eval_drop, "corrections_improved": corrections_ok, "seconds": round(time.perf_counter() - t, 1),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    path = version_dir(repo, contract.CLASSIFIER, candidate) / GATE_REPORT_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(path)
+    return report
+
+
+def correction_lists(index, scores: np.ndarray, corrections: list, k: int, seed: int) -> dict:
+    """Listwise rows for corrections: gold + the wrongly chosen label + the retrieval top-K, deduplicated, shuffled."""
+    tax, texts, rng = index.taxonomy, index.label_texts, random.Random(seed)
+    rows = {"query": [], "docs": [], "labels": []}
+    for c, s in zip(corrections, scores):
+        gold = tax.index(c.label)
+        wrong = [tax.index(c.wrong_label)] if c.wrong_label in tax and c.wrong_label != c.label else []
+        top = [int(i) for i in np.argsort(-s, kind="stable")[:k]]
+        cand = list(dict.fromkeys([gold] + wrong + top))
+        rng.shuffle(cand)
+        rows["query"].append(c.text)
+        rows["docs"].append([texts[i] for i in cand])
+        rows["labels"].append([int(i == gold) for i in cand])
+    return rows
+
+
+def continue_cross_encoder(repo, base: int, corrections: list, cfg: FeedbackConfig) -> tuple:
+    """Continued listwise training from the base version's cross-encoder -> (model, training report)."""
+    from training.cross_encoder import train_cross_encoder
+    from training.mining import exemplar_rows, listwise_rows
+    from training.models import load_cross_encoder, resolve_device
+
+    t = time.perf_counter()
+    device = resolve_device(cfg.device)
+    spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, base))
+    clf = open_onnx_classifier(repo, base)
+    index, k = clf.index, int(spec.get("top_k", DEFAULTS.top_k))
+    examples = [Example(c.text, c.label) for c in corrections]
+    x = clf._embed([e.text for e in examples])
+    scores = index.label_scores(x, exclude=exemplar_rows(index, examples))  # an exemplar correction does not find itself
+    rows = correction_lists(index, scores, corrections, k, cfg.seed)
+    run = Path(cfg.replay_run) if cfg.replay_run else source_run(repo, base)
+    train, _, run_cfg = run_splits(run)
+    train = [e for e in train if e.label in index.taxonomy]
+    n_replay = min(len(train), int(round(cfg.replay_ratio * len(examples))))
+    replay = random.Random(cfg.seed).sample(train, n_replay)
+    if replay:
+        xr = clf._embed([e.text for e in replay])
+        sr = index.label_scores(xr, exclude=exemplar_rows(index, replay))
+        cand = np.argsort(-sr, axis=1, kind="stable")[:, :k]
+        rr = listwise_rows(replay, cand, index, cfg.seed)
+        for key in rows:
+            rows[key] += rr[key]
+    model = load_cross_encoder(cross_encoder_weights(repo, spec["cross_encoder_version"]), device=device)
+    policy = RerankPolicy(retrieval_weight=run_cfg.train_retrieval_weight)
+    if rows["query"]:
+        train_cross_encoder(model, rows, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed, policy, device)
+    return model, {"lists": len(rows["query"]), "corrections": len(examples), "replay": len(replay), "replay_run": str(run),
+                   "epochs": cfg.epochs, "lr": cfg.lr, "device": device, "seconds": round(time.perf_counter() - t, 1)}
+
+
+def build_candidate(cfg: FeedbackConfig, store: FeedbackStore = None) -> dict:
+    """Corrections in the store -> a new classifier version, gated (and promoted when asked and passed)."""
+    from export import versions
+    from export.derive import derive_version, write_cross_encoder_version
+
+    if not 0.0 <= cfg.holdout_fraction < 1.0:
+        raise BadSetting(f"--holdout-fraction must be in [0, 1), got {cfg.holdout_fraction}")
+    if cfg.replay_ratio < 0:
+        raise BadSetting(f"--replay-ratio must be >= 0, got {cfg.replay_ratio}")
+    repo = Path(cfg.repo)
+    base = cfg.base_version or versions.serving_version(repo) or max(versions.versions(repo, contract.CLASSIFIER))
+    base_index = load_label_index(repo, version_dir(repo, contract.CLASSIFIER, base))
+    own = store is None
+    store = store or FeedbackStore(cfg.db or None, labels=base_index.taxonomy.names)
+    try:
+        every = store.corrections()
+    finally:
+        if own:
+            store.close()
+    usable = [c for c in every if c.text and c.label in base_index.taxonomy]
+    held = [Example(c.text, c.label) for c in usable if held_out(c.text_hash, cfg.holdout_fraction)]
+    learn = [c for c in usable if not held_out(c.text_hash, cfg.holdout_fraction)]
+    if not learn:
+        raise ValueError(f"no usable corrections in the store ({len(every)} in all; {len(every) - len(usable)} without text or "
+                         f"with a label outside {contract.CLASSIFIER} {base}; {len(held)} held out for the gate)")
+    already = set(zip(base_index.exemplar_texts, (base_index.taxonomy.names[i] for i in base_index.exemplar_labels)))
+    new_exemplars = [(c.text, c.label) for c in learn if (c.text, c.label) not in already]
+    report = {"base_version": base, "corrections": len(every), "used": len(learn), "held_out": len(held),
+              "skipped": len(every) - len(usable), "new_exemplars": len(new_exemplars), "config": asdict(cfg) | {"admin_key": ""}}
+    cross_v = None
+    if not cfg.exemplars_only:
+        model, report["training"] = continue_cross_encoder(repo, base, learn, cfg)
+        pairs = [(c.text, base_index.label_texts[base_index.taxonomy.index(c.label)]) for c in learn[:8]]
+        cross_v = write_cross_encoder_version(repo, model, pairs)
+    v = derive_version(repo, base, "exemplars" if cfg.exemplars_only else "continued", new_exemplars, cross_encoder_version=cross_v,
+                       note=f"{len(learn)} corrections ({len(new_exemplars)} new exemplars)",
+                       extra={"feedback": {k: report[k] for k in ("corrections", "used", "held_out", "new_exemplars")}})
+    report["version"], report["cross_encoder_version"] = v, cross_v
+    run, evaluation = None, []
+    try:
+        run = Path(cfg.replay_run) if cfg.replay_run else source_run(repo, base)
+        _, evaluation, _ = run_splits(run)
+    except (FileNotFoundError, KeyError) as e:
+        report["evaluation_missing"] = str(e)
+    evaluation = [e for e in evaluation if e.label in base_index.taxonomy]
+    if cfg.eval_limit:
+        evaluation = evaluation[:cfg.eval_limit]
+    report["gate"] = gate(repo, base, v, evaluation, held, cfg.max_eval_drop)
+    if cfg.promote and report["gate"]["passed"]:
+        report["promotion"] = versions.promote(repo, v, cfg.url or None, cfg.admin_key, note="feedback gate passed")
+    return report
+
+
+def add_label(repo, name: str, description: str, examples: list = (), base: int = 0, evaluation: list = ()) -> dict:
+    """A new taxonomy entry -> a new classifier version (not served yet), no retraining. With `evaluation`
+    (Examples, some of the new label), its zero-shot accuracy: recall on the new label's emails, and the
+    accuracy on all of them, before (where the new label cannot be answered) and after."""
+    from export import versions
+    from export.derive import derive_version, label_from_args
+
+    repo = Path(repo)
+    base = base or versions.serving_version(repo) or max(versions.versions(repo, contract.CLASSIFIER))
+    label = label_from_args(name, description)
+    v = derive_version(repo, base, "label", new_labels=[(label, list(examples))],
+                       note=f"label {name!r} added ({len(examples)} example(s))")
+    report = {"version": v, "base_version": base, "label": name, "examples": len(examples)}
+    if evaluation:
+        clf = open_onnx_classifier(repo, v)
+        mine = [e for e in evaluation if e.label == name]
+        report |= {"evaluation_emails": len(evaluation), "new_label_emails": len(mine),
+                   "new_label_recall": accuracy(clf, mine), "accuracy_after": accuracy(clf, evaluation),
+                   "accuracy_before": accuracy(open_onnx_classifier(repo, base), evaluation)}
+        predicted = sum(p.label == name for s in range(0, len(evaluation), 64)
+                        for p in clf.classify_texts([e.text for e in evaluation[s:s + 64]], [""] * len(evaluation[s:s + 64])))
+        report["new_label_precision"] = (report["new_label_recall"] * len(mine) / predicted) if predicted else float("nan")
+    return report

@@ -1,0 +1,26 @@
+"""Settings of `mailroute feedback train` (light: the CLI builds its flags from this without importing torch)."""
+
+from dataclasses import dataclass
+
+from mailroute.settings import DEFAULTS
+
+
+@dataclass
+class FeedbackConfig:
+    repo: str = "model_repository"  # Triton model repository holding the serving version
+    db: str = ""  # feedback store URL (default: $MAILROUTE_FEEDBACK_URL or sqlite:///feedback.sqlite3)
+    base_version: int = 0  # classifier version to start from (0 = the one serving)
+    exemplars_only: bool = False  # first speed only: corrections become exemplars, the cross-encoder is not trained
+    replay_ratio: float = 2.0  # original training emails replayed per correction (against forgetting)
+    replay_run: str = ""  # run folder whose training emails are replayed (default: the source run of the version chain)
+    epochs: float = 2.0  # continued listwise epochs over corrections + replay
+    lr: float = 2e-5  # continued-training learning rate (smaller than training's: the head is not new)
+    batch_size: int = 8  # emails per batch (x their candidates)
+    holdout_fraction: float = 0.2  # share of corrections (by email hash) kept out to measure the gate on
+    max_eval_drop: float = 0.005  # the gate: evaluation-split accuracy may fall by at most this
+    eval_limit: int = 0  # >0: at most this many emails of the evaluation split (faster gate)
+    promote: bool = False  # serve the candidate when the gate passes
+    url: str = ""  # running server's gRPC address for --promote (empty: only the config on disk changes)
+    admin_key: str = ""  # the server's admin key for repository loads
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = DEFAULTS.seed  # replay sampling and shuffles
