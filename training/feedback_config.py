@@ -14,7 +14,7 @@ class FeedbackConfig:
     replay_ratio: float = 2.0  # original training emails replayed per correction (against forgetting)
     replay_run: str = ""  # run folder whose training emails are replayed (default: the source run of the version chain)
     epochs: float = 2.0  # continued listwise epochs over corrections + replay
-    lr: float = 2e-5  # continued-training learning rate (smaller than training's: the head is not new)
+    lr: float = 5e-5  # continued-training learning rate (half of training's: the head is not new)
     batch_size: int = 8  # emails per batch (x their candidates)
     holdout_fraction: float = 0.2  # share of corrections (by email hash) kept out to measure the gate on
     max_eval_drop: float = 0.005  # the gate: evaluation-split accuracy may fall by at most this

@@ -95,7 +95,7 @@ def main(argv=None):
     ap.add_argument("--ce-epochs", type=float, default=1.0)
     ap.add_argument("--replay-ratio", type=float, default=2.0)
     ap.add_argument("--feedback-epochs", type=float, default=2.0)
-    ap.add_argument("--feedback-lr", type=float, default=2e-5)
+    ap.add_argument("--feedback-lr", type=float, default=5e-5)
     ap.add_argument("--holdout-fraction", type=float, default=0.2)
     ap.add_argument("--max-eval-drop", type=float, default=0.005)
     ap.add_argument("--device", default="auto")
