@@ -77,14 +77,15 @@ def _as_bytes(x) -> bytes:
 
 
 def build_inputs(texts: list, subjects=None, module=grpcclient) -> list:
-    arr = np.array([[_as_bytes(t)] for t in texts], dtype=object)  # (n, 1)
-    inputs = [module.InferInput(contract.TEXT, list(arr.shape), "BYTES")]
+    text_t, subject_t = contract.TENSORS[contract.TEXT], contract.TENSORS[contract.SUBJECT]
+    arr = np.array([[_as_bytes(t)] for t in texts], dtype=text_t.dtype)  # (n, 1)
+    inputs = [module.InferInput(contract.TEXT, list(arr.shape), text_t.wire_type)]
     inputs[0].set_data_from_numpy(arr)
     if subjects is not None:
         if len(subjects) != len(texts):
             raise ValueError(f"got {len(subjects)} subjects for {len(texts)} texts")
-        sub = np.array([[_as_bytes(s or "")] for s in subjects], dtype=object)
-        inputs.append(module.InferInput(contract.SUBJECT, list(sub.shape), "BYTES"))
+        sub = np.array([[_as_bytes(s or "")] for s in subjects], dtype=subject_t.dtype)
+        inputs.append(module.InferInput(contract.SUBJECT, list(sub.shape), subject_t.wire_type))
         inputs[1].set_data_from_numpy(sub)
     return inputs
 

@@ -9,7 +9,7 @@ from mailroute.settings import DEFAULTS
 class ExportConfig:
     run: str = "runs/demo"  # trained run folder (from `mailroute train`)
     repo: str = "model_repository"  # Triton model repository to add the new versions to
-    runtime: str = "portable"  # portable (Python backend + onnxruntime) | native (onnxruntime_onnx backend)
+    runtime: str = "portable"  # encoder runtime (export/configs.py RUNTIMES): portable (Python backend + onnxruntime) | native (onnxruntime_onnx)
     gpu: bool = False  # KIND_GPU instances (native runtime, production)
     no_optimize: bool = False  # skip onnxruntime's transformer fusions (attention, LayerNorm, GELU)
     quantize: bool = False  # dynamic int8 weights (CPU); the accuracy change is measured and reported

@@ -17,7 +17,7 @@ from mailroute.label_index import LabelIndex, weights_id
 from mailroute.onnx_encoders import session
 from mailroute.pipeline import load_tokenizer, tensors
 from mailroute.repository import ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE
-from mailroute.settings import DEFAULTS
+from mailroute.settings import DEFAULTS, BadSetting
 from export import configs, versions
 from export.versions import new_version
 from export.config import ExportConfig  # noqa: F401 (re-exported for callers)
@@ -40,12 +40,13 @@ def _write_encoder(repo: Path, name: str, onnx_path: Path, tokenizer: Path, cfg:
         shutil.copy(onnx_path, vdir / MODEL_FILE)
         shutil.copy(tokenizer, vdir / TOKENIZER_FILE)
         (vdir / ENCODER_ID_FILE).write_text(weights_id(vdir / MODEL_FILE) + "\n")
-        if cfg.runtime == "portable":
-            shutil.copy(TRITON_DIR / "onnx_encoder.py", vdir / "model.py")
+        adapter = configs.runtime(cfg.runtime).adapter
+        if adapter:  # a runtime that serves model.onnx through a Python-backend adapter
+            shutil.copy(TRITON_DIR / adapter, vdir / "model.py")
     (repo / name / "config.pbtxt").write_text(configs.encoder_config(name, dim, cfg.runtime, max_batch, cfg.encoder_instances, cfg.gpu))
     (repo / name / "configs").mkdir(exist_ok=True)
     (repo / name / "configs" / "tensorrt.pbtxt").write_text(
-        configs.encoder_config(name, dim, "native", max_batch, cfg.encoder_instances, gpu=True, tensorrt=True))
+        configs.encoder_config(name, dim, "tensorrt", max_batch, cfg.encoder_instances, gpu=True))
     return v
 
 
@@ -94,6 +95,8 @@ def int8_accuracy_change(run: Path, source: LabelIndex, fp32: tuple, int8: tuple
 
 def export(cfg: ExportConfig) -> dict:
     run, repo = Path(cfg.run), Path(cfg.repo)
+    if cfg.runtime not in configs.EXPORT_RUNTIMES:  # settings are checked before any work
+        raise BadSetting(f"--runtime must be one of {configs.EXPORT_RUNTIMES}, got {cfg.runtime!r}")
     folder = RunFolder(run)
     if not folder.is_trained():
         raise FileNotFoundError(f"{run} is not a trained run (needs bi_encoder/ and cross_encoder/): run `mailroute train` first")
@@ -149,8 +152,9 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
         (cdir / PIPELINE_FILE).write_text(json.dumps(spec, indent=1) + "\n")
     cdir = repo / contract.CLASSIFIER / str(cv)
     (repo / contract.CLASSIFIER / "config.pbtxt").write_text(
-        configs.classifier_config(64, cfg.classifier_instances, embed_batch=64, score_batch=256))
-    versions.promote(repo, cv, note=f"mailroute export of {run}")  # the config serves the new version (a running server: `mailroute versions promote`)
+        configs.classifier_config(64, cfg.classifier_instances, embed_batch=64, score_batch=256, serving_version=cv))
+    # the config serves the new version from now on; a running server loads it with `mailroute versions promote`
+    versions.promote(repo, cv, note=f"mailroute export of {run}")
     report |= {"versions": {contract.CLASSIFIER: cv, contract.BI_ENCODER: bi_v, contract.CROSS_ENCODER: cross_v},
                "seconds": round(time.perf_counter() - t, 1), "config": asdict(cfg)}
     (cdir / "export_report.json").write_text(json.dumps(report, indent=1) + "\n")

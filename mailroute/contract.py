@@ -1,11 +1,36 @@
 """The one source of truth for model names and tensor names, dtypes and shapes.
 
-export/ writes these into every config.pbtxt and ONNX graph; the Triton adapters, the pipeline and
-the client read them from here. Token ids are int64 everywhere: onnxruntime takes them as exported, and TensorRT 10 (the 24.10
-container) builds plans with int64 I/O, so no caller ever sees another dtype.
+Each tensor is declared once, as a `Tensor` (name, numpy dtype, dims per row): export/configs.py renders
+them into every config.pbtxt through Triton's ModelConfig protobuf, export/onnx_export.py names the graph
+inputs and outputs after them, the service builds its output arrays with their dtypes and the client its
+inputs with their wire types. Token ids are int64 everywhere: onnxruntime takes them as exported, and
+TensorRT 10 (the 24.10 container) builds plans with int64 I/O, so no caller ever sees another dtype.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
+
+# Triton's names for numpy dtypes: config data_type (TYPE_*) and wire datatype (tritonclient, HTTP/JSON)
+_TRITON_TYPES = {np.dtype(np.int64): ("TYPE_INT64", "INT64"), np.dtype(np.float32): ("TYPE_FP32", "FP32"),
+                 np.dtype(bool): ("TYPE_BOOL", "BOOL"), np.dtype(object): ("TYPE_STRING", "BYTES")}
+EMBEDDING_DIM = "embedding_dim"  # a dims entry filled at export with the bi-encoder's width (384 for MiniLM)
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: type  # numpy dtype; object = UTF-8 strings (bytes)
+    dims: tuple  # per row, without the batch dimension; -1 = any length
+    optional: bool = False
+
+    @property
+    def config_type(self) -> str:
+        return _TRITON_TYPES[np.dtype(self.dtype)][0]
+
+    @property
+    def wire_type(self) -> str:
+        return _TRITON_TYPES[np.dtype(self.dtype)][1]
 
 # model names inside the Triton repository
 BI_ENCODER = "bi_encoder"
@@ -19,10 +44,13 @@ TOKEN_TYPE_IDS = "token_type_ids"
 EMBEDDING = "embedding"  # bi-encoder output: (batch, dim), mean pooled and L2 normalised
 LOGIT = "logit"  # cross-encoder output: (batch, 1), raw score, no sigmoid
 TOKEN_DTYPE = np.int64
-TOKEN_TRITON_TYPE = "TYPE_INT64"
 
 BI_ENCODER_INPUTS = (INPUT_IDS, ATTENTION_MASK)
 CROSS_ENCODER_INPUTS = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS)
+ENCODER_TENSORS = {  # per encoder: (inputs, output)
+    BI_ENCODER: ([Tensor(n, TOKEN_DTYPE, (-1,)) for n in BI_ENCODER_INPUTS], Tensor(EMBEDDING, np.float32, (EMBEDDING_DIM,))),
+    CROSS_ENCODER: ([Tensor(n, TOKEN_DTYPE, (-1,)) for n in CROSS_ENCODER_INPUTS], Tensor(LOGIT, np.float32, (1,))),
+}
 
 # classifier interface (what callers use)
 TEXT = "TEXT"  # string, (batch, 1)
@@ -41,7 +69,18 @@ STAGE_MS = "STAGE_MS"
 RERANKED = "RERANKED"  # bool, (batch, 1): stage 2 ran for this email (False where the gate found retrieval sure)
 
 STAGES = ("preprocess", "embed", "search", "rerank")
-CLASSIFIER_OUTPUTS = (LABEL, PROBABILITY, TOP_LABELS, TOP_PROBABILITIES, NEEDS_REVIEW, ERROR, MODEL_VERSIONS, STAGE_MS, RERANKED)
+CLASSIFIER_INPUT_TENSORS = (Tensor(TEXT, object, (1,)), Tensor(SUBJECT, object, (1,), optional=True))
+CLASSIFIER_OUTPUT_TENSORS = (
+    Tensor(LABEL, object, (1,)), Tensor(PROBABILITY, np.float32, (1,)), Tensor(TOP_LABELS, object, (-1,)),
+    Tensor(TOP_PROBABILITIES, np.float32, (-1,)), Tensor(NEEDS_REVIEW, bool, (1,)), Tensor(ERROR, object, (1,)),
+    Tensor(MODEL_VERSIONS, object, (3,)), Tensor(STAGE_MS, np.float32, (len(STAGES),)), Tensor(RERANKED, bool, (1,)))
+CLASSIFIER_OUTPUTS = tuple(t.name for t in CLASSIFIER_OUTPUT_TENSORS)
+TENSORS = {t.name: t for t in CLASSIFIER_INPUT_TENSORS + CLASSIFIER_OUTPUT_TENSORS}  # the classifier's, by name
+
+
+def dtype(name: str):
+    """numpy dtype of a classifier tensor."""
+    return TENSORS[name].dtype
 
 # Prometheus metrics of email_classifier (Python-backend custom metrics on Triton's metrics port),
 # every one labelled with the classifier version

@@ -19,7 +19,7 @@ CANARY = "Hello, I was charged twice for my subscription this month, please refu
 
 def canary(http_url: str, timeout: float = 10.0) -> tuple:
     """-> (ok, error message): ok when the classifier returned a label for the canary email."""
-    body = {"inputs": [{"name": contract.TEXT, "shape": [1, 1], "datatype": "BYTES", "data": [CANARY]}],
+    body = {"inputs": [{"name": contract.TEXT, "shape": [1, 1], "datatype": contract.TENSORS[contract.TEXT].wire_type, "data": [CANARY]}],
             "outputs": [{"name": contract.LABEL}, {"name": contract.ERROR}]}
     req = urllib.request.Request(f"{http_url.rstrip('/')}/v2/models/{contract.CLASSIFIER}/infer", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})

@@ -35,7 +35,7 @@ class Request:
 class ClassifierService:
     def __init__(self, clf: TwoStageClassifier, model_versions: tuple):
         self.clf = clf
-        self.versions = np.array([str(v) for v in model_versions], dtype=object)  # classifier, bi, cross
+        self.versions = np.array([str(v) for v in model_versions], dtype=contract.dtype(contract.MODEL_VERSIONS))  # classifier, bi, cross
 
     def _parse(self, req: Request) -> tuple:
         try:
@@ -85,21 +85,21 @@ class ClassifierService:
         return out
 
     def _outputs(self, preds: list, k: int) -> dict:
-        n = len(preds)
-        top_l = np.full((n, k), b"", dtype=object)
-        top_p = np.zeros((n, k), dtype=np.float32)
+        n, dt = len(preds), contract.dtype
+        top_l = np.full((n, k), b"", dtype=dt(contract.TOP_LABELS))
+        top_p = np.zeros((n, k), dtype=dt(contract.TOP_PROBABILITIES))
         for r, p in enumerate(preds):
             top_l[r, : len(p.top_labels)] = [l.encode() for l in p.top_labels]
             top_p[r, : len(p.top_probabilities)] = p.top_probabilities
         return {
-            contract.LABEL: np.array([[p.label.encode()] for p in preds], dtype=object),
-            contract.PROBABILITY: np.array([[p.probability] for p in preds], dtype=np.float32),
+            contract.LABEL: np.array([[p.label.encode()] for p in preds], dtype=dt(contract.LABEL)),
+            contract.PROBABILITY: np.array([[p.probability] for p in preds], dtype=dt(contract.PROBABILITY)),
             contract.TOP_LABELS: top_l,
             contract.TOP_PROBABILITIES: top_p,
-            contract.NEEDS_REVIEW: np.array([[p.needs_review] for p in preds], dtype=bool),
-            contract.ERROR: np.array([[p.error.encode()] for p in preds], dtype=object),
+            contract.NEEDS_REVIEW: np.array([[p.needs_review] for p in preds], dtype=dt(contract.NEEDS_REVIEW)),
+            contract.ERROR: np.array([[p.error.encode()] for p in preds], dtype=dt(contract.ERROR)),
             contract.MODEL_VERSIONS: np.tile(self.versions, (n, 1)),
-            contract.STAGE_MS: np.array([[p.stage_ms.get(s, 0.0) for s in contract.STAGES] for p in preds], dtype=np.float32),
-            contract.RERANKED: np.array([[p.reranked] for p in preds], dtype=bool),
+            contract.STAGE_MS: np.array([[p.stage_ms.get(s, 0.0) for s in contract.STAGES] for p in preds], dtype=dt(contract.STAGE_MS)),
+            contract.RERANKED: np.array([[p.reranked] for p in preds], dtype=dt(contract.RERANKED)),
             ERROR_KINDS: [p.error_kind for p in preds if p.error],  # for metrics, not sent
         }

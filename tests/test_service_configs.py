@@ -106,3 +106,18 @@ def test_dockerfile_pins_resolve_for_the_image_python(tmp_path):
            "--platform", "manylinux_2_28_x86_64", "--target", str(tmp_path), *pins]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"pins {pins} do not resolve for Python 3.10:\n{res.stderr[-2000:]}"
+
+
+def test_configs_are_rendered_from_the_contract(tiny_repo):
+    from export.configs import RUNTIMES, encoder_config
+
+    cfg = text_format.Parse((tiny_repo / contract.CLASSIFIER / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    declared = {t.name: t for t in contract.CLASSIFIER_INPUT_TENSORS + contract.CLASSIFIER_OUTPUT_TENSORS}
+    for t in list(cfg.input) + list(cfg.output):
+        want = declared.pop(t.name)
+        assert model_config_pb2.DataType.Name(t.data_type) == want.config_type and tuple(t.dims) == want.dims
+    assert not declared  # every declared tensor is in the config
+    assert list(cfg.version_policy.specific.versions) == [1]  # the serving version is named
+    plan = text_format.Parse(encoder_config(contract.BI_ENCODER, 384, "tensorrt", 64, 1, gpu=True), model_config_pb2.ModelConfig())
+    assert plan.platform == "tensorrt_plan" and list(plan.output[0].dims) == [384] and not RUNTIMES["tensorrt"].exported
+    assert (tiny_repo / contract.BI_ENCODER / "1" / "model.py").exists() == bool(RUNTIMES["portable"].adapter)
