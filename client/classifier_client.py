@@ -184,6 +184,9 @@ class ClassifierClient(_Base):
     def classify(self, texts, subjects=None, top_k=None, threshold=None, gate=None, record=False) -> list:
         """gate: None = the version's default; False = rerank every email; True = let the gate skip stage 2.
         record: store each answered email and what was shown (sets prediction_id)."""
+        texts = list(texts)  # read twice when recording
+        if record and self.store is None:
+            raise ValueError("classify(..., record=True) needs a feedback store: ClassifierClient(url, store=FeedbackStore(...))")
         out = []
         for t, s in self._chunks(texts, subjects):
             out += parse_result(self._infer(build_inputs(t, s), _params(top_k, threshold, gate)))
@@ -237,6 +240,9 @@ class AsyncClassifierClient(_Base):
 
     async def classify(self, texts, subjects=None, top_k=None, threshold=None, gate=None, record=False) -> list:
         """Chunks of max_batch rows, at most max_in_flight requests on the wire at once, answers in input order."""
+        texts = list(texts)  # read twice when recording
+        if record and self.store is None:
+            raise ValueError("classify(..., record=True) needs a feedback store: AsyncClassifierClient(url, store=FeedbackStore(...))")
         limit = asyncio.Semaphore(self.max_in_flight)
 
         async def one(t, s):

@@ -17,15 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from mailroute import contract
-from mailroute.label_index import LabelIndex
+from mailroute.label_index import LabelIndex, card_text
 from mailroute.pipeline import load_tokenizer
 from mailroute.repository import (ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE, TORCH_WEIGHTS_DIR,
                                   load_label_index, read_pipeline, version_dir)
 from mailroute.settings import DEFAULTS
 from mailroute.taxonomy import NAME_RE, DataError, Label, parse_taxonomy
 from export.versions import new_version
-
-CARD_EXAMPLES, CARD_CHARS = 2, 240  # a new label's card: description + up to 2 examples (as training builds cards)
 
 
 def embed_with_version(repo, bi_version: int, texts: list) -> np.ndarray:
@@ -48,7 +46,7 @@ def derived_index(repo, base_dir: Path, exemplars: list = (), new_labels: list =
     taken = set(old.taxonomy.names)
     for label, _ in new_labels:
         if label.name in taken:
-            raise ValueError(f"label {label.name!r} is already in the taxonomy of {contract.CLASSIFIER} {base_dir.name}")
+            raise DataError(f"label {label.name!r} is already in the taxonomy of {contract.CLASSIFIER} {base_dir.name}")
         taken.add(label.name)
     taxonomy = parse_taxonomy({"name": old.taxonomy.name, "labels": [vars(l) for l in old.taxonomy.labels] + [vars(l) for l, _ in new_labels]})
     exemplars = list(exemplars) + [(text, label.name) for label, examples in new_labels for text in examples]
@@ -63,8 +61,8 @@ def derived_index(repo, base_dir: Path, exemplars: list = (), new_labels: list =
     ids = np.concatenate([old.exemplar_labels, np.array([taxonomy.index(n) for _, n in exemplars], dtype=np.int64)])
     cards = None
     if old.cards is not None:
-        cards = list(old.cards) + [(label.text() + (" Examples: " + " | ".join(e[:100] for e in examples[:CARD_EXAMPLES]) if examples else ""))[:CARD_CHARS]
-                                   for label, examples in new_labels]
+        shown = max(1, int(old.manifest.get("card_examples", 2)))  # as many examples as the run's cards show
+        cards = list(old.cards) + [card_text(label.text(), examples[:shown]) for label, examples in new_labels]
     return LabelIndex.build(taxonomy, xb, old.manifest["encoder"], xe if len(xe) else None, ids, list(old.exemplar_texts) + [t for t, _ in exemplars],
                             old.scoring, cards)
 
@@ -90,9 +88,10 @@ def derive_version(repo, base: int, kind: str, exemplars: list = (), new_labels:
     return v
 
 
-def write_cross_encoder_version(repo, cross_model, pairs: list) -> int:
-    """A continued-training cross-encoder -> a new cross_encoder version (ONNX, parity-checked), atomically."""
-    from export.onnx_export import export_cross_encoder
+def write_cross_encoder_version(repo, cross_model, pairs: list, quantize: bool = False) -> int:
+    """A continued-training cross-encoder -> a new cross_encoder version (ONNX, parity-checked; int8 when the
+    version it replaces was), atomically."""
+    from export.onnx_export import export_cross_encoder, quantize_int8
     from mailroute.label_index import weights_id
 
     repo = Path(repo)
@@ -100,7 +99,12 @@ def write_cross_encoder_version(repo, cross_model, pairs: list) -> int:
     with new_version(repo, contract.CROSS_ENCODER) as (folder, v):
         cross_model.save(str(folder / TORCH_WEIGHTS_DIR))  # what the next round of continued training starts from
         shutil.copy(folder / TORCH_WEIGHTS_DIR / TOKENIZER_FILE, folder / TOKENIZER_FILE)
-        export_cross_encoder(cross_model, folder / TOKENIZER_FILE, folder / MODEL_FILE, pairs)
+        export_cross_encoder(cross_model, folder / TOKENIZER_FILE, folder / "fp32.onnx", pairs)
+        if quantize:
+            quantize_int8(folder / "fp32.onnx", folder / MODEL_FILE)
+            (folder / "fp32.onnx").unlink()
+        else:
+            (folder / "fp32.onnx").rename(folder / MODEL_FILE)
         (folder / ENCODER_ID_FILE).write_text(weights_id(folder / MODEL_FILE) + "\n")
         if (prev / "model.py").exists():  # the portable runtime: the same adapter as the version before
             shutil.copy(prev / "model.py", folder / "model.py")

@@ -43,7 +43,7 @@ def _write_encoder(repo: Path, name: str, onnx_path: Path, tokenizer: Path, cfg:
         adapter = configs.runtime(cfg.runtime).adapter
         if adapter:  # a runtime that serves model.onnx through a Python-backend adapter
             shutil.copy(TRITON_DIR / adapter, vdir / "model.py")
-    (repo / name / "config.pbtxt").write_text(configs.encoder_config(name, dim, cfg.runtime, max_batch, cfg.encoder_instances, cfg.gpu))
+    (repo / name / versions.CONFIG_FILE).write_text(configs.encoder_config(name, dim, cfg.runtime, max_batch, cfg.encoder_instances, cfg.gpu))
     (repo / name / "configs").mkdir(exist_ok=True)
     (repo / name / "configs" / "tensorrt.pbtxt").write_text(
         configs.encoder_config(name, dim, "tensorrt", max_batch, cfg.encoder_instances, gpu=True))
@@ -151,9 +151,13 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (cdir / PIPELINE_FILE).write_text(json.dumps(spec, indent=1) + "\n")
     cdir = repo / contract.CLASSIFIER / str(cv)
-    (repo / contract.CLASSIFIER / "config.pbtxt").write_text(
-        configs.classifier_config(64, cfg.classifier_instances, embed_batch=64, score_batch=256, serving_version=cv))
-    # the config serves the new version from now on; a running server loads it with `mailroute versions promote`
+    previous = max([v for v in versions.versions(repo, contract.CLASSIFIER) if v != cv], default=None)
+    if (repo / contract.CLASSIFIER / versions.CONFIG_FILE).exists():
+        previous = versions.serving_version(repo) or previous
+    # the config keeps serving what it served; promote() then names the new version and logs the change
+    (repo / contract.CLASSIFIER / versions.CONFIG_FILE).write_text(
+        configs.classifier_config(64, cfg.classifier_instances, embed_batch=64, score_batch=256, serving_version=previous or cv))
+    # a running server loads the new version with `mailroute versions promote`
     versions.promote(repo, cv, note=f"mailroute export of {run}")
     report |= {"versions": {contract.CLASSIFIER: cv, contract.BI_ENCODER: bi_v, contract.CROSS_ENCODER: cross_v},
                "seconds": round(time.perf_counter() - t, 1), "config": asdict(cfg)}

@@ -25,7 +25,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from mailroute import contract
-from mailroute.repository import GATE_REPORT_FILE, PIPELINE_FILE, read_pipeline, versions
+from mailroute.label_index import MANIFEST_FILE
+from mailroute.repository import GATE_REPORT_FILE, LABEL_INDEX_DIR, PIPELINE_FILE, read_pipeline, versions
 
 CONFIG_FILE = "config.pbtxt"
 HISTORY_FILE = "promotions.jsonl"  # in <repo>/email_classifier/: one line per change of the serving version
@@ -90,6 +91,8 @@ def write_config(repo, cfg: model_config_pb2.ModelConfig, model: str = contract.
 
 def serving_version(repo):
     """The classifier version the config serves (None when the config serves the latest, as old repositories did)."""
+    if not (Path(repo) / contract.CLASSIFIER / CONFIG_FILE).exists():
+        raise VersionError(f"{repo} holds no {contract.CLASSIFIER} (no {CONFIG_FILE}): run `mailroute export` first")
     cfg = read_config(repo)
     return int(cfg.version_policy.specific.versions[0]) if cfg.version_policy.HasField("specific") else None
 
@@ -128,7 +131,7 @@ def promote(repo, version: int, url: str = None, admin_key: str = "", action: st
     repo = Path(repo)
     if int(version) not in versions(repo, contract.CLASSIFIER):
         raise VersionError(f"{contract.CLASSIFIER} has no version {version} in {repo} (has {versions(repo, contract.CLASSIFIER)})")
-    old_cfg, old = read_config(repo), serving_version(repo)
+    old_cfg, old = read_config(repo), current_version(repo)
     set_serving(repo, version)
     t = time.perf_counter()
     if url:
@@ -140,21 +143,49 @@ def promote(repo, version: int, url: str = None, admin_key: str = "", action: st
             write_config(repo, old_cfg)
             raise PromotionFailed(f"server at {url} could not load {contract.CLASSIFIER} {version}; "
                                   f"version {old} is still serving: {getattr(e, 'message', lambda: str(e))()}") from None
-    entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": action, "version": int(version), "previous": old,
+    entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": action, "version": int(version),
+             "previous": old if old != int(version) else None,
              "loaded_in_s": round(time.perf_counter() - t, 3) if url else None, "note": note}
     _log(repo, entry)
     return entry
 
 
+def served_stack(repo) -> list:
+    """The promotion history replayed as a stack: a promotion pushes its version, a rollback pops the
+    current one (and pushes its target when that was not the one below). The top serves; the one below
+    it is where `rollback` goes. Versions no longer on disk are skipped."""
+    stack = []
+    for h in history(repo):
+        if not stack and h.get("previous") not in (None, h["version"]):
+            stack.append(h["previous"])  # what served before the history began (a repository from before it)
+        if h["action"] == "rollback" and stack:
+            stack.pop()
+        if not stack or stack[-1] != h["version"]:
+            stack.append(h["version"])
+    on_disk = set(versions(repo, contract.CLASSIFIER))
+    return [v for v in stack if v in on_disk]
+
+
 def rollback(repo, url: str = None, admin_key: str = "", to: int = None) -> dict:
-    """Serve again the version that served before the current one (or `to`)."""
+    """Serve again the version that served before the current one (or `to`); a second rollback goes one further back."""
     current = serving_version(repo)
     if to is None:
-        served = [h["version"] for h in history(repo) if h["version"] != current]
-        if not served:
-            raise VersionError(f"nothing to roll back to: {contract.CLASSIFIER} {current} is the only version served so far")
-        to = served[-1]
+        below = [v for v in served_stack(repo) if v != current]
+        if not below:
+            raise VersionError(f"nothing to roll back to: no version served before {contract.CLASSIFIER} {current} is on disk")
+        to = below[-1]
     return promote(repo, to, url, admin_key, action="rollback")
+
+
+def current_version(repo) -> int:
+    """The version serving now: the one the config names, else (a `latest` policy) the newest."""
+    named = serving_version(repo)
+    if named is not None:
+        return named
+    vs = versions(repo, contract.CLASSIFIER)
+    if not vs:
+        raise VersionError(f"{repo} holds no {contract.CLASSIFIER} version: run `mailroute export` first")
+    return vs[-1]
 
 
 def list_versions(repo) -> list:
@@ -170,13 +201,24 @@ def list_versions(repo) -> list:
             rows.append({"version": v, "error": f"unreadable {PIPELINE_FILE}: {e}"})
             continue
         gate = json.loads((vdir / GATE_REPORT_FILE).read_text()) if (vdir / GATE_REPORT_FILE).exists() else None
-        manifest_path = vdir / "label_index" / "manifest.json"
+        manifest_path = vdir / LABEL_INDEX_DIR / MANIFEST_FILE
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
         rows.append({"version": v, "serving": v == serving or (serving is None and v == max(versions(repo, contract.CLASSIFIER))),
                      "kind": spec.get("kind", "export"), "parent": spec.get("parent"), "created": spec.get("created"),
                      "bi_encoder": spec["bi_encoder_version"], "cross_encoder": spec["cross_encoder_version"],
                      "labels": manifest.get("labels"), "exemplars": manifest.get("exemplars"), "gate": gate})
     return rows
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.2%}"
+
+
+def format_gate(g: dict) -> str:
+    c, s = g["candidate"], g["serving"]
+    return (f"{'passed' if g['passed'] else 'FAILED (' + g.get('why', '') + ')'}: evaluation {_pct(c['evaluation_accuracy'])} "
+            f"(serving {_pct(s['evaluation_accuracy'])}), {g['held_out_corrections']} held-out corrections "
+            f"{_pct(c['corrections_accuracy'])} (serving {_pct(s['corrections_accuracy'])})")
 
 
 def format_versions(rows: list) -> str:
@@ -187,36 +229,42 @@ def format_versions(rows: list) -> str:
             lines.append(f"  {r['version']:>7}  {r['error']}")
             continue
         g = r["gate"]
-        gate = "-" if not g else (f"{'passed' if g['passed'] else 'FAILED'}: eval {g['candidate']['evaluation_accuracy']:.2%} "
-                                  f"(serving {g['serving']['evaluation_accuracy']:.2%}), held-out corrections "
-                                  f"{g['candidate']['corrections_accuracy']:.2%} (serving {g['serving']['corrections_accuracy']:.2%})")
+        gate = "-" if not g else format_gate(g)
         lines.append(f"{'*' if r['serving'] else ' ':2}{r['version']:>7}  {r['kind']:<12}{r['parent'] or '-':>6}  {r['bi_encoder']:>3} "
                      f"{r['cross_encoder']:>5}  {r['labels'] or '-':>6} {r['exemplars'] if r['exemplars'] is not None else '-':>9}  {gate}")
     return "\n".join(lines) + "\n(* = serving)"
 
 
 def prune(repo, keep: int = 3, url: str = None, admin_key: str = "") -> dict:
-    """Remove classifier versions beyond the newest `keep` (never the serving one, never one in the last
-    `keep` entries of the promotion history: rollback targets) and every encoder version no remaining
-    classifier version pins. The server (url given) reloads the encoders so it lets go of removed versions."""
+    """Remove classifier versions beyond the newest `keep`, except the serving one and the last `keep`
+    rollback targets, then every encoder version no remaining classifier version pins, and staging folders
+    of crashed writers. Everything is planned before anything is removed; a version whose pipeline cannot
+    be read is kept and pins nothing. The server (url given) reloads the encoders to let removed versions go."""
     repo = Path(repo)
     if keep < 1:
         raise VersionError(f"prune keeps at least 1 classifier version, got keep={keep}")
     cvs = versions(repo, contract.CLASSIFIER)
     serving = serving_version(repo) or (cvs[-1] if cvs else None)
-    protected = set(cvs[-keep:]) | {serving} | {h["version"] for h in history(repo)[-keep:]}
-    removed = {contract.CLASSIFIER: [v for v in cvs if v not in protected]}
-    for v in removed[contract.CLASSIFIER]:
-        shutil.rmtree(repo / contract.CLASSIFIER / str(v))
+    protected = set(cvs[-keep:]) | {serving} | set(served_stack(repo)[-(keep + 1):])
+    plan = {contract.CLASSIFIER: [v for v in cvs if v not in protected]}
     pinned = {contract.BI_ENCODER: set(), contract.CROSS_ENCODER: set()}
-    for v in versions(repo, contract.CLASSIFIER):
-        spec = read_pipeline(repo / contract.CLASSIFIER / str(v))
-        pinned[contract.BI_ENCODER].add(spec["bi_encoder_version"])
-        pinned[contract.CROSS_ENCODER].add(spec["cross_encoder_version"])
+    for v in cvs:
+        if v in plan[contract.CLASSIFIER]:
+            continue
+        try:
+            spec = read_pipeline(repo / contract.CLASSIFIER / str(v))
+            pinned[contract.BI_ENCODER].add(spec["bi_encoder_version"])
+            pinned[contract.CROSS_ENCODER].add(spec["cross_encoder_version"])
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: kept (it is not ours to judge), pins nothing
     for model, keep_set in pinned.items():
-        removed[model] = [v for v in versions(repo, model) if v not in keep_set]
-        for v in removed[model]:
+        plan[model] = [v for v in versions(repo, model) if v not in keep_set]
+    for model, vs in plan.items():
+        for v in vs:
             shutil.rmtree(repo / model / str(v))
-        if url and removed[model]:
-            _load(url, model, admin_key)
-    return removed
+    plan["staging"] = remove_stale_staging(repo)
+    if url:
+        for model in (contract.BI_ENCODER, contract.CROSS_ENCODER):
+            if plan[model]:
+                _load(url, model, admin_key)
+    return plan

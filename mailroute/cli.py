@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from mailroute.contract import CLASSIFIER
 from mailroute.settings import DEFAULTS, ROOT
 
 
@@ -124,10 +125,16 @@ def cmd_classify(args):
         sys.exit(f"mailroute classify: {e}")
     if not emails:
         sys.exit("mailroute classify: no emails given")
-    store = _store(args) if args.record else None
-    with ClassifierClient(args.url, timeout=args.timeout, headers=None, store=store) as c:
-        results = c.classify([e.text for e in emails], [e.subject for e in emails], top_k=args.top_k, threshold=args.threshold,
-                             record=args.record)
+    from mailroute.feedback_store import FeedbackStore
+
+    store = FeedbackStore(args.db or None, store_text=not args.hash_only) if args.record else None  # labels come from the server
+    try:
+        with ClassifierClient(args.url, timeout=args.timeout, headers=None, store=store) as c:
+            results = c.classify([e.text for e in emails], [e.subject for e in emails], top_k=args.top_k, threshold=args.threshold,
+                                 record=args.record)
+    finally:
+        if store is not None:
+            store.close()
     if args.json:
         for e, r in zip(emails, results):
             print(json.dumps({"source": e.source} | dataclasses.asdict(r), ensure_ascii=False))
@@ -162,17 +169,20 @@ def cmd_feedback(args):
     if args.action == "train":
         from training.feedback import FeedbackConfig, build_candidate
 
+        from export.versions import format_gate
+
         report = build_candidate(_config(FeedbackConfig, args))
         g = report["gate"]
-        print(json.dumps(report, indent=1, default=str) if args.json else
-              f"{'continued training' if not args.exemplars_only else 'exemplars'}: {contract_name()} v{report['version']} from "
+        if args.json:
+            print(json.dumps(report, indent=1, default=str))
+            return
+        print(f"{'exemplars' if args.exemplars_only else 'exemplars + continued training'}: {CLASSIFIER} v{report['version']} from "
               f"v{report['base_version']} ({report['used']} corrections, {report['new_exemplars']} new exemplars, "
-              f"{report['held_out']} held out)\ngate {'PASSED' if g['passed'] else 'FAILED'}: evaluation "
-              f"{g['candidate']['evaluation_accuracy']:.2%} vs serving {g['serving']['evaluation_accuracy']:.2%} "
-              f"(may drop {g['max_eval_drop']:.2%}), held-out corrections {g['candidate']['corrections_accuracy']:.2%} vs "
-              f"{g['serving']['corrections_accuracy']:.2%}"
-              + (f"\npromoted: v{report['version']} serves" if "promotion" in report else
-                 ("\nnot promoted (--promote to serve it when the gate passes)" if g["passed"] else "\nnot promoted")))
+              f"{report['held_out']} held out)\ngate against serving v{report['serving_version']}: {format_gate(g)}")
+        if "promotion" in report:
+            print(f"promoted: v{report['version']} serves" + ("" if args.url else " once the server loads it (no --url given)"))
+        else:
+            print("not promoted" + (" (--promote serves a candidate that passes)" if g["passed"] else ""))
         return
     with _store(args) as store:
         if args.action == "add":
@@ -186,24 +196,20 @@ def cmd_feedback(args):
             print(json.dumps(store.counts()))
 
 
-def contract_name():
-    from mailroute import contract
-
-    return contract.CLASSIFIER
-
-
 def cmd_versions(args):
     from export import versions
 
+    if args.action != "list" and args.json:
+        print("note: --json applies to `versions list`", file=sys.stderr)
     if args.action == "list":
         rows = versions.list_versions(args.repo)
         print(json.dumps(rows, indent=1) if args.json else versions.format_versions(rows))
     elif args.action == "promote":
         e = versions.promote(args.repo, args.version, args.url or None, args.admin_key)
-        print(f"{contract_name()} v{e['version']} serves (was v{e['previous']})" + ("" if args.url else "; no --url: takes effect when the server loads it"))
+        print(f"{CLASSIFIER} v{e['version']} serves (was v{e['previous']})" + ("" if args.url else "; no --url: takes effect when the server loads it"))
     elif args.action == "rollback":
         e = versions.rollback(args.repo, args.url or None, args.admin_key, args.to)
-        print(f"rolled back: {contract_name()} v{e['version']} serves (was v{e['previous']})")
+        print(f"rolled back: {CLASSIFIER} v{e['version']} serves (was v{e['previous']})")
     else:
         removed = versions.prune(args.repo, args.keep, args.url or None, args.admin_key)
         print("removed: " + ", ".join(f"{m} {v}" for m, v in removed.items()))
@@ -268,17 +274,23 @@ def cmd_demo(args):
     print(f"\ndone in {(time.time() - t0) / 60:.1f} min")
 
 
-def _store_args(p):
-    p.add_argument("--db", default="", help="feedback store URL (default: $MAILROUTE_FEEDBACK_URL or sqlite:///feedback.sqlite3)")
-    p.add_argument("--repo", default=str(ROOT / "model_repository"), help="model repository: corrections must name its serving labels")
+REPO_HELP = "model repository (default: model_repository/ of this checkout)"
+
+
+def _store_args(p, repo=True):
+    from mailroute.feedback_store import DEFAULT_URL
+
+    p.add_argument("--db", default="", help=f"feedback store URL, any SQLAlchemy URL (default: $MAILROUTE_FEEDBACK_URL, else {DEFAULT_URL})")
+    if repo:
+        p.add_argument("--repo", default=str(ROOT / "model_repository"), help=REPO_HELP + "; corrections must name its serving labels")
     p.add_argument("--hash-only", action="store_true", help="privacy: keep only a hash of each email's text")
 
 
 def _server_args(p):
-    p.add_argument("--repo", default=str(ROOT / "model_repository"), help="model repository (default: model_repository/)")
-    p.add_argument("--url", default="", help="running server's gRPC host:port: load the change into it (default: files only)")
+    p.add_argument("--repo", default=str(ROOT / "model_repository"), help=REPO_HELP)
+    p.add_argument("--url", default="", help="running server's gRPC host:port: load the change into it (default: only the files change, "
+                                             "a server loads them at its next load or start)")
     p.add_argument("--admin-key", default="", help="the server's admin key (mailroute serve --admin-key)")
-    p.add_argument("--json", action="store_true") if "--json" not in p._option_string_actions else None
 
 
 def main(argv=None):
@@ -347,7 +359,7 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     p.add_argument("--json", action="store_true", help="one JSON object per email instead of a table")
     p.add_argument("--record", action="store_true", help="record the predictions in the feedback store (prints their ids)")
-    _store_args(p)
+    _store_args(p, repo=False)
     p.set_defaults(fn=cmd_classify)
 
     from training.feedback_config import FeedbackConfig
@@ -362,7 +374,7 @@ def main(argv=None):
     p.add_argument("--text", default=None, help="the email text (instead of --prediction)")
     p.add_argument("--label", required=True, help="the correct label")
     p.add_argument("--who", default=None, help="who corrected it")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the stored correction as JSON")
     _store_args(p)
     p = fsub.add_parser("import", help="bulk import from .jsonl or .csv (prediction_id or text, label[, subject, who]); all or nothing")
     p.add_argument("file")
@@ -379,25 +391,29 @@ def main(argv=None):
     vp = sub.add_parser("versions", help="classifier versions: list (with gate results), promote, rollback, prune")
     vsub = vp.add_subparsers(dest="action", required=True)
     p = vsub.add_parser("list", help="every classifier version, what it pins, how it was made, its gate result; * = serving")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON list instead of the table")
+    p.add_argument("--repo", default=str(ROOT / "model_repository"), help=REPO_HELP)
+    p.set_defaults(fn=cmd_versions)
     p = vsub.add_parser("promote", help="serve a version (loaded into the running server with --url)")
     p.add_argument("version", type=int)
     p = vsub.add_parser("rollback", help="serve again the version that served before the current one")
     p.add_argument("--to", type=int, default=None, help="roll back to this version instead")
     p = vsub.add_parser("prune", help="remove old classifier versions and encoder versions no kept classifier pins")
     p.add_argument("--keep", type=int, default=3, help="newest classifier versions to keep (the serving one always stays)")
-    for p in vsub.choices.values():
-        _server_args(p)
-        p.set_defaults(fn=cmd_versions)
+    for name, p in vsub.choices.items():
+        if name != "list":
+            _server_args(p)
+            p.set_defaults(fn=cmd_versions, json=False)
 
     lp = sub.add_parser("labels", help="add a label at run time: a new classifier version, no retraining")
     lsub = lp.add_subparsers(dest="action", required=True)
     p = lsub.add_parser("add", help="name + description (+ examples) -> a new classifier version; --eval reports zero-shot accuracy")
-    p.add_argument("--name", required=True)
-    p.add_argument("--description", required=True)
+    p.add_argument("--name", required=True, help="label name (printable, at most 100 characters)")
+    p.add_argument("--description", required=True, help="one line saying what emails belong here: the index and the cross-encoder read it")
     p.add_argument("--example", action="append", default=[], help="an example email of the label (repeatable)")
     p.add_argument("--base", type=int, default=0, help="classifier version to start from (default: the serving one)")
-    p.add_argument("--eval", default=None, help=".jsonl/.csv of labelled emails (some of the new label): zero-shot accuracy")
+    p.add_argument("--eval", default=None, help=".jsonl/.csv of labelled emails (some of the new label): recall and precision on the new "
+                                                "label, accuracy before and after (the --example texts are left out of it)")
     p.add_argument("--promote", action="store_true", help="serve the new version")
     _server_args(p)
     p.set_defaults(fn=cmd_labels)

@@ -18,8 +18,8 @@ DuplicateCorrection or ConflictingCorrection after reading the winner's row.
 
 Concurrency: on SQLite every transaction starts with BEGIN IMMEDIATE (the SQLAlchemy pysqlite recipe), so a
 writer takes the write lock up front and waits for it (busy_timeout) instead of failing with "database is
-locked" when a deferred read transaction tries to upgrade; WAL lets readers of other processes go on
-meanwhile. On PostgreSQL the unique constraint does the work; migrations hold an advisory lock so that
+locked" when a deferred read transaction tries to upgrade. Reads take that lock too, briefly (one
+transaction kind keeps it simple; the store's reads are short lookups). On PostgreSQL the unique constraint does the work; migrations hold an advisory lock so that
 processes opening a fresh database at once run them one at a time.
 """
 
@@ -38,12 +38,13 @@ from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from mailroute import contract
 from mailroute.normalise import InvalidEmail, normalise
 
 DEFAULT_URL = "sqlite:///feedback.sqlite3"  # relative to the working directory
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SOURCES = ("api", "cli", "import")
-VERSION_KEYS = ("email_classifier", "bi_encoder", "cross_encoder")
+VERSION_KEYS = (contract.CLASSIFIER, contract.BI_ENCODER, contract.CROSS_ENCODER)
 _PG_MIGRATION_LOCK = 0x6D61696C  # any constant shared by every process of this product ("mail")
 
 

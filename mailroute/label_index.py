@@ -27,6 +27,15 @@ INDEX_FILE, TAXONOMY_FILE, MANIFEST_FILE = "labels.faiss", "taxonomy.json", "man
 EXEMPLAR_INDEX_FILE, EXEMPLARS_FILE, CARDS_FILE = "exemplars.faiss", "exemplars.jsonl", "cards.json"
 
 
+CARD_CHARS, CARD_EXAMPLE_CHARS = 240, 100  # a label card's length, and of each example shown on it
+
+
+def card_text(description: str, examples: list) -> str:
+    """A label card: what the cross-encoder reads on the label side (the description plus typical emails)."""
+    shown = " | ".join(e[:CARD_EXAMPLE_CHARS] for e in examples)
+    return (description + (" Examples: " + shown if shown else ""))[:CARD_CHARS]
+
+
 class IndexMismatch(RuntimeError):
     """The label index was built from another bi-encoder than the one it is used with."""
 

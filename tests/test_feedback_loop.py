@@ -34,6 +34,13 @@ def wrong_answers(clf, examples, n):
     return [(e, p) for e, p in zip(examples, preds) if p.label != e.label][:n]
 
 
+def correct_mistakes(store, wrong, who="reviewer"):
+    """Record what the system answered, then correct each answer to the gold label (as reviewers do)."""
+    ids = store.record([e.text for e, _ in wrong], [p for _, p in wrong])
+    for pid, (e, _) in zip(ids, wrong):
+        store.correct(pid, e.label, who=who)
+
+
 def test_a_failed_version_write_leaves_nothing(repo):
     before = versions.versions(repo, contract.CLASSIFIER)
     with pytest.raises(RuntimeError, match="half written"):
@@ -52,8 +59,7 @@ def test_exemplar_promotion_changes_answers_without_touching_encoders(repo, stor
     clf = open_onnx_classifier(repo)
     wrong = wrong_answers(clf, demo.test, 12)
     assert len(wrong) >= 6
-    for e, p in wrong:
-        store.correct(text=e.text, label=e.label, who="reviewer")
+    correct_mistakes(store, wrong)
     # When corrections become exemplars of a new version (the first speed: no training)
     report = build_candidate(FeedbackConfig(repo=str(repo), exemplars_only=True, holdout_fraction=0.0), store)
     v = report["version"]
@@ -93,8 +99,7 @@ def test_continued_training_moves_corrected_emails_to_their_label(repo, store, d
 
     clf = open_onnx_classifier(repo)
     wrong = wrong_answers(clf, demo.test, 8)
-    for e, p in wrong:
-        store.correct(text=e.text, label=e.label)
+    correct_mistakes(store, wrong)
     cfg = FeedbackConfig(repo=str(repo), holdout_fraction=0.0, replay_ratio=1.0, epochs=10, lr=5e-3, batch_size=4, eval_limit=40)
     report = build_candidate(cfg, store)
     spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, report["version"]))
@@ -120,8 +125,7 @@ def test_continued_training_moves_corrected_emails_to_their_label(repo, store, d
 def test_gate_holds_out_corrections_and_applies_the_margin(repo, store, demo):
     clf = open_onnx_classifier(repo)
     wrong = wrong_answers(clf, demo.test, 30)
-    for e, p in wrong:
-        store.correct(text=e.text, label=e.label)
+    correct_mistakes(store, wrong)
     hashes = [c.text_hash for c in store.corrections()]
     held = sum(held_out(h, 0.5) for h in hashes)
     assert 0 < held < len(hashes)  # a fixed share by hash
@@ -130,6 +134,9 @@ def test_gate_holds_out_corrections_and_applies_the_margin(repo, store, demo):
     assert report["held_out"] == held == g["held_out_corrections"] and report["used"] == len(hashes) - held
     assert g["evaluation_emails"] > 0  # the source run's validation split (never test)
     assert g["passed"] == (g["candidate"]["corrections_accuracy"] > g["serving"]["corrections_accuracy"])
+    held_texts = {c.text for c in store.corrections() if held_out(c.text_hash, 0.5)}
+    learnt = set(open_onnx_classifier(repo, report["version"]).index.exemplar_texts)
+    assert held_texts and not held_texts & learnt  # what the gate measures on was never learnt
     strict = build_candidate(FeedbackConfig(repo=str(repo), exemplars_only=True, holdout_fraction=0.5, max_eval_drop=-1.0), store)
     assert not strict["gate"]["passed"]  # a margin no candidate can meet
     listed = {r["version"]: r for r in versions.list_versions(repo)}
@@ -138,16 +145,49 @@ def test_gate_holds_out_corrections_and_applies_the_margin(repo, store, demo):
 
 def test_label_added_at_run_time(repo, demo):
     example = "My smart fridge subscription renewed but the companion app still shows the trial banner."
-    report = add_label(repo, "smart_home_subscription", "questions about subscriptions for smart home devices",
-                       examples=[example], evaluation=[Example(example, "smart_home_subscription")] + demo.test[:20])
+    other = "The thermostat plan charged me although I cancelled the smart home subscription last week."
+    evaluation = [Example(example, "smart_home_subscription"), Example(other, "smart_home_subscription")] + demo.test[:20]
+    report = add_label(repo, " smart_home_subscription ", "questions about subscriptions for smart home devices",
+                       examples=[example], evaluation=evaluation)
     v = report["version"]
     clf = open_onnx_classifier(repo, v)
     assert "smart_home_subscription" in clf.index.taxonomy and len(clf.index.taxonomy) == len(demo.taxonomy) + 1
-    assert clf.classify([example])[0].label == "smart_home_subscription"
-    assert report["new_label_recall"] == 1.0 and report["new_label_emails"] == 1 and 0 <= report["accuracy_after"] <= 1
+    assert clf.classify([example])[0].label == "smart_home_subscription"  # its example is an exemplar
+    # measured without the example (an exemplar answers itself): one email of the new label, 20 of the others
+    assert report["new_label_emails"] == 1 and report["evaluation_emails"] == 21 and not report["zero_shot"]
+    assert report["new_label_recall"] in (0.0, 1.0) and 0 <= report["accuracy_after"] <= 1
+    assert report["accuracy_before"] is not None
+    zero = add_label(repo, "pet_insurance", "questions about insurance for pets", evaluation=demo.test[:5], base=v)
+    assert zero["zero_shot"] and zero["new_label_emails"] == 0 and zero["new_label_recall"] is None
     assert read_pipeline(version_dir(repo, contract.CLASSIFIER, v))["bi_encoder_version"] == 1
     with pytest.raises(ValueError, match="already in the taxonomy"):
         add_label(repo, "smart_home_subscription", "again", base=v)
+
+
+def test_rollback_walks_back_through_what_served(repo):
+    label = open_onnx_classifier(repo).index.taxonomy.names[0]
+    v2, v3 = (derive_version(repo, 1, "exemplars", [(f"refund please {i}", label)]) for i in (2, 3))
+    versions.promote(repo, v2)
+    versions.promote(repo, v3)
+    assert versions.rollback(repo)["version"] == v2
+    assert versions.rollback(repo)["version"] == 1  # a second rollback goes one further back, not forward to v3
+    with pytest.raises(versions.VersionError, match="nothing to roll back to"):
+        versions.rollback(repo)
+    versions.promote(repo, v3)
+    # prune keeps the rollback target even with keep=1, and survives a version it cannot read
+    with versions.new_version(repo, contract.CLASSIFIER) as (folder, bad):
+        (folder / "pipeline.json").write_text("{not json")
+    removed = versions.prune(repo, keep=1)
+    assert v3 in versions.versions(repo, contract.CLASSIFIER) and bad in versions.versions(repo, contract.CLASSIFIER)
+    assert versions.rollback(repo)["version"] == 1 and removed[contract.CLASSIFIER] == [v2]
+
+
+def test_gate_cannot_pass_without_held_out_mistakes(repo, store, demo):
+    wrong = wrong_answers(open_onnx_classifier(repo), demo.test, 6)
+    correct_mistakes(store, wrong)
+    report = build_candidate(FeedbackConfig(repo=str(repo), exemplars_only=True, holdout_fraction=0.0, max_eval_drop=1.0), store)
+    assert not report["gate"]["passed"] and report["gate"]["why"] == "no held-out corrections to measure on"
+    assert report["gate"]["candidate"]["corrections_accuracy"] is None
 
 
 def test_promote_rollback_prune_on_disk(repo):

@@ -173,6 +173,12 @@ def test_migrations(store_url):
             with second.engine.connect() as conn:
                 assert MigrationContext.configure(conn).get_current_revision() == head == "0001"
                 assert {"predictions", "corrections", "alembic_version"} <= set(sa.inspect(conn).get_table_names())
+                # the hand-written migration and the ORM describe the same schema
+                from alembic.autogenerate import compare_metadata
+
+                diff = [d for d in compare_metadata(MigrationContext.configure(conn), fs.Base.metadata)
+                        if not (isinstance(d, tuple) and d[0] == "remove_table" and d[1].name == "alembic_version")]
+                assert diff == []
 
 
 # --- several processes at once (spawn: nothing inherited, as separate API workers would be) ---------------

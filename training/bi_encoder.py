@@ -9,7 +9,7 @@ from sentence_transformers import SentenceTransformerTrainer, SentenceTransforme
 from sentence_transformers.base.sampler import BatchSamplers
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-from mailroute.label_index import LabelIndex, LabelScoring
+from mailroute.label_index import LabelIndex, LabelScoring, card_text
 from mailroute.taxonomy import Taxonomy
 
 
@@ -61,7 +61,7 @@ def prototypes(x: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.unique(nearest[:, 0])
 
 
-def label_cards(taxonomy: Taxonomy, examples: list, x: np.ndarray, n_examples: int, max_chars: int = 240) -> tuple:
+def label_cards(taxonomy: Taxonomy, examples: list, x: np.ndarray, n_examples: int) -> tuple:
     """The label side of each cross-encoder pair: description plus the n emails of that label nearest
     its centroid (its most typical ones), within a character budget.
 
@@ -78,9 +78,8 @@ def label_cards(taxonomy: Taxonomy, examples: list, x: np.ndarray, n_examples: i
             continue
         centroid = x[rows].mean(0)
         best = rows[np.argsort(-(x[rows] @ centroid), kind="stable")[:n_examples]]
-        shown = [examples[i].text[:100] for i in best]
         used.update(examples[i].text for i in best)
-        cards.append((description + " Examples: " + " | ".join(shown))[:max_chars])
+        cards.append(card_text(description, [examples[i].text for i in best]))
     return cards, used
 
 

@@ -11,9 +11,10 @@ Corrections take effect at two speeds:
 The gate compares the candidate with the serving version, both run from the repository files on
 onnxruntime (what Triton serves), on the frozen evaluation split (the source run's validation split:
 never test) and on held-out corrections (a fixed share chosen by the email's hash, never trained on and
-never added as exemplars). It passes when held-out corrections improve (or, with none held out, do not
-get worse) and the evaluation accuracy drops by at most `max_eval_drop`. The report is saved beside the
-version (gate_report.json).
+never added as exemplars; only real mistakes, where the system had chosen another label). It passes when
+accuracy on the held-out corrections improves and the evaluation accuracy drops by at most
+`max_eval_drop`; with no held-out correction it cannot pass. The report is saved beside the version
+(gate_report.json).
 """
 
 import json
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mailroute import contract
-from mailroute.feedback_store import FeedbackStore
+from mailroute.feedback_store import FeedbackError, FeedbackStore
 from mailroute.repository import GATE_REPORT_FILE, TORCH_WEIGHTS_DIR, load_label_index, open_onnx_classifier, read_pipeline, version_dir
 from mailroute.rerank_policy import RerankPolicy
 from mailroute.run_layout import RunFolder
@@ -79,9 +80,10 @@ def run_splits(run: Path):
     return train, val, cfg
 
 
-def accuracy(clf, examples: list, batch: int = 64) -> float:
+def accuracy(clf, examples: list, batch: int = 64):
+    """Share of examples answered with their label (None for no examples)."""
     if not examples:
-        return float("nan")
+        return None
     hits = 0
     for s in range(0, len(examples), batch):
         rows = examples[s:s + batch]
@@ -100,11 +102,11 @@ def gate(repo, serving: int, candidate: int, evaluation: list, held: list, max_e
         out[name] = {"version": v, "evaluation_accuracy": accuracy(clf, evaluation), "corrections_accuracy": accuracy(clf, known)}
     c, s = out["candidate"], out["serving"]
     eval_drop = s["evaluation_accuracy"] - c["evaluation_accuracy"]
-    if held:
-        corrections_ok = c["corrections_accuracy"] > s["corrections_accuracy"]
-    else:
-        corrections_ok = True  # nothing held out: only the evaluation split can speak
-    report = {"passed": bool(corrections_ok and eval_drop <= max_eval_drop), "serving": s, "candidate": c,
+    corrections_ok = bool(held) and c["corrections_accuracy"] > s["corrections_accuracy"]
+    passed = corrections_ok and eval_drop <= max_eval_drop
+    why = ("passed" if passed else "no held-out corrections to measure on" if not held else
+           "held-out corrections did not improve" if not corrections_ok else f"evaluation accuracy dropped {eval_drop:.2%} > {max_eval_drop:.2%}")
+    report = {"passed": bool(passed), "why": why, "serving": s, "candidate": c,
               "evaluation_emails": len(evaluation), "held_out_corrections": len(held), "max_eval_drop": max_eval_drop,
               "eval_drop": eval_drop, "corrections_improved": corrections_ok, "seconds": round(time.perf_counter() - t, 1),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -176,8 +178,15 @@ def build_candidate(cfg: FeedbackConfig, store: FeedbackStore = None) -> dict:
     if cfg.replay_ratio < 0:
         raise BadSetting(f"--replay-ratio must be >= 0, got {cfg.replay_ratio}")
     repo = Path(cfg.repo)
-    base = cfg.base_version or versions.serving_version(repo) or max(versions.versions(repo, contract.CLASSIFIER))
+    serving = versions.current_version(repo)
+    base = cfg.base_version or serving
     base_index = load_label_index(repo, version_dir(repo, contract.CLASSIFIER, base))
+    # the frozen evaluation split first: without it no candidate can be gated, so nothing is built
+    run = Path(cfg.replay_run) if cfg.replay_run else source_run(repo, base)
+    if not RunFolder(run).config.exists():
+        raise FeedbackError(f"the evaluation split and replay emails come from run {run}, which is not here: pass --replay-run")
+    _, evaluation, _ = run_splits(run)
+    evaluation = [e for e in evaluation if e.label in base_index.taxonomy][: cfg.eval_limit or None]
     own = store is None
     store = store or FeedbackStore(cfg.db or None, labels=base_index.taxonomy.names)
     try:
@@ -185,35 +194,29 @@ def build_candidate(cfg: FeedbackConfig, store: FeedbackStore = None) -> dict:
     finally:
         if own:
             store.close()
-    usable = [c for c in every if c.text and c.label in base_index.taxonomy]
-    held = [Example(c.text, c.label) for c in usable if held_out(c.text_hash, cfg.holdout_fraction)]
-    learn = [c for c in usable if not held_out(c.text_hash, cfg.holdout_fraction)]
-    if not learn:
-        raise ValueError(f"no usable corrections in the store ({len(every)} in all; {len(every) - len(usable)} without text or "
-                         f"with a label outside {contract.CLASSIFIER} {base}; {len(held)} held out for the gate)")
     already = set(zip(base_index.exemplar_texts, (base_index.taxonomy.names[i] for i in base_index.exemplar_labels)))
+    usable = [c for c in every if c.text and c.label in base_index.taxonomy]
+    # held out: real mistakes (a confirmation cannot show an improvement) the base has not learnt already
+    is_held = [c.wrong_label is not None and held_out(c.text_hash, cfg.holdout_fraction) and (c.text, c.label) not in already
+               for c in usable]
+    held = [Example(c.text, c.label) for c, h in zip(usable, is_held) if h]
+    learn = [c for c, h in zip(usable, is_held) if not h]
+    if not learn:
+        raise FeedbackError(f"no usable corrections in the store ({len(every)} in all; {len(every) - len(usable)} without text or "
+                            f"with a label outside {contract.CLASSIFIER} {base}; {len(held)} held out for the gate)")
     new_exemplars = [(c.text, c.label) for c in learn if (c.text, c.label) not in already]
-    report = {"base_version": base, "corrections": len(every), "used": len(learn), "held_out": len(held),
+    report = {"base_version": base, "serving_version": serving, "corrections": len(every), "used": len(learn), "held_out": len(held),
               "skipped": len(every) - len(usable), "new_exemplars": len(new_exemplars), "config": asdict(cfg) | {"admin_key": ""}}
     cross_v = None
     if not cfg.exemplars_only:
         model, report["training"] = continue_cross_encoder(repo, base, learn, cfg)
         pairs = [(c.text, base_index.label_texts[base_index.taxonomy.index(c.label)]) for c in learn[:8]]
-        cross_v = write_cross_encoder_version(repo, model, pairs)
+        cross_v = write_cross_encoder_version(repo, model, pairs, quantize=bool(read_pipeline(version_dir(repo, contract.CLASSIFIER, base)).get("quantized")))
     v = derive_version(repo, base, "exemplars" if cfg.exemplars_only else "continued", new_exemplars, cross_encoder_version=cross_v,
                        note=f"{len(learn)} corrections ({len(new_exemplars)} new exemplars)",
                        extra={"feedback": {k: report[k] for k in ("corrections", "used", "held_out", "new_exemplars")}})
     report["version"], report["cross_encoder_version"] = v, cross_v
-    run, evaluation = None, []
-    try:
-        run = Path(cfg.replay_run) if cfg.replay_run else source_run(repo, base)
-        _, evaluation, _ = run_splits(run)
-    except (FileNotFoundError, KeyError) as e:
-        report["evaluation_missing"] = str(e)
-    evaluation = [e for e in evaluation if e.label in base_index.taxonomy]
-    if cfg.eval_limit:
-        evaluation = evaluation[:cfg.eval_limit]
-    report["gate"] = gate(repo, base, v, evaluation, held, cfg.max_eval_drop)
+    report["gate"] = gate(repo, serving, v, evaluation, held, cfg.max_eval_drop)  # against what serves, whatever the base
     if cfg.promote and report["gate"]["passed"]:
         report["promotion"] = versions.promote(repo, v, cfg.url or None, cfg.admin_key, note="feedback gate passed")
     return report
@@ -227,18 +230,20 @@ def add_label(repo, name: str, description: str, examples: list = (), base: int 
     from export.derive import derive_version, label_from_args
 
     repo = Path(repo)
-    base = base or versions.serving_version(repo) or max(versions.versions(repo, contract.CLASSIFIER))
+    base = base or versions.current_version(repo)
     label = label_from_args(name, description)
     v = derive_version(repo, base, "label", new_labels=[(label, list(examples))],
-                       note=f"label {name!r} added ({len(examples)} example(s))")
-    report = {"version": v, "base_version": base, "label": name, "examples": len(examples)}
+                       note=f"label {label.name!r} added ({len(examples)} example(s))")
+    report = {"version": v, "base_version": base, "label": label.name, "examples": len(examples), "zero_shot": not examples}
+    shown = set(examples)
+    evaluation = [e for e in evaluation if e.text not in shown]  # an example is an exemplar: measuring on it says nothing
     if evaluation:
         clf = open_onnx_classifier(repo, v)
-        mine = [e for e in evaluation if e.label == name]
-        report |= {"evaluation_emails": len(evaluation), "new_label_emails": len(mine),
-                   "new_label_recall": accuracy(clf, mine), "accuracy_after": accuracy(clf, evaluation),
-                   "accuracy_before": accuracy(open_onnx_classifier(repo, base), evaluation)}
-        predicted = sum(p.label == name for s in range(0, len(evaluation), 64)
+        mine = [e for e in evaluation if e.label == label.name]
+        predicted = sum(p.label == label.name for s in range(0, len(evaluation), 64)
                         for p in clf.classify_texts([e.text for e in evaluation[s:s + 64]], [""] * len(evaluation[s:s + 64])))
-        report["new_label_precision"] = (report["new_label_recall"] * len(mine) / predicted) if predicted else float("nan")
+        recall = accuracy(clf, mine)
+        report |= {"evaluation_emails": len(evaluation), "new_label_emails": len(mine), "new_label_recall": recall,
+                   "new_label_precision": (recall * len(mine) / predicted) if predicted and recall is not None else None,
+                   "accuracy_after": accuracy(clf, evaluation), "accuracy_before": accuracy(open_onnx_classifier(repo, base), evaluation)}
     return report

@@ -2,13 +2,13 @@
 
 from dataclasses import dataclass
 
-from mailroute.settings import DEFAULTS
+from mailroute.settings import DEFAULTS, ROOT
 
 
 @dataclass
 class FeedbackConfig:
-    repo: str = "model_repository"  # Triton model repository holding the serving version
-    db: str = ""  # feedback store URL (default: $MAILROUTE_FEEDBACK_URL or sqlite:///feedback.sqlite3)
+    repo: str = str(ROOT / "model_repository")  # Triton model repository holding the serving version
+    db: str = ""  # feedback store URL (empty: $MAILROUTE_FEEDBACK_URL, else a SQLite file in the working directory)
     base_version: int = 0  # classifier version to start from (0 = the one serving)
     exemplars_only: bool = False  # first speed only: corrections become exemplars, the cross-encoder is not trained
     replay_ratio: float = 2.0  # original training emails replayed per correction (against forgetting)

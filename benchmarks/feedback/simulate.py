@@ -109,6 +109,7 @@ def main(argv=None):
     from client import ClassifierClient
     from client.server import TritonServer
     from export import versions
+    from mailroute import contract
     from mailroute.feedback_store import FeedbackStore
     from training.data import load_named
     from training.feedback import FeedbackConfig, build_candidate
@@ -163,7 +164,7 @@ def main(argv=None):
             mistakes = [(e, p) for e, p in zip(seen, served) if p.label != e.label]
             for e, p in mistakes:
                 client.correct(p.prediction_id, e.label, who="simulated-reviewer")
-            row = {"round": r, "served_version": served[0].model_versions.get("email_classifier"), "slice_accuracy_served": 1 - len(mistakes) / len(seen),
+            row = {"round": r, "served_version": served[0].model_versions.get(contract.CLASSIFIER), "slice_accuracy_served": 1 - len(mistakes) / len(seen),
                    "corrections": len(mistakes), "classify_s": round(serve_s, 1)}
             nxt = slices[r]
             row["a_none"] = {"test": test_a, "next_slice": accuracy(repo, 1, nxt)}
