@@ -1,13 +1,19 @@
 """config.pbtxt for each model, built as Triton's ModelConfig protobuf from mailroute.contract (the only
 place tensor names, dtypes and dims live) and the runtime registry below, then printed as text.
 
-A runtime is one registry entry: what serves an encoder's model.onnx (backend or platform), the
-adapter file its version folder needs, its parameters and GPU accelerator. Same names, dtypes and
-shapes in every runtime:
+A runtime is one registry entry: what serves an encoder (backend or platform), the adapter file its
+version folder needs, its parameters, GPU accelerator and whether its graph may carry onnxruntime's
+fused operators. Same names, dtypes and shapes in every runtime:
   portable - backend python running model.onnx on onnxruntime (servers without the onnxruntime
-             backend, e.g. the nvidia-pytriton binary on these machines)
+             backend, e.g. the nvidia-pytriton binary on these machines); fused graph
   native   - platform onnxruntime_onnx (NGC container), TensorRT execution provider in fp16 on a GPU
-  tensorrt - platform tensorrt_plan: the plans the compose stack's trtexec service builds
+             with an engine cache; plain graph (TensorRT's parser knows no com.microsoft fused ops)
+  tensorrt - platform tensorrt_plan: the plans the compose stack's trtexec service builds from the
+             native runtime's plain model.onnx
+
+Throughput settings (per export): instances, preferred batch sizes, the queue delay, and a queue
+limit: a request arriving at a full queue is refused at once (UNAVAILABLE, "exceeds maximum queue
+size") instead of waiting behind an overload.
 """
 
 from dataclasses import dataclass, field
@@ -24,15 +30,31 @@ class Runtime:
     platform: str = ""  # ... or platform (onnxruntime_onnx, tensorrt_plan)
     adapter: str = ""  # export/triton/<adapter> copied to each version as model.py ("" = none needed)
     parameters: dict = field(default_factory=dict)
-    gpu_accelerator: str = ""  # execution accelerator on KIND_GPU instances
+    gpu_accelerator: dict = field(default_factory=dict)  # execution accelerator on KIND_GPU instances: name + parameters
+    fused_graph: bool = True  # model.onnx may hold onnxruntime's fused transformer operators
     exported: bool = True  # `mailroute export --runtime` may choose it (tensorrt plans are built later, by trtexec)
 
 
 RUNTIMES = {
     "portable": Runtime(backend="python", adapter="onnx_encoder.py", parameters={"intra_op_threads": "0"}),
-    "native": Runtime(platform="onnxruntime_onnx", gpu_accelerator="tensorrt"),
-    "tensorrt": Runtime(platform="tensorrt_plan", exported=False),
+    "native": Runtime(platform="onnxruntime_onnx", fused_graph=False, gpu_accelerator={
+        "name": "tensorrt", "precision_mode": "FP16", "trt_engine_cache_enable": "1", "trt_engine_cache_path": "/tmp/trt_engine_cache"}),
+    "tensorrt": Runtime(platform="tensorrt_plan", fused_graph=False, exported=False),
 }
+
+
+@dataclass(frozen=True)
+class Throughput:
+    instances: int = 1
+    preferred_batch_sizes: tuple = ()  # () = Triton batches whatever is queued
+    max_queue_delay_us: int = 500  # how long a request may wait for others to batch with
+    max_queue_size: int = 0  # 0 = unbounded; else requests beyond it are refused at once
+
+    def apply(self, cfg: mc.ModelConfig) -> None:
+        cfg.dynamic_batching.max_queue_delay_microseconds = self.max_queue_delay_us
+        cfg.dynamic_batching.preferred_batch_size.extend(int(b) for b in self.preferred_batch_sizes if 0 < int(b) <= cfg.max_batch_size)
+        if self.max_queue_size:
+            cfg.dynamic_batching.default_queue_policy.max_queue_size = self.max_queue_size
 EXPORT_RUNTIMES = tuple(name for name, r in RUNTIMES.items() if r.exported)
 
 
@@ -58,35 +80,48 @@ def _text(cfg: mc.ModelConfig) -> str:
     return text_format.MessageToString(cfg)
 
 
-def encoder_model_config(name: str, dim: int, runtime_name: str, max_batch: int, instances: int, gpu: bool = False) -> mc.ModelConfig:
+def encoder_model_config(name: str, dim: int, runtime_name: str, max_batch: int, instances: int = 1, gpu: bool = False,
+                         throughput: Throughput = None) -> mc.ModelConfig:
     """bi_encoder (ids + mask -> embedding [dim]) or cross_encoder (ids + mask + types -> logit [1])."""
     rt = runtime(runtime_name)
+    throughput = throughput or Throughput(instances=instances)
     inputs, output = contract.ENCODER_TENSORS[name]
     kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
     cfg = mc.ModelConfig(name=name, backend=rt.backend, platform=rt.platform, max_batch_size=max_batch,
                          input=[_input(t) for t in inputs], output=[_output(output, {contract.EMBEDDING_DIM: dim})],
-                         dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=500),
-                         instance_group=[mc.ModelInstanceGroup(kind=kind, count=instances)])
+                         instance_group=[mc.ModelInstanceGroup(kind=kind, count=throughput.instances)])
+    throughput.apply(cfg)
     cfg.version_policy.all.SetInParent()  # classifier versions pin encoder versions: keep all loadable
     for k, v in rt.parameters.items():
         cfg.parameters[k].string_value = v
     if gpu and rt.gpu_accelerator:
-        acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name=rt.gpu_accelerator)
-        acc.parameters["precision_mode"] = "FP16"
+        acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name=rt.gpu_accelerator["name"])
+        for k, v in rt.gpu_accelerator.items():
+            if k != "name":
+                acc.parameters[k] = v
+    if rt.platform:  # a native engine's first requests pay its set-up: warm it before the model reports ready
+        warm = cfg.model_warmup.add(name="short_email", batch_size=1)
+        for t in inputs:
+            warm.inputs[t.name].data_type = mc.DataType.Value(t.config_type)
+            warm.inputs[t.name].dims.append(16)
+            warm.inputs[t.name].zero_data = True
     return cfg
 
 
-def encoder_config(name: str, dim: int, runtime_name: str, max_batch: int, instances: int, gpu: bool = False) -> str:
-    return _text(encoder_model_config(name, dim, runtime_name, max_batch, instances, gpu))
+def encoder_config(name: str, dim: int, runtime_name: str, max_batch: int, instances: int = 1, gpu: bool = False,
+                   throughput: Throughput = None) -> str:
+    return _text(encoder_model_config(name, dim, runtime_name, max_batch, instances, gpu, throughput))
 
 
-def classifier_model_config(max_batch: int, instances: int, embed_batch: int, score_batch: int, serving_version: int = None) -> mc.ModelConfig:
+def classifier_model_config(max_batch: int, instances: int, embed_batch: int, score_batch: int, serving_version: int = None,
+                            throughput: Throughput = None) -> mc.ModelConfig:
+    throughput = throughput or Throughput(instances=instances, max_queue_delay_us=2000)
     cfg = mc.ModelConfig(name=contract.CLASSIFIER, backend="python", max_batch_size=max_batch,
                          input=[_input(t) for t in contract.CLASSIFIER_INPUT_TENSORS],
                          output=[_output(t) for t in contract.CLASSIFIER_OUTPUT_TENSORS],
-                         dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=2000),
                          # the BLS model: several instances keep requests flowing while one waits on an encoder
-                         instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)])
+                         instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=throughput.instances)])
+    throughput.apply(cfg)
     if serving_version is not None:  # the serving version is named (export.versions promotes and rolls back by it)
         cfg.version_policy.specific.versions.append(int(serving_version))
     else:
@@ -96,5 +131,14 @@ def classifier_model_config(max_batch: int, instances: int, embed_batch: int, sc
     return cfg
 
 
-def classifier_config(max_batch: int, instances: int, embed_batch: int, score_batch: int, serving_version: int = None) -> str:
-    return _text(classifier_model_config(max_batch, instances, embed_batch, score_batch, serving_version))
+def classifier_config(max_batch: int, instances: int, embed_batch: int, score_batch: int, serving_version: int = None,
+                      throughput: Throughput = None) -> str:
+    return _text(classifier_model_config(max_batch, instances, embed_batch, score_batch, serving_version, throughput))
+
+
+def runtime_of(cfg: mc.ModelConfig) -> str:
+    """The registry name of the runtime a parsed config runs (None when no entry matches)."""
+    for name, rt in RUNTIMES.items():
+        if (cfg.backend, cfg.platform) == (rt.backend, rt.platform):
+            return name
+    return None

@@ -35,6 +35,22 @@ PARITY_TEXTS = [
 ]
 
 
+def encoder_throughput(cfg: ExportConfig) -> configs.Throughput:
+    sizes = tuple(int(b) for b in cfg.preferred_batch_sizes.split(",") if b.strip())
+    return configs.Throughput(cfg.encoder_instances, sizes, cfg.max_queue_delay_us, cfg.max_queue_size)
+
+
+def check_runtime_unchanged(repo: Path, runtime_name: str) -> None:
+    """An export never changes how already-served versions run: `version_policy: all` keeps every encoder
+    version loaded under the model's one config, so another runtime is refused (use another repository)."""
+    for name in (contract.BI_ENCODER, contract.CROSS_ENCODER):
+        if (repo / name / versions.CONFIG_FILE).exists():
+            current = configs.runtime_of(versions.read_config(repo, name))
+            if current != runtime_name:
+                raise BadSetting(f"--runtime {runtime_name}: {name} versions {versions.versions(repo, name)} in {repo} run {current}; "
+                                 f"an export with another runtime would change how they run. Export into another --repo")
+
+
 def _write_encoder(repo: Path, name: str, onnx_path: Path, tokenizer: Path, cfg: ExportConfig, dim: int, max_batch: int) -> int:
     with new_version(repo, name, cfg.version) as (vdir, v):  # renamed into place only when complete
         shutil.copy(onnx_path, vdir / MODEL_FILE)
@@ -43,10 +59,11 @@ def _write_encoder(repo: Path, name: str, onnx_path: Path, tokenizer: Path, cfg:
         adapter = configs.runtime(cfg.runtime).adapter
         if adapter:  # a runtime that serves model.onnx through a Python-backend adapter
             shutil.copy(TRITON_DIR / adapter, vdir / "model.py")
-    (repo / name / versions.CONFIG_FILE).write_text(configs.encoder_config(name, dim, cfg.runtime, max_batch, cfg.encoder_instances, cfg.gpu))
+    (repo / name / versions.CONFIG_FILE).write_text(configs.encoder_config(name, dim, cfg.runtime, max_batch, gpu=cfg.gpu,
+                                                                           throughput=encoder_throughput(cfg)))
     (repo / name / "configs").mkdir(exist_ok=True)
     (repo / name / "configs" / "tensorrt.pbtxt").write_text(
-        configs.encoder_config(name, dim, "tensorrt", max_batch, cfg.encoder_instances, gpu=True))
+        configs.encoder_config(name, dim, "tensorrt", max_batch, gpu=True, throughput=encoder_throughput(cfg)))
     return v
 
 
@@ -97,6 +114,7 @@ def export(cfg: ExportConfig) -> dict:
     run, repo = Path(cfg.run), Path(cfg.repo)
     if cfg.runtime not in configs.EXPORT_RUNTIMES:  # settings are checked before any work
         raise BadSetting(f"--runtime must be one of {configs.EXPORT_RUNTIMES}, got {cfg.runtime!r}")
+    check_runtime_unchanged(repo, cfg.runtime)
     folder = RunFolder(run)
     if not folder.is_trained():
         raise FileNotFoundError(f"{run} is not a trained run (needs bi_encoder/ and cross_encoder/): run `mailroute train` first")
@@ -111,8 +129,9 @@ def export(cfg: ExportConfig) -> dict:
 def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: Path) -> dict:
     report = {"run": str(run), "runtime": cfg.runtime, "quantize": cfg.quantize}
 
-    # 1. ONNX graphs with the contract's names, parity-checked against PyTorch
+    # 1. ONNX graphs with the contract's names, parity-checked against PyTorch; fused only for runtimes that run fused ops
     t = time.perf_counter()
+    fuse = not cfg.no_optimize and configs.runtime(cfg.runtime).fused_graph
     bi_model, cross_model = load_bi_encoder(folder.bi_encoder), load_cross_encoder(folder.cross_encoder)
     old = LabelIndex.load(folder.label_index)
     policy = load_policy(run)
@@ -121,9 +140,9 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
     bi_tok, cross_tok = folder.bi_encoder / TOKENIZER_FILE, folder.cross_encoder / TOKENIZER_FILE
     texts = PARITY_TEXTS + old.taxonomy.texts[:8]
     report["parity_max_abs_diff"] = {
-        "bi_encoder": export_bi_encoder(bi_model, bi_tok, work / "bi.onnx", texts, optimize=not cfg.no_optimize),
+        "bi_encoder": export_bi_encoder(bi_model, bi_tok, work / "bi.onnx", texts, optimize=fuse),
         "cross_encoder": export_cross_encoder(cross_model, cross_tok, work / "cross.onnx", [(t, l) for t in PARITY_TEXTS for l in old.taxonomy.texts[:3]],
-                                              optimize=not cfg.no_optimize),
+                                              optimize=fuse),
     }
     print(f"[1/3] ONNX export, parity vs PyTorch (max abs diff): {report['parity_max_abs_diff']}")
     bi_path, cross_path = work / "bi.onnx", work / "cross.onnx"
@@ -156,7 +175,8 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
         previous = versions.serving_version(repo) or previous
     # the config keeps serving what it served; promote() then names the new version and logs the change
     (repo / contract.CLASSIFIER / versions.CONFIG_FILE).write_text(
-        configs.classifier_config(64, cfg.classifier_instances, embed_batch=64, score_batch=256, serving_version=previous or cv))
+        configs.classifier_config(64, cfg.classifier_instances, embed_batch=64, score_batch=256, serving_version=previous or cv,
+                                  throughput=configs.Throughput(cfg.classifier_instances, (), 4 * cfg.max_queue_delay_us, cfg.max_queue_size)))
     # a running server loads the new version with `mailroute versions promote`
     versions.promote(repo, cv, note=f"mailroute export of {run}")
     report |= {"versions": {contract.CLASSIFIER: cv, contract.BI_ENCODER: bi_v, contract.CROSS_ENCODER: cross_v},

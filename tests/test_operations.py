@@ -128,3 +128,33 @@ def test_async_client_bounds_requests_in_flight(triton):
     res, peak = asyncio.run(go())
     assert len(res) == 10 and all(r.ok for r in res)
     assert 1 <= peak <= 2
+
+
+def test_queue_limit_refuses_overload_at_once_and_keeps_serving(tiny_run, tmp_path):
+    # Given a classifier that queues at most 1 request (one instance, a long batching delay)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from export.configs import Throughput, classifier_config
+    from export.run import ExportConfig, export
+
+    repo = tmp_path / "repo"
+    export(ExportConfig(run=str(tiny_run), repo=str(repo), top_k=5, max_queue_size=1))
+    cfg = repo / contract.CLASSIFIER / "config.pbtxt"
+    cfg.write_text(classifier_config(64, 1, 64, 256, serving_version=1, throughput=Throughput(1, (), 200_000, 1)))
+    with TritonServer(repo) as server:
+        # When 16 callers arrive at once, without retries
+        def one(i):
+            with ClassifierClient(server.grpc_url, retries=0, max_batch=1) as c:
+                try:
+                    return c.classify_one(f"{EMAIL} #{i}").label
+                except ClassifierError as e:
+                    return e
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(one, range(16)))
+        refused = [a for a in answers if isinstance(a, ClassifierError)]
+        # Then some are refused at once with a clear, retryable error, the rest answered, and it keeps serving
+        assert refused and len(refused) < 16
+        assert all(e.retryable and "queue size" in e.message() for e in refused), [e.message() for e in refused]
+        with ClassifierClient(server.grpc_url) as c:
+            assert c.classify_one(EMAIL).ok

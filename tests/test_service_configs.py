@@ -121,3 +121,36 @@ def test_configs_are_rendered_from_the_contract(tiny_repo):
     plan = text_format.Parse(encoder_config(contract.BI_ENCODER, 384, "tensorrt", 64, 1, gpu=True), model_config_pb2.ModelConfig())
     assert plan.platform == "tensorrt_plan" and list(plan.output[0].dims) == [384] and not RUNTIMES["tensorrt"].exported
     assert (tiny_repo / contract.BI_ENCODER / "1" / "model.py").exists() == bool(RUNTIMES["portable"].adapter)
+
+
+def test_every_runtime_renders_with_throughput_settings():
+    from export.configs import RUNTIMES, Throughput, classifier_config, encoder_config, runtime_of
+
+    t = Throughput(instances=4, preferred_batch_sizes=(16, 32, 64, 512), max_queue_delay_us=300, max_queue_size=128)
+    for name in RUNTIMES:
+        cfg = text_format.Parse(encoder_config(contract.CROSS_ENCODER, 384, name, 256, gpu=True, throughput=t), model_config_pb2.ModelConfig())
+        assert runtime_of(cfg) == name and cfg.instance_group[0].count == 4
+        assert list(cfg.dynamic_batching.preferred_batch_size) == [16, 32, 64]  # 512 > max_batch_size is dropped
+        assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 128
+        assert [i.name for i in cfg.input] == list(contract.CROSS_ENCODER_INPUTS)
+        assert bool(cfg.model_warmup) == bool(RUNTIMES[name].platform)  # native engines warm up before ready
+    native = text_format.Parse(encoder_config(contract.BI_ENCODER, 384, "native", 64, gpu=True), model_config_pb2.ModelConfig())
+    acc = native.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert acc.name == "tensorrt" and acc.parameters["trt_engine_cache_enable"] == "1"
+    unbounded = text_format.Parse(classifier_config(64, 2, 64, 256, serving_version=1), model_config_pb2.ModelConfig())
+    assert not unbounded.dynamic_batching.HasField("default_queue_policy") and unbounded.dynamic_batching.max_queue_delay_microseconds == 2000
+
+
+def test_an_export_never_changes_the_runtime_of_served_versions(tiny_repo, tiny_run, tmp_path):
+    from export.run import ExportConfig, export
+    from export.versions import read_config
+    from mailroute.settings import BadSetting
+
+    repo = shutil.copytree(tiny_repo, tmp_path / "repo")
+    before = (repo / contract.BI_ENCODER / "config.pbtxt").read_text()
+    with pytest.raises(BadSetting, match="run portable; an export with another runtime would change how they run"):
+        export(ExportConfig(run=str(tiny_run), repo=str(repo), runtime="native"))
+    assert (repo / contract.BI_ENCODER / "config.pbtxt").read_text() == before
+    assert [p.name for p in (repo / contract.BI_ENCODER).iterdir() if p.name.isdigit()] == ["1"]
+    with pytest.raises(BadSetting, match="--runtime must be one of"):
+        export(ExportConfig(run=str(tiny_run), repo=str(repo), runtime="tensorrt"))  # plans are built by trtexec, not exported

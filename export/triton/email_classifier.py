@@ -16,10 +16,14 @@ from mailroute.repository import open_classifier, read_pipeline
 from mailroute.service import ERROR_KINDS, ClassifierService, Request, RequestError
 
 
+# encoders on GPU instances answer in GPU memory unless asked otherwise; the pipeline reads them with numpy
+_CPU = {"preferred_memory": pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)} if hasattr(pb_utils, "PreferredMemory") else {}
+
+
 def _infer(model: str, version: int, inputs: dict, output: str) -> np.ndarray:
     """One BLS call: exec, check the error of this very response, return the named output."""
     request = pb_utils.InferenceRequest(model_name=model, model_version=version, requested_output_names=[output],
-                                        inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()])
+                                        inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()], **_CPU)
     response = request.exec()
     if response.has_error():
         raise RuntimeError(f"{model} v{version}: {response.error().message()}")
