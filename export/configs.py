@@ -10,6 +10,8 @@ fused operators. Same names, dtypes and shapes in every runtime:
              with an engine cache; plain graph (TensorRT's parser knows no com.microsoft fused ops)
   tensorrt - platform tensorrt_plan: the plans the compose stack's trtexec service builds from the
              native runtime's plain model.onnx
+  torch    - backend python running the PyTorch weights in pytorch/ (fp16 + CUDA graphs on a GPU,
+             fp32 on a CPU); for GPU machines without onnxruntime-gpu or TensorRT
 
 Throughput settings (per export): instances, preferred batch sizes, the queue delay, and a queue
 limit: a request arriving at a full queue is refused at once (UNAVAILABLE, "exceeds maximum queue
@@ -32,6 +34,7 @@ class Runtime:
     parameters: dict = field(default_factory=dict)
     gpu_accelerator: dict = field(default_factory=dict)  # execution accelerator on KIND_GPU instances: name + parameters
     fused_graph: bool = True  # model.onnx may hold onnxruntime's fused transformer operators
+    torch_weights: bool = False  # the version folder carries the Hugging Face weights (pytorch/) it runs
     exported: bool = True  # `mailroute export --runtime` may choose it (tensorrt plans are built later, by trtexec)
 
 
@@ -40,6 +43,7 @@ RUNTIMES = {
     "native": Runtime(platform="onnxruntime_onnx", fused_graph=False, gpu_accelerator={
         "name": "tensorrt", "precision_mode": "FP16", "trt_engine_cache_enable": "1", "trt_engine_cache_path": "/tmp/trt_engine_cache"}),
     "tensorrt": Runtime(platform="tensorrt_plan", fused_graph=False, exported=False),
+    "torch": Runtime(backend="python", adapter="torch_encoder.py", torch_weights=True),
 }
 
 
@@ -92,6 +96,7 @@ def encoder_model_config(name: str, dim: int, runtime_name: str, max_batch: int,
                          instance_group=[mc.ModelInstanceGroup(kind=kind, count=throughput.instances)])
     throughput.apply(cfg)
     cfg.version_policy.all.SetInParent()  # classifier versions pin encoder versions: keep all loadable
+    cfg.parameters["runtime"].string_value = runtime_name  # two runtimes share the python backend: say which
     for k, v in rt.parameters.items():
         cfg.parameters[k].string_value = v
     if gpu and rt.gpu_accelerator:
@@ -114,7 +119,7 @@ def encoder_config(name: str, dim: int, runtime_name: str, max_batch: int, insta
 
 
 def classifier_model_config(max_batch: int, instances: int, embed_batch: int, score_batch: int, serving_version: int = None,
-                            throughput: Throughput = None) -> mc.ModelConfig:
+                            throughput: Throughput = None, search_device: str = "") -> mc.ModelConfig:
     throughput = throughput or Throughput(instances=instances, max_queue_delay_us=2000)
     cfg = mc.ModelConfig(name=contract.CLASSIFIER, backend="python", max_batch_size=max_batch,
                          input=[_input(t) for t in contract.CLASSIFIER_INPUT_TENSORS],
@@ -128,16 +133,20 @@ def classifier_model_config(max_batch: int, instances: int, embed_batch: int, sc
         cfg.version_policy.latest.num_versions = 1
     cfg.parameters["embed_batch"].string_value = str(embed_batch)
     cfg.parameters["score_batch"].string_value = str(score_batch)
+    if search_device:  # label search by torch on this device (mailroute.torch_encoders.TorchFlatIP)
+        cfg.parameters["search_device"].string_value = search_device
     return cfg
 
 
 def classifier_config(max_batch: int, instances: int, embed_batch: int, score_batch: int, serving_version: int = None,
-                      throughput: Throughput = None) -> str:
-    return _text(classifier_model_config(max_batch, instances, embed_batch, score_batch, serving_version, throughput))
+                      throughput: Throughput = None, search_device: str = "") -> str:
+    return _text(classifier_model_config(max_batch, instances, embed_batch, score_batch, serving_version, throughput, search_device))
 
 
 def runtime_of(cfg: mc.ModelConfig) -> str:
     """The registry name of the runtime a parsed config runs (None when no entry matches)."""
+    if "runtime" in cfg.parameters:
+        return cfg.parameters["runtime"].string_value
     for name, rt in RUNTIMES.items():
         if (cfg.backend, cfg.platform) == (rt.backend, rt.platform):
             return name

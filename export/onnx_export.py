@@ -15,7 +15,7 @@ import torch
 from mailroute import contract
 from mailroute.pipeline import load_tokenizer, tensors
 from mailroute.settings import DEFAULTS
-from training.reference import mean_pool_normalise
+from mailroute.torch_encoders import mean_pool_normalise
 
 OPSET = 17
 PARITY_ATOL = 1e-4  # max |onnx - torch| allowed on embeddings and logits (fp32)

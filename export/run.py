@@ -16,7 +16,7 @@ from mailroute import contract
 from mailroute.label_index import LabelIndex, weights_id
 from mailroute.onnx_encoders import session
 from mailroute.pipeline import load_tokenizer, tensors
-from mailroute.repository import ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE
+from mailroute.repository import ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE, TORCH_WEIGHTS_DIR
 from mailroute.settings import DEFAULTS, BadSetting
 from export import configs, versions
 from export.versions import new_version
@@ -51,8 +51,11 @@ def check_runtime_unchanged(repo: Path, runtime_name: str) -> None:
                                  f"an export with another runtime would change how they run. Export into another --repo")
 
 
-def _write_encoder(repo: Path, name: str, onnx_path: Path, tokenizer: Path, cfg: ExportConfig, dim: int, max_batch: int) -> int:
+def _write_encoder(repo: Path, name: str, onnx_path: Path, tokenizer: Path, cfg: ExportConfig, dim: int, max_batch: int,
+                   hf_model=None) -> int:
     with new_version(repo, name, cfg.version) as (vdir, v):  # renamed into place only when complete
+        if configs.runtime(cfg.runtime).torch_weights:  # the runtime serves these; model.onnx stays for the index and parity
+            hf_model.save_pretrained(str(vdir / TORCH_WEIGHTS_DIR))
         shutil.copy(onnx_path, vdir / MODEL_FILE)
         shutil.copy(tokenizer, vdir / TOKENIZER_FILE)
         (vdir / ENCODER_ID_FILE).write_text(weights_id(vdir / MODEL_FILE) + "\n")
@@ -114,6 +117,8 @@ def export(cfg: ExportConfig) -> dict:
     run, repo = Path(cfg.run), Path(cfg.repo)
     if cfg.runtime not in configs.EXPORT_RUNTIMES:  # settings are checked before any work
         raise BadSetting(f"--runtime must be one of {configs.EXPORT_RUNTIMES}, got {cfg.runtime!r}")
+    if cfg.quantize and configs.runtime(cfg.runtime).torch_weights:
+        raise BadSetting(f"--quantize makes int8 ONNX graphs, which the {cfg.runtime} runtime does not run: leave one out")
     check_runtime_unchanged(repo, cfg.runtime)
     folder = RunFolder(run)
     if not folder.is_trained():
@@ -156,8 +161,8 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
 
     # 2. encoder versions (+ configs); the label index rebuilt with the exported bi-encoder
     dim = int(old.manifest["dim"])
-    bi_v = _write_encoder(repo, contract.BI_ENCODER, bi_path, bi_tok, cfg, dim, max_batch=64)
-    cross_v = _write_encoder(repo, contract.CROSS_ENCODER, cross_path, cross_tok, cfg, dim, max_batch=256)
+    bi_v = _write_encoder(repo, contract.BI_ENCODER, bi_path, bi_tok, cfg, dim, max_batch=64, hf_model=bi_model[0].auto_model)
+    cross_v = _write_encoder(repo, contract.CROSS_ENCODER, cross_path, cross_tok, cfg, dim, max_batch=256, hf_model=cross_model.model)
     bi_dir = repo / contract.BI_ENCODER / str(bi_v)
     index = label_index_from_onnx(bi_dir / MODEL_FILE, bi_dir / TOKENIZER_FILE, old)
 
@@ -174,9 +179,11 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
     if (repo / contract.CLASSIFIER / versions.CONFIG_FILE).exists():
         previous = versions.serving_version(repo) or previous
     # the config keeps serving what it served; promote() then names the new version and logs the change
+    search_device = "cuda" if cfg.gpu and configs.runtime(cfg.runtime).torch_weights else ""  # no faiss-gpu there: torch search
     (repo / contract.CLASSIFIER / versions.CONFIG_FILE).write_text(
         configs.classifier_config(64, cfg.classifier_instances, embed_batch=64, score_batch=256, serving_version=previous or cv,
-                                  throughput=configs.Throughput(cfg.classifier_instances, (), 4 * cfg.max_queue_delay_us, cfg.max_queue_size)))
+                                  throughput=configs.Throughput(cfg.classifier_instances, (), 4 * cfg.max_queue_delay_us, cfg.max_queue_size),
+                                  search_device=search_device))
     # a running server loads the new version with `mailroute versions promote`
     versions.promote(repo, cv, note=f"mailroute export of {run}")
     report |= {"versions": {contract.CLASSIFIER: cv, contract.BI_ENCODER: bi_v, contract.CROSS_ENCODER: cross_v},

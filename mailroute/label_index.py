@@ -206,6 +206,18 @@ class LabelIndex:
             self.cards = json.loads((folder / CARDS_FILE).read_text())
         return self
 
+    def on_device(self, device: str) -> "LabelIndex":
+        """The same vectors searched by torch (matrix product + top-k) on `device`: the torch runtime's label
+        search where faiss-gpu is not installed. For serving only (save() needs the FAISS indexes)."""
+        from dataclasses import replace
+
+        from mailroute.torch_encoders import TorchFlatIP
+
+        def move(index):
+            return None if index is None else TorchFlatIP(index.reconstruct_n(0, index.ntotal), device)
+
+        return replace(self, index=move(self.index), exemplar_index=move(self.exemplar_index))
+
     def with_scoring(self, scoring: LabelScoring) -> "LabelIndex":
         """The same vectors scored by another rule (a new object; this one is unchanged)."""
         from dataclasses import replace

@@ -72,6 +72,13 @@ def load_tokenizer(path, max_length: int) -> Tokenizer:
     return tok
 
 
+def pad_stack(arrays: list) -> np.ndarray:
+    """Token arrays of different sequence lengths (requests of one server batch) -> one array, right-padded
+    with 0 (masked out)."""
+    width = max(a.shape[1] for a in arrays)
+    return np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in arrays])
+
+
 def tensors(encodings) -> tuple:
     ids = np.array([e.ids for e in encodings], dtype=contract.TOKEN_DTYPE)  # (n, seq)
     mask = np.array([e.attention_mask for e in encodings], dtype=contract.TOKEN_DTYPE)

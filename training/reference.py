@@ -14,13 +14,8 @@ from mailroute.pipeline import TwoStageClassifier, load_tokenizer
 from mailroute.rerank_policy import RerankPolicy
 from mailroute.run_layout import RunFolder
 from mailroute.settings import DEFAULTS
+from mailroute.torch_encoders import mean_pool_normalise
 from training.models import load_bi_encoder, load_cross_encoder
-
-
-def mean_pool_normalise(token_embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(token_embeddings.dtype)  # (n, seq, 1)
-    pooled = (token_embeddings * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (n, dim)
-    return torch.nn.functional.normalize(pooled, p=2, dim=1)
 
 
 class TorchEncoders:

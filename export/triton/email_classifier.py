@@ -104,6 +104,8 @@ class TritonPythonModel:
         # the downstream models' max_batch_size bounds each BLS call
         clf = open_classifier(repo, here, BLSEncoders(bi_v, cross_v), embed_batch=int(params.get("embed_batch", 64)),
                               score_batch=int(params.get("score_batch", 256)))
+        if params.get("search_device"):  # the torch runtime's label search (where faiss-gpu is not installed)
+            clf.index = clf.index.on_device(params["search_device"])
         self.service = ClassifierService(clf, (args["model_version"], bi_v, cross_v))
         self.metrics = ClassifierMetrics(args["model_version"])
         pb_utils.Logger.log_info(f"{contract.CLASSIFIER} v{args['model_version']}: {len(clf.label_names)} labels, "

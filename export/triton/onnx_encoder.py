@@ -5,16 +5,10 @@ the native `onnxruntime_onnx` model it stands in for. Copied to <encoder>/<v>/mo
 import json
 from pathlib import Path
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mailroute.onnx_encoders import session
-
-
-def _pad_stack(arrays: list) -> np.ndarray:
-    """Requests of one batch can have different sequence lengths: right-pad with 0 (masked out)."""
-    width = max(a.shape[1] for a in arrays)
-    return np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in arrays])
+from mailroute.pipeline import pad_stack
 
 
 class TritonPythonModel:
@@ -30,7 +24,7 @@ class TritonPythonModel:
         feeds = [[pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs] for r in requests]
         sizes = [f[0].shape[0] for f in feeds]
         try:
-            batch = {n: _pad_stack([f[j] for f in feeds]) for j, n in enumerate(self.inputs)}
+            batch = {n: pad_stack([f[j] for f in feeds]) for j, n in enumerate(self.inputs)}
             out = self.session.run([self.output], batch)[0]
         except Exception as e:  # e.g. wrong shapes: answer every request with the reason, keep serving
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.output}: {e}")) for _ in requests]

@@ -1,0 +1,40 @@
+"""Triton Python-backend adapter for the *torch* runtime: an encoder in PyTorch (fp16 + CUDA graphs on a
+GPU instance, fp32 on a CPU one), from the Hugging Face weights in <encoder>/<v>/pytorch/. Same tensor
+names and shapes as every other runtime. Copied to <encoder>/<v>/model.py."""
+
+import json
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from mailroute import contract
+from mailroute.pipeline import pad_stack
+from mailroute.repository import TORCH_WEIGHTS_DIR
+from mailroute.torch_encoders import BI, CROSS, TorchEncoder
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.inputs = [i["name"] for i in config["input"]]
+        self.output = config["output"][0]["name"]
+        gpu = args.get("model_instance_kind") == "GPU"
+        device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
+        folder = Path(args["model_repository"]) / args["model_version"] / TORCH_WEIGHTS_DIR
+        # CUDA graphs are captured here, before the model reports ready: the first request finds them warm
+        self.encoder = TorchEncoder(folder, BI if self.output == contract.EMBEDDING else CROSS, device,
+                                    max_batch=int(config["max_batch_size"]))
+        pb_utils.Logger.log_info(f"{config['name']} v{args['model_version']}: torch on {device}, {len(self.encoder.graphs)} CUDA graphs")
+
+    def execute(self, requests):
+        feeds = [[pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs] for r in requests]
+        sizes = [f[0].shape[0] for f in feeds]
+        try:
+            out = self.encoder({n: pad_stack([f[j] for f in feeds]) for j, n in enumerate(self.inputs)})
+        except Exception as e:  # e.g. wrong shapes: answer every request with the reason, keep serving
+            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.output}: {e}")) for _ in requests]
+        responses, start = [], 0
+        for n in sizes:
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output, out[start:start + n])]))
+            start += n
+        return responses

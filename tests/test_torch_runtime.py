@@ -1,0 +1,82 @@
+"""The torch runtime on CPU: its encoders agree with the ONNX graphs, its label search equals FAISS, padding
+to a CUDA-graph bucket changes nothing, and the real tritonserver serves it. (Its GPU side, fp16 and CUDA
+graphs, is measured by benchmarks/gpu/ where a GPU is lent; CI has none.)"""
+
+import shutil
+
+import faiss
+import numpy as np
+import pytest
+
+from mailroute import contract
+from mailroute.pipeline import load_tokenizer, tensors
+from mailroute.repository import TOKENIZER_FILE, TORCH_WEIGHTS_DIR, open_classifier, open_onnx_classifier, version_dir
+from mailroute.settings import DEFAULTS
+from mailroute.torch_encoders import BI, TorchEncoder, TorchEncoders, TorchFlatIP
+
+EMAILS = ["Hi, I was charged twice this month, please refund the extra charge.", "I can't log in, the reset link never arrives.",
+          "Where is my order? Tracking has not moved since Monday.", "x"]
+
+
+@pytest.fixture(scope="module")
+def torch_repo(tiny_run, tmp_path_factory):
+    from export.run import ExportConfig, export
+
+    repo = tmp_path_factory.mktemp("torch-repo")
+    export(ExportConfig(run=str(tiny_run), repo=str(repo), top_k=5, runtime="torch"))
+    return repo
+
+
+def test_torch_flat_ip_equals_faiss():
+    rng = np.random.default_rng(0)
+    xb, xq = rng.normal(size=(500, 32)).astype(np.float32), rng.normal(size=(7, 32)).astype(np.float32)
+    faiss.normalize_L2(xb)
+    faiss.normalize_L2(xq)
+    index = faiss.IndexFlatIP(32)
+    index.add(xb)
+    D, I = index.search(xq, 20)
+    Dt, It = TorchFlatIP(xb).search(xq, 20)
+    assert np.abs(D - Dt).max() < 1e-5 and (I == It).all()
+    assert np.allclose(TorchFlatIP(xb).reconstruct_n(3, 2), xb[3:5])
+
+
+def test_label_scores_by_torch_equal_faiss(tiny_repo):
+    clf = open_onnx_classifier(tiny_repo)
+    xq = clf._embed(EMAILS)
+    a, b = clf.index.label_scores(xq), clf.index.on_device("cpu").label_scores(xq)
+    assert np.abs(a - b).max() < 1e-5
+
+
+def test_torch_runtime_agrees_with_onnx(torch_repo):
+    bi_dir, cross_dir = version_dir(torch_repo, contract.BI_ENCODER), version_dir(torch_repo, contract.CROSS_ENCODER)
+    assert (bi_dir / "model.py").read_text().count("TorchEncoder") and (bi_dir / TORCH_WEIGHTS_DIR / "config.json").exists()
+    cdir = version_dir(torch_repo, contract.CLASSIFIER)
+    by_torch = open_classifier(torch_repo, cdir, TorchEncoders(bi_dir / TORCH_WEIGHTS_DIR, cross_dir / TORCH_WEIGHTS_DIR))
+    by_onnx = open_onnx_classifier(torch_repo)
+    for t, o in zip(by_torch.classify(EMAILS, gate=False), by_onnx.classify(EMAILS, gate=False)):
+        assert t.top_labels == o.top_labels
+        assert np.abs(np.array(t.top_probabilities) - np.array(o.top_probabilities)).max() < 1e-4
+
+
+def test_padding_to_a_bucket_changes_nothing(torch_repo):
+    bi_dir = version_dir(torch_repo, contract.BI_ENCODER)
+    enc = TorchEncoder(bi_dir / TORCH_WEIGHTS_DIR, BI)
+    ids, mask, _ = tensors(load_tokenizer(bi_dir / TOKENIZER_FILE, DEFAULTS.max_email_tokens).encode_batch(EMAILS[:3]))
+    plain = enc({contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask})
+    pad = lambda a, rows, cols: np.pad(a, ((0, rows), (0, cols)))  # noqa: E731 (what a CUDA-graph bucket does)
+    padded = enc({contract.INPUT_IDS: pad(ids, 5, 20), contract.ATTENTION_MASK: pad(mask, 5, 20)})
+    assert np.abs(padded[:3] - plain).max() < 1e-5
+
+
+@pytest.mark.slow
+def test_tritonserver_serves_the_torch_runtime(torch_repo, tmp_path):
+    from client import ClassifierClient
+    from client.server import TritonServer
+
+    repo = shutil.copytree(torch_repo, tmp_path / "repo")
+    with TritonServer(repo) as server, ClassifierClient(server.grpc_url) as c:
+        served = c.classify(EMAILS, gate=False)
+    local = open_onnx_classifier(repo).classify(EMAILS, gate=False)
+    for s, o in zip(served, local):
+        assert s.ok and s.top_labels == o.top_labels
+        assert np.abs(np.array(s.top_probabilities) - np.array(o.top_probabilities)).max() < 1e-4
