@@ -62,6 +62,12 @@ def cmd_refit(args):
     refit(args.run, args.gate_tolerance, args.device)
 
 
+def cmd_resume(args):
+    from training.run import resume
+
+    resume(args.run, args.out, args.ce_epochs, args.ce_lr, args.device)
+
+
 def cmd_export(args):
     from export.run import ExportConfig, export
 
@@ -329,6 +335,17 @@ def main(argv=None):
                    help="validation accuracy the gate may give up versus reranking every email (default: the run's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.set_defaults(fn=cmd_refit)
+
+    p = sub.add_parser("resume", help="more cross-encoder epochs for a trained run (stage 1 kept), best epoch on validation, new run folder",
+                       description="Keeps the run's bi-encoder and label index, mines the training emails as `train` does, continues the "
+                                   "cross-encoder from its weights and keeps its best epoch on validation (the starting weights count "
+                                   "as epoch 0), fits the policy on validation and measures test once, in --out.")
+    p.add_argument("--run", required=True, help="trained run folder")
+    p.add_argument("--out", required=True, help="new run folder")
+    p.add_argument("--ce-epochs", type=float, default=1.0, help="further cross-encoder epochs (default: 1)")
+    p.add_argument("--ce-lr", type=float, default=None, help="learning rate (default: the run's)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.set_defaults(fn=cmd_resume)
 
     p = sub.add_parser("export", help="export a trained run to ONNX and write new versions into the Triton model repository")
     _add_dataclass_args(p, ExportConfig)

@@ -120,3 +120,25 @@ def test_ece_and_recall_against_hand_computed_values():
     assert expected_calibration_error([0.9, 0.9, 0.3], [True, False, True]) == pytest.approx(2 / 3 * 0.4 + 1 / 3 * 0.7)
     assert recall_at([1, 2], np.array([[1, 0, 3], [0, 3, 2]]), ks=(1, 3)) == {"recall@1": 0.5, "recall@3": 1.0}
     assert macro_f1(["a", "a", "b"], ["a", "b", "b"]) == pytest.approx((2 / 3 + 2 / 3) / 2)
+
+
+def test_resume_trains_only_the_cross_encoder_and_keeps_its_best_epoch(tiny_run, tmp_path):
+    import json
+    import shutil
+
+    from training.run import resume
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    (run / "metrics.json").write_text(json.dumps({  # what `mailroute train` writes before the evaluation's own keys
+        "dataset": "demo", "labels": 50, "n_train": 450, "n_validation": 50, "n_test": 200, "device": "cpu",
+        "cross_encoder_validation_by_epoch": [], "train_time": {}, "anisotropy": {"before": 0.5, "after": 0.3},
+        "mining": {"how": "leave-one-out", "gold_retrieved_train": 1.0, "gold_in_rows": 1.0, "rows": 450}}))
+    (run / "predictions.jsonl").write_text("")
+    metrics = resume(run, tmp_path / "more", ce_epochs=1, ce_lr=1e-3, device="cpu")
+    history = [h["listwise_accuracy"] for h in metrics["cross_encoder_validation_by_epoch"] if isinstance(h, dict)]
+    assert len(history) == 2  # the starting weights (epoch 0) and one more epoch compete on validation
+    assert (tmp_path / "more" / "bi_encoder" / "model.safetensors").read_bytes() == (run / "bi_encoder" / "model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "more" / "config.json").read_text())["ce_epochs"] == 2.0
+    assert metrics["resumed_from"] == str(run) and "two_stage" in metrics
+    with pytest.raises(FileExistsError, match="resume writes a new run folder"):
+        resume(run, tmp_path / "more")

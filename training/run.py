@@ -233,3 +233,69 @@ def refit(run_dir, gate_tolerance: float = None, device: str = "auto") -> dict:
     print(f"refit {out.root}: two-stage {metrics['two_stage']['accuracy']:.2%} ({metrics['two_stage']['share_reranked']:.0%} reranked), "
           f"ungated {metrics['variants']['test']['two_stage_ungated']['accuracy']:.2%}")
     return metrics
+
+
+def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device: str = "auto") -> dict:
+    """More cross-encoder epochs for a trained run, without training stage 1 again: the run's bi-encoder and
+    label index are kept, training emails are mined as `mailroute train` mines them, the cross-encoder
+    continues from its weights, and the best of its epochs on validation rows (the starting weights
+    count as epoch 0) is kept; then the policy is fitted on validation and test measured once, in a new
+    run folder (the flat baseline's numbers are copied from the run)."""
+    import shutil
+
+    from mailroute.label_index import LabelIndex
+
+    src, out = RunFolder(run_dir), RunFolder(out_dir)
+    if not src.is_trained() or not src.metrics.exists():
+        raise FileNotFoundError(f"{src.root} is not a trained run folder: run `mailroute train` first")
+    if out.root.resolve() == src.root.resolve() or out.root.exists():
+        raise FileExistsError(f"{out.root} exists: resume writes a new run folder")
+    cfg = TrainConfig(**json.loads(src.config.read_text()))
+    seed_everything(cfg.seed)
+    device = resolve_device(device)
+    data = load_dataset(cfg.taxonomy, cfg.train, cfg.test, cfg.drop_invalid) if cfg.taxonomy else load_named(cfg.dataset, cfg.banking77 or None)
+    tax = data.taxonomy
+    train, val = split_validation(data.train, cfg.validation_fraction, cfg.seed)
+    if cfg.sample_per_label:
+        train = sample_per_label(train, cfg.sample_per_label, cfg.seed)
+    test = data.test[: cfg.test_limit] if cfg.test_limit else data.test
+    t = time.perf_counter()
+    model = load_bi_encoder(src.bi_encoder, device=device)
+    index = LabelIndex.load(src.label_index)
+    x_train = bi.embed(model, [e.text for e in train])
+    _, card_texts = bi.label_cards(tax, train, x_train, cfg.card_examples)
+    cand, scores = mine_candidates(model, [e.text for e in train], index, cfg.k_train, exclude=exemplar_rows(index, train), x=x_train)
+    keep = [i for i, e in enumerate(train) if e.text not in card_texts]
+    rows = listwise_rows([train[i] for i in keep], cand[keep], index, cfg.seed, scores[keep] if cfg.train_retrieval_weight else None)
+    cand_val, scores_val = mine_candidates(model, [e.text for e in val], index, cfg.k_train)
+    cross = load_cross_encoder(src.cross_encoder, device=device)
+    keep_best = KeepBestEpoch(cross, listwise_rows(val, cand_val, index, cfg.seed, scores_val if cfg.train_retrieval_weight else None))
+    keep_best.on_epoch_end(None, None, None)  # epoch 0: the starting weights compete too
+    lr = ce_lr or cfg.ce_lr
+    print(f"resume: cross-encoder +{ce_epochs} epoch(s) at lr {lr} from {src.cross_encoder}")
+    train_cross_encoder(cross, rows, ce_epochs, cfg.ce_batch_size, lr, cfg.seed, RerankPolicy(retrieval_weight=cfg.train_retrieval_weight),
+                        device, callbacks=[keep_best])
+    history = keep_best.restore()
+    ce_s = time.perf_counter() - t
+    out.root.mkdir(parents=True)
+    for folder in (src.bi_encoder, src.label_index):
+        shutil.copytree(folder, out.root / folder.name)
+    cross.save(str(out.cross_encoder))
+    cfg.out, cfg.ce_epochs = str(out.root), cfg.ce_epochs + ce_epochs
+    out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    t = time.perf_counter()
+    clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(tax)))
+    ev = evaluate_and_fit(clf, val, test, cfg.gate_tolerance)
+    ev.policy.save(out.policy)
+    old = json.loads(src.metrics.read_text())
+    metrics = old | ev.metrics | {"resumed_from": str(src.root), "cross_encoder_validation_by_epoch": old.get("cross_encoder_validation_by_epoch", [])
+                                  + [{"resume_epoch": i, "listwise_accuracy": a} for i, a in enumerate(history)]}
+    metrics.setdefault("train_time", {})["resume_cross_encoder_s"] = ce_s
+    metrics["train_time"]["resume_evaluation_s"] = time.perf_counter() - t
+    lines = [json.loads(line) for line in src.predictions.read_text().splitlines() if line.strip()]
+    flat_pred = [r["flat_label"] for r in lines] if lines and "flat_label" in lines[0] else None
+    flat_conf = np.array([r["flat_probability"] for r in lines]) if flat_pred else None
+    save_evaluation(out, metrics, index, ev, flat_pred, flat_conf)
+    print(f"resumed {out.root}: cross-encoder validation by epoch {['%.2f%%' % (100 * a) for a in history]}; two-stage "
+          f"{metrics['two_stage']['accuracy']:.2%} gated, {metrics['variants']['test']['two_stage_ungated']['accuracy']:.2%} ungated")
+    return metrics
