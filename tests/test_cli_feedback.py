@@ -1,0 +1,56 @@
+"""The feedback, versions and labels commands as a user runs them: answers on stdout, one-line errors."""
+
+import json
+import shutil
+
+import pytest
+
+from mailroute.cli import main
+
+
+@pytest.fixture()
+def repo(tiny_repo, tmp_path):
+    return shutil.copytree(tiny_repo, tmp_path / "repo")
+
+
+def run(capsys, *argv):
+    main(list(argv))
+    return capsys.readouterr().out
+
+
+def fails(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    return str(e.value)
+
+
+def test_feedback_commands(repo, tmp_path, capsys, demo):
+    db = f"sqlite:///{tmp_path}/fb.sqlite3"
+    common = ("--db", db, "--repo", str(repo))
+    assert json.loads(run(capsys, "feedback", "status", *common)) == {"predictions": 0, "corrections": 0}
+    assert "no usable corrections" in fails(capsys, "feedback", "train", "--db", db, "--repo", str(repo))
+    email = demo.test[0]
+    out = json.loads(run(capsys, "feedback", "add", "--text", email.text, "--label", email.label, "--who", "me", "--json", *common))
+    assert out["label"] == email.label and out["who"] == "me"
+    assert "unknown label 'billing_refund_requets'" in fails(capsys, "feedback", "add", "--text", "another", "--label",
+                                                             "billing_refund_requets", *common)
+    assert "already corrected" in fails(capsys, "feedback", "add", "--text", email.text, "--label", email.label, *common).lower()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine", "label": email.label}) + "\n{broken\n")
+    msg = fails(capsys, "feedback", "import", str(bad), *common)
+    assert f"{bad}:2:" in msg
+    assert json.loads(run(capsys, "feedback", "status", *common))["corrections"] == 1  # the import wrote nothing
+
+
+def test_versions_and_labels_commands(repo, capsys):
+    rows = json.loads(run(capsys, "versions", "list", "--json", "--repo", str(repo)))
+    assert [r["version"] for r in rows] == [1] and rows[0]["serving"]
+    assert "nothing to roll back to" in fails(capsys, "versions", "rollback", "--repo", str(repo))
+    report = json.loads(run(capsys, "labels", "add", "--name", "pet_insurance", "--description", "insurance for pets", "--repo", str(repo)))
+    assert report["version"] == 2 and report["zero_shot"]
+    assert "already in the taxonomy" in fails(capsys, "labels", "add", "--name", "pet_insurance", "--description", "x", "--base", "2",
+                                              "--repo", str(repo))
+    assert "serves" in run(capsys, "versions", "promote", "2", "--repo", str(repo))
+    table = run(capsys, "versions", "list", "--repo", str(repo))
+    assert "*       2  label" in table and "(* = serving)" in table
+    assert "v1 serves" in run(capsys, "versions", "rollback", "--repo", str(repo))
