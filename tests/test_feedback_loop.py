@@ -104,6 +104,7 @@ def test_continued_training_moves_corrected_emails_to_their_label(repo, store, d
     report = build_candidate(cfg, store)
     spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, report["version"]))
     assert spec["kind"] == "continued" and spec["cross_encoder_version"] == report["cross_encoder_version"] == 2
+    assert spec["policy"] == report["policy"]  # fitted again on the evaluation split for the new cross-encoder
     assert report["training"]["lists"] == len(wrong) + report["training"]["replay"] and report["training"]["replay"] == len(wrong)
 
     def gold_probability(weights):

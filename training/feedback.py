@@ -8,6 +8,9 @@ Corrections take effect at two speeds:
              guaranteed hard negative) + the retrieval top-K; plus a replay sample of the original training
              emails (`replay_ratio` per correction), mined the same way, against forgetting.
 
+The candidate's rerank policy (fusion, temperatures, gate) is fitted again on the frozen evaluation
+split for its own scores, as `mailroute train` fits it (unless `keep_policy`).
+
 The gate compares the candidate with the serving version, both run from the repository files on
 onnxruntime (what Triton serves), on the frozen evaluation split (the source run's validation split:
 never test) and on held-out corrections (a fixed share chosen by the email's hash, never trained on and
@@ -168,6 +171,26 @@ def continue_cross_encoder(repo, base: int, corrections: list, cfg: FeedbackConf
                    "epochs": cfg.epochs, "lr": cfg.lr, "device": device, "seconds": round(time.perf_counter() - t, 1)}
 
 
+def refit_policy(repo, base: int, index, cross_version: int, evaluation: list, tolerance: float) -> dict:
+    """The rerank policy (fusion, temperatures, gate) fitted on the evaluation split for a candidate's own
+    scores, as `mailroute train` fits it: a cross-encoder that learnt may now be worth running where the
+    serving version's gate skipped it. -> the policy's JSON form."""
+    from mailroute.onnx_encoders import OnnxEncoders
+    from mailroute.pipeline import TwoStageClassifier, load_tokenizer
+    from mailroute.repository import MODEL_FILE, TOKENIZER_FILE
+    from training.evaluate import collect, fit_policy
+
+    spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, base))
+    bi_dir = version_dir(repo, contract.BI_ENCODER, spec["bi_encoder_version"])
+    cross_dir = version_dir(repo, contract.CROSS_ENCODER, cross_version)
+    k = min(int(spec.get("top_k", DEFAULTS.top_k)), len(index.taxonomy))
+    clf = TwoStageClassifier(OnnxEncoders(bi_dir / MODEL_FILE, cross_dir / MODEL_FILE), index,
+                             load_tokenizer(bi_dir / TOKENIZER_FILE, DEFAULTS.max_email_tokens),
+                             load_tokenizer(cross_dir / TOKENIZER_FILE, DEFAULTS.max_pair_tokens), top_k=k)
+    _, gated, _, _ = fit_policy(collect(clf, evaluation, k), tolerance)
+    return gated.to_dict()
+
+
 def build_candidate(cfg: FeedbackConfig, store: FeedbackStore = None) -> dict:
     """Corrections in the store -> a new classifier version, gated (and promoted when asked and passed)."""
     from export import versions
@@ -185,7 +208,7 @@ def build_candidate(cfg: FeedbackConfig, store: FeedbackStore = None) -> dict:
     run = Path(cfg.replay_run) if cfg.replay_run else source_run(repo, base)
     if not RunFolder(run).config.exists():
         raise FeedbackError(f"the evaluation split and replay emails come from run {run}, which is not here: pass --replay-run")
-    _, evaluation, _ = run_splits(run)
+    _, evaluation, run_cfg = run_splits(run)
     evaluation = [e for e in evaluation if e.label in base_index.taxonomy][: cfg.eval_limit or None]
     own = store is None
     store = store or FeedbackStore(cfg.db or None, labels=base_index.taxonomy.names)
@@ -212,7 +235,16 @@ def build_candidate(cfg: FeedbackConfig, store: FeedbackStore = None) -> dict:
         model, report["training"] = continue_cross_encoder(repo, base, learn, cfg)
         pairs = [(c.text, base_index.label_texts[base_index.taxonomy.index(c.label)]) for c in learn[:8]]
         cross_v = write_cross_encoder_version(repo, model, pairs, quantize=bool(read_pipeline(version_dir(repo, contract.CLASSIFIER, base)).get("quantized")))
+    policy = None
+    if not cfg.keep_policy:
+        from export.derive import derived_index
+
+        index = derived_index(repo, version_dir(repo, contract.CLASSIFIER, base), new_exemplars)
+        cross_now = cross_v or read_pipeline(version_dir(repo, contract.CLASSIFIER, base))["cross_encoder_version"]
+        policy = refit_policy(repo, base, index, cross_now, evaluation, run_cfg.gate_tolerance)
+        report["policy"] = policy
     v = derive_version(repo, base, "exemplars" if cfg.exemplars_only else "continued", new_exemplars, cross_encoder_version=cross_v,
+                       policy=policy,
                        note=f"{len(learn)} corrections ({len(new_exemplars)} new exemplars)",
                        extra={"feedback": {k: report[k] for k in ("corrections", "used", "held_out", "new_exemplars")}})
     report["version"], report["cross_encoder_version"] = v, cross_v
