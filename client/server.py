@@ -21,6 +21,12 @@ from pathlib import Path
 from mailroute import contract
 
 
+# The client pings every 30 s, also between calls (client.classifier_client.default_keepalive). Triton's
+# defaults refuse pings without calls and answer a third such ping with GOAWAY "too_many_pings" (seen
+# here after a client sat idle for minutes), so the server is told to accept them.
+GRPC_KEEPALIVE = ("--grpc-keepalive-permit-without-calls=1", "--grpc-http2-min-recv-ping-interval-without-data=10000")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -71,7 +77,7 @@ class TritonServer:
         pt = pytriton_dir()
         cmd = [str(pt / "tritonserver" / "bin" / "tritonserver"), f"--model-repository={self.repo}",
                f"--backend-directory={self._backend_dir()}", f"--grpc-port={self.grpc_port}",
-               f"--http-port={self.http_port}", f"--metrics-port={self.metrics_port}", "--log-verbose=0"]
+               f"--http-port={self.http_port}", f"--metrics-port={self.metrics_port}", "--log-verbose=0", *GRPC_KEEPALIVE]
         if self.explicit:
             cmd += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in self.models]
         if self.admin_key:  # repository and config changes need the key (loading a model runs its code)

@@ -1,13 +1,16 @@
 """The feedback loop, simulated on BANKING77 (a script, not a test).
 
 BANKING77 train (shuffled; `--fraction` of it to fit a 2-core CPU) is split into an initial share
-(`--initial`, 30%) that `mailroute train` learns from, and a stream of slices (`--slice` each). Round r
+(`--initial`, 30%) that `mailroute train` learns from, and a stream of slices (`--slice` each).
+`--new-labels` labels do not exist yet when the initial version is trained (their emails are left out
+of it); they are added at run time (`mailroute labels add`: name + description, zero-shot) before the
+stream starts, and their zero-shot accuracy is measured. That version is where every variant starts. Round r
 classifies slice r through the served system (the real tritonserver, `classify(record=True)` into the
 feedback store), corrects its mistakes with the gold labels (simulated reviewers, `client.correct`),
 then applies feedback four ways and measures each on the next slice and on the test split:
 
-  (a) none        the initial version, unchanged
-  (b) exemplars   corrections as exemplars of the initial version (no training)
+  (a) none        the starting version, unchanged
+  (b) exemplars   corrections as exemplars of the starting version (no training)
   (c) continued   exemplars + continued listwise training of the cross-encoder with replay, through the
                   promotion gate, promoted into the running server when it passes (the product's loop)
   (d) retrain     `mailroute train` from scratch on everything seen so far (upper bound; costly, so only
@@ -89,6 +92,7 @@ def main(argv=None):
     ap.add_argument("--initial", type=float, default=0.3, help="share of the used train the initial version learns from")
     ap.add_argument("--slice", type=float, default=0.1, help="share of the used train in each slice of the stream")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of feedback (needs rounds + 1 slices)")
+    ap.add_argument("--new-labels", type=int, default=2, help="labels added at run time, zero-shot, before the stream starts")
     ap.add_argument("--test-limit", type=int, default=0, help=">0: at most this many test emails")
     ap.add_argument("--retrain-rounds", default="3", help="rounds at which (d) retrains from scratch, comma separated")
     ap.add_argument("--bi-epochs", type=float, default=2.0)
@@ -112,7 +116,8 @@ def main(argv=None):
     from mailroute import contract
     from mailroute.feedback_store import FeedbackStore
     from training.data import load_named
-    from training.feedback import FeedbackConfig, build_candidate
+    from mailroute.taxonomy import Taxonomy
+    from training.feedback import FeedbackConfig, add_label, build_candidate
 
     work, out = Path(a.work), Path(a.out)
     shutil.rmtree(work, ignore_errors=True)
@@ -128,11 +133,16 @@ def main(argv=None):
     if len(slices[-1]) < ns:
         sys.exit(f"not enough emails for {a.rounds + 1} slices of {ns}: lower --slice or --rounds")
     test = data.test[: a.test_limit] if a.test_limit else data.test
-    tax_file = str(work / "data" / "taxonomy.json")
-    data.taxonomy.save(tax_file)
-    test_file = write_examples(work / "data" / "test.jsonl", test)
+    new = sorted(random.Random(a.seed + 1).sample(data.taxonomy.names, a.new_labels))
+    old_tax = Taxonomy(tuple(l for l in data.taxonomy.labels if l.name not in new), data.taxonomy.name)
+    initial = [e for e in initial if e.label not in new]  # those labels do not exist yet
+    tax_file, full_tax_file = str(work / "data" / "taxonomy-initial.json"), str(work / "data" / "taxonomy.json")
+    old_tax.save(tax_file)
+    data.taxonomy.save(full_tax_file)
+    test_file = write_examples(work / "data" / "test-initial.jsonl", [e for e in test if e.label not in new])
+    full_test_file = write_examples(work / "data" / "test.jsonl", test)
     retrain_rounds = {int(r) for r in a.retrain_rounds.split(",") if r.strip()}
-    summary = {"dataset": a.dataset, "date": time.strftime("%Y-%m-%d"), "args": vars(a), "sizes": {
+    summary = {"dataset": a.dataset, "date": time.strftime("%Y-%m-%d"), "args": vars(a), "new_labels": new, "sizes": {
         "used_train": len(pool), "initial": len(initial), "slice": ns, "test": len(test)},
         "machine": {"cpu": f"{torch.get_num_threads()}-thread CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
                     "platform": platform.platform()}, "rounds": []}
@@ -141,16 +151,25 @@ def main(argv=None):
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         plot(summary, out / "rounds.png")
 
-    print(f"== initial version: {len(initial)} emails", flush=True)
+    print(f"== initial version: {len(initial)} emails, {len(old_tax)} labels", flush=True)
     repo, initial_s = train_and_export("initial", work, tax_file, initial, test_file, a)
     summary["initial_train_s"] = round(initial_s, 1)
+    start = 1
+    for name in new:  # labels added at run time: name + description, no examples, no training
+        label = data.taxonomy.labels[data.taxonomy.index(name)]
+        rep = add_label(repo, name, label.description, base=start, evaluation=test)
+        summary.setdefault("labels_added", []).append(rep)
+        start = rep["version"]
+        print(f"== label {name!r} added at run time (zero-shot): recall {rep['new_label_recall']}, precision {rep['new_label_precision']}, "
+              f"test accuracy {rep['accuracy_before']:.2%} -> {rep['accuracy_after']:.2%}", flush=True)
+    versions.promote(repo, start, note="labels added at run time")
     store_url = f"sqlite:///{work / 'feedback.sqlite3'}"
     store = FeedbackStore(store_url, labels=data.taxonomy.names)
     base = {"repo": str(repo), "db": store_url, "holdout_fraction": a.holdout_fraction, "max_eval_drop": a.max_eval_drop,
             "replay_ratio": a.replay_ratio, "epochs": a.feedback_epochs, "lr": a.feedback_lr, "device": a.device, "seed": a.seed}
-    test_a = accuracy(repo, 1, test)
-    b_version, d_repo = 1, None
-    row0 = {"round": 0, "a_none": {"test": test_a, "next_slice": accuracy(repo, 1, slices[0])}}
+    test_a = accuracy(repo, start, test)
+    d_repo = None
+    row0 = {"round": 0, "a_none": {"version": start, "test": test_a, "next_slice": accuracy(repo, start, slices[0])}}
     row0 |= {"b_exemplars": dict(row0["a_none"]), "c_continued": dict(row0["a_none"]), "d_retrain": dict(row0["a_none"]) | {"train_s": initial_s}}
     summary["rounds"].append(row0)
     save()
@@ -167,10 +186,10 @@ def main(argv=None):
             row = {"round": r, "served_version": served[0].model_versions.get(contract.CLASSIFIER), "slice_accuracy_served": 1 - len(mistakes) / len(seen),
                    "corrections": len(mistakes), "classify_s": round(serve_s, 1)}
             nxt = slices[r]
-            row["a_none"] = {"test": test_a, "next_slice": accuracy(repo, 1, nxt)}
+            row["a_none"] = {"test": test_a, "next_slice": accuracy(repo, start, nxt)}
 
             t = time.perf_counter()
-            rb = build_candidate(FeedbackConfig(**base, base_version=1, exemplars_only=True), store)
+            rb = build_candidate(FeedbackConfig(**base, base_version=start, exemplars_only=True), store)
             b_version = rb["version"]
             row["b_exemplars"] = {"version": b_version, "gate_passed": rb["gate"]["passed"], "train_s": round(time.perf_counter() - t, 1),
                                   "test": accuracy(repo, b_version, test), "next_slice": accuracy(repo, b_version, nxt)}
@@ -184,7 +203,7 @@ def main(argv=None):
             if r in retrain_rounds:
                 everything = initial + [e for s in slices[:r] for e in s]
                 print(f"== round {r}: (d) retrain from scratch on {len(everything)} emails", flush=True)
-                d_repo, d_s = train_and_export(f"retrain-{r}", work, tax_file, everything, test_file, a)
+                d_repo, d_s = train_and_export(f"retrain-{r}", work, full_tax_file, everything, full_test_file, a)
                 row["d_retrain"] = {"train_s": round(d_s, 1), "emails": len(everything), "test": accuracy(d_repo, 1, test),
                                     "next_slice": accuracy(d_repo, 1, nxt)}
             summary["rounds"].append(row)
