@@ -48,7 +48,7 @@ def main(argv=None):
     from mailroute.rerank_policy import RerankPolicy, fit_fusion
     from training import bi_encoder as bi
     from training.cross_encoder import train_cross_encoder
-    from training.data import load_named, sample_per_label, split_validation
+    from training.data import limit, load_named, sample_per_label, split_validation
     from training.evaluate import expected_calibration_error, recall_at
     from training.mining import exemplar_rows, listwise_rows, mine_candidates
     from training.models import load_bi_encoder, load_cross_encoder
@@ -58,8 +58,8 @@ def main(argv=None):
     tax = data.taxonomy
     train, val = split_validation(data.train, 0.1, a.seed)
     train = sample_per_label(train, a.per_label, a.seed)
-    val = val[: a.val_limit] if a.val_limit else val
-    test = data.test[: a.test_limit] if a.test_limit else data.test
+    val = limit(val, a.val_limit, a.seed)  # random subsets: both splits are grouped by label
+    test = limit(data.test, a.test_limit, a.seed)
     out = {"command": "python -m benchmarks.design_claims " + " ".join(argv), "n_train": len(train), "n_validation": len(val),
            "n_test": len(test), "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
            "date": time.strftime("%Y-%m-%d"), "bi_encoder": {}, "cross_encoder": {}}

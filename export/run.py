@@ -97,11 +97,11 @@ def int8_accuracy_change(run: Path, source: LabelIndex, fp32: tuple, int8: tuple
     is what serves."""
     from mailroute.onnx_encoders import OnnxEncoders
     from mailroute.pipeline import TwoStageClassifier
-    from training.data import load_dataset, load_named
+    from training.data import limit, load_dataset, load_named
 
     rc = json.loads(RunFolder(run).config.read_text())
     data = load_dataset(rc["taxonomy"], rc["train"], rc["test"]) if rc.get("taxonomy") else load_named(rc["dataset"], rc.get("banking77") or None)
-    test = data.test[:n]
+    test = limit(data.test, n, rc.get("seed", DEFAULTS.seed))
     out = {"emails": len(test), "top_k": top_k}
     for name, (b, c) in (("fp32", fp32), ("int8", int8)):
         index = label_index_from_onnx(b, bi_tok, source)

@@ -102,3 +102,13 @@ def test_validation_split_is_stratified_and_disjoint(demo):
     assert set(Counter(e.label for e in val)) == set(demo.taxonomy.names)
     assert not set(map(id, train)) & set(map(id, val))
     assert Counter(e.label for e in sample_per_label(demo.train, 3, 0)).most_common(1)[0][1] == 3
+
+
+def test_limit_draws_across_labels_not_the_first_rows():
+    from training.data import Example, limit
+
+    grouped = [Example(f"email {i}", f"label_{i // 10}") for i in range(100)]  # grouped by label, like BANKING77 test
+    sub = limit(grouped, 20, seed=1)
+    assert len(sub) == 20 and len({e.label for e in sub}) > 5  # the first 20 rows would hold 2 labels
+    assert sub == limit(grouped, 20, seed=1) and [grouped.index(e) for e in sub] == sorted(grouped.index(e) for e in sub)
+    assert limit(grouped, 0, seed=1) == grouped and limit(grouped, 500, seed=1) == grouped

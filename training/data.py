@@ -148,6 +148,15 @@ def split_validation(examples: list, fraction: float, seed: int) -> tuple:
     return train, val
 
 
+def limit(examples: list, n: int, seed: int) -> list:
+    """At most n examples, drawn at random (fixed seed), kept in their order: datasets are often grouped by
+    label (BANKING77's test split is), so the first n would cover only a few labels."""
+    if not n or n >= len(examples):
+        return list(examples)
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
+
+
 def sample_per_label(examples: list, n: int, seed: int) -> list:
     """At most n examples of each label (fixed seed): small runs for tests and smoke checks."""
     rng = random.Random(seed)

@@ -34,7 +34,7 @@ from mailroute.repository import GATE_REPORT_FILE, TORCH_WEIGHTS_DIR, load_label
 from mailroute.rerank_policy import RerankPolicy
 from mailroute.run_layout import RunFolder
 from mailroute.settings import DEFAULTS, BadSetting
-from training.data import Example
+from training.data import Example, limit
 from training.feedback_config import FeedbackConfig
 
 
@@ -209,7 +209,7 @@ def build_candidate(cfg: FeedbackConfig, store: FeedbackStore = None) -> dict:
     if not RunFolder(run).config.exists():
         raise FeedbackError(f"the evaluation split and replay emails come from run {run}, which is not here: pass --replay-run")
     _, evaluation, run_cfg = run_splits(run)
-    evaluation = [e for e in evaluation if e.label in base_index.taxonomy][: cfg.eval_limit or None]
+    evaluation = limit([e for e in evaluation if e.label in base_index.taxonomy], cfg.eval_limit, cfg.seed)
     own = store is None
     store = store or FeedbackStore(cfg.db or None, labels=base_index.taxonomy.names)
     try:

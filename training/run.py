@@ -17,7 +17,7 @@ from mailroute.settings import BadSetting
 from training import bi_encoder as bi
 from training.config import TrainConfig  # noqa: F401 (re-exported for callers)
 from training.cross_encoder import KeepBestEpoch, train_cross_encoder
-from training.data import load_dataset, load_named, sample_per_label, split_validation
+from training.data import limit, load_dataset, load_named, sample_per_label, split_validation
 from training.evaluate import choose_scoring, collect, fit_policy, predict, recall_at, system_metrics, top_confusions, variants
 from training.flat_baseline import predict_flat, train_flat
 from training.mining import exemplar_rows, listwise_rows, mine_candidates, mine_out_of_fold
@@ -54,7 +54,7 @@ def run(cfg: TrainConfig) -> dict:
         train = sample_per_label(train, cfg.sample_per_label, cfg.seed)
     if not val:
         raise ValueError("mailroute train needs a validation split (--validation-fraction > 0): every choice is made there")
-    test = data.test[: cfg.test_limit] if cfg.test_limit else data.test
+    test = limit(data.test, cfg.test_limit, cfg.seed)
     out = RunFolder(cfg.out)  # created only once the data is known to be valid
     out.root.mkdir(parents=True, exist_ok=True)
     out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
@@ -218,7 +218,7 @@ def refit(run_dir, gate_tolerance: float = None, device: str = "auto") -> dict:
     device = resolve_device(device)
     data = load_dataset(cfg.taxonomy, cfg.train, cfg.test, cfg.drop_invalid) if cfg.taxonomy else load_named(cfg.dataset, cfg.banking77 or None)
     _, val = split_validation(data.train, cfg.validation_fraction, cfg.seed)
-    test = data.test[: cfg.test_limit] if cfg.test_limit else data.test
+    test = limit(data.test, cfg.test_limit, cfg.seed)
     model, cross = load_bi_encoder(out.bi_encoder, device=device), load_cross_encoder(out.cross_encoder, device=device)
     index = LabelIndex.load(out.label_index)
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(index)))
@@ -258,7 +258,7 @@ def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device
     train, val = split_validation(data.train, cfg.validation_fraction, cfg.seed)
     if cfg.sample_per_label:
         train = sample_per_label(train, cfg.sample_per_label, cfg.seed)
-    test = data.test[: cfg.test_limit] if cfg.test_limit else data.test
+    test = limit(data.test, cfg.test_limit, cfg.seed)
     t = time.perf_counter()
     model = load_bi_encoder(src.bi_encoder, device=device)
     index = LabelIndex.load(src.label_index)

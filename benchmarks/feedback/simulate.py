@@ -115,7 +115,7 @@ def main(argv=None):
     from export import versions
     from mailroute import contract
     from mailroute.feedback_store import FeedbackStore
-    from training.data import load_named
+    from training.data import limit, load_named
     from mailroute.taxonomy import Taxonomy
     from training.feedback import FeedbackConfig, add_label, build_candidate
 
@@ -132,7 +132,7 @@ def main(argv=None):
     slices = [pool[n0 + i * ns: n0 + (i + 1) * ns] for i in range(a.rounds + 1)]
     if len(slices[-1]) < ns:
         sys.exit(f"not enough emails for {a.rounds + 1} slices of {ns}: lower --slice or --rounds")
-    test = data.test[: a.test_limit] if a.test_limit else data.test
+    test = limit(data.test, a.test_limit, a.seed)  # a random subset: the split is grouped by label
     new = sorted(random.Random(a.seed + 1).sample(data.taxonomy.names, a.new_labels))
     old_tax = Taxonomy(tuple(l for l in data.taxonomy.labels if l.name not in new), data.taxonomy.name)
     initial = [e for e in initial if e.label not in new]  # those labels do not exist yet
