@@ -365,15 +365,18 @@ class FeedbackStore:
                         continue
                     yield line, obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
                 return
-            reader = csv.DictReader(f)
-            columns = set(reader.fieldnames or ())
+            reader = csv.reader(f)
+            header = next(reader, [])
+            columns = set(header)
             if "label" not in columns or not columns & {"prediction_id", "text"}:
                 yield 1, f"the header must name a label column and a prediction_id or text column, got {sorted(columns)}"
                 return
-            start = 2
-            for row in reader:  # empty cells mean absent; `start` is the row's first line (quoted cells can span lines)
-                yield start, {k: v for k, v in row.items() if k is not None and v not in ("", None)}
-                start = reader.line_num + 1
+            end = reader.line_num
+            for cells in reader:  # a row starts on the line after the previous one ended (quoted cells can span lines)
+                start, end = end + 1, reader.line_num
+                if not cells:  # a blank line
+                    continue
+                yield start, {k: v for k, v in zip(header, cells) if v != ""}  # empty cells mean absent
 
     def import_file(self, path, who: str = None) -> int:
         """Import corrections from a .jsonl or .csv file, all or nothing: every row is checked first and any

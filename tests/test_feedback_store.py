@@ -223,3 +223,11 @@ def test_concurrent_writers(store_url):
         assert sorted(c.who for c in rows[:100] if c.text.startswith("worker")) == sorted(f"w{w}" for w in range(4) for _ in range(25))
         winner = next(w for w, _, race in got if race == "ok")
         assert (rows[-1].text, rows[-1].label) == ("the contested email", LABELS[winner])
+
+
+def test_csv_problems_name_the_right_line_after_blank_lines(store, tmp_path):
+    path = tmp_path / "fixes.csv"
+    path.write_text("text,label\n\nfirst email,billing\n\n\nsecond email,no_such_label\n")
+    with pytest.raises(ImportProblems) as e:
+        store.import_file(path)
+    assert [p.split(": ")[0] for p in e.value.problems] == [f"{path}:6"]
