@@ -85,6 +85,21 @@ def plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def table(summary: dict) -> str:
+    """The per-round table of summary.json as markdown (written as rounds.md)."""
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    lines = ["| round | corrections | (a) none next / test | (b) exemplars next / test | (c) continued next / test (gate) | "
+             "(d) retrain next / test | time (b) / (c) / (d) s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in summary["rounds"]:
+        a, b, c, d = (r.get(k, {}) for k in ("a_none", "b_exemplars", "c_continued", "d_retrain"))
+        gate = "" if "gate" not in c else (" promoted" if c["promoted"] else f" kept v{c['serving']}: {c['gate']['why']}")
+        lines.append(f"| {r['round']} | {r.get('corrections', '-')} | {pct(a.get('next_slice'))} / {pct(a.get('test'))} | "
+                     f"{pct(b.get('next_slice'))} / {pct(b.get('test'))} | {pct(c.get('next_slice'))} / {pct(c.get('test'))}{gate} | "
+                     f"{pct(d.get('next_slice'))} / {pct(d.get('test'))} | {b.get('train_s', '-') if r['round'] else '-'} / "
+                     f"{c.get('train_s', '-') if r['round'] else '-'} / {round(d['train_s'], 1) if 'train_s' in d else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="banking77", help="banking77 | demo (demo: a smoke run in minutes)")
@@ -149,6 +164,7 @@ def main(argv=None):
 
     def save():
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (out / "rounds.md").write_text(table(summary))
         plot(summary, out / "rounds.png")
 
     print(f"== initial version: {len(initial)} emails, {len(old_tax)} labels", flush=True)
