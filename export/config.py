@@ -9,8 +9,8 @@ from mailroute.settings import DEFAULTS
 class ExportConfig:
     run: str = "runs/demo"  # trained run folder (from `mailroute train`)
     repo: str = "model_repository"  # Triton model repository to add the new versions to
-    runtime: str = "portable"  # encoder runtime (export/configs.py RUNTIMES): portable (Python backend + onnxruntime) | native (onnxruntime_onnx)
-    gpu: bool = False  # KIND_GPU instances (native runtime, production)
+    runtime: str = "portable"  # encoder runtime (export/configs.py RUNTIMES): portable (Python backend + onnxruntime) | native (onnxruntime_onnx) | torch
+    gpu: bool = False  # KIND_GPU instances (native or torch runtime, production)
     no_optimize: bool = False  # skip onnxruntime's transformer fusions (attention, LayerNorm, GELU)
     quantize: bool = False  # dynamic int8 weights (CPU); the accuracy change is measured and reported
     quantize_eval: int = 500  # test emails of the run's dataset used to measure the int8 accuracy change

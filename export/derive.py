@@ -99,14 +99,17 @@ def write_cross_encoder_version(repo, cross_model, pairs: list, quantize: bool =
     with new_version(repo, contract.CROSS_ENCODER) as (folder, v):
         cross_model.save(str(folder / TORCH_WEIGHTS_DIR))  # what the next round of continued training starts from
         shutil.copy(folder / TORCH_WEIGHTS_DIR / TOKENIZER_FILE, folder / TOKENIZER_FILE)
-        export_cross_encoder(cross_model, folder / TOKENIZER_FILE, folder / "fp32.onnx", pairs)
+        from export import configs, versions
+
+        fused = configs.runtime(configs.runtime_of(versions.read_config(repo, contract.CROSS_ENCODER))).fused_graph
+        export_cross_encoder(cross_model, folder / TOKENIZER_FILE, folder / "fp32.onnx", pairs, optimize=fused)
         if quantize:
             quantize_int8(folder / "fp32.onnx", folder / MODEL_FILE)
             (folder / "fp32.onnx").unlink()
         else:
             (folder / "fp32.onnx").rename(folder / MODEL_FILE)
         (folder / ENCODER_ID_FILE).write_text(weights_id(folder / MODEL_FILE) + "\n")
-        if (prev / "model.py").exists():  # the portable runtime: the same adapter as the version before
+        if (prev / "model.py").exists():  # a Python-backend runtime (portable, torch): the same adapter as the version before
             shutil.copy(prev / "model.py", folder / "model.py")
     return v
 

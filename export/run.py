@@ -52,10 +52,10 @@ def check_runtime_unchanged(repo: Path, runtime_name: str) -> None:
 
 
 def _write_encoder(repo: Path, name: str, onnx_path: Path, tokenizer: Path, cfg: ExportConfig, dim: int, max_batch: int,
-                   hf_model=None) -> int:
+                   save_weights=None) -> int:
     with new_version(repo, name, cfg.version) as (vdir, v):  # renamed into place only when complete
         if configs.runtime(cfg.runtime).torch_weights:  # the runtime serves these; model.onnx stays for the index and parity
-            hf_model.save_pretrained(str(vdir / TORCH_WEIGHTS_DIR))
+            save_weights(str(vdir / TORCH_WEIGHTS_DIR))
         shutil.copy(onnx_path, vdir / MODEL_FILE)
         shutil.copy(tokenizer, vdir / TOKENIZER_FILE)
         (vdir / ENCODER_ID_FILE).write_text(weights_id(vdir / MODEL_FILE) + "\n")
@@ -161,8 +161,9 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
 
     # 2. encoder versions (+ configs); the label index rebuilt with the exported bi-encoder
     dim = int(old.manifest["dim"])
-    bi_v = _write_encoder(repo, contract.BI_ENCODER, bi_path, bi_tok, cfg, dim, max_batch=64, hf_model=bi_model[0].auto_model)
-    cross_v = _write_encoder(repo, contract.CROSS_ENCODER, cross_path, cross_tok, cfg, dim, max_batch=256, hf_model=cross_model.model)
+    bi_v = _write_encoder(repo, contract.BI_ENCODER, bi_path, bi_tok, cfg, dim, max_batch=64, save_weights=bi_model[0].auto_model.save_pretrained)
+    # the cross-encoder's whole folder (weights + tokenizer): continued training loads it as a CrossEncoder
+    cross_v = _write_encoder(repo, contract.CROSS_ENCODER, cross_path, cross_tok, cfg, dim, max_batch=256, save_weights=cross_model.save)
     bi_dir = repo / contract.BI_ENCODER / str(bi_v)
     index = label_index_from_onnx(bi_dir / MODEL_FILE, bi_dir / TOKENIZER_FILE, old)
 

@@ -168,7 +168,7 @@ def served_stack(repo) -> list:
 
 def rollback(repo, url: str = None, admin_key: str = "", to: int = None) -> dict:
     """Serve again the version that served before the current one (or `to`); a second rollback goes one further back."""
-    current = serving_version(repo)
+    current = current_version(repo)
     if to is None:
         below = [v for v in served_stack(repo) if v != current]
         if not below:

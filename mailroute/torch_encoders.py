@@ -8,7 +8,8 @@ batches cheap (measured on an H200: one email's bi-encoder pass 4.16 ms eager, 0
 fp32 without graphs and agrees with the ONNX graphs within 1e-4 (tests/test_torch_runtime.py).
 
 `TorchFlatIP` stands in for FAISS's IndexFlatIP where faiss-gpu is not installed: exact inner
-product search, the same (scores, ids) within 1e-5.
+product search, the same (scores, ids) within 1e-5 for k <= ntotal (FAISS pads beyond with id -1; this
+returns ntotal columns).
 """
 
 import numpy as np
@@ -44,6 +45,8 @@ class TorchEncoder:
             raise ValueError(f"kind must be {BI!r} or {CROSS!r}, got {kind!r}")
         self.kind, self.device = kind, torch.device(device)
         gpu = self.device.type == "cuda"
+        if gpu:  # streams, graph pools and captures use the current device: make it this instance's (one per process)
+            torch.cuda.set_device(self.device)
         self.dtype = torch.float16 if (gpu if half is None else half) else torch.float32
         cls = AutoModel if kind == BI else AutoModelForSequenceClassification
         self.model = cls.from_pretrained(str(folder)).eval().to(self.device, self.dtype)

@@ -135,10 +135,12 @@ def test_resume_trains_only_the_cross_encoder_and_keeps_its_best_epoch(tiny_run,
         "mining": {"how": "leave-one-out", "gold_retrieved_train": 1.0, "gold_in_rows": 1.0, "rows": 450}}))
     (run / "predictions.jsonl").write_text("")
     metrics = resume(run, tmp_path / "more", ce_epochs=1, ce_lr=1e-3, device="cpu")
-    history = [h["listwise_accuracy"] for h in metrics["cross_encoder_validation_by_epoch"] if isinstance(h, dict)]
-    assert len(history) == 2  # the starting weights (epoch 0) and one more epoch compete on validation
+    history, best = metrics["resume"]["validation_listwise_accuracy_by_epoch"], metrics["resume"]["best_epoch"]
+    assert len(history) == 2 and history[best] == max(history)  # the starting weights (epoch 0) and one more epoch compete
     assert (tmp_path / "more" / "bi_encoder" / "model.safetensors").read_bytes() == (run / "bi_encoder" / "model.safetensors").read_bytes()
-    assert json.loads((tmp_path / "more" / "config.json").read_text())["ce_epochs"] == 2.0
+    same_cross = (tmp_path / "more" / "cross_encoder" / "model.safetensors").read_bytes() == (run / "cross_encoder" / "model.safetensors").read_bytes()
+    assert same_cross == (best == 0)  # the kept weights are the best epoch's
+    assert json.loads((tmp_path / "more" / "config.json").read_text())["ce_epochs"] == 1.0 + best
     assert metrics["resumed_from"] == str(run) and "two_stage" in metrics
     with pytest.raises(FileExistsError, match="resume writes a new run folder"):
         resume(run, tmp_path / "more")

@@ -104,10 +104,11 @@ def gate(repo, serving: int, candidate: int, evaluation: list, held: list, max_e
         known = [e for e in held if e.label in clf.index.taxonomy]
         out[name] = {"version": v, "evaluation_accuracy": accuracy(clf, evaluation), "corrections_accuracy": accuracy(clf, known)}
     c, s = out["candidate"], out["serving"]
-    eval_drop = s["evaluation_accuracy"] - c["evaluation_accuracy"]
+    eval_drop = None if not evaluation else s["evaluation_accuracy"] - c["evaluation_accuracy"]
     corrections_ok = bool(held) and c["corrections_accuracy"] > s["corrections_accuracy"]
-    passed = corrections_ok and eval_drop <= max_eval_drop
+    passed = corrections_ok and eval_drop is not None and eval_drop <= max_eval_drop
     why = ("passed" if passed else "no held-out corrections to measure on" if not held else
+           "no evaluation emails to measure on" if eval_drop is None else
            "held-out corrections did not improve" if not corrections_ok else f"evaluation accuracy dropped {eval_drop:.2%} > {max_eval_drop:.2%}")
     report = {"passed": bool(passed), "why": why, "serving": s, "candidate": c,
               "evaluation_emails": len(evaluation), "held_out_corrections": len(held), "max_eval_drop": max_eval_drop,

@@ -13,7 +13,7 @@ import torch
 from mailroute.label_index import LabelScoring, weights_id
 from mailroute.rerank_policy import RerankPolicy
 from mailroute.run_layout import RunFolder
-from mailroute.settings import BadSetting
+from mailroute.settings import DEFAULTS, BadSetting
 from training import bi_encoder as bi
 from training.config import TrainConfig  # noqa: F401 (re-exported for callers)
 from training.cross_encoder import KeepBestEpoch, train_cross_encoder
@@ -54,7 +54,7 @@ def run(cfg: TrainConfig) -> dict:
         train = sample_per_label(train, cfg.sample_per_label, cfg.seed)
     if not val:
         raise ValueError("mailroute train needs a validation split (--validation-fraction > 0): every choice is made there")
-    test = limit(data.test, cfg.test_limit, cfg.seed)
+    test = limit(data.test, cfg.test_limit, DEFAULTS.seed)  # one draw for every run, whatever its --seed
     out = RunFolder(cfg.out)  # created only once the data is known to be valid
     out.root.mkdir(parents=True, exist_ok=True)
     out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
@@ -202,6 +202,14 @@ def save_evaluation(out: RunFolder, metrics: dict, index, ev: Evaluation, flat_p
     out.metrics.write_text(json.dumps(metrics, indent=1) + "\n")
 
 
+def saved_flat_predictions(out: RunFolder, gold: list) -> tuple:
+    """The run's flat-baseline predictions on test, when they are for exactly these test emails (else None, None)."""
+    rows = [json.loads(line) for line in out.predictions.read_text().splitlines() if line.strip()] if out.predictions.exists() else []
+    if not rows or "flat_label" not in rows[0] or [r["gold"] for r in rows] != list(gold):
+        return None, None
+    return [r["flat_label"] for r in rows], np.array([r["flat_probability"] for r in rows])
+
+
 def refit(run_dir, gate_tolerance: float = None, device: str = "auto") -> dict:
     """Fit the rerank policy of a trained run again without retraining (e.g. another gate tolerance):
     the same splits as `mailroute train`, both stages scored again, policy, metrics and report rewritten.
@@ -218,16 +226,14 @@ def refit(run_dir, gate_tolerance: float = None, device: str = "auto") -> dict:
     device = resolve_device(device)
     data = load_dataset(cfg.taxonomy, cfg.train, cfg.test, cfg.drop_invalid) if cfg.taxonomy else load_named(cfg.dataset, cfg.banking77 or None)
     _, val = split_validation(data.train, cfg.validation_fraction, cfg.seed)
-    test = limit(data.test, cfg.test_limit, cfg.seed)
+    test = limit(data.test, cfg.test_limit, DEFAULTS.seed)  # one draw for every run, whatever its --seed
     model, cross = load_bi_encoder(out.bi_encoder, device=device), load_cross_encoder(out.cross_encoder, device=device)
     index = LabelIndex.load(out.label_index)
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(index)))
     ev = evaluate_and_fit(clf, val, test, cfg.gate_tolerance)
     ev.policy.save(out.policy)
     metrics = json.loads(out.metrics.read_text()) | ev.metrics | {"refit": {"date": time.strftime("%Y-%m-%d %H:%M"), "gate_tolerance": cfg.gate_tolerance}}
-    rows = [json.loads(line) for line in out.predictions.read_text().splitlines() if line.strip()]
-    flat_pred = [r["flat_label"] for r in rows] if rows and "flat_label" in rows[0] else None
-    flat_conf = np.array([r["flat_probability"] for r in rows]) if flat_pred else None
+    flat_pred, flat_conf = saved_flat_predictions(out, ev.gold)
     out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     save_evaluation(out, metrics, index, ev, flat_pred, flat_conf)
     print(f"refit {out.root}: two-stage {metrics['two_stage']['accuracy']:.2%} ({metrics['two_stage']['share_reranked']:.0%} reranked), "
@@ -251,6 +257,9 @@ def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device
     if out.root.resolve() == src.root.resolve() or out.root.exists():
         raise FileExistsError(f"{out.root} exists: resume writes a new run folder")
     cfg = TrainConfig(**json.loads(src.config.read_text()))
+    if cfg.oof_folds >= 2:  # its candidates came from one bi-encoder per fold, which the run does not keep
+        raise BadSetting(f"{src.root} mined its training candidates out of fold ({cfg.oof_folds} folds): resume mines leave-one-out "
+                         f"and would train on other lists; train it again with more --ce-epochs instead")
     seed_everything(cfg.seed)
     device = resolve_device(device)
     data = load_dataset(cfg.taxonomy, cfg.train, cfg.test, cfg.drop_invalid) if cfg.taxonomy else load_named(cfg.dataset, cfg.banking77 or None)
@@ -258,7 +267,7 @@ def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device
     train, val = split_validation(data.train, cfg.validation_fraction, cfg.seed)
     if cfg.sample_per_label:
         train = sample_per_label(train, cfg.sample_per_label, cfg.seed)
-    test = limit(data.test, cfg.test_limit, cfg.seed)
+    test = limit(data.test, cfg.test_limit, DEFAULTS.seed)  # one draw for every run, whatever its --seed
     t = time.perf_counter()
     model = load_bi_encoder(src.bi_encoder, device=device)
     index = LabelIndex.load(src.label_index)
@@ -281,20 +290,22 @@ def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device
     for folder in (src.bi_encoder, src.label_index):
         shutil.copytree(folder, out.root / folder.name)
     cross.save(str(out.cross_encoder))
-    cfg.out, cfg.ce_epochs = str(out.root), cfg.ce_epochs + ce_epochs
+    best_epoch = len(history) - 1 - int(np.argmax(history[::-1]))  # KeepBestEpoch keeps the latest of equal epochs
+    cfg.out, cfg.ce_epochs = str(out.root), cfg.ce_epochs + best_epoch  # the epochs behind the kept weights
     out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     t = time.perf_counter()
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(tax)))
     ev = evaluate_and_fit(clf, val, test, cfg.gate_tolerance)
     ev.policy.save(out.policy)
     old = json.loads(src.metrics.read_text())
-    metrics = old | ev.metrics | {"resumed_from": str(src.root), "cross_encoder_validation_by_epoch": old.get("cross_encoder_validation_by_epoch", [])
-                                  + [{"resume_epoch": i, "listwise_accuracy": a} for i, a in enumerate(history)]}
+    metrics = old | ev.metrics | {"resumed_from": str(src.root), "resume": {"epochs": ce_epochs, "lr": lr, "best_epoch": best_epoch,
+                                                                           "validation_listwise_accuracy_by_epoch": history}}
+    metrics["mining"] = dict(old.get("mining", {}), how="leave-one-out", rows=len(rows["query"]))
     metrics.setdefault("train_time", {})["resume_cross_encoder_s"] = ce_s
     metrics["train_time"]["resume_evaluation_s"] = time.perf_counter() - t
-    lines = [json.loads(line) for line in src.predictions.read_text().splitlines() if line.strip()]
-    flat_pred = [r["flat_label"] for r in lines] if lines and "flat_label" in lines[0] else None
-    flat_conf = np.array([r["flat_probability"] for r in lines]) if flat_pred else None
+    flat_pred, flat_conf = saved_flat_predictions(src, ev.gold)
+    if flat_pred is None:
+        metrics.pop("flat_baseline", None)  # measured on other test emails: not comparable
     save_evaluation(out, metrics, index, ev, flat_pred, flat_conf)
     print(f"resumed {out.root}: cross-encoder validation by epoch {['%.2f%%' % (100 * a) for a in history]}; two-stage "
           f"{metrics['two_stage']['accuracy']:.2%} gated, {metrics['variants']['test']['two_stage_ungated']['accuracy']:.2%} ungated")

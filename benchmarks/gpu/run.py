@@ -4,7 +4,7 @@ of the same two-stage computation, in one run (a script, not a test; CI never ru
 Weights are random of the MiniLM-L6 shape (the cost does not depend on their values), so nothing but
 this repository, a tokenizer folder and the Triton wheels has to reach the GPU machine:
 
-    python -m benchmarks.gpu.run --device cuda --tokenizer gpu-carry/tokenizer --out benchmarks/results/gpu
+    python -m benchmarks.gpu.run --device cuda --tokenizer gpu-carry/b/tokenizer --out benchmarks/results/gpu   # see carry.sh
     python -m benchmarks.gpu.run --device cpu --tiny --seconds 3      # a smoke run anywhere (tiny model)
 
 Steps: a run folder with random encoders + the BANKING77 taxonomy (77 labels, descriptions only) ->
