@@ -147,7 +147,5 @@ def runtime_of(cfg: mc.ModelConfig) -> str:
     """The registry name of the runtime a parsed config runs (None when no entry matches)."""
     if "runtime" in cfg.parameters:
         return cfg.parameters["runtime"].string_value
-    for name, rt in RUNTIMES.items():
-        if (cfg.backend, cfg.platform) == (rt.backend, rt.platform):
-            return name
-    return None
+    # configs written before the parameter: the python backend could only be portable then
+    return {("python", ""): "portable", ("", "onnxruntime_onnx"): "native", ("", "tensorrt_plan"): "tensorrt"}.get((cfg.backend, cfg.platform))

@@ -82,6 +82,18 @@ class TorchEncoder:
                     out = self._forward(**static)
                 self.graphs[(b, s)] = (graph, static, out)
 
+    @staticmethod
+    def pad(tensors: dict, batch: int, sequence: int) -> dict:
+        """Inputs padded to a bucket's (batch, sequence): padded positions are 0 (masked out), and each padded
+        row sees one token, so its pooling stays finite; the real rows' answers do not change."""
+        n, seq = tensors[contract.INPUT_IDS].shape
+        out = {}
+        for k, t in tensors.items():
+            out[k] = torch.zeros((batch, sequence), dtype=t.dtype, device=t.device)
+            out[k][:n, :seq] = t
+        out[contract.ATTENTION_MASK][n:, 0] = 1
+        return out
+
     def __call__(self, feed: dict) -> np.ndarray:
         """{input name: (n, seq) int64 numpy} -> (n, dim) embeddings or (n, 1) logits, float32 numpy."""
         n, seq = feed[contract.INPUT_IDS].shape
@@ -90,10 +102,8 @@ class TorchEncoder:
         if key not in self.graphs:
             return self._forward(**tensors).cpu().numpy()
         graph, static, out = self.graphs[key]
-        for k, t in tensors.items():  # padded rows and positions stay 0: masked out
-            static[k].zero_()
-            static[k][:n, :seq].copy_(t)
-        static[contract.ATTENTION_MASK][n:, 0] = 1  # padded rows see one token, so they stay finite
+        for k, t in self.pad(tensors, *key).items():
+            static[k].copy_(t)
         graph.replay()
         return out[:n].cpu().numpy()
 

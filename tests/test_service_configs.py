@@ -154,3 +154,12 @@ def test_an_export_never_changes_the_runtime_of_served_versions(tiny_repo, tiny_
     assert [p.name for p in (repo / contract.BI_ENCODER).iterdir() if p.name.isdigit()] == ["1"]
     with pytest.raises(BadSetting, match="--runtime must be one of"):
         export(ExportConfig(run=str(tiny_run), repo=str(repo), runtime="tensorrt"))  # plans are built by trtexec, not exported
+
+
+def test_configs_written_before_the_runtime_parameter_are_recognised():
+    from export.configs import runtime_of
+
+    old_portable = 'name: "bi_encoder" backend: "python" max_batch_size: 64 parameters { key: "intra_op_threads" value: { string_value: "0" } }'
+    old_native = 'name: "bi_encoder" platform: "onnxruntime_onnx" max_batch_size: 64'
+    assert runtime_of(text_format.Parse(old_portable, model_config_pb2.ModelConfig())) == "portable"
+    assert runtime_of(text_format.Parse(old_native, model_config_pb2.ModelConfig())) == "native"

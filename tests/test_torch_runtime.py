@@ -59,13 +59,17 @@ def test_torch_runtime_agrees_with_onnx(torch_repo):
 
 
 def test_padding_to_a_bucket_changes_nothing(torch_repo):
+    import torch
+
     bi_dir = version_dir(torch_repo, contract.BI_ENCODER)
     enc = TorchEncoder(bi_dir / TORCH_WEIGHTS_DIR, BI)
     ids, mask, _ = tensors(load_tokenizer(bi_dir / TOKENIZER_FILE, DEFAULTS.max_email_tokens).encode_batch(EMAILS[:3]))
     plain = enc({contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask})
-    pad = lambda a, rows, cols: np.pad(a, ((0, rows), (0, cols)))  # noqa: E731 (what a CUDA-graph bucket does)
-    padded = enc({contract.INPUT_IDS: pad(ids, 5, 20), contract.ATTENTION_MASK: pad(mask, 5, 20)})
-    assert np.abs(padded[:3] - plain).max() < 1e-5
+    feed = {contract.INPUT_IDS: torch.from_numpy(ids), contract.ATTENTION_MASK: torch.from_numpy(mask)}
+    padded = enc.pad(feed, 8, 64)  # what the CUDA-graph path copies into a (8, 64) bucket's buffers
+    assert padded[contract.INPUT_IDS].shape == (8, 64) and padded[contract.ATTENTION_MASK][3:, 0].eq(1).all()
+    out = enc._forward(**padded).numpy()
+    assert np.isfinite(out).all() and np.abs(out[:3] - plain).max() < 1e-5
 
 
 @pytest.mark.slow
