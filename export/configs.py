@@ -59,7 +59,10 @@ class Throughput:
         cfg.dynamic_batching.preferred_batch_size.extend(int(b) for b in self.preferred_batch_sizes if 0 < int(b) <= cfg.max_batch_size)
         if self.max_queue_size:
             cfg.dynamic_batching.default_queue_policy.max_queue_size = self.max_queue_size
+
+
 EXPORT_RUNTIMES = tuple(name for name, r in RUNTIMES.items() if r.exported)
+CLASSIFIER_DELAY_FACTOR = 4  # the BLS classifier waits this many times the encoders' queue delay: it batches whole emails
 
 
 def runtime(name: str) -> Runtime:
@@ -120,7 +123,7 @@ def encoder_config(name: str, dim: int, runtime_name: str, max_batch: int, insta
 
 def classifier_model_config(max_batch: int, instances: int, embed_batch: int, score_batch: int, serving_version: int = None,
                             throughput: Throughput = None, search_device: str = "") -> mc.ModelConfig:
-    throughput = throughput or Throughput(instances=instances, max_queue_delay_us=2000)
+    throughput = throughput or Throughput(instances=instances, max_queue_delay_us=CLASSIFIER_DELAY_FACTOR * Throughput.max_queue_delay_us)
     cfg = mc.ModelConfig(name=contract.CLASSIFIER, backend="python", max_batch_size=max_batch,
                          input=[_input(t) for t in contract.CLASSIFIER_INPUT_TENSORS],
                          output=[_output(t) for t in contract.CLASSIFIER_OUTPUT_TENSORS],

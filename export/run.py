@@ -183,7 +183,8 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
     search_device = "cuda" if cfg.gpu and configs.runtime(cfg.runtime).torch_weights else ""  # no faiss-gpu there: torch search
     (repo / contract.CLASSIFIER / versions.CONFIG_FILE).write_text(
         configs.classifier_config(64, cfg.classifier_instances, embed_batch=64, score_batch=256, serving_version=previous or cv,
-                                  throughput=configs.Throughput(cfg.classifier_instances, (), 4 * cfg.max_queue_delay_us, cfg.max_queue_size),
+                                  throughput=configs.Throughput(cfg.classifier_instances, (), configs.CLASSIFIER_DELAY_FACTOR * cfg.max_queue_delay_us,
+                                                                    cfg.max_queue_size),
                                   search_device=search_device))
     # a running server loads the new version with `mailroute versions promote`
     versions.promote(repo, cv, note=f"mailroute export of {run}")

@@ -43,8 +43,8 @@ class KeepBestEpoch(TrainerCallback):
     """Early stopping by epochs: after every epoch, the cross-encoder's listwise accuracy on validation
     rows (mined like training rows); `restore()` puts back the weights of the best epoch."""
 
-    def __init__(self, model, validation_rows: dict):
-        self.model, self.rows = model, validation_rows
+    def __init__(self, model, validation_rows: dict, first_epoch: int = 1):
+        self.model, self.rows, self.first_epoch = model, validation_rows, first_epoch  # resume counts its starting weights as 0
         self.history, self.best = [], None
 
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -54,7 +54,7 @@ class KeepBestEpoch(TrainerCallback):
         self.history.append(acc)
         if acc >= max(self.history):
             self.best = {k: v.detach().cpu().clone() for k, v in self.model.model.state_dict().items()}
-        print(f"cross-encoder epoch {len(self.history)}: validation listwise accuracy {acc:.2%}")
+        print(f"cross-encoder epoch {len(self.history) - 1 + self.first_epoch}: validation listwise accuracy {acc:.2%}")
 
     def restore(self) -> list:
         if self.best is not None:

@@ -278,7 +278,8 @@ def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device
     rows = listwise_rows([train[i] for i in keep], cand[keep], index, cfg.seed, scores[keep] if cfg.train_retrieval_weight else None)
     cand_val, scores_val = mine_candidates(model, [e.text for e in val], index, cfg.k_train)
     cross = load_cross_encoder(src.cross_encoder, device=device)
-    keep_best = KeepBestEpoch(cross, listwise_rows(val, cand_val, index, cfg.seed, scores_val if cfg.train_retrieval_weight else None))
+    keep_best = KeepBestEpoch(cross, listwise_rows(val, cand_val, index, cfg.seed, scores_val if cfg.train_retrieval_weight else None),
+                              first_epoch=0)
     keep_best.on_epoch_end(None, None, None)  # epoch 0: the starting weights compete too
     lr = ce_lr or cfg.ce_lr
     print(f"resume: cross-encoder +{ce_epochs} epoch(s) at lr {lr} from {src.cross_encoder}")
