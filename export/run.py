@@ -36,7 +36,16 @@ PARITY_TEXTS = [
 
 
 def encoder_throughput(cfg: ExportConfig) -> configs.Throughput:
-    sizes = tuple(int(b) for b in cfg.preferred_batch_sizes.split(",") if b.strip())
+    """The throughput flags, checked (BadSetting naming the flag) before any work is done."""
+    try:
+        sizes = tuple(int(b) for b in cfg.preferred_batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise BadSetting(f"--preferred-batch-sizes must be comma-separated whole numbers, e.g. 16,32,64; got {cfg.preferred_batch_sizes!r}") from None
+    for flag, value, least in (("--preferred-batch-sizes", min(sizes, default=1), 1), ("--max-queue-delay-us", cfg.max_queue_delay_us, 0),
+                               ("--max-queue-size", cfg.max_queue_size, 0), ("--encoder-instances", cfg.encoder_instances, 1),
+                               ("--classifier-instances", cfg.classifier_instances, 1)):
+        if value < least:
+            raise BadSetting(f"{flag} must be at least {least}, got {value}")
     return configs.Throughput(cfg.encoder_instances, sizes, cfg.max_queue_delay_us, cfg.max_queue_size)
 
 
@@ -120,6 +129,7 @@ def export(cfg: ExportConfig) -> dict:
     if cfg.quantize and configs.runtime(cfg.runtime).torch_weights:
         raise BadSetting(f"--quantize makes int8 ONNX graphs, which the {cfg.runtime} runtime does not run: leave one out")
     check_runtime_unchanged(repo, cfg.runtime)
+    encoder_throughput(cfg)
     folder = RunFolder(run)
     if not folder.is_trained():
         raise FileNotFoundError(f"{run} is not a trained run (needs bi_encoder/ and cross_encoder/): run `mailroute train` first")

@@ -79,6 +79,24 @@ def pad_stack(arrays: list) -> np.ndarray:
     return np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in arrays])
 
 
+def execute_encoder(pb_utils, requests, inputs: list, output: str, run) -> list:
+    """One server batch of encoder requests (the Python-backend adapters of every runtime): stack the
+    requests' token arrays (padded), `run({input name: array}) -> (rows, ...)`, split the answer back per
+    request. A failure answers every request with the reason and the model keeps serving. pb_utils is
+    passed in: it exists only inside Triton's backend process."""
+    feeds = [[pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in inputs] for r in requests]
+    try:
+        out = run({n: pad_stack([f[j] for f in feeds]) for j, n in enumerate(inputs)})
+    except Exception as e:  # e.g. wrong shapes
+        return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{output}: {e}")) for _ in requests]
+    responses, start = [], 0
+    for f in feeds:
+        n = f[0].shape[0]
+        responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(output, out[start:start + n])]))
+        start += n
+    return responses
+
+
 def tensors(encodings) -> tuple:
     ids = np.array([e.ids for e in encodings], dtype=contract.TOKEN_DTYPE)  # (n, seq)
     mask = np.array([e.attention_mask for e in encodings], dtype=contract.TOKEN_DTYPE)

@@ -163,3 +163,15 @@ def test_configs_written_before_the_runtime_parameter_are_recognised():
     old_native = 'name: "bi_encoder" platform: "onnxruntime_onnx" max_batch_size: 64'
     assert runtime_of(text_format.Parse(old_portable, model_config_pb2.ModelConfig())) == "portable"
     assert runtime_of(text_format.Parse(old_native, model_config_pb2.ModelConfig())) == "native"
+
+
+@pytest.mark.parametrize("flags,msg", [({"preferred_batch_sizes": "16,big"}, "--preferred-batch-sizes must be comma-separated"),
+                                       ({"max_queue_size": -1}, "--max-queue-size must be at least 0"),
+                                       ({"classifier_instances": 0}, "--classifier-instances must be at least 1")])
+def test_bad_throughput_flags_are_refused_before_any_work(tiny_run, tmp_path, flags, msg):
+    from export.run import ExportConfig, export
+    from mailroute.settings import BadSetting
+
+    with pytest.raises(BadSetting, match=msg):
+        export(ExportConfig(run=str(tiny_run), repo=str(tmp_path / "repo"), **flags))
+    assert not (tmp_path / "repo" / contract.BI_ENCODER).exists()

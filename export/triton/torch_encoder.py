@@ -8,7 +8,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from mailroute import contract
-from mailroute.pipeline import pad_stack
+from mailroute.pipeline import execute_encoder
 from mailroute.repository import TORCH_WEIGHTS_DIR
 from mailroute.torch_encoders import BI, CROSS, TorchEncoder
 
@@ -27,14 +27,4 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(f"{config['name']} v{args['model_version']}: torch on {device}, {len(self.encoder.graphs)} CUDA graphs")
 
     def execute(self, requests):
-        feeds = [[pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs] for r in requests]
-        sizes = [f[0].shape[0] for f in feeds]
-        try:
-            out = self.encoder({n: pad_stack([f[j] for f in feeds]) for j, n in enumerate(self.inputs)})
-        except Exception as e:  # e.g. wrong shapes: answer every request with the reason, keep serving
-            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.output}: {e}")) for _ in requests]
-        responses, start = [], 0
-        for n in sizes:
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output, out[start:start + n])]))
-            start += n
-        return responses
+        return execute_encoder(pb_utils, requests, self.inputs, self.output, self.encoder)
