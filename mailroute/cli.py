@@ -59,7 +59,7 @@ def cmd_train(args):
 def cmd_refit(args):
     from training.run import refit
 
-    refit(args.run, args.gate_tolerance, args.device)
+    refit(args.run, args.gate_tolerance, args.rerank_budget, args.device)
 
 
 def cmd_resume(args):
@@ -333,6 +333,9 @@ def main(argv=None):
     p.add_argument("--run", required=True, help="trained run folder")
     p.add_argument("--gate-tolerance", type=float, default=None,
                    help="validation accuracy the gate may give up versus reranking every email (default: the run's)")
+    p.add_argument("--rerank-budget", type=float, default=None,
+                   help="share of emails the gate may send through stage 2; it reranks up to this share of the least sure "
+                        "(0 = as few as the tolerance allows; default: the run's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.set_defaults(fn=cmd_refit)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mailroute.label_index import IndexMismatch, LabelIndex, LabelScoring
-from mailroute.rerank_policy import RerankPolicy, fit_gate
+from mailroute.rerank_policy import GateTarget, RerankPolicy, fit_gate
 from mailroute.taxonomy import Label, Taxonomy
 
 EMAILS = ["I was charged twice for my plan", "Where is my parcel? Tracking is stuck.", "The app crashes when I open settings",
@@ -33,22 +33,48 @@ def test_policy_formula_is_one_softmax_over_the_fused_scores():
     assert np.allclose(p.probabilities(logits, retrieval), np.exp(z) / np.exp(z).sum())
 
 
-def test_fit_gate_keeps_accuracy_and_skips_where_retrieval_is_sure():
-    # Given retrieval that is right whenever its margin is large, and a reranker that is right everywhere
+def _gate_case(n=400):
+    """Retrieval right whenever its margin is above the median, a reranker right everywhere."""
     rng = np.random.default_rng(0)
-    n = 400
     retrieval = np.sort(rng.uniform(0, 1, (n, 5)), axis=1)[:, ::-1].copy()
     margin = retrieval[:, 0] - retrieval[:, 1]
     gold = np.where(margin > np.median(margin), 0, 1)
     logits = np.zeros((n, 5))
     logits[np.arange(n), gold] = 10.0
-    # When the gate is fitted
-    gated, report = fit_gate(RerankPolicy(), logits, retrieval, gold, tolerance=0.0)
+    return logits, retrieval, gold
+
+
+def test_fit_gate_keeps_accuracy_and_skips_where_retrieval_is_sure():
+    logits, retrieval, gold = _gate_case()
+    # When the gate is fitted to rerank as few emails as it can
+    gated, report = fit_gate(RerankPolicy(), logits, retrieval, gold, GateTarget(tolerance=0.0, rerank_budget=0.0))
     # Then about half the emails skip stage 2, at no accuracy cost
     assert report["accuracy_gated"] == report["accuracy_ungated"] == 1.0
     assert 0.45 <= report["share_reranked"] <= 0.55
     assert not gated.skip_rerank(retrieval, gate=False).any()
     assert gated.skip_rerank(retrieval).mean() == pytest.approx(1 - report["share_reranked"])
+
+
+def test_fit_gate_spends_the_rerank_budget_and_says_when_it_cannot_keep_it():
+    logits, retrieval, gold = _gate_case()
+    # A budget above what accuracy needs: the gate reranks up to the budget, the least sure emails first
+    gated, report = fit_gate(RerankPolicy(), logits, retrieval, gold, GateTarget(tolerance=0.0, rerank_budget=0.8))
+    assert report["within_budget"] and 0.78 <= report["share_reranked"] <= 0.8
+    assert report["accuracy_gated"] == 1.0
+    margin = retrieval[:, 0] - retrieval[:, 1]
+    reranked = ~gated.skip_rerank(retrieval)
+    assert margin[reranked].max() <= margin[~reranked].min()
+    # A budget below what accuracy needs: the fewest reranked that keep accuracy, flagged as over budget
+    _, report = fit_gate(RerankPolicy(), logits, retrieval, gold, GateTarget(tolerance=0.0, rerank_budget=0.3))
+    assert not report["within_budget"] and 0.45 <= report["share_reranked"] <= 0.55
+    # Budget 1: every email reranked, no gate
+    gated, report = fit_gate(RerankPolicy(), logits, retrieval, gold, GateTarget(rerank_budget=1.0))
+    assert gated.gate_margin is None and report["share_reranked"] == 1.0
+
+
+def test_gate_target_refuses_out_of_range_settings():
+    with pytest.raises(ValueError, match="rerank_budget"):
+        GateTarget(rerank_budget=1.5)
 
 
 def _tiny_taxonomy():

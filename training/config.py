@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from mailroute.rerank_policy import GateTarget
 from mailroute.settings import DEFAULTS
 
 
@@ -32,7 +33,8 @@ class TrainConfig:
     ce_epochs: float = 1.0  # cross-encoder listwise epochs
     ce_init: str = "base"  # cross-encoder start weights: base (MiniLM) | bi_encoder (the MNR-fine-tuned encoder, new head)
     train_retrieval_weight: float = 0.0  # retrieval score fused into the logits during listwise training (0 = pure rerank)
-    gate_tolerance: float = 0.0  # the gate skips stage 2 for as many emails as keep validation accuracy within this of reranking all
+    gate_tolerance: float = GateTarget.tolerance  # validation accuracy the gate may give up versus reranking every email
+    rerank_budget: float = GateTarget.rerank_budget  # share of emails the gate may send through stage 2 (it spends it; 0 = as few as possible)
     ce_batch_size: int = 8  # emails per batch (x k_train pairs)
     ce_lr: float = 1e-4  # cross-encoder learning rate (its new head starts from nothing)
     flat_epochs: int = 3  # flat softmax baseline epochs
@@ -41,3 +43,6 @@ class TrainConfig:
     skip_baseline: bool = False  # do not train the flat softmax baseline
     drop_invalid: bool = False  # drop invalid rows (printing how many) instead of refusing to train
     seed: int = DEFAULTS.seed  # one seed for splits, sampling, shuffles and initialisation
+
+    def gate_target(self) -> GateTarget:
+        return GateTarget(self.gate_tolerance, self.rerank_budget)

@@ -9,7 +9,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mailroute.label_index import LabelScoring
-from mailroute.rerank_policy import RerankPolicy, fit_fusion, fit_gate, fit_retrieval_temperature
+from mailroute.rerank_policy import GateTarget, RerankPolicy, fit_fusion, fit_gate, fit_retrieval_temperature
 
 
 def accuracy(y_true, y_pred) -> float:
@@ -120,7 +120,7 @@ def collect(clf, examples: list, k: int, batch_size: int = 32) -> Scored:
     return Scored(gold, xq, ranked, D, I, np.concatenate(logits).astype(np.float64), ms)
 
 
-def fit_policy(sc: Scored, tolerance: float = 0.001) -> tuple:
+def fit_policy(sc: Scored, target: GateTarget = GateTarget()) -> tuple:
     """On validation: fusion weights and temperature (NLL), the retrieval-only temperature, then the
     gate. -> (ungated policy, gated policy, gate report, cross-encoder-only policy)."""
     ok = sc.gold_pos >= 0
@@ -129,7 +129,7 @@ def fit_policy(sc: Scored, tolerance: float = 0.001) -> tuple:
     fused = fit_retrieval_temperature(sc.D[ok], pos, fused)
     ce_only = fit_fusion(sc.logits[ok], np.zeros_like(sc.D[ok]), pos)  # the reranker alone, for the variants table
     ce_only = RerankPolicy(ce_weight=1.0, retrieval_weight=0.0, temperature=ce_only.temperature if ce_only.ce_weight else 1.0)
-    gated, report = fit_gate(fused, sc.logits, sc.D, sc.gold_pos, tolerance)
+    gated, report = fit_gate(fused, sc.logits, sc.D, sc.gold_pos, target)
     return fused, gated, report, ce_only
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from mailroute import contract
 from mailroute.feedback_store import FeedbackError, FeedbackStore
 from mailroute.repository import GATE_REPORT_FILE, TORCH_WEIGHTS_DIR, load_label_index, open_onnx_classifier, read_pipeline, version_dir
-from mailroute.rerank_policy import RerankPolicy
+from mailroute.rerank_policy import GateTarget, RerankPolicy
 from mailroute.run_layout import RunFolder
 from mailroute.settings import DEFAULTS, BadSetting
 from training.data import Example, limit
@@ -172,7 +172,7 @@ def continue_cross_encoder(repo, base: int, corrections: list, cfg: FeedbackConf
                    "epochs": cfg.epochs, "lr": cfg.lr, "device": device, "seconds": round(time.perf_counter() - t, 1)}
 
 
-def refit_policy(repo, base: int, index, cross_version: int, evaluation: list, tolerance: float) -> dict:
+def refit_policy(repo, base: int, index, cross_version: int, evaluation: list, gate: GateTarget) -> dict:
     """The rerank policy (fusion, temperatures, gate) fitted on the evaluation split for a candidate's own
     scores, as `mailroute train` fits it: a cross-encoder that learnt may now be worth running where the
     serving version's gate skipped it. -> the policy's JSON form."""
@@ -188,7 +188,7 @@ def refit_policy(repo, base: int, index, cross_version: int, evaluation: list, t
     clf = TwoStageClassifier(OnnxEncoders(bi_dir / MODEL_FILE, cross_dir / MODEL_FILE), index,
                              load_tokenizer(bi_dir / TOKENIZER_FILE, DEFAULTS.max_email_tokens),
                              load_tokenizer(cross_dir / TOKENIZER_FILE, DEFAULTS.max_pair_tokens), top_k=k)
-    _, gated, _, _ = fit_policy(collect(clf, evaluation, k), tolerance)
+    _, gated, _, _ = fit_policy(collect(clf, evaluation, k), gate)
     return gated.to_dict()
 
 
@@ -242,7 +242,7 @@ def build_candidate(cfg: FeedbackConfig, store: FeedbackStore = None) -> dict:
 
         index = derived_index(repo, version_dir(repo, contract.CLASSIFIER, base), new_exemplars)
         cross_now = cross_v or read_pipeline(version_dir(repo, contract.CLASSIFIER, base))["cross_encoder_version"]
-        policy = refit_policy(repo, base, index, cross_now, evaluation, run_cfg.gate_tolerance)
+        policy = refit_policy(repo, base, index, cross_now, evaluation, run_cfg.gate_target())
         report["policy"] = policy
     v = derive_version(repo, base, "exemplars" if cfg.exemplars_only else "continued", new_exemplars, cross_encoder_version=cross_v,
                        policy=policy,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from mailroute.label_index import LabelScoring, weights_id
-from mailroute.rerank_policy import RerankPolicy
+from mailroute.rerank_policy import GateTarget, RerankPolicy
 from mailroute.run_layout import RunFolder
 from mailroute.settings import DEFAULTS, BadSetting
 from training import bi_encoder as bi
@@ -132,7 +132,7 @@ def run(cfg: TrainConfig) -> dict:
                "mining": {"how": how, "gold_retrieved_train": gold_retrieved, "gold_in_rows": gold_mined, "rows": len(keep)},
                "anisotropy": {"before": aniso_before, "after": aniso_after}}
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(tax)))
-    ev = evaluate_and_fit(clf, val, test, cfg.gate_tolerance)
+    ev = evaluate_and_fit(clf, val, test, cfg.gate_target())
     ev.policy.save(out.policy)
     metrics |= ev.metrics
     times["evaluation_s"] = time.perf_counter() - t
@@ -169,19 +169,19 @@ class Evaluation:
     reranked: np.ndarray
 
 
-def evaluate_and_fit(clf, val: list, test: list, gate_tolerance: float) -> Evaluation:
+def evaluate_and_fit(clf, val: list, test: list, gate: GateTarget) -> Evaluation:
     """Both stages on validation and test (scores computed once per split); the policy fitted on
     validation; every variant measured on both."""
     tax, names, k = clf.index.taxonomy, list(clf.label_names), clf.top_k
     sv, st = collect(clf, val, k), collect(clf, test, k)
-    fused, gated, gate_report, ce_only = fit_policy(sv, gate_tolerance)
+    fused, gated, gate_report, ce_only = fit_policy(sv, gate)
     desc = LabelScoring(description_weight=1.0)
     v_val = variants(sv, names, fused, gated, ce_only, clf.index.search(sv.xq, len(tax), scoring=desc)[1])
     v_test = variants(st, names, fused, gated, ce_only, clf.index.search(st.xq, len(tax), scoring=desc)[1])
     gold_test = [names[g] for g in st.gold]
     pred, conf, reranked = predict(st, gated, names, "gated")
     recall = recall_at(st.gold, st.ranked)
-    metrics = {"k": k, "policy": gated.to_dict(), "gate": gate_report | {"tolerance": gate_tolerance},
+    metrics = {"k": k, "policy": gated.to_dict(), "gate": gate_report | asdict(gate),
                "label_scoring": asdict(clf.index.scoring),
                "bi_encoder": v_test["bi_encoder"] | {"recall@10": recall.get("recall@10")},
                "two_stage": v_test["two_stage"] | {"recall@10": recall.get("recall@10"), "k": k},
@@ -210,7 +210,7 @@ def saved_flat_predictions(out: RunFolder, gold: list) -> tuple:
     return [r["flat_label"] for r in rows], np.array([r["flat_probability"] for r in rows])
 
 
-def refit(run_dir, gate_tolerance: float = None, device: str = "auto") -> dict:
+def refit(run_dir, gate_tolerance: float = None, rerank_budget: float = None, device: str = "auto") -> dict:
     """Fit the rerank policy of a trained run again without retraining (e.g. another gate tolerance):
     the same splits as `mailroute train`, both stages scored again, policy, metrics and report rewritten.
     The flat baseline's numbers and predictions are kept from the run."""
@@ -223,6 +223,9 @@ def refit(run_dir, gate_tolerance: float = None, device: str = "auto") -> dict:
     cfg = TrainConfig(**json.loads(out.config.read_text()))
     if gate_tolerance is not None:
         cfg.gate_tolerance = gate_tolerance
+    if rerank_budget is not None:
+        cfg.rerank_budget = rerank_budget
+    cfg.gate_target()  # refuses a bad tolerance or budget before any work
     device = resolve_device(device)
     data = load_dataset(cfg.taxonomy, cfg.train, cfg.test, cfg.drop_invalid) if cfg.taxonomy else load_named(cfg.dataset, cfg.banking77 or None)
     _, val = split_validation(data.train, cfg.validation_fraction, cfg.seed)
@@ -230,9 +233,9 @@ def refit(run_dir, gate_tolerance: float = None, device: str = "auto") -> dict:
     model, cross = load_bi_encoder(out.bi_encoder, device=device), load_cross_encoder(out.cross_encoder, device=device)
     index = LabelIndex.load(out.label_index)
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(index)))
-    ev = evaluate_and_fit(clf, val, test, cfg.gate_tolerance)
+    ev = evaluate_and_fit(clf, val, test, cfg.gate_target())
     ev.policy.save(out.policy)
-    metrics = json.loads(out.metrics.read_text()) | ev.metrics | {"refit": {"date": time.strftime("%Y-%m-%d %H:%M"), "gate_tolerance": cfg.gate_tolerance}}
+    metrics = json.loads(out.metrics.read_text()) | ev.metrics | {"refit": {"date": time.strftime("%Y-%m-%d %H:%M")} | asdict(cfg.gate_target())}
     flat_pred, flat_conf = saved_flat_predictions(out, ev.gold)
     out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     save_evaluation(out, metrics, index, ev, flat_pred, flat_conf)
@@ -296,7 +299,7 @@ def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device
     out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     t = time.perf_counter()
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(tax)))
-    ev = evaluate_and_fit(clf, val, test, cfg.gate_tolerance)
+    ev = evaluate_and_fit(clf, val, test, cfg.gate_target())
     ev.policy.save(out.policy)
     old = json.loads(src.metrics.read_text())
     metrics = old | ev.metrics | {"resumed_from": str(src.root), "resume": {"epochs": ce_epochs, "lr": lr, "best_epoch": best_epoch,
