@@ -144,3 +144,38 @@ def test_resume_trains_only_the_cross_encoder_and_keeps_its_best_epoch(tiny_run,
     assert metrics["resumed_from"] == str(run) and "two_stage" in metrics
     with pytest.raises(FileExistsError, match="resume writes a new run folder"):
         resume(run, tmp_path / "more")
+
+
+@pytest.mark.slow  # two evaluations and two flat trainings: about a minute
+def test_baseline_retrains_only_the_flat_softmax_and_keeps_the_old_numbers(tiny_run, tmp_path):
+    import json
+    import shutil
+
+    from mailroute.settings import BadSetting
+    from training.run import refit, retrain_baseline
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    cfg = json.loads((run / "config.json").read_text()) | {"base": str(run / "bi_encoder")}  # tiny weights: a fast flat model
+    (run / "config.json").write_text(json.dumps(cfg))
+    (run / "metrics.json").write_text(json.dumps({  # what `mailroute train` writes before the evaluation's own keys
+        "dataset": "demo", "labels": 50, "n_train": 450, "n_validation": 50, "n_test": 200, "device": "cpu",
+        "cross_encoder_validation_by_epoch": [], "train_time": {}, "anisotropy": {"before": 0.5, "after": 0.3},
+        "mining": {"how": "leave-one-out", "gold_retrieved_train": 1.0, "gold_in_rows": 1.0, "rows": 450}}))
+    evaluated = refit(run, device="cpu")
+    # When the baseline is trained again with 2 epochs
+    metrics = retrain_baseline(run, flat_epochs=2, device="cpu")
+    flat = metrics["flat_baseline"]
+    assert flat["epochs"] == 2 and len(flat["validation_by_epoch"]) == 2 and flat["n"] == 200
+    assert metrics["two_stage"] == evaluated["two_stage"]  # the two-stage system is not touched
+    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 200 and all("flat_label" in r for r in rows)
+    assert sum(r["flat_label"] == r["gold"] for r in rows) / 200 == pytest.approx(flat["accuracy"])
+    assert "flat softmax baseline" in (run / "report.md").read_text()
+    assert json.loads((run / "config.json").read_text())["flat_epochs"] == 2
+    # Again with 1 epoch: the replaced numbers are kept
+    metrics = retrain_baseline(run, flat_epochs=1, device="cpu")
+    assert [h["epochs"] for h in metrics["flat_baseline_history"]] == [2] and metrics["flat_baseline"]["epochs"] == 1
+    with pytest.raises(BadSetting, match="--flat-epochs"):
+        retrain_baseline(run, flat_epochs=0)
+    with pytest.raises(FileNotFoundError, match="not an evaluated run"):
+        retrain_baseline(tmp_path / "nothing", flat_epochs=1)

@@ -36,6 +36,19 @@ def _grid(text: str, cast) -> list:
     return [cast(v) for v in text.split(",") if v.strip()]
 
 
+def _splits(cfg: TrainConfig) -> tuple:
+    """-> (taxonomy, train, validation, test): the same emails for every command that reads a run."""
+    if cfg.taxonomy:
+        data = load_dataset(cfg.taxonomy, cfg.train, cfg.test, cfg.drop_invalid)
+    else:
+        data = load_named(cfg.dataset, cfg.banking77 or None)
+    train, val = split_validation(data.train, cfg.validation_fraction, cfg.seed)
+    if cfg.sample_per_label:
+        train = sample_per_label(train, cfg.sample_per_label, cfg.seed)
+    test = limit(data.test, cfg.test_limit, DEFAULTS.seed)  # one draw for every run, whatever its --seed
+    return data.taxonomy, train, val, test
+
+
 def run(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -44,17 +57,9 @@ def run(cfg: TrainConfig) -> dict:
     times, t = {}, time.perf_counter()
 
     # 1. data: validation held out of train; test only for the final numbers
-    if cfg.taxonomy:
-        data = load_dataset(cfg.taxonomy, cfg.train, cfg.test, cfg.drop_invalid)
-    else:
-        data = load_named(cfg.dataset, cfg.banking77 or None)
-    tax = data.taxonomy
-    train, val = split_validation(data.train, cfg.validation_fraction, cfg.seed)
-    if cfg.sample_per_label:
-        train = sample_per_label(train, cfg.sample_per_label, cfg.seed)
+    tax, train, val, test = _splits(cfg)
     if not val:
         raise ValueError("mailroute train needs a validation split (--validation-fraction > 0): every choice is made there")
-    test = limit(data.test, cfg.test_limit, DEFAULTS.seed)  # one draw for every run, whatever its --seed
     out = RunFolder(cfg.out)  # created only once the data is known to be valid
     out.root.mkdir(parents=True, exist_ok=True)
     out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
@@ -227,9 +232,7 @@ def refit(run_dir, gate_tolerance: float = None, rerank_budget: float = None, de
         cfg.rerank_budget = rerank_budget
     cfg.gate_target()  # refuses a bad tolerance or budget before any work
     device = resolve_device(device)
-    data = load_dataset(cfg.taxonomy, cfg.train, cfg.test, cfg.drop_invalid) if cfg.taxonomy else load_named(cfg.dataset, cfg.banking77 or None)
-    _, val = split_validation(data.train, cfg.validation_fraction, cfg.seed)
-    test = limit(data.test, cfg.test_limit, DEFAULTS.seed)  # one draw for every run, whatever its --seed
+    _, _, val, test = _splits(cfg)
     model, cross = load_bi_encoder(out.bi_encoder, device=device), load_cross_encoder(out.cross_encoder, device=device)
     index = LabelIndex.load(out.label_index)
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(index)))
@@ -265,12 +268,7 @@ def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device
                          f"and would train on other lists; train it again with more --ce-epochs instead")
     seed_everything(cfg.seed)
     device = resolve_device(device)
-    data = load_dataset(cfg.taxonomy, cfg.train, cfg.test, cfg.drop_invalid) if cfg.taxonomy else load_named(cfg.dataset, cfg.banking77 or None)
-    tax = data.taxonomy
-    train, val = split_validation(data.train, cfg.validation_fraction, cfg.seed)
-    if cfg.sample_per_label:
-        train = sample_per_label(train, cfg.sample_per_label, cfg.seed)
-    test = limit(data.test, cfg.test_limit, DEFAULTS.seed)  # one draw for every run, whatever its --seed
+    tax, train, val, test = _splits(cfg)
     t = time.perf_counter()
     model = load_bi_encoder(src.bi_encoder, device=device)
     index = LabelIndex.load(src.label_index)
@@ -313,4 +311,46 @@ def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device
     save_evaluation(out, metrics, index, ev, flat_pred, flat_conf)
     print(f"resumed {out.root}: cross-encoder validation by epoch {['%.2f%%' % (100 * a) for a in history]}; two-stage "
           f"{metrics['two_stage']['accuracy']:.2%} gated, {metrics['variants']['test']['two_stage_ungated']['accuracy']:.2%} ungated")
+    return metrics
+
+
+def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: str = "auto") -> dict:
+    """Train a run's flat softmax baseline again with other epochs or learning rate (the best epoch on
+    validation kept, as in `mailroute train`), so that the baseline gets at least the epochs the two-stage
+    system got. The run's flat numbers and test predictions are replaced; the replaced numbers stay in
+    metrics.json under `flat_baseline_history`. The two-stage system is not touched."""
+    out = RunFolder(run_dir)
+    if not out.metrics.exists() or not out.predictions.exists() or not out.config.exists():
+        raise FileNotFoundError(f"{out.root} is not an evaluated run folder (needs {out.config.name}, {out.metrics.name} and "
+                                f"{out.predictions.name}): run `mailroute train` first")
+    if flat_epochs < 1:
+        raise BadSetting(f"--flat-epochs must be >= 1, got {flat_epochs}")
+    cfg = TrainConfig(**json.loads(out.config.read_text()))
+    cfg.flat_epochs, cfg.flat_lr = int(flat_epochs), flat_lr or cfg.flat_lr
+    seed_everything(cfg.seed)
+    device = resolve_device(device)
+    tax, train, val, test = _splits(cfg)
+    rows = [json.loads(line) for line in out.predictions.read_text().splitlines() if line.strip()]
+    if [r["gold"] for r in rows] != [e.label for e in test]:
+        raise BadSetting(f"{out.predictions} is not for this run's test emails (was the dataset changed?): run `mailroute refit` first")
+    t = time.perf_counter()
+    print(f"baseline: flat softmax, {cfg.flat_epochs} epoch(s) at lr {cfg.flat_lr}, best epoch on validation")
+    flat, flat_val = train_flat(load_bi_encoder(cfg.base or None, device=device), train, tax, cfg.flat_epochs, cfg.flat_batch_size,
+                                cfg.flat_lr, cfg.seed, val=val, device=device)
+    probs = predict_flat(flat, [e.text for e in test])
+    flat_pred, flat_conf = [tax.names[i] for i in probs.argmax(1)], probs.max(1)
+    metrics = json.loads(out.metrics.read_text())
+    if "flat_baseline" in metrics:
+        metrics.setdefault("flat_baseline_history", []).append(metrics["flat_baseline"])
+    metrics["flat_baseline"] = system_metrics([r["gold"] for r in rows], flat_pred, flat_conf, tax.names) | {
+        "validation_by_epoch": flat_val, "epochs": cfg.flat_epochs, "lr": cfg.flat_lr, "seconds": round(time.perf_counter() - t, 1)}
+    out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    ev = Evaluation(RerankPolicy.load(out.policy), metrics, [r["gold"] for r in rows], [r["label"] for r in rows],
+                    np.array([r["probability"] for r in rows]), np.array([r["reranked"] for r in rows]))
+    from mailroute.label_index import LabelIndex
+
+    save_evaluation(out, metrics, LabelIndex.load(out.label_index), ev, flat_pred, flat_conf)
+    best = int(np.argmax(flat_val)) + 1 if flat_val else cfg.flat_epochs
+    print(f"baseline {out.root}: flat {metrics['flat_baseline']['accuracy']:.2%} (epoch {best} of {cfg.flat_epochs} on validation "
+          f"{['%.2f%%' % (100 * a) for a in flat_val]}); two-stage {metrics['two_stage']['accuracy']:.2%}")
     return metrics
