@@ -340,8 +340,9 @@ def main(argv=None):
     p.add_argument("--gate-tolerance", type=float, default=None,
                    help="validation accuracy the gate may give up versus reranking every email (default: the run's)")
     p.add_argument("--rerank-budget", type=float, default=None,
-                   help="share of emails the gate may send through stage 2; it reranks up to this share of the least sure "
-                        "(0 = as few as the tolerance allows; default: the run's)")
+                   help="share of emails the gate sends through stage 2: up to this share of the least sure, more only where "
+                        "validation accuracy needs it (0 = as few as the tolerance allows; default: the run's, 0.25 for runs "
+                        "made before the budget existed)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.set_defaults(fn=cmd_refit)
 

@@ -130,7 +130,8 @@ class GateTarget:
     """What fitting the gate aims for (the one place its defaults live).
 
     tolerance: validation accuracy the gate may give up versus reranking every email.
-    rerank_budget: share of emails the operator is willing to send through stage 2. The gate spends it:
+    rerank_budget: share of emails the operator means to send through stage 2: a target, exceeded (and
+        reported as `within_budget: false`) only when validation accuracy needs more. The gate spends it:
         it reranks up to this share of the least sure emails rather than the fewest that validation
         can tell apart, because the few hundred validation emails around the margin cannot tell a gate
         that reranks 1% from one that reranks 25%, and every email reranked lands closer to reranking all.
@@ -167,9 +168,12 @@ def fit_gate(policy: RerankPolicy, logits: np.ndarray, retrieval: np.ndarray, go
         skip = margin > m
         acc = np.where(skip, retrieval_ok, reranked_ok).mean()
         if acc >= ungated - target.tolerance:
-            feasible.append((float(m), float(1 - skip.mean()), float(acc)))
+            feasible.append((float(m), float((~skip).mean()), float(acc)))
     in_budget = [f for f in feasible if f[1] <= target.rerank_budget]
-    best = max(in_budget, key=lambda f: f[1]) if in_budget else min(feasible, key=lambda f: f[1])
+    if target.rerank_budget >= 1:
+        best = feasible[0]  # every email may be reranked: no gate
+    else:
+        best = max(in_budget, key=lambda f: f[1]) if in_budget else min(feasible, key=lambda f: f[1])
     gated = policy.with_gate(best[0])
     return gated, {"margin": best[0], "share_reranked": best[1], "accuracy_gated": best[2], "accuracy_ungated": float(ungated),
                    "within_budget": bool(in_budget)}

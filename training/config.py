@@ -34,7 +34,7 @@ class TrainConfig:
     ce_init: str = "base"  # cross-encoder start weights: base (MiniLM) | bi_encoder (the MNR-fine-tuned encoder, new head)
     train_retrieval_weight: float = 0.0  # retrieval score fused into the logits during listwise training (0 = pure rerank)
     gate_tolerance: float = GateTarget.tolerance  # validation accuracy the gate may give up versus reranking every email
-    rerank_budget: float = GateTarget.rerank_budget  # share of emails the gate may send through stage 2 (it spends it; 0 = as few as possible)
+    rerank_budget: float = GateTarget.rerank_budget  # share of emails the gate sends through stage 2 (exceeded only if validation accuracy needs it; 0 = as few as possible)
     ce_batch_size: int = 8  # emails per batch (x k_train pairs)
     ce_lr: float = 1e-4  # cross-encoder learning rate (its new head starts from nothing)
     flat_epochs: int = 3  # flat softmax baseline epochs

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailroute.normalise import InvalidEmail, normalise
-from mailroute.settings import banking77_dir
+from mailroute.settings import DEFAULTS, banking77_dir
 from mailroute.taxonomy import DataError, Taxonomy, load_taxonomy
 
 HERE = Path(__file__).resolve().parent
@@ -168,3 +168,17 @@ def sample_per_label(examples: list, n: int, seed: int) -> list:
             seen[e.label] += 1
             out.append(e)
     return out
+
+
+def splits_of(cfg) -> tuple:
+    """(taxonomy, train, validation, test) of a `TrainConfig`: the same emails for every command that reads
+    a run (train, refit, resume, baseline, feedback)."""
+    if cfg.taxonomy:
+        data = load_dataset(cfg.taxonomy, cfg.train, cfg.test, cfg.drop_invalid)
+    else:
+        data = load_named(cfg.dataset, cfg.banking77 or None)
+    train, val = split_validation(data.train, cfg.validation_fraction, cfg.seed)
+    if cfg.sample_per_label:
+        train = sample_per_label(train, cfg.sample_per_label, cfg.seed)
+    test = limit(data.test, cfg.test_limit, DEFAULTS.seed)  # one draw for every run, whatever its --seed
+    return data.taxonomy, train, val, test

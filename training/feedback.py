@@ -73,13 +73,10 @@ def cross_encoder_weights(repo, cross_version: int) -> Path:
 def run_splits(run: Path):
     """(train, validation) of a run, exactly as `mailroute train` split them."""
     from training.config import TrainConfig
-    from training.data import load_dataset, load_named, sample_per_label, split_validation
+    from training.data import splits_of
 
     cfg = TrainConfig(**json.loads(RunFolder(run).config.read_text()))
-    data = load_dataset(cfg.taxonomy, cfg.train, cfg.test, cfg.drop_invalid) if cfg.taxonomy else load_named(cfg.dataset, cfg.banking77 or None)
-    train, val = split_validation(data.train, cfg.validation_fraction, cfg.seed)
-    if cfg.sample_per_label:
-        train = sample_per_label(train, cfg.sample_per_label, cfg.seed)
+    _, train, val, _ = splits_of(cfg)
     return train, val, cfg
 
 

@@ -13,11 +13,11 @@ import torch
 from mailroute.label_index import LabelScoring, weights_id
 from mailroute.rerank_policy import GateTarget, RerankPolicy
 from mailroute.run_layout import RunFolder
-from mailroute.settings import DEFAULTS, BadSetting
+from mailroute.settings import BadSetting
 from training import bi_encoder as bi
 from training.config import TrainConfig  # noqa: F401 (re-exported for callers)
 from training.cross_encoder import KeepBestEpoch, train_cross_encoder
-from training.data import limit, load_dataset, load_named, sample_per_label, split_validation
+from training.data import splits_of
 from training.evaluate import choose_scoring, collect, fit_policy, predict, recall_at, system_metrics, top_confusions, variants
 from training.flat_baseline import predict_flat, train_flat
 from training.mining import exemplar_rows, listwise_rows, mine_candidates, mine_out_of_fold
@@ -36,28 +36,16 @@ def _grid(text: str, cast) -> list:
     return [cast(v) for v in text.split(",") if v.strip()]
 
 
-def _splits(cfg: TrainConfig) -> tuple:
-    """-> (taxonomy, train, validation, test): the same emails for every command that reads a run."""
-    if cfg.taxonomy:
-        data = load_dataset(cfg.taxonomy, cfg.train, cfg.test, cfg.drop_invalid)
-    else:
-        data = load_named(cfg.dataset, cfg.banking77 or None)
-    train, val = split_validation(data.train, cfg.validation_fraction, cfg.seed)
-    if cfg.sample_per_label:
-        train = sample_per_label(train, cfg.sample_per_label, cfg.seed)
-    test = limit(data.test, cfg.test_limit, DEFAULTS.seed)  # one draw for every run, whatever its --seed
-    return data.taxonomy, train, val, test
-
-
 def run(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     if cfg.ce_init not in ("base", "bi_encoder"):  # settings are checked before any work
         raise BadSetting(f"--ce-init must be 'base' or 'bi_encoder', got {cfg.ce_init!r}")
+    cfg.gate_target()  # refuses a bad gate tolerance or rerank budget now, not after an hour of training
     times, t = {}, time.perf_counter()
 
     # 1. data: validation held out of train; test only for the final numbers
-    tax, train, val, test = _splits(cfg)
+    tax, train, val, test = splits_of(cfg)
     if not val:
         raise ValueError("mailroute train needs a validation split (--validation-fraction > 0): every choice is made there")
     out = RunFolder(cfg.out)  # created only once the data is known to be valid
@@ -150,7 +138,8 @@ def run(cfg: TrainConfig) -> dict:
                                     cfg.flat_lr, cfg.seed, val=val, device=device)
         probs = predict_flat(flat, [e.text for e in test])
         flat_pred, flat_conf = [tax.names[i] for i in probs.argmax(1)], probs.max(1)
-        metrics["flat_baseline"] = system_metrics(ev.gold, flat_pred, flat_conf, tax.names) | {"validation_by_epoch": flat_val}
+        metrics["flat_baseline"] = system_metrics(ev.gold, flat_pred, flat_conf, tax.names) | {
+            "validation_by_epoch": flat_val, "epochs": cfg.flat_epochs, "lr": cfg.flat_lr}
         times["flat_baseline_s"] = time.perf_counter() - t
     metrics["train_time"] = times
     metrics["machine"] = {"device": device, "cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
@@ -232,7 +221,7 @@ def refit(run_dir, gate_tolerance: float = None, rerank_budget: float = None, de
         cfg.rerank_budget = rerank_budget
     cfg.gate_target()  # refuses a bad tolerance or budget before any work
     device = resolve_device(device)
-    _, _, val, test = _splits(cfg)
+    _, _, val, test = splits_of(cfg)
     model, cross = load_bi_encoder(out.bi_encoder, device=device), load_cross_encoder(out.cross_encoder, device=device)
     index = LabelIndex.load(out.label_index)
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(index)))
@@ -268,7 +257,7 @@ def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device
                          f"and would train on other lists; train it again with more --ce-epochs instead")
     seed_everything(cfg.seed)
     device = resolve_device(device)
-    tax, train, val, test = _splits(cfg)
+    tax, train, val, test = splits_of(cfg)
     t = time.perf_counter()
     model = load_bi_encoder(src.bi_encoder, device=device)
     index = LabelIndex.load(src.label_index)
@@ -319,17 +308,22 @@ def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: s
     validation kept, as in `mailroute train`), so that the baseline gets at least the epochs the two-stage
     system got. The run's flat numbers and test predictions are replaced; the replaced numbers stay in
     metrics.json under `flat_baseline_history`. The two-stage system is not touched."""
+    from mailroute.label_index import LabelIndex
+
     out = RunFolder(run_dir)
-    if not out.metrics.exists() or not out.predictions.exists() or not out.config.exists():
-        raise FileNotFoundError(f"{out.root} is not an evaluated run folder (needs {out.config.name}, {out.metrics.name} and "
-                                f"{out.predictions.name}): run `mailroute train` first")
+    needed = (out.config, out.metrics, out.predictions, out.policy, out.label_index)
+    if not all(p.exists() for p in needed):
+        raise FileNotFoundError(f"{out.root} is not an evaluated run folder (needs {', '.join(p.name for p in needed)}): "
+                                f"run `mailroute train` first")
     if flat_epochs < 1:
         raise BadSetting(f"--flat-epochs must be >= 1, got {flat_epochs}")
     cfg = TrainConfig(**json.loads(out.config.read_text()))
-    cfg.flat_epochs, cfg.flat_lr = int(flat_epochs), flat_lr or cfg.flat_lr
+    cfg.flat_epochs, cfg.skip_baseline = int(flat_epochs), False
+    cfg.flat_lr = cfg.flat_lr if flat_lr is None else flat_lr
+    policy, index = RerankPolicy.load(out.policy), LabelIndex.load(out.label_index)  # read before an hour of training, not after
     seed_everything(cfg.seed)
     device = resolve_device(device)
-    tax, train, val, test = _splits(cfg)
+    tax, train, val, test = splits_of(cfg)
     rows = [json.loads(line) for line in out.predictions.read_text().splitlines() if line.strip()]
     if [r["gold"] for r in rows] != [e.label for e in test]:
         raise BadSetting(f"{out.predictions} is not for this run's test emails (was the dataset changed?): run `mailroute refit` first")
@@ -344,12 +338,10 @@ def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: s
         metrics.setdefault("flat_baseline_history", []).append(metrics["flat_baseline"])
     metrics["flat_baseline"] = system_metrics([r["gold"] for r in rows], flat_pred, flat_conf, tax.names) | {
         "validation_by_epoch": flat_val, "epochs": cfg.flat_epochs, "lr": cfg.flat_lr, "seconds": round(time.perf_counter() - t, 1)}
-    out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
-    ev = Evaluation(RerankPolicy.load(out.policy), metrics, [r["gold"] for r in rows], [r["label"] for r in rows],
+    ev = Evaluation(policy, metrics, [r["gold"] for r in rows], [r["label"] for r in rows],
                     np.array([r["probability"] for r in rows]), np.array([r["reranked"] for r in rows]))
-    from mailroute.label_index import LabelIndex
-
-    save_evaluation(out, metrics, LabelIndex.load(out.label_index), ev, flat_pred, flat_conf)
+    save_evaluation(out, metrics, index, ev, flat_pred, flat_conf)
+    out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")  # last: the config says what the files hold
     best = int(np.argmax(flat_val)) + 1 if flat_val else cfg.flat_epochs
     print(f"baseline {out.root}: flat {metrics['flat_baseline']['accuracy']:.2%} (epoch {best} of {cfg.flat_epochs} on validation "
           f"{['%.2f%%' % (100 * a) for a in flat_val]}); two-stage {metrics['two_stage']['accuracy']:.2%}")
