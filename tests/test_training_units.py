@@ -179,3 +179,19 @@ def test_baseline_retrains_only_the_flat_softmax_and_keeps_the_old_numbers(tiny_
         retrain_baseline(run, flat_epochs=0)
     with pytest.raises(FileNotFoundError, match="not an evaluated run"):
         retrain_baseline(tmp_path / "nothing", flat_epochs=1)
+
+
+def test_paired_comparison_counts_discordant_emails_and_tests_them():
+    from benchmarks.paired import paired_comparison
+
+    gold = ["a"] * 10
+    a = ["a"] * 9 + ["b"]  # 9 right
+    b = ["a"] * 5 + ["b"] * 5  # 5 right; a alone right on 4 emails, b alone on none
+    r = paired_comparison(gold, a, b, resamples=2000)
+    assert (r["only_a_right"], r["only_b_right"]) == (4, 0)
+    assert r["difference"] == pytest.approx(0.4)
+    assert r["mcnemar_exact_p"] == pytest.approx(2 * 0.5 ** 4)  # two-sided binomial, 4 of 4
+    assert r["bootstrap_95"][0] <= 0.4 <= r["bootstrap_95"][1]
+    assert paired_comparison(gold, a, a)["mcnemar_exact_p"] == 1.0  # no discordant emails: nothing to tell apart
+    with pytest.raises(ValueError, match="equally long"):
+        paired_comparison(gold, a, b[:3])

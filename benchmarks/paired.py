@@ -1,0 +1,63 @@
+"""Is the two-stage system's lead over the flat softmax more than chance? (a script, not a test)
+
+Reads a run's test predictions (`predictions.jsonl`: the served two-stage label and the flat baseline's
+label for every test email) and compares the two systems on the same emails:
+
+- the emails only one of them gets right (the only ones that tell them apart);
+- McNemar's exact test on those (two-sided binomial test, p = 0.5);
+- a paired bootstrap 95% interval of the accuracy difference (resampling emails).
+
+    python -m benchmarks.paired --run runs/banking77-ce2
+    python -m benchmarks.paired --predictions benchmarks/results/banking77/predictions.jsonl
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def paired_comparison(gold, a, b, resamples: int = 10_000, seed: int = 0) -> dict:
+    """a, b: two systems' labels for the same emails. -> accuracies, discordant counts, McNemar exact p,
+    bootstrap 95% interval of accuracy(a) - accuracy(b)."""
+    from scipy.stats import binomtest
+
+    gold, a, b = np.asarray(gold), np.asarray(a), np.asarray(b)
+    if not len(gold) == len(a) == len(b) or not len(gold):
+        raise ValueError(f"paired_comparison expects equally long, non-empty label lists, got {len(gold)}, {len(a)}, {len(b)}")
+    ok_a, ok_b = a == gold, b == gold
+    only_a, only_b = int((ok_a & ~ok_b).sum()), int((ok_b & ~ok_a).sum())
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    rng = np.random.default_rng(seed)
+    diff = ok_a.astype(float) - ok_b.astype(float)  # (n,)
+    boot = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"n": len(gold), "accuracy_a": float(ok_a.mean()), "accuracy_b": float(ok_b.mean()), "difference": float(diff.mean()),
+            "only_a_right": only_a, "only_b_right": only_b, "mcnemar_exact_p": float(p), "bootstrap_95": [float(lo), float(hi)]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run folder (reads its predictions.jsonl)")
+    src.add_argument("--predictions", help="a predictions.jsonl file")
+    ap.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    path = Path(a.predictions) if a.predictions else Path(a.run) / "predictions.jsonl"
+    if not path.exists():
+        sys.exit(f"paired: {path} does not exist (train or refit the run first)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows or "flat_label" not in rows[0]:
+        sys.exit(f"paired: {path} has no flat-baseline predictions (the run skipped the baseline: `mailroute baseline` trains it)")
+    r = paired_comparison([x["gold"] for x in rows], [x["label"] for x in rows], [x["flat_label"] for x in rows], a.resamples)
+    print(f"{path}: {r['n']} test emails")
+    print(f"two-stage {r['accuracy_a']:.2%}  flat {r['accuracy_b']:.2%}  difference {100 * r['difference']:+.2f} points "
+          f"(bootstrap 95%: {100 * r['bootstrap_95'][0]:+.2f} to {100 * r['bootstrap_95'][1]:+.2f})")
+    print(f"right only by two-stage: {r['only_a_right']}, only by flat: {r['only_b_right']}; McNemar exact p = {r['mcnemar_exact_p']:.3f}")
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
