@@ -144,8 +144,8 @@ class GateTarget:
         if not 0 <= self.tolerance <= 1 or not 0 <= self.rerank_budget <= 1:
             from mailroute.settings import BadSetting
 
-            raise BadSetting(f"{type(self).__name__} expects tolerance and rerank_budget in [0, 1], "
-                             f"but got {self.tolerance}, {self.rerank_budget}")
+            raise BadSetting(f"--gate-tolerance and --rerank-budget must be shares in [0, 1] (e.g. 0.25, not 25), "
+                             f"got tolerance {self.tolerance}, rerank_budget {self.rerank_budget}")
 
 
 def fit_gate(policy: RerankPolicy, logits: np.ndarray, retrieval: np.ndarray, gold: np.ndarray,
