@@ -51,6 +51,16 @@ def backend_dir(work: Path) -> Path:
     return be
 
 
+def libpython_dir() -> str:
+    """The folder holding libpython3.X.so.1.0, which the Python backend stub links against. In a venv
+    sysconfig's LIBDIR names the base interpreter's; some images keep the library elsewhere (the lent
+    GPU machine: /usr/lib/x86_64-linux-gnu), so look in the usual places too."""
+    name = f"libpython{sys.version_info[0]}.{sys.version_info[1]}.so.1.0"
+    candidates = [sysconfig.get_config_var("LIBDIR") or "", str(Path(sys.base_prefix) / "lib"),
+                  f"/usr/lib/{sysconfig.get_config_var('MULTIARCH') or 'x86_64-linux-gnu'}", "/usr/local/lib", "/usr/lib"]
+    return next((c for c in candidates if c and (Path(c) / name).exists()), candidates[0])
+
+
 class TritonServer:
     """A running tritonserver; use as a context manager. Ports default to free ones."""
 
@@ -93,7 +103,7 @@ class TritonServer:
 
     def env(self) -> dict:
         env = dict(os.environ)
-        libs = [str(pytriton_dir().parent / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR") or ""]
+        libs = [str(pytriton_dir().parent / "nvidia_pytriton.libs"), libpython_dir()]
         env["LD_LIBRARY_PATH"] = ":".join(libs + [env.get("LD_LIBRARY_PATH", "")])
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         env.setdefault("HF_HUB_OFFLINE", "1")

@@ -84,3 +84,38 @@ def test_tritonserver_serves_the_torch_runtime(torch_repo, tmp_path):
     for s, o in zip(served, local):
         assert s.ok and s.top_labels == o.top_labels
         assert np.abs(np.array(s.top_probabilities) - np.array(o.top_probabilities)).max() < 1e-4
+
+
+def test_libpython_dir_holds_this_interpreters_library():
+    """The Python backend stub links against libpython: the server's LD_LIBRARY_PATH must name its folder."""
+    import sys
+    from pathlib import Path
+
+    from client.server import libpython_dir
+
+    lib = Path(libpython_dir()) / f"libpython{sys.version_info[0]}.{sys.version_info[1]}.so.1.0"
+    if not lib.exists():
+        pytest.skip(f"this interpreter has no shared libpython ({lib}); the Triton tests would fail here too")
+    assert lib.is_file()
+
+
+def test_carried_weights_round_trip_through_fp16(tmp_path):
+    """benchmarks/gpu/weights.py: pack (fp16 + xz) then unpack gives fp32 weights within fp16 rounding, every file kept."""
+    import torch
+    from safetensors.torch import load_file
+
+    from benchmarks.gpu.weights import WEIGHTS, pack, unpack
+    from training.models import make_tiny_base
+
+    src = make_tiny_base(tmp_path / "base")
+    pack(src, tmp_path / "base.tar.xz")
+    unpack(tmp_path / "base.tar.xz", tmp_path / "back")
+    a, b = load_file(str(src / WEIGHTS)), load_file(str(tmp_path / "back" / WEIGHTS))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert b[k].dtype == a[k].dtype
+        if a[k].is_floating_point():
+            torch.testing.assert_close(b[k], a[k], rtol=2**-10, atol=1e-7)
+        else:
+            assert torch.equal(a[k], b[k])
+    assert {f.name for f in src.iterdir()} <= {f.name for f in (tmp_path / "back").iterdir()}

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The lent GPU machine's side of benchmarks/gpu (prepared here by carry.sh; run from the repository root there).
+# Three calls on one warm machine (what is installed under /tmp survives about 30 s between calls):
+#   1. carry gpu-carry/a:  bash benchmarks/gpu/device.sh install gpu-carry/a
+#   2. carry gpu-carry/b:  bash benchmarks/gpu/device.sh install gpu-carry/b && bash benchmarks/gpu/device.sh serve
+#   3. no carry:           bash benchmarks/gpu/device.sh sweep
+# `serve` writes $OUT/gpu/{summary.json,triton.log}; `sweep` writes $OUT/sweep.tgz (every run's metrics,
+# report, policy and log). A smoke run of either anywhere: SMOKE=1 (tiny model / tiny data, CPU).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$(mktemp -d)}
+SITE=${MAILROUTE_GPU_SITE:-/tmp/mr-site}
+DATA=${MAILROUTE_GPU_DATA:-/tmp/mr-data}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$PWD" HF_HUB_OFFLINE=1
+
+case "${1:-}" in
+  install)  # wheels -> $SITE; the base weights archive and BANKING77 -> $DATA
+    shift
+    for dir in "$@"; do
+      if ls "$dir"/*.whl >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$dir"/*.whl || exit 1
+      fi
+      mkdir -p "$DATA"
+      [ -f "$dir/base.tar.xz" ] && { $PY -m benchmarks.gpu.weights unpack "$dir/base.tar.xz" "$DATA/base" || exit 1; }
+      [ -d "$dir/banking77" ] && cp -r "$dir/banking77" "$DATA/"
+    done
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+    $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+    ls "$SITE" | tr '\n' ' '; echo; ls "$DATA" 2>/dev/null
+    ;;
+  serve)  # the real email_classifier on the torch runtime vs the raw PyTorch ceiling
+    mkdir -p "$DATA/tokenizer" "$OUT/gpu"
+    for f in tokenizer.json tokenizer_config.json vocab.txt special_tokens_map.json; do
+      [ -f "$DATA/base/$f" ] && cp "$DATA/base/$f" "$DATA/tokenizer/"
+    done
+    if [ "${SMOKE:-0}" = 1 ]; then
+      $PY -m benchmarks.gpu.run --device cpu --tiny --seconds 3 --client-processes 2 --classifier-instances 2 --encoder-instances 1 \
+        --tokenizer "$DATA/tokenizer" --out "$OUT/gpu"
+    else
+      timeout "${SERVE_TIMEOUT:-330}" $PY -m benchmarks.gpu.run --device cuda --seconds "${SECONDS_PER_LEVEL:-15}" \
+        --tokenizer "$DATA/tokenizer" --out "$OUT/gpu"
+    fi
+    rc=$?
+    nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader 2>/dev/null
+    exit $rc
+    ;;
+  sweep)  # BANKING77 training configurations at once on the card (issue 6's variants)
+    S=${SWEEP_DIR:-/tmp/mr-sweep}
+    export MAILROUTE_BANKING77="$DATA/banking77"
+    if [ "${SMOKE:-0}" = 1 ]; then
+      COMMON=(--dataset banking77 --device cpu --base "$DATA/base" --sample-per-label 3 --test-limit 40 --bi-epochs 0.2 --flat-epochs 1)
+      CONFIGS=(base: oof3:--oof-folds=3,--ce-epochs=0.2)
+    else
+      COMMON=(--dataset banking77 --device cuda --base "$DATA/base" --flat-epochs 5)
+      CONFIGS=(base: ce3:--ce-epochs=3 oof3:--oof-folds=3,--ce-epochs=3 trw:--train-retrieval-weight=1,--ce-epochs=3)
+    fi
+    pack() {  # what has finished so far -> $OUT/sweep.tgz (the call may be cut off when the session's device time ends)
+      (cd "$S" 2>/dev/null && find . \( -name metrics.json -o -name report.md -o -name rerank_policy.json -o -name config.json \
+          -o -name predictions.jsonl -o -name '*.log' -o -name 'summary.*' \) -not -path '*_encoder/*' -print0 | tar czf "$OUT/sweep.tgz.part" --null -T - && mv "$OUT/sweep.tgz.part" "$OUT/sweep.tgz")
+    }
+    (while sleep 20; do pack; done) &
+    PACKER=$!
+    timeout "${SWEEP_TIMEOUT:-450}" $PY -m mailroute.cli sweep --out "$S" --parallel 5 "${CONFIGS[@]}" -- "${COMMON[@]}"
+    rc=$?
+    kill $PACKER 2>/dev/null; wait $PACKER 2>/dev/null
+    pack
+    ls -la "$OUT"
+    exit $rc
+    ;;
+  *)
+    echo "usage: bash benchmarks/gpu/device.sh install DIR... | serve | sweep" >&2
+    exit 2
+    ;;
+esac
