@@ -290,9 +290,9 @@ REPO_HELP = "model repository (default: model_repository/ of this checkout)"
 
 
 def _store_args(p, repo=True):
-    from mailroute.feedback_store import DEFAULT_URL
+    from mailroute.settings import DEFAULT_FEEDBACK_URL
 
-    p.add_argument("--db", default="", help=f"feedback store URL, any SQLAlchemy URL (default: $MAILROUTE_FEEDBACK_URL, else {DEFAULT_URL})")
+    p.add_argument("--db", default="", help=f"feedback store URL, any SQLAlchemy URL (default: $MAILROUTE_FEEDBACK_URL, else {DEFAULT_FEEDBACK_URL})")
     if repo:
         p.add_argument("--repo", default=str(ROOT / "model_repository"), help=REPO_HELP + "; corrections must name its serving labels")
     p.add_argument("--hash-only", action="store_true", help="privacy: keep only a hash of each email's text")

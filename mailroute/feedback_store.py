@@ -40,8 +40,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from mailroute import contract
 from mailroute.normalise import InvalidEmail, normalise
+from mailroute.settings import DEFAULT_FEEDBACK_URL
 
-DEFAULT_URL = "sqlite:///feedback.sqlite3"  # relative to the working directory
+DEFAULT_URL = DEFAULT_FEEDBACK_URL  # relative to the working directory
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SOURCES = ("api", "cli", "import")
 VERSION_KEYS = (contract.CLASSIFIER, contract.BI_ENCODER, contract.CROSS_ENCODER)

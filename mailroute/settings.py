@@ -23,6 +23,11 @@ def banking77_dir() -> Path:
     return Path(os.environ.get("MAILROUTE_BANKING77", shared_dir() / "datasets" / "banking77"))
 
 
+# the feedback store when neither --db nor $MAILROUTE_FEEDBACK_URL names one (relative to the working
+# directory); here rather than in feedback_store so that help texts need no SQLAlchemy (training machines lack it)
+DEFAULT_FEEDBACK_URL = "sqlite:///feedback.sqlite3"
+
+
 class BadSetting(ValueError):
     """A command-line setting out of its allowed values; the CLI prints it as one line."""
 

@@ -195,3 +195,31 @@ def test_paired_comparison_counts_discordant_emails_and_tests_them():
     assert paired_comparison(gold, a, a)["mcnemar_exact_p"] == 1.0  # no discordant emails: nothing to tell apart
     with pytest.raises(ValueError, match="equally long"):
         paired_comparison(gold, a, b[:3])
+
+
+def test_half_precision_base_weights_load_as_fp32(tmp_path):
+    """Weights stored in fp16 (how they are carried to a GPU machine) still train in fp32: the trainer's
+    autocast does the low-precision arithmetic, fp16 parameters would wreck AdamW's state."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from training.models import load_bi_encoder, load_cross_encoder, make_tiny_base
+
+    base = make_tiny_base(tmp_path / "base")
+    w = base / "model.safetensors"
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(w)).items()}, str(w), metadata={"format": "pt"})
+    for model in (load_bi_encoder(base), load_cross_encoder(base)):
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_drop_autocast_wrapper_restores_the_class_forward():
+    """accelerate leaves a trained model's forward wrapped in autocast (an instance attribute); it goes."""
+    from training.models import drop_autocast_wrapper, tiny_bi_encoder
+
+    model = tiny_bi_encoder()
+    original = model.forward
+    model._original_forward = original
+    model.forward = lambda *a, **k: "autocast"
+    drop_autocast_wrapper(model)
+    assert "forward" not in vars(model) and "_original_forward" not in vars(model)
+    assert model.forward.__func__ is type(model).forward

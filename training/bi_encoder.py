@@ -11,6 +11,7 @@ from sentence_transformers.sentence_transformer.losses import MultipleNegativesR
 
 from mailroute.label_index import LabelIndex, LabelScoring, card_text
 from mailroute.taxonomy import Taxonomy
+from training.models import drop_autocast_wrapper
 
 
 def mnr_dataset(examples: list, taxonomy: Taxonomy) -> Dataset:
@@ -41,6 +42,7 @@ def train_bi_encoder(model, examples: list, taxonomy: Taxonomy, epochs: float, b
         )
         loss = MultipleNegativesRankingLoss(model)  # scale 20, cosine similarity: the standard recipe
         SentenceTransformerTrainer(model=model, args=args, train_dataset=mnr_dataset(examples, taxonomy), loss=loss).train()
+    drop_autocast_wrapper(model)
     return model
 
 

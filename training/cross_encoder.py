@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 
 from mailroute.rerank_policy import RerankPolicy
 from training.bi_encoder import trainer_device_args
+from training.models import drop_autocast_wrapper
 from training.listwise_loss import ListwiseSoftmaxCrossEntropyLoss
 
 
@@ -25,6 +26,7 @@ def train_cross_encoder(model, rows: dict, epochs: float, batch_size: int, lr: f
         )
         loss = ListwiseSoftmaxCrossEntropyLoss(model, policy=policy)
         CrossEncoderTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows), loss=loss, callbacks=callbacks).train()
+    drop_autocast_wrapper(model)
     return model
 
 

@@ -41,7 +41,9 @@ def resolve_device(name: str = "auto") -> str:
 
 def load_bi_encoder(path=None, max_length: int = DEFAULTS.max_email_tokens, device: str = "cpu") -> SentenceTransformer:
     """MiniLM -> mean pooling -> L2 normalisation (the same three steps the ONNX export bakes in)."""
-    model = SentenceTransformer(str(path or base_model_dir()), device=device)
+    # .float(): weights stored in half precision (e.g. carried to a GPU machine as fp16) train in fp32;
+    # the trainer's bf16/fp16 autocast does the low-precision arithmetic
+    model = SentenceTransformer(str(path or base_model_dir()), device=device).float()
     model.max_seq_length = max_length
     if not any(isinstance(m, Normalize) for m in model):
         model.append(Normalize())
@@ -51,7 +53,7 @@ def load_bi_encoder(path=None, max_length: int = DEFAULTS.max_email_tokens, devi
 def load_cross_encoder(path=None, max_length: int = DEFAULTS.max_pair_tokens, device: str = "cpu") -> CrossEncoder:
     """(email, label text) -> one raw logit. Identity activation: the softmax over K happens later."""
     return CrossEncoder(str(path or base_model_dir()), num_labels=1, max_length=max_length,
-                        activation_fn=torch.nn.Identity(), device=device)
+                        activation_fn=torch.nn.Identity(), device=device).float()
 
 
 def make_tiny_base(folder, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
@@ -65,6 +67,15 @@ def make_tiny_base(folder, seed: int = 0, hidden: int = 32, layers: int = 2) -> 
     BertModel(cfg).save_pretrained(folder)
     AutoTokenizer.from_pretrained(str(base_model_dir())).save_pretrained(folder)
     return folder
+
+
+def drop_autocast_wrapper(model) -> None:
+    """accelerate wraps a trained model's forward in the trainer's bf16/fp16 autocast and leaves it there;
+    encoding after training (label index, mining, validation) should run in fp32 like serving does."""
+    for m in (model, getattr(model, "model", None)):
+        if m is not None:
+            vars(m).pop("forward", None)
+            vars(m).pop("_original_forward", None)
 
 
 def tiny_bi_encoder(folder=None) -> SentenceTransformer:

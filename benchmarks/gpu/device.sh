@@ -25,6 +25,9 @@ case "${1:-}" in
       [ -f "$dir/base.tar.xz" ] && { $PY -m benchmarks.gpu.weights unpack "$dir/base.tar.xz" "$DATA/base" || exit 1; }
       [ -d "$dir/banking77" ] && cp -r "$dir/banking77" "$DATA/"
     done
+    for m in tritonclient.grpc faiss datasets; do  # what the serve / sweep steps import from the carried wheels
+      $PY -c "import $m" 2>/dev/null && echo "import $m: ok" || echo "import $m: not (yet) importable"
+    done
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
     $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
     ls "$SITE" | tr '\n' ' '; echo; ls "$DATA" 2>/dev/null
