@@ -45,6 +45,8 @@ class TorchEncoder:
             raise ValueError(f"kind must be {BI!r} or {CROSS!r}, got {kind!r}")
         self.kind, self.device = kind, torch.device(device)
         gpu = self.device.type == "cuda"
+        if gpu and self.device.index is None:  # "cuda" -> "cuda:N" of the current device (set_device needs an index)
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if gpu:  # streams, graph pools and captures use the current device: make it this instance's (one per process)
             torch.cuda.set_device(self.device)
         self.dtype = torch.float16 if (gpu if half is None else half) else torch.float32

@@ -33,6 +33,9 @@ case "${1:-}" in
     ls "$SITE" | tr '\n' ' '; echo; ls "$DATA" 2>/dev/null
     ;;
   serve)  # the real email_classifier on the torch runtime vs the raw PyTorch ceiling
+    # the Python backend stub there ignored PYTHONPATH (seen 2026-11-26: "No module named 'faiss'"):
+    # add what the carried wheels hold to the interpreter's own site-packages, keeping its versions
+    [ "${SMOKE:-0}" = 1 ] || cp -rn "$SITE"/* "$($PY -c 'import site; print(site.getsitepackages()[0])')"/
     mkdir -p "$DATA/tokenizer" "$OUT/gpu"
     for f in tokenizer.json tokenizer_config.json vocab.txt special_tokens_map.json; do
       [ -f "$DATA/base/$f" ] && cp "$DATA/base/$f" "$DATA/tokenizer/"
