@@ -24,6 +24,12 @@ case "${1:-}" in
       mkdir -p "$DATA"
       [ -f "$dir/base.tar.xz" ] && { $PY -m benchmarks.gpu.weights unpack "$dir/base.tar.xz" "$DATA/base" || exit 1; }
       [ -d "$dir/banking77" ] && cp -r "$dir/banking77" "$DATA/"
+      [ -d "$dir/tokenizer" ] && cp -r "$dir/tokenizer" "$DATA/"
+      # pytriton 0.7.0's Python backend stub is built for numpy < 2 (its own requirement): with the image's
+      # numpy 2.5 it misreads BYTES inputs ("unpack_from requires a buffer of at least 67372040 bytes")
+      if ls "$dir"/stub-numpy/*.whl >/dev/null 2>&1; then
+        $PY -m pip install -q --no-deps --no-index --force-reinstall "$dir"/stub-numpy/*.whl || exit 1
+      fi
     done
     for m in tritonclient.grpc faiss datasets; do  # what the serve / sweep steps import from the carried wheels
       $PY -c "import $m" 2>/dev/null && echo "import $m: ok" || echo "import $m: not (yet) importable"
