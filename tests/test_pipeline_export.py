@@ -118,3 +118,32 @@ def test_quantized_export_measures_what_it_ships(tiny_run, tmp_path, demo):
     clf = open_onnx_classifier(tmp_path / "repo")
     assert clf.index.manifest["exemplars"] == len(demo.train) and clf.index.cards is not None
     assert clf.classify(EMAILS[:2])[0].error == ""
+
+
+def test_pairs_tokenised_once_equal_tokenising_every_pair(tiny_repo):
+    """Stage 2 tokenises each email once and each label once, then assembles the pairs: the tensors the
+    cross-encoder gets equal encode_batch on every (email, label text) pair, also where an email or a
+    label card is longer than the pair budget (longest-first truncation) and for a one-word email."""
+    from mailroute.pipeline import tensors
+
+    clf = open_onnx_classifier(tiny_repo)
+    long_card = "refund card payment declined " * 60  # ~240 tokens: more than the 160-token pair budget
+    clf.label_texts = list(clf.label_texts)
+    clf.label_texts[1] = long_card
+    emails = ["Refund?", "I was charged twice, please refund. " * 40, "Where is my parcel? It has not moved since Monday.", "x"]
+    cand = [np.array([0, 1, 2]), np.array([1, 3]), np.array([1]), np.array([4, 0, 1])]
+    seen = []
+
+    class Recorder:
+        def score(self, ids, mask, types):
+            seen.append((ids, mask, types))
+            return np.zeros(len(ids), np.float32)
+
+    clf.encoders, clf.score_batch = Recorder(), 4  # several chunks
+    assert clf._score(emails, cand).shape == (9,)
+    pairs = [(e, clf.label_texts[c]) for e, cs in zip(emails, cand) for c in cs]
+    for s, (ids, mask, types) in zip(range(0, len(pairs), 4), seen):
+        want = tensors(clf.cross_tok.encode_batch(pairs[s:s + 4]))
+        for got, ref in zip((ids, mask, types), want):
+            assert got.dtype == ref.dtype and got.shape == ref.shape and (got == ref).all()
+    assert max(a[0].shape[1] for a in seen) == 160  # the long rows were cut to the budget

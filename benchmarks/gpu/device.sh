@@ -25,11 +25,6 @@ case "${1:-}" in
       [ -f "$dir/base.tar.xz" ] && { $PY -m benchmarks.gpu.weights unpack "$dir/base.tar.xz" "$DATA/base" || exit 1; }
       [ -d "$dir/banking77" ] && cp -r "$dir/banking77" "$DATA/"
       [ -d "$dir/tokenizer" ] && cp -r "$dir/tokenizer" "$DATA/"
-      # pytriton 0.7.0's Python backend stub is built for numpy < 2 (its own requirement): with the image's
-      # numpy 2.5 it misreads BYTES inputs ("unpack_from requires a buffer of at least 67372040 bytes")
-      if ls "$dir"/stub-numpy/*.whl >/dev/null 2>&1; then
-        $PY -m pip install -q --no-deps --no-index --force-reinstall "$dir"/stub-numpy/*.whl || exit 1
-      fi
     done
     for m in tritonclient.grpc faiss datasets; do  # what the serve / sweep steps import from the carried wheels
       $PY -c "import $m" 2>/dev/null && echo "import $m: ok" || echo "import $m: not (yet) importable"
@@ -39,8 +34,14 @@ case "${1:-}" in
     ls "$SITE" | tr '\n' ' '; echo; ls "$DATA" 2>/dev/null
     ;;
   serve)  # the real email_classifier on the torch runtime vs the raw PyTorch ceiling
-    # the Python backend stub there ignored PYTHONPATH (seen 2026-11-26: "No module named 'faiss'"):
-    # add what the carried wheels hold to the interpreter's own site-packages, keeping its versions
+    # the Python backend stub there did not find the carried packages (2026-11-26: "No module named 'faiss'"):
+    # add them to the interpreter's own site-packages, keeping its versions.
+    # Open (2026-11-26, H100): the email_classifier stub then died on its first request in
+    # triton_python_backend_utils.deserialize_bytes_tensor ("unpack_from requires a buffer of at least
+    # 67372040 bytes ... actual buffer size is 3146"): the BYTES input's first length word read as
+    # 0x04040404. The same server binary, wheel and client serve here on CPU. Suspects: pytriton 0.7.0
+    # declares numpy < 2 (the image has 2.5.2; putting 1.26.4 in its place broke scipy, so untested) and
+    # the GPU build's pinned-memory path (try TRITON_ARGS="--pinned-memory-pool-byte-size=0").
     [ "${SMOKE:-0}" = 1 ] || cp -rn "$SITE"/* "$($PY -c 'import site; print(site.getsitepackages()[0])')"/
     mkdir -p "$DATA/tokenizer" "$OUT/gpu"
     for f in tokenizer.json tokenizer_config.json vocab.txt special_tokens_map.json; do
@@ -51,7 +52,7 @@ case "${1:-}" in
         --tokenizer "$DATA/tokenizer" --out "$OUT/gpu"
     else
       timeout "${SERVE_TIMEOUT:-330}" $PY -m benchmarks.gpu.run --device cuda --seconds "${SECONDS_PER_LEVEL:-15}" \
-        --tokenizer "$DATA/tokenizer" --out "$OUT/gpu"
+        --tokenizer "$DATA/tokenizer" --out "$OUT/gpu" --triton-args="${TRITON_ARGS:-}"
     fi
     rc=$?
     nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader 2>/dev/null
