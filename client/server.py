@@ -20,6 +20,8 @@ from pathlib import Path
 
 from mailroute import contract
 
+ROOT = Path(__file__).resolve().parent.parent  # this checkout: the stub environment must import mailroute from it
+
 
 # The client pings every 30 s, also between calls (client.classifier_client.default_keepalive). Triton's
 # defaults refuse pings without calls and answer a third such ping with GOAWAY "too_many_pings" (seen
@@ -61,15 +63,55 @@ def libpython_dir() -> str:
     return next((c for c in candidates if c and (Path(c) / name).exists()), candidates[0])
 
 
+STUB_SITE_ENV = "MAILROUTE_STUB_SITE"
+
+
+def stub_interpreter(work: Path, stub_site: str = "") -> Path:
+    """The bin/ folder whose python3 the Python backend stub takes its sys.path from (the stub embeds
+    Python in isolated mode: it ignores PYTHONPATH and derives sys.path from the python3 first on PATH).
+
+    The stub in nvidia-pytriton 0.7.0 was built against numpy 1 (the wheel asks for numpy < 2). Under numpy
+    >= 2 it copies every input tensor with the wrong stride: each element reads as the first one. INT64
+    token ids [101, 7592, 102] arrive as [101, 101, 101] (wrong answers, no error) and a BYTES input
+    crashes the stub ("unpack_from requires a buffer of at least 67372040 bytes"). Seen on the lent GPU
+    machine (numpy 2.5) and reproduced here with numpy 2.2. So where this interpreter has numpy >= 2, a
+    small venv is made for the stub that sees `stub_site` (a folder holding numpy < 2, e.g.
+    `pip install --target DIR "numpy<2"`) before this interpreter's own packages; without one, refuse.
+    The same venv carries $PYTHONPATH's folders to the stub (packages installed with --target)."""
+    import numpy
+
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]  # the stub would not see these either
+    numpy2 = int(numpy.__version__.split(".")[0]) >= 2
+    if not numpy2 and not extra:
+        return Path(sys.executable).parent
+    stub_site = stub_site or os.environ.get(STUB_SITE_ENV, "")
+    if numpy2 and not stub_site:
+        raise RuntimeError(f"numpy {numpy.__version__} here: the Triton Python backend stub of nvidia-pytriton 0.7.0 corrupts "
+                           f"every input tensor under numpy >= 2. Set {STUB_SITE_ENV} to a folder holding numpy < 2 "
+                           f"(pip install --target DIR 'numpy<2'), or use an environment with numpy < 2")
+    import site
+    import venv
+
+    env = work / "stub-env"
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(env)
+    lib = next((env / "lib").glob("python*")) / "site-packages"
+    # .pth lines are appended in order after the venv's own (empty) site-packages: numpy < 2 first
+    first = [str(Path(stub_site).resolve())] if stub_site else []
+    (lib / "mailroute_stub.pth").write_text("\n".join([*first, *map(str, map(Path.resolve, map(Path, extra))), *site.getsitepackages(),
+                                                     str(ROOT)]) + "\n")
+    return env / "bin"
+
+
 class TritonServer:
     """A running tritonserver; use as a context manager. Ports default to free ones."""
 
     def __init__(self, repo, grpc_port: int = 0, http_port: int = 0, metrics_port: int = 0, explicit: bool = True,
                  models=(contract.BI_ENCODER, contract.CROSS_ENCODER, contract.CLASSIFIER), admin_key: str = "",
-                 log_file=None, extra_args=()):
+                 log_file=None, extra_args=(), stub_site: str = ""):
         self.repo = Path(repo).resolve()
         self.grpc_port, self.http_port, self.metrics_port = grpc_port or free_port(), http_port or free_port(), metrics_port or free_port()
         self.explicit, self.models, self.admin_key, self.extra_args = explicit, list(models), admin_key, list(extra_args)
+        self.stub_site = stub_site  # numpy < 2 for the backend stub where this interpreter has numpy >= 2 (stub_interpreter)
         self.work = Path(tempfile.mkdtemp(prefix="mailroute-triton-"))
         self.log_file = Path(log_file) if log_file else self.work / "triton.log"
         self.proc = None
@@ -105,7 +147,7 @@ class TritonServer:
         env = dict(os.environ)
         libs = [str(pytriton_dir().parent / "nvidia_pytriton.libs"), libpython_dir()]
         env["LD_LIBRARY_PATH"] = ":".join(libs + [env.get("LD_LIBRARY_PATH", "")])
-        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        env["PATH"] = f"{stub_interpreter(self.work, self.stub_site)}:{env.get('PATH', '')}"
         env.setdefault("HF_HUB_OFFLINE", "1")
         return env
 

@@ -3,6 +3,8 @@ to a CUDA-graph bucket changes nothing, and the real tritonserver serves it. (It
 graphs, is measured by benchmarks/gpu/ where a GPU is lent; CI has none.)"""
 
 import shutil
+import sys
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -88,9 +90,6 @@ def test_tritonserver_serves_the_torch_runtime(torch_repo, tmp_path):
 
 def test_libpython_dir_holds_this_interpreters_library():
     """The Python backend stub links against libpython: the server's LD_LIBRARY_PATH must name its folder."""
-    import sys
-    from pathlib import Path
-
     from client.server import libpython_dir
 
     lib = Path(libpython_dir()) / f"libpython{sys.version_info[0]}.{sys.version_info[1]}.so.1.0"
@@ -119,3 +118,26 @@ def test_carried_weights_round_trip_through_fp16(tmp_path):
         else:
             assert torch.equal(a[k], b[k])
     assert {f.name for f in src.iterdir()} <= {f.name for f in (tmp_path / "back").iterdir()}
+
+
+def test_backend_stub_gets_numpy_below_2(tmp_path, monkeypatch):
+    """pytriton 0.7.0's stub corrupts every input tensor under numpy >= 2 (each element reads as the first;
+    seen on the GPU machine): where numpy >= 2 the server refuses without a numpy < 2 folder for the stub, and
+    with one it builds a stub environment that finds that folder first, then this interpreter's packages."""
+    import site
+
+    import numpy
+
+    from client.server import ROOT, STUB_SITE_ENV, stub_interpreter
+
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    assert stub_interpreter(tmp_path) == Path(sys.executable).parent  # numpy < 2 here: this interpreter as it is
+    monkeypatch.setattr(numpy, "__version__", "2.5.2")
+    monkeypatch.delenv(STUB_SITE_ENV, raising=False)
+    with pytest.raises(RuntimeError, match="corrupts every input tensor"):
+        stub_interpreter(tmp_path)
+    (tmp_path / "np1").mkdir()
+    bin_dir = stub_interpreter(tmp_path, str(tmp_path / "np1"))
+    assert (bin_dir / "python3").exists()
+    pth = next((tmp_path / "stub-env" / "lib").glob("python*/site-packages/mailroute_stub.pth")).read_text().split()
+    assert pth[0] == str((tmp_path / "np1").resolve()) and site.getsitepackages()[0] in pth and pth[-1] == str(ROOT)

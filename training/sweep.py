@@ -42,10 +42,13 @@ def parse_config(spec: str) -> tuple:
 
 def summary_row(name: str, m: dict) -> str:
     v, t = m["variants"]["validation"], m["variants"]["test"]
-    flat = m.get("flat_baseline", {}).get("accuracy")
+    flat = m.get("flat_baseline", {})
+    flat_val = max(flat.get("validation_by_epoch") or [float("nan")])  # the kept epoch is the best on validation
+    flat_test = flat.get("accuracy")
     return (f"| {name} | {v['bi_encoder']['accuracy']:.2%} | {v['two_stage_ungated']['accuracy']:.2%} | {v['two_stage']['accuracy']:.2%} | "
+            f"{'' if flat_test is None else f'{flat_val:.2%}'} | "
             f"{t['bi_encoder']['accuracy']:.2%} | {t['two_stage_ungated']['accuracy']:.2%} | {t['two_stage']['accuracy']:.2%} | "
-            f"{t['two_stage']['share_reranked']:.1%} | {'' if flat is None else f'{flat:.2%}'} | {sum(m['train_time'].values()) / 60:.1f} |")
+            f"{t['two_stage']['share_reranked']:.1%} | {'' if flat_test is None else f'{flat_test:.2%}'} | {sum(m['train_time'].values()) / 60:.1f} |")
 
 
 def main(argv=None) -> int:
@@ -89,8 +92,8 @@ def main(argv=None) -> int:
                 results[name]["metrics"] = json.loads(metrics.read_text())
             print(f"[{time.time() - t0:6.0f} s] {name} finished with exit code {proc.returncode} (log {out / f'{name}.log'})", flush=True)
         time.sleep(2)
-    lines = ["| run | val bi | val two-stage | val gated | test bi | test two-stage | test gated | test reranked | test flat | train min |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | val bi | val two-stage | val gated | val flat | test bi | test two-stage | test gated | test reranked | test flat | train min |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [summary_row(n, r["metrics"]) for n, r in results.items() if "metrics" in r]
     failed = [n for n, r in results.items() if "metrics" not in r]
     table = "\n".join(lines) + ("\n\nfailed: " + ", ".join(failed) if failed else "") + "\n"

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The lent GPU machine's side of benchmarks/gpu (prepared here by carry.sh; run from the repository root there).
-# Three calls on one warm machine (what is installed under /tmp survives about 30 s between calls):
-#   1. carry gpu-carry/a:  bash benchmarks/gpu/device.sh install gpu-carry/a
-#   2. carry gpu-carry/b:  bash benchmarks/gpu/device.sh install gpu-carry/b && bash benchmarks/gpu/device.sh serve
-#   3. no carry:           bash benchmarks/gpu/device.sh sweep
+# Calls on one warm machine (what is installed under /tmp survives about 30 s between calls):
+#   1. carry gpu-carry/a:  bash benchmarks/gpu/device.sh install gpu-carry/a                       (Triton wheels)
+#   2. carry gpu-carry/s:  bash benchmarks/gpu/device.sh install gpu-carry/s && bash benchmarks/gpu/device.sh serve
+#   3. carry gpu-carry/b:  bash benchmarks/gpu/device.sh install gpu-carry/b && bash benchmarks/gpu/device.sh sweep
 # `serve` writes $OUT/gpu/{summary.json,triton.log}; `sweep` writes $OUT/sweep.tgz (every run's metrics,
-# report, policy and log). A smoke run of either anywhere: SMOKE=1 (tiny model / tiny data, CPU).
+# report, policy, predictions and log). A smoke run of either anywhere: SMOKE=1 (tiny model / tiny data, CPU).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$(mktemp -d)}
@@ -25,6 +25,10 @@ case "${1:-}" in
       [ -f "$dir/base.tar.xz" ] && { $PY -m benchmarks.gpu.weights unpack "$dir/base.tar.xz" "$DATA/base" || exit 1; }
       [ -d "$dir/banking77" ] && cp -r "$dir/banking77" "$DATA/"
       [ -d "$dir/tokenizer" ] && cp -r "$dir/tokenizer" "$DATA/"
+      # numpy < 2 for the Triton backend stub only (client/server.py stub_interpreter: the image has numpy 2.5)
+      if ls "$dir"/stub-numpy/*.whl >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --target "$DATA/stub-numpy" --upgrade "$dir"/stub-numpy/*.whl || exit 1
+      fi
     done
     for m in tritonclient.grpc faiss datasets; do  # what the serve / sweep steps import from the carried wheels
       $PY -c "import $m" 2>/dev/null && echo "import $m: ok" || echo "import $m: not (yet) importable"
@@ -34,15 +38,8 @@ case "${1:-}" in
     ls "$SITE" | tr '\n' ' '; echo; ls "$DATA" 2>/dev/null
     ;;
   serve)  # the real email_classifier on the torch runtime vs the raw PyTorch ceiling
-    # the Python backend stub there did not find the carried packages (2026-11-26: "No module named 'faiss'"):
-    # add them to the interpreter's own site-packages, keeping its versions.
-    # Open (2026-11-26, H100): the email_classifier stub then died on its first request in
-    # triton_python_backend_utils.deserialize_bytes_tensor ("unpack_from requires a buffer of at least
-    # 67372040 bytes ... actual buffer size is 3146"): the BYTES input's first length word read as
-    # 0x04040404. The same server binary, wheel and client serve here on CPU. Suspects: pytriton 0.7.0
-    # declares numpy < 2 (the image has 2.5.2; putting 1.26.4 in its place broke scipy, so untested) and
-    # the GPU build's pinned-memory path (try TRITON_ARGS="--pinned-memory-pool-byte-size=0").
-    [ "${SMOKE:-0}" = 1 ] || cp -rn "$SITE"/* "$($PY -c 'import site; print(site.getsitepackages()[0])')"/
+    # the backend stub ignores PYTHONPATH and needs numpy < 2: client/server.py gives it its own environment
+    [ -d "$DATA/stub-numpy" ] && export MAILROUTE_STUB_SITE="$DATA/stub-numpy"
     mkdir -p "$DATA/tokenizer" "$OUT/gpu"
     for f in tokenizer.json tokenizer_config.json vocab.txt special_tokens_map.json; do
       [ -f "$DATA/base/$f" ] && cp "$DATA/base/$f" "$DATA/tokenizer/"
