@@ -4,15 +4,16 @@ of the same two-stage computation, in one run (a script, not a test; CI never ru
 Weights are random of the MiniLM-L6 shape (the cost does not depend on their values), so nothing but
 this repository, a tokenizer folder and the Triton wheels has to reach the GPU machine:
 
-    python -m benchmarks.gpu.run --device cuda --tokenizer gpu-carry/b/tokenizer --out benchmarks/results/gpu   # see carry.sh
+    bash benchmarks/gpu/device.sh serve          # on the lent machine, after carry.sh's folders are installed there
     python -m benchmarks.gpu.run --device cpu --tiny --seconds 3      # a smoke run anywhere (tiny model)
 
 Steps: a run folder with random encoders + the BANKING77 taxonomy (77 labels, descriptions only) ->
-`mailroute export --runtime torch` (+ `--gpu`) -> tritonserver (4 classifier instances) -> one email
-per request at concurrency 1, 64 and 256 (emails of about L=128 tokens, K=10, ungated) -> emails/s,
-p50, p99; then the raw ceiling: TorchEncoders over batches of 256 emails and their B x K pairs, no
-server. Prints one table and writes summary.json (card, emails_per_s, p50_ms, p99_ms,
-ceiling_emails_per_s, single_email_p50_ms).
+`mailroute export --runtime torch` (+ `--gpu`) -> tritonserver (6 classifier instances, 2 per encoder) -> one email
+per request at concurrency 1, 64 and 256 (emails of about L=128 tokens, K=10, ungated), then 256 gated (the
+policy's gate margin set so that about 25% of these emails are reranked) -> emails/s, p50, p99; then the raw
+ceiling: TorchEncoders over batches of 256 emails and their B x K pairs, no server (whole pipeline, and the
+encoders + search alone on pre-tokenised tensors). Prints one table and writes summary.json (card, emails_per_s,
+p50_ms, p99_ms, ceiling_emails_per_s, single_email_p50_ms, levels, gated_levels).
 """
 
 import argparse
@@ -37,8 +38,10 @@ def synthetic_emails(n: int, words: int = 110, seed: int = 0) -> list:
     return [" ".join(rng.choice(WORDS, words)) + "." for _ in range(n)]
 
 
-def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0) -> Path:
-    """A run folder like `mailroute train` writes, with random encoders of the MiniLM-L6 shape."""
+def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: list = (), rerank_share: float = 0.25) -> Path:
+    """A run folder like `mailroute train` writes, with random encoders of the MiniLM-L6 shape. Its policy's
+    gate margin is the `rerank_share` quantile of the top-1 minus top-2 retrieval margins of `texts`, so a
+    gated request reranks about that share of them (what a trained classifier's gate does: 22-25% on BANKING77)."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.models import Normalize, Pooling, Transformer
@@ -68,24 +71,32 @@ def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0) -> Path
     taxonomy = load_taxonomy(ROOT / "training" / "taxonomies" / "banking77.json")
     bi.build_label_index(model, taxonomy, weights_id(run.bi_encoder / "model.safetensors")).save(run.label_index)
     load_cross_encoder(base).save(str(run.cross_encoder))
-    RerankPolicy().save(run.policy)
+    margin = None
+    if len(texts):
+        from mailroute.label_index import LabelIndex
+        from mailroute.normalise import normalise
+
+        D, _ = LabelIndex.load(run.label_index).search(bi.embed(model, [normalise(t) for t in texts]), 2)
+        margin = float(np.quantile(D[:, 0] - D[:, 1], rerank_share))
+    RerankPolicy(gate_margin=margin).save(run.policy)
     return run.root
 
 
-async def _closed_loop(url: str, texts: list, concurrency: int, seconds: float, k: int, offset: int) -> tuple:
+async def _closed_loop(url: str, texts: list, concurrency: int, seconds: float, k: int, offset: int, gate: bool) -> tuple:
     """`concurrency` workers on one connection, each sending one email and waiting for its answer."""
     from client import AsyncClassifierClient
 
-    lat, errors = [], 0
+    lat, errors, reranked = [], 0, 0
 
     async def worker(i, c):
-        nonlocal errors
+        nonlocal errors, reranked
         j = offset + i
         while time.time() < stop:
             t = time.perf_counter()
             try:
-                await c.classify([texts[j % len(texts)]], top_k=k, gate=False)
+                answer = await c.classify([texts[j % len(texts)]], top_k=k, gate=gate)
                 lat.append((time.perf_counter() - t) * 1e3)
+                reranked += answer[0].reranked
             except Exception:  # noqa: BLE001 - counted and reported
                 errors += 1
             j += concurrency
@@ -96,14 +107,14 @@ async def _closed_loop(url: str, texts: list, concurrency: int, seconds: float, 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(i, c) for i in range(concurrency)))
         wall = time.perf_counter() - t0
-    return lat, errors, wall
+    return lat, errors, wall, reranked
 
 
 def _load_process(args) -> tuple:
     return asyncio.run(_closed_loop(*args))
 
 
-def load(url: str, texts: list, concurrency: int, seconds: float, k: int, processes: int = 1) -> dict:
+def load(url: str, texts: list, concurrency: int, seconds: float, k: int, processes: int = 1, gate: bool = False) -> dict:
     """Closed-loop load at `concurrency` requests in flight, one email per request, spread over up to
     `processes` client processes (one Python process tops out near a few thousand gRPC calls/s, below
     what the GPU serves; the probe in ../shared/gpu-probe used several too)."""
@@ -111,7 +122,7 @@ def load(url: str, texts: list, concurrency: int, seconds: float, k: int, proces
 
     procs = max(1, min(processes, concurrency))
     shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
-    jobs = [(url, texts, c, seconds, k, i * 7919) for i, c in enumerate(shares)]
+    jobs = [(url, texts, c, seconds, k, i * 7919, gate) for i, c in enumerate(shares)]
     if procs == 1:
         parts = [_load_process(jobs[0])]
     else:
@@ -120,9 +131,10 @@ def load(url: str, texts: list, concurrency: int, seconds: float, k: int, proces
     lat = [x for p in parts for x in p[0]]
     errors = sum(p[1] for p in parts)
     wall = max(p[2] for p in parts)
+    reranked = sum(p[3] for p in parts)
     p = np.percentile(lat, [50, 99]) if lat else [float("nan")] * 2
-    return {"concurrency": concurrency, "client_processes": procs, "emails_per_s": len(lat) / wall, "p50_ms": float(p[0]),
-            "p99_ms": float(p[1]), "requests": len(lat), "errors": errors}
+    return {"concurrency": concurrency, "gated": gate, "client_processes": procs, "emails_per_s": len(lat) / wall, "p50_ms": float(p[0]),
+            "p99_ms": float(p[1]), "requests": len(lat), "errors": errors, "share_reranked": reranked / max(1, len(lat))}
 
 
 def ceiling(repo: Path, texts: list, device: str, k: int, batch: int = 256, seconds: float = 10) -> tuple:
@@ -170,6 +182,8 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=20, help="seconds per concurrency level")
     ap.add_argument("--concurrency", default="1,64,256")
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--gated-concurrency", type=int, default=256, help="one more level with the gate on (0 = none)")
+    ap.add_argument("--gated-share", type=float, default=0.25, help="share of emails the gate reranks (margin set from the test emails)")
     ap.add_argument("--classifier-instances", type=int, default=6, help="email_classifier instances (tokenise, search, BLS)")
     ap.add_argument("--encoder-instances", type=int, default=2, help="instances of each encoder (each captures its own CUDA graphs)")
     ap.add_argument("--client-processes", type=int, default=4, help="load-generator processes sharing the concurrency")
@@ -197,16 +211,16 @@ def main(argv=None):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="mailroute-gpu-"))
-    rows, served_error, top = [], None, None
+    rows, gated, served_error, top = [], [], None, None
     try:
         t = time.perf_counter()
-        run = random_run(work, tokenizer, a.tiny)
+        texts = synthetic_emails(2048)
+        run = random_run(work, tokenizer, a.tiny, texts=texts, rerank_share=a.gated_share)
         repo = work / "repo"
         export(ExportConfig(run=str(run), repo=str(repo), runtime="torch", gpu=gpu, top_k=a.k, classifier_instances=a.classifier_instances,
                             encoder_instances=a.encoder_instances, preferred_batch_sizes="16,32,64"))
         setup_s = time.perf_counter() - t
         print(f"run folder and torch export: {setup_s:.0f} s", flush=True)
-        texts = synthetic_emails(2048)
         server = TritonServer(repo, log_file=out / "triton.log", extra_args=a.triton_args.split())
         try:  # a serving failure still leaves the ceiling measured and the server's log in --out
             t = time.perf_counter()
@@ -215,6 +229,9 @@ def main(argv=None):
             for c in (int(x) for x in a.concurrency.split(",")):
                 rows.append(load(server.grpc_url, texts, c, a.seconds, a.k, a.client_processes))
                 print(json.dumps(rows[-1]), flush=True)
+            if a.gated_concurrency:  # the served default: the gate skips stage 2 for the surest emails
+                gated.append(load(server.grpc_url, texts, a.gated_concurrency, a.seconds, a.k, a.client_processes, gate=True))
+                print(json.dumps(gated[-1]), flush=True)
         except Exception as e:  # noqa: BLE001 - reported in the summary
             served_error = f"{type(e).__name__}: {e}"
             print(f"serving failed: {served_error}", flush=True)
@@ -233,11 +250,13 @@ def main(argv=None):
                    "emails_per_s": best and best["emails_per_s"], "p50_ms": best and best["p50_ms"], "p99_ms": best and best["p99_ms"],
                    "at_concurrency": best and best["concurrency"], "ceiling_emails_per_s": top, "ceiling_encoders_only_emails_per_s": top_accelerator,
                    "share_of_ceiling": best and best["emails_per_s"] / top, "single_email_p50_ms": single["p50_ms"] if single else None,
-                   "levels": rows, "setup_s": round(setup_s, 1), "serving_error": served_error}
+                   "levels": rows, "gated_levels": gated, "gated_share_target": a.gated_share,
+                   "setup_s": round(setup_s, 1), "serving_error": served_error}
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(f"\n{'concurrency':>11} {'emails/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}")
-        for r in rows:
-            print(f"{r['concurrency']:>11} {r['emails_per_s']:>9.1f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['errors']:>6}")
+        for r in rows + gated:
+            print(f"{r['concurrency']:>11} {r['emails_per_s']:>9.1f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['errors']:>6}"
+                  + ("  gated" if r["gated"] else ""))
         print(f"card {summary['card']}")
         if best:
             print(f"served best {best['emails_per_s']:.1f} emails/s = {summary['share_of_ceiling']:.0%} of the ceiling")
