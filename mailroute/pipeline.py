@@ -9,6 +9,7 @@ all three produce the same answers from the same code, and tests run it without 
 """
 
 import itertools
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
@@ -105,6 +106,14 @@ def tensors(encodings) -> tuple:
     return ids, mask, types
 
 
+def _without_lengths(tok: Tokenizer) -> dict:
+    """A tokenizer's definition without its truncation and padding settings."""
+    d = json.loads(tok.to_str())
+    d.pop("truncation", None)
+    d.pop("padding", None)
+    return d
+
+
 def padded_tensors(encodings) -> tuple:
     """Unpadded encodings -> (ids, mask, type ids), right-padded with 0 (masked out), as the tokenizer's
     batch padding would give. Filled through one flat copy per tensor (a Python loop over rows cost as much
@@ -146,41 +155,50 @@ class TwoStageClassifier:
                 errors.append(e)
         return texts, errors
 
-    def _embed(self, texts: list) -> np.ndarray:
+    def _embed(self, texts: list, parts: list = None) -> np.ndarray:
+        """(n, dim) embeddings. `parts`: the texts already tokenised without special tokens (score_candidates),
+        turned into the bi-encoder's input by its own post-processing instead of tokenising again."""
+        single = self._tokenizers()[2]
         out = []
         for s in range(0, len(texts), self.embed_batch):
-            ids, mask, _ = tensors(self.bi_tok.encode_batch(texts[s:s + self.embed_batch]))
+            if parts is not None and single is not None:
+                ids, mask, _ = padded_tensors([single.post_process(e) for e in parts[s:s + self.embed_batch]])
+            else:
+                ids, mask, _ = tensors(self.bi_tok.encode_batch(texts[s:s + self.embed_batch]))
             out.append(self.encoders.embed(ids, mask))
         return np.concatenate(out).astype(np.float32)  # (n, dim)
 
     def _label_encodings(self) -> list:
         """Each label text tokenised once per classifier (no special tokens, whole)."""
         if getattr(self, "_label_encs_of", None) is not self.label_texts:  # label texts replaced: tokenise again
-            self._label_encs = self._pair_tokenizers()[0].encode_batch(list(self.label_texts), add_special_tokens=False)
+            self._label_encs = self._tokenizers()[0].encode_batch(list(self.label_texts), add_special_tokens=False)
             self._label_encs_of = self.label_texts
         return self._label_encs
 
-    def _pair_tokenizers(self) -> tuple:
-        """(parts, pairs): copies of the cross-encoder's tokenizer. `parts` neither pads nor truncates: the
-        longest-first cut of a pair depends on both parts' whole lengths, and a padded part would carry
-        its [PAD]s into the pair. `pairs` truncates like the original; padded_tensors pads the batch."""
-        if getattr(self, "_pair_toks_of", None) is not self.cross_tok:
-            parts, pairs = Tokenizer.from_str(self.cross_tok.to_str()), Tokenizer.from_str(self.cross_tok.to_str())
-            parts.no_padding()
+    def _tokenizers(self) -> tuple:
+        """(parts, pairs, single): copies of the encoders' tokenizers that never pad (padded_tensors pads a
+        batch; a padded part would carry its [PAD]s into a pair). `parts` (the cross-encoder's) does not
+        truncate either: the longest-first cut of a pair depends on both parts' whole lengths. `pairs`
+        truncates pairs like the cross-encoder's; `single` truncates one text like the bi-encoder's, and is
+        None where the two tokenizers differ in more than their lengths (then each stage tokenises itself)."""
+        if getattr(self, "_toks_of", None) != (self.bi_tok, self.cross_tok):
+            parts, pairs, single = (Tokenizer.from_str(t.to_str()) for t in (self.cross_tok, self.cross_tok, self.bi_tok))
+            for t in (parts, pairs, single):
+                t.no_padding()
             parts.no_truncation()
-            pairs.no_padding()
-            self._pair_toks, self._pair_toks_of = (parts, pairs), self.cross_tok
-        return self._pair_toks
+            same = _without_lengths(self.bi_tok) == _without_lengths(self.cross_tok)
+            self._toks, self._toks_of = (parts, pairs, single if same else None), (self.bi_tok, self.cross_tok)
+        return self._toks
 
-    def _score(self, texts: list, candidates) -> np.ndarray:
+    def _score(self, texts: list, candidates, parts: list = None) -> np.ndarray:
         """Cross-encoder logits of each email against each of its candidate label ids, flattened in order:
-        (sum of len(candidates[i]),). Each email is tokenised once (not once per candidate) and each label
-        once per classifier; the pairs are assembled by the tokenizer's own post-processing (longest-first
-        truncation, [CLS] a [SEP] b [SEP], type ids), so the tensors equal encode_batch on the text pairs
-        (tests hold them equal). Tokenising the K pairs of every email was most of the CPU time per email
-        (measured: 480 of 560 ms per 256 emails at K=10 on 2 cores)."""
-        parts, tok = self._pair_tokenizers()
-        emails = parts.encode_batch(list(texts), add_special_tokens=False)
+        (sum of len(candidates[i]),). Each email is tokenised once (not once per candidate; `parts`: already
+        tokenised by score_candidates) and each label once per classifier; the pairs are assembled by the
+        tokenizer's own post-processing (longest-first truncation, [CLS] a [SEP] b [SEP], type ids), so the
+        tensors equal encode_batch on the text pairs (tests hold them equal). Tokenising the K pairs of every
+        email was most of the CPU time per email (measured: 480 of 560 ms per 256 emails at K=10 on 2 cores)."""
+        split, tok, _ = self._tokenizers()
+        emails = parts if parts is not None else split.encode_batch(list(texts), add_special_tokens=False)
         labels = self._label_encodings()
         pairs = [(e, labels[c]) for e, cand in zip(emails, candidates) for c in cand]
         out = []
@@ -194,14 +212,17 @@ class TwoStageClassifier:
         """Stages 1 and 2 for valid texts: per row its candidate ids (k,), retrieval scores (k,) and
         cross-encoder logits (k,) (None where the gate skipped stage 2), plus the stage timings in ms."""
         t0 = time.perf_counter()
-        xq = self._embed(texts)  # (n, dim)
+        split, _, single = self._tokenizers()  # each text tokenised once for both stages where their tokenizers agree
+        parts = split.encode_batch(list(texts), add_special_tokens=False) if single is not None else None
+        xq = self._embed(texts, parts)  # (n, dim)
         t1 = time.perf_counter()
         D, I = self.index.search(xq, int(max(ks)))  # (n, kmax) label scores and ids, best first
         t2 = time.perf_counter()
         gates = np.broadcast_to(np.asarray(gate), (len(texts),))
         skip = np.array([self.policy.skip_rerank(D[j:j + 1, :k], bool(g))[0] for j, (k, g) in enumerate(zip(ks, gates))], dtype=bool)
         rerank = [j for j in range(len(texts)) if not skip[j]]
-        flat = self._score([texts[j] for j in rerank], [I[j, :ks[j]] for j in rerank])  # (sum of k over reranked rows,)
+        flat = self._score([texts[j] for j in rerank], [I[j, :ks[j]] for j in rerank],
+                           None if parts is None else [parts[j] for j in rerank])  # (sum of k over reranked rows,)
         t3 = time.perf_counter()
         rows, start = [], 0
         for j, k in enumerate(ks):

@@ -147,3 +147,36 @@ def test_pairs_tokenised_once_equal_tokenising_every_pair(tiny_repo):
         for got, ref in zip((ids, mask, types), want):
             assert got.dtype == ref.dtype and got.shape == ref.shape and (got == ref).all()
     assert max(a[0].shape[1] for a in seen) == 160  # the long rows were cut to the budget
+
+
+def test_each_email_tokenised_once_for_both_stages_gives_the_same_answers(tiny_repo):
+    """score_candidates tokenises a batch once (no special tokens) and builds both encoders' inputs from it by
+    their tokenizers' post-processing: the bi-encoder gets the tensors encode_batch gives (also past its 128-token
+    cut), and every answer equals the one of a classifier whose stages tokenise for themselves."""
+    from mailroute.pipeline import tensors
+
+    clf = open_onnx_classifier(tiny_repo)
+    emails = ["Refund?", "I was charged twice, please refund the extra charge. " * 30, "Where is my parcel?", "x"]
+    assert clf._tokenizers()[2] is not None  # bi and cross tokenizers of a run differ only in their lengths
+    parts = clf._tokenizers()[0].encode_batch(emails, add_special_tokens=False)
+    seen = []
+
+    class Recorder:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def embed(self, ids, mask):
+            seen.append((ids, mask))
+            return self.inner.embed(ids, mask)
+
+        def score(self, *a):
+            return self.inner.score(*a)
+
+    clf.encoders = Recorder(clf.encoders)
+    clf._embed(emails, parts)
+    want = tensors(clf.bi_tok.encode_batch(emails))
+    assert (seen[0][0] == want[0]).all() and (seen[0][1] == want[1]).all() and seen[0][0].shape[1] == 128
+    once = clf.classify(emails, gate=False)
+    clf._toks = clf._toks[:2] + (None,)  # as if the tokenizers differed: each stage tokenises itself
+    for a, b in zip(once, clf.classify(emails, gate=False)):
+        assert a.top_labels == b.top_labels and np.allclose(a.top_probabilities, b.top_probabilities, atol=1e-6)

@@ -161,7 +161,7 @@ def ceiling(repo: Path, texts: list, device: str, k: int, batch: int = 256, seco
 
     ids, mask, _ = tensors(clf.bi_tok.encode_batch(norm))
     _, I = clf.index.search(enc.embed(ids, mask), k)
-    parts, tok = clf._pair_tokenizers()
+    parts, tok, _ = clf._tokenizers()
     labels = clf._label_encodings()
     pairs = [tok.post_process(e, labels[c]) for e, cand in zip(parts.encode_batch(norm, add_special_tokens=False), I) for c in cand]
     chunks = [padded_tensors(pairs[s:s + clf.score_batch]) for s in range(0, len(pairs), clf.score_batch)]
