@@ -89,6 +89,8 @@ def stub_interpreter(work: Path, stub_site: str = "") -> Path:
         raise RuntimeError(f"numpy {numpy.__version__} here: the Triton Python backend stub of nvidia-pytriton 0.7.0 corrupts "
                            f"every input tensor under numpy >= 2. Set {STUB_SITE_ENV} to a folder holding numpy < 2 "
                            f"(pip install --target DIR 'numpy<2'), or use an environment with numpy < 2")
+    if stub_site and not any(Path(stub_site).glob("numpy/__init__.py")):
+        raise RuntimeError(f"{STUB_SITE_ENV}={stub_site}: no numpy package there; install one with pip install --target {stub_site} 'numpy<2'")
     import site
     import venv
 

@@ -136,7 +136,10 @@ def test_backend_stub_gets_numpy_below_2(tmp_path, monkeypatch):
     monkeypatch.delenv(STUB_SITE_ENV, raising=False)
     with pytest.raises(RuntimeError, match="corrupts every input tensor"):
         stub_interpreter(tmp_path)
-    (tmp_path / "np1").mkdir()
+    with pytest.raises(RuntimeError, match="no numpy package there"):
+        stub_interpreter(tmp_path, str(tmp_path / "missing"))
+    (tmp_path / "np1" / "numpy").mkdir(parents=True)
+    (tmp_path / "np1" / "numpy" / "__init__.py").write_text("")
     bin_dir = stub_interpreter(tmp_path, str(tmp_path / "np1"))
     assert (bin_dir / "python3").exists()
     pth = next((tmp_path / "stub-env" / "lib").glob("python*/site-packages/mailroute_stub.pth")).read_text().split()
