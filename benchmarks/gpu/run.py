@@ -190,6 +190,8 @@ def main(argv=None):
     ap.add_argument("--triton-args", default="", help="extra tritonserver flags, space-separated (e.g. --pinned-memory-pool-byte-size=0)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu"))
     a = ap.parse_args(argv)
+    if not 0 < a.gated_share <= 1:
+        ap.error(f"--gated-share is a share of emails in (0, 1], got {a.gated_share}")
 
     import torch
 
