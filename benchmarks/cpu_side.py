@@ -1,11 +1,12 @@
 """The CPU side of one two-stage batch: what the classifier process spends besides the encoders (a script,
 not a test). On a GPU the encoders take a few ms per 256 emails, so this work bounds the served throughput.
 
-    python -m benchmarks.cpu_side [--emails 256] [--k 10] [--repeats 6]
+    python -m benchmarks.cpu_side [--emails 256] [--k 10] [--repeats 6] [--search faiss|torch]
 
-Builds a run folder with tiny random encoders and the BANKING77 taxonomy (benchmarks/gpu/run.py), exports
-it, and times `classify_texts` on ~128-token emails with encoders that return at once (normalisation,
-tokenising, search, pair assembly, padding, fusion, answers). Prints the median and every repeat.
+Builds a run folder with tiny random encoders, the BANKING77 taxonomy and a label index shaped like the
+trained one (117 exemplars per label, label cards; benchmarks/gpu/run.py), exports it, and times
+`classify_texts` on ~128-token emails with encoders that return at once (normalisation, tokenising, search,
+pair assembly, padding, fusion, answers). Prints the median, its split by stage and every repeat.
 """
 
 import argparse
@@ -35,6 +36,8 @@ def main(argv=None) -> None:
     ap.add_argument("--emails", type=int, default=256, help="emails per batch")
     ap.add_argument("--k", type=int, default=10, help="candidates reranked per email")
     ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--search", choices=("faiss", "torch"), default="faiss",
+                    help="label search by FAISS on the CPU (portable runtime) or by torch (the torch runtime's; on the CPU here)")
     a = ap.parse_args(argv)
 
     from benchmarks.gpu.run import random_run, synthetic_emails
@@ -53,15 +56,20 @@ def main(argv=None) -> None:
         export(ExportConfig(run=str(run), repo=str(work / "repo"), top_k=a.k))
         clf = open_onnx_classifier(work / "repo")
         clf.encoders = InstantEncoders(clf.index.index.d)
+        if a.search == "torch":  # what the torch runtime serves: exemplars scored by torch (on the GPU there)
+            clf.index = clf.index.on_device("cpu")
         texts, errors = clf.prepare(synthetic_emails(a.emails))
         clf.classify_texts(texts, errors, top_k=a.k, gate=False)  # warm: label tokens, tokenizer copies
-        ms = []
+        ms, stages = [], []
         for _ in range(a.repeats):
             t = time.perf_counter()
-            clf.classify_texts(texts, errors, top_k=a.k, gate=False)
+            answers = clf.classify_texts(texts, errors, top_k=a.k, gate=False)
             ms.append((time.perf_counter() - t) * 1e3)
-        print(f"CPU side of one batch of {a.emails} emails, K={a.k}: median {np.median(ms):.0f} ms "
-              f"({a.emails / np.median(ms) * 1e3:.0f} emails/s per process); repeats: {', '.join(f'{m:.0f}' for m in ms)}")
+            stages.append(answers[0].stage_ms)
+        split = ", ".join(f"{k} {np.median([s[k] for s in stages]):.0f}" for k in stages[0])
+        print(f"CPU side of one batch of {a.emails} emails, K={a.k}, label search by {a.search}: median {np.median(ms):.0f} ms "
+              f"({a.emails / np.median(ms) * 1e3:.0f} emails/s per process; by stage, ms: {split}); "
+              f"repeats: {', '.join(f'{m:.0f}' for m in ms)}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

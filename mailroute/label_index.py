@@ -130,6 +130,17 @@ class LabelIndex:
         np.put_along_axis(desc, Id, Dd, axis=1)
         if self.exemplar_index is None or s.description_weight >= 1.0:
             return desc
+        have = np.bincount(self.exemplar_labels, minlength=L)  # exemplars per label
+        if hasattr(self.exemplar_index, "label_means"):  # scored on the device, exactly (on_device)
+            ex = self.exemplar_index.label_means(xq, s.exemplar_top_n, exclude)
+        else:
+            ex = self._exemplar_means_near(xq, s, have, exclude)
+        # labels without exemplars are scored by their description alone
+        return np.where(have[None, :] > 0, s.description_weight * desc + (1 - s.description_weight) * ex, desc)
+
+    def _exemplar_means_near(self, xq: np.ndarray, s: LabelScoring, have: np.ndarray, exclude: np.ndarray = None) -> np.ndarray:
+        """(n, labels) mean of each label's top-n exemplar cosines among the search_depth nearest exemplars (FAISS)."""
+        n, L = len(xq), len(self.taxonomy)
         depth = min(s.search_depth, self.exemplar_index.ntotal)
         De, Ie = self.exemplar_index.search(xq, depth)  # (n, depth) best first
         owner = self.exemplar_labels[Ie]  # (n, depth)
@@ -148,12 +159,10 @@ class LabelIndex:
         np.add.at(taken, (r[use], o[use]), 1)
         ex, taken = ex[:, :L], taken[:, :L]
         # labels with fewer hits than top_n are padded with the deepest similarity seen (an upper bound
-        # of what was not looked at); labels without exemplars are scored by their description alone
+        # of what was not looked at)
         floor = De[:, -1:].astype(np.float64)
-        have = np.bincount(self.exemplar_labels, minlength=L)  # exemplars per label
         want = np.minimum(s.exemplar_top_n, have)[None, :]  # (1, labels)
-        ex = (ex + np.maximum(want - taken, 0) * floor) / np.maximum(want, 1)
-        return np.where(have[None, :] > 0, s.description_weight * desc + (1 - s.description_weight) * ex, desc)
+        return (ex + np.maximum(want - taken, 0) * floor) / np.maximum(want, 1)
 
     def search(self, xq: np.ndarray, k: int, scoring: LabelScoring = None, exclude: np.ndarray = None):
         """(batch, dim) normalised queries -> label scores D (batch, k) and label ids I (batch, k), best first."""
@@ -207,16 +216,18 @@ class LabelIndex:
         return self
 
     def on_device(self, device: str) -> "LabelIndex":
-        """The same vectors searched by torch (matrix product + top-k) on `device`: the torch runtime's label
-        search where faiss-gpu is not installed. For serving only (save() needs the FAISS indexes)."""
+        """The same vectors searched by torch on `device`: the torch runtime's label search where faiss-gpu is
+        not installed. Descriptions by a matrix product + top-k; exemplars scored per label on the device
+        (exact, see TorchExemplarIndex), so one (emails, labels) array comes back per batch. For serving only
+        (save() needs the FAISS indexes)."""
         from dataclasses import replace
 
-        from mailroute.torch_encoders import TorchFlatIP
+        from mailroute.torch_encoders import TorchExemplarIndex, TorchFlatIP
 
-        def move(index):
-            return None if index is None else TorchFlatIP(index.reconstruct_n(0, index.ntotal), device)
-
-        return replace(self, index=move(self.index), exemplar_index=move(self.exemplar_index))
+        ex = self.exemplar_index
+        return replace(self, index=TorchFlatIP(self.index.reconstruct_n(0, self.index.ntotal), device),
+                       exemplar_index=None if ex is None else TorchExemplarIndex(ex.reconstruct_n(0, ex.ntotal), self.exemplar_labels,
+                                                                                 len(self.taxonomy), device))
 
     def with_scoring(self, scoring: LabelScoring) -> "LabelIndex":
         """The same vectors scored by another rule (a new object; this one is unchanged)."""

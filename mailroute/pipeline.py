@@ -129,6 +129,169 @@ def padded_tensors(encodings) -> tuple:
     return ids, mask.astype(contract.TOKEN_DTYPE), types
 
 
+@dataclass(frozen=True)
+class Parts:
+    """Texts tokenised without special tokens, flattened for array arithmetic."""
+    encodings: list  # tokenizers.Encoding per text: post_process's input where a row is checked
+    pool: np.ndarray  # every token id, text after text
+    offsets: np.ndarray  # (texts,) where each text starts in pool
+    lengths: np.ndarray  # (texts,)
+
+    @classmethod
+    def of(cls, encodings: list) -> "Parts":
+        rows = [e.ids for e in encodings]
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        pool = np.fromiter(itertools.chain.from_iterable(rows), dtype=contract.TOKEN_DTYPE, count=int(lengths.sum()))
+        return cls(list(encodings), pool, np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64), lengths)
+
+
+class Assembler:
+    """Encoder inputs (ids, mask, type ids; right-padded with 0) from texts tokenised once without special
+    tokens, laid out as the tokenizer's own post-processing lays them out (truncation, special tokens, type
+    ids), for a whole batch in array arithmetic: calling post_process row by row cost ~50 us a pair, 130 of
+    the ~250 ms of CPU per 256 emails at K=10 (benchmarks/cpu_side.py).
+
+    The layout is [specials] A [specials] (B [specials]) with the parts cut by longest-first truncation
+    (`load_tokenizer`'s). Each distinct (length of A, length of B) is checked once against post_process
+    on a real row; one that differs (another post-processor or truncation rule) is assembled by
+    post_process row by row ever after, so the tensors are post_process's in every case (tested)."""
+
+    MAX_CHECKED = 1 << 16  # distinct length pairs remembered
+
+    def __init__(self, tok: Tokenizer):  # a tokenizer that truncates (or not) but does not pad
+        self.tok = tok
+        t = tok.truncation  # None: no truncation
+        self.max_length = None if t is None else t["max_length"]
+        self.known_rule = t is None or t.get("strategy") == "longest_first"  # others: post_process row by row
+        self.left = t is not None and t.get("direction") == "left"
+        empty = tok.encode("", add_special_tokens=False)
+        self.specials = {1: tok.post_process(empty), 2: tok.post_process(empty, empty)}  # ids, type ids of the specials
+        self.split = {}  # parts -> (specials before A, between A and B, type id of A, of B): read off the first real row
+        self.checked = {}  # (len A, len B or -1) -> (kept of A, kept of B), or None: post_process row by row
+
+    def _kept(self, la: int, lb: int) -> tuple:
+        """Tokens longest-first truncation keeps of each part (a tie gives the odd token to the second)."""
+        budget = None if self.max_length is None else self.max_length - len(self.specials[1 if lb < 0 else 2].ids)
+        lb0 = max(lb, 0)
+        if budget is None or la + lb0 <= budget:
+            return la, lb0
+        if lb < 0:
+            return budget, 0
+        short = min(la, lb0)
+        if short <= budget // 2:
+            return (budget - short, short) if la > lb0 else (short, budget - short)
+        return ((budget + 1) // 2, budget // 2) if la > lb0 else (budget // 2, (budget + 1) // 2)
+
+    def _row(self, a, b, kept) -> tuple:
+        """One row by this layout (ids, type ids as lists), or None while the split is unknown."""
+        n = 1 if b is None else 2
+        if n not in self.split:
+            return None
+        s0, s1, ta_type, tb_type = self.split[n]
+        sp = self.specials[n]
+        ka, kb = kept
+        a_ids = a.ids[len(a.ids) - ka:] if self.left else a.ids[:ka]
+        b_ids = [] if b is None else (b.ids[len(b.ids) - kb:] if self.left else b.ids[:kb])
+        ids = sp.ids[:s0] + a_ids + sp.ids[s0:s0 + s1] + b_ids + sp.ids[s0 + s1:]
+        types = sp.type_ids[:s0] + [ta_type] * ka + sp.type_ids[s0:s0 + s1] + [tb_type] * kb + sp.type_ids[s0 + s1:]
+        return ids, types
+
+    def _check(self, a, b) -> tuple:
+        """(kept of A, kept of B) for this row's lengths where the layout gives post_process's answer, else None."""
+        key = (len(a.ids), -1 if b is None else len(b.ids))
+        if key in self.checked:
+            return self.checked[key]
+        if not self.known_rule:
+            self.checked[key] = None
+            return None
+        want = self.tok.post_process(a, b)
+        kept = self._kept(*key)
+        n = 1 if b is None else 2
+        if n not in self.split and kept[0] and (n == 1 or kept[1]):  # find where A (and B) sit among the specials
+            n_sp = len(self.specials[n].ids)
+            for s0 in range(n_sp + 1):
+                for s1 in range(n_sp - s0 + 1 if n == 2 else 1):
+                    b_at = s0 + kept[0] + s1
+                    if b_at >= len(want.type_ids):
+                        continue
+                    self.split[n] = (s0, s1, want.type_ids[s0], want.type_ids[b_at] if n == 2 else 0)
+                    if self._row(a, b, kept) == (want.ids, want.type_ids):
+                        break
+                    del self.split[n]
+                if n in self.split:
+                    break
+        ok = self._row(a, b, kept) == (want.ids, want.type_ids)
+        if len(self.checked) >= self.MAX_CHECKED:
+            self.checked.clear()
+        if ok or n in self.split:  # unknown split: ask again on the next row of these lengths
+            self.checked[key] = kept if ok else None
+        return kept if ok else None
+
+    def __call__(self, first: Parts, rows_first, second: Parts = None, rows_second=None) -> tuple:
+        """Rows pairing first[rows_first[i]] with second[rows_second[i]] (or first alone) -> (ids, mask, type ids)."""
+        fi = np.asarray(rows_first, dtype=np.int64)
+        si = None if second is None else np.asarray(rows_second, dtype=np.int64)
+        n, n_parts = len(fi), 1 if second is None else 2
+        la = first.lengths[fi]
+        lb = np.full(n, -1) if si is None else second.lengths[si]
+        keys, inverse = np.unique(np.stack([la, lb], 1), axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        kept = np.zeros((len(keys), 2), dtype=np.int64)
+        fallback = np.zeros(len(keys), dtype=bool)
+        for u, (ka, kb) in enumerate(keys.tolist()):
+            got = self.checked.get((ka, kb), False)
+            if got is False:  # not seen yet: checked on the first row with these lengths
+                r = int(np.argmax(inverse == u))
+                got = self._check(first.encodings[fi[r]], None if si is None else second.encodings[si[r]])
+            if got is None:
+                fallback[u] = True
+            else:
+                kept[u] = got
+        ta, tb = kept[inverse, 0], kept[inverse, 1]  # (n,)
+        if n_parts in self.split:
+            s0, s1, type_a, type_b = self.split[n_parts]
+        else:  # no row told where the parts sit: every row by post_process
+            s0, s1, type_a, type_b = 0, 0, 0, 0
+            fallback[:] = True
+        sp_ids = np.asarray(self.specials[n_parts].ids, dtype=contract.TOKEN_DTYPE)
+        sp_types = np.asarray(self.specials[n_parts].type_ids, dtype=contract.TOKEN_DTYPE)
+        end_a = s0 + ta
+        start_b = end_a + s1
+        end_b = start_b + tb
+        end = end_b + len(sp_ids) - s0 - s1
+        width = int(end.max()) if n else 0
+        j = np.arange(width)[None, :]
+        c = lambda v: v[:, None]  # noqa: E731 - per row, against the column positions
+        # where each position's token comes from: a special, A (a prefix or, truncating left, a suffix), B
+        special_at = np.where(j < s0, j, np.where(j < c(end_a), 0, np.where(j < c(start_b), j - c(end_a) + s0,
+                                                                             np.where(j < c(end_b), 0, j - c(end_b) + s0 + s1))))
+        in_a = (j >= s0) & (j < c(end_a))
+        in_b = (j >= c(start_b)) & (j < c(end_b))
+        mask = j < c(end)
+        a_from = c(first.offsets[fi] + (la - ta if self.left else 0)) + j - s0
+        ids = np.where(mask, sp_ids[np.clip(special_at, 0, max(len(sp_ids) - 1, 0))] if len(sp_ids) else 0, 0)
+        ids = np.where(in_a, first.pool[np.clip(a_from, 0, max(len(first.pool) - 1, 0))] if len(first.pool) else 0, ids)
+        types = np.where(mask, sp_types[np.clip(special_at, 0, max(len(sp_types) - 1, 0))] if len(sp_types) else 0, 0)
+        types = np.where(in_a, type_a, types)
+        if si is not None:
+            b_from = c(second.offsets[si] + (lb - tb if self.left else 0)) + j - c(start_b)
+            ids = np.where(in_b, second.pool[np.clip(b_from, 0, max(len(second.pool) - 1, 0))] if len(second.pool) else 0, ids)
+            types = np.where(in_b, type_b, types)
+        ids, types, mask = ids.astype(contract.TOKEN_DTYPE), types.astype(contract.TOKEN_DTYPE), mask.astype(contract.TOKEN_DTYPE)
+        slow = np.flatnonzero(fallback[inverse])
+        if len(slow):  # rows whose lengths the layout does not reproduce: post_process, merged in
+            encs = [self.tok.post_process(first.encodings[fi[r]], None if si is None else second.encodings[si[r]]) for r in slow]
+            ids_s, mask_s, types_s = padded_tensors(encs)
+            grow = max(0, ids_s.shape[1] - width)
+            ids, mask, types = (np.pad(x, ((0, 0), (0, grow))) for x in (ids, mask, types))
+            for x, y in ((ids, ids_s), (mask, mask_s), (types, types_s)):
+                x[slow] = 0
+                x[slow, :y.shape[1]] = y
+            width = int(mask.sum(1).max()) if n else 0  # rows shorter than before keep no extra padding
+            ids, mask, types = ids[:, :width], mask[:, :width], types[:, :width]
+        return ids, mask, types
+
+
 class TwoStageClassifier:
     """classify(emails) -> label, probability, top-K labels with probabilities, needs_review."""
 
@@ -162,18 +325,27 @@ class TwoStageClassifier:
         out = []
         for s in range(0, len(texts), self.embed_batch):
             if parts is not None and single is not None:
-                ids, mask, _ = padded_tensors([single.post_process(e) for e in parts[s:s + self.embed_batch]])
+                chunk = Parts.of(parts[s:s + self.embed_batch])
+                ids, mask, _ = self._assemblers()[1](chunk, np.arange(len(chunk.lengths)))
             else:
                 ids, mask, _ = tensors(self.bi_tok.encode_batch(texts[s:s + self.embed_batch]))
             out.append(self.encoders.embed(ids, mask))
         return np.concatenate(out).astype(np.float32)  # (n, dim)
 
-    def _label_encodings(self) -> list:
+    def _label_parts(self) -> Parts:
         """Each label text tokenised once per classifier (no special tokens, whole)."""
-        if getattr(self, "_label_encs_of", None) is not self.label_texts:  # label texts replaced: tokenise again
-            self._label_encs = self._tokenizers()[0].encode_batch(list(self.label_texts), add_special_tokens=False)
-            self._label_encs_of = self.label_texts
-        return self._label_encs
+        if getattr(self, "_label_parts_of", None) is not self.label_texts:  # label texts replaced: tokenise again
+            self._label_parts_cache = Parts.of(self._tokenizers()[0].encode_batch(list(self.label_texts), add_special_tokens=False))
+            self._label_parts_of = self.label_texts
+        return self._label_parts_cache
+
+    def _assemblers(self) -> tuple:
+        """(pairs, single): the Assemblers of the cross-encoder's pairs and the bi-encoder's single texts (single
+        None where _tokenizers() has no single copy); made with the copies, so they remember checked lengths."""
+        toks = self._tokenizers()
+        if getattr(self, "_asm_of", None) is not toks:
+            self._asm, self._asm_of = (Assembler(toks[1]), None if toks[2] is None else Assembler(toks[2])), toks
+        return self._asm
 
     def _tokenizers(self) -> tuple:
         """(parts, pairs, single): copies of the encoders' tokenizers that never pad (padded_tensors pads a
@@ -193,18 +365,20 @@ class TwoStageClassifier:
     def _score(self, texts: list, candidates, parts: list = None) -> np.ndarray:
         """Cross-encoder logits of each email against each of its candidate label ids, flattened in order:
         (sum of len(candidates[i]),). Each email is tokenised once (not once per candidate; `parts`: already
-        tokenised by score_candidates) and each label once per classifier; the pairs are assembled by the
-        tokenizer's own post-processing (longest-first truncation, [CLS] a [SEP] b [SEP], type ids), so the
-        tensors equal encode_batch on the text pairs (tests hold them equal). Tokenising the K pairs of every
-        email was most of the CPU time per email (measured: 480 of 584 ms per 256 emails at K=10 on 2 cores)."""
-        split, tok, _ = self._tokenizers()
-        emails = parts if parts is not None else split.encode_batch(list(texts), add_special_tokens=False)
-        labels = self._label_encodings()
-        pairs = [(e, labels[c]) for e, cand in zip(emails, candidates) for c in cand]
+        tokenised by score_candidates) and each label once per classifier; the pairs are laid out as the
+        tokenizer's own post-processing lays them out (longest-first truncation, [CLS] a [SEP] b [SEP], type ids;
+        Assembler), so the tensors equal encode_batch on the text pairs (tests hold them equal). Tokenising the
+        K pairs of every email was most of the CPU time per email (measured: 480 of 584 ms per 256 emails at K=10
+        on 2 cores), then post-processing them pair by pair (130 of ~250 ms)."""
+        split = self._tokenizers()[0]
+        emails = Parts.of(parts if parts is not None else split.encode_batch(list(texts), add_special_tokens=False))
+        labels, assemble = self._label_parts(), self._assemblers()[0]
+        candidates = [np.asarray(c, dtype=np.int64).reshape(-1) for c in candidates]
+        email_of = np.repeat(np.arange(len(candidates)), [len(c) for c in candidates])  # (pairs,)
+        label_of = np.concatenate(candidates) if candidates else np.zeros(0, np.int64)
         out = []
-        for s in range(0, len(pairs), self.score_batch):
-            encs = [tok.post_process(e, lab) for e, lab in pairs[s:s + self.score_batch]]
-            ids, mask, types = padded_tensors(encs)
+        for s in range(0, len(email_of), self.score_batch):
+            ids, mask, types = assemble(emails, email_of[s:s + self.score_batch], labels, label_of[s:s + self.score_batch])
             out.append(np.asarray(self.encoders.score(ids, mask, types), dtype=np.float32).reshape(-1))
         return np.concatenate(out) if out else np.zeros(0, np.float32)  # (pairs,)
 

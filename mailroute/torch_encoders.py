@@ -9,7 +9,8 @@ fp32 without graphs and agrees with the ONNX graphs within 1e-4 (tests/test_torc
 
 `TorchFlatIP` stands in for FAISS's IndexFlatIP where faiss-gpu is not installed: exact inner
 product search, the same (scores, ids) within 1e-5 for k <= ntotal (FAISS pads beyond with id -1; this
-returns ntotal columns).
+returns ntotal columns). `TorchExemplarIndex` adds the label scoring over exemplars on the device, so
+only (emails, labels) scores come back to the host instead of (emails, search_depth) neighbours.
 """
 
 import numpy as np
@@ -141,3 +142,45 @@ class TorchFlatIP:
 
     def reconstruct_n(self, start: int, n: int) -> np.ndarray:
         return self.xb[start:start + n].cpu().numpy()
+
+
+class TorchExemplarIndex(TorchFlatIP):
+    """The exemplar vectors with their label ids, scored per label on the device: one matrix product, a
+    gather into (labels, most exemplars of a label) slots, and a top-n. This is exact: the FAISS path looks
+    at the search_depth nearest exemplars only and pads a label with fewer hits by the deepest cosine
+    seen, so the two agree wherever each label's n best exemplars lie within that depth (always for
+    the candidate labels in practice, and for every label when ntotal <= search_depth; tested)."""
+
+    # (emails x labels x slots) floats per chunk of emails: bounds device memory for any batch
+    CHUNK_ELEMENTS = 1 << 25
+
+    def __init__(self, vectors: np.ndarray, labels: np.ndarray, n_labels: int, device: str = "cpu"):
+        super().__init__(vectors, device)
+        labels = np.asarray(labels, dtype=np.int64)
+        have = np.bincount(labels, minlength=n_labels)
+        slots = np.full((n_labels, max(1, int(have.max(initial=0)))), self.ntotal, dtype=np.int64)  # ntotal: an empty slot
+        order = np.argsort(labels, kind="stable")
+        start = np.concatenate([[0], np.cumsum(have)[:-1]])
+        slots[labels[order], np.arange(len(order)) - start[labels[order]]] = order
+        self.slots = torch.from_numpy(slots).to(self.device)  # (labels, slots) exemplar rows of each label
+
+    @torch.inference_mode()
+    def label_means(self, xq: np.ndarray, top_n: int, exclude: np.ndarray = None) -> np.ndarray:
+        """(n, dim) emails -> (n, labels) mean of each label's top_n exemplar cosines (of fewer where the
+        label has fewer; 0 where it has none). exclude: optional (n,) exemplar row per email left out (-1 none)."""
+        q = torch.from_numpy(np.ascontiguousarray(xq, dtype=np.float32)).to(self.device)
+        L, M = self.slots.shape
+        n_top = min(int(top_n), M)
+        step = max(1, self.CHUNK_ELEMENTS // (L * M))
+        out = []
+        for s in range(0, len(q), step):
+            sims = q[s:s + step] @ self.xb.T  # (c, ntotal)
+            sims = torch.cat([sims, sims.new_full((len(sims), 1), float("-inf"))], 1)  # the empty slot's column
+            if exclude is not None:
+                rows = torch.from_numpy(np.asarray(exclude[s:s + step], dtype=np.int64)).to(self.device)
+                hit = rows >= 0
+                sims[torch.arange(len(sims), device=self.device)[hit], rows[hit]] = float("-inf")
+            top = sims[:, self.slots].topk(n_top, dim=-1).values  # (c, labels, n_top)
+            found = torch.isfinite(top)
+            out.append(torch.where(found, top, 0).sum(-1) / found.sum(-1).clamp(min=1))
+        return torch.cat(out).double().cpu().numpy() if out else np.zeros((0, L))

@@ -180,3 +180,53 @@ def test_each_email_tokenised_once_for_both_stages_gives_the_same_answers(tiny_r
     clf._toks = clf._toks[:2] + (None,)  # as if the tokenizers differed: each stage tokenises itself
     for a, b in zip(once, clf.classify(emails, gate=False)):
         assert a.top_labels == b.top_labels and np.allclose(a.top_probabilities, b.top_probabilities, atol=1e-6)
+
+
+def _post_processed(tok, firsts, seconds=None):
+    from mailroute.pipeline import padded_tensors
+
+    return padded_tensors([tok.post_process(a) if seconds is None else tok.post_process(a, b)
+                           for a, b in zip(firsts, seconds or firsts)])
+
+
+@pytest.mark.parametrize("variant", ["bert", "left", "untruncated", "roberta-like", "only_first"])
+def test_assembler_gives_post_process_tensors_for_every_length(variant):
+    """The batch assembly equals post_process row by row for every (email, label) length combination around
+    the truncation budget (ties, one side longer, both cut), special-token text inside an email, truncation
+    from the left, no truncation, another post-processor (its layout found on the first row) and a truncation
+    rule it does not know (then post_process itself, row by row)."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    from mailroute.pipeline import Assembler, Parts
+    from training.models import base_model_dir
+
+    tok = Tokenizer.from_file(str(base_model_dir() / "tokenizer.json"))
+    tok.no_padding()
+    split = Tokenizer.from_str(tok.to_str())
+    split.no_truncation()
+    if variant == "untruncated":
+        tok.no_truncation()
+    else:
+        tok.enable_truncation(24, direction="left" if variant == "left" else "right",
+                              strategy="only_first" if variant == "only_first" else "longest_first")
+    if variant == "roberta-like":  # A and B both type 0, two separators between them, no [CLS]
+        tok.post_processor = TemplateProcessing(single="$A [SEP]", pair="$A [SEP] [SEP] $B:0 [SEP]", special_tokens=[("[SEP]", 102)])
+    words = ("refund", "card", "[SEP]", "blocked", "transfer", "pending")
+    texts = [" ".join(words[(i + j) % len(words)] for j in range(n)) for i, n in enumerate(range(1, 31))]
+    parts = split.encode_batch(texts, add_special_tokens=False)
+    first = Parts.of(parts)
+    rows = np.array([(i, j) for i in range(len(parts)) for j in range(len(parts))
+                     if variant != "only_first" or len(parts[j].ids) <= 20])  # only_first refuses a B it cannot fit
+    assemble = Assembler(tok)
+    for r in (rows, rows[::-7]):  # twice: lengths checked the first time are remembered the second
+        got = assemble(first, r[:, 0], first, r[:, 1])
+        want = _post_processed(tok, [parts[i] for i in r[:, 0]], [parts[j] for j in r[:, 1]])
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and g.shape == w.shape and (g == w).all()
+        single = assemble(first, r[:, 0])
+        for g, w in zip(single, _post_processed(tok, [parts[i] for i in r[:, 0]])):
+            assert g.shape == w.shape and (g == w).all()
+    # the rule it knows reproduces every length combination as arrays; one it does not know is left to post_process
+    fallback = [v is None for v in assemble.checked.values()]
+    assert len(fallback) > 30 and (all(fallback) if variant == "only_first" else not any(fallback))

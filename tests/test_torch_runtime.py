@@ -49,6 +49,49 @@ def test_label_scores_by_torch_equal_faiss(tiny_repo):
     assert np.abs(a - b).max() < 1e-5
 
 
+
+def _random_index(counts: tuple, dim: int = 16, depth: int = 1024, top_n: int = 3, seed: int = 0):
+    """A label index with `counts[i]` random exemplars for label i (0: description only)."""
+    from mailroute.label_index import LabelIndex, LabelScoring
+    from mailroute.taxonomy import Label, Taxonomy
+
+    rng = np.random.default_rng(seed)
+    taxonomy = Taxonomy(tuple(Label(f"l{i}", f"label {i}") for i in range(len(counts))), "t")
+    labels = rng.permutation(np.repeat(np.arange(len(counts)), counts))  # exemplars of a label not contiguous
+    ex = rng.normal(size=(len(labels), dim)).astype(np.float32)
+    return LabelIndex.build(taxonomy, rng.normal(size=(len(counts), dim)), "enc", ex, labels,
+                            scoring=LabelScoring(exemplar_top_n=top_n, description_weight=0.2, search_depth=depth)), rng
+
+
+def test_exemplar_scores_on_the_device_equal_faiss_where_faiss_sees_every_exemplar(monkeypatch):
+    from mailroute.torch_encoders import TorchExemplarIndex
+
+    # a label with none (description only), one with fewer than top_n, uneven others
+    index, rng = _random_index((40, 0, 2, 7, 120, 31))
+    xq = rng.normal(size=(9, 16)).astype(np.float32)
+    faiss.normalize_L2(xq)
+    on_device = index.on_device("cpu")
+    assert isinstance(on_device.exemplar_index, TorchExemplarIndex)
+    assert np.abs(index.label_scores(xq) - on_device.label_scores(xq)).max() < 1e-5
+    # leave-one-out: each email leaves out an exemplar of a label with more than top_n of them
+    big = np.flatnonzero(np.isin(index.exemplar_labels, [0, 4, 5]))
+    exclude = rng.choice(big, len(xq))
+    exclude[0] = -1
+    assert np.abs(index.label_scores(xq, exclude=exclude) - on_device.label_scores(xq, exclude=exclude)).max() < 1e-5
+    # emails scored in chunks (bounded device memory) give the same scores
+    monkeypatch.setattr(TorchExemplarIndex, "CHUNK_ELEMENTS", 1)
+    assert np.abs(index.label_scores(xq) - on_device.label_scores(xq)).max() < 1e-5
+
+
+def test_exemplar_scores_on_the_device_rank_the_candidates_as_faiss_at_a_shallow_depth():
+    """FAISS looks at the 64 nearest of 2,000 exemplars; the device scores all of them: the top candidates
+    (whose best exemplars lie within those 64) are the same labels with the same scores."""
+    index, rng = _random_index((300, 250, 400, 150, 500, 400), dim=8, depth=64)
+    xq = index.exemplar_index.reconstruct_n(0, 20) + 0.05 * rng.normal(size=(20, 8)).astype(np.float32)
+    faiss.normalize_L2(xq)
+    (D, I), (Dt, It) = index.search(xq, 2), index.on_device("cpu").search(xq, 2)
+    assert (I == It).all() and np.abs(D - Dt).max() < 1e-5
+
 def test_torch_runtime_agrees_with_onnx(torch_repo):
     bi_dir, cross_dir = version_dir(torch_repo, contract.BI_ENCODER), version_dir(torch_repo, contract.CROSS_ENCODER)
     assert (bi_dir / "model.py").read_text().count("TorchEncoder") and (bi_dir / TORCH_WEIGHTS_DIR / "config.json").exists()

@@ -7,7 +7,7 @@ this repository, a tokenizer folder and the Triton wheels has to reach the GPU m
     bash benchmarks/gpu/device.sh serve          # on the lent machine, after carry.sh's folders are installed there
     python -m benchmarks.gpu.run --device cpu --tiny --seconds 3      # a smoke run anywhere (tiny model)
 
-Steps: a run folder with random encoders + the BANKING77 taxonomy (77 labels, descriptions only) ->
+Steps: a run folder with random encoders + the BANKING77 taxonomy (77 labels, 117 exemplars each, label cards) ->
 `mailroute export --runtime torch` (+ `--gpu`) -> tritonserver (6 classifier instances, 2 per encoder) -> one email
 per request at concurrency 1, 64 and 256 (emails of about L=128 tokens, K=10, ungated), then 256 gated (the
 policy's gate margin set so that about 25% of these emails are reranked) -> emails/s, p50, p99; then the raw
@@ -38,21 +38,30 @@ def synthetic_emails(n: int, words: int = 110, seed: int = 0) -> list:
     return [" ".join(rng.choice(WORDS, words)) + "." for _ in range(n)]
 
 
-def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: list = (), rerank_share: float = 0.25) -> Path:
-    """A run folder like `mailroute train` writes, with random encoders of the MiniLM-L6 shape. Its policy's
-    gate margin is the `rerank_share` quantile of the top-1 minus top-2 retrieval margins of `texts`, so a
-    gated request reranks about that share of them (what a trained classifier's gate does: 22-25% on BANKING77)."""
+EXEMPLARS_PER_LABEL = 117  # BANKING77's 9,000 training emails over 77 labels, all kept as exemplars by `mailroute train`
+
+
+def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: list = (), rerank_share: float = 0.25,
+               exemplars_per_label: int = EXEMPLARS_PER_LABEL) -> Path:
+    """A run folder like `mailroute train` writes, with random encoders of the MiniLM-L6 shape and a label index
+    shaped like the trained BANKING77 one: `exemplars_per_label` synthetic short emails per label as exemplars
+    (scored by the mean of the top 3, as chosen there) and label cards of the description plus 2 of them (what
+    the cross-encoder reads), so serving does the label search and reads the pair lengths of the real
+    classifier. Its policy's gate margin is the `rerank_share` quantile of the top-1 minus top-2 retrieval
+    margins of `texts`, so a gated request reranks about that share of them (what a trained classifier's
+    gate does: 22-25% on BANKING77)."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.models import Normalize, Pooling, Transformer
     from transformers import BertConfig, BertModel
 
-    from mailroute.label_index import weights_id
+    from mailroute.label_index import LabelScoring, weights_id
     from mailroute.rerank_policy import RerankPolicy
     from mailroute.run_layout import RunFolder
     from mailroute.taxonomy import load_taxonomy
     from training import bi_encoder as bi
     from training.config import TrainConfig
+    from training.data import Example
     from training.models import load_cross_encoder
 
     torch.manual_seed(seed)
@@ -69,7 +78,12 @@ def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: 
     model = SentenceTransformer(modules=[tr, Pooling(tr.get_embedding_dimension(), "mean"), Normalize()], device="cpu")
     model.save(str(run.bi_encoder))
     taxonomy = load_taxonomy(ROOT / "training" / "taxonomies" / "banking77.json")
-    bi.build_label_index(model, taxonomy, weights_id(run.bi_encoder / "model.safetensors")).save(run.label_index)
+    examples = [Example(text, name) for name in taxonomy.names
+                for text in synthetic_emails(exemplars_per_label, words=12, seed=seed + taxonomy.index(name) + 1)]
+    x = bi.embed(model, [e.text for e in examples]) if examples else None
+    cards, _ = bi.label_cards(taxonomy, examples, x, n_examples=2)
+    bi.build_label_index(model, taxonomy, weights_id(run.bi_encoder / "model.safetensors"), examples,
+                         LabelScoring(exemplar_top_n=3, description_weight=0.0), cards, x=x).save(run.label_index)
     load_cross_encoder(base).save(str(run.cross_encoder))
     margin = None
     if len(texts):
@@ -157,14 +171,14 @@ def ceiling(repo: Path, texts: list, device: str, k: int, batch: int = 256, seco
         n += batch
     whole = n / (time.perf_counter() - t0)
     # the same encoder and search work on tensors tokenised once: what the accelerator alone allows
-    from mailroute.pipeline import padded_tensors, tensors
+    from mailroute.pipeline import Parts, tensors
 
     ids, mask, _ = tensors(clf.bi_tok.encode_batch(norm))
     _, I = clf.index.search(enc.embed(ids, mask), k)
-    parts, tok, _ = clf._tokenizers()
-    labels = clf._label_encodings()
-    pairs = [tok.post_process(e, labels[c]) for e, cand in zip(parts.encode_batch(norm, add_special_tokens=False), I) for c in cand]
-    chunks = [padded_tensors(pairs[s:s + clf.score_batch]) for s in range(0, len(pairs), clf.score_batch)]
+    emails, labels = Parts.of(clf._tokenizers()[0].encode_batch(norm, add_special_tokens=False)), clf._label_parts()
+    email_of, label_of = np.repeat(np.arange(len(I)), k), I.reshape(-1)
+    chunks = [clf._assemblers()[0](emails, email_of[s:s + clf.score_batch], labels, label_of[s:s + clf.score_batch])
+              for s in range(0, len(email_of), clf.score_batch)]
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         clf.index.search(enc.embed(ids, mask), k)

@@ -1,0 +1,184 @@
+"""Which fusion of the two stages' scores generalises? A study on a trained run, no retraining.
+
+For every validation and test email of a run, both stages are scored once at a larger K (default 10)
+and cached in the run folder (`study_k10.npz`); then several fusion rules are fitted on validation and
+compared. Validation accuracy is reported two ways: fitted and measured on the same 1,003 emails
+(what `mailroute train` does) and 10-fold cross-validated inside validation (an honest estimate for
+rules with more parameters). Test is read once per rule, for the table only: choices use validation.
+
+    python -m benchmarks.fusion_study --run runs/banking77-ce2 [--extra-ce runs/banking77] [--k 10]
+
+Features per (email, candidate): the cross-encoder logit (plus the logit of each --extra-ce run's
+cross-encoder: a checkpoint ensemble), the run's retrieval score (its chosen label scoring), the label
+scores under other scorings (mean of the top-n exemplar cosines for n in 1/3/10, the description cosine,
+a soft-kNN log-sum-exp of the exemplar cosines) and the candidate's retrieval rank. Each rule is a
+conditional logit over the K candidates: p = softmax(w . features), w fitted by NLL.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import minimize
+
+CACHE = "study_k{k}.npz"
+
+
+def _scored(run: Path, k: int, extra_ce: list, device: str) -> dict:
+    """Both stages over validation and test at K=k, plus the label scores of the other scorings."""
+    from mailroute.label_index import LabelIndex, LabelScoring
+    from mailroute.run_layout import RunFolder
+    from training.config import TrainConfig
+    from training.data import splits_of
+    from training.evaluate import collect
+    from training.models import load_bi_encoder, load_cross_encoder, resolve_device
+    from training.reference import classifier_from_models
+
+    folder = RunFolder(run)
+    cfg = TrainConfig(**json.loads(folder.config.read_text()))
+    device = resolve_device(device)
+    _, _, val, test = splits_of(cfg)
+    index = LabelIndex.load(folder.label_index)
+    bi = load_bi_encoder(folder.bi_encoder, device=device)
+    out = {}
+    for split, rows in (("val", val), ("test", test)):
+        clf = classifier_from_models(bi, load_cross_encoder(folder.cross_encoder, device=device), index, folder.bi_encoder,
+                                     folder.cross_encoder, top_k=k)
+        sc = collect(clf, rows, k)
+        logits = [sc.logits]
+        for other in extra_ce:
+            o = RunFolder(other)
+            c2 = classifier_from_models(bi, load_cross_encoder(o.cross_encoder, device=device), index, folder.bi_encoder,
+                                        o.cross_encoder, top_k=k)
+            texts = [e.text for e in rows]
+            logits.append(np.concatenate([c2._score(texts[s:s + 32], sc.I[s:s + 32]).reshape(-1, k)
+                                          for s in range(0, len(texts), 32)]).astype(np.float64))
+        alt = {}
+        for name, scoring in (("top1", LabelScoring(1, 0.0)), ("top3", LabelScoring(3, 0.0)), ("top10", LabelScoring(10, 0.0)),
+                              ("description", LabelScoring(1, 1.0))):
+            alt[name] = np.take_along_axis(index.label_scores(sc.xq, scoring), sc.I, 1)
+        out[split] = {"gold": sc.gold, "I": sc.I, "D": sc.D, "logits": np.stack(logits, -1), **alt,
+                      "softknn": np.take_along_axis(_soft_knn(index, sc.xq), sc.I, 1)}
+    return out
+
+
+def _soft_knn(index, xq: np.ndarray, tau: float = 0.05, depth: int = 256) -> np.ndarray:
+    """(n, labels) tau x log sum over a label's exemplars among the nearest `depth` of exp(cosine / tau)."""
+    L = len(index)
+    De, Ie = index.exemplar_index.search(np.ascontiguousarray(xq, np.float32), depth)
+    owner = index.exemplar_labels[Ie]
+    z = np.exp((De.astype(np.float64) - De[:, :1]) / tau)
+    mass = np.zeros((len(xq), L))
+    np.add.at(mass, (np.repeat(np.arange(len(xq)), depth), owner.ravel()), z.ravel())
+    return tau * np.log(mass + 1e-12) + De[:, :1]
+
+
+def _features(s: dict, names: list, k: int) -> np.ndarray:
+    cols = []
+    for n in names:
+        if n.startswith("ce"):
+            cols.append(s["logits"][:, :k, int(n[2:] or 0)])
+        elif n == "rank":  # the candidate's retrieval position: 0 best
+            cols.append(np.broadcast_to(-np.log1p(np.arange(k))[None, :], (len(s["gold"]), k)))
+        else:
+            cols.append(s[n][:, :k])
+    return np.stack(cols, -1)  # (n, k, f)
+
+
+def _fit(F: np.ndarray, gold: np.ndarray, l2: float = 1e-6) -> np.ndarray:
+    ok = gold >= 0
+    F, gold = F[ok], gold[ok]
+    rows = np.arange(len(gold))
+    scale = F.reshape(-1, F.shape[-1]).std(0) + 1e-9  # fit on standardised features
+
+    def objective(w):
+        z = F @ (w / scale)
+        z = z - z.max(1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(1, keepdims=True)
+        nll = -np.log(p[rows, gold] + 1e-300).sum() + l2 * len(gold) * (w @ w)
+        g = -((F[rows, gold] - np.einsum("nk,nkf->nf", p, F)) / scale).sum(0) + 2 * l2 * len(gold) * w
+        return nll, g
+
+    return minimize(objective, np.ones(F.shape[-1]), jac=True, method="L-BFGS-B").x / scale
+
+
+def _accuracy(F, gold, w) -> float:
+    return float(np.mean((F @ w).argmax(1) == gold))  # rows whose gold was not retrieved count as wrong
+
+
+def _cv(F, gold, folds: int = 10, seed: int = 0) -> float:
+    order = np.random.default_rng(seed).permutation(len(gold))
+    right = 0
+    for f in range(folds):
+        held = order[f::folds]
+        train = np.setdiff1d(order, held)
+        w = _fit(F[train], gold[train])
+        right += int(((F[held] @ w).argmax(1) == gold[held]).sum())
+    return right / len(gold)
+
+
+RULES = {  # name -> (features, K)
+    "retrieval only (run's scoring)": (["D"], 10),
+    "served: CE + retrieval, K=5": (["ce0", "D"], 5),
+    "CE + retrieval, K=10": (["ce0", "D"], 10),
+    "CE + retrieval + description, K=5": (["ce0", "D", "description"], 5),
+    "CE + top1/top3/top10 + description, K=5": (["ce0", "top1", "top3", "top10", "description"], 5),
+    "CE + retrieval + soft-kNN, K=5": (["ce0", "D", "softknn"], 5),
+    "CE + retrieval + rank, K=5": (["ce0", "D", "rank"], 5),
+    "CE + all retrieval features + rank, K=5": (["ce0", "top1", "top3", "top10", "description", "softknn", "rank"], 5),
+    "CE + all retrieval features + rank, K=10": (["ce0", "top1", "top3", "top10", "description", "softknn", "rank"], 10),
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--run", required=True, help="a trained run folder (mailroute train)")
+    ap.add_argument("--extra-ce", nargs="*", default=[], help="other runs sharing stage 1 whose cross-encoders are added as features")
+    ap.add_argument("--k", type=int, default=10, help="candidates scored per email (rules use the first 5 or all)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", help="write the table here as JSON too")
+    a = ap.parse_args(argv)
+    run = Path(a.run)
+    cache = run / CACHE.format(k=a.k)
+    cached = dict(np.load(cache)) if cache.exists() else {}
+    extra = [str(x) for x in cached.get("extra_ce", [])]
+    if cached and (not a.extra_ce or extra == a.extra_ce):
+        data = {sp: {key[len(sp) + 1:]: v for key, v in cached.items() if key.startswith(sp + "/")} for sp in ("val", "test")}
+        print(f"scores from {cache} (extra cross-encoders: {extra or 'none'})", file=sys.stderr)
+    else:
+        t0 = time.time()
+        data = _scored(run, a.k, a.extra_ce, a.device)
+        np.savez(cache, extra_ce=np.array(a.extra_ce, dtype=str), **{f"{sp}/{key}": v for sp, d in data.items() for key, v in d.items()})
+        print(f"scored in {time.time() - t0:.0f} s, cached to {cache}", file=sys.stderr)
+    n_ce = data["val"]["logits"].shape[-1]
+    rules = dict(RULES)
+    if n_ce > 1:
+        rules["CE ensemble (" + "+".join(f"ce{i}" for i in range(n_ce)) + ") + retrieval, K=5"] = ([f"ce{i}" for i in range(n_ce)] + ["D"], 5)
+        rules["CE ensemble + retrieval, K=10"] = ([f"ce{i}" for i in range(n_ce)] + ["D"], 10)
+    gold = {sp: d["gold"] for sp, d in data.items()}
+    table = []
+    for name, (feats, k) in rules.items():
+        pos = {}
+        for sp, d in data.items():
+            hit = d["I"][:, :k] == gold[sp][:, None]
+            pos[sp] = np.where(hit.any(1), hit.argmax(1), -1)
+        Fv, Ft = _features(data["val"], feats, k), _features(data["test"], feats, k)
+        w = _fit(Fv, pos["val"])
+        table.append({"rule": name, "features": feats, "k": k, "weights": w.round(4).tolist(),
+                      "val_in_sample": _accuracy(Fv, pos["val"], w), "val_cv10": _cv(Fv, pos["val"]),
+                      "test": _accuracy(Ft, pos["test"], w)})
+    print(f"{'rule':48s} {'val (fit=eval)':>14s} {'val 10-fold':>11s} {'test':>7s}")
+    for r in table:
+        print(f"{r['rule']:48s} {r['val_in_sample']:14.2%} {r['val_cv10']:11.2%} {r['test']:7.2%}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(table, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
