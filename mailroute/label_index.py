@@ -130,16 +130,21 @@ class LabelIndex:
         np.put_along_axis(desc, Id, Dd, axis=1)
         if self.exemplar_index is None or s.description_weight >= 1.0:
             return desc
-        have = np.bincount(self.exemplar_labels, minlength=L)  # exemplars per label
+        have = np.broadcast_to(np.bincount(self.exemplar_labels, minlength=L), (n, L))  # exemplars of each label, per email
+        if exclude is not None:  # an email's excluded exemplar does not exist for it
+            rows = np.flatnonzero(np.asarray(exclude) >= 0)
+            have = have.copy()
+            have[rows, self.exemplar_labels[np.asarray(exclude)[rows]]] -= 1
         if hasattr(self.exemplar_index, "label_means"):  # scored on the device, exactly (on_device)
             ex = self.exemplar_index.label_means(xq, s.exemplar_top_n, exclude)
         else:
             ex = self._exemplar_means_near(xq, s, have, exclude)
         # labels without exemplars are scored by their description alone
-        return np.where(have[None, :] > 0, s.description_weight * desc + (1 - s.description_weight) * ex, desc)
+        return np.where(have > 0, s.description_weight * desc + (1 - s.description_weight) * ex, desc)
 
     def _exemplar_means_near(self, xq: np.ndarray, s: LabelScoring, have: np.ndarray, exclude: np.ndarray = None) -> np.ndarray:
-        """(n, labels) mean of each label's top-n exemplar cosines among the search_depth nearest exemplars (FAISS)."""
+        """(n, labels) mean of each label's top-n exemplar cosines among the search_depth nearest exemplars (FAISS).
+        have: (n, labels) exemplars of each label for each email (its excluded one not counted)."""
         n, L = len(xq), len(self.taxonomy)
         depth = min(s.search_depth, self.exemplar_index.ntotal)
         De, Ie = self.exemplar_index.search(xq, depth)  # (n, depth) best first
@@ -161,7 +166,7 @@ class LabelIndex:
         # labels with fewer hits than top_n are padded with the deepest similarity seen (an upper bound
         # of what was not looked at)
         floor = De[:, -1:].astype(np.float64)
-        want = np.minimum(s.exemplar_top_n, have)[None, :]  # (1, labels)
+        want = np.minimum(s.exemplar_top_n, have)  # (n, labels)
         return (ex + np.maximum(want - taken, 0) * floor) / np.maximum(want, 1)
 
     def search(self, xq: np.ndarray, k: int, scoring: LabelScoring = None, exclude: np.ndarray = None):

@@ -166,7 +166,9 @@ class Assembler:
         self.left = t is not None and t.get("direction") == "left"
         empty = tok.encode("", add_special_tokens=False)
         self.specials = {1: tok.post_process(empty), 2: tok.post_process(empty, empty)}  # ids, type ids of the specials
-        self.split = {}  # parts -> (specials before A, between A and B, type id of A, of B): read off the first real row
+        # where A (and B) sit among the specials, per number of parts: found once on placeholder texts, never on
+        # an email (one that spells "[CLS]" would fit a wrong layout); None: not found, post_process row by row
+        self.split = {n: self._find_split(n) for n in (1, 2)} if self.known_rule else {1: None, 2: None}
         self.checked = {}  # (len A, len B or -1) -> (kept of A, kept of B), or None: post_process row by row
 
     def _kept(self, la: int, lb: int) -> tuple:
@@ -182,13 +184,10 @@ class Assembler:
             return (budget - short, short) if la > lb0 else (short, budget - short)
         return ((budget + 1) // 2, budget // 2) if la > lb0 else (budget // 2, (budget + 1) // 2)
 
-    def _row(self, a, b, kept) -> tuple:
-        """One row by this layout (ids, type ids as lists), or None while the split is unknown."""
-        n = 1 if b is None else 2
-        if n not in self.split:
-            return None
-        s0, s1, ta_type, tb_type = self.split[n]
-        sp = self.specials[n]
+    def _row(self, split: tuple, a, b, kept) -> tuple:
+        """One row laid out by `split` (ids, type ids as lists)."""
+        s0, s1, ta_type, tb_type = split
+        sp = self.specials[1 if b is None else 2]
         ka, kb = kept
         a_ids = a.ids[len(a.ids) - ka:] if self.left else a.ids[:ka]
         b_ids = [] if b is None else (b.ids[len(b.ids) - kb:] if self.left else b.ids[:kb])
@@ -196,36 +195,42 @@ class Assembler:
         types = sp.type_ids[:s0] + [ta_type] * ka + sp.type_ids[s0:s0 + s1] + [tb_type] * kb + sp.type_ids[s0 + s1:]
         return ids, types
 
+    def _find_split(self, n: int):
+        """(specials before A, specials between A and B, type id of A, of B) that reproduce post_process on the
+        placeholder texts "a" (and "b"), when exactly one does; else None."""
+        a = self.tok.encode("a", add_special_tokens=False)
+        b = self.tok.encode("b", add_special_tokens=False) if n == 2 else None
+        if not a.ids or (b is not None and not b.ids):
+            return None
+        want = self.tok.post_process(a, b)
+        kept = self._kept(len(a.ids), -1 if b is None else len(b.ids))
+        if not kept[0] or (b is not None and not kept[1]):
+            return None
+        n_sp, fits = len(self.specials[n].ids), []
+        for s0 in range(n_sp + 1):
+            for s1 in range(n_sp - s0 + 1 if n == 2 else 1):
+                b_at = s0 + kept[0] + s1
+                if b_at >= len(want.type_ids) and n == 2:
+                    continue
+                split = (s0, s1, want.type_ids[s0], want.type_ids[b_at] if n == 2 else 0)
+                if self._row(split, a, b, kept) == (want.ids, want.type_ids):
+                    fits.append(split)
+        return fits[0] if len(fits) == 1 else None
+
     def _check(self, a, b) -> tuple:
         """(kept of A, kept of B) for this row's lengths where the layout gives post_process's answer, else None."""
         key = (len(a.ids), -1 if b is None else len(b.ids))
         if key in self.checked:
             return self.checked[key]
-        if not self.known_rule:
-            self.checked[key] = None
-            return None
-        want = self.tok.post_process(a, b)
-        kept = self._kept(*key)
-        n = 1 if b is None else 2
-        if n not in self.split and kept[0] and (n == 1 or kept[1]):  # find where A (and B) sit among the specials
-            n_sp = len(self.specials[n].ids)
-            for s0 in range(n_sp + 1):
-                for s1 in range(n_sp - s0 + 1 if n == 2 else 1):
-                    b_at = s0 + kept[0] + s1
-                    if b_at >= len(want.type_ids):
-                        continue
-                    self.split[n] = (s0, s1, want.type_ids[s0], want.type_ids[b_at] if n == 2 else 0)
-                    if self._row(a, b, kept) == (want.ids, want.type_ids):
-                        break
-                    del self.split[n]
-                if n in self.split:
-                    break
-        ok = self._row(a, b, kept) == (want.ids, want.type_ids)
+        split, kept = self.split[1 if b is None else 2], None
+        if split is not None:
+            kept, want = self._kept(*key), self.tok.post_process(a, b)
+            if self._row(split, a, b, kept) != (want.ids, want.type_ids):
+                kept = None
         if len(self.checked) >= self.MAX_CHECKED:
             self.checked.clear()
-        if ok or n in self.split:  # unknown split: ask again on the next row of these lengths
-            self.checked[key] = kept if ok else None
-        return kept if ok else None
+        self.checked[key] = kept
+        return kept
 
     def __call__(self, first: Parts, rows_first, second: Parts = None, rows_second=None) -> tuple:
         """Rows pairing first[rows_first[i]] with second[rows_second[i]] (or first alone) -> (ids, mask, type ids)."""
@@ -248,11 +253,7 @@ class Assembler:
             else:
                 kept[u] = got
         ta, tb = kept[inverse, 0], kept[inverse, 1]  # (n,)
-        if n_parts in self.split:
-            s0, s1, type_a, type_b = self.split[n_parts]
-        else:  # no row told where the parts sit: every row by post_process
-            s0, s1, type_a, type_b = 0, 0, 0, 0
-            fallback[:] = True
+        s0, s1, type_a, type_b = self.split[n_parts] or (0, 0, 0, 0)  # no split: every row fell back above
         sp_ids = np.asarray(self.specials[n_parts].ids, dtype=contract.TOKEN_DTYPE)
         sp_types = np.asarray(self.specials[n_parts].type_ids, dtype=contract.TOKEN_DTYPE)
         end_a = s0 + ta

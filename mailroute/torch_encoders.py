@@ -167,7 +167,8 @@ class TorchExemplarIndex(TorchFlatIP):
     @torch.inference_mode()
     def label_means(self, xq: np.ndarray, top_n: int, exclude: np.ndarray = None) -> np.ndarray:
         """(n, dim) emails -> (n, labels) mean of each label's top_n exemplar cosines (of fewer where the
-        label has fewer; 0 where it has none). exclude: optional (n,) exemplar row per email left out (-1 none)."""
+        label has fewer; 0 where it has none: LabelIndex scores those by their description). exclude: optional (n,)
+        exemplar row per email that does not exist for it (-1 none)."""
         q = torch.from_numpy(np.ascontiguousarray(xq, dtype=np.float32)).to(self.device)
         L, M = self.slots.shape
         n_top = min(int(top_n), M)

@@ -189,7 +189,7 @@ def _post_processed(tok, firsts, seconds=None):
                            for a, b in zip(firsts, seconds or firsts)])
 
 
-@pytest.mark.parametrize("variant", ["bert", "left", "untruncated", "roberta-like", "only_first"])
+@pytest.mark.parametrize("variant", ["bert", "left", "untruncated", "roberta-like", "no-trailing", "only_first"])
 def test_assembler_gives_post_process_tensors_for_every_length(variant):
     """The batch assembly equals post_process row by row for every (email, label) length combination around
     the truncation budget (ties, one side longer, both cut), special-token text inside an email, truncation
@@ -212,8 +212,11 @@ def test_assembler_gives_post_process_tensors_for_every_length(variant):
                               strategy="only_first" if variant == "only_first" else "longest_first")
     if variant == "roberta-like":  # A and B both type 0, two separators between them, no [CLS]
         tok.post_processor = TemplateProcessing(single="$A [SEP]", pair="$A [SEP] [SEP] $B:0 [SEP]", special_tokens=[("[SEP]", 102)])
+    if variant == "no-trailing":  # nothing after the last part
+        tok.post_processor = TemplateProcessing(single="[CLS] $A", pair="[CLS] $A $B:1", special_tokens=[("[CLS]", 101)])
     words = ("refund", "card", "[SEP]", "blocked", "transfer", "pending")
-    texts = [" ".join(words[(i + j) % len(words)] for j in range(n)) for i, n in enumerate(range(1, 31))]
+    # the first rows spell special tokens: the layout must not be learnt from them
+    texts = ["[CLS]", "[CLS] [SEP]"] + [" ".join(words[(i + j) % len(words)] for j in range(n)) for i, n in enumerate(range(1, 31))]
     parts = split.encode_batch(texts, add_special_tokens=False)
     first = Parts.of(parts)
     rows = np.array([(i, j) for i in range(len(parts)) for j in range(len(parts))

@@ -64,20 +64,25 @@ def _random_index(counts: tuple, dim: int = 16, depth: int = 1024, top_n: int = 
 
 
 def test_exemplar_scores_on_the_device_equal_faiss_where_faiss_sees_every_exemplar(monkeypatch):
+    from mailroute.label_index import LabelScoring
     from mailroute.torch_encoders import TorchExemplarIndex
 
-    # a label with none (description only), one with fewer than top_n, uneven others
-    index, rng = _random_index((40, 0, 2, 7, 120, 31))
+    # a label with none (description only), one with a single exemplar, one with fewer than top_n, uneven others
+    index, rng = _random_index((40, 0, 2, 7, 120, 1, 31))
     xq = rng.normal(size=(9, 16)).astype(np.float32)
     faiss.normalize_L2(xq)
     on_device = index.on_device("cpu")
     assert isinstance(on_device.exemplar_index, TorchExemplarIndex)
     assert np.abs(index.label_scores(xq) - on_device.label_scores(xq)).max() < 1e-5
-    # leave-one-out: each email leaves out an exemplar of a label with more than top_n of them
-    big = np.flatnonzero(np.isin(index.exemplar_labels, [0, 4, 5]))
-    exclude = rng.choice(big, len(xq))
-    exclude[0] = -1
-    assert np.abs(index.label_scores(xq, exclude=exclude) - on_device.label_scores(xq, exclude=exclude)).max() < 1e-5
+    # leave-one-out: an email's own exemplar does not exist for it, also where that leaves its label with fewer
+    # than top_n or none (then the description alone scores it, as for a label that never had exemplars)
+    labels = index.exemplar_labels
+    exclude = np.array([-1, *(np.flatnonzero(labels == lab)[0] for lab in (0, 2, 3, 4, 5, 6, 5, 2))])
+    assert len(exclude) == len(xq)
+    left_out = index.label_scores(xq, exclude=exclude)
+    assert np.abs(left_out - on_device.label_scores(xq, exclude=exclude)).max() < 1e-5
+    desc = index.label_scores(xq, LabelScoring(exemplar_top_n=3, description_weight=1.0))
+    assert np.allclose(left_out[[5, 7], 5], desc[[5, 7], 5]) and not np.allclose(left_out[0, 5], desc[0, 5])
     # emails scored in chunks (bounded device memory) give the same scores
     monkeypatch.setattr(TorchExemplarIndex, "CHUNK_ELEMENTS", 1)
     assert np.abs(index.label_scores(xq) - on_device.label_scores(xq)).max() < 1e-5
