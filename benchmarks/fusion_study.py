@@ -24,8 +24,6 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize
 
-CACHE = "study_k{k}.npz"
-
 
 def _scored(run: Path, k: int, extra_ce: list, device: str) -> dict:
     """Both stages over validation and test at K=k, plus the label scores of the other scorings."""
@@ -88,6 +86,12 @@ def _features(s: dict, names: list, k: int) -> np.ndarray:
     return np.stack(cols, -1)  # (n, k, f)
 
 
+def _gold_pos(s: dict, k: int) -> np.ndarray:
+    """(n,) position of the gold label among the first k candidates, -1 where it was not retrieved."""
+    hit = s["I"][:, :k] == s["gold"][:, None]
+    return np.where(hit.any(1), hit.argmax(1), -1)
+
+
 def _fit(F: np.ndarray, gold: np.ndarray, l2: float = 1e-6) -> np.ndarray:
     ok = gold >= 0
     F, gold = F[ok], gold[ok]
@@ -144,7 +148,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the table here as JSON too")
     a = ap.parse_args(argv)
     run = Path(a.run)
-    cache = run / CACHE.format(k=a.k)
+    from mailroute.run_layout import RunFolder
+
+    cache = RunFolder(run).study_cache(a.k)
     cached = dict(np.load(cache)) if cache.exists() else {}
     extra = [str(x) for x in cached.get("extra_ce", [])]
     if cached and (not a.extra_ce or extra == a.extra_ce):
@@ -160,13 +166,9 @@ def main(argv=None) -> int:
     if n_ce > 1:
         rules["CE ensemble (" + "+".join(f"ce{i}" for i in range(n_ce)) + ") + retrieval, K=5"] = ([f"ce{i}" for i in range(n_ce)] + ["D"], 5)
         rules["CE ensemble + retrieval, K=10"] = ([f"ce{i}" for i in range(n_ce)] + ["D"], 10)
-    gold = {sp: d["gold"] for sp, d in data.items()}
     table = []
     for name, (feats, k) in rules.items():
-        pos = {}
-        for sp, d in data.items():
-            hit = d["I"][:, :k] == gold[sp][:, None]
-            pos[sp] = np.where(hit.any(1), hit.argmax(1), -1)
+        pos = {sp: _gold_pos(d, k) for sp, d in data.items()}
         Fv, Ft = _features(data["val"], feats, k), _features(data["test"], feats, k)
         w = _fit(Fv, pos["val"])
         table.append({"rule": name, "features": feats, "k": k, "weights": w.round(4).tolist(),
@@ -175,6 +177,16 @@ def main(argv=None) -> int:
     print(f"{'rule':48s} {'val (fit=eval)':>14s} {'val 10-fold':>11s} {'test':>7s}")
     for r in table:
         print(f"{r['rule']:48s} {r['val_in_sample']:14.2%} {r['val_cv10']:11.2%} {r['test']:7.2%}")
+    # the served row once more through the product's own fit and formula (RerankPolicy), as a check of this fitter
+    from mailroute.rerank_policy import fit_fusion
+
+    def served(d, policy):
+        return float(np.mean(policy.probabilities(d["logits"][:, :5, 0], d["D"][:, :5]).argmax(1) == _gold_pos(d, 5)))
+
+    ok = _gold_pos(data["val"], 5) >= 0
+    policy = fit_fusion(data["val"]["logits"][ok, :5, 0], data["val"]["D"][ok, :5], _gold_pos(data["val"], 5)[ok])
+    print(f"{'served rule by RerankPolicy (fit_fusion)':48s} {served(data['val'], policy):14.2%} {'':11s} {served(data['test'], policy):7.2%}"
+          f"   retrieval_weight {policy.retrieval_weight:.0f}")
     if a.json:
         Path(a.json).write_text(json.dumps(table, indent=1) + "\n")
     return 0

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mailroute.run_layout import RunFolder
+
 
 def paired_comparison(gold, a, b, resamples: int = 10_000, seed: int = 0) -> dict:
     """a, b: two systems' labels for the same emails. -> accuracies, discordant counts, McNemar exact p,
@@ -45,7 +47,7 @@ def main(argv=None):
     src.add_argument("--predictions", help="a predictions.jsonl file")
     ap.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    path = Path(a.predictions) if a.predictions else Path(a.run) / "predictions.jsonl"
+    path = Path(a.predictions) if a.predictions else RunFolder(a.run).predictions
     if not path.exists():
         sys.exit(f"paired: {path} does not exist (train or refit the run first)")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

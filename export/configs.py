@@ -38,10 +38,14 @@ class Runtime:
     exported: bool = True  # `mailroute export --runtime` may choose it (tensorrt plans are built later, by trtexec)
 
 
+# where the TensorRT execution provider keeps its engines, inside the serving container: docker-compose.yml mounts
+# a named volume there, so an engine is built once per version and card, not at every start
+TRT_ENGINE_CACHE = "/trt_engine_cache"
+
 RUNTIMES = {
     "portable": Runtime(backend="python", adapter="onnx_encoder.py", parameters={"intra_op_threads": "0"}),
     "native": Runtime(platform="onnxruntime_onnx", fused_graph=False, gpu_accelerator={
-        "name": "tensorrt", "precision_mode": "FP16", "trt_engine_cache_enable": "1", "trt_engine_cache_path": "/tmp/trt_engine_cache"}),
+        "name": "tensorrt", "precision_mode": "FP16", "trt_engine_cache_enable": "1", "trt_engine_cache_path": TRT_ENGINE_CACHE}),
     "tensorrt": Runtime(platform="tensorrt_plan", fused_graph=False, exported=False),
     "torch": Runtime(backend="python", adapter="torch_encoder.py", torch_weights=True),
 }
@@ -136,7 +140,7 @@ def classifier_model_config(max_batch: int, instances: int, embed_batch: int, sc
         cfg.version_policy.latest.num_versions = 1
     cfg.parameters["embed_batch"].string_value = str(embed_batch)
     cfg.parameters["score_batch"].string_value = str(score_batch)
-    if search_device:  # label search by torch on this device (mailroute.torch_encoders.TorchFlatIP)
+    if search_device:  # label search by torch on this device (LabelIndex.on_device: TorchFlatIP, TorchExemplarIndex)
         cfg.parameters["search_device"].string_value = search_device
     return cfg
 
@@ -150,5 +154,6 @@ def runtime_of(cfg: mc.ModelConfig) -> str:
     """The registry name of the runtime a parsed config runs (None when no entry matches)."""
     if "runtime" in cfg.parameters:
         return cfg.parameters["runtime"].string_value
-    # configs written before the parameter: the python backend could only be portable then
-    return {("python", ""): "portable", ("", "onnxruntime_onnx"): "native", ("", "tensorrt_plan"): "tensorrt"}.get((cfg.backend, cfg.platform))
+    # configs written before the parameter: the first registry entry with their backend/platform (the python
+    # backend could only be portable then, and portable precedes torch in RUNTIMES)
+    return next((name for name, r in RUNTIMES.items() if (r.backend, r.platform) == (cfg.backend, cfg.platform)), None)

@@ -27,6 +27,7 @@ from training.models import load_bi_encoder, load_cross_encoder
 from training.reference import load_policy
 
 TRITON_DIR = Path(__file__).resolve().parent / "triton"
+CLASSIFIER_MAX_BATCH = 64  # emails per email_classifier server batch (its config's max_batch_size)
 PARITY_TEXTS = [
     "Hi, I was charged twice for my subscription this month. Please refund the extra charge.",
     "I can't log in, the password reset link never arrives.",
@@ -170,10 +171,11 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
         bi_path, cross_path = work / "bi.int8.onnx", work / "cross.int8.onnx"
 
     # 2. encoder versions (+ configs); the label index rebuilt with the exported bi-encoder
+    # each encoder's max_batch_size is the most rows the classifier sends it in one BLS call (embed/score batch)
     dim = int(old.manifest["dim"])
-    bi_v = _write_encoder(repo, contract.BI_ENCODER, bi_path, bi_tok, cfg, dim, max_batch=64, save_weights=bi_model[0].auto_model.save_pretrained)
+    bi_v = _write_encoder(repo, contract.BI_ENCODER, bi_path, bi_tok, cfg, dim, max_batch=DEFAULTS.embed_batch, save_weights=bi_model[0].auto_model.save_pretrained)
     # the cross-encoder's whole folder (weights + tokenizer): continued training loads it as a CrossEncoder
-    cross_v = _write_encoder(repo, contract.CROSS_ENCODER, cross_path, cross_tok, cfg, dim, max_batch=256, save_weights=cross_model.save)
+    cross_v = _write_encoder(repo, contract.CROSS_ENCODER, cross_path, cross_tok, cfg, dim, max_batch=DEFAULTS.score_batch, save_weights=cross_model.save)
     bi_dir = repo / contract.BI_ENCODER / str(bi_v)
     index = label_index_from_onnx(bi_dir / MODEL_FILE, bi_dir / TOKENIZER_FILE, old)
 
@@ -192,7 +194,8 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
     # the config keeps serving what it served; promote() then names the new version and logs the change
     search_device = "cuda" if cfg.gpu and configs.runtime(cfg.runtime).torch_weights else ""  # no faiss-gpu there: torch search
     (repo / contract.CLASSIFIER / versions.CONFIG_FILE).write_text(
-        configs.classifier_config(64, cfg.classifier_instances, embed_batch=64, score_batch=256, serving_version=previous or cv,
+        configs.classifier_config(CLASSIFIER_MAX_BATCH, cfg.classifier_instances, embed_batch=DEFAULTS.embed_batch,
+                                  score_batch=DEFAULTS.score_batch, serving_version=previous or cv,
                                   throughput=configs.Throughput(cfg.classifier_instances, (), configs.CLASSIFIER_DELAY_FACTOR * cfg.max_queue_delay_us,
                                                                     cfg.max_queue_size),
                                   search_device=search_device))

@@ -255,20 +255,22 @@ def cmd_demo(args):
     from client.server import TritonServer
     from export.run import ExportConfig, export
     from mailroute.repository import versions
+    from mailroute.run_layout import RunFolder
     from training.data import DEMO_DIR, load_demo
     from training.run import TrainConfig, run
 
     t0 = time.time()
     run_dir = Path(args.run)
-    if args.retrain or not (run_dir / "metrics.json").exists():
+    run_folder = RunFolder(run_dir)
+    if args.retrain or not run_folder.metrics.exists():
         print("== 1. train both stages on the built-in 50-label email taxonomy", flush=True)
         # K=5 for the small demo: recall@5 of its bi-encoder is ~99% on validation, and it halves rerank cost
         run(TrainConfig(dataset="demo", out=str(run_dir), k_train=5, k_eval=5))
     else:
         print(f"== 1. using the trained run in {run_dir} (--retrain to train again)")
-    print(f"\n{(run_dir / 'report.md').read_text()}")
+    print(f"\n{run_folder.report.read_text()}")
     print("== 2. export ONNX into the Triton model repository", flush=True)
-    if args.retrain or not versions(args.repo, "email_classifier"):
+    if args.retrain or not versions(args.repo, CLASSIFIER):
         export(ExportConfig(run=str(run_dir), repo=args.repo))
     print("== 3. start Triton and classify sample emails over gRPC", flush=True)
     with TritonServer(args.repo) as server:

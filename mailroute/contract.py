@@ -36,6 +36,7 @@ class Tensor:
 BI_ENCODER = "bi_encoder"
 CROSS_ENCODER = "cross_encoder"
 CLASSIFIER = "email_classifier"
+MODELS = (CLASSIFIER, BI_ENCODER, CROSS_ENCODER)  # the order of the MODEL_VERSIONS output
 
 # encoder tensors (both encoders)
 INPUT_IDS = "input_ids"
@@ -61,7 +62,7 @@ TOP_LABELS = "TOP_LABELS"  # string, (batch, K)
 TOP_PROBABILITIES = "TOP_PROBABILITIES"  # fp32, (batch, K)
 NEEDS_REVIEW = "NEEDS_REVIEW"  # bool, (batch, 1)
 ERROR = "ERROR"  # string, (batch, 1): empty when the row was classified, else why not
-MODEL_VERSIONS = "MODEL_VERSIONS"  # string, (batch, 3): classifier, bi_encoder, cross_encoder
+MODEL_VERSIONS = "MODEL_VERSIONS"  # string, (batch, 3): the versions of MODELS, in that order
 # fp32, (batch, 4): milliseconds each stage (STAGES) took for the server batch this row was part of. Per
 # batch, not per row: one Triton batch merges several requests, so rows of a batch share these values
 # and summing them over rows overcounts. Per-stage histograms are on the Prometheus endpoint (METRIC_*).
@@ -73,7 +74,7 @@ CLASSIFIER_INPUT_TENSORS = (Tensor(TEXT, object, (1,)), Tensor(SUBJECT, object, 
 CLASSIFIER_OUTPUT_TENSORS = (
     Tensor(LABEL, object, (1,)), Tensor(PROBABILITY, np.float32, (1,)), Tensor(TOP_LABELS, object, (-1,)),
     Tensor(TOP_PROBABILITIES, np.float32, (-1,)), Tensor(NEEDS_REVIEW, bool, (1,)), Tensor(ERROR, object, (1,)),
-    Tensor(MODEL_VERSIONS, object, (3,)), Tensor(STAGE_MS, np.float32, (len(STAGES),)), Tensor(RERANKED, bool, (1,)))
+    Tensor(MODEL_VERSIONS, object, (len(MODELS),)), Tensor(STAGE_MS, np.float32, (len(STAGES),)), Tensor(RERANKED, bool, (1,)))
 CLASSIFIER_OUTPUTS = tuple(t.name for t in CLASSIFIER_OUTPUT_TENSORS)
 TENSORS = {t.name: t for t in CLASSIFIER_INPUT_TENSORS + CLASSIFIER_OUTPUT_TENSORS}  # the classifier's, by name
 

@@ -45,7 +45,7 @@ from mailroute.settings import DEFAULT_FEEDBACK_URL
 DEFAULT_URL = DEFAULT_FEEDBACK_URL  # relative to the working directory
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SOURCES = ("api", "cli", "import")
-VERSION_KEYS = (contract.CLASSIFIER, contract.BI_ENCODER, contract.CROSS_ENCODER)
+VERSION_KEYS = contract.MODELS
 _PG_MIGRATION_LOCK = 0x6D61696C  # any constant shared by every process of this product ("mail")
 
 

@@ -64,7 +64,7 @@ class LabelScoring:
     """How description and exemplar cosines become one label score (chosen on validation)."""
     exemplar_top_n: int = 5  # mean of this many best exemplar cosines per label
     description_weight: float = 0.3  # share of the description cosine (1 = descriptions only)
-    search_depth: int = 1024  # exemplar neighbours looked at per email (FAISS GPU caps k at 2048)
+    search_depth: int = 1024  # exemplar neighbours FAISS looks at per email (its GPU index caps k at 2048); on_device scores all
 
     def __post_init__(self):
         if self.exemplar_top_n < 1 or not 0.0 <= self.description_weight <= 1.0 or self.search_depth < 1:

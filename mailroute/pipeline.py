@@ -116,8 +116,8 @@ def _without_lengths(tok: Tokenizer) -> dict:
 
 def padded_tensors(encodings) -> tuple:
     """Unpadded encodings -> (ids, mask, type ids), right-padded with 0 (masked out), as the tokenizer's
-    batch padding would give. Filled through one flat copy per tensor (a Python loop over rows cost as much
-    as the tokenising it replaces)."""
+    batch padding would give (the Assembler's rows that post_process builds). Filled through one flat copy
+    per tensor: a Python loop over rows costs as much as tokenising them."""
     n = len(encodings)
     ids_rows = [e.ids for e in encodings]
     lens = np.fromiter(map(len, ids_rows), dtype=np.int64, count=n)
@@ -151,10 +151,12 @@ class Assembler:
     ids), for a whole batch in array arithmetic: calling post_process row by row cost ~50 us a pair, 130 of
     the ~250 ms of CPU per 256 emails at K=10 (benchmarks/cpu_side.py).
 
-    The layout is [specials] A [specials] (B [specials]) with the parts cut by longest-first truncation
-    (`load_tokenizer`'s). Each distinct (length of A, length of B) is checked once against post_process
-    on a real row; one that differs (another post-processor or truncation rule) is assembled by
-    post_process row by row ever after, so the tensors are post_process's in every case (tested)."""
+    A row is [specials] A [specials] (B [specials]): where the parts sit among the specials and their type ids
+    are read once off post_process on placeholder texts (any template of that form: BERT's, RoBERTa's, ...),
+    and the parts are cut by longest-first truncation (`load_tokenizer`'s). Each distinct (length of A, length
+    of B) is then checked once against post_process on a real row; lengths that differ, a template of another
+    form or another truncation rule are assembled by post_process row by row ever after, so the tensors are
+    post_process's in every case (tested)."""
 
     MAX_CHECKED = 1 << 16  # distinct length pairs remembered
 
@@ -243,8 +245,8 @@ class Assembler:
         inverse = inverse.reshape(-1)
         kept = np.zeros((len(keys), 2), dtype=np.int64)
         fallback = np.zeros(len(keys), dtype=bool)
-        for u, (ka, kb) in enumerate(keys.tolist()):
-            got = self.checked.get((ka, kb), False)
+        for u, (len_a, len_b) in enumerate(keys.tolist()):
+            got = self.checked.get((len_a, len_b), False)
             if got is False:  # not seen yet: checked on the first row with these lengths
                 r = int(np.argmax(inverse == u))
                 got = self._check(first.encodings[fi[r]], None if si is None else second.encodings[si[r]])
@@ -298,7 +300,7 @@ class TwoStageClassifier:
 
     def __init__(self, encoders: Encoders, label_index: LabelIndex, bi_tokenizer: Tokenizer, cross_tokenizer: Tokenizer,
                  top_k: int = DEFAULTS.top_k, threshold: float = DEFAULTS.threshold, policy: RerankPolicy = None,
-                 embed_batch: int = 64, score_batch: int = 256):
+                 embed_batch: int = DEFAULTS.embed_batch, score_batch: int = DEFAULTS.score_batch):
         self.encoders, self.index = encoders, label_index
         self.bi_tok, self.cross_tok = bi_tokenizer, cross_tokenizer
         self.label_names = np.array(label_index.taxonomy.names, dtype=object)
@@ -349,7 +351,7 @@ class TwoStageClassifier:
         return self._asm
 
     def _tokenizers(self) -> tuple:
-        """(parts, pairs, single): copies of the encoders' tokenizers that never pad (padded_tensors pads a
+        """(parts, pairs, single): copies of the encoders' tokenizers that never pad (the Assembler pads a
         batch; a padded part would carry its [PAD]s into a pair). `parts` (the cross-encoder's) does not
         truncate either: the longest-first cut of a pair depends on both parts' whole lengths. `pairs`
         truncates pairs like the cross-encoder's; `single` truncates one text like the bi-encoder's, and is
@@ -371,8 +373,8 @@ class TwoStageClassifier:
         Assembler), so the tensors equal encode_batch on the text pairs (tests hold them equal). Tokenising the
         K pairs of every email was most of the CPU time per email (measured: 480 of 584 ms per 256 emails at K=10
         on 2 cores), then post-processing them pair by pair (130 of ~250 ms)."""
-        split = self._tokenizers()[0]
-        emails = Parts.of(parts if parts is not None else split.encode_batch(list(texts), add_special_tokens=False))
+        part_tok = self._tokenizers()[0]
+        emails = Parts.of(parts if parts is not None else part_tok.encode_batch(list(texts), add_special_tokens=False))
         labels, assemble = self._label_parts(), self._assemblers()[0]
         candidates = [np.asarray(c, dtype=np.int64).reshape(-1) for c in candidates]
         email_of = np.repeat(np.arange(len(candidates)), [len(c) for c in candidates])  # (pairs,)
@@ -388,8 +390,8 @@ class TwoStageClassifier:
         cross-encoder logits (k,) (None where the gate skipped stage 2), plus the stage timings in ms."""
         t0 = time.perf_counter()
         # each text tokenised once for both stages where their tokenizers agree (counted in the embed stage's time)
-        split, _, single = self._tokenizers()
-        parts = split.encode_batch(list(texts), add_special_tokens=False) if single is not None else None
+        part_tok, _, single = self._tokenizers()
+        parts = part_tok.encode_batch(list(texts), add_special_tokens=False) if single is not None else None
         xq = self._embed(texts, parts)  # (n, dim)
         t1 = time.perf_counter()
         D, I = self.index.search(xq, int(max(ks)))  # (n, kmax) label scores and ids, best first
@@ -407,9 +409,9 @@ class TwoStageClassifier:
             start += 0 if skip[j] else k
         return rows, {"embed": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "rerank": (t3 - t2) * 1e3}
 
-    def combine(self, cand, retrieval, logits, threshold: float, policy: RerankPolicy = None) -> Prediction:
+    def combine(self, cand, retrieval, logits, threshold: float) -> Prediction:
         """The K candidates of one email -> its Prediction, by the rerank policy (logits None: stage 2 skipped)."""
-        policy = policy or self.policy
+        policy = self.policy
         p = policy.retrieval_probabilities(retrieval) if logits is None else policy.probabilities(logits, retrieval)  # (k,)
         order = np.argsort(-p, kind="stable")
         top = [str(self.label_names[cand[o]]) for o in order]

@@ -17,14 +17,18 @@ from mailroute import contract
 from mailroute.label_index import IndexMismatch, LabelIndex
 from mailroute.pipeline import TwoStageClassifier, load_tokenizer
 from mailroute.rerank_policy import RerankPolicy
+from mailroute.run_layout import LABEL_INDEX_DIR  # the same folder name in a classifier version; importable from here
 from mailroute.settings import DEFAULTS
 
 MODEL_FILE, TOKENIZER_FILE, ENCODER_ID_FILE = "model.onnx", "tokenizer.json", "encoder_id"
-PIPELINE_FILE, LABEL_INDEX_DIR = "pipeline.json", "label_index"
+PIPELINE_FILE = "pipeline.json"
 GATE_REPORT_FILE = "gate_report.json"  # email_classifier/<v>/: the promotion gate's measurements of this version
 # cross_encoder/<v>/pytorch/: the sentence-transformers weights behind a version made by continued training
 # (what the next round continues from); an exported version's weights are its pipeline's source_run
 TORCH_WEIGHTS_DIR = "pytorch"
+# the Hugging Face weights file that sentence-transformers saves in an encoder folder (a run's bi_encoder/ and
+# cross_encoder/, a version's pytorch/); the bi-encoder's encoder_id is its hash (mailroute.label_index.weights_id)
+WEIGHTS_FILE = "model.safetensors"
 
 
 def versions(repo, model: str) -> list:

@@ -4,6 +4,7 @@
   RUN/label_index/                      mailroute.label_index.LabelIndex (descriptions + exemplars + cards)
   RUN/rerank_policy.json                mailroute.rerank_policy.RerankPolicy fitted on validation
   RUN/config.json  RUN/metrics.json  RUN/report.md  RUN/predictions.jsonl  RUN/abstention.png
+  RUN/study_k10.npz                     scores cached by benchmarks/fusion_study.py (both stages at K=10)
 """
 
 from pathlib import Path
@@ -17,6 +18,7 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 PREDICTIONS_FILE = "predictions.jsonl"
 ABSTENTION_PLOT = "abstention.png"
+STUDY_CACHE = "study_k{k}.npz"
 
 
 class RunFolder:
@@ -33,6 +35,9 @@ class RunFolder:
         self.report = self.root / REPORT_FILE
         self.predictions = self.root / PREDICTIONS_FILE
         self.abstention_plot = self.root / ABSTENTION_PLOT
+
+    def study_cache(self, k: int) -> Path:
+        return self.root / STUDY_CACHE.format(k=k)
 
     def is_trained(self) -> bool:
         return self.bi_encoder.is_dir() and self.cross_encoder.is_dir() and self.label_index.is_dir()

@@ -34,8 +34,9 @@ class Request:
 
 class ClassifierService:
     def __init__(self, clf: TwoStageClassifier, model_versions: tuple):
+        """model_versions: the versions of contract.MODELS, in that order (the MODEL_VERSIONS output)."""
         self.clf = clf
-        self.versions = np.array([str(v) for v in model_versions], dtype=contract.dtype(contract.MODEL_VERSIONS))  # classifier, bi, cross
+        self.versions = np.array([str(v) for v in model_versions], dtype=contract.dtype(contract.MODEL_VERSIONS))
 
     def _parse(self, req: Request) -> tuple:
         try:

@@ -41,6 +41,8 @@ class Defaults:
     max_email_chars: int = 20_000  # text beyond this is cut before tokenising: bounds the cost of huge input
     max_request_chars: int = 2_000_000  # a row longer than this is refused rather than truncated
     seed: int = 12
+    embed_batch: int = 64  # emails per bi-encoder call inside one classifier batch
+    score_batch: int = 256  # (email, label) pairs per cross-encoder call (256 emails x K=10 = 10 calls)
 
 
 DEFAULTS = Defaults()

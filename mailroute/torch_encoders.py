@@ -1,4 +1,5 @@
-"""The `torch` runtime: both encoders in PyTorch, and the label search as a matrix product + top-k.
+"""The `torch` runtime: both encoders in PyTorch, and the label search on the same device (descriptions by a
+matrix product + top-k, exemplars scored per label there).
 
 On a GPU the encoders run in fp16 with CUDA graphs captured at load for bucketed (batch, sequence)
 shapes: a batch is padded up to the nearest bucket (padded rows and positions are masked out, so the

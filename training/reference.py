@@ -11,6 +11,7 @@ import torch
 
 from mailroute.label_index import LabelIndex
 from mailroute.pipeline import TwoStageClassifier, load_tokenizer
+from mailroute.repository import TOKENIZER_FILE
 from mailroute.rerank_policy import RerankPolicy
 from mailroute.run_layout import RunFolder
 from mailroute.settings import DEFAULTS
@@ -41,8 +42,8 @@ class TorchEncoders:
 def classifier_from_models(bi_model, cross_model, index: LabelIndex, bi_dir, cross_dir, **kw) -> TwoStageClassifier:
     return TwoStageClassifier(
         TorchEncoders(bi_model, cross_model), index,
-        load_tokenizer(Path(bi_dir) / "tokenizer.json", DEFAULTS.max_email_tokens),
-        load_tokenizer(Path(cross_dir) / "tokenizer.json", DEFAULTS.max_pair_tokens), **kw)
+        load_tokenizer(Path(bi_dir) / TOKENIZER_FILE, DEFAULTS.max_email_tokens),
+        load_tokenizer(Path(cross_dir) / TOKENIZER_FILE, DEFAULTS.max_pair_tokens), **kw)
 
 
 def load_policy(run_dir) -> RerankPolicy:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from mailroute.label_index import LabelScoring, weights_id
+from mailroute.repository import WEIGHTS_FILE
 from mailroute.rerank_policy import GateTarget, RerankPolicy
 from mailroute.run_layout import RunFolder
 from mailroute.settings import BadSetting
@@ -66,7 +67,7 @@ def run(cfg: TrainConfig) -> dict:
     # 4. the label index: descriptions + training emails as exemplars; the scoring rule chosen on validation
     t = time.perf_counter()
     model.save(str(out.bi_encoder))
-    encoder_id = weights_id(out.bi_encoder / "model.safetensors")
+    encoder_id = weights_id(out.bi_encoder / WEIGHTS_FILE)
     exemplars = train if (not cfg.descriptions_only) else []
     x_train = bi.embed(model, [e.text for e in train])  # (n, dim)
     cards, card_texts = bi.label_cards(tax, train, x_train, cfg.card_examples)

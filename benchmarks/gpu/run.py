@@ -56,6 +56,7 @@ def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: 
     from transformers import BertConfig, BertModel
 
     from mailroute.label_index import LabelScoring, weights_id
+    from mailroute.repository import WEIGHTS_FILE
     from mailroute.rerank_policy import RerankPolicy
     from mailroute.run_layout import RunFolder
     from mailroute.taxonomy import load_taxonomy
@@ -82,7 +83,7 @@ def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: 
                 for text in synthetic_emails(exemplars_per_label, words=12, seed=seed + taxonomy.index(name) + 1)]
     x = bi.embed(model, [e.text for e in examples]) if examples else None
     cards, _ = bi.label_cards(taxonomy, examples, x, n_examples=2)
-    bi.build_label_index(model, taxonomy, weights_id(run.bi_encoder / "model.safetensors"), examples,
+    bi.build_label_index(model, taxonomy, weights_id(run.bi_encoder / WEIGHTS_FILE), examples,
                          LabelScoring(exemplar_top_n=3, description_weight=0.0), cards, x=x).save(run.label_index)
     load_cross_encoder(base).save(str(run.cross_encoder))
     margin = None
@@ -157,11 +158,13 @@ def ceiling(repo: Path, texts: list, device: str, k: int, batch: int = 256, seco
     alone on tensors tokenised once)."""
     from mailroute import contract
     from mailroute.repository import TORCH_WEIGHTS_DIR, open_classifier, version_dir
+    from mailroute.settings import DEFAULTS
     from mailroute.torch_encoders import TorchEncoders
 
     enc = TorchEncoders(version_dir(repo, contract.BI_ENCODER) / TORCH_WEIGHTS_DIR,
                         version_dir(repo, contract.CROSS_ENCODER) / TORCH_WEIGHTS_DIR, device)
-    clf = open_classifier(repo, version_dir(repo, contract.CLASSIFIER), enc, embed_batch=64, score_batch=256)
+    clf = open_classifier(repo, version_dir(repo, contract.CLASSIFIER), enc, embed_batch=DEFAULTS.embed_batch,
+                          score_batch=DEFAULTS.score_batch)
     clf.index = clf.index.on_device(device)
     norm, errs = clf.prepare(texts[:batch])
     clf.classify_texts(norm, errs, top_k=k, gate=False)  # warm

@@ -14,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 from mailroute import contract
 from mailroute.repository import open_classifier, read_pipeline
 from mailroute.service import ERROR_KINDS, ClassifierService, Request, RequestError
+from mailroute.settings import DEFAULTS
 
 
 # encoders on GPU instances answer in GPU memory unless asked otherwise; the pipeline reads them with numpy
@@ -102,11 +103,12 @@ class TritonPythonModel:
         bi_v, cross_v = int(spec["bi_encoder_version"]), int(spec["cross_encoder_version"])
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
         # the downstream models' max_batch_size bounds each BLS call
-        clf = open_classifier(repo, here, BLSEncoders(bi_v, cross_v), embed_batch=int(params.get("embed_batch", 64)),
-                              score_batch=int(params.get("score_batch", 256)))
+        clf = open_classifier(repo, here, BLSEncoders(bi_v, cross_v), embed_batch=int(params.get("embed_batch", DEFAULTS.embed_batch)),
+                              score_batch=int(params.get("score_batch", DEFAULTS.score_batch)))
         if params.get("search_device"):  # the torch runtime's label search (where faiss-gpu is not installed)
             clf.index = clf.index.on_device(params["search_device"])
-        self.service = ClassifierService(clf, (args["model_version"], bi_v, cross_v))
+        versions = {contract.CLASSIFIER: args["model_version"], contract.BI_ENCODER: bi_v, contract.CROSS_ENCODER: cross_v}
+        self.service = ClassifierService(clf, tuple(versions[m] for m in contract.MODELS))
         self.metrics = ClassifierMetrics(args["model_version"])
         pb_utils.Logger.log_info(f"{contract.CLASSIFIER} v{args['model_version']}: {len(clf.label_names)} labels, "
                                  f"{contract.BI_ENCODER} v{bi_v}, {contract.CROSS_ENCODER} v{cross_v}")

@@ -9,6 +9,7 @@ import triton_python_backend_utils as pb_utils
 
 from mailroute.onnx_encoders import session
 from mailroute.pipeline import execute_encoder
+from mailroute.repository import MODEL_FILE
 
 
 class TritonPythonModel:
@@ -17,7 +18,7 @@ class TritonPythonModel:
         self.inputs = [i["name"] for i in config["input"]]
         self.output = config["output"][0]["name"]
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
+        path = Path(args["model_repository"]) / args["model_version"] / MODEL_FILE
         self.session = session(path, int(params.get("intra_op_threads", "0")))
 
     def execute(self, requests):
