@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mailroute import contract
-from mailroute.label_index import LabelIndex, card_text
+from mailroute.label_index import LabelIndex
 from mailroute.pipeline import load_tokenizer
 from mailroute.repository import (ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE, TORCH_WEIGHTS_DIR,
                                   load_label_index, read_pipeline, version_dir)
@@ -61,10 +61,9 @@ def derived_index(repo, base_dir: Path, exemplars: list = (), new_labels: list =
     ids = np.concatenate([old.exemplar_labels, np.array([taxonomy.index(n) for _, n in exemplars], dtype=np.int64)])
     cards = None
     if old.cards is not None:
-        shown = max(1, int(old.manifest.get("card_examples", 2)))  # as many examples as the run's cards show
-        cards = list(old.cards) + [card_text(label.text(), examples[:shown]) for label, examples in new_labels]
+        cards = list(old.cards) + [old.card_spec.text(label.text(), examples) for label, examples in new_labels]  # the run's format
     return LabelIndex.build(taxonomy, xb, old.manifest["encoder"], xe if len(xe) else None, ids, list(old.exemplar_texts) + [t for t, _ in exemplars],
-                            old.scoring, cards)
+                            old.scoring, cards, old.card_spec)
 
 
 def derive_version(repo, base: int, kind: str, exemplars: list = (), new_labels: list = (), cross_encoder_version: int = None,

@@ -20,20 +20,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from mailroute.taxonomy import Taxonomy, load_taxonomy
+from mailroute.taxonomy import CardSpec, Taxonomy, load_taxonomy  # noqa: F401 (CardSpec: part of this module's interface)
 
 # file names inside a label index folder
 INDEX_FILE, TAXONOMY_FILE, MANIFEST_FILE = "labels.faiss", "taxonomy.json", "manifest.json"
 EXEMPLAR_INDEX_FILE, EXEMPLARS_FILE, CARDS_FILE = "exemplars.faiss", "exemplars.jsonl", "cards.json"
 
 
-CARD_CHARS, CARD_EXAMPLE_CHARS = 240, 100  # a label card's length, and of each example shown on it
-
-
-def card_text(description: str, examples: list) -> str:
-    """A label card: what the cross-encoder reads on the label side (the description plus typical emails)."""
-    shown = " | ".join(e[:CARD_EXAMPLE_CHARS] for e in examples)
-    return (description + (" Examples: " + shown if shown else ""))[:CARD_CHARS]
 
 
 class IndexMismatch(RuntimeError):
@@ -85,7 +78,8 @@ class LabelIndex:
 
     @classmethod
     def build(cls, taxonomy: Taxonomy, label_embeddings: np.ndarray, encoder_id: str, exemplar_embeddings: np.ndarray = None,
-              exemplar_labels=None, exemplar_texts=None, scoring: LabelScoring = None, cards: list = None) -> "LabelIndex":
+              exemplar_labels=None, exemplar_texts=None, scoring: LabelScoring = None, cards: list = None,
+              card_spec: CardSpec = CardSpec()) -> "LabelIndex":
         xb = np.asarray(label_embeddings, dtype=np.float32)  # (labels, dim)
         if xb.ndim != 2 or xb.shape[0] != len(taxonomy):
             raise ValueError(f"LabelIndex expects one embedding per label ({len(taxonomy)}), but got {xb.shape}")
@@ -94,6 +88,8 @@ class LabelIndex:
         self = cls(taxonomy, _on_gpu(_flat_ip(xb, dim)), manifest, scoring=scoring or LabelScoring(), cards=cards)
         if cards is not None and len(cards) != len(taxonomy):
             raise ValueError(f"LabelIndex expects one card per label ({len(taxonomy)}), but got {len(cards)}")
+        if cards is not None:
+            manifest["cards"] = asdict(card_spec)
         if exemplar_embeddings is not None and len(exemplar_embeddings):
             ids = np.asarray(exemplar_labels, dtype=np.int64)
             if len(ids) != len(exemplar_embeddings) or (exemplar_texts is not None and len(exemplar_texts) != len(ids)):
@@ -110,6 +106,11 @@ class LabelIndex:
 
     def __len__(self) -> int:
         return len(self.taxonomy)
+
+    @property
+    def card_spec(self) -> CardSpec:
+        """The format of this index's cards (indexes saved before it was recorded: the default, which they used)."""
+        return CardSpec(**self.manifest.get("cards", {}))
 
     @property
     def label_texts(self) -> list:

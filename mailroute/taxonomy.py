@@ -14,6 +14,20 @@ from pathlib import Path
 NAME_RE = re.compile(r"^[^\s\x00-\x1f][^\x00-\x1f]{0,99}$")  # printable, at most 100 characters
 
 
+@dataclass(frozen=True)
+class CardSpec:
+    """The label card's format: what the cross-encoder reads on the label side (the description plus this many
+    typical emails of the label, within a character budget). Saved in the index manifest, so labels added to a
+    version later get cards of the same format."""
+    examples: int = 2  # typical emails shown (0 = the description only)
+    chars: int = 240  # the whole card's length
+    example_chars: int = 100  # each example's
+
+    def text(self, description: str, examples: list) -> str:
+        shown = " | ".join(e[:self.example_chars] for e in list(examples)[:self.examples])
+        return (description + (" Examples: " + shown if shown else ""))[:self.chars]
+
+
 class DataError(ValueError):
     """Invalid taxonomy or dataset; the message names the file, the line and the problem."""
 

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from mailroute.label_index import LabelScoring, weights_id  # noqa: E402
+from mailroute.label_index import CardSpec, LabelScoring, weights_id  # noqa: E402
 from mailroute.rerank_policy import RerankPolicy  # noqa: E402
 from mailroute.run_layout import RunFolder  # noqa: E402
 from training import bi_encoder as bi  # noqa: E402
@@ -38,7 +38,7 @@ def tiny_run(tmp_path_factory, demo):
     model.save(str(run.bi_encoder))
     # the label index as training builds it: descriptions + training emails as exemplars + label cards
     x = bi.embed(model, [e.text for e in demo.train])
-    cards, _ = bi.label_cards(demo.taxonomy, demo.train, x, 2)
+    cards, _ = bi.label_cards(demo.taxonomy, demo.train, x, CardSpec())
     index = bi.build_label_index(model, demo.taxonomy, weights_id(run.bi_encoder / "model.safetensors"), demo.train,
                                  LabelScoring(exemplar_top_n=3, description_weight=0.3), cards=cards, x=x)
     index.save(run.label_index)

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from mailroute.label_index import IndexMismatch, LabelIndex, LabelScoring
+from mailroute.label_index import CardSpec, IndexMismatch, LabelIndex, LabelScoring
 from mailroute.rerank_policy import GateTarget, RerankPolicy, fit_gate
 from mailroute.taxonomy import Label, Taxonomy
 
@@ -114,12 +114,13 @@ def test_exemplar_index_round_trip_and_refuses_a_foreign_bi_encoder(tmp_path):
     rng = np.random.default_rng(2)
     tax = _tiny_taxonomy()
     index = LabelIndex.build(tax, _unit(rng, 4), "encoder-A", _unit(rng, 6), [0, 0, 1, 1, 2, 2], list("uvwxyz"),
-                             LabelScoring(2, 0.5), cards=["a card", "b card", "c card", "zero-shot label"])
+                             LabelScoring(2, 0.5), cards=["a card", "b card", "c card", "zero-shot label"], card_spec=CardSpec(3, 300))
     index.save(tmp_path / "ix")
     again = LabelIndex.load(tmp_path / "ix", expect_encoder="encoder-A")
     xq = _unit(rng, 5)
     assert np.allclose(again.label_scores(xq), index.label_scores(xq), atol=1e-6)
     assert again.exemplar_texts == list("uvwxyz") and again.label_texts[0] == "a card" and again.scoring == LabelScoring(2, 0.5)
+    assert again.card_spec == CardSpec(3, 300)  # labels added to this version later get cards of this format
     with pytest.raises(IndexMismatch, match="encoder-B"):
         LabelIndex.load(tmp_path / "ix", expect_encoder="encoder-B")
 
@@ -223,3 +224,11 @@ def test_sweep_summary_row_puts_the_flat_baseline_on_validation_beside_test():
          "flat_baseline": {"accuracy": 0.915, "validation_by_epoch": [0.88, 0.905, 0.9]}, "train_time": {"a": 60, "b": 120}}
     cells = [c.strip() for c in summary_row("r", m).strip("| \n").split("|")]
     assert cells == ["r", "90.00%", "91.00%", "90.50%", "90.50%", "92.00%", "93.00%", "92.50%", "20.0%", "91.50%", "3.0"]
+
+
+def test_label_card_shows_its_examples_within_its_budget():
+    spec = CardSpec(examples=2, chars=60, example_chars=10)
+    card = spec.text("Refund asked for.", ["I want my money back please", "refund now", "a third one"])
+    assert card == "Refund asked for. Examples: I want my  | refund now"
+    assert CardSpec(examples=0).text("Refund asked for.", ["x"]) == "Refund asked for."
+    assert len(CardSpec(examples=3, chars=40).text("d" * 30, ["e" * 100] * 3)) == 40

@@ -9,7 +9,7 @@ from sentence_transformers import SentenceTransformerTrainer, SentenceTransforme
 from sentence_transformers.base.sampler import BatchSamplers
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-from mailroute.label_index import LabelIndex, LabelScoring, card_text
+from mailroute.label_index import CardSpec, LabelIndex, LabelScoring
 from mailroute.taxonomy import Taxonomy
 from training.models import drop_autocast_wrapper
 
@@ -63,13 +63,13 @@ def prototypes(x: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.unique(nearest[:, 0])
 
 
-def label_cards(taxonomy: Taxonomy, examples: list, x: np.ndarray, n_examples: int) -> tuple:
+def label_cards(taxonomy: Taxonomy, examples: list, x: np.ndarray, spec: CardSpec) -> tuple:
     """The label side of each cross-encoder pair: description plus the n emails of that label nearest
     its centroid (its most typical ones), within a character budget.
 
     Returns (cards, the example texts used: kept out of the cross-encoder's training queries so that
     no email meets itself on the label side)."""
-    if n_examples <= 0:
+    if spec.examples <= 0:
         return None, set()
     labels = np.array([taxonomy.index(e.label) for e in examples])
     cards, used = [], set()
@@ -79,19 +79,20 @@ def label_cards(taxonomy: Taxonomy, examples: list, x: np.ndarray, n_examples: i
             cards.append(description)
             continue
         centroid = x[rows].mean(0)
-        best = rows[np.argsort(-(x[rows] @ centroid), kind="stable")[:n_examples]]
+        best = rows[np.argsort(-(x[rows] @ centroid), kind="stable")[:spec.examples]]
         used.update(examples[i].text for i in best)
-        cards.append(card_text(description, [examples[i].text for i in best]))
+        cards.append(spec.text(description, [examples[i].text for i in best]))
     return cards, used
 
 
 def build_label_index(model, taxonomy: Taxonomy, encoder_id: str, examples: list = (), scoring: LabelScoring = None,
-                      cards: list = None, max_exemplars_per_label: int = 0, seed: int = 0, x: np.ndarray = None) -> LabelIndex:
+                      cards: list = None, max_exemplars_per_label: int = 0, seed: int = 0, x: np.ndarray = None,
+                      card_spec: CardSpec = CardSpec()) -> LabelIndex:
     """Descriptions plus training emails as exemplars (k-means medoids when a label has more than
     max_exemplars_per_label; 0 = keep all); x: the examples' embeddings when already computed."""
     xb = embed(model, taxonomy.texts)
     if not examples:
-        return LabelIndex.build(taxonomy, xb, encoder_id, scoring=scoring, cards=cards)
+        return LabelIndex.build(taxonomy, xb, encoder_id, scoring=scoring, cards=cards, card_spec=card_spec)
     x = embed(model, [e.text for e in examples]) if x is None else x  # (n, dim)
     labels = np.array([taxonomy.index(e.label) for e in examples])
     keep = []
@@ -101,7 +102,8 @@ def build_label_index(model, taxonomy: Taxonomy, encoder_id: str, examples: list
             rows = rows[prototypes(x[rows], max_exemplars_per_label, seed)]
         keep.extend(rows.tolist())
     keep = np.array(keep, dtype=np.int64)
-    return LabelIndex.build(taxonomy, xb, encoder_id, x[keep], labels[keep], [examples[i].text for i in keep], scoring, cards)
+    return LabelIndex.build(taxonomy, xb, encoder_id, x[keep], labels[keep], [examples[i].text for i in keep], scoring, cards,
+                            card_spec)
 
 
 def anisotropy(model, texts: list, pairs: int = 2000, seed: int = 0) -> float:

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from mailroute.rerank_policy import GateTarget
 from mailroute.settings import DEFAULTS
+from mailroute.taxonomy import CardSpec
 
 
 @dataclass
@@ -26,7 +27,8 @@ class TrainConfig:
     max_exemplars_per_label: int = 0  # >0: k-means medoids stand in for a label's emails beyond this many
     top_n_grid: str = "1,3,5,10"  # label score = mean of the top-n exemplar cosines: n chosen on validation from these
     description_weight_grid: str = "0,0.1,0.2,0.3,0.5"  # ... fused with this share of the description cosine (chosen too)
-    card_examples: int = 2  # label card = description + this many typical emails of the label (0 = description only)
+    card_examples: int = CardSpec.examples  # label card = description + this many typical emails of the label (0 = description only)
+    card_chars: int = CardSpec.chars  # ... within this many characters (each example cut at CardSpec.example_chars)
     oof_folds: int = 0  # >=2: mine training candidates out of fold (one bi-encoder per fold); 0 = leave-one-out
     k_train: int = 5  # candidates per email in listwise training
     k_eval: int = 5  # candidates reranked at inference
@@ -43,6 +45,9 @@ class TrainConfig:
     skip_baseline: bool = False  # do not train the flat softmax baseline
     drop_invalid: bool = False  # drop invalid rows (printing how many) instead of refusing to train
     seed: int = DEFAULTS.seed  # one seed for splits, sampling, shuffles and initialisation
+
+    def card_spec(self) -> CardSpec:
+        return CardSpec(examples=self.card_examples, chars=self.card_chars)
 
     def gate_target(self) -> GateTarget:
         return GateTarget(self.gate_tolerance, self.rerank_budget)

@@ -70,9 +70,9 @@ def run(cfg: TrainConfig) -> dict:
     encoder_id = weights_id(out.bi_encoder / WEIGHTS_FILE)
     exemplars = train if (not cfg.descriptions_only) else []
     x_train = bi.embed(model, [e.text for e in train])  # (n, dim)
-    cards, card_texts = bi.label_cards(tax, train, x_train, cfg.card_examples)
+    cards, card_texts = bi.label_cards(tax, train, x_train, cfg.card_spec())
     index = bi.build_label_index(model, tax, encoder_id, exemplars, cards=cards, max_exemplars_per_label=cfg.max_exemplars_per_label,
-                                 seed=cfg.seed, x=x_train if (not cfg.descriptions_only) else None)
+                                 seed=cfg.seed, x=x_train if (not cfg.descriptions_only) else None, card_spec=cfg.card_spec())
     x_val = bi.embed(model, [e.text for e in val])
     gold_val = np.array([tax.index(e.label) for e in val])
     scoring_table = {}
@@ -106,7 +106,7 @@ def run(cfg: TrainConfig) -> dict:
 
     # 6. cross-encoder from the same base weights (or the fine-tuned bi-encoder), new head, listwise softmax CE over those K
     t = time.perf_counter()
-    print(f"[6/9] cross-encoder: listwise, K={cfg.k_train}, {cfg.ce_epochs} epoch(s), label cards with {cfg.card_examples} example(s)")
+    print(f"[6/9] cross-encoder: listwise, K={cfg.k_train}, {cfg.ce_epochs} epoch(s), label cards with {cfg.card_examples} example(s) in {cfg.card_chars} characters")
     cross = load_cross_encoder(out.bi_encoder if cfg.ce_init == "bi_encoder" else (cfg.base or None), device=device)
     keep_best = None
     if cfg.ce_epochs > 1:  # epochs by early stopping: validation rows mined like training rows, checked after every epoch
@@ -263,7 +263,7 @@ def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device
     model = load_bi_encoder(src.bi_encoder, device=device)
     index = LabelIndex.load(src.label_index)
     x_train = bi.embed(model, [e.text for e in train])
-    _, card_texts = bi.label_cards(tax, train, x_train, cfg.card_examples)
+    _, card_texts = bi.label_cards(tax, train, x_train, cfg.card_spec())
     cand, scores = mine_candidates(model, [e.text for e in train], index, cfg.k_train, exclude=exemplar_rows(index, train), x=x_train)
     keep = [i for i, e in enumerate(train) if e.text not in card_texts]
     rows = listwise_rows([train[i] for i in keep], cand[keep], index, cfg.seed, scores[keep] if cfg.train_retrieval_weight else None)

@@ -55,7 +55,7 @@ def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: 
     from sentence_transformers.models import Normalize, Pooling, Transformer
     from transformers import BertConfig, BertModel
 
-    from mailroute.label_index import LabelScoring, weights_id
+    from mailroute.label_index import CardSpec, LabelScoring, weights_id
     from mailroute.repository import WEIGHTS_FILE
     from mailroute.rerank_policy import RerankPolicy
     from mailroute.run_layout import RunFolder
@@ -82,7 +82,7 @@ def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: 
     examples = [Example(text, name) for name in taxonomy.names
                 for text in synthetic_emails(exemplars_per_label, words=12, seed=seed + taxonomy.index(name) + 1)]
     x = bi.embed(model, [e.text for e in examples]) if examples else None
-    cards, _ = bi.label_cards(taxonomy, examples, x, n_examples=2)
+    cards, _ = bi.label_cards(taxonomy, examples, x, CardSpec())
     bi.build_label_index(model, taxonomy, weights_id(run.bi_encoder / WEIGHTS_FILE), examples,
                          LabelScoring(exemplar_top_n=3, description_weight=0.0), cards, x=x).save(run.label_index)
     load_cross_encoder(base).save(str(run.cross_encoder))
