@@ -46,6 +46,7 @@ def main(argv=None):
     from sentence_transformers.sentence_transformer.losses import TripletLoss
 
     from mailroute.rerank_policy import RerankPolicy, fit_fusion
+    from mailroute.taxonomy import CardSpec
     from training import bi_encoder as bi
     from training.cross_encoder import train_cross_encoder
     from training.data import limit, load_named, sample_per_label, split_validation
@@ -99,7 +100,7 @@ def main(argv=None):
     # 2. cross-encoder losses, on the candidates the MNR encoder mines (leave-one-out)
     model, index = encoders["mnr"]
     x = bi.embed(model, [e.text for e in train])
-    cards, used = bi.label_cards(tax, train, x, a.card_examples)
+    cards, used = bi.label_cards(tax, train, x, CardSpec(examples=a.card_examples))
     index.cards = cards
     cand, _ = mine_candidates(model, [e.text for e in train], index, a.k, exclude=exemplar_rows(index, train), x=x)
     keep = [i for i, e in enumerate(train) if e.text not in used]

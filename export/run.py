@@ -98,7 +98,7 @@ def label_index_from_onnx(onnx_path: Path, tokenizer: Path, source: LabelIndex) 
     xb = onnx_embed(sess, tok, source.taxonomy.texts)
     xe = onnx_embed(sess, tok, source.exemplar_texts) if source.exemplar_index is not None else None
     return LabelIndex.build(source.taxonomy, xb, weights_id(onnx_path), xe, source.exemplar_labels, source.exemplar_texts,
-                            source.scoring, source.cards)
+                            source.scoring, source.cards, source.card_spec)
 
 
 def int8_accuracy_change(run: Path, source: LabelIndex, fp32: tuple, int8: tuple, bi_tok, cross_tok, n: int, top_k: int) -> dict:

@@ -79,7 +79,8 @@ class LabelIndex:
     @classmethod
     def build(cls, taxonomy: Taxonomy, label_embeddings: np.ndarray, encoder_id: str, exemplar_embeddings: np.ndarray = None,
               exemplar_labels=None, exemplar_texts=None, scoring: LabelScoring = None, cards: list = None,
-              card_spec: CardSpec = CardSpec()) -> "LabelIndex":
+              card_spec: CardSpec = None) -> "LabelIndex":
+        """card_spec: the format `cards` were made in (required with cards: labels added later are carded alike)."""
         xb = np.asarray(label_embeddings, dtype=np.float32)  # (labels, dim)
         if xb.ndim != 2 or xb.shape[0] != len(taxonomy):
             raise ValueError(f"LabelIndex expects one embedding per label ({len(taxonomy)}), but got {xb.shape}")
@@ -89,6 +90,8 @@ class LabelIndex:
         if cards is not None and len(cards) != len(taxonomy):
             raise ValueError(f"LabelIndex expects one card per label ({len(taxonomy)}), but got {len(cards)}")
         if cards is not None:
+            if card_spec is None:
+                raise ValueError("LabelIndex.build got cards without their CardSpec: pass the format they were made in")
             manifest["cards"] = asdict(card_spec)
         if exemplar_embeddings is not None and len(exemplar_embeddings):
             ids = np.asarray(exemplar_labels, dtype=np.int64)

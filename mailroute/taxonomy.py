@@ -23,6 +23,10 @@ class CardSpec:
     chars: int = 240  # the whole card's length
     example_chars: int = 100  # each example's
 
+    def __post_init__(self):
+        if self.examples < 0 or self.chars < 1 or self.example_chars < 1:
+            raise DataError(f"a label card needs examples >= 0 and positive character budgets, got {self}")
+
     def text(self, description: str, examples: list) -> str:
         shown = " | ".join(e[:self.example_chars] for e in list(examples)[:self.examples])
         return (description + (" Examples: " + shown if shown else ""))[:self.chars]

@@ -232,3 +232,8 @@ def test_label_card_shows_its_examples_within_its_budget():
     assert card == "Refund asked for. Examples: I want my  | refund now"
     assert CardSpec(examples=0).text("Refund asked for.", ["x"]) == "Refund asked for."
     assert len(CardSpec(examples=3, chars=40).text("d" * 30, ["e" * 100] * 3)) == 40
+    with pytest.raises(ValueError, match="character budgets"):
+        CardSpec(chars=0)
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="CardSpec"):  # cards whose format is unknown would be extended in another one
+        LabelIndex.build(_tiny_taxonomy(), _unit(rng, 4), "enc", cards=["a", "b", "c", "d"])

@@ -233,3 +233,18 @@ def test_assembler_gives_post_process_tensors_for_every_length(variant):
     # the rule it knows reproduces every length combination as arrays; one it does not know is left to post_process
     fallback = [v is None for v in assemble.checked.values()]
     assert len(fallback) > 30 and (all(fallback) if variant == "only_first" else not any(fallback))
+
+
+def test_export_keeps_the_runs_card_format(tiny_repo):
+    """The exported index (re-embedded by the exported graph) records the card format of the run's index, so labels
+    added to that version later are carded alike."""
+    from dataclasses import asdict, replace
+
+    from export.run import label_index_from_onnx
+    from mailroute.label_index import CardSpec
+    from mailroute.repository import MODEL_FILE, TOKENIZER_FILE
+
+    source = open_onnx_classifier(tiny_repo).index
+    source = replace(source, manifest=source.manifest | {"cards": asdict(CardSpec(examples=3, chars=300))})
+    bi_dir = version_dir(tiny_repo, contract.BI_ENCODER)
+    assert label_index_from_onnx(bi_dir / MODEL_FILE, bi_dir / TOKENIZER_FILE, source).card_spec == CardSpec(examples=3, chars=300)

@@ -28,7 +28,7 @@ class TrainConfig:
     top_n_grid: str = "1,3,5,10"  # label score = mean of the top-n exemplar cosines: n chosen on validation from these
     description_weight_grid: str = "0,0.1,0.2,0.3,0.5"  # ... fused with this share of the description cosine (chosen too)
     card_examples: int = CardSpec.examples  # label card = description + this many typical emails of the label (0 = description only)
-    card_chars: int = CardSpec.chars  # ... within this many characters (each example cut at CardSpec.example_chars)
+    card_chars: int = CardSpec.chars  # label card length in characters (each example shown cut to 100)
     oof_folds: int = 0  # >=2: mine training candidates out of fold (one bi-encoder per fold); 0 = leave-one-out
     k_train: int = 5  # candidates per email in listwise training
     k_eval: int = 5  # candidates reranked at inference
