@@ -234,6 +234,10 @@ def test_label_card_shows_its_examples_within_its_budget():
     assert len(CardSpec(examples=3, chars=40).text("d" * 30, ["e" * 100] * 3)) == 40
     with pytest.raises(ValueError, match="character budgets"):
         CardSpec(chars=0)
+    from training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="--card-chars"):  # named by its flag, before any training
+        TrainConfig(card_chars=0).card_spec()
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="CardSpec"):  # cards whose format is unknown would be extended in another one
         LabelIndex.build(_tiny_taxonomy(), _unit(rng, 4), "enc", cards=["a", "b", "c", "d"])

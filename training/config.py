@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from mailroute.rerank_policy import GateTarget
-from mailroute.settings import DEFAULTS
+from mailroute.settings import DEFAULTS, BadSetting
 from mailroute.taxonomy import CardSpec
 
 
@@ -47,6 +47,8 @@ class TrainConfig:
     seed: int = DEFAULTS.seed  # one seed for splits, sampling, shuffles and initialisation
 
     def card_spec(self) -> CardSpec:
+        if self.card_examples < 0 or self.card_chars < 1:
+            raise BadSetting(f"--card-examples must be >= 0 and --card-chars >= 1, got {self.card_examples} and {self.card_chars}")
         return CardSpec(examples=self.card_examples, chars=self.card_chars)
 
     def gate_target(self) -> GateTarget:

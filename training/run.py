@@ -43,6 +43,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.ce_init not in ("base", "bi_encoder"):  # settings are checked before any work
         raise BadSetting(f"--ce-init must be 'base' or 'bi_encoder', got {cfg.ce_init!r}")
     cfg.gate_target()  # refuses a bad gate tolerance or rerank budget now, not after an hour of training
+    cfg.card_spec()  # and a bad label card format
     times, t = {}, time.perf_counter()
 
     # 1. data: validation held out of train; test only for the final numbers
