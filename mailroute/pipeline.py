@@ -321,15 +321,14 @@ class TwoStageClassifier:
                 errors.append(e)
         return texts, errors
 
-    def _embed(self, texts: list, parts: list = None) -> np.ndarray:
+    def _embed(self, texts: list, parts: Parts = None) -> np.ndarray:
         """(n, dim) embeddings. `parts`: the texts already tokenised without special tokens (score_candidates),
-        turned into the bi-encoder's input by its own post-processing instead of tokenising again."""
+        turned into the bi-encoder's input as its own post-processing lays it out instead of tokenising again."""
         single = self._tokenizers()[2]
         out = []
         for s in range(0, len(texts), self.embed_batch):
             if parts is not None and single is not None:
-                chunk = Parts.of(parts[s:s + self.embed_batch])
-                ids, mask, _ = self._assemblers()[1](chunk, np.arange(len(chunk.lengths)))
+                ids, mask, _ = self._assemblers()[1](parts, np.arange(s, min(s + self.embed_batch, len(texts))))
             else:
                 ids, mask, _ = tensors(self.bi_tok.encode_batch(texts[s:s + self.embed_batch]))
             out.append(self.encoders.embed(ids, mask))
@@ -365,19 +364,20 @@ class TwoStageClassifier:
             self._toks, self._toks_of = (parts, pairs, single if same else None), (self.bi_tok, self.cross_tok)
         return self._toks
 
-    def _score(self, texts: list, candidates, parts: list = None) -> np.ndarray:
+    def _score(self, texts: list, candidates, parts: Parts = None, rows=None) -> np.ndarray:
         """Cross-encoder logits of each email against each of its candidate label ids, flattened in order:
         (sum of len(candidates[i]),). Each email is tokenised once (not once per candidate; `parts`: already
-        tokenised by score_candidates) and each label once per classifier; the pairs are laid out as the
+        tokenised by score_candidates, texts[i] being parts' row rows[i]) and each label once per classifier; the pairs are laid out as the
         tokenizer's own post-processing lays them out (longest-first truncation, [CLS] a [SEP] b [SEP], type ids;
         Assembler), so the tensors equal encode_batch on the text pairs (tests hold them equal). Tokenising the
         K pairs of every email was most of the CPU time per email (measured: 480 of 584 ms per 256 emails at K=10
         on 2 cores), then post-processing them pair by pair (130 of ~250 ms)."""
-        part_tok = self._tokenizers()[0]
-        emails = Parts.of(parts if parts is not None else part_tok.encode_batch(list(texts), add_special_tokens=False))
-        labels, assemble = self._label_parts(), self._assemblers()[0]
+        if parts is None:
+            parts, rows = Parts.of(self._tokenizers()[0].encode_batch(list(texts), add_special_tokens=False)), None
+        rows = np.arange(len(texts)) if rows is None else np.asarray(rows, dtype=np.int64)
+        emails, labels, assemble = parts, self._label_parts(), self._assemblers()[0]
         candidates = [np.asarray(c, dtype=np.int64).reshape(-1) for c in candidates]
-        email_of = np.repeat(np.arange(len(candidates)), [len(c) for c in candidates])  # (pairs,)
+        email_of = np.repeat(rows, [len(c) for c in candidates])  # (pairs,) row of each pair's email in parts
         label_of = np.concatenate(candidates) if candidates else np.zeros(0, np.int64)
         out = []
         for s in range(0, len(email_of), self.score_batch):
@@ -391,7 +391,7 @@ class TwoStageClassifier:
         t0 = time.perf_counter()
         # each text tokenised once for both stages where their tokenizers agree (counted in the embed stage's time)
         part_tok, _, single = self._tokenizers()
-        parts = part_tok.encode_batch(list(texts), add_special_tokens=False) if single is not None else None
+        parts = Parts.of(part_tok.encode_batch(list(texts), add_special_tokens=False)) if single is not None else None
         xq = self._embed(texts, parts)  # (n, dim)
         t1 = time.perf_counter()
         D, I = self.index.search(xq, int(max(ks)))  # (n, kmax) label scores and ids, best first
@@ -399,8 +399,8 @@ class TwoStageClassifier:
         gates = np.broadcast_to(np.asarray(gate), (len(texts),))
         skip = np.array([self.policy.skip_rerank(D[j:j + 1, :k], bool(g))[0] for j, (k, g) in enumerate(zip(ks, gates))], dtype=bool)
         rerank = [j for j in range(len(texts)) if not skip[j]]
-        flat = self._score([texts[j] for j in rerank], [I[j, :ks[j]] for j in rerank],
-                           None if parts is None else [parts[j] for j in rerank])  # (sum of k over reranked rows,)
+        flat = self._score([texts[j] for j in rerank], [I[j, :ks[j]] for j in rerank], parts,
+                           rerank if parts is not None else None)  # (sum of k over reranked rows,)
         t3 = time.perf_counter()
         rows, start = [], 0
         for j, k in enumerate(ks):

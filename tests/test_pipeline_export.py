@@ -153,7 +153,7 @@ def test_each_email_tokenised_once_for_both_stages_gives_the_same_answers(tiny_r
     """score_candidates tokenises a batch once (no special tokens) and builds both encoders' inputs from it by
     their tokenizers' post-processing: the bi-encoder gets the tensors encode_batch gives (also past its 128-token
     cut), and every answer equals the one of a classifier whose stages tokenise for themselves."""
-    from mailroute.pipeline import tensors
+    from mailroute.pipeline import Parts, tensors
 
     clf = open_onnx_classifier(tiny_repo)
     emails = ["Refund?", "I was charged twice, please refund the extra charge. " * 30, "Where is my parcel?", "x"]
@@ -173,7 +173,7 @@ def test_each_email_tokenised_once_for_both_stages_gives_the_same_answers(tiny_r
             return self.inner.score(*a)
 
     clf.encoders = Recorder(clf.encoders)
-    clf._embed(emails, parts)
+    clf._embed(emails, Parts.of(parts))
     want = tensors(clf.bi_tok.encode_batch(emails))
     assert (seen[0][0] == want[0]).all() and (seen[0][1] == want[1]).all() and seen[0][0].shape[1] == 128
     once = clf.classify(emails, gate=False)
