@@ -2,10 +2,12 @@
 # What the lent GPU machine lacks for benchmarks/gpu (it has PyTorch + CUDA, transformers, sentence-transformers,
 # onnx, onnxruntime CPU, grpcio, protobuf, numpy 2.5; see ../shared/docs/gpu.md), prepared here in three git-ignored
 # folders, each under the 64 MiB a call may carry (the working tree included, about 2 MiB; keep untracked results out):
-#   gpu-carry/a: nvidia-pytriton (tritonserver), tritonclient, grpcio, protobuf, python-rapidjson  (~62 MiB, cp312 wheels)
-#   gpu-carry/s: faiss-cpu, numpy 1.26.4 for the Triton backend stub, the MiniLM tokenizer          (~36 MiB)  serving
-#   gpu-carry/b: faiss-cpu, datasets + dill + multiprocess, the base weights as fp16 + xz
-#                (benchmarks/gpu/weights.py), a BANKING77 copy for the training sweep                 (~59 MiB)  training
+# (a call carries the working tree too, ~5.4 MB: each folder stays under ~61 MB)
+#   gpu-carry/a: nvidia-pytriton (tritonserver), tritonclient, datasets + dill + multiprocess        (~56 MB, cp312 wheels)
+#   gpu-carry/s: faiss-cpu, grpcio, protobuf, python-rapidjson, numpy 1.26.4 for the Triton backend
+#                stub, the MiniLM tokenizer                                                          (~47 MB)  serving
+#   gpu-carry/b: faiss-cpu, the base weights as fp16 + xz (benchmarks/gpu/weights.py),
+#                a BANKING77 copy for the training sweep                                             (~61 MB)  training
 # Then the calls of benchmarks/gpu/device.sh on one warm machine (install a; install s + serve; install b + sweep).
 # Remove gpu-carry/ afterwards: the dataset is read in place everywhere else.
 set -euo pipefail
@@ -14,13 +16,13 @@ grep -qx "/gpu-carry/" .git/info/exclude 2>/dev/null || echo "/gpu-carry/" >> .g
 PIP=(.venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
      --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_35_x86_64)
 mkdir -p gpu-carry/a gpu-carry/b gpu-carry/s/stub-numpy gpu-carry/s/tokenizer
-"${PIP[@]}" -d gpu-carry/a nvidia-pytriton==0.7.0 tritonclient==2.73.0 grpcio==1.85.1 protobuf==6.33.6 python-rapidjson==1.25
-"${PIP[@]}" -d gpu-carry/b faiss-cpu==1.15.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19  # datasets: imported by training/
-"${PIP[@]}" -d gpu-carry/s faiss-cpu==1.15.1
+"${PIP[@]}" -d gpu-carry/a nvidia-pytriton==0.7.0 tritonclient==2.73.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19  # datasets: imported by training/
+"${PIP[@]}" -d gpu-carry/b faiss-cpu==1.15.1
+"${PIP[@]}" -d gpu-carry/s faiss-cpu==1.15.1 grpcio==1.85.1 protobuf==6.33.6 python-rapidjson==1.25
 "${PIP[@]}" -d gpu-carry/s/stub-numpy numpy==1.26.4  # the stub of nvidia-pytriton 0.7.0 needs numpy < 2 (client/server.py)
 .venv/bin/python -m benchmarks.gpu.weights pack gpu-carry/b/base.tar.xz
 BANKING77=$(.venv/bin/python -c "from mailroute.settings import banking77_dir; print(banking77_dir())")
 mkdir -p gpu-carry/b/banking77 && cp "$BANKING77"/train.csv "$BANKING77"/test.csv "$BANKING77"/categories.json gpu-carry/b/banking77/
 BASE=$(.venv/bin/python -c "from training.models import base_model_dir; print(base_model_dir())")
 cp "$BASE"/tokenizer.json "$BASE"/tokenizer_config.json "$BASE"/vocab.txt "$BASE"/special_tokens_map.json gpu-carry/s/tokenizer/
-du -sh gpu-carry/a gpu-carry/s gpu-carry/b
+du -sb gpu-carry/a gpu-carry/s gpu-carry/b  # + the tree (git ls-files) must stay under 64 MiB = 67,108,864 bytes
