@@ -99,8 +99,13 @@ def stub_interpreter(work: Path, stub_site: str = "") -> Path:
     lib = next((env / "lib").glob("python*")) / "site-packages"
     # .pth lines are appended in order after the venv's own (empty) site-packages: numpy < 2 first
     first = [str(Path(stub_site).resolve())] if stub_site else []
+    # This interpreter's SciPy and scikit-learn were built for its numpy >= 2 and fail to import under the stub's
+    # numpy 1; transformers imports scikit-learn whenever it finds it (generation's candidate generator), so the
+    # encoders' stubs failed with "Could not import module 'AutoModel'" (lent H100). Nothing served needs either:
+    # a None in sys.modules makes both look absent (importlib.util.find_spec answers None)
+    hide = ["import sys; sys.modules.update(dict.fromkeys(('scipy', 'sklearn')))"] if numpy2 else []
     (lib / "mailroute_stub.pth").write_text("\n".join([*first, *map(str, map(Path.resolve, map(Path, extra))), *site.getsitepackages(),
-                                                     str(ROOT)]) + "\n")
+                                                     str(ROOT), *hide]) + "\n")
     return env / "bin"
 
 
