@@ -4,7 +4,7 @@
 #   1. carry gpu-carry/a:  bash benchmarks/gpu/device.sh install gpu-carry/a                       (Triton wheels)
 #   2. carry gpu-carry/s:  bash benchmarks/gpu/device.sh install gpu-carry/s && bash benchmarks/gpu/device.sh serve
 #   3. carry gpu-carry/b:  bash benchmarks/gpu/device.sh install gpu-carry/b && bash benchmarks/gpu/device.sh sweep
-# `serve` writes $OUT/gpu/{summary.json,triton.log}; `sweep` writes $OUT/sweep.tgz (every run's metrics,
+# `serve` takes RUN_ARGS (more benchmarks/gpu/run.py flags, e.g. "--max-queue-delay-us 0"); writes $OUT/gpu/{summary.json,triton.log}; `sweep` writes $OUT/sweep.tgz (every run's metrics,
 # report, policy, predictions and log). A smoke run of either anywhere: SMOKE=1 (tiny model / tiny data, CPU).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -46,10 +46,10 @@ case "${1:-}" in
     done
     if [ "${SMOKE:-0}" = 1 ]; then
       $PY -m benchmarks.gpu.run --device cpu --tiny --seconds 3 --client-processes 2 --classifier-instances 2 --encoder-instances 1 \
-        --tokenizer "$DATA/tokenizer" --out "$OUT/gpu"
+        --tokenizer "$DATA/tokenizer" --out "$OUT/gpu" ${RUN_ARGS:-}
     else
       timeout "${SERVE_TIMEOUT:-330}" $PY -m benchmarks.gpu.run --device cuda --seconds "${SECONDS_PER_LEVEL:-15}" \
-        --tokenizer "$DATA/tokenizer" --out "$OUT/gpu" --triton-args="${TRITON_ARGS:-}"
+        --tokenizer "$DATA/tokenizer" --out "$OUT/gpu" --triton-args="${TRITON_ARGS:-}" ${RUN_ARGS:-}
     fi
     rc=$?
     nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader 2>/dev/null

@@ -101,7 +101,7 @@ async def _closed_loop(url: str, texts: list, concurrency: int, seconds: float, 
     """`concurrency` workers on one connection, each sending one email and waiting for its answer."""
     from client import AsyncClassifierClient
 
-    lat, errors, reranked = [], 0, 0
+    lat, errors, reranked, stages = [], 0, 0, []
 
     async def worker(i, c):
         nonlocal errors, reranked
@@ -112,6 +112,7 @@ async def _closed_loop(url: str, texts: list, concurrency: int, seconds: float, 
                 answer = await c.classify([texts[j % len(texts)]], top_k=k, gate=gate)
                 lat.append((time.perf_counter() - t) * 1e3)
                 reranked += answer[0].reranked
+                stages.append(answer[0].stage_ms)
             except Exception:  # noqa: BLE001 - counted and reported
                 errors += 1
             j += concurrency
@@ -122,7 +123,7 @@ async def _closed_loop(url: str, texts: list, concurrency: int, seconds: float, 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(i, c) for i in range(concurrency)))
         wall = time.perf_counter() - t0
-    return lat, errors, wall, reranked
+    return lat, errors, wall, reranked, stages
 
 
 def _load_process(args) -> tuple:
@@ -134,6 +135,8 @@ def load(url: str, texts: list, concurrency: int, seconds: float, k: int, proces
     `processes` client processes (one Python process tops out near a few thousand gRPC calls/s, below
     what the GPU serves; the probe in ../shared/gpu-probe used several too)."""
     import multiprocessing as mp
+
+    from mailroute import contract
 
     procs = max(1, min(processes, concurrency))
     shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
@@ -147,9 +150,15 @@ def load(url: str, texts: list, concurrency: int, seconds: float, k: int, proces
     errors = sum(p[1] for p in parts)
     wall = max(p[2] for p in parts)
     reranked = sum(p[3] for p in parts)
+    stages = [s for p in parts for s in p[4]]
     p = np.percentile(lat, [50, 99]) if lat else [float("nan")] * 2
+    # where a request's time goes inside the classifier (the server batch it was part of; contract.STAGES), and what is
+    # left for queueing, BLS and gRPC: the median request's latency minus the median of the stages' sum
+    stage_p50 = {s: float(np.median([x.get(s, 0.0) for x in stages])) for s in contract.STAGES} if stages else {}
+    inside = float(np.median([sum(x.values()) for x in stages])) if stages else float("nan")
     return {"concurrency": concurrency, "gated": gate, "client_processes": procs, "emails_per_s": len(lat) / wall, "p50_ms": float(p[0]),
-            "p99_ms": float(p[1]), "requests": len(lat), "errors": errors, "share_reranked": reranked / max(1, len(lat))}
+            "p99_ms": float(p[1]), "requests": len(lat), "errors": errors, "share_reranked": reranked / max(1, len(lat)),
+            "stage_p50_ms": stage_p50, "outside_stages_p50_ms": float(p[0]) - inside}
 
 
 def ceiling(repo: Path, texts: list, device: str, k: int, batch: int = 256, seconds: float = 10) -> tuple:
@@ -192,6 +201,8 @@ def ceiling(repo: Path, texts: list, device: str, k: int, batch: int = 256, seco
 
 
 def main(argv=None):
+    from export.run import ExportConfig, export
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda | cpu")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer, 32-wide model (smoke runs)")
@@ -203,6 +214,8 @@ def main(argv=None):
     ap.add_argument("--gated-share", type=float, default=0.25, help="share of emails the gate reranks (margin set from the test emails)")
     ap.add_argument("--classifier-instances", type=int, default=6, help="email_classifier instances (tokenise, search, BLS)")
     ap.add_argument("--encoder-instances", type=int, default=2, help="instances of each encoder (each captures its own CUDA graphs)")
+    ap.add_argument("--max-queue-delay-us", type=int, default=ExportConfig.max_queue_delay_us,
+                    help="encoders' dynamic-batching delay (the classifier's is 4x): a single email waits for all three")
     ap.add_argument("--client-processes", type=int, default=4, help="load-generator processes sharing the concurrency")
     ap.add_argument("--triton-args", default="", help="extra tritonserver flags, space-separated (e.g. --pinned-memory-pool-byte-size=0)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu"))
@@ -213,7 +226,6 @@ def main(argv=None):
     import torch
 
     from client.server import TritonServer
-    from export.run import ExportConfig, export
 
     gpu = a.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
@@ -237,7 +249,8 @@ def main(argv=None):
         run = random_run(work, tokenizer, a.tiny, texts=texts, rerank_share=a.gated_share)
         repo = work / "repo"
         export(ExportConfig(run=str(run), repo=str(repo), runtime="torch", gpu=gpu, top_k=a.k, classifier_instances=a.classifier_instances,
-                            encoder_instances=a.encoder_instances, preferred_batch_sizes="16,32,64"))
+                            encoder_instances=a.encoder_instances, preferred_batch_sizes="16,32,64",
+                            max_queue_delay_us=a.max_queue_delay_us))
         setup_s = time.perf_counter() - t
         print(f"run folder and torch export: {setup_s:.0f} s", flush=True)
         server = TritonServer(repo, log_file=out / "triton.log", extra_args=a.triton_args.split())
@@ -266,16 +279,18 @@ def main(argv=None):
         summary = {"card": torch.cuda.get_device_name(0) if gpu else platform.processor() or "cpu", "device": a.device, "tiny": a.tiny,
                    "date": time.strftime("%Y-%m-%d"), "k": a.k, "gated": False, "runtime": "torch", "email_tokens": 128,
                    "classifier_instances": a.classifier_instances, "encoder_instances": a.encoder_instances,
+                   "max_queue_delay_us": a.max_queue_delay_us,
                    "emails_per_s": best and best["emails_per_s"], "p50_ms": best and best["p50_ms"], "p99_ms": best and best["p99_ms"],
                    "at_concurrency": best and best["concurrency"], "ceiling_emails_per_s": top, "ceiling_encoders_only_emails_per_s": top_accelerator,
                    "share_of_ceiling": best and best["emails_per_s"] / top, "single_email_p50_ms": single["p50_ms"] if single else None,
                    "levels": rows, "gated_levels": gated, "gated_share_target": a.gated_share,
                    "setup_s": round(setup_s, 1), "serving_error": served_error}
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        print(f"\n{'concurrency':>11} {'emails/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}")
+        print(f"\n{'concurrency':>11} {'emails/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}   p50 ms in the classifier by stage | outside (queues, BLS, gRPC)")
         for r in rows + gated:
-            print(f"{r['concurrency']:>11} {r['emails_per_s']:>9.1f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['errors']:>6}"
-                  + ("  gated" if r["gated"] else ""))
+            split = " ".join(f"{k} {v:.1f}" for k, v in r["stage_p50_ms"].items())
+            print(f"{r['concurrency']:>11} {r['emails_per_s']:>9.1f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['errors']:>6}   {split} | "
+                  f"{r['outside_stages_p50_ms']:.1f}" + ("  gated" if r["gated"] else ""))
         print(f"card {summary['card']}")
         if best:
             print(f"served best {best['emails_per_s']:.1f} emails/s = {summary['share_of_ceiling']:.0%} of the ceiling")
