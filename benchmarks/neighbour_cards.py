@@ -1,0 +1,171 @@
+"""Does the cross-encoder add more when each label card shows that label's training emails nearest to the email
+being classified? A study on a trained run (a script, not a test).
+
+Today a label card is fixed per label: the description plus a few typical emails (`CardSpec`). The cross-encoder
+then compares an email with the same two examples whatever the email says, while retrieval already scores each
+label by its exemplars nearest to the email, and the fusion leans on retrieval (benchmarks/RESULTS.md). A
+query-dependent card, the description plus the label's exemplars nearest to this email (the email itself never
+among them), lets the reranker read the evidence retrieval used, word by word: retrieval-augmented
+classification, as in kNN-augmented or in-context-example rerankers. Same format and character budget as the fixed
+card, so the pairs cost the same.
+
+Two arms, everything else equal: the run's bi-encoder and label index (full size), K candidates mined leave-one-out
+for a stratified sample of the training emails, one cross-encoder from the base weights per arm, trained listwise
+as `mailroute train` trains it. Measured on the run's validation emails: the cross-encoder alone, and fused with
+retrieval (the served rule, `fit_fusion`, fitted on validation; also 10-fold cross-validated inside validation).
+Test is not read unless --test is given.
+
+    python -m benchmarks.neighbour_cards --run runs/banking77-ce2 [--per-label 40] [--epochs 1] [--out benchmarks/results/banking77]
+"""
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+
+def neighbour_cards(index, x: np.ndarray, candidates: np.ndarray, own_rows: np.ndarray, spec) -> list:
+    """(n, k) label ids -> n lists of k card texts: each label's description plus its exemplars nearest to the
+    email (cosine of the bi-encoder embeddings, best first), never the email's own exemplar row (own_rows, -1 none)."""
+    E = index.exemplar_index.reconstruct_n(0, index.exemplar_index.ntotal)
+    rows_of = {c: np.flatnonzero(index.exemplar_labels == c) for c in range(len(index))}
+    label_texts = index.taxonomy.texts  # what the fixed cards start with too (training.bi_encoder.label_cards)
+    cards = []
+    for i, cand in enumerate(candidates):
+        row = []
+        for c in map(int, cand):
+            rows = rows_of[c][rows_of[c] != own_rows[i]]
+            best = rows[np.argsort(-(E[rows] @ x[i]), kind="stable")[:spec.examples]]
+            row.append(spec.text(label_texts[c], [index.exemplar_texts[r] for r in best]))
+        cards.append(row)
+    return cards
+
+
+def _rows(emails: list, cands: np.ndarray, cards: list, tax, seed: int) -> dict:
+    """Listwise rows as training.mining.listwise_rows makes them (gold put in where missed, positions shuffled),
+    the label side taken from `cards` (n, k) instead of the index's fixed cards."""
+    import random
+
+    rng = random.Random(seed)
+    rows = {"query": [], "docs": [], "labels": []}
+    for e, cand, card in zip(emails, cands, cards):
+        gold = tax.index(e.label)
+        pos = list(range(len(cand)))
+        if gold not in cand:
+            cand = [*cand[:-1], gold]
+        rng.shuffle(pos)
+        rows["query"].append(e.text)
+        rows["docs"].append([card[p] for p in pos])
+        rows["labels"].append([int(cand[p] == gold) for p in pos])
+    return rows
+
+
+def _fused(logits, retrieval, gold) -> tuple:
+    """(accuracy with the served fusion fitted on these rows, its 10-fold cross-validated accuracy)."""
+    from mailroute.rerank_policy import fit_fusion
+
+    def fit_and_score(fit_rows, score_rows):
+        ok = fit_rows[gold[fit_rows] >= 0]
+        p = fit_fusion(logits[ok], retrieval[ok], gold[ok])
+        return p.probabilities(logits[score_rows], retrieval[score_rows]).argmax(1) == gold[score_rows]
+
+    everything = np.arange(len(gold))
+    fitted = float(np.mean(fit_and_score(everything, everything)))
+    order = np.random.default_rng(0).permutation(len(gold))
+    right = sum(int(fit_and_score(np.setdiff1d(everything, part), part).sum()) for part in np.array_split(order, 10))
+    return fitted, right / len(gold)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="a trained run folder (its bi-encoder, label index, config and split)")
+    ap.add_argument("--per-label", type=int, default=40, help="training emails per label for the cross-encoders (0 = all)")
+    ap.add_argument("--epochs", type=float, default=1.0, help="cross-encoder epochs per arm")
+    ap.add_argument("--arms", default="fixed,neighbours", help="fixed (the index's cards) and/or neighbours (query-dependent)")
+    ap.add_argument("--test", action="store_true", help="also measure on test (for the record; choices use validation)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default="benchmarks/results/banking77", help="folder for neighbour_cards.{json,txt}")
+    a = ap.parse_args(argv)
+
+    from mailroute.label_index import LabelIndex
+    from mailroute.run_layout import RunFolder
+    from training.bi_encoder import embed
+    from training.config import TrainConfig
+    from training.cross_encoder import train_cross_encoder
+    from training.data import sample_per_label, splits_of
+    from training.mining import exemplar_rows, mine_candidates
+    from training.models import load_bi_encoder, load_cross_encoder, resolve_device
+
+    folder = RunFolder(Path(a.run))
+    cfg = TrainConfig(**json.loads(folder.config.read_text()))
+    device = resolve_device(a.device)
+    tax, train, val, test = splits_of(cfg)
+    index = LabelIndex.load(folder.label_index)
+    spec = index.card_spec
+    if not spec.examples or not any(index.exemplar_texts):
+        raise SystemExit(f"{a.run}: its label index has no cards with examples or no exemplar texts; nothing to compare")
+    fixed = set(index.label_texts)
+    pool = sample_per_label(train, a.per_label, cfg.seed) if a.per_label else train
+    pool = [e for e in pool if not any(e.text[:spec.example_chars] in card for card in fixed)]  # no email meets itself
+    bi = load_bi_encoder(folder.bi_encoder, device=device)
+    t0 = time.perf_counter()
+    x_pool, own = embed(bi, [e.text for e in pool]), exemplar_rows(index, pool)
+    cand, _ = mine_candidates(bi, None, index, cfg.k_train, exclude=own, x=x_pool)
+    evals = {"validation": val} | ({"test": test} if a.test else {})
+    scored = {}
+    for split, rows in evals.items():
+        x = embed(bi, [e.text for e in rows])
+        I, S = mine_candidates(bi, None, index, cfg.k_eval, x=x)
+        gold_ids = np.array([tax.index(e.label) for e in rows])
+        hit = I == gold_ids[:, None]
+        scored[split] = {"rows": rows, "x": x, "I": I, "retrieval": np.take_along_axis(S, I, 1),
+                         "gold": np.where(hit.any(1), hit.argmax(1), -1)}
+    print(f"{len(pool)} training emails (K={cfg.k_train}), validation {len(val)} (K={cfg.k_eval}); embedded and mined in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+    results = {"run": a.run, "per_label": a.per_label, "epochs": a.epochs, "card_spec": asdict(spec),
+               "n_train_emails": len(pool), "k_train": cfg.k_train, "k_eval": cfg.k_eval, "arms": {}}
+    for s, d in scored.items():
+        results[f"{s}_retrieval_alone"] = float(np.mean(d["retrieval"].argmax(1) == d["gold"]))
+    for arm in a.arms.split(","):
+        def cards_for(x, I, own_rows):
+            if arm == "fixed":
+                return [[index.label_texts[int(c)] for c in row] for row in I]
+            if arm == "neighbours":
+                return neighbour_cards(index, x, I, own_rows, spec)
+            raise SystemExit(f"--arms: unknown arm {arm!r} (fixed, neighbours)")
+
+        t = time.perf_counter()
+        rows = _rows(pool, cand, cards_for(x_pool, cand, own), tax, cfg.seed)
+        cross = load_cross_encoder(cfg.base or None, device=device)
+        train_cross_encoder(cross, rows, a.epochs, cfg.ce_batch_size, cfg.ce_lr, cfg.seed, device=device)
+        out = {"train_s": round(time.perf_counter() - t, 1), "example_cards": rows["docs"][0][:2]}
+        for split, d in scored.items():
+            cards = cards_for(d["x"], d["I"], np.full(len(d["I"]), -1))
+            pairs = [(e.text, c) for e, row in zip(d["rows"], cards) for c in row]
+            logits = np.asarray(cross.predict(pairs, batch_size=64, show_progress_bar=False, convert_to_numpy=True),
+                                np.float64).reshape(len(cards), -1)
+            fitted, cv = _fused(logits, d["retrieval"], d["gold"])
+            out[split] = {"cross_encoder_alone": float(np.mean(logits.argmax(1) == d["gold"])), "fused": fitted, "fused_cv10": cv}
+        results["arms"][arm] = out
+        print(f"{arm}: {json.dumps({k: v for k, v in out.items() if k != 'example_cards'})}", flush=True)
+
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "neighbour_cards.json").write_text(json.dumps(results, indent=1) + "\n")
+    lines = [f"run {a.run}: cross-encoders on {len(pool)} training emails ({a.per_label or 'all'} per label), {a.epochs} epoch(s); "
+             f"retrieval alone on validation {results['validation_retrieval_alone']:.2%}",
+             f"{'arm':<11} {'split':<10} {'CE alone':>9} {'fused':>7} {'fused (10-fold CV)':>19} {'train s':>8}"]
+    for arm, r in results["arms"].items():
+        for split in scored:
+            lines.append(f"{arm:<11} {split:<10} {r[split]['cross_encoder_alone']:>9.2%} {r[split]['fused']:>7.2%} {r[split]['fused_cv10']:>19.2%} {r['train_s']:>8.0f}")
+    (out_dir / "neighbour_cards.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
