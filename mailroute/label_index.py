@@ -75,6 +75,7 @@ class LabelIndex:
     exemplar_texts: list = field(default_factory=list)  # the emails behind the exemplar vectors
     cards: list = None  # label side of the cross-encoder pairs; None = taxonomy texts
     scoring: LabelScoring = LabelScoring()
+    exemplar_vectors: np.ndarray = None  # (n_exemplars, dim), read off exemplar_index when nearest cards need it
 
     @classmethod
     def build(cls, taxonomy: Taxonomy, label_embeddings: np.ndarray, encoder_id: str, exemplar_embeddings: np.ndarray = None,
@@ -119,6 +120,47 @@ class LabelIndex:
     def label_texts(self) -> list:
         """What the cross-encoder reads on the label side: the label card, or the description."""
         return self.cards if self.cards is not None else self.taxonomy.texts
+
+    def pair_cards(self, xq: np.ndarray, candidates: list, exclude: np.ndarray = None) -> list:
+        """The label side of each (email, candidate label) pair, flattened in order (sum of len(candidates[i])).
+
+        Fixed cards (`label_texts`) unless the card format is `nearest`; then each candidate's card is its
+        label text plus its exemplars nearest to email i (cosine of the bi-encoder embeddings xq (n, dim), best
+        first), never exemplar row exclude[i] (the email itself while training mines it; -1 none). A label
+        without exemplars reads its label text alone, as its fixed card does."""
+        spec = self.card_spec
+        if not spec.nearest or self.exemplar_index is None:
+            texts = self.label_texts
+            return [texts[int(c)] for cand in candidates for c in np.asarray(cand).reshape(-1)]
+        E, slots = self._exemplar_slots()
+        label_texts = self.taxonomy.texts
+        sims_all = np.asarray(xq, np.float32) @ E.T  # (n, n_exemplars)
+        out = []
+        for i, cand in enumerate(candidates):
+            cand = np.asarray(cand, dtype=np.int64).reshape(-1)
+            rows = slots[cand]  # (k, slots), -1 padded
+            sims = np.where(rows >= 0, sims_all[i][np.maximum(rows, 0)], -np.inf)
+            if exclude is not None and exclude[i] >= 0:
+                sims[rows == exclude[i]] = -np.inf
+            best = np.argsort(-sims, axis=1, kind="stable")[:, :spec.examples]
+            for j, c in enumerate(cand):
+                shown = [self.exemplar_texts[rows[j, b]] for b in best[j] if np.isfinite(sims[j, b])]
+                out.append(spec.text(label_texts[c], [t for t in shown if t]))
+        return out
+
+    def _exemplar_slots(self) -> tuple:
+        """(exemplar vectors (n, dim) float32, (labels, slots) exemplar rows of each label padded with -1), once."""
+        if getattr(self, "_slots", None) is None:
+            if self.exemplar_vectors is None:
+                self.exemplar_vectors = np.ascontiguousarray(self.exemplar_index.reconstruct_n(0, self.exemplar_index.ntotal), np.float32)
+            counts = np.bincount(self.exemplar_labels, minlength=len(self.taxonomy))
+            slots = np.full((len(self.taxonomy), max(1, int(counts.max(initial=0)))), -1, dtype=np.int64)
+            fill = np.zeros(len(self.taxonomy), dtype=np.int64)
+            for r, lab in enumerate(self.exemplar_labels):
+                slots[lab, fill[lab]] = r
+                fill[lab] += 1
+            self._slots = slots
+        return self.exemplar_vectors, self._slots
 
     def label_scores(self, xq: np.ndarray, scoring: LabelScoring = None, exclude: np.ndarray = None) -> np.ndarray:
         """(n, dim) normalised emails -> (n, labels) label scores.
@@ -234,8 +276,9 @@ class LabelIndex:
         from mailroute.torch_encoders import TorchExemplarIndex, TorchFlatIP
 
         ex = self.exemplar_index
-        return replace(self, index=TorchFlatIP(self.index.reconstruct_n(0, self.index.ntotal), device),
-                       exemplar_index=None if ex is None else TorchExemplarIndex(ex.reconstruct_n(0, ex.ntotal), self.exemplar_labels,
+        vectors = None if ex is None else self._exemplar_slots()[0]  # nearest cards read them; the torch index keeps its own copy
+        return replace(self, index=TorchFlatIP(self.index.reconstruct_n(0, self.index.ntotal), device), exemplar_vectors=vectors,
+                       exemplar_index=None if ex is None else TorchExemplarIndex(vectors, self.exemplar_labels,
                                                                                  len(self.taxonomy), device))
 
     def with_scoring(self, scoring: LabelScoring) -> "LabelIndex":

@@ -364,21 +364,34 @@ class TwoStageClassifier:
             self._toks, self._toks_of = (parts, pairs, single if same else None), (self.bi_tok, self.cross_tok)
         return self._toks
 
-    def _score(self, texts: list, candidates, parts: Parts = None, rows=None) -> np.ndarray:
+    def _score(self, texts: list, candidates, parts: Parts = None, rows=None, xq: np.ndarray = None) -> np.ndarray:
         """Cross-encoder logits of each email against each of its candidate label ids, flattened in order:
         (sum of len(candidates[i]),). Each email is tokenised once (not once per candidate; `parts`: already
         tokenised by score_candidates, texts[i] being parts' row rows[i]) and each label once per classifier; the pairs are laid out as the
         tokenizer's own post-processing lays them out (longest-first truncation, [CLS] a [SEP] b [SEP], type ids;
         Assembler), so the tensors equal encode_batch on the text pairs (tests hold them equal). Tokenising the
         K pairs of every email was most of the CPU time per email (measured: 480 of 584 ms per 256 emails at K=10
-        on 2 cores), then post-processing them pair by pair (130 of ~250 ms)."""
+        on 2 cores), then post-processing them pair by pair (130 of ~250 ms).
+
+        Where the index's cards show each label's exemplars nearest the email (CardSpec.nearest), the label side
+        depends on the email: xq (len(texts), dim) are the emails' embeddings (computed here when not given),
+        and each distinct card of the batch is tokenised once."""
         if parts is None:
             parts, rows = Parts.of(self._tokenizers()[0].encode_batch(list(texts), add_special_tokens=False)), None
         rows = np.arange(len(texts)) if rows is None else np.asarray(rows, dtype=np.int64)
-        emails, labels, assemble = parts, self._label_parts(), self._assemblers()[0]
+        emails, assemble = parts, self._assemblers()[0]
         candidates = [np.asarray(c, dtype=np.int64).reshape(-1) for c in candidates]
         email_of = np.repeat(rows, [len(c) for c in candidates])  # (pairs,) row of each pair's email in parts
-        label_of = np.concatenate(candidates) if candidates else np.zeros(0, np.int64)
+        if self.index.card_spec.nearest and candidates:
+            xq = self._embed(list(texts)) if xq is None else xq
+            cards = self.index.pair_cards(xq, candidates)
+            distinct = dict.fromkeys(cards)
+            labels = Parts.of(self._tokenizers()[0].encode_batch(list(distinct), add_special_tokens=False))
+            where = {c: i for i, c in enumerate(distinct)}
+            label_of = np.array([where[c] for c in cards], dtype=np.int64)  # (pairs,) row of each pair's card in labels
+        else:
+            labels = self._label_parts()
+            label_of = np.concatenate(candidates) if candidates else np.zeros(0, np.int64)
         out = []
         for s in range(0, len(email_of), self.score_batch):
             ids, mask, types = assemble(emails, email_of[s:s + self.score_batch], labels, label_of[s:s + self.score_batch])
@@ -400,7 +413,7 @@ class TwoStageClassifier:
         skip = np.array([self.policy.skip_rerank(D[j:j + 1, :k], bool(g))[0] for j, (k, g) in enumerate(zip(ks, gates))], dtype=bool)
         rerank = [j for j in range(len(texts)) if not skip[j]]
         flat = self._score([texts[j] for j in rerank], [I[j, :ks[j]] for j in rerank], parts,
-                           rerank if parts is not None else None)  # (sum of k over reranked rows,)
+                           rerank if parts is not None else None, xq[rerank])  # (sum of k over reranked rows,)
         t3 = time.perf_counter()
         rows, start = [], 0
         for j, k in enumerate(ks):

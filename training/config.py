@@ -29,6 +29,7 @@ class TrainConfig:
     description_weight_grid: str = "0,0.1,0.2,0.3,0.5"  # ... fused with this share of the description cosine (chosen too)
     card_examples: int = CardSpec.examples  # label card = description + this many typical emails of the label (0 = description only)
     card_chars: int = CardSpec.chars  # label card length in characters (each example shown cut to 100)
+    card_nearest: bool = CardSpec.nearest  # cards show each label's exemplars nearest to the email, not its typical ones
     oof_folds: int = 0  # >=2: mine training candidates out of fold (one bi-encoder per fold); 0 = leave-one-out
     k_train: int = 5  # candidates per email in listwise training
     k_eval: int = 5  # candidates reranked at inference
@@ -49,7 +50,10 @@ class TrainConfig:
     def card_spec(self) -> CardSpec:
         if self.card_examples < 0 or self.card_chars < 1:
             raise BadSetting(f"--card-examples must be >= 0 and --card-chars >= 1, got {self.card_examples} and {self.card_chars}")
-        return CardSpec(examples=self.card_examples, chars=self.card_chars)
+        if self.card_nearest and (self.card_examples < 1 or self.descriptions_only):
+            raise BadSetting("--card-nearest shows each label's training emails nearest to the email: it needs --card-examples >= 1 "
+                             "and a label index with exemplars (not --descriptions-only)")
+        return CardSpec(examples=self.card_examples, chars=self.card_chars, nearest=self.card_nearest)
 
     def gate_target(self) -> GateTarget:
         return GateTarget(self.gate_tolerance, self.rerank_budget)

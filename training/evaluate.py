@@ -111,7 +111,7 @@ def collect(clf, examples: list, k: int, batch_size: int = 32) -> Scored:
     D, I = D_all[:, :k].astype(np.float64), ranked[:, :k]
     logits = []
     for s in tqdm(range(0, len(texts), batch_size), desc=f"evaluate: rerank K={k}"):
-        logits.append(clf._score(texts[s:s + batch_size], I[s:s + batch_size]).reshape(-1, k))
+        logits.append(clf._score(texts[s:s + batch_size], I[s:s + batch_size], xq=xq[s:s + batch_size]).reshape(-1, k))
     t3 = time.perf_counter()
     n = max(1, len(texts))
     ms = {"embed_ms_per_email": 1e3 * (t1 - t0) / n, "search_ms_per_email": 1e3 * (t2 - t1) / n,

@@ -118,18 +118,21 @@ def gate(repo, serving: int, candidate: int, evaluation: list, held: list, max_e
     return report
 
 
-def correction_lists(index, scores: np.ndarray, corrections: list, k: int, seed: int) -> dict:
-    """Listwise rows for corrections: gold + the wrongly chosen label + the retrieval top-K, deduplicated, shuffled."""
-    tax, texts, rng = index.taxonomy, index.label_texts, random.Random(seed)
+def correction_lists(index, scores: np.ndarray, corrections: list, k: int, seed: int, x: np.ndarray = None,
+                     exclude: np.ndarray = None) -> dict:
+    """Listwise rows for corrections: gold + the wrongly chosen label + the retrieval top-K, deduplicated, shuffled.
+    The label side as serving reads it (`LabelIndex.pair_cards`; x: the corrections' embeddings, needed where the
+    cards show each email's nearest exemplars; exclude: each one's own exemplar row, -1 none)."""
+    tax, rng = index.taxonomy, random.Random(seed)
     rows = {"query": [], "docs": [], "labels": []}
-    for c, s in zip(corrections, scores):
+    for n, (c, s) in enumerate(zip(corrections, scores)):
         gold = tax.index(c.label)
         wrong = [tax.index(c.wrong_label)] if c.wrong_label in tax and c.wrong_label != c.label else []
         top = [int(i) for i in np.argsort(-s, kind="stable")[:k]]
         cand = list(dict.fromkeys([gold] + wrong + top))
         rng.shuffle(cand)
         rows["query"].append(c.text)
-        rows["docs"].append([texts[i] for i in cand])
+        rows["docs"].append(index.pair_cards(None if x is None else x[n:n + 1], [cand], None if exclude is None else exclude[n:n + 1]))
         rows["labels"].append([int(i == gold) for i in cand])
     return rows
 
@@ -147,8 +150,9 @@ def continue_cross_encoder(repo, base: int, corrections: list, cfg: FeedbackConf
     index, k = clf.index, int(spec.get("top_k", DEFAULTS.top_k))
     examples = [Example(c.text, c.label) for c in corrections]
     x = clf._embed([e.text for e in examples])
-    scores = index.label_scores(x, exclude=exemplar_rows(index, examples))  # an exemplar correction does not find itself
-    rows = correction_lists(index, scores, corrections, k, cfg.seed)
+    own = exemplar_rows(index, examples)
+    scores = index.label_scores(x, exclude=own)  # an exemplar correction does not find itself
+    rows = correction_lists(index, scores, corrections, k, cfg.seed, x, own)
     run = Path(cfg.replay_run) if cfg.replay_run else source_run(repo, base)
     train, _, run_cfg = run_splits(run)
     train = [e for e in train if e.label in index.taxonomy]
@@ -156,9 +160,10 @@ def continue_cross_encoder(repo, base: int, corrections: list, cfg: FeedbackConf
     replay = random.Random(cfg.seed).sample(train, n_replay)
     if replay:
         xr = clf._embed([e.text for e in replay])
-        sr = index.label_scores(xr, exclude=exemplar_rows(index, replay))
+        own = exemplar_rows(index, replay)
+        sr = index.label_scores(xr, exclude=own)
         cand = np.argsort(-sr, axis=1, kind="stable")[:, :k]
-        rr = listwise_rows(replay, cand, index, cfg.seed)
+        rr = listwise_rows(replay, cand, index, cfg.seed, x=xr, exclude=own)
         for key in rows:
             rows[key] += rr[key]
     model = load_cross_encoder(cross_encoder_weights(repo, spec["cross_encoder_version"]), device=device)

@@ -60,11 +60,19 @@ def mine_out_of_fold(examples: list, folds: int, k: int, seed: int, train_fold_e
     return np.stack(I), np.stack(S), f
 
 
-def listwise_rows(examples: list, candidates: np.ndarray, index: LabelIndex, seed: int, scores: np.ndarray = None) -> dict:
+def listwise_rows(examples: list, candidates: np.ndarray, index: LabelIndex, seed: int, scores: np.ndarray = None,
+                  x: np.ndarray = None, exclude: np.ndarray = None) -> dict:
     """-> {"query": [...], "docs": [[K label texts]], "prior": [[K retrieval scores]], "labels": [[0/1 x K]]},
-    exactly one 1 per row ("prior" only when scores (n, labels) are given)."""
+    exactly one 1 per row ("prior" only when scores (n, labels) are given).
+
+    The label side is what serving reads (`LabelIndex.pair_cards`): the fixed cards, or where the index's
+    cards show the nearest exemplars, cards made for each email from its embedding x[n] (required then), never
+    showing the email itself (exclude[n]: its exemplar row, -1 none)."""
     tax = index.taxonomy
-    texts = index.label_texts
+    nearest = index.card_spec.nearest and index.exemplar_index is not None
+    if nearest and x is None:
+        raise ValueError("listwise_rows: this index's cards show each email's nearest exemplars; pass the emails' embeddings x")
+    texts = None if nearest else index.label_texts
     rng = random.Random(seed)
     rows = {"query": [], "docs": [], "labels": []} | ({"prior": []} if scores is not None else {})
     for n, (e, cand) in enumerate(zip(examples, candidates)):
@@ -74,7 +82,8 @@ def listwise_rows(examples: list, candidates: np.ndarray, index: LabelIndex, see
             cand[-1] = gold  # retrieval missed: the gold replaces the weakest candidate
         rng.shuffle(cand)  # else the gold sits at position 0 most of the time and position leaks
         rows["query"].append(e.text)
-        rows["docs"].append([texts[c] for c in cand])
+        rows["docs"].append(index.pair_cards(x[n:n + 1], [cand], None if exclude is None else exclude[n:n + 1]) if nearest
+                            else [texts[c] for c in cand])
         rows["labels"].append([int(c == gold) for c in cand])
         if scores is not None:
             rows["prior"].append([float(scores[n, c]) for c in cand])

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from mailroute.label_index import LabelScoring, weights_id
+from mailroute.label_index import LabelIndex, LabelScoring, weights_id
 from mailroute.repository import WEIGHTS_FILE
 from mailroute.rerank_policy import GateTarget, RerankPolicy
 from mailroute.run_layout import RunFolder
@@ -36,6 +36,18 @@ def seed_everything(seed: int):
 def _grid(text: str, cast) -> list:
     return [cast(v) for v in text.split(",") if v.strip()]
 
+
+
+def _training_rows(cfg: TrainConfig, index: LabelIndex, train: list, x_train: np.ndarray, cand: np.ndarray, scores: np.ndarray,
+                   card_texts: set) -> dict:
+    """The cross-encoder's listwise rows, where no email meets itself on the label side: with fixed cards the
+    emails shown on a card are left out of the queries; with nearest cards an email's own exemplar is never
+    shown to it (exemplar_rows), so every email trains."""
+    exclude = exemplar_rows(index, train)
+    keep = (np.arange(len(train)) if index.card_spec.nearest
+            else np.array([i for i, e in enumerate(train) if e.text not in card_texts], dtype=np.int64))
+    return listwise_rows([train[i] for i in keep], cand[keep], index, cfg.seed, scores[keep] if cfg.train_retrieval_weight else None,
+                         x=x_train[keep], exclude=exclude[keep])
 
 def run(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
@@ -98,8 +110,7 @@ def run(cfg: TrainConfig) -> dict:
     else:
         cand, scores = mine_candidates(model, [e.text for e in train], index, cfg.k_train, exclude=exemplar_rows(index, train), x=x_train)
         how = "leave-one-out"
-    keep = [i for i, e in enumerate(train) if e.text not in card_texts]  # no email meets itself on the label side
-    rows = listwise_rows([train[i] for i in keep], cand[keep], index, cfg.seed, scores[keep] if cfg.train_retrieval_weight else None)
+    rows = _training_rows(cfg, index, train, x_train, cand, scores, card_texts)
     gold_mined = float(np.mean([1 in r for r in rows["labels"]]))
     gold_retrieved = float(np.mean([tax.index(e.label) in c for e, c in zip(train, cand)]))
     print(f"[5/9] mined top-{cfg.k_train} {how}: gold retrieved for {gold_retrieved:.1%} of train (inserted where missed)")
@@ -107,12 +118,14 @@ def run(cfg: TrainConfig) -> dict:
 
     # 6. cross-encoder from the same base weights (or the fine-tuned bi-encoder), new head, listwise softmax CE over those K
     t = time.perf_counter()
-    print(f"[6/9] cross-encoder: listwise, K={cfg.k_train}, {cfg.ce_epochs} epoch(s), label cards with {cfg.card_examples} example(s) in {cfg.card_chars} characters")
+    print(f"[6/9] cross-encoder: listwise, K={cfg.k_train}, {cfg.ce_epochs} epoch(s), label cards with {cfg.card_examples} "
+          f"{'nearest' if cfg.card_nearest else 'typical'} example(s) in {cfg.card_chars} characters")
     cross = load_cross_encoder(out.bi_encoder if cfg.ce_init == "bi_encoder" else (cfg.base or None), device=device)
     keep_best = None
     if cfg.ce_epochs > 1:  # epochs by early stopping: validation rows mined like training rows, checked after every epoch
         cand_val, scores_val = mine_candidates(model, [e.text for e in val], index, cfg.k_train, x=x_val)
-        keep_best = KeepBestEpoch(cross, listwise_rows(val, cand_val, index, cfg.seed, scores_val if cfg.train_retrieval_weight else None))
+        keep_best = KeepBestEpoch(cross, listwise_rows(val, cand_val, index, cfg.seed, scores_val if cfg.train_retrieval_weight else None,
+                                                       x=x_val))
     train_cross_encoder(cross, rows, cfg.ce_epochs, cfg.ce_batch_size, cfg.ce_lr, cfg.seed,
                         RerankPolicy(retrieval_weight=cfg.train_retrieval_weight), device, callbacks=[keep_best] if keep_best else None)
     ce_history = keep_best.restore() if keep_best else []
@@ -124,7 +137,7 @@ def run(cfg: TrainConfig) -> dict:
     t = time.perf_counter()
     metrics = {"dataset": tax.name, "labels": len(tax), "n_train": len(train), "n_validation": len(val), "n_test": len(test),
                "device": device, "label_scoring_validation": scoring_table, "cross_encoder_validation_by_epoch": ce_history,
-               "mining": {"how": how, "gold_retrieved_train": gold_retrieved, "gold_in_rows": gold_mined, "rows": len(keep)},
+               "mining": {"how": how, "gold_retrieved_train": gold_retrieved, "gold_in_rows": gold_mined, "rows": len(rows["query"])},
                "anisotropy": {"before": aniso_before, "after": aniso_after}}
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(tax)))
     ev = evaluate_and_fit(clf, val, test, cfg.gate_target())
@@ -210,8 +223,6 @@ def refit(run_dir, gate_tolerance: float = None, rerank_budget: float = None, de
     """Fit the rerank policy of a trained run again without retraining (e.g. another gate tolerance):
     the same splits as `mailroute train`, both stages scored again, policy, metrics and report rewritten.
     The flat baseline's numbers and predictions are kept from the run."""
-    from mailroute.label_index import LabelIndex
-
     out = RunFolder(run_dir)
     if not out.is_trained() or not out.metrics.exists():
         raise FileNotFoundError(f"{out.root} is not a trained run folder (needs {out.bi_encoder.name}/, {out.cross_encoder.name}/, "
@@ -246,8 +257,6 @@ def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device
     run folder (the flat baseline's numbers are copied from the run)."""
     import shutil
 
-    from mailroute.label_index import LabelIndex
-
     src, out = RunFolder(run_dir), RunFolder(out_dir)
     if not src.is_trained() or not src.metrics.exists():
         raise FileNotFoundError(f"{src.root} is not a trained run folder: run `mailroute train` first")
@@ -266,12 +275,12 @@ def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device
     x_train = bi.embed(model, [e.text for e in train])
     _, card_texts = bi.label_cards(tax, train, x_train, cfg.card_spec())
     cand, scores = mine_candidates(model, [e.text for e in train], index, cfg.k_train, exclude=exemplar_rows(index, train), x=x_train)
-    keep = [i for i, e in enumerate(train) if e.text not in card_texts]
-    rows = listwise_rows([train[i] for i in keep], cand[keep], index, cfg.seed, scores[keep] if cfg.train_retrieval_weight else None)
-    cand_val, scores_val = mine_candidates(model, [e.text for e in val], index, cfg.k_train)
+    rows = _training_rows(cfg, index, train, x_train, cand, scores, card_texts)
+    x_val = bi.embed(model, [e.text for e in val])
+    cand_val, scores_val = mine_candidates(model, None, index, cfg.k_train, x=x_val)
     cross = load_cross_encoder(src.cross_encoder, device=device)
-    keep_best = KeepBestEpoch(cross, listwise_rows(val, cand_val, index, cfg.seed, scores_val if cfg.train_retrieval_weight else None),
-                              first_epoch=0)
+    keep_best = KeepBestEpoch(cross, listwise_rows(val, cand_val, index, cfg.seed, scores_val if cfg.train_retrieval_weight else None,
+                                                   x=x_val), first_epoch=0)
     keep_best.on_epoch_end(None, None, None)  # epoch 0: the starting weights compete too
     lr = ce_lr or cfg.ce_lr
     print(f"resume: cross-encoder +{ce_epochs} epoch(s) at lr {lr} from {src.cross_encoder}")
@@ -310,8 +319,6 @@ def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: s
     validation kept, as in `mailroute train`), so that the baseline gets at least the epochs the two-stage
     system got. The run's flat numbers and test predictions are replaced; the replaced numbers stay in
     metrics.json under `flat_baseline_history`. The two-stage system is not touched."""
-    from mailroute.label_index import LabelIndex
-
     out = RunFolder(run_dir)
     needed = (out.config, out.metrics, out.predictions, out.policy, out.label_index)
     if not all(p.exists() for p in needed):

@@ -1,0 +1,121 @@
+"""Label cards of the nearest exemplars (CardSpec.nearest): the label side of each (email, label) pair shows that
+label's training emails nearest to the email, the same in the index, in training rows, in the pipeline that serves
+and in a whole `mailroute train` run."""
+
+import json
+from dataclasses import asdict, replace
+
+import numpy as np
+import pytest
+
+from mailroute.label_index import CardSpec, LabelIndex, LabelScoring
+from mailroute.repository import open_onnx_classifier
+from mailroute.taxonomy import DataError, Label, Taxonomy
+
+NEAREST = CardSpec(examples=2, chars=400, example_chars=50, nearest=True)
+
+
+def _index(spec: CardSpec = NEAREST) -> LabelIndex:
+    """3 labels in 3 dimensions: label a has exemplars along x at three angles, b along y, c has none."""
+    tax = Taxonomy((Label("a", "alpha"), Label("b", "beta"), Label("c", "gamma")), "t")
+    ex = np.array([[1, 0, 0], [0.8, 0.6, 0], [0.6, 0, 0.8], [0, 1, 0], [0.6, 0.8, 0]], np.float32)
+    return LabelIndex.build(tax, np.eye(3, dtype=np.float32), "enc", ex, [0, 0, 0, 1, 1], ["a-x", "a-xy", "a-xz", "b-y", "b-yx"],
+                            LabelScoring(1, 0.0), cards=["a fixed", "b fixed", "c fixed"], card_spec=spec)
+
+
+def test_cards_show_each_labels_exemplars_nearest_the_email_best_first():
+    index = _index()
+    xq = np.array([[0.7, 0.7, 0], [0.7, 0, 0.7]], np.float32)
+    cards = index.pair_cards(xq, [np.array([0, 1, 2]), np.array([0])])
+    # email 0 is nearest a-xy then a-x among a's; b-yx then b-y among b's; c has no exemplars: its label text alone
+    assert cards[0] == "a: alpha Examples: a-xy | a-x" and cards[1] == "b: beta Examples: b-yx | b-y" and cards[2] == "c: gamma"
+    assert cards[3] == "a: alpha Examples: a-xz | a-x"  # another email, other neighbours: the card depends on the email
+    # an email never sees itself: its own exemplar row is left out (training mines leave-one-out)
+    assert index.pair_cards(xq[:1], [np.array([0])], exclude=np.array([1])) == ["a: alpha Examples: a-x | a-xz"]
+    # fixed cards are the same for every email
+    fixed = _index(CardSpec(examples=2))
+    assert fixed.pair_cards(xq, [np.array([0, 1]), np.array([2])]) == ["a fixed", "b fixed", "c fixed"]
+
+
+def test_nearest_format_survives_save_load_and_the_torch_search(tmp_path):
+    index = _index()
+    index.save(tmp_path / "ix")
+    again = LabelIndex.load(tmp_path / "ix")
+    assert again.card_spec == NEAREST
+    xq = np.array([[0.7, 0.7, 0]], np.float32)
+    want = index.pair_cards(xq, [np.array([0, 1])])
+    assert again.pair_cards(xq, [np.array([0, 1])]) == want
+    assert again.on_device("cpu").pair_cards(xq, [np.array([0, 1])]) == want  # the torch runtime's index reads the same cards
+    with pytest.raises(DataError, match="nearest"):
+        CardSpec(examples=0, nearest=True)
+
+
+def test_listwise_rows_read_the_cards_serving_reads(demo):
+    from training.mining import listwise_rows
+
+    index = _index()
+    ex = type(demo.train[0])
+    emails = [ex("first", "a"), ex("second", "c")]
+    x = np.array([[0.7, 0.7, 0], [0.7, 0, 0.7]], np.float32)
+    cand = np.array([[1, 2], [0, 1]])  # the first email's gold (a) was not retrieved: it replaces the weakest candidate
+    rows = listwise_rows(emails, cand, index, seed=0, x=x, exclude=np.array([1, -1]))
+    assert rows["docs"][0][rows["labels"][0].index(1)] == "a: alpha Examples: a-x | a-xz"  # not a-xy: that is the email itself
+    assert sorted(rows["docs"][1]) == sorted(index.pair_cards(x[1:], [np.array([0, 2])]))
+    with pytest.raises(ValueError, match="embeddings"):
+        listwise_rows(emails, cand, index, seed=0)
+
+
+def test_pipeline_pairs_carry_each_emails_nearest_cards(tiny_repo):
+    """Stage 2 with nearest cards: the cross-encoder's tensors equal encode_batch on (email, that email's card) pairs,
+    whether _score embeds the emails itself or score_candidates hands it stage 1's embeddings."""
+    from mailroute.pipeline import tensors
+
+    clf = open_onnx_classifier(tiny_repo)
+    clf.index = replace(clf.index, manifest=clf.index.manifest | {"cards": asdict(replace(clf.index.card_spec, nearest=True))})
+    emails = ["Refund?", "I was charged twice for one order, please refund the second payment.", "Where is my parcel?"]
+    cand = [np.array([0, 1, 2]), np.array([1, 3]), np.array([4, 0])]
+    seen = []
+
+    class Recorder:
+        def __init__(self, encoders):
+            self.inner = encoders
+
+        def embed(self, ids, mask):
+            return self.inner.embed(ids, mask)
+
+        def score(self, ids, mask, types):
+            seen.append((ids, mask, types))
+            return np.zeros(len(ids), np.float32)
+
+    clf.encoders, clf.score_batch = Recorder(clf.encoders), 4
+    clf._score(emails, cand)
+    cards = clf.index.pair_cards(clf._embed(emails), cand)
+    assert len(set(cards)) > 1 and all("Examples: " in c for c in cards)
+    pairs = [(e, card) for e, card in zip(np.repeat(emails, [len(c) for c in cand]), cards)]
+    for s, (ids, mask, types) in zip(range(0, len(pairs), 4), seen):
+        for got, ref in zip((ids, mask, types), tensors(clf.cross_tok.encode_batch(pairs[s:s + 4]))):
+            assert got.shape == ref.shape and (got == ref).all()
+    # the served path: same pairs from stage 1's own embeddings
+    seen.clear()
+    rows, _ = clf.score_candidates(emails, [3, 3, 3])
+    served = clf.index.pair_cards(clf._embed(emails), [r[0] for r in rows])
+    flat = [(e, card) for e, card in zip(np.repeat(emails, 3), served)]
+    assert len(seen) == 3
+    for s, (ids, mask, types) in zip(range(0, len(flat), 4), seen):
+        for got, ref in zip((ids, mask, types), tensors(clf.cross_tok.encode_batch(flat[s:s + 4]))):
+            assert got.shape == ref.shape and (got == ref).all()
+
+
+def test_train_with_nearest_cards_end_to_end(tmp_path):
+    """`mailroute train --card-nearest` on the demo taxonomy with a tiny random base: the run's index keeps the
+    format, the cross-encoder trained on nearest cards, and evaluation read them through the serving pipeline."""
+    from training.config import TrainConfig
+    from training.models import make_tiny_base
+    from training.run import run
+
+    base = make_tiny_base(tmp_path / "base")
+    m = run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), base=str(base), card_nearest=True, bi_epochs=0.2, ce_epochs=0.2,
+                        skip_baseline=True, test_limit=40, k_train=3, k_eval=3))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["card_nearest"] is True
+    assert 0.0 <= m["two_stage"]["accuracy"] <= 1.0 and m["n_test"] == 40
+    assert LabelIndex.load(tmp_path / "run" / "label_index").card_spec.nearest
