@@ -119,3 +119,13 @@ def test_train_with_nearest_cards_end_to_end(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["card_nearest"] is True
     assert 0.0 <= m["two_stage"]["accuracy"] <= 1.0 and m["n_test"] == 40
     assert LabelIndex.load(tmp_path / "run" / "label_index").card_spec.nearest
+    # exported, the served classifier keeps the format and answers as the run's PyTorch reference does
+    from export.run import ExportConfig, export
+    from training.reference import load_reference
+
+    export(ExportConfig(run=str(tmp_path / "run"), repo=str(tmp_path / "repo"), top_k=3))
+    served, reference = open_onnx_classifier(tmp_path / "repo"), load_reference(tmp_path / "run", top_k=3)
+    assert served.index.card_spec.nearest
+    emails = ["Please refund my order", "My invoice shows the wrong amount", "Can I book a demo with sales?"]
+    for got, want in zip(served.classify(emails), reference.classify(emails)):
+        assert got.top_labels == want.top_labels and np.allclose(got.top_probabilities, want.top_probabilities, atol=1e-4)
