@@ -62,14 +62,15 @@ case "${1:-}" in
       COMMON=(--dataset banking77 --device cpu --base "$DATA/base" --sample-per-label 3 --test-limit 40 --bi-epochs 0.2 --flat-epochs 1)
       CONFIGS=(base: oof3:--oof-folds=3,--ce-epochs=0.2)
     else
-      # session 13 ran base / ce3 / oof3 / trw (--train-retrieval-weight=1, 3 CE epochs): benchmarks/RESULTS.md. Next, from
-      # what those said: more CE epochs (still rising at 3), K=10 lists, fuller label cards, a larger training retrieval
-      # weight. Sized for what is left of a 15-minute lease after serving (~7 min, five runs sharing the card: one CE
-      # epoch-equivalent ~66 s): at most 4 epoch-equivalents each. One flat baseline (8 epochs: it was still rising at 5)
-      # in `base`; the same split and seed in every run, so the others skip theirs
+      # sessions 13 and 15 swept epochs, K=10, fuller cards and training retrieval weights (benchmarks/RESULTS.md): none beat
+      # the headline on validation. Next: label cards of the nearest exemplars (--card-nearest; on a 40-per-label subset
+      # the cross-encoder alone went 77 -> 90% on validation). Sized for what a 15-minute lease leaves after serving
+      # (~7 min, five runs sharing the card, one CE epoch-equivalent ~66 s): at most 4 epoch-equivalents each. One flat
+      # baseline (8 epochs) in `base`; same split and seed everywhere, so the others skip theirs
       COMMON=(--dataset banking77 --device cuda --base "$DATA/base" --flat-epochs 8)
-      CONFIGS=(base: ce4:--ce-epochs=4,--skip-baseline k10:--ce-epochs=2,--k-train=10,--k-eval=10,--skip-baseline
-               cards4:--card-examples=4,--card-chars=480,--ce-epochs=2,--skip-baseline trw3:--train-retrieval-weight=3,--ce-epochs=3,--skip-baseline)
+      CONFIGS=(base: near:--card-nearest,--skip-baseline near3:--card-nearest,--ce-epochs=3,--skip-baseline
+               near4x:--card-nearest,--card-examples=4,--card-chars=480,--ce-epochs=2,--skip-baseline
+               neartrw:--card-nearest,--train-retrieval-weight=1,--ce-epochs=3,--skip-baseline)
     fi
     pack() {  # what has finished so far -> $OUT/sweep.tgz (the call may be cut off when the session's device time ends)
       (cd "$S" 2>/dev/null && find . \( -name metrics.json -o -name report.md -o -name rerank_policy.json -o -name config.json \
