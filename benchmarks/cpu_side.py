@@ -1,7 +1,7 @@
 """The CPU side of one two-stage batch: what the classifier process spends besides the encoders (a script,
 not a test). On a GPU the encoders take a few ms per 256 emails, so this work bounds the served throughput.
 
-    python -m benchmarks.cpu_side [--emails 256] [--k 10] [--repeats 6] [--search faiss|torch]
+    python -m benchmarks.cpu_side [--emails 256] [--k 10] [--repeats 6] [--search faiss|torch] [--nearest]
 
 Builds a run folder with tiny random encoders, the BANKING77 taxonomy and a label index shaped like the
 trained one (117 exemplars per label, label cards; benchmarks/gpu/run.py), exports it, and times
@@ -38,6 +38,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--search", choices=("faiss", "torch"), default="faiss",
                     help="label search by FAISS on the CPU (portable runtime) or by torch (the torch runtime's; on the CPU here)")
+    ap.add_argument("--nearest", action="store_true",
+                    help="label cards of each label's exemplars nearest the email (CardSpec.nearest): made and tokenised per batch")
     a = ap.parse_args(argv)
 
     from benchmarks.gpu.run import random_run, synthetic_emails
@@ -56,6 +58,10 @@ def main(argv=None) -> None:
         export(ExportConfig(run=str(run), repo=str(work / "repo"), top_k=a.k))
         clf = open_onnx_classifier(work / "repo")
         clf.encoders = InstantEncoders(clf.index.index.d)
+        if a.nearest:
+            from dataclasses import asdict, replace
+
+            clf.index = replace(clf.index, manifest=clf.index.manifest | {"cards": asdict(replace(clf.index.card_spec, nearest=True))})
         if a.search == "torch":  # what the torch runtime serves: exemplars scored by torch (on the GPU there)
             clf.index = clf.index.on_device("cpu")
         texts, errors = clf.prepare(synthetic_emails(a.emails))
@@ -67,7 +73,7 @@ def main(argv=None) -> None:
             ms.append((time.perf_counter() - t) * 1e3)
             stages.append(answers[0].stage_ms)
         split = ", ".join(f"{k} {np.median([s[k] for s in stages]):.0f}" for k in stages[0])
-        print(f"CPU side of one batch of {a.emails} emails, K={a.k}, label search by {a.search}: median {np.median(ms):.0f} ms "
+        print(f"CPU side of one batch of {a.emails} emails, K={a.k}, label search by {a.search}{', nearest cards' if a.nearest else ''}: median {np.median(ms):.0f} ms "
               f"({a.emails / np.median(ms) * 1e3:.0f} emails/s per process; by stage, ms: {split}); "
               f"repeats: {', '.join(f'{m:.0f}' for m in ms)}")
     finally:
