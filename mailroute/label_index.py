@@ -132,6 +132,9 @@ class LabelIndex:
         if not spec.nearest or self.exemplar_index is None:
             texts = self.label_texts
             return [texts[int(c)] for cand in candidates for c in np.asarray(cand).reshape(-1)]
+        if xq is None or len(xq) != len(candidates):
+            raise ValueError(f"pair_cards: this index's cards show each email's nearest exemplars; it needs one embedding per email "
+                             f"({len(candidates)}), got {None if xq is None else len(xq)}")
         E, slots = self._exemplar_slots()
         label_texts = self.taxonomy.texts
         sims_all = np.asarray(xq, np.float32) @ E.T  # (n, n_exemplars)
