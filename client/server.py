@@ -64,6 +64,7 @@ def libpython_dir() -> str:
 
 
 STUB_SITE_ENV = "MAILROUTE_STUB_SITE"
+PYTHON_ENV_TMP = "/tmp/python_env_"  # where the Python backend makes its execution-env folders (fixed in the binary)
 
 
 def stub_interpreter(work: Path, stub_site: str = "") -> Path:
@@ -160,6 +161,7 @@ class TritonServer:
 
     def start(self, timeout: float = 180) -> "TritonServer":
         self.log = open(self.log_file, "a")
+        self._started = time.time()
         self.proc = subprocess.Popen(self.command(), env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.time() + timeout
@@ -202,6 +204,21 @@ class TritonServer:
                 self.proc.wait()
         if getattr(self, "log", None):
             self.log.close()
+        self._remove_python_envs()
+
+    def _remove_python_envs(self) -> None:
+        """The Python backend makes an empty /tmp/python_env_XXXXXX at load (for EXECUTION_ENV_PATH archives, which no
+        model here uses; the path is compiled into libtriton_python.so) and leaves it when the server exits. Remove
+        the empty ones made since this server started (rmdir: one in use for an extracted env is never empty)."""
+        since = getattr(self, "_started", None)
+        if since is None:
+            return
+        for d in Path(PYTHON_ENV_TMP).parent.glob(Path(PYTHON_ENV_TMP).name + "*"):
+            try:
+                if d.stat().st_mtime >= since - 1:
+                    d.rmdir()
+            except OSError:  # not empty, not ours, or gone already
+                pass
 
     def stub_pid(self, model: str) -> int:
         """The Python-backend process of a model's first instance on this server (for fault drills)."""

@@ -130,8 +130,10 @@ def test_tritonserver_serves_the_torch_runtime(torch_repo, tmp_path):
     from client.server import TritonServer
 
     repo = shutil.copytree(torch_repo, tmp_path / "repo")
+    envs = set(Path("/tmp").glob("python_env_*"))
     with TritonServer(repo) as server, ClassifierClient(server.grpc_url) as c:
         served = c.classify(EMAILS, gate=False)
+    assert set(Path("/tmp").glob("python_env_*")) <= envs  # the backend's empty env folders went with the server
     local = open_onnx_classifier(repo).classify(EMAILS, gate=False)
     for s, o in zip(served, local):
         assert s.ok and s.top_labels == o.top_labels
