@@ -22,46 +22,10 @@ saved beside the summary (`neighbour_cards_<arm>_<split>.npz`: logits, retrieval
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-
-
-def neighbour_cards(index, x: np.ndarray, candidates: np.ndarray, own_rows: np.ndarray, spec) -> list:
-    """(n, k) label ids -> n lists of k card texts: each label's description plus its exemplars nearest to the
-    email (cosine of the bi-encoder embeddings, best first), never the email's own exemplar row (own_rows, -1 none)."""
-    E = index.exemplar_index.reconstruct_n(0, index.exemplar_index.ntotal)
-    rows_of = {c: np.flatnonzero(index.exemplar_labels == c) for c in range(len(index))}
-    label_texts = index.taxonomy.texts  # what the fixed cards start with too (training.bi_encoder.label_cards)
-    cards = []
-    for i, cand in enumerate(candidates):
-        row = []
-        for c in map(int, cand):
-            rows = rows_of[c][rows_of[c] != own_rows[i]]
-            best = rows[np.argsort(-(E[rows] @ x[i]), kind="stable")[:spec.examples]]
-            row.append(spec.text(label_texts[c], [index.exemplar_texts[r] for r in best]))
-        cards.append(row)
-    return cards
-
-
-def _rows(emails: list, cands: np.ndarray, cards: list, tax, seed: int) -> dict:
-    """Listwise rows as training.mining.listwise_rows makes them (gold put in where missed, positions shuffled),
-    the label side taken from `cards` (n, k) instead of the index's fixed cards."""
-    import random
-
-    rng = random.Random(seed)
-    rows = {"query": [], "docs": [], "labels": []}
-    for e, cand, card in zip(emails, cands, cards):
-        gold = tax.index(e.label)
-        pos = list(range(len(cand)))
-        if gold not in cand:
-            cand = [*cand[:-1], gold]
-        rng.shuffle(pos)
-        rows["query"].append(e.text)
-        rows["docs"].append([card[p] for p in pos])
-        rows["labels"].append([int(cand[p] == gold) for p in pos])
-    return rows
 
 
 def _fit(logits, retrieval, gold):
@@ -104,7 +68,7 @@ def main(argv=None) -> int:
     from training.config import TrainConfig
     from training.cross_encoder import train_cross_encoder
     from training.data import sample_per_label, splits_of
-    from training.mining import exemplar_rows, mine_candidates
+    from training.mining import exemplar_rows, listwise_rows, mine_candidates
     from training.models import load_bi_encoder, load_cross_encoder, resolve_device
 
     folder = RunFolder(Path(a.run))
@@ -139,24 +103,22 @@ def main(argv=None) -> int:
                "n_train_emails": len(pool), "k_train": cfg.k_train, "k_eval": cfg.k_eval, "arms": {}}
     for s, d in scored.items():
         results[f"{s}_retrieval_alone"] = float(np.mean(d["retrieval"].argmax(1) == d["gold"]))
+    arms = {"fixed": replace(spec, nearest=False), "neighbours": replace(spec, nearest=True)}
     for arm in a.arms.split(","):
-        def cards_for(x, I, own_rows):
-            if arm == "fixed":
-                return [[index.label_texts[int(c)] for c in row] for row in I]
-            if arm == "neighbours":
-                return neighbour_cards(index, x, I, own_rows, spec)
+        if arm not in arms:
             raise SystemExit(f"--arms: unknown arm {arm!r} (fixed, neighbours)")
-
+        # the product's own cards and rows (LabelIndex.pair_cards, listwise_rows), in this arm's card format
+        arm_index = replace(index, manifest=index.manifest | {"cards": asdict(arms[arm])})
         t = time.perf_counter()
-        rows = _rows(pool, cand, cards_for(x_pool, cand, own), tax, cfg.seed)
+        rows = listwise_rows(pool, cand, arm_index, cfg.seed, x=x_pool, exclude=own)
         cross = load_cross_encoder(cfg.base or None, device=device)
         train_cross_encoder(cross, rows, a.epochs, cfg.ce_batch_size, cfg.ce_lr, cfg.seed, device=device)
         out = {"train_s": round(time.perf_counter() - t, 1), "example_cards": rows["docs"][0][:2]}
         for split, d in scored.items():
-            cards = cards_for(d["x"], d["I"], np.full(len(d["I"]), -1))
-            pairs = [(e.text, c) for e, row in zip(d["rows"], cards) for c in row]
+            cards = arm_index.pair_cards(d["x"], list(d["I"]))
+            pairs = [(e.text, c) for e, c in zip((e for e in d["rows"] for _ in range(d["I"].shape[1])), cards)]
             logits = np.asarray(cross.predict(pairs, batch_size=64, show_progress_bar=False, convert_to_numpy=True),
-                                np.float64).reshape(len(cards), -1)
+                                np.float64).reshape(len(d["I"]), -1)
             d["logits"] = logits
             out[split] = {"cross_encoder_alone": float(np.mean(logits.argmax(1) == d["gold"]))}
             if split == "validation":

@@ -39,11 +39,10 @@ def _grid(text: str, cast) -> list:
 
 
 def _training_rows(cfg: TrainConfig, index: LabelIndex, train: list, x_train: np.ndarray, cand: np.ndarray, scores: np.ndarray,
-                   card_texts: set) -> dict:
+                   card_texts: set, exclude: np.ndarray) -> dict:
     """The cross-encoder's listwise rows, where no email meets itself on the label side: with fixed cards the
-    emails shown on a card are left out of the queries; with nearest cards an email's own exemplar is never
-    shown to it (exemplar_rows), so every email trains."""
-    exclude = exemplar_rows(index, train)
+    emails shown on a card are left out of the queries; with nearest cards an email's own exemplar row
+    (exclude, from exemplar_rows) is never shown to it, so every email trains."""
     keep = (np.arange(len(train)) if index.card_spec.nearest
             else np.array([i for i, e in enumerate(train) if e.text not in card_texts], dtype=np.int64))
     return listwise_rows([train[i] for i in keep], cand[keep], index, cfg.seed, scores[keep] if cfg.train_retrieval_weight else None,
@@ -97,6 +96,7 @@ def run(cfg: TrainConfig) -> dict:
           f"(validation accuracy {max(scoring_table.values(), default=float('nan')):.2%})")
 
     # 5. mine the K hard candidates of every training email (never finding the email itself)
+    own = exemplar_rows(index, train)  # each training email's own exemplar row
     if cfg.oof_folds >= 2 and (not cfg.descriptions_only):
         def train_fold_encoder(rest):
             m = load_bi_encoder(cfg.base or None, device=device)
@@ -108,9 +108,9 @@ def run(cfg: TrainConfig) -> dict:
         cand, scores, _ = mine_out_of_fold(train, cfg.oof_folds, cfg.k_train, cfg.seed, train_fold_encoder, build_fold_index)
         how = f"out of fold ({cfg.oof_folds} folds)"
     else:
-        cand, scores = mine_candidates(model, [e.text for e in train], index, cfg.k_train, exclude=exemplar_rows(index, train), x=x_train)
+        cand, scores = mine_candidates(model, [e.text for e in train], index, cfg.k_train, exclude=own, x=x_train)
         how = "leave-one-out"
-    rows = _training_rows(cfg, index, train, x_train, cand, scores, card_texts)
+    rows = _training_rows(cfg, index, train, x_train, cand, scores, card_texts, own)
     gold_mined = float(np.mean([1 in r for r in rows["labels"]]))
     gold_retrieved = float(np.mean([tax.index(e.label) in c for e, c in zip(train, cand)]))
     print(f"[5/9] mined top-{cfg.k_train} {how}: gold retrieved for {gold_retrieved:.1%} of train (inserted where missed)")
@@ -274,8 +274,9 @@ def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device
     index = LabelIndex.load(src.label_index)
     x_train = bi.embed(model, [e.text for e in train])
     _, card_texts = bi.label_cards(tax, train, x_train, cfg.card_spec())
-    cand, scores = mine_candidates(model, [e.text for e in train], index, cfg.k_train, exclude=exemplar_rows(index, train), x=x_train)
-    rows = _training_rows(cfg, index, train, x_train, cand, scores, card_texts)
+    own = exemplar_rows(index, train)
+    cand, scores = mine_candidates(model, [e.text for e in train], index, cfg.k_train, exclude=own, x=x_train)
+    rows = _training_rows(cfg, index, train, x_train, cand, scores, card_texts, own)
     x_val = bi.embed(model, [e.text for e in val])
     cand_val, scores_val = mine_candidates(model, None, index, cfg.k_train, x=x_val)
     cross = load_cross_encoder(src.cross_encoder, device=device)
