@@ -238,6 +238,9 @@ def test_label_card_shows_its_examples_within_its_budget():
 
     with pytest.raises(ValueError, match="--card-chars"):  # named by its flag, before any training
         TrainConfig(card_chars=0).card_spec()
+    for bad in ({"card_examples": 0}, {"descriptions_only": True}):  # nearest cards need examples and exemplars to show
+        with pytest.raises(ValueError, match="--card-nearest"):
+            TrainConfig(card_nearest=True, **bad).card_spec()
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="CardSpec"):  # cards whose format is unknown would be extended in another one
         LabelIndex.build(_tiny_taxonomy(), _unit(rng, 4), "enc", cards=["a", "b", "c", "d"])
