@@ -29,6 +29,22 @@ EXEMPLAR_INDEX_FILE, EXEMPLARS_FILE, CARDS_FILE = "exemplars.faiss", "exemplars.
 
 
 
+def _top_columns(x: np.ndarray, n: int) -> np.ndarray:
+    """Per row the columns of its n largest values, largest first (an equal value: the lower column first):
+    a partial sort, since a label has ~100 exemplars and a card shows 2 (a full argsort was 25 ms per 256
+    emails at K=10)."""
+    if n >= x.shape[1]:
+        return np.argsort(-x, axis=1, kind="stable")
+    part = np.argpartition(-x, n - 1, axis=1)[:, :n]
+    # the n-th largest value may be shared by columns left out: take the lowest such columns, as a stable sort would
+    kth = np.take_along_axis(x, part, 1).min(axis=1, keepdims=True)
+    tied = (x == kth).sum(axis=1) != (np.take_along_axis(x, part, 1) == kth).sum(axis=1)
+    if tied.any():
+        part[tied] = np.argsort(-x[tied], axis=1, kind="stable")[:, :n]
+    part = np.sort(part, axis=1)  # by column, then by value (stable): largest first, an equal value by column
+    return np.take_along_axis(part, np.argsort(-np.take_along_axis(x, part, 1), axis=1, kind="stable"), 1)
+
+
 class IndexMismatch(RuntimeError):
     """The label index was built from another bi-encoder than the one it is used with."""
 
@@ -128,28 +144,41 @@ class LabelIndex:
         label text plus its exemplars nearest to email i (cosine of the bi-encoder embeddings xq (n, dim), best
         first), never exemplar row exclude[i] (the email itself while training mines it; -1 none). A label
         without exemplars reads its label text alone, as its fixed card does."""
-        spec = self.card_spec
-        if not spec.nearest or self.exemplar_index is None:
+        if not self.card_spec.nearest or self.exemplar_index is None:
             texts = self.label_texts
             return [texts[int(c)] for cand in candidates for c in np.asarray(cand).reshape(-1)]
+        return ["".join(self.card_pieces(key)) for key in self.pair_card_keys(xq, candidates, exclude).tolist()]
+
+    def pair_card_keys(self, xq: np.ndarray, candidates: list, exclude: np.ndarray = None) -> np.ndarray:
+        """Nearest cards (`pair_cards`) as keys: (pairs, 1 + examples) int64, per pair its label id and the
+        exemplar rows its card shows, best first (-1 padded); `card_pieces` turns a key into the card. One key
+        stands for one card, so a caller can tokenise each card, or each piece of it, once."""
+        spec = self.card_spec
+        if not spec.nearest or self.exemplar_index is None:
+            raise ValueError("pair_card_keys: this index's cards are fixed per label (label_texts), not made per email")
         if xq is None or len(xq) != len(candidates):
             raise ValueError(f"pair_cards: this index's cards show each email's nearest exemplars; it needs one embedding per email "
                              f"({len(candidates)}), got {None if xq is None else len(xq)}")
         E, slots = self._exemplar_slots()
-        label_texts = self.taxonomy.texts
-        sims_all = np.asarray(xq, np.float32) @ E.T  # (n, n_exemplars)
-        out = []
-        for i, cand in enumerate(candidates):
-            cand = np.asarray(cand, dtype=np.int64).reshape(-1)
-            rows = slots[cand]  # (k, slots), -1 padded
-            sims = np.where(rows >= 0, sims_all[i][np.maximum(rows, 0)], -np.inf)
-            if exclude is not None and exclude[i] >= 0:
-                sims[rows == exclude[i]] = -np.inf
-            best = np.argsort(-sims, axis=1, kind="stable")[:, :spec.examples]
-            for j, c in enumerate(cand):
-                shown = [self.exemplar_texts[rows[j, b]] for b in best[j] if np.isfinite(sims[j, b])]
-                out.append(spec.text(label_texts[c], [t for t in shown if t]))
-        return out
+        cand = [np.asarray(c, dtype=np.int64).reshape(-1) for c in candidates]
+        email = np.repeat(np.arange(len(cand)), [len(c) for c in cand])  # (pairs,)
+        labels = np.concatenate(cand) if cand else np.zeros(0, np.int64)
+        rows = slots[labels]  # (pairs, slots) exemplar rows of each pair's label, -1 padded
+        sims = (np.asarray(xq, np.float32) @ E.T)[email[:, None], np.maximum(rows, 0)]  # (pairs, slots)
+        sims[rows < 0] = -np.inf
+        if exclude is not None:  # an email never sees itself (training mines leave-one-out)
+            sims[rows == np.asarray(exclude, np.int64)[email][:, None]] = -np.inf
+        best = _top_columns(sims, spec.examples)  # (pairs, examples)
+        shown = np.where(np.isfinite(np.take_along_axis(sims, best, 1)), np.take_along_axis(rows, best, 1), -1)
+        if shown.shape[1] < spec.examples:
+            shown = np.pad(shown, ((0, 0), (0, spec.examples - shown.shape[1])), constant_values=-1)
+        return np.concatenate([labels[:, None], shown], axis=1)
+
+    def card_pieces(self, key) -> list:
+        """A `pair_card_keys` key -> its card as `CardSpec.segments` (joined: the card text): the label text
+        plus the exemplars shown (one whose text is empty shows nothing)."""
+        label, rows = int(key[0]), key[1:]
+        return self.card_spec.segments(self.taxonomy.labels[label].text(), [t for t in (self.exemplar_texts[int(r)] for r in rows if r >= 0) if t])
 
     def _exemplar_slots(self) -> tuple:
         """(exemplar vectors (n, dim) float32, (labels, slots) exemplar rows of each label padded with -1), once."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from mailroute import contract
 from mailroute.label_index import LabelIndex
@@ -143,6 +143,103 @@ class Parts:
         lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
         pool = np.fromiter(itertools.chain.from_iterable(rows), dtype=contract.TOKEN_DTYPE, count=int(lengths.sum()))
         return cls(list(encodings), pool, np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64), lengths)
+
+
+class _MergedRows:
+    """Rows of a Parts made from pieces: row i's Encoding (Encoding.merge of its pieces) made only when asked,
+    which the Assembler does for the first row of each new length pair."""
+
+    def __init__(self, pieces: list):
+        self.pieces = pieces  # per row, its pieces' Encodings
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def __getitem__(self, i):
+        return Encoding.merge(self.pieces[i], growing_offsets=True)
+
+
+# tokenizer parts under which pieces meeting at a space tokenise as the whole text does: words are split at
+# whitespace before the model sees them, and normalising works character by character
+_WORD_SPLITTERS = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit"}
+_CHAR_NORMALISERS = {"BertNormalizer", "Lowercase", "NFD", "NFKD", "NFC", "NFKC", "StripAccents"}
+
+
+def _splits_words_at_whitespace(tok: Tokenizer) -> bool:
+    d = json.loads(tok.to_str())
+    norm, pre = d.get("normalizer"), d.get("pre_tokenizer")
+    norms = [] if norm is None else (norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm])
+    return (pre is not None and pre.get("type") in _WORD_SPLITTERS and all(n.get("type") in _CHAR_NORMALISERS for n in norms)
+            and d.get("model", {}).get("type") in ("WordPiece", "WordLevel"))
+
+
+class CardTokens:
+    """Per-email label cards (CardSpec.nearest) tokenised piece by piece: each piece of a card (its label's
+    description, an example cut to its length, a separator; `CardSpec.segments`) is tokenised once and
+    remembered, and a card's tokens are its pieces' end to end. Tokenising every distinct card of a batch
+    whole cost 194 of 225 ms of CPU per 256 emails at K=10 (benchmarks/cpu_side.py --nearest), though the
+    same exemplars come back batch after batch.
+
+    Exact where the tokenizer splits words at whitespace first and normalises character by character (BERT's
+    tokenizer; `_splits_words_at_whitespace`), since pieces meet at spaces; any other tokenizer (byte-level
+    BPE reads a space as part of the next word) gets each card tokenised whole. The first cards an instance
+    makes are also checked against whole-card tokenisation, and one difference switches it to whole cards
+    for good (tests hold both equal)."""
+
+    MAX_CARDS = 1 << 16  # cards remembered (their tokens); then forgotten all at once
+    MAX_PIECES = 1 << 17  # pieces remembered (an exemplar is one or two: cut to its length, or shorter at a card's end)
+    CHECK_FIRST = 256  # cards checked against tokenising them whole
+
+    def __init__(self, tok: Tokenizer):  # a tokenizer that neither truncates nor pads (the pair is cut as a whole)
+        self.tok = tok
+        self.by_pieces = _splits_words_at_whitespace(tok)
+        self.pieces = {}  # piece -> (its Encoding, its token ids)
+        self.cards = {}  # card key -> (token ids, its pieces' Encodings)
+        self.unchecked = self.CHECK_FIRST
+
+    def __call__(self, keys: np.ndarray, pieces_of) -> tuple:
+        """keys: (pairs,) or (pairs, m) ints naming each pair's card (`LabelIndex.pair_card_keys`); pieces_of(key)
+        -> that card's pieces -> (the distinct cards tokenised (Parts), each pair's row in them)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        distinct, label_of = np.unique(keys.reshape(len(keys), -1), axis=0, return_inverse=True)
+        distinct = [tuple(k) for k in distinct.tolist()]
+        label_of = label_of.reshape(-1)
+        if not self.by_pieces:
+            return Parts.of(self.tok.encode_batch(["".join(pieces_of(k)) for k in distinct], add_special_tokens=False)), label_of
+        new = [k for k in distinct if k not in self.cards]
+        if len(self.cards) + len(new) > self.MAX_CARDS:
+            self.cards.clear()
+            new = distinct
+        if new:
+            self._tokenise(new, pieces_of)
+        rows = [self.cards[k] for k in distinct]
+        lengths = np.fromiter((len(ids) for ids, _ in rows), dtype=np.int64, count=len(rows))
+        pool = np.concatenate([ids for ids, _ in rows] or [np.zeros(0, contract.TOKEN_DTYPE)])
+        parts = Parts(_MergedRows([encs for _, encs in rows]), pool,
+                      np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64), lengths)
+        if self.unchecked > 0:
+            n = min(self.unchecked, len(distinct))
+            self.unchecked -= n
+            whole = self.tok.encode_batch(["".join(pieces_of(k)) for k in distinct[:n]], add_special_tokens=False)
+            if any(w.ids != parts.pool[o:o + ln].tolist() for w, o, ln in zip(whole, parts.offsets, parts.lengths)):
+                self.by_pieces = False
+                self.cards.clear()
+                return self(keys, pieces_of)
+        return parts, label_of
+
+    def _tokenise(self, keys: list, pieces_of) -> None:
+        """Remember these cards' tokens, tokenising only the pieces not seen before."""
+        cards = [pieces_of(k) for k in keys]
+        new = [p for p in dict.fromkeys(itertools.chain.from_iterable(cards)) if p not in self.pieces]
+        if len(self.pieces) + len(new) > self.MAX_PIECES:
+            self.pieces.clear()
+            new = list(dict.fromkeys(itertools.chain.from_iterable(cards)))
+        self.pieces.update((p, (e, np.asarray(e.ids, dtype=contract.TOKEN_DTYPE)))
+                           for p, e in zip(new, self.tok.encode_batch(new, add_special_tokens=False)))
+        empty = np.zeros(0, contract.TOKEN_DTYPE)
+        for k, card in zip(keys, cards):
+            got = [self.pieces[p] for p in card]
+            self.cards[k] = (np.concatenate([ids for _, ids in got] or [empty]), [e for e, _ in got])
 
 
 class Assembler:
@@ -341,6 +438,15 @@ class TwoStageClassifier:
             self._label_parts_of = self.label_texts
         return self._label_parts_cache
 
+    def _card_tokens(self) -> CardTokens:
+        """Nearest cards tokenised with the parts tokenizer; it remembers cards by their keys, so it is made
+        anew when the label index is replaced (its exemplar rows may mean other emails)."""
+        part_tok = self._tokenizers()[0]
+        of = getattr(self, "_cards_of", (None, None))
+        if of[0] is not part_tok or of[1] is not self.index:
+            self._cards, self._cards_of = CardTokens(part_tok), (part_tok, self.index)
+        return self._cards
+
     def _assemblers(self) -> tuple:
         """(pairs, single): the Assemblers of the cross-encoder's pairs and the bi-encoder's single texts (single
         None where _tokenizers() has no single copy); made with the copies, so they remember checked lengths."""
@@ -375,7 +481,7 @@ class TwoStageClassifier:
 
         Where the index's cards show each label's exemplars nearest the email (CardSpec.nearest), the label side
         depends on the email: xq (len(texts), dim) are the emails' embeddings (computed here when not given),
-        and each distinct card of the batch is tokenised once."""
+        and each card is assembled from its pieces' tokens (CardTokens)."""
         if parts is None:
             parts, rows = Parts.of(self._tokenizers()[0].encode_batch(list(texts), add_special_tokens=False)), None
         rows = np.arange(len(texts)) if rows is None else np.asarray(rows, dtype=np.int64)
@@ -384,11 +490,8 @@ class TwoStageClassifier:
         email_of = np.repeat(rows, [len(c) for c in candidates])  # (pairs,) row of each pair's email in parts
         if self.index.card_spec.nearest and candidates:
             xq = self._embed(list(texts)) if xq is None else xq
-            cards = self.index.pair_cards(xq, candidates)
-            distinct = dict.fromkeys(cards)
-            labels = Parts.of(self._tokenizers()[0].encode_batch(list(distinct), add_special_tokens=False))
-            where = {c: i for i, c in enumerate(distinct)}
-            label_of = np.array([where[c] for c in cards], dtype=np.int64)  # (pairs,) row of each pair's card in labels
+            # (pairs,) row of each pair's card in labels, the distinct cards tokenised piece by piece
+            labels, label_of = self._card_tokens()(self.index.pair_card_keys(xq, candidates), self.index.card_pieces)
         else:
             labels = self._label_parts()
             label_of = np.concatenate(candidates) if candidates else np.zeros(0, np.int64)

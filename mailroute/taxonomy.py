@@ -37,8 +37,26 @@ class CardSpec:
             raise DataError(f"label cards of the nearest exemplars need examples >= 1, got {self}")
 
     def text(self, description: str, examples: list) -> str:
-        shown = " | ".join(e[:self.example_chars] for e in list(examples)[:self.examples])
-        return (description + (" Examples: " + shown if shown else ""))[:self.chars]
+        return "".join(self.segments(description, examples))
+
+    def segments(self, description: str, examples: list) -> list:
+        """The card as consecutive pieces (joined: `text`): the description, " Examples: ", each example and
+        the " | " between them, cut to the card's length. Every piece meets the next at a space, so a
+        tokenizer that splits words at whitespace tokenises the card as the pieces' tokens end to end; the
+        serving pipeline tokenises each example once this way (`pipeline.CardTokens`)."""
+        shown = [e[:self.example_chars] for e in list(examples)[:self.examples]]
+        pieces = [description]
+        if " | ".join(shown):
+            pieces.append(" Examples: ")
+            for i, e in enumerate(shown):
+                pieces += [" | ", e] if i else [e]
+        out, room = [], self.chars
+        for piece in pieces:
+            if room <= 0:
+                break
+            out.append(piece[:room])
+            room -= len(out[-1])
+        return [p for p in out if p]
 
 
 class DataError(ValueError):
@@ -62,6 +80,7 @@ class Taxonomy:
 
     def __post_init__(self):
         object.__setattr__(self, "_index", {l.name: i for i, l in enumerate(self.labels)})
+        object.__setattr__(self, "_texts", tuple(l.text() for l in self.labels))  # read per pair by nearest cards
 
     @property
     def names(self) -> list:
@@ -69,7 +88,7 @@ class Taxonomy:
 
     @property
     def texts(self) -> list:
-        return [l.text() for l in self.labels]
+        return list(self._texts)
 
     def __len__(self):
         return len(self.labels)

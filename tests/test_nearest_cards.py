@@ -88,7 +88,9 @@ def test_pipeline_pairs_carry_each_emails_nearest_cards(tiny_repo):
             return np.zeros(len(ids), np.float32)
 
     clf.encoders, clf.score_batch = Recorder(clf.encoders), 4
+    clf._card_tokens().unchecked = 0  # the cards' tokens come from their pieces alone, unchecked
     clf._score(emails, cand)
+    assert clf._card_tokens().by_pieces
     cards = clf.index.pair_cards(clf._embed(emails), cand)
     assert len(set(cards)) > 1 and all("Examples: " in c for c in cards)
     pairs = [(e, card) for e, card in zip(np.repeat(emails, [len(c) for c in cand]), cards)]
@@ -129,3 +131,99 @@ def test_train_with_nearest_cards_end_to_end(tmp_path):
     emails = ["Please refund my order", "My invoice shows the wrong amount", "Can I book a demo with sales?"]
     for got, want in zip(served.classify(emails), reference.classify(emails)):
         assert got.top_labels == want.top_labels and np.allclose(got.top_probabilities, want.top_probabilities, atol=1e-4)
+
+
+def _cards(rng, n: int, spec: CardSpec) -> list:
+    """n random cards as pieces, from words that stress tokenising piece by piece: punctuation, accents,
+    a word longer than WordPiece's 100-character limit, cuts that fall inside words and separators."""
+    words = ["refund", "card's", "top-up", "café", "naïve", "£20", "x" * 120, "|", "Examples:", "ünïcödé", "[CLS]",
+             "don't", "3.5%", "e-mail", "\u00e9t\u00e9", "ok.", "?!"]
+    text = lambda k: " ".join(rng.choice(words, size=k))  # noqa: E731
+    return [spec.segments(text(int(rng.integers(1, 8))), [text(int(rng.integers(1, 40))) for _ in range(int(rng.integers(0, 4)))])
+            for _ in range(n)]
+
+
+def _base_tokenizer():
+    from tokenizers import Tokenizer
+
+    from training.models import base_model_dir
+
+    tok = Tokenizer.from_file(str(base_model_dir() / "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def _tokens_of(parts, row: int) -> list:
+    return parts.pool[parts.offsets[row]:parts.offsets[row] + parts.lengths[row]].tolist()
+
+
+def test_card_segments_join_to_the_card_and_meet_at_spaces():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        spec = CardSpec(examples=int(rng.integers(0, 4)), chars=int(rng.integers(1, 400)), example_chars=int(rng.integers(1, 120)))
+        for pieces in _cards(rng, 3, spec):
+            assert all(pieces) and len("".join(pieces)) <= spec.chars
+            assert all(a[-1].isspace() or b[0].isspace() for a, b in zip(pieces, pieces[1:]))
+    spec = CardSpec(examples=2, chars=40, example_chars=8)
+    assert spec.segments("d", ["first email", "second"]) == ["d", " Examples: ", "first em", " | ", "second"]
+    assert spec.text("d", ["first email", "second"]) == "d Examples: first em | second"
+    assert spec.segments("a long description", ["e"]) == ["a long description", " Examples: ", "e"]
+    assert CardSpec(examples=1, chars=22).segments("a long description", ["email"]) == ["a long description", " Exa"]
+
+
+def test_card_tokens_piece_by_piece_equal_tokenising_each_card_whole():
+    from mailroute.pipeline import CardTokens
+
+    tok, rng = _base_tokenizer(), np.random.default_rng(1)
+    cards = CardTokens(tok)
+    assert cards.by_pieces  # BERT's tokenizer splits words at whitespace first
+    cards.unchecked = 0  # no safety net: the pieces alone must give the whole card's tokens
+    batch = _cards(rng, 400, CardSpec(examples=3, chars=300, example_chars=90))
+    pieces_of = lambda key: batch[key[0]]  # noqa: E731
+    keys = np.concatenate([np.arange(400), np.arange(50)])  # a card shown for two pairs is tokenised once
+    parts, row_of = cards(keys, pieces_of)
+    assert len(parts.lengths) == 400 and len(row_of) == len(keys)
+    for key, row in zip(keys, row_of):
+        assert _tokens_of(parts, row) == tok.encode("".join(batch[key]), add_special_tokens=False).ids, batch[key]
+    assert parts.encodings[int(row_of[7])].ids == _tokens_of(parts, row_of[7])  # the Assembler's checked row, merged
+    remembered = len(cards.pieces), len(cards.cards)
+    again, row_again = cards(np.arange(100)[::-1], pieces_of)  # the next batch's cards come from memory
+    assert (len(cards.pieces), len(cards.cards)) == remembered
+    assert _tokens_of(again, row_again[-1]) == _tokens_of(parts, row_of[0])
+
+
+def test_card_tokens_tokenise_whole_cards_where_pieces_would_differ():
+    """A byte-level BPE reads the space before a word as part of it: pieces meeting at a space tokenise otherwise
+    than the card. Such a tokenizer gets whole cards, and one wrongly taken for a word splitter is caught by the
+    check of the first cards."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from mailroute.pipeline import CardTokens
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["refund my card please | examples: top-up failed"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    batch = _cards(np.random.default_rng(2), 50, CardSpec(examples=2, chars=200, example_chars=60))
+    whole = [tok.encode("".join(c), add_special_tokens=False).ids for c in batch]
+    pieces_of = lambda key: batch[key[0]]  # noqa: E731
+    cards = CardTokens(tok)
+    assert not cards.by_pieces
+    parts, row_of = cards(np.arange(50), pieces_of)
+    assert [_tokens_of(parts, r) for r in row_of] == whole
+    fooled = CardTokens(tok)
+    fooled.by_pieces = True
+    parts, row_of = fooled(np.arange(50), pieces_of)
+    assert not fooled.by_pieces and [_tokens_of(parts, r) for r in row_of] == whole
+
+
+def test_top_columns_pick_as_a_stable_sort_does():
+    from mailroute.label_index import _top_columns
+
+    rng = np.random.default_rng(3)
+    for trial in range(500):
+        x = (rng.integers(0, 4, (8, 20)) if trial % 2 else rng.normal(size=(8, 20))).astype(np.float32)  # ties, or none
+        x[rng.random(x.shape) < 0.3] = -np.inf  # a label's padding slots
+        n = int(rng.integers(1, 25))
+        assert (_top_columns(x, n) == np.argsort(-x, axis=1, kind="stable")[:, :n]).all()
