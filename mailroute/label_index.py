@@ -29,6 +29,18 @@ EXEMPLAR_INDEX_FILE, EXEMPLARS_FILE, CARDS_FILE = "exemplars.faiss", "exemplars.
 
 
 
+def exemplar_slots(labels: np.ndarray, n_labels: int, empty: int = -1) -> np.ndarray:
+    """(n_labels, most exemplars of a label) int64: row l lists label l's exemplar rows in index order, then
+    `empty`. The layout nearest cards choose from and the torch index scores labels through."""
+    labels = np.asarray(labels, dtype=np.int64)
+    have = np.bincount(labels, minlength=n_labels)
+    slots = np.full((n_labels, max(1, int(have.max(initial=0)))), empty, dtype=np.int64)
+    order = np.argsort(labels, kind="stable")
+    start = np.concatenate([[0], np.cumsum(have)[:-1]])
+    slots[labels[order], np.arange(len(order)) - start[labels[order]]] = order
+    return slots
+
+
 def _top_columns(x: np.ndarray, n: int) -> np.ndarray:
     """Per row the columns of its n largest values, largest first (an equal value: the lower column first):
     a partial sort, since a label has ~100 exemplars and a card shows 2 (a full argsort was 25 ms per 256
@@ -185,13 +197,7 @@ class LabelIndex:
         if getattr(self, "_slots", None) is None:
             if self.exemplar_vectors is None:
                 self.exemplar_vectors = np.ascontiguousarray(self.exemplar_index.reconstruct_n(0, self.exemplar_index.ntotal), np.float32)
-            counts = np.bincount(self.exemplar_labels, minlength=len(self.taxonomy))
-            slots = np.full((len(self.taxonomy), max(1, int(counts.max(initial=0)))), -1, dtype=np.int64)
-            fill = np.zeros(len(self.taxonomy), dtype=np.int64)
-            for r, lab in enumerate(self.exemplar_labels):
-                slots[lab, fill[lab]] = r
-                fill[lab] += 1
-            self._slots = slots
+            self._slots = exemplar_slots(self.exemplar_labels, len(self.taxonomy))
         return self.exemplar_vectors, self._slots
 
     def label_scores(self, xq: np.ndarray, scoring: LabelScoring = None, exclude: np.ndarray = None) -> np.ndarray:

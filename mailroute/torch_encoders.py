@@ -157,12 +157,9 @@ class TorchExemplarIndex(TorchFlatIP):
 
     def __init__(self, vectors: np.ndarray, labels: np.ndarray, n_labels: int, device: str = "cpu"):
         super().__init__(vectors, device)
-        labels = np.asarray(labels, dtype=np.int64)
-        have = np.bincount(labels, minlength=n_labels)
-        slots = np.full((n_labels, max(1, int(have.max(initial=0)))), self.ntotal, dtype=np.int64)  # ntotal: an empty slot
-        order = np.argsort(labels, kind="stable")
-        start = np.concatenate([[0], np.cumsum(have)[:-1]])
-        slots[labels[order], np.arange(len(order)) - start[labels[order]]] = order
+        from mailroute.label_index import exemplar_slots
+
+        slots = exemplar_slots(labels, n_labels, empty=self.ntotal)  # ntotal: an empty slot (a -inf row is appended there)
         self.slots = torch.from_numpy(slots).to(self.device)  # (labels, slots) exemplar rows of each label
 
     @torch.inference_mode()
