@@ -163,8 +163,9 @@ class LabelIndex:
 
     def pair_card_keys(self, xq: np.ndarray, candidates: list, exclude: np.ndarray = None) -> np.ndarray:
         """Nearest cards (`pair_cards`) as keys: (pairs, 1 + examples) int64, per pair its label id and the
-        exemplar rows its card shows, best first (-1 padded); `card_pieces` turns a key into the card. One key
-        stands for one card, so a caller can tokenise each card, or each piece of it, once."""
+        exemplar rows its card shows, best first (-1 padded); `card_pieces` turns a key into the card. Equal
+        keys are equal cards, so a caller can tokenise each card, or each piece of it, once (the index is
+        never changed in place: feedback and exports build a new one)."""
         spec = self.card_spec
         if not spec.nearest or self.exemplar_index is None:
             raise ValueError("pair_card_keys: this index's cards are fixed per label (label_texts), not made per email")

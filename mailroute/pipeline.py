@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import numpy as np
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Tokenizer
 
 from mailroute import contract
 from mailroute.label_index import LabelIndex
@@ -132,7 +132,7 @@ def padded_tensors(encodings) -> tuple:
 @dataclass(frozen=True)
 class Parts:
     """Texts tokenised without special tokens, flattened for array arithmetic."""
-    encodings: list  # tokenizers.Encoding per text: post_process's input where a row is checked
+    encodings: list  # tokenizers.Encoding per text (a list, or made on demand): post_process's input where a row is checked
     pool: np.ndarray  # every token id, text after text
     offsets: np.ndarray  # (texts,) where each text starts in pool
     lengths: np.ndarray  # (texts,)
@@ -145,32 +145,34 @@ class Parts:
         return cls(list(encodings), pool, np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64), lengths)
 
 
-class _MergedRows:
-    """Rows of a Parts made from pieces: row i's Encoding (Encoding.merge of its pieces) made only when asked,
-    which the Assembler does for the first row of each new length pair."""
+class _CardRows:
+    """`Parts.encodings` of cards made from pieces: card i tokenised whole, only when asked (the Assembler asks
+    for the first row of each new length pair, and for rows it lays out by post_process)."""
 
-    def __init__(self, pieces: list):
-        self.pieces = pieces  # per row, its pieces' Encodings
+    def __init__(self, tok: Tokenizer, cards: list):
+        self.tok, self.cards = tok, cards  # per row, its card's pieces
 
     def __len__(self) -> int:
-        return len(self.pieces)
+        return len(self.cards)
 
     def __getitem__(self, i):
-        return Encoding.merge(self.pieces[i], growing_offsets=True)
+        return self.tok.encode("".join(self.cards[i]), add_special_tokens=False)
 
 
 # tokenizer parts under which pieces meeting at a space tokenise as the whole text does: words are split at
-# whitespace before the model sees them, and normalising works character by character
+# whitespace before the model sees them, normalising never joins characters across a space, and no added
+# token (matched in the raw text first) contains whitespace
 _WORD_SPLITTERS = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit"}
-_CHAR_NORMALISERS = {"BertNormalizer", "Lowercase", "NFD", "NFKD", "NFC", "NFKC", "StripAccents"}
+_WORD_NORMALISERS = {"BertNormalizer", "Lowercase", "NFD", "NFKD", "NFC", "NFKC", "StripAccents"}
 
 
 def _splits_words_at_whitespace(tok: Tokenizer) -> bool:
     d = json.loads(tok.to_str())
     norm, pre = d.get("normalizer"), d.get("pre_tokenizer")
     norms = [] if norm is None else (norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm])
-    return (pre is not None and pre.get("type") in _WORD_SPLITTERS and all(n.get("type") in _CHAR_NORMALISERS for n in norms)
-            and d.get("model", {}).get("type") in ("WordPiece", "WordLevel"))
+    return (pre is not None and pre.get("type") in _WORD_SPLITTERS and all(n.get("type") in _WORD_NORMALISERS for n in norms)
+            and d.get("model", {}).get("type") in ("WordPiece", "WordLevel")
+            and not any(any(ch.isspace() for ch in t.get("content", "")) for t in d.get("added_tokens") or []))
 
 
 class CardTokens:
@@ -180,8 +182,8 @@ class CardTokens:
     whole cost 194 of 225 ms of CPU per 256 emails at K=10 (benchmarks/cpu_side.py --nearest), though the
     same exemplars come back batch after batch.
 
-    Exact where the tokenizer splits words at whitespace first and normalises character by character (BERT's
-    tokenizer; `_splits_words_at_whitespace`), since pieces meet at spaces; any other tokenizer (byte-level
+    Exact where the tokenizer splits words at whitespace first and normalises within words (BERT's tokenizer;
+    `_splits_words_at_whitespace`), since pieces meet at spaces; any other tokenizer (byte-level
     BPE reads a space as part of the next word) gets each card tokenised whole. The first cards an instance
     makes are also checked against whole-card tokenisation, and one difference switches it to whole cards
     for good (tests hold both equal)."""
@@ -193,14 +195,16 @@ class CardTokens:
     def __init__(self, tok: Tokenizer):  # a tokenizer that neither truncates nor pads (the pair is cut as a whole)
         self.tok = tok
         self.by_pieces = _splits_words_at_whitespace(tok)
-        self.pieces = {}  # piece -> (its Encoding, its token ids)
-        self.cards = {}  # card key -> (token ids, its pieces' Encodings)
+        self.pieces = {}  # piece -> its token ids
+        self.cards = {}  # card key -> (its token ids, its pieces)
         self.unchecked = self.CHECK_FIRST
 
     def __call__(self, keys: np.ndarray, pieces_of) -> tuple:
         """keys: (pairs,) or (pairs, m) ints naming each pair's card (`LabelIndex.pair_card_keys`); pieces_of(key)
         -> that card's pieces -> (the distinct cards tokenised (Parts), each pair's row in them)."""
         keys = np.asarray(keys, dtype=np.int64)
+        if not len(keys):
+            return Parts.of([]), np.zeros(0, np.int64)
         distinct, label_of = np.unique(keys.reshape(len(keys), -1), axis=0, return_inverse=True)
         distinct = [tuple(k) for k in distinct.tolist()]
         label_of = label_of.reshape(-1)
@@ -215,7 +219,7 @@ class CardTokens:
         rows = [self.cards[k] for k in distinct]
         lengths = np.fromiter((len(ids) for ids, _ in rows), dtype=np.int64, count=len(rows))
         pool = np.concatenate([ids for ids, _ in rows] or [np.zeros(0, contract.TOKEN_DTYPE)])
-        parts = Parts(_MergedRows([encs for _, encs in rows]), pool,
+        parts = Parts(_CardRows(self.tok, [pieces for _, pieces in rows]), pool,
                       np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64), lengths)
         if self.unchecked > 0:
             n = min(self.unchecked, len(distinct))
@@ -234,12 +238,11 @@ class CardTokens:
         if len(self.pieces) + len(new) > self.MAX_PIECES:
             self.pieces.clear()
             new = list(dict.fromkeys(itertools.chain.from_iterable(cards)))
-        self.pieces.update((p, (e, np.asarray(e.ids, dtype=contract.TOKEN_DTYPE)))
+        self.pieces.update((p, np.asarray(e.ids, dtype=contract.TOKEN_DTYPE))
                            for p, e in zip(new, self.tok.encode_batch(new, add_special_tokens=False)))
         empty = np.zeros(0, contract.TOKEN_DTYPE)
         for k, card in zip(keys, cards):
-            got = [self.pieces[p] for p in card]
-            self.cards[k] = (np.concatenate([ids for _, ids in got] or [empty]), [e for e, _ in got])
+            self.cards[k] = (np.concatenate([self.pieces[p] for p in card] or [empty]), card)
 
 
 class Assembler:

@@ -80,7 +80,6 @@ class Taxonomy:
 
     def __post_init__(self):
         object.__setattr__(self, "_index", {l.name: i for i, l in enumerate(self.labels)})
-        object.__setattr__(self, "_texts", tuple(l.text() for l in self.labels))  # read per pair by nearest cards
 
     @property
     def names(self) -> list:
@@ -88,7 +87,7 @@ class Taxonomy:
 
     @property
     def texts(self) -> list:
-        return list(self._texts)
+        return [l.text() for l in self.labels]
 
     def __len__(self):
         return len(self.labels)

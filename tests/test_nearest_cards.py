@@ -216,6 +216,13 @@ def test_card_tokens_tokenise_whole_cards_where_pieces_would_differ():
     fooled.by_pieces = True
     parts, row_of = fooled(np.arange(50), pieces_of)
     assert not fooled.by_pieces and [_tokens_of(parts, r) for r in row_of] == whole
+    # BERT's tokenizer with an added token that spans a space ("foo |" would straddle two pieces): whole cards
+    bert = _base_tokenizer()
+    assert CardTokens(bert).by_pieces
+    bert.add_tokens(["foo |"])
+    assert not CardTokens(bert).by_pieces
+    parts, row_of = CardTokens(bert)(np.zeros((0, 3), np.int64), pieces_of)  # no pairs: nothing to tokenise
+    assert len(row_of) == 0 and len(parts.lengths) == 0
 
 
 def test_top_columns_pick_as_a_stable_sort_does():
