@@ -6,7 +6,7 @@ compared. Validation accuracy is reported two ways: fitted and measured on the s
 (what `mailroute train` does) and 10-fold cross-validated inside validation (an honest estimate for
 rules with more parameters). Test is read once per rule, for the table only: choices use validation.
 
-    python -m benchmarks.fusion_study --run runs/banking77-ce2 [--extra-ce runs/banking77] [--k 10]
+    python -m benchmarks.fusion_study --run runs/banking77-ce2 [--extra-ce runs/banking77] [--k 10] [--nearest-scores DIR]
 
 Features per (email, candidate): the cross-encoder logit (plus the logit of each --extra-ce run's
 cross-encoder: a checkpoint ensemble), the run's retrieval score (its chosen label scoring), the label
@@ -145,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--extra-ce", nargs="*", default=[], help="other runs sharing stage 1 whose cross-encoders are added as features")
     ap.add_argument("--k", type=int, default=10, help="candidates scored per email (rules use the first 5 or all)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--nearest-scores", help="a benchmarks/neighbour_cards.py --out folder: its nearest-card cross-encoder's "
+                                             "logits (same run, K=5) join as a feature (`near`)")
     ap.add_argument("--json", help="write the table here as JSON too")
     a = ap.parse_args(argv)
     run = Path(a.run)
@@ -163,6 +165,17 @@ def main(argv=None) -> int:
         print(f"scored in {time.time() - t0:.0f} s, cached to {cache}", file=sys.stderr)
     n_ce = data["val"]["logits"].shape[-1]
     rules = dict(RULES)
+    if a.nearest_scores:
+        for sp, name in (("val", "validation"), ("test", "test")):
+            near = np.load(Path(a.nearest_scores) / f"neighbour_cards_neighbours_{name}.npz")
+            k_near = near["candidates"].shape[1]
+            if not np.array_equal(near["candidates"], data[sp]["I"][:, :k_near]):
+                raise SystemExit(f"--nearest-scores: its {name} candidates are not this run's first {k_near}: another run or split")
+            data[sp]["near"] = np.pad(near["logits"], ((0, 0), (0, a.k - k_near)), constant_values=np.nan)
+        rules["nearest-card CE + retrieval, K=5"] = (["near", "D"], 5)
+        rules["CE + nearest-card CE + retrieval, K=5"] = (["ce0", "near", "D"], 5)
+        if n_ce > 1:
+            rules["CE ensemble + nearest-card CE + retrieval, K=5"] = ([f"ce{i}" for i in range(n_ce)] + ["near", "D"], 5)
     if n_ce > 1:
         rules["CE ensemble (" + "+".join(f"ce{i}" for i in range(n_ce)) + ") + retrieval, K=5"] = ([f"ce{i}" for i in range(n_ce)] + ["D"], 5)
         rules["CE ensemble + retrieval, K=10"] = ([f"ce{i}" for i in range(n_ce)] + ["D"], 10)
