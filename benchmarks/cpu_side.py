@@ -54,14 +54,10 @@ def main(argv=None) -> None:
         for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
             if (base_model_dir() / f).exists():
                 shutil.copy(base_model_dir() / f, tok / f)
-        run = random_run(work, tok, tiny=True)
+        run = random_run(work, tok, tiny=True, nearest_cards=a.nearest)
         export(ExportConfig(run=str(run), repo=str(work / "repo"), top_k=a.k))
         clf = open_onnx_classifier(work / "repo")
         clf.encoders = InstantEncoders(clf.index.index.d)
-        if a.nearest:
-            from dataclasses import asdict, replace
-
-            clf.index = replace(clf.index, manifest=clf.index.manifest | {"cards": asdict(replace(clf.index.card_spec, nearest=True))})
         if a.search == "torch":  # what the torch runtime serves: exemplars scored by torch (on the GPU there)
             clf.index = clf.index.on_device("cpu")
         texts, errors = clf.prepare(synthetic_emails(a.emails))

@@ -42,14 +42,15 @@ EXEMPLARS_PER_LABEL = 117  # BANKING77's 9,000 training emails over 77 labels, a
 
 
 def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: list = (), rerank_share: float = 0.25,
-               exemplars_per_label: int = EXEMPLARS_PER_LABEL) -> Path:
+               exemplars_per_label: int = EXEMPLARS_PER_LABEL, nearest_cards: bool = False) -> Path:
     """A run folder like `mailroute train` writes, with random encoders of the MiniLM-L6 shape and a label index
     shaped like the trained BANKING77 one: `exemplars_per_label` synthetic short emails per label as exemplars
     (scored by the mean of the top 3, as chosen there) and label cards of the description plus 2 of them (what
     the cross-encoder reads), so serving does the label search and reads the pair lengths of the real
     classifier. Its policy's gate margin is the `rerank_share` quantile of the top-1 minus top-2 retrieval
     margins of `texts`, so a gated request reranks about that share of them (what a trained classifier's
-    gate does: 22-25% on BANKING77)."""
+    gate does: 22-25% on BANKING77). nearest_cards: the cards show each label's 2 exemplars nearest the email
+    (`mailroute train --card-nearest`), made per batch while serving."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.models import Normalize, Pooling, Transformer
@@ -82,9 +83,10 @@ def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: 
     examples = [Example(text, name) for name in taxonomy.names
                 for text in synthetic_emails(exemplars_per_label, words=12, seed=seed + taxonomy.index(name) + 1)]
     x = bi.embed(model, [e.text for e in examples]) if examples else None
-    cards, _ = bi.label_cards(taxonomy, examples, x, CardSpec())
+    spec = CardSpec(nearest=nearest_cards)
+    cards, _ = bi.label_cards(taxonomy, examples, x, spec)
     bi.build_label_index(model, taxonomy, weights_id(run.bi_encoder / WEIGHTS_FILE), examples,
-                         LabelScoring(exemplar_top_n=3, description_weight=0.0), cards, x=x).save(run.label_index)
+                         LabelScoring(exemplar_top_n=3, description_weight=0.0), cards, x=x, card_spec=spec).save(run.label_index)
     load_cross_encoder(base).save(str(run.cross_encoder))
     margin = None
     if len(texts):
@@ -216,6 +218,7 @@ def main(argv=None):
     ap.add_argument("--encoder-instances", type=int, default=2, help="instances of each encoder (each captures its own CUDA graphs)")
     ap.add_argument("--max-queue-delay-us", type=int, default=ExportConfig.max_queue_delay_us,
                     help="encoders' dynamic-batching delay (the classifier's is 4x): a single email waits for all three")
+    ap.add_argument("--nearest-cards", action="store_true", help="label cards of each label's exemplars nearest the email (--card-nearest)")
     ap.add_argument("--client-processes", type=int, default=4, help="load-generator processes sharing the concurrency")
     ap.add_argument("--triton-args", default="", help="extra tritonserver flags, space-separated (e.g. --pinned-memory-pool-byte-size=0)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu"))
@@ -246,7 +249,7 @@ def main(argv=None):
     try:
         t = time.perf_counter()
         texts = synthetic_emails(2048)
-        run = random_run(work, tokenizer, a.tiny, texts=texts, rerank_share=a.gated_share)
+        run = random_run(work, tokenizer, a.tiny, texts=texts, rerank_share=a.gated_share, nearest_cards=a.nearest_cards)
         repo = work / "repo"
         export(ExportConfig(run=str(run), repo=str(repo), runtime="torch", gpu=gpu, top_k=a.k, classifier_instances=a.classifier_instances,
                             encoder_instances=a.encoder_instances, preferred_batch_sizes="16,32,64",
@@ -279,7 +282,7 @@ def main(argv=None):
         summary = {"card": torch.cuda.get_device_name(0) if gpu else platform.processor() or "cpu", "device": a.device, "tiny": a.tiny,
                    "date": time.strftime("%Y-%m-%d"), "k": a.k, "gated": False, "runtime": "torch", "email_tokens": 128,
                    "classifier_instances": a.classifier_instances, "encoder_instances": a.encoder_instances,
-                   "max_queue_delay_us": a.max_queue_delay_us,
+                   "max_queue_delay_us": a.max_queue_delay_us, "label_cards": "nearest" if a.nearest_cards else "fixed",
                    "emails_per_s": best and best["emails_per_s"], "p50_ms": best and best["p50_ms"], "p99_ms": best and best["p99_ms"],
                    "at_concurrency": best and best["concurrency"], "ceiling_emails_per_s": top, "ceiling_encoders_only_emails_per_s": top_accelerator,
                    "share_of_ceiling": best and best["emails_per_s"] / top, "single_email_p50_ms": single["p50_ms"] if single else None,
