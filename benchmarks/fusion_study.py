@@ -6,7 +6,7 @@ compared. Validation accuracy is reported two ways: fitted and measured on the s
 (what `mailroute train` does) and 10-fold cross-validated inside validation (an honest estimate for
 rules with more parameters). Test is read once per rule, for the table only: choices use validation.
 
-    python -m benchmarks.fusion_study --run runs/banking77-ce2 [--extra-ce runs/banking77] [--k 10] [--nearest-scores DIR]
+    python -m benchmarks.fusion_study --run runs/banking77-ce2 [--extra-ce runs/banking77] [--k 10] [--nearest-scores DIR] [--probe]
 
 Features per (email, candidate): the cross-encoder logit (plus the logit of each --extra-ce run's
 cross-encoder: a checkpoint ensemble), the run's retrieval score (its chosen label scoring), the label
@@ -61,6 +61,46 @@ def _scored(run: Path, k: int, extra_ce: list, device: str) -> dict:
         out[split] = {"gold": sc.gold, "I": sc.I, "D": sc.D, "logits": np.stack(logits, -1), **alt,
                       "softknn": np.take_along_axis(_soft_knn(index, sc.xq), sc.I, 1)}
     return out
+
+
+def _probe_scores(run: Path, device: str, l2: float = 1e-4) -> dict:
+    """{"val", "test"}: (n, labels) logits of a linear softmax probe (a scale, a weight per label and
+    dimension, a bias) on the bi-encoder's embeddings, fitted by L-BFGS on the run's training emails (its
+    label index's exemplar vectors), with an L2 penalty; the split embeddings are cached beside the study's."""
+    import torch
+
+    from mailroute.label_index import LabelIndex
+    from mailroute.run_layout import RunFolder
+    from training.bi_encoder import embed
+    from training.config import TrainConfig
+    from training.data import splits_of
+    from training.models import load_bi_encoder, resolve_device
+
+    folder = RunFolder(run)
+    cache = folder.root / "study_embeddings.npz"
+    if not cache.exists():
+        _, _, val, test = splits_of(TrainConfig(**json.loads(folder.config.read_text())))
+        bi = load_bi_encoder(folder.bi_encoder, device=resolve_device(device))
+        np.savez(cache, val=embed(bi, [e.text for e in val]), test=embed(bi, [e.text for e in test]))
+    xs = dict(np.load(cache))
+    index = LabelIndex.load(folder.label_index)
+    E, _ = index._exemplar_slots()
+    X, Y = torch.tensor(E), torch.tensor(index.exemplar_labels)
+    torch.manual_seed(0)
+    W = torch.zeros(X.shape[1], len(index), requires_grad=True)
+    b = torch.zeros(len(index), requires_grad=True)
+    scale = torch.tensor(20.0, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b, scale], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(scale * (X @ W) + b, Y) + l2 * (W ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return {sp: (scale * (torch.tensor(x) @ W) + b).numpy().astype(np.float64) for sp, x in xs.items()}
 
 
 def _soft_knn(index, xq: np.ndarray, tau: float = 0.05, depth: int = 256) -> np.ndarray:
@@ -147,6 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--nearest-scores", help="a benchmarks/neighbour_cards.py --out folder: its nearest-card cross-encoder's "
                                              "logits (same run, K=5) join as a feature (`near`)")
+    ap.add_argument("--probe", action="store_true", help="one more retrieval feature: a linear softmax probe on the bi-encoder's "
+                                                         "embeddings, fitted on the training emails (the index's exemplars)")
     ap.add_argument("--json", help="write the table here as JSON too")
     a = ap.parse_args(argv)
     run = Path(a.run)
@@ -165,6 +207,12 @@ def main(argv=None) -> int:
         print(f"scored in {time.time() - t0:.0f} s, cached to {cache}", file=sys.stderr)
     n_ce = data["val"]["logits"].shape[-1]
     rules = dict(RULES)
+    if a.probe:
+        for sp, probe in _probe_scores(run, a.device).items():
+            data[sp]["probe"] = np.take_along_axis(probe, data[sp]["I"], 1)
+        rules["retrieval + probe, K=5"] = (["D", "probe"], 5)
+        rules["CE + retrieval + probe, K=5"] = (["ce0", "D", "probe"], 5)
+        rules["CE + retrieval + probe, K=10"] = (["ce0", "D", "probe"], 10)
     if a.nearest_scores:
         for sp, name in (("val", "validation"), ("test", "test")):
             near = np.load(Path(a.nearest_scores) / f"neighbour_cards_neighbours_{name}.npz")
