@@ -210,6 +210,7 @@ def main(argv=None) -> int:
     if a.probe:
         for sp, probe in _probe_scores(run, a.device).items():
             data[sp]["probe"] = np.take_along_axis(probe, data[sp]["I"], 1)
+            print(f"probe alone on {sp}: {np.mean(probe.argmax(1) == data[sp]['gold']):.2%}")
         rules["retrieval + probe, K=5"] = (["D", "probe"], 5)
         rules["CE + retrieval + probe, K=5"] = (["ce0", "D", "probe"], 5)
         rules["CE + retrieval + probe, K=10"] = (["ce0", "D", "probe"], 10)
