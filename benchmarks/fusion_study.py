@@ -216,7 +216,11 @@ def main(argv=None) -> int:
         rules["CE + retrieval + probe, K=10"] = (["ce0", "D", "probe"], 10)
     if a.nearest_scores:
         for sp, name in (("val", "validation"), ("test", "test")):
-            near = np.load(Path(a.nearest_scores) / f"neighbour_cards_neighbours_{name}.npz")
+            scores_file = Path(a.nearest_scores) / f"neighbour_cards_neighbours_{name}.npz"
+            if not scores_file.exists():
+                raise SystemExit(f"--nearest-scores: no {scores_file} (run benchmarks/neighbour_cards.py --arms neighbours --test "
+                                 f"--out {a.nearest_scores} first)")
+            near = np.load(scores_file)
             k_near = near["candidates"].shape[1]
             if not np.array_equal(near["candidates"], data[sp]["I"][:, :k_near]):
                 raise SystemExit(f"--nearest-scores: its {name} candidates are not this run's first {k_near}: another run or split")

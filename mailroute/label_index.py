@@ -141,8 +141,12 @@ class LabelIndex:
 
     @property
     def card_spec(self) -> CardSpec:
-        """The format of this index's cards (indexes saved before it was recorded: the default, which they used)."""
-        return CardSpec(**self.manifest.get("cards", {}))
+        """The format of this index's cards (indexes saved before it was recorded: the default, which they used).
+        Made once per manifest entry: nearest cards read it for every new card while serving."""
+        cards = self.manifest.get("cards")
+        if getattr(self, "_card_spec_of", False) is not cards:
+            self._card_spec, self._card_spec_of = CardSpec(**(cards or {})), cards
+        return self._card_spec
 
     @property
     def label_texts(self) -> list:
@@ -170,7 +174,7 @@ class LabelIndex:
         if not spec.nearest or self.exemplar_index is None:
             raise ValueError("pair_card_keys: this index's cards are fixed per label (label_texts), not made per email")
         if xq is None or len(xq) != len(candidates):
-            raise ValueError(f"pair_cards: this index's cards show each email's nearest exemplars; it needs one embedding per email "
+            raise ValueError(f"nearest cards: this index's cards show each email's nearest exemplars; it needs one embedding per email "
                              f"({len(candidates)}), got {None if xq is None else len(xq)}")
         E, slots = self._exemplar_slots()
         cand = [np.asarray(c, dtype=np.int64).reshape(-1) for c in candidates]
