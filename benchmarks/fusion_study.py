@@ -25,8 +25,9 @@ import numpy as np
 from scipy.optimize import minimize
 
 
-def _scored(run: Path, k: int, extra_ce: list, device: str) -> dict:
-    """Both stages over validation and test at K=k, plus the label scores of the other scorings."""
+def _scored(run: Path, k: int, extra_ce: list, device: str, splits: dict = None) -> dict:
+    """Both stages over validation and test (or `splits`: name -> emails) at K=k, plus the label scores of the
+    other scorings and the emails' embeddings ("xq")."""
     from mailroute.label_index import LabelIndex, LabelScoring
     from mailroute.run_layout import RunFolder
     from training.config import TrainConfig
@@ -38,11 +39,13 @@ def _scored(run: Path, k: int, extra_ce: list, device: str) -> dict:
     folder = RunFolder(run)
     cfg = TrainConfig(**json.loads(folder.config.read_text()))
     device = resolve_device(device)
-    _, _, val, test = splits_of(cfg)
+    if splits is None:
+        _, _, val, test = splits_of(cfg)
+        splits = {"val": val, "test": test}
     index = LabelIndex.load(folder.label_index)
     bi = load_bi_encoder(folder.bi_encoder, device=device)
     out = {}
-    for split, rows in (("val", val), ("test", test)):
+    for split, rows in splits.items():
         clf = classifier_from_models(bi, load_cross_encoder(folder.cross_encoder, device=device), index, folder.bi_encoder,
                                      folder.cross_encoder, top_k=k)
         sc = collect(clf, rows, k)
@@ -58,15 +61,16 @@ def _scored(run: Path, k: int, extra_ce: list, device: str) -> dict:
         for name, scoring in (("top1", LabelScoring(1, 0.0)), ("top3", LabelScoring(3, 0.0)), ("top10", LabelScoring(10, 0.0)),
                               ("description", LabelScoring(1, 1.0))):
             alt[name] = np.take_along_axis(index.label_scores(sc.xq, scoring), sc.I, 1)
-        out[split] = {"gold": sc.gold, "I": sc.I, "D": sc.D, "logits": np.stack(logits, -1), **alt,
+        out[split] = {"gold": sc.gold, "I": sc.I, "D": sc.D, "logits": np.stack(logits, -1), **alt, "xq": sc.xq,
                       "softknn": np.take_along_axis(_soft_knn(index, sc.xq), sc.I, 1)}
     return out
 
 
-def _probe_scores(run: Path, device: str, l2: float = 1e-4) -> dict:
-    """{"val", "test"}: (n, labels) logits of a linear softmax probe (a scale, a weight per label and
-    dimension, a bias) on the bi-encoder's embeddings, fitted by L-BFGS on the run's training emails (its
-    label index's exemplar vectors), with an L2 penalty; the split embeddings are cached beside the study's."""
+def _probe_scores(run: Path, device: str, xs: dict = None, l2: float = 1e-4) -> dict:
+    """{split: (n, labels) logits} of a linear softmax probe (a scale, a weight per label and dimension, a bias)
+    on the bi-encoder's embeddings, fitted by L-BFGS on the run's training emails (its label index's exemplar
+    vectors), with an L2 penalty. xs: {split: embeddings}; default validation and test, embedded once and
+    cached in the run folder."""
     import torch
 
     from mailroute.label_index import LabelIndex
@@ -77,12 +81,13 @@ def _probe_scores(run: Path, device: str, l2: float = 1e-4) -> dict:
     from training.models import load_bi_encoder, resolve_device
 
     folder = RunFolder(run)
-    cache = folder.root / "study_embeddings.npz"
-    if not cache.exists():
-        _, _, val, test = splits_of(TrainConfig(**json.loads(folder.config.read_text())))
-        bi = load_bi_encoder(folder.bi_encoder, device=resolve_device(device))
-        np.savez(cache, val=embed(bi, [e.text for e in val]), test=embed(bi, [e.text for e in test]))
-    xs = dict(np.load(cache))
+    if xs is None:
+        cache = folder.study_embeddings
+        if not cache.exists():
+            _, _, val, test = splits_of(TrainConfig(**json.loads(folder.config.read_text())))
+            bi = load_bi_encoder(folder.bi_encoder, device=resolve_device(device))
+            np.savez(cache, val=embed(bi, [e.text for e in val]), test=embed(bi, [e.text for e in test]))
+        xs = dict(np.load(cache))
     index = LabelIndex.load(folder.label_index)
     E, _ = index._exemplar_slots()
     X, Y = torch.tensor(E), torch.tensor(index.exemplar_labels)

@@ -5,6 +5,8 @@
   RUN/rerank_policy.json                mailroute.rerank_policy.RerankPolicy fitted on validation
   RUN/config.json  RUN/metrics.json  RUN/report.md  RUN/predictions.jsonl  RUN/abstention.png
   RUN/study_k10.npz                     scores cached by benchmarks/fusion_study.py (both stages at K=10)
+  RUN/study_embeddings.npz              ... and the validation and test embeddings its probe reads
+  RUN/heldout_k5.npz                    scores of a --holdout-fold run's held-out emails (benchmarks/oof_choice.py)
 """
 
 from pathlib import Path
@@ -19,6 +21,8 @@ REPORT_FILE = "report.md"
 PREDICTIONS_FILE = "predictions.jsonl"
 ABSTENTION_PLOT = "abstention.png"
 STUDY_CACHE = "study_k{k}.npz"
+STUDY_EMBEDDINGS = "study_embeddings.npz"
+HELDOUT_CACHE = "heldout_k{k}.npz"
 
 
 class RunFolder:
@@ -35,9 +39,13 @@ class RunFolder:
         self.report = self.root / REPORT_FILE
         self.predictions = self.root / PREDICTIONS_FILE
         self.abstention_plot = self.root / ABSTENTION_PLOT
+        self.study_embeddings = self.root / STUDY_EMBEDDINGS
 
     def study_cache(self, k: int) -> Path:
         return self.root / STUDY_CACHE.format(k=k)
+
+    def heldout_cache(self, k: int) -> Path:
+        return self.root / HELDOUT_CACHE.format(k=k)
 
     def is_trained(self) -> bool:
         return self.bi_encoder.is_dir() and self.cross_encoder.is_dir() and self.label_index.is_dir()

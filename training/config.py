@@ -19,6 +19,7 @@ class TrainConfig:
     validation_fraction: float = 0.1  # share of train held out for every choice (stratified)
     sample_per_label: int = 0  # >0: train on at most this many emails a label (smoke runs, tests)
     test_limit: int = 0  # >0: evaluate on at most this many test emails
+    holdout_fold: str = ""  # "i/n": leave fold i of n (stratified, of the training emails) out of this run, for out-of-fold scores
     bi_epochs: float = 2.0  # bi-encoder MNR epochs
     bi_batch_size: int = 64  # MNR batch (capped at the number of labels: no two rows of a label per batch)
     bi_lr: float = 5e-5  # bi-encoder learning rate
@@ -46,6 +47,18 @@ class TrainConfig:
     skip_baseline: bool = False  # do not train the flat softmax baseline
     drop_invalid: bool = False  # drop invalid rows (printing how many) instead of refusing to train
     seed: int = DEFAULTS.seed  # one seed for splits, sampling, shuffles and initialisation
+
+    def holdout(self) -> tuple:
+        """(i, n) of --holdout-fold, (0, 0) when none."""
+        if not self.holdout_fold:
+            return 0, 0
+        try:
+            i, n = (int(x) for x in self.holdout_fold.split("/"))
+        except ValueError:
+            i, n = -1, 0
+        if n < 2 or not 0 <= i < n:
+            raise BadSetting(f"--holdout-fold must be 'i/n' with n >= 2 and 0 <= i < n (e.g. 0/2), got {self.holdout_fold!r}")
+        return i, n
 
     def card_spec(self) -> CardSpec:
         if self.card_examples < 0 or self.card_chars < 1:

@@ -148,6 +148,23 @@ def split_validation(examples: list, fraction: float, seed: int) -> tuple:
     return train, val
 
 
+def stratified_folds(examples: list, folds: int, seed: int) -> list:
+    """(n,) fold of each example in 0..folds-1: each label's examples dealt round the folds in a shuffled order, so
+    every fold has about 1/folds of every label."""
+    by_label = defaultdict(list)
+    for i, e in enumerate(examples):
+        by_label[e.label].append(i)
+    rng = random.Random(seed)
+    fold, start = [0] * len(examples), 0
+    for label in sorted(by_label):
+        rows = by_label[label][:]
+        rng.shuffle(rows)
+        for j, i in enumerate(rows):
+            fold[i] = (start + j) % folds
+        start += len(rows)  # labels with fewer emails than folds do not all land in fold 0
+    return fold
+
+
 def limit(examples: list, n: int, seed: int) -> list:
     """At most n examples, drawn at random (fixed seed), kept in their order: datasets are often grouped by
     label (BANKING77's test split is), so the first n would cover only a few labels."""
@@ -170,9 +187,10 @@ def sample_per_label(examples: list, n: int, seed: int) -> list:
     return out
 
 
-def splits_of(cfg) -> tuple:
+def splits_of(cfg, held_out: bool = False) -> tuple:
     """(taxonomy, train, validation, test) of a `TrainConfig`: the same emails for every command that reads
-    a run (train, refit, resume, baseline, feedback)."""
+    a run (train, refit, resume, baseline, feedback). With --holdout-fold i/n, fold i of the training emails is
+    not in train; `held_out=True` gives (taxonomy, that fold, validation, test) instead."""
     if cfg.taxonomy:
         data = load_dataset(cfg.taxonomy, cfg.train, cfg.test, cfg.drop_invalid)
     else:
@@ -180,5 +198,11 @@ def splits_of(cfg) -> tuple:
     train, val = split_validation(data.train, cfg.validation_fraction, cfg.seed)
     if cfg.sample_per_label:
         train = sample_per_label(train, cfg.sample_per_label, cfg.seed)
+    i, n = cfg.holdout()
+    if n:
+        fold = stratified_folds(train, n, cfg.seed)
+        train = [e for e, f in zip(train, fold) if (f == i) == held_out]
+    elif held_out:
+        raise ValueError("splits_of(held_out=True) needs a run trained with --holdout-fold")
     test = limit(data.test, cfg.test_limit, DEFAULTS.seed)  # one draw for every run, whatever its --seed
     return data.taxonomy, train, val, test

@@ -64,7 +64,8 @@ def run(cfg: TrainConfig) -> dict:
     out = RunFolder(cfg.out)  # created only once the data is known to be valid
     out.root.mkdir(parents=True, exist_ok=True)
     out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
-    print(f"[1/9] data: {len(tax)} labels, {len(train)} train, {len(val)} validation, {len(test)} test; device {device}")
+    held = f" (fold {cfg.holdout_fold} of the training emails held out)" if cfg.holdout_fold else ""
+    print(f"[1/9] data: {len(tax)} labels, {len(train)} train{held}, {len(val)} validation, {len(test)} test; device {device}")
 
     # 2. bi-encoder from the base weights; anisotropy before training
     model = load_bi_encoder(cfg.base or None, device=device)

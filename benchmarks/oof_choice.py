@@ -1,0 +1,147 @@
+"""Choose a fusion rule on out-of-fold scores of every training email instead of 1,003 validation emails.
+
+Validation (10% of BANKING77's training split) cannot separate fusion rules 0.3 points apart: one email is
+0.1 point and the paired standard error of two rules is about 0.5 (RESULTS.md, session 16). Here the training
+emails themselves become the held-out set: n runs, each trained with `mailroute train --holdout-fold i/n`,
+so that every training email is scored by a bi-encoder, a label index and a cross-encoder that never saw it.
+
+    mailroute train --dataset banking77 --holdout-fold 0/2 --skip-baseline --ce-epochs 2 --out runs/oof2-0
+    mailroute train --dataset banking77 --holdout-fold 1/2 --skip-baseline --ce-epochs 2 --out runs/oof2-1
+    python -m benchmarks.oof_choice --runs runs/oof2-0 runs/oof2-1 --probe \\
+        [--reference benchmarks/results/banking77/fusion_study_s16.json] [--json out.json]
+
+Each run scores its held-out fold once at K=--k (cached as RUN/heldout_k5.npz); each rule of
+benchmarks/fusion_study.py is then cross-fitted: its weights are fitted on the other folds' held-out emails
+and it is scored on this fold's, so no email is scored by weights fitted on it. Every rule is compared
+with the served rule (CE + retrieval) on the same emails: difference, a paired bootstrap interval and
+McNemar's exact test. --reference prints beside each rule what validation and test said of it on the
+headline run (a fusion_study --json file): test is shown, never used.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.fusion_study import RULES, _features, _fit, _gold_pos, _probe_scores, _scored
+
+SERVED = "served: CE + retrieval, K=5"
+RETRIEVAL_ONLY = {"retrieval only, K=5": (["D"], 5)}
+PROBE_RULES = {"retrieval + probe, K=5": (["D", "probe"], 5), "CE + retrieval + probe, K=5": (["ce0", "D", "probe"], 5)}
+
+
+def _fold_runs(runs: list) -> list:
+    """The runs' configs, checked to be the folds 0..n-1 of one n-fold split of one training configuration."""
+    from mailroute.run_layout import RunFolder
+    from training.config import TrainConfig
+
+    cfgs = [TrainConfig(**json.loads(RunFolder(r).config.read_text())) for r in runs]
+    folds = [c.holdout() for c in cfgs]
+    n = folds[0][1]
+    if not n or sorted(i for i, _ in folds) != list(range(n)) or any(m != n for _, m in folds):
+        raise SystemExit(f"--runs must be the folds 0/n .. n-1/n of one split (mailroute train --holdout-fold i/n); got "
+                         f"{[c.holdout_fold or 'none' for c in cfgs]}")
+    same = {k: v for k, v in vars(cfgs[0]).items() if k not in ("out", "holdout_fold")}
+    for r, c in zip(runs, cfgs):
+        other = {k: v for k, v in vars(c).items() if k not in ("out", "holdout_fold")}
+        if other != same:
+            diff = sorted(k for k in same if same[k] != other[k])
+            raise SystemExit(f"{r}: trained with other settings than {runs[0]} ({', '.join(diff)}): not folds of one configuration")
+    return cfgs
+
+
+def heldout_scores(run: str, cfg, k: int, device: str) -> dict:
+    """Both stages over the run's held-out fold at K=k (features as in fusion_study), cached in the run folder."""
+    from mailroute.run_layout import RunFolder
+    from training.data import splits_of
+
+    cache = RunFolder(run).heldout_cache(k)
+    if cache.exists():
+        return dict(np.load(cache))
+    _, held, _, _ = splits_of(cfg, held_out=True)
+    print(f"{run}: scoring its {len(held)} held-out emails at K={k}", file=sys.stderr)
+    data = _scored(Path(run), k, [], device, {"heldout": held})["heldout"]
+    np.savez(cache, **data)
+    return data
+
+
+def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact two-sided McNemar p of two paired 0/1 vectors (binomial test on the discordant emails)."""
+    from scipy.stats import binomtest
+
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    return 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b).pvalue)
+
+
+def bootstrap_interval(a: np.ndarray, b: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple:
+    """95% paired bootstrap interval of mean(a) - mean(b), in points."""
+    rng = np.random.default_rng(seed)
+    d = a.astype(np.float64) - b.astype(np.float64)
+    means = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(draws)])
+    return 100 * float(np.quantile(means, 0.025)), 100 * float(np.quantile(means, 0.975))
+
+
+def cross_fitted(folds: list, feats: list, k: int) -> tuple:
+    """(right (n,) bool over all folds' emails in fold order, weights fitted on all folds together):
+    each fold scored by weights fitted on the other folds."""
+    F = [_features(d, feats, k) for d in folds]
+    pos = [_gold_pos(d, k) for d in folds]
+    right = []
+    for f in range(len(folds)):
+        w = _fit(np.concatenate([F[g] for g in range(len(folds)) if g != f]),
+                 np.concatenate([pos[g] for g in range(len(folds)) if g != f]))
+        right.append((F[f] @ w).argmax(1) == pos[f])  # rows whose gold was not retrieved count as wrong
+    return np.concatenate(right), _fit(np.concatenate(F), np.concatenate(pos))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--runs", nargs="+", required=True, help="the n runs of `mailroute train --holdout-fold i/n`, one per fold")
+    ap.add_argument("--k", type=int, default=5, help="candidates scored per held-out email (the served K is 5)")
+    ap.add_argument("--probe", action="store_true", help="add the linear-probe rules (fusion_study --probe), each fold's probe "
+                                                         "fitted on that run's training emails")
+    ap.add_argument("--reference", help="a fusion_study --json file of the headline run: its validation and test per rule, shown")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", help="write the table here as JSON too")
+    a = ap.parse_args(argv)
+    cfgs = _fold_runs(a.runs)
+    folds = []
+    for run, cfg in sorted(zip(a.runs, cfgs), key=lambda rc: rc[1].holdout()[0]):
+        d = heldout_scores(run, cfg, a.k, a.device)
+        if a.probe:
+            probe = _probe_scores(Path(run), a.device, {"heldout": d["xq"]})["heldout"]
+            d["probe"] = np.take_along_axis(probe, d["I"], 1)
+            print(f"{run}: probe alone on its held-out emails {np.mean(probe.argmax(1) == d['gold']):.2%}", file=sys.stderr)
+        folds.append(d)
+    rules = RETRIEVAL_ONLY | {name: (feats, k) for name, (feats, k) in RULES.items() if k <= a.k and feats != ["D"]}
+    rules |= PROBE_RULES if a.probe else {}
+    reference = {r["rule"]: r for r in json.loads(Path(a.reference).read_text())} if a.reference else {}
+    n = sum(len(d["gold"]) for d in folds)
+    right = {name: cross_fitted(folds, feats, k) for name, (feats, k) in rules.items()}
+    base = right[SERVED][0]
+    table = []
+    for name, (feats, k) in rules.items():
+        r, w = right[name]
+        lo, hi = bootstrap_interval(r, base)
+        ref = reference.get(name, {})
+        table.append({"rule": name, "features": feats, "k": k, "weights_all_folds": w.round(4).tolist(), "heldout": float(r.mean()),
+                      "minus_served_points": 100 * float(r.mean() - base.mean()), "bootstrap95": [lo, hi],
+                      "mcnemar_p": mcnemar_p(r, base), "only_this": int((r & ~base).sum()), "only_served": int((~r & base).sum()),
+                      "reference_val_cv10": ref.get("val_cv10"), "reference_test": ref.get("test")})
+    print(f"{n} held-out training emails in {len(folds)} folds (cross-fitted), K={a.k}; recall@{a.k} "
+          f"{np.mean(np.concatenate([_gold_pos(d, a.k) for d in folds]) >= 0):.2%}")
+    print(f"{'rule':42s} {'held-out':>8s} {'vs served (95%)':>22s} {'McNemar p':>9s}" + ("  headline val 10-fold / test" if reference else ""))
+    for t in table:
+        ref = (f"  {t['reference_val_cv10']:.2%} / {t['reference_test']:.2%}" if t["reference_test"] is not None else "  -") if reference else ""
+        print(f"{t['rule']:42s} {t['heldout']:8.2%} {t['minus_served_points']:+6.2f} ({t['bootstrap95'][0]:+.2f}..{t['bootstrap95'][1]:+.2f})"
+              f" {t['mcnemar_p']:9.3f}{ref}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"emails": n, "folds": len(folds), "k": a.k, "rules": table}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""Held-out folds of the training emails (`--holdout-fold`) and choosing a fusion rule on them (benchmarks/oof_choice.py)."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from benchmarks import oof_choice
+from mailroute.settings import BadSetting
+from training.config import TrainConfig
+from training.data import load_demo, splits_of, stratified_folds
+
+
+def test_stratified_folds_deal_every_label_evenly_round_the_folds():
+    # Given the demo's training emails (50 labels, ~10 each)
+    train = load_demo().train
+    # When they are dealt into 3 folds
+    fold = stratified_folds(train, 3, seed=7)
+    # Then every email has one fold, each label's emails differ by at most one between folds, and the seed fixes the deal
+    assert set(fold) == {0, 1, 2}
+    for label in {e.label for e in train}:
+        counts = Counter(f for e, f in zip(train, fold) if e.label == label)
+        assert max(counts.values()) - min(counts.get(f, 0) for f in range(3)) <= 1
+    assert stratified_folds(train, 3, seed=7) == fold and stratified_folds(train, 3, seed=8) != fold
+
+
+def test_holdout_fold_takes_its_emails_out_of_train_and_gives_them_back_as_held_out():
+    # Given the two folds of a 2-fold split
+    runs = [TrainConfig(dataset="demo", holdout_fold=f"{i}/2") for i in range(2)]
+    _, full, val, test = splits_of(TrainConfig(dataset="demo"))
+    parts = [(splits_of(c), splits_of(c, held_out=True)) for c in runs]
+    for (_, train, v, t), (_, held, v2, t2) in parts:
+        # Then a run's train and its held-out fold split the full train; validation and test are untouched
+        assert Counter(train + held) == Counter(full) and len(held) >= len(full) // 2 - 25
+        assert v == v2 == val and t == t2 == test
+    # and the two held-out folds split it too: each training email is held out by exactly one run
+    assert Counter(parts[0][1][1] + parts[1][1][1]) == Counter(full)
+
+
+@pytest.mark.parametrize("bad", ["2/2", "0/1", "-1/3", "a/b", "1"])
+def test_a_bad_holdout_fold_is_refused_with_the_setting_named(bad):
+    with pytest.raises(BadSetting, match="--holdout-fold"):
+        splits_of(TrainConfig(dataset="demo", holdout_fold=bad))
+    with pytest.raises(ValueError, match="--holdout-fold"):
+        splits_of(TrainConfig(dataset="demo"), held_out=True)
+
+
+def test_cross_fitting_never_scores_a_fold_with_weights_fitted_on_it():
+    # Given two folds whose feature points to the gold candidate in fold 0 and away from it in fold 1
+    rng = np.random.default_rng(0)
+    folds = []
+    for sign in (1.0, -1.0):
+        n, k = 200, 5
+        gold = rng.integers(0, k, n)
+        x = rng.normal(0, 0.1, (n, k))
+        x[np.arange(n), gold] += sign
+        folds.append({"gold": gold, "I": np.tile(np.arange(k), (n, 1)), "D": x})
+    # When the rule "retrieval score only" is cross-fitted
+    right, _ = oof_choice.cross_fitted(folds, ["D"], 5)
+    # Then each fold is scored by the other fold's weights: wrong almost everywhere (fitted in-sample it would be ~100%)
+    assert right.mean() < 0.05
+
+
+def test_mcnemar_and_bootstrap_on_known_counts():
+    a = np.array([True] * 10 + [False] * 0 + [True] * 30)
+    b = np.array([False] * 10 + [True] * 0 + [True] * 30)
+    assert oof_choice.mcnemar_p(a, b) == pytest.approx(2 * 0.5 ** 10)
+    assert oof_choice.mcnemar_p(a, a) == 1.0
+    lo, hi = oof_choice.bootstrap_interval(a, b)
+    assert 0 < lo < 25 < hi
+
+
+def test_fold_runs_must_be_one_split_of_one_configuration(tmp_path):
+    def saved(name, **kw):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(vars(TrainConfig(dataset="demo", out=name, **kw))))
+        return str(tmp_path / name)
+
+    a, b = saved("a", holdout_fold="0/2"), saved("b", holdout_fold="1/2")
+    assert len(oof_choice._fold_runs([a, b])) == 2
+    with pytest.raises(SystemExit, match="folds 0/n"):
+        oof_choice._fold_runs([a, saved("c", holdout_fold="0/2")])
+    with pytest.raises(SystemExit, match="ce_epochs"):
+        oof_choice._fold_runs([a, saved("d", holdout_fold="1/2", ce_epochs=3)])
+
+
+@pytest.mark.slow
+def test_two_held_out_folds_score_every_training_email_once(tmp_path, capsys):
+    # Given two tiny demo runs, each trained without one half of the training emails
+    from training.run import run
+
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"fold{i}"
+        run(TrainConfig(dataset="demo", out=str(out), holdout_fold=f"{i}/2", bi_epochs=0.2, ce_epochs=0.2, skip_baseline=True,
+                        test_limit=10, top_n_grid="3", description_weight_grid="0"))
+        runs.append(str(out))
+    # When the rules are compared on the held-out emails
+    assert oof_choice.main(["--runs", *runs, "--probe", "--json", str(tmp_path / "t.json"), "--device", "cpu"]) == 0
+    table = json.loads((tmp_path / "t.json").read_text())
+    # Then every training email was scored once, by the run that did not train on it
+    assert table["emails"] == len(splits_of(TrainConfig(dataset="demo"))[1])
+    for i, r in enumerate(runs):
+        cache = np.load(tmp_path / f"fold{i}" / "heldout_k5.npz")
+        _, held, _, _ = splits_of(TrainConfig(dataset="demo", holdout_fold=f"{i}/2"), held_out=True)
+        assert len(cache["gold"]) == len(held)
+    rows = {t["rule"]: t for t in table["rules"]}
+    assert rows[oof_choice.SERVED]["minus_served_points"] == 0 and rows[oof_choice.SERVED]["mcnemar_p"] == 1.0
+    assert {"retrieval only, K=5", "CE + retrieval + probe, K=5"} <= set(rows)
+    assert all(0 <= t["heldout"] <= 1 and 0 <= t["mcnemar_p"] <= 1 for t in table["rules"])
+    assert "held-out training emails in 2 folds" in capsys.readouterr().out
