@@ -7,15 +7,18 @@ so that every training email is scored by a bi-encoder, a label index and a cros
 
     mailroute train --dataset banking77 --holdout-fold 0/2 --skip-baseline --ce-epochs 2 --out runs/oof2-0
     mailroute train --dataset banking77 --holdout-fold 1/2 --skip-baseline --ce-epochs 2 --out runs/oof2-1
-    python -m benchmarks.oof_choice --runs runs/oof2-0 runs/oof2-1 --probe \\
+    python -m benchmarks.oof_choice --runs runs/oof2-0 runs/oof2-1 [--compare runs/oof2n-0 runs/oof2n-1] \\
         [--reference benchmarks/results/banking77/fusion_study_s16.json] [--json out.json]
 
 Each run scores its held-out fold once at K=--k (cached as RUN/heldout_k5.npz); each rule of
 benchmarks/fusion_study.py is then cross-fitted: its weights are fitted on the other folds' held-out emails
 and it is scored on this fold's, so no email is scored by weights fitted on it. Every rule is compared
 with the served rule (CE + retrieval) on the same emails: difference, a paired bootstrap interval and
-McNemar's exact test. --reference prints beside each rule what validation and test said of it on the
-headline run (a fusion_study --json file): test is shown, never used.
+McNemar's exact test. The rules include a linear softmax probe on the bi-encoder's embeddings (fitted on each
+run's own training emails). --compare takes a second configuration's fold runs (the same folds, another
+setting, e.g. --card-nearest) and compares it with the first, rule by rule. --reference prints beside each
+rule what validation and test said of it on the headline run (a fusion_study --json file): test is shown,
+never used for a choice.
 """
 
 import argparse
@@ -53,7 +56,8 @@ def _fold_runs(runs: list) -> list:
 
 
 def heldout_scores(run: str, cfg, k: int, device: str) -> dict:
-    """Both stages over the run's held-out fold at K=k (features as in fusion_study), cached in the run folder."""
+    """Both stages over the run's held-out fold at K=k (features as in fusion_study) and the run's linear probe
+    at the candidates ("probe"), cached in the run folder (small: it travels back from a GPU machine alone)."""
     from mailroute.run_layout import RunFolder
     from training.data import splits_of
 
@@ -63,8 +67,17 @@ def heldout_scores(run: str, cfg, k: int, device: str) -> dict:
     _, held, _, _ = splits_of(cfg, held_out=True)
     print(f"{run}: scoring its {len(held)} held-out emails at K={k}", file=sys.stderr)
     data = _scored(Path(run), k, [], device, {"heldout": held})["heldout"]
+    probe = _probe_scores(Path(run), device, {"heldout": data.pop("xq")})["heldout"]
+    data["probe"] = np.take_along_axis(probe, data["I"], 1)
+    data["probe_alone_right"] = probe.argmax(1) == data["gold"]
     np.savez(cache, **data)
     return data
+
+
+def configuration(runs: list, k: int, device: str) -> list:
+    """The held-out scores of one configuration's fold runs, in fold order."""
+    cfgs = _fold_runs(runs)
+    return [heldout_scores(run, cfg, k, device) for run, cfg in sorted(zip(runs, cfgs), key=lambda rc: rc[1].holdout()[0])]
 
 
 def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
@@ -96,28 +109,42 @@ def cross_fitted(folds: list, feats: list, k: int) -> tuple:
     return np.concatenate(right), _fit(np.concatenate(F), np.concatenate(pos))
 
 
+def compare(runs: list, other_runs: list, folds: list, other: list, rules: dict) -> list:
+    """Each rule of the second configuration (`other`, same held-out emails) against the same rule of the first."""
+    from mailroute.run_layout import RunFolder
+
+    def split_of(rs):  # what decides which emails each run holds out
+        keys = ("dataset", "train", "banking77", "seed", "validation_fraction", "sample_per_label", "holdout_fold")
+        return sorted(tuple(json.loads(RunFolder(r).config.read_text())[k] for k in keys) for r in rs)
+
+    if split_of(runs) != split_of(other_runs) or any(not np.array_equal(f["gold"], g["gold"]) for f, g in zip(folds, other)):
+        raise SystemExit("--compare: its runs hold out other emails than --runs (another dataset, seed or fold split)")
+    rows = []
+    print(f"\n{other_runs[0]}.. against {runs[0]}.., rule by rule, on the same held-out emails:")
+    for name, (feats, k) in rules.items():
+        a, _ = cross_fitted(folds, feats, k)
+        b, _ = cross_fitted(other, feats, k)
+        lo, hi = bootstrap_interval(b, a)
+        rows.append({"rule": name, "first": float(a.mean()), "second": float(b.mean()), "second_minus_first_points": 100 * float(b.mean() - a.mean()),
+                     "bootstrap95": [lo, hi], "mcnemar_p": mcnemar_p(b, a)})
+        print(f"{name:42s} {a.mean():8.2%} -> {b.mean():8.2%} {100 * (b.mean() - a.mean()):+6.2f} ({lo:+.2f}..{hi:+.2f}) p={rows[-1]['mcnemar_p']:.3f}")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--runs", nargs="+", required=True, help="the n runs of `mailroute train --holdout-fold i/n`, one per fold")
     ap.add_argument("--k", type=int, default=5, help="candidates scored per held-out email (the served K is 5)")
-    ap.add_argument("--probe", action="store_true", help="add the linear-probe rules (fusion_study --probe), each fold's probe "
-                                                         "fitted on that run's training emails")
+    ap.add_argument("--compare", nargs="+", default=[], help="the fold runs of a second configuration (same folds, e.g. "
+                                                              "--card-nearest): its served rule against this one's, email by email")
     ap.add_argument("--reference", help="a fusion_study --json file of the headline run: its validation and test per rule, shown")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", help="write the table here as JSON too")
     a = ap.parse_args(argv)
-    cfgs = _fold_runs(a.runs)
-    folds = []
-    for run, cfg in sorted(zip(a.runs, cfgs), key=lambda rc: rc[1].holdout()[0]):
-        d = heldout_scores(run, cfg, a.k, a.device)
-        if a.probe:
-            probe = _probe_scores(Path(run), a.device, {"heldout": d["xq"]})["heldout"]
-            d["probe"] = np.take_along_axis(probe, d["I"], 1)
-            print(f"{run}: probe alone on its held-out emails {np.mean(probe.argmax(1) == d['gold']):.2%}", file=sys.stderr)
-        folds.append(d)
+    folds = configuration(a.runs, a.k, a.device)
     rules = RETRIEVAL_ONLY | {name: (feats, k) for name, (feats, k) in RULES.items() if k <= a.k and feats != ["D"]}
-    rules |= PROBE_RULES if a.probe else {}
+    rules |= PROBE_RULES
     reference = {r["rule"]: r for r in json.loads(Path(a.reference).read_text())} if a.reference else {}
     n = sum(len(d["gold"]) for d in folds)
     right = {name: cross_fitted(folds, feats, k) for name, (feats, k) in rules.items()}
@@ -138,8 +165,13 @@ def main(argv=None) -> int:
         ref = (f"  {t['reference_val_cv10']:.2%} / {t['reference_test']:.2%}" if t["reference_test"] is not None else "  -") if reference else ""
         print(f"{t['rule']:42s} {t['heldout']:8.2%} {t['minus_served_points']:+6.2f} ({t['bootstrap95'][0]:+.2f}..{t['bootstrap95'][1]:+.2f})"
               f" {t['mcnemar_p']:9.3f}{ref}")
+    print(f"probe alone (a linear softmax on the bi-encoder's embeddings, fitted on each run's training emails): "
+          f"{np.concatenate([d['probe_alone_right'] for d in folds]).mean():.2%}")
+    out = {"emails": n, "folds": len(folds), "k": a.k, "runs": a.runs, "rules": table}
+    if a.compare:
+        out["compare"] = compare(a.runs, a.compare, folds, configuration(a.compare, a.k, a.device), rules)
     if a.json:
-        Path(a.json).write_text(json.dumps({"emails": n, "folds": len(folds), "k": a.k, "rules": table}, indent=1) + "\n")
+        Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
 

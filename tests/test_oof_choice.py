@@ -97,7 +97,7 @@ def test_two_held_out_folds_score_every_training_email_once(tmp_path, capsys):
                         test_limit=10, top_n_grid="3", description_weight_grid="0"))
         runs.append(str(out))
     # When the rules are compared on the held-out emails
-    assert oof_choice.main(["--runs", *runs, "--probe", "--json", str(tmp_path / "t.json"), "--device", "cpu"]) == 0
+    assert oof_choice.main(["--runs", *runs, "--json", str(tmp_path / "t.json"), "--device", "cpu"]) == 0
     table = json.loads((tmp_path / "t.json").read_text())
     # Then every training email was scored once, by the run that did not train on it
     assert table["emails"] == len(splits_of(TrainConfig(dataset="demo"))[1])
@@ -110,3 +110,41 @@ def test_two_held_out_folds_score_every_training_email_once(tmp_path, capsys):
     assert {"retrieval only, K=5", "CE + retrieval + probe, K=5"} <= set(rows)
     assert all(0 <= t["heldout"] <= 1 and 0 <= t["mcnemar_p"] <= 1 for t in table["rules"])
     assert "held-out training emails in 2 folds" in capsys.readouterr().out
+
+
+def test_compare_puts_a_second_configuration_beside_the_first_on_the_same_emails(tmp_path, capsys):
+    # Given two configurations of 2 fold runs each, with cached held-out scores: the second's cross-encoder points to
+    # the gold candidate, the first's is noise (retrieval alone is right 60% of the time in both)
+    rng = np.random.default_rng(1)
+    n, k = 300, 5
+    golds = [rng.integers(0, k, n) for _ in range(2)]
+
+    def fold_run(name, fold, ce_signal, **kw):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(vars(TrainConfig(dataset="demo", out=name, holdout_fold=f"{fold}/2", **kw))))
+        gold = golds[fold]
+        D = rng.normal(0, 1, (n, k))
+        D[np.arange(n), gold] += np.where(rng.random(n) < 0.6, 5.0, 0.0)
+        logits = rng.normal(0, 1, (n, k, 1))
+        logits[np.arange(n), gold, 0] += ce_signal
+        np.savez(folder / "heldout_k5.npz", gold=gold, I=np.tile(np.arange(k), (n, 1)), D=D, logits=logits,
+                 probe=rng.normal(0, 1, (n, k)), probe_alone_right=np.zeros(n, bool),
+                 **{f: rng.normal(0, 1, (n, k)) for f in ("top1", "top3", "top10", "description", "softknn")})
+        return str(folder)
+
+    first = [fold_run(f"a{i}", i, 0.0) for i in range(2)]
+    second = [fold_run(f"b{i}", i, 6.0, card_nearest=True) for i in range(2)]
+    # When the second is compared with the first
+    assert oof_choice.main(["--runs", *first, "--compare", *second, "--json", str(tmp_path / "c.json")]) == 0
+    rows = {r["rule"]: r for r in json.loads((tmp_path / "c.json").read_text())["compare"]}
+    # Then the served rule of the second is far better, on the same emails, and says so with a tiny p
+    served = rows[oof_choice.SERVED]
+    assert served["second"] > served["first"] + 0.2 and served["mcnemar_p"] < 1e-6 and served["bootstrap95"][0] > 0
+    # and retrieval alone (which does not read the cross-encoder) is about equal in both
+    assert abs(rows["retrieval only, K=5"]["second_minus_first_points"]) < 8
+    assert "against" in capsys.readouterr().out
+    # A configuration with another fold split (another seed) holds out other emails: refused
+    other_seed = [fold_run(f"c{i}", i, 6.0, seed=99) for i in range(2)]
+    with pytest.raises(SystemExit, match="other emails"):
+        oof_choice.main(["--runs", *first, "--compare", *other_seed])

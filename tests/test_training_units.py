@@ -223,3 +223,21 @@ def test_drop_autocast_wrapper_restores_the_class_forward(tmp_path):
     drop_autocast_wrapper(model)
     assert "forward" not in vars(model) and "_original_forward" not in vars(model)
     assert model.forward.__func__ is type(model).forward
+
+
+def test_training_refuses_clearly_when_every_training_email_is_on_a_label_card():
+    # Given 2 training emails a label, both shown on the fixed label cards (2 examples a label)
+    from types import SimpleNamespace
+
+    from mailroute.settings import BadSetting
+    from mailroute.taxonomy import CardSpec
+    from training.config import TrainConfig
+    from training.data import Example
+    from training.run import _training_rows
+
+    train = [Example(f"email {i}", "a" if i < 2 else "b") for i in range(4)]
+    index = SimpleNamespace(card_spec=CardSpec(examples=2, nearest=False))
+    # When the cross-encoder's rows are made, Then the error says why none is left and what to change
+    with pytest.raises(BadSetting, match="every one of the 4 training emails is shown on a label card.*--card-examples"):
+        _training_rows(TrainConfig(card_examples=2), index, train, np.zeros((4, 3)), np.zeros((4, 2), int), None,
+                       {e.text for e in train}, np.full(4, -1))

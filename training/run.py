@@ -45,6 +45,9 @@ def _training_rows(cfg: TrainConfig, index: LabelIndex, train: list, x_train: np
     (exclude, from exemplar_rows) is never shown to it, so every email trains."""
     keep = (np.arange(len(train)) if index.card_spec.nearest
             else np.array([i for i, e in enumerate(train) if e.text not in card_texts], dtype=np.int64))
+    if not len(keep):
+        raise BadSetting(f"every one of the {len(train)} training emails is shown on a label card ({cfg.card_examples} a label), so none "
+                         f"is left to train the cross-encoder on: use fewer --card-examples, --card-nearest, or more training emails")
     return listwise_rows([train[i] for i in keep], cand[keep], index, cfg.seed, scores[keep] if cfg.train_retrieval_weight else None,
                          x=x_train[keep], exclude=exclude[keep])
 

@@ -3,9 +3,10 @@
 # Calls on one warm machine (what is installed under /tmp survives about 30 s between calls):
 #   1. carry gpu-carry/a:  bash benchmarks/gpu/device.sh install gpu-carry/a                       (Triton wheels)
 #   2. carry gpu-carry/s:  bash benchmarks/gpu/device.sh install gpu-carry/s && bash benchmarks/gpu/device.sh serve
-#   3. carry gpu-carry/b:  bash benchmarks/gpu/device.sh install gpu-carry/b && bash benchmarks/gpu/device.sh sweep
+#   3. carry gpu-carry/b:  bash benchmarks/gpu/device.sh install gpu-carry/b && bash benchmarks/gpu/device.sh sweep   (or: ... oof)
 # `serve` takes RUN_ARGS (more benchmarks/gpu/run.py flags, e.g. "--max-queue-delay-us 0"); writes $OUT/gpu/{summary.json,triton.log}; `sweep` writes $OUT/sweep.tgz (every run's metrics,
-# report, policy, predictions and log). A smoke run of either anywhere: SMOKE=1 (tiny model / tiny data, CPU).
+# report, policy, predictions and log); `oof` writes $OUT/oof.tgz (held-out scores, oof.txt/json: fixed vs nearest cards on
+# FOLDS=3 held-out folds of the training emails). A smoke run of any anywhere: SMOKE=1 (tiny model / tiny data, CPU).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$(mktemp -d)}
@@ -85,8 +86,38 @@ case "${1:-}" in
     ls -la "$OUT"
     exit $rc
     ;;
+  oof)  # fixed vs nearest label cards, chosen on held-out folds of all training emails (benchmarks/oof_choice.py)
+    S=${SWEEP_DIR:-/tmp/mr-oof}
+    export MAILROUTE_BANKING77="$DATA/banking77"
+    N=${FOLDS:-3}
+    if [ "${SMOKE:-0}" = 1 ]; then
+      COMMON=(--dataset banking77 --device cpu --base "$DATA/base" --sample-per-label 8 --test-limit 20 --bi-epochs 0.2 --ce-epochs 0.2
+              --top-n-grid 3 --description-weight-grid 0 --skip-baseline)
+      DEV=cpu
+    else  # 2 CE epochs: the headline's; one configuration's folds share the card with the other's (2N runs at once)
+      COMMON=(--dataset banking77 --device cuda --base "$DATA/base" --ce-epochs 2 --test-limit 300 --skip-baseline)
+      DEV=cuda
+    fi
+    CONFIGS=()
+    for ((f = 0; f < N; f++)); do CONFIGS+=("fixed$f:--holdout-fold=$f/$N" "near$f:--holdout-fold=$f/$N,--card-nearest"); done
+    pack() {  # the held-out scores (small), metrics and logs -> $OUT/oof.tgz
+      (cd "$S" 2>/dev/null && find . \( -name 'heldout_k*.npz' -o -name metrics.json -o -name config.json -o -name '*.log' -o -name 'summary.*' \
+          -o -name 'oof*.json' -o -name 'oof*.txt' \) -not -path '*_encoder/*' -print0 | tar czf "$OUT/oof.tgz.part" --null -T - && mv "$OUT/oof.tgz.part" "$OUT/oof.tgz")
+    }
+    timeout "${SWEEP_TIMEOUT:-420}" $PY -m mailroute.cli sweep --out "$S" --parallel $((2 * N)) "${CONFIGS[@]}" -- "${COMMON[@]}"
+    rc=$?
+    FIXED=() NEAR=()
+    for ((f = 0; f < N; f++)); do FIXED+=("$S/fixed$f") NEAR+=("$S/near$f"); done
+    # scores each run's held-out emails (cached in the run folders) and compares the rules and the two card kinds
+    timeout "${SCORE_TIMEOUT:-150}" $PY -m benchmarks.oof_choice --runs "${FIXED[@]}" --compare "${NEAR[@]}" --device $DEV \
+      --json "$S/oof.json" | tee "$S/oof.txt"
+    rc2=$?
+    pack
+    ls -la "$OUT"
+    [ $rc = 0 ] && exit $rc2 || exit $rc
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu/device.sh install DIR... | serve | sweep" >&2
+    echo "usage: bash benchmarks/gpu/device.sh install DIR... | serve | sweep | oof" >&2
     exit 2
     ;;
 esac
