@@ -126,13 +126,17 @@ def encoder_config(name: str, dim: int, runtime_name: str, max_batch: int, insta
 
 
 def classifier_model_config(max_batch: int, instances: int, embed_batch: int, score_batch: int, serving_version: int = None,
-                            throughput: Throughput = None, search_device: str = "") -> mc.ModelConfig:
+                            throughput: Throughput = None, search_device: str = "", encoders_in_process: bool = False,
+                            gpu: bool = False) -> mc.ModelConfig:
+    """encoders_in_process: each instance runs both encoders (the torch runtime's weights of the versions it pins)
+    instead of calling the encoder models by BLS; with gpu its instances are KIND_GPU, one device each."""
     throughput = throughput or Throughput(instances=instances, max_queue_delay_us=CLASSIFIER_DELAY_FACTOR * Throughput.max_queue_delay_us)
+    kind = mc.ModelInstanceGroup.KIND_GPU if encoders_in_process and gpu else mc.ModelInstanceGroup.KIND_CPU
     cfg = mc.ModelConfig(name=contract.CLASSIFIER, backend="python", max_batch_size=max_batch,
                          input=[_input(t) for t in contract.CLASSIFIER_INPUT_TENSORS],
                          output=[_output(t) for t in contract.CLASSIFIER_OUTPUT_TENSORS],
                          # the BLS model: several instances keep requests flowing while one waits on an encoder
-                         instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=throughput.instances)])
+                         instance_group=[mc.ModelInstanceGroup(kind=kind, count=throughput.instances)])
     throughput.apply(cfg)
     if serving_version is not None:  # the serving version is named (export.versions promotes and rolls back by it)
         cfg.version_policy.specific.versions.append(int(serving_version))
@@ -142,12 +146,15 @@ def classifier_model_config(max_batch: int, instances: int, embed_batch: int, sc
     cfg.parameters["score_batch"].string_value = str(score_batch)
     if search_device:  # label search by torch on this device (LabelIndex.on_device: TorchFlatIP, TorchExemplarIndex)
         cfg.parameters["search_device"].string_value = search_device
+    if encoders_in_process:
+        cfg.parameters[contract.ENCODERS_PARAMETER].string_value = contract.ENCODERS_IN_PROCESS
     return cfg
 
 
 def classifier_config(max_batch: int, instances: int, embed_batch: int, score_batch: int, serving_version: int = None,
-                      throughput: Throughput = None, search_device: str = "") -> str:
-    return _text(classifier_model_config(max_batch, instances, embed_batch, score_batch, serving_version, throughput, search_device))
+                      throughput: Throughput = None, search_device: str = "", encoders_in_process: bool = False, gpu: bool = False) -> str:
+    return _text(classifier_model_config(max_batch, instances, embed_batch, score_batch, serving_version, throughput, search_device,
+                                         encoders_in_process, gpu))
 
 
 def runtime_of(cfg: mc.ModelConfig) -> str:

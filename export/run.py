@@ -127,6 +127,9 @@ def export(cfg: ExportConfig) -> dict:
     run, repo = Path(cfg.run), Path(cfg.repo)
     if cfg.runtime not in configs.EXPORT_RUNTIMES:  # settings are checked before any work
         raise BadSetting(f"--runtime must be one of {configs.EXPORT_RUNTIMES}, got {cfg.runtime!r}")
+    if cfg.encoders_in_classifier and not configs.runtime(cfg.runtime).torch_weights:
+        raise BadSetting(f"--encoders-in-classifier runs the encoders' PyTorch weights inside the classifier: it needs --runtime torch, "
+                         f"got {cfg.runtime!r}")
     if cfg.quantize and configs.runtime(cfg.runtime).torch_weights:
         raise BadSetting(f"--quantize makes int8 ONNX graphs, which the {cfg.runtime} runtime does not run: leave one out")
     check_runtime_unchanged(repo, cfg.runtime)
@@ -198,7 +201,7 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
                                   score_batch=DEFAULTS.score_batch, serving_version=previous or cv,
                                   throughput=configs.Throughput(cfg.classifier_instances, (), configs.CLASSIFIER_DELAY_FACTOR * cfg.max_queue_delay_us,
                                                                     cfg.max_queue_size),
-                                  search_device=search_device))
+                                  search_device=search_device, encoders_in_process=cfg.encoders_in_classifier, gpu=cfg.gpu))
     # a running server loads the new version with `mailroute versions promote`
     versions.promote(repo, cv, note=f"mailroute export of {run}")
     report |= {"versions": {contract.CLASSIFIER: cv, contract.BI_ENCODER: bi_v, contract.CROSS_ENCODER: cross_v},

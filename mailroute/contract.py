@@ -37,6 +37,8 @@ BI_ENCODER = "bi_encoder"
 CROSS_ENCODER = "cross_encoder"
 CLASSIFIER = "email_classifier"
 MODELS = (CLASSIFIER, BI_ENCODER, CROSS_ENCODER)  # the order of the MODEL_VERSIONS output
+# the classifier's config parameter "encoders" = this: each instance runs both encoders itself (torch runtime), no BLS
+ENCODERS_PARAMETER, ENCODERS_IN_PROCESS = "encoders", "in_process"
 
 # encoder tensors (both encoders)
 INPUT_IDS = "input_ids"

@@ -113,10 +113,23 @@ class TorchEncoder:
 
 
 class TorchEncoders:
-    """The pipeline's Encoders seam over two TorchEncoders (what the `torch` runtime serves)."""
+    """The pipeline's Encoders seam over two TorchEncoders (what the `torch` runtime serves). embed_batch and
+    score_batch: the most rows the pipeline sends each in one call (their CUDA graphs' largest batch)."""
 
-    def __init__(self, bi_folder, cross_folder, device: str = "cpu", **kw):
-        self.bi, self.cross = TorchEncoder(bi_folder, BI, device, **kw), TorchEncoder(cross_folder, CROSS, device, **kw)
+    def __init__(self, bi_folder, cross_folder, device: str = "cpu", embed_batch: int = None, score_batch: int = None, **kw):
+        self.bi = TorchEncoder(bi_folder, BI, device, **kw | ({"max_batch": embed_batch} if embed_batch else {}))
+        self.cross = TorchEncoder(cross_folder, CROSS, device, **kw | ({"max_batch": score_batch} if score_batch else {}))
+
+    @classmethod
+    def of_versions(cls, repo, bi_version: int, cross_version: int, device: str = "cpu", **kw) -> "TorchEncoders":
+        """The torch runtime's weights of the encoder versions a classifier version pins, from a model repository."""
+        from pathlib import Path
+
+        from mailroute.repository import TORCH_WEIGHTS_DIR
+
+        repo = Path(repo)
+        return cls(repo / contract.BI_ENCODER / str(bi_version) / TORCH_WEIGHTS_DIR,
+                   repo / contract.CROSS_ENCODER / str(cross_version) / TORCH_WEIGHTS_DIR, device, **kw)
 
     def embed(self, input_ids, attention_mask):
         return self.bi({contract.INPUT_IDS: input_ids, contract.ATTENTION_MASK: attention_mask})

@@ -200,3 +200,33 @@ def test_backend_stub_gets_numpy_below_2(tmp_path, monkeypatch):
     seen = subprocess.run([str(bin_dir / "python3"), "-c", "import importlib.util as u; print(u.find_spec('scipy'), u.find_spec('sklearn'))"],
                           capture_output=True, text=True, check=True).stdout.split()
     assert importlib.util.find_spec("scipy") is not None and seen == ["None", "None"]
+
+
+def test_encoders_in_the_classifier_serve_the_same_answers_without_bls(tiny_run, torch_repo, tmp_path):
+    from client import ClassifierClient
+    from client.server import TritonServer
+    from export import configs, versions
+    from export.run import ExportConfig, export
+    from mailroute import contract
+    from mailroute.settings import BadSetting
+
+    # Given the torch runtime exported with the encoders inside each classifier instance
+    repo = tmp_path / "repo"
+    export(ExportConfig(run=str(tiny_run), repo=str(repo), top_k=5, runtime="torch", encoders_in_classifier=True))
+    cfg = versions.read_config(repo, contract.CLASSIFIER)
+    assert cfg.parameters[contract.ENCODERS_PARAMETER].string_value == contract.ENCODERS_IN_PROCESS
+    assert configs.classifier_model_config(8, 2, 64, 256, encoders_in_process=True, gpu=True).instance_group[0].kind == \
+        configs.mc.ModelInstanceGroup.KIND_GPU
+    # When the real server serves it
+    with TritonServer(repo) as server, ClassifierClient(server.grpc_url) as c:
+        served = c.classify(EMAILS, gate=False)
+        log = server.log_file.read_text()
+    # Then the answers equal the BLS export's (same weights, same pipeline), and the classifier says where its encoders run
+    local = open_onnx_classifier(torch_repo).classify(EMAILS, gate=False)
+    for s, o in zip(served, local):
+        assert s.ok and s.top_labels == o.top_labels
+        assert np.abs(np.array(s.top_probabilities) - np.array(o.top_probabilities)).max() < 1e-4
+    assert "encoders in this process on cpu" in log
+    # and only the torch runtime can: other runtimes have no PyTorch weights to run in the classifier
+    with pytest.raises(BadSetting, match="--encoders-in-classifier"):
+        export(ExportConfig(run=str(tiny_run), repo=str(tmp_path / "other"), runtime="portable", encoders_in_classifier=True))

@@ -218,6 +218,8 @@ def main(argv=None):
     ap.add_argument("--encoder-instances", type=int, default=2, help="instances of each encoder (each captures its own CUDA graphs)")
     ap.add_argument("--max-queue-delay-us", type=int, default=ExportConfig.max_queue_delay_us,
                     help="encoders' dynamic-batching delay (the classifier's is 4x): a single email waits for all three")
+    ap.add_argument("--encoders-in-classifier", action="store_true",
+                    help="each classifier instance runs both encoders itself (export --encoders-in-classifier): no BLS hop per stage")
     ap.add_argument("--nearest-cards", action="store_true", help="label cards of each label's exemplars nearest the email (--card-nearest)")
     ap.add_argument("--client-processes", type=int, default=4, help="load-generator processes sharing the concurrency")
     ap.add_argument("--triton-args", default="", help="extra tritonserver flags, space-separated (e.g. --pinned-memory-pool-byte-size=0)")
@@ -253,7 +255,7 @@ def main(argv=None):
         repo = work / "repo"
         export(ExportConfig(run=str(run), repo=str(repo), runtime="torch", gpu=gpu, top_k=a.k, classifier_instances=a.classifier_instances,
                             encoder_instances=a.encoder_instances, preferred_batch_sizes="16,32,64",
-                            max_queue_delay_us=a.max_queue_delay_us))
+                            max_queue_delay_us=a.max_queue_delay_us, encoders_in_classifier=a.encoders_in_classifier))
         setup_s = time.perf_counter() - t
         print(f"run folder and torch export: {setup_s:.0f} s", flush=True)
         server = TritonServer(repo, log_file=out / "triton.log", extra_args=a.triton_args.split())
@@ -282,7 +284,7 @@ def main(argv=None):
         summary = {"card": torch.cuda.get_device_name(0) if gpu else platform.processor() or "cpu", "device": a.device, "tiny": a.tiny,
                    "date": time.strftime("%Y-%m-%d"), "k": a.k, "gated": False, "runtime": "torch", "email_tokens": 128,
                    "classifier_instances": a.classifier_instances, "encoder_instances": a.encoder_instances,
-                   "max_queue_delay_us": a.max_queue_delay_us, "label_cards": "nearest" if a.nearest_cards else "fixed",
+                   "max_queue_delay_us": a.max_queue_delay_us, "encoders_in_classifier": a.encoders_in_classifier, "label_cards": "nearest" if a.nearest_cards else "fixed",
                    "emails_per_s": best and best["emails_per_s"], "p50_ms": best and best["p50_ms"], "p99_ms": best and best["p99_ms"],
                    "at_concurrency": best and best["concurrency"], "ceiling_emails_per_s": top, "ceiling_encoders_only_emails_per_s": top_accelerator,
                    "share_of_ceiling": best and best["emails_per_s"] / top, "single_email_p50_ms": single["p50_ms"] if single else None,

@@ -3,6 +3,9 @@
 Thin on purpose: requests -> mailroute.service.ClassifierService -> responses. The encoders are BLS
 calls to the bi_encoder / cross_encoder versions that this classifier version pins, so they run on
 whichever backend serves them (portable onnxruntime here, native onnxruntime / TensorRT in production).
+With the torch runtime, an export may put them in the classifier's own process instead (its config's
+"encoders" parameter, `mailroute export --encoders-in-classifier`): the same versions' PyTorch weights, no
+BLS hop per stage, on the instance's device.
 """
 
 import json
@@ -103,14 +106,24 @@ class TritonPythonModel:
         bi_v, cross_v = int(spec["bi_encoder_version"]), int(spec["cross_encoder_version"])
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
         # the downstream models' max_batch_size bounds each BLS call
-        clf = open_classifier(repo, here, BLSEncoders(bi_v, cross_v), embed_batch=int(params.get("embed_batch", DEFAULTS.embed_batch)),
-                              score_batch=int(params.get("score_batch", DEFAULTS.score_batch)))
+        embed_batch = int(params.get("embed_batch", DEFAULTS.embed_batch))
+        score_batch = int(params.get("score_batch", DEFAULTS.score_batch))
+        if params.get(contract.ENCODERS_PARAMETER) == contract.ENCODERS_IN_PROCESS:  # torch runtime, no BLS hop per stage
+            from mailroute.torch_encoders import TorchEncoders
+
+            gpu = args.get("model_instance_kind") == "GPU"
+            device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
+            encoders = TorchEncoders.of_versions(repo, bi_v, cross_v, device, embed_batch=embed_batch, score_batch=score_batch)
+            where = f"in this process on {device}"
+        else:
+            encoders, where = BLSEncoders(bi_v, cross_v), "by BLS"
+        clf = open_classifier(repo, here, encoders, embed_batch=embed_batch, score_batch=score_batch)
         if params.get("search_device"):  # the torch runtime's label search (where faiss-gpu is not installed)
             clf.index = clf.index.on_device(params["search_device"])
         versions = {contract.CLASSIFIER: args["model_version"], contract.BI_ENCODER: bi_v, contract.CROSS_ENCODER: cross_v}
         self.service = ClassifierService(clf, tuple(versions[m] for m in contract.MODELS))
         self.metrics = ClassifierMetrics(args["model_version"])
-        pb_utils.Logger.log_info(f"{contract.CLASSIFIER} v{args['model_version']}: {len(clf.label_names)} labels, "
+        pb_utils.Logger.log_info(f"{contract.CLASSIFIER} v{args['model_version']}: {len(clf.label_names)} labels, encoders {where}, "
                                  f"{contract.BI_ENCODER} v{bi_v}, {contract.CROSS_ENCODER} v{cross_v}")
 
     def execute(self, requests):
