@@ -4,7 +4,7 @@
 #   1. carry gpu-carry/a:  bash benchmarks/gpu/device.sh install gpu-carry/a                       (Triton wheels)
 #   2. carry gpu-carry/s:  bash benchmarks/gpu/device.sh install gpu-carry/s && bash benchmarks/gpu/device.sh serve
 #   3. carry gpu-carry/b:  bash benchmarks/gpu/device.sh install gpu-carry/b && bash benchmarks/gpu/device.sh sweep   (or: ... oof)
-# `serve` takes RUN_ARGS (more benchmarks/gpu/run.py flags, e.g. "--max-queue-delay-us 0"); writes $OUT/gpu/{summary.json,triton.log}; `sweep` writes $OUT/sweep.tgz (every run's metrics,
+# `serve` takes RUN_ARGS (more benchmarks/gpu/run.py flags, e.g. "--max-queue-delay-us 0 --encoders-in-classifier"); writes $OUT/gpu/{summary.json,triton.log}; `sweep` writes $OUT/sweep.tgz (every run's metrics,
 # report, policy, predictions and log); `oof` writes $OUT/oof.tgz (held-out scores, oof.txt/json: fixed vs nearest cards on
 # FOLDS=3 held-out folds of the training emails). A smoke run of any anywhere: SMOKE=1 (tiny model / tiny data, CPU).
 set -uo pipefail
