@@ -109,20 +109,25 @@ def cross_fitted(folds: list, feats: list, k: int) -> tuple:
     return np.concatenate(right), _fit(np.concatenate(F), np.concatenate(pos))
 
 
-def compare(runs: list, other_runs: list, folds: list, other: list, rules: dict) -> list:
-    """Each rule of the second configuration (`other`, same held-out emails) against the same rule of the first."""
+def same_split(runs: list, other_runs: list) -> None:
+    """Refuses a second configuration whose runs hold out other emails (checked before any scoring)."""
     from mailroute.run_layout import RunFolder
 
     def split_of(rs):  # what decides which emails each run holds out
         keys = ("dataset", "train", "banking77", "seed", "validation_fraction", "sample_per_label", "holdout_fold")
         return sorted(tuple(json.loads(RunFolder(r).config.read_text())[k] for k in keys) for r in rs)
 
-    if split_of(runs) != split_of(other_runs) or any(not np.array_equal(f["gold"], g["gold"]) for f, g in zip(folds, other)):
+    if split_of(runs) != split_of(other_runs):
         raise SystemExit("--compare: its runs hold out other emails than --runs (another dataset, seed or fold split)")
+
+
+def compare(first_right: dict, other: list, rules: dict, label: str) -> list:
+    """Each rule of the second configuration (`other`: its folds' held-out scores, the same emails) against the same
+    rule of the first (first_right: rule -> (right, weights) from cross_fitted)."""
     rows = []
-    print(f"\n{other_runs[0]}.. against {runs[0]}.., rule by rule, on the same held-out emails:")
+    print(f"\n{label}, rule by rule, on the same held-out emails:")
     for name, (feats, k) in rules.items():
-        a, _ = cross_fitted(folds, feats, k)
+        a = first_right[name][0]
         b, _ = cross_fitted(other, feats, k)
         lo, hi = bootstrap_interval(b, a)
         rows.append({"rule": name, "first": float(a.mean()), "second": float(b.mean()), "second_minus_first_points": 100 * float(b.mean() - a.mean()),
@@ -142,6 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", help="write the table here as JSON too")
     a = ap.parse_args(argv)
+    if a.compare:
+        same_split(a.runs, a.compare)
     folds = configuration(a.runs, a.k, a.device)
     rules = RETRIEVAL_ONLY | {name: (feats, k) for name, (feats, k) in RULES.items() if k <= a.k and feats != ["D"]}
     rules |= PROBE_RULES
@@ -169,7 +176,10 @@ def main(argv=None) -> int:
           f"{np.concatenate([d['probe_alone_right'] for d in folds]).mean():.2%}")
     out = {"emails": n, "folds": len(folds), "k": a.k, "runs": a.runs, "rules": table}
     if a.compare:
-        out["compare"] = compare(a.runs, a.compare, folds, configuration(a.compare, a.k, a.device), rules)
+        other = configuration(a.compare, a.k, a.device)
+        if any(not np.array_equal(f["gold"], g["gold"]) for f, g in zip(folds, other)):
+            raise SystemExit("--compare: its runs' held-out emails differ from --runs' (another dataset or data file)")
+        out["compare"] = compare(right, other, rules, f"{a.compare[0]}.. against {a.runs[0]}..")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0
