@@ -1,12 +1,13 @@
 """Stage 1: fine-tune the bi-encoder with MultipleNegativesRankingLoss (anchor = email, positive =
-label text), then build the exemplar-aware FAISS label index (descriptions + training emails)."""
+label text, or another email of its label), then build the exemplar-aware FAISS label index
+(descriptions + training emails)."""
 
 import tempfile
 
 import numpy as np
 from datasets import Dataset
 from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-from sentence_transformers.base.sampler import BatchSamplers
+from sentence_transformers.base.sampler import BatchSamplers, DefaultBatchSampler
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
 from mailroute.label_index import CardSpec, LabelIndex, LabelScoring
@@ -14,9 +15,79 @@ from mailroute.taxonomy import Taxonomy
 from training.models import drop_autocast_wrapper
 
 
-def mnr_dataset(examples: list, taxonomy: Taxonomy) -> Dataset:
+# What the MNR positive of an email is: its label's text; another training email of its label (what the
+# exemplar-aware index compares an unseen email with); or one row of each.
+BI_POSITIVES = ("description", "exemplar", "both")
+
+
+def mnr_dataset(examples: list, taxonomy: Taxonomy, positives: str = "description", seed: int = 0) -> Dataset:
+    """(anchor, positive) rows for MultipleNegativesRankingLoss.
+
+    "description": the label text (every row of a label shares it, so NO_DUPLICATES batching keeps
+    two rows of one label apart). "exemplar" / "both": the rows also carry a "label" column, which
+    LabelDisjointBatchSampler reads (the loss ignores it); an email's exemplar positive is the next
+    email of its label in a seeded shuffle of that label's emails (never itself: a label's emails form
+    one cycle), or its label text when it is the label's only email."""
+    if positives not in BI_POSITIVES:
+        raise ValueError(f"bi-encoder positives must be one of {', '.join(BI_POSITIVES)}; got {positives!r}")
     texts = taxonomy.texts
-    return Dataset.from_dict({"anchor": [e.text for e in examples], "positive": [texts[taxonomy.index(e.label)] for e in examples]})
+    labels = [taxonomy.index(e.label) for e in examples]
+    if positives == "description":
+        return Dataset.from_dict({"anchor": [e.text for e in examples], "positive": [texts[y] for y in labels]})
+    rng = np.random.default_rng(seed)
+    partner = np.full(len(examples), -1)
+    for lab in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(np.asarray(labels) == lab))
+        if len(rows) > 1:
+            partner[rows] = np.roll(rows, -1)
+    rows = {"anchor": [], "positive": [], "label": []}
+    for i, (e, y) in enumerate(zip(examples, labels)):
+        positive_texts = [texts[y]] if positives == "both" or partner[i] < 0 else []
+        if partner[i] >= 0:
+            positive_texts.append(examples[partner[i]].text)
+        for text in positive_texts:
+            rows["anchor"].append(e.text)
+            rows["positive"].append(text)
+            rows["label"].append(y)
+    return Dataset.from_dict(rows)
+
+
+class LabelDisjointBatchSampler(DefaultBatchSampler):
+    """Batches in which no two rows share a label, so every other row's positive is a true negative for
+    MNR (sentence-transformers' NO_DUPLICATES compares texts, and two emails of one label differ).
+    Greedy over a seeded shuffle per epoch; the last batches are smaller when a few large labels are
+    left. Reads the first of valid_label_columns in the dataset."""
+
+    def __init__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns: list = None, generator=None, seed: int = 0):
+        super().__init__(dataset, batch_size=batch_size, drop_last=drop_last, valid_label_columns=valid_label_columns,
+                         generator=generator, seed=seed)
+        column = next((c for c in (valid_label_columns or []) if c in dataset.column_names), None)
+        if column is None:
+            raise ValueError(f"LabelDisjointBatchSampler needs one of the label columns {valid_label_columns} in the dataset "
+                             f"(it has {dataset.column_names})")
+        self.labels = np.asarray(dataset[column])
+
+    def _batches(self) -> list:
+        import torch
+
+        g = torch.Generator().manual_seed(int(self.seed) + int(getattr(self, "epoch", 0)))
+        left = torch.randperm(len(self.labels), generator=g).numpy()
+        batches = []
+        while len(left):
+            # the first row of each label in `left`, in shuffled order, up to batch_size of them
+            _, first = np.unique(self.labels[left], return_index=True)
+            take = np.sort(first)[:self.batch_size]
+            batches.append(left[take].tolist())
+            left = np.delete(left, take)
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches
+
+    def __iter__(self):
+        yield from self._batches()
+
+    def __len__(self) -> int:
+        return len(self._batches())
 
 
 def trainer_device_args(device: str) -> dict:
@@ -29,19 +100,22 @@ def trainer_device_args(device: str) -> dict:
 
 
 def train_bi_encoder(model, examples: list, taxonomy: Taxonomy, epochs: float, batch_size: int, lr: float, seed: int,
-                     device: str = "cpu"):
-    """In-batch negatives without false negatives: every row of a label has the same positive text,
-    so the NO_DUPLICATES sampler never puts two rows of one label in a batch (which also caps the
-    batch at the number of labels)."""
+                     device: str = "cpu", positives: str = "description"):
+    """In-batch negatives without false negatives: no batch holds two rows of one label (which also
+    caps the batch at the number of labels). With label-text positives every row of a label has the
+    same positive, so sentence-transformers' NO_DUPLICATES sampler does it; with email positives
+    LabelDisjointBatchSampler does."""
     batch_size = min(batch_size, len(taxonomy))
+    dataset = mnr_dataset(examples, taxonomy, positives, seed)
+    sampler = BatchSamplers.NO_DUPLICATES if positives == "description" else LabelDisjointBatchSampler
     with tempfile.TemporaryDirectory(prefix="mailroute-bi-") as tmp:
         args = SentenceTransformerTrainingArguments(
             output_dir=tmp, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
-            learning_rate=lr, warmup_steps=0.1, batch_sampler=BatchSamplers.NO_DUPLICATES, seed=seed, data_seed=seed,
+            learning_rate=lr, warmup_steps=0.1, batch_sampler=sampler, seed=seed, data_seed=seed,
             save_strategy="no", logging_steps=50, report_to="none", dataloader_num_workers=0, **trainer_device_args(device),
         )
         loss = MultipleNegativesRankingLoss(model)  # scale 20, cosine similarity: the standard recipe
-        SentenceTransformerTrainer(model=model, args=args, train_dataset=mnr_dataset(examples, taxonomy), loss=loss).train()
+        SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()
     drop_autocast_wrapper(model)
     return model
 

@@ -23,6 +23,7 @@ class TrainConfig:
     bi_epochs: float = 2.0  # bi-encoder MNR epochs
     bi_batch_size: int = 64  # MNR batch (capped at the number of labels: no two rows of a label per batch)
     bi_lr: float = 5e-5  # bi-encoder learning rate
+    bi_positives: str = "description"  # MNR positive of an email: description (its label text) | exemplar (another email of its label) | both
     device: str = "auto"  # auto (CUDA when PyTorch sees a GPU) | cpu | cuda; bf16/fp16 autocast on a GPU
     descriptions_only: bool = False  # label index of descriptions only (no training emails as exemplars), as before
     max_exemplars_per_label: int = 0  # >0: k-means medoids stand in for a label's emails beyond this many

@@ -56,6 +56,8 @@ def run(cfg: TrainConfig) -> dict:
     device = resolve_device(cfg.device)
     if cfg.ce_init not in ("base", "bi_encoder"):  # settings are checked before any work
         raise BadSetting(f"--ce-init must be 'base' or 'bi_encoder', got {cfg.ce_init!r}")
+    if cfg.bi_positives not in bi.BI_POSITIVES:
+        raise BadSetting(f"--bi-positives must be one of {', '.join(bi.BI_POSITIVES)}, got {cfg.bi_positives!r}")
     cfg.gate_target()  # refuses a bad gate tolerance or rerank budget now, not after an hour of training
     cfg.card_spec()  # and a bad label card format
     times, t = {}, time.perf_counter()
@@ -75,8 +77,8 @@ def run(cfg: TrainConfig) -> dict:
     aniso_before = bi.anisotropy(model, [e.text for e in test])
 
     # 3. MNR fine-tuning, in-batch negatives without false negatives
-    print(f"[3/9] bi-encoder: MNR, {cfg.bi_epochs} epoch(s)")
-    bi.train_bi_encoder(model, train, tax, cfg.bi_epochs, cfg.bi_batch_size, cfg.bi_lr, cfg.seed, device)
+    print(f"[3/9] bi-encoder: MNR, {cfg.bi_epochs} epoch(s), positives: {cfg.bi_positives}")
+    bi.train_bi_encoder(model, train, tax, cfg.bi_epochs, cfg.bi_batch_size, cfg.bi_lr, cfg.seed, device, cfg.bi_positives)
     aniso_after = bi.anisotropy(model, [e.text for e in test])
     times["bi_encoder_s"] = time.perf_counter() - t
 
@@ -104,7 +106,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.oof_folds >= 2 and (not cfg.descriptions_only):
         def train_fold_encoder(rest):
             m = load_bi_encoder(cfg.base or None, device=device)
-            return bi.train_bi_encoder(m, rest, tax, cfg.bi_epochs, cfg.bi_batch_size, cfg.bi_lr, cfg.seed, device)
+            return bi.train_bi_encoder(m, rest, tax, cfg.bi_epochs, cfg.bi_batch_size, cfg.bi_lr, cfg.seed, device, cfg.bi_positives)
 
         def build_fold_index(m, rest):
             return bi.build_label_index(m, tax, "fold", rest, scoring=index.scoring, max_exemplars_per_label=cfg.max_exemplars_per_label, seed=cfg.seed)
