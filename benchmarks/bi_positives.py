@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--test-limit", type=int, default=0, help=">0: at most this many test emails")
     ap.add_argument("--seed", type=int, default=None, help="default: mailroute train's")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto", help="training arithmetic, as `mailroute train --precision`")
     ap.add_argument("--save", help="folder to save each trained bi-encoder in (one subfolder a variant)")
     ap.add_argument("--json", help="write the results here as JSON too")
     a = ap.parse_args(argv)
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     from training import bi_encoder as bi
     from training.config import TrainConfig
     from training.data import splits_of
-    from training.models import load_bi_encoder, resolve_device
+    from training.models import autocast_dtype, load_bi_encoder, resolve_device
     from training.run import seed_everything
 
     variants = []
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
                       **({"seed": a.seed} if a.seed is not None else {}))
     device = resolve_device(a.device)
     tax, train, val, test = splits_of(cfg)
-    print(f"{len(tax)} labels, {len(train)} train, {len(val)} validation, {len(test)} test; device {device}", flush=True)
+    print(f"{len(tax)} labels, {len(train)} train, {len(val)} validation, {len(test)} test; device {device}, training "
+          f"autocast {autocast_dtype(device, a.precision) or 'off (fp32)'}", flush=True)
     results = []
     if a.reference_run:
         t = time.perf_counter()
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
         seed_everything(cfg.seed)
         t = time.perf_counter()
         model = load_bi_encoder(cfg.base or None, device=device)
-        bi.train_bi_encoder(model, train, tax, epochs, cfg.bi_batch_size, cfg.bi_lr, cfg.seed, device, positives)
+        bi.train_bi_encoder(model, train, tax, epochs, cfg.bi_batch_size, cfg.bi_lr, cfg.seed, device, positives, a.precision)
         train_s = time.perf_counter() - t
         if a.save:
             model.save(str(Path(a.save) / f"{positives}-{epochs:g}"))

@@ -202,6 +202,51 @@ def test_cuda_flag_falls_back_to_cpu_with_a_clear_message(monkeypatch):
         resolve_device("tpu")
 
 
+def test_training_precision_follows_the_hardware_and_the_flag(monkeypatch):
+    import torch
+
+    from training.models import autocast_dtype, trainer_precision_args
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert autocast_dtype("cpu") == torch.bfloat16  # a CPU with bf16 units: bf16 autocast
+    assert trainer_precision_args("cpu") == {"use_cpu": True, "bf16": True, "fp16": False}
+    assert autocast_dtype("cpu", "fp32") is None and trainer_precision_args("cpu", "fp32")["bf16"] is False
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert autocast_dtype("cpu") is None  # without them fp32 (bf16 would be emulated, slower)
+    assert autocast_dtype("cpu", "bf16") == torch.bfloat16  # unless asked for
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert autocast_dtype("cuda") == torch.float16 and trainer_precision_args("cuda")["fp16"] is True
+    with pytest.raises(ValueError, match="precision must be one of"):
+        autocast_dtype("cpu", "int8")
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", "bfloat16"), ("fp32", "float32")])
+def test_training_runs_in_the_precision_asked_for_and_leaves_fp32_weights(tiny_models, demo, precision, dtype):
+    import copy
+
+    import torch
+
+    from training.bi_encoder import train_bi_encoder
+    from training.flat_baseline import train_flat
+
+    bi = copy.deepcopy(tiny_models[0])
+    seen = set()
+    linear = next(m for m in bi.modules() if isinstance(m, torch.nn.Linear))
+    hook = linear.register_forward_hook(lambda mod, i, o: seen.add(str(o.dtype)))
+    train_bi_encoder(bi, demo.train[:64], demo.taxonomy, epochs=1, batch_size=16, lr=1e-4, seed=0, precision=precision)
+    flat, _ = train_flat(bi, demo.train[:32], demo.taxonomy, epochs=1, batch_size=16, lr=1e-4, seed=0, precision=precision)
+    hook.remove()
+    assert seen == {f"torch.{dtype}"}  # every training forward, both trainers
+    assert {p.dtype for p in bi.parameters()} == {torch.float32}
+    with torch.no_grad():  # and after training, encoding is fp32 again (as serving is)
+        seen.clear()
+        hook = linear.register_forward_hook(lambda mod, i, o: seen.add(str(o.dtype)))
+        bi.encode(["where is my card"])
+        hook.remove()
+    assert seen == {"torch.float32"}
+
+
 def test_sweep_configurations_parse_and_bad_ones_are_named():
     from training.sweep import parse_config
 

@@ -293,3 +293,15 @@ def test_training_refuses_clearly_when_every_training_email_is_on_a_label_card()
     with pytest.raises(BadSetting, match="every one of the 4 training emails is shown on a label card.*--card-examples"):
         _training_rows(TrainConfig(card_examples=2), index, train, np.zeros((4, 3)), np.zeros((4, 2), int), None,
                        {e.text for e in train}, np.full(4, -1))
+
+
+@pytest.mark.parametrize("setting, message", [({"bi_positives": "emails"}, "--bi-positives must be one of"),
+                                              ({"precision": "int8"}, "--precision must be one of")])
+def test_bad_training_settings_are_refused_before_any_work(tmp_path, setting, message):
+    from mailroute.settings import BadSetting
+    from training.config import TrainConfig
+    from training.run import run
+
+    with pytest.raises(BadSetting, match=message):
+        run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), **setting))
+    assert not (tmp_path / "run").exists()  # nothing written

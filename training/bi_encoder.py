@@ -12,7 +12,7 @@ from sentence_transformers.sentence_transformer.losses import MultipleNegativesR
 
 from mailroute.label_index import CardSpec, LabelIndex, LabelScoring
 from mailroute.taxonomy import Taxonomy
-from training.models import drop_autocast_wrapper
+from training.models import drop_autocast_wrapper, trainer_precision_args
 
 
 # What the MNR positive of an email is: its label's text; another training email of its label (what the
@@ -90,17 +90,8 @@ class LabelDisjointBatchSampler(DefaultBatchSampler):
         return len(self._batches())
 
 
-def trainer_device_args(device: str) -> dict:
-    """TrainingArguments for the device: bf16 autocast on a GPU that supports it (else fp16), fp32 on CPU."""
-    if device != "cuda":
-        return {"use_cpu": True}
-    import torch
-
-    return {"use_cpu": False, "bf16": torch.cuda.is_bf16_supported(), "fp16": not torch.cuda.is_bf16_supported()}
-
-
 def train_bi_encoder(model, examples: list, taxonomy: Taxonomy, epochs: float, batch_size: int, lr: float, seed: int,
-                     device: str = "cpu", positives: str = "description"):
+                     device: str = "cpu", positives: str = "description", precision: str = "auto"):
     """In-batch negatives without false negatives: no batch holds two rows of one label (which also
     caps the batch at the number of labels). With label-text positives every row of a label has the
     same positive, so sentence-transformers' NO_DUPLICATES sampler does it; with email positives
@@ -112,7 +103,7 @@ def train_bi_encoder(model, examples: list, taxonomy: Taxonomy, epochs: float, b
         args = SentenceTransformerTrainingArguments(
             output_dir=tmp, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
             learning_rate=lr, warmup_steps=0.1, batch_sampler=sampler, seed=seed, data_seed=seed,
-            save_strategy="no", logging_steps=50, report_to="none", dataloader_num_workers=0, **trainer_device_args(device),
+            save_strategy="no", logging_steps=50, report_to="none", dataloader_num_workers=0, **trainer_precision_args(device, precision),
         )
         loss = MultipleNegativesRankingLoss(model)  # scale 20, cosine similarity: the standard recipe
         SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()

@@ -24,7 +24,8 @@ class TrainConfig:
     bi_batch_size: int = 64  # MNR batch (capped at the number of labels: no two rows of a label per batch)
     bi_lr: float = 5e-5  # bi-encoder learning rate
     bi_positives: str = "description"  # MNR positive of an email: description (its label text) | exemplar (another email of its label) | both
-    device: str = "auto"  # auto (CUDA when PyTorch sees a GPU) | cpu | cuda; bf16/fp16 autocast on a GPU
+    device: str = "auto"  # auto (CUDA when PyTorch sees a GPU) | cpu | cuda
+    precision: str = "auto"  # training arithmetic: auto (bf16 autocast where the GPU or CPU has bf16 units, fp16 on an older GPU) | bf16 | fp32
     descriptions_only: bool = False  # label index of descriptions only (no training emails as exemplars), as before
     max_exemplars_per_label: int = 0  # >0: k-means medoids stand in for a label's emails beyond this many
     top_n_grid: str = "1,3,5,10"  # label score = mean of the top-n exemplar cosines: n chosen on validation from these

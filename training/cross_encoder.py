@@ -9,20 +9,19 @@ from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncode
 from transformers import TrainerCallback
 
 from mailroute.rerank_policy import RerankPolicy
-from training.bi_encoder import trainer_device_args
-from training.models import drop_autocast_wrapper
+from training.models import drop_autocast_wrapper, trainer_precision_args
 from training.listwise_loss import ListwiseSoftmaxCrossEntropyLoss
 
 
 def train_cross_encoder(model, rows: dict, epochs: float, batch_size: int, lr: float, seed: int, policy: RerankPolicy = None,
-                        device: str = "cpu", callbacks: list = None):
+                        device: str = "cpu", callbacks: list = None, precision: str = "auto"):
     """batch_size counts emails; each brings its K pairs. callbacks: transformers TrainerCallbacks
     (the run uses one to evaluate on validation after every epoch)."""
     with tempfile.TemporaryDirectory(prefix="mailroute-ce-") as tmp:
         args = CrossEncoderTrainingArguments(
             output_dir=tmp, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
             learning_rate=lr, warmup_steps=0.1, seed=seed, data_seed=seed, save_strategy="no", logging_steps=50,
-            report_to="none", dataloader_num_workers=0, **trainer_device_args(device),
+            report_to="none", dataloader_num_workers=0, **trainer_precision_args(device, precision),
         )
         loss = ListwiseSoftmaxCrossEntropyLoss(model, policy=policy)
         CrossEncoderTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows), loss=loss, callbacks=callbacks).train()

@@ -10,6 +10,8 @@ from sentence_transformers.util import batch_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
+from training.models import autocast_dtype
+
 
 class FlatClassifier(nn.Module):
     def __init__(self, encoder, n_labels: int):
@@ -24,7 +26,7 @@ class FlatClassifier(nn.Module):
 
 
 def train_flat(encoder, examples: list, taxonomy, epochs: int, batch_size: int, lr: float, seed: int, val: list = (),
-               device: str = "cpu") -> tuple:
+               device: str = "cpu", precision: str = "auto") -> tuple:
     """-> (model, validation accuracy after each epoch). With validation emails, the epoch with the best
     validation accuracy is kept (the same early stopping the two-stage system gets)."""
     torch.manual_seed(seed)
@@ -37,7 +39,8 @@ def train_flat(encoder, examples: list, taxonomy, epochs: int, batch_size: int, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps))
     model.train()
     val_acc, best = [], None
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    dtype = autocast_dtype(device, precision)
+    amp = torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None)
     with tqdm(total=steps, desc="flat baseline") as bar:
         for _ in range(epochs):
             rng.shuffle(order)

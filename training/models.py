@@ -20,6 +20,32 @@ def base_model_dir() -> Path:
 
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp32")  # of training arithmetic; weights, inference and export stay fp32
+
+
+def cpu_does_bf16() -> bool:
+    """A CPU with native bf16 matrix units (AVX512-BF16 or AMX), where oneDNN runs bf16 autocast faster
+    than fp32 (about 1.8x per cross-encoder step on the 2-core EPYC of this workplace)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def autocast_dtype(device: str, precision: str = "auto"):
+    """The dtype training autocasts to (None: plain fp32). auto: bf16 where the hardware has it (a CUDA
+    GPU with bf16, a CPU with bf16 units), fp16 on an older GPU, else fp32."""
+    if precision not in PRECISIONS:
+        raise BadSetting(f"--precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return None
+    if device == "cuda":
+        return torch.bfloat16 if (precision == "bf16" or torch.cuda.is_bf16_supported()) else torch.float16
+    return torch.bfloat16 if (precision == "bf16" or cpu_does_bf16()) else None
+
+
+def trainer_precision_args(device: str, precision: str = "auto") -> dict:
+    """TrainingArguments for the device and the autocast dtype of `autocast_dtype`."""
+    dtype = autocast_dtype(device, precision)
+    return {"use_cpu": device != "cuda", "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
 
 def resolve_device(name: str = "auto") -> str:

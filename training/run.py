@@ -22,7 +22,7 @@ from training.data import splits_of
 from training.evaluate import choose_scoring, collect, fit_policy, predict, recall_at, system_metrics, top_confusions, variants
 from training.flat_baseline import predict_flat, train_flat
 from training.mining import exemplar_rows, listwise_rows, mine_candidates, mine_out_of_fold
-from training.models import load_bi_encoder, load_cross_encoder, resolve_device
+from training.models import autocast_dtype, load_bi_encoder, load_cross_encoder, resolve_device
 from training.reference import classifier_from_models
 from training.report import write_report
 
@@ -58,6 +58,7 @@ def run(cfg: TrainConfig) -> dict:
         raise BadSetting(f"--ce-init must be 'base' or 'bi_encoder', got {cfg.ce_init!r}")
     if cfg.bi_positives not in bi.BI_POSITIVES:
         raise BadSetting(f"--bi-positives must be one of {', '.join(bi.BI_POSITIVES)}, got {cfg.bi_positives!r}")
+    amp = autocast_dtype(device, cfg.precision)  # refuses a bad --precision
     cfg.gate_target()  # refuses a bad gate tolerance or rerank budget now, not after an hour of training
     cfg.card_spec()  # and a bad label card format
     times, t = {}, time.perf_counter()
@@ -70,7 +71,8 @@ def run(cfg: TrainConfig) -> dict:
     out.root.mkdir(parents=True, exist_ok=True)
     out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     held = f" (fold {cfg.holdout_fold} of the training emails held out)" if cfg.holdout_fold else ""
-    print(f"[1/9] data: {len(tax)} labels, {len(train)} train{held}, {len(val)} validation, {len(test)} test; device {device}")
+    print(f"[1/9] data: {len(tax)} labels, {len(train)} train{held}, {len(val)} validation, {len(test)} test; device {device}, "
+          f"training autocast {str(amp).removeprefix('torch.') if amp else 'off (fp32)'}")
 
     # 2. bi-encoder from the base weights; anisotropy before training
     model = load_bi_encoder(cfg.base or None, device=device)
@@ -78,7 +80,7 @@ def run(cfg: TrainConfig) -> dict:
 
     # 3. MNR fine-tuning, in-batch negatives without false negatives
     print(f"[3/9] bi-encoder: MNR, {cfg.bi_epochs} epoch(s), positives: {cfg.bi_positives}")
-    bi.train_bi_encoder(model, train, tax, cfg.bi_epochs, cfg.bi_batch_size, cfg.bi_lr, cfg.seed, device, cfg.bi_positives)
+    bi.train_bi_encoder(model, train, tax, cfg.bi_epochs, cfg.bi_batch_size, cfg.bi_lr, cfg.seed, device, cfg.bi_positives, cfg.precision)
     aniso_after = bi.anisotropy(model, [e.text for e in test])
     times["bi_encoder_s"] = time.perf_counter() - t
 
@@ -106,7 +108,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.oof_folds >= 2 and (not cfg.descriptions_only):
         def train_fold_encoder(rest):
             m = load_bi_encoder(cfg.base or None, device=device)
-            return bi.train_bi_encoder(m, rest, tax, cfg.bi_epochs, cfg.bi_batch_size, cfg.bi_lr, cfg.seed, device, cfg.bi_positives)
+            return bi.train_bi_encoder(m, rest, tax, cfg.bi_epochs, cfg.bi_batch_size, cfg.bi_lr, cfg.seed, device, cfg.bi_positives, cfg.precision)
 
         def build_fold_index(m, rest):
             return bi.build_label_index(m, tax, "fold", rest, scoring=index.scoring, max_exemplars_per_label=cfg.max_exemplars_per_label, seed=cfg.seed)
@@ -133,7 +135,8 @@ def run(cfg: TrainConfig) -> dict:
         keep_best = KeepBestEpoch(cross, listwise_rows(val, cand_val, index, cfg.seed, scores_val if cfg.train_retrieval_weight else None,
                                                        x=x_val))
     train_cross_encoder(cross, rows, cfg.ce_epochs, cfg.ce_batch_size, cfg.ce_lr, cfg.seed,
-                        RerankPolicy(retrieval_weight=cfg.train_retrieval_weight), device, callbacks=[keep_best] if keep_best else None)
+                        RerankPolicy(retrieval_weight=cfg.train_retrieval_weight), device, callbacks=[keep_best] if keep_best else None,
+                        precision=cfg.precision)
     ce_history = keep_best.restore() if keep_best else []
     cross.save(str(out.cross_encoder))
     times["cross_encoder_s"] = time.perf_counter() - t
@@ -142,7 +145,8 @@ def run(cfg: TrainConfig) -> dict:
     #    temperature, gate) is fitted on validation, then test is measured once with it
     t = time.perf_counter()
     metrics = {"dataset": tax.name, "labels": len(tax), "n_train": len(train), "n_validation": len(val), "n_test": len(test),
-               "device": device, "label_scoring_validation": scoring_table, "cross_encoder_validation_by_epoch": ce_history,
+               "device": device, "training_autocast": str(amp).removeprefix("torch.") if amp else None,
+               "label_scoring_validation": scoring_table, "cross_encoder_validation_by_epoch": ce_history,
                "mining": {"how": how, "gold_retrieved_train": gold_retrieved, "gold_in_rows": gold_mined, "rows": len(rows["query"])},
                "anisotropy": {"before": aniso_before, "after": aniso_after}}
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(tax)))
@@ -156,7 +160,7 @@ def run(cfg: TrainConfig) -> dict:
     if not cfg.skip_baseline:
         t = time.perf_counter()
         flat, flat_val = train_flat(load_bi_encoder(cfg.base or None, device=device), train, tax, cfg.flat_epochs, cfg.flat_batch_size,
-                                    cfg.flat_lr, cfg.seed, val=val, device=device)
+                                    cfg.flat_lr, cfg.seed, val=val, device=device, precision=cfg.precision)
         probs = predict_flat(flat, [e.text for e in test])
         flat_pred, flat_conf = [tax.names[i] for i in probs.argmax(1)], probs.max(1)
         metrics["flat_baseline"] = system_metrics(ev.gold, flat_pred, flat_conf, tax.names) | {
@@ -292,7 +296,7 @@ def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device
     lr = ce_lr or cfg.ce_lr
     print(f"resume: cross-encoder +{ce_epochs} epoch(s) at lr {lr} from {src.cross_encoder}")
     train_cross_encoder(cross, rows, ce_epochs, cfg.ce_batch_size, lr, cfg.seed, RerankPolicy(retrieval_weight=cfg.train_retrieval_weight),
-                        device, callbacks=[keep_best])
+                        device, callbacks=[keep_best], precision=cfg.precision)
     history = keep_best.restore()
     ce_s = time.perf_counter() - t
     out.root.mkdir(parents=True)
@@ -346,7 +350,7 @@ def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: s
     t = time.perf_counter()
     print(f"baseline: flat softmax, {cfg.flat_epochs} epoch(s) at lr {cfg.flat_lr}, best epoch on validation")
     flat, flat_val = train_flat(load_bi_encoder(cfg.base or None, device=device), train, tax, cfg.flat_epochs, cfg.flat_batch_size,
-                                cfg.flat_lr, cfg.seed, val=val, device=device)
+                                cfg.flat_lr, cfg.seed, val=val, device=device, precision=cfg.precision)
     probs = predict_flat(flat, [e.text for e in test])
     flat_pred, flat_conf = [tax.names[i] for i in probs.argmax(1)], probs.max(1)
     metrics = json.loads(out.metrics.read_text())
