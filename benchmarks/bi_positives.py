@@ -77,12 +77,24 @@ def main(argv=None) -> int:
     variants = []
     for v in a.variants:
         positives, _, epochs = v.partition(":")
-        if positives not in bi.BI_POSITIVES or not epochs:
-            ap.error(f"--variants: {v!r} is not POSITIVES:EPOCHS with POSITIVES one of {', '.join(bi.BI_POSITIVES)}")
-        variants.append((positives, float(epochs)))
+        try:
+            epochs = float(epochs)
+        except ValueError:
+            epochs = 0.0
+        if positives not in bi.BI_POSITIVES or epochs <= 0:
+            ap.error(f"--variants: {v!r} is not POSITIVES:EPOCHS with POSITIVES one of {', '.join(bi.BI_POSITIVES)} and EPOCHS > 0")
+        variants.append((positives, epochs))
     cfg = TrainConfig(dataset=a.dataset, sample_per_label=a.sample_per_label, test_limit=a.test_limit,
                       **({"seed": a.seed} if a.seed is not None else {}))
     device = resolve_device(a.device)
+    if a.reference_run:  # its bi-encoder must not have seen these validation or test emails
+        from mailroute.run_layout import RunFolder
+
+        ref = json.loads(RunFolder(a.reference_run).config.read_text())
+        split = ("dataset", "seed", "validation_fraction", "sample_per_label", "holdout_fold", "taxonomy", "train", "banking77")
+        differ = [k for k in split if ref.get(k, getattr(cfg, k)) != getattr(cfg, k)]
+        if differ:
+            ap.error(f"--reference-run {a.reference_run} was trained on another split ({', '.join(differ)} differ)")
     tax, train, val, test = splits_of(cfg)
     print(f"{len(tax)} labels, {len(train)} train, {len(val)} validation, {len(test)} test; device {device}, training "
           f"autocast {autocast_dtype(device, a.precision) or 'off (fp32)'}", flush=True)

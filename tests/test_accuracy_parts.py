@@ -217,6 +217,8 @@ def test_training_precision_follows_the_hardware_and_the_flag(monkeypatch):
     assert autocast_dtype("cpu", "bf16") == torch.bfloat16  # unless asked for
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert autocast_dtype("cuda") == torch.float16 and trainer_precision_args("cuda")["fp16"] is True
+    with pytest.raises(ValueError, match="this GPU has no bf16"):
+        autocast_dtype("cuda", "bf16")
     with pytest.raises(ValueError, match="precision must be one of"):
         autocast_dtype("cpu", "int8")
 

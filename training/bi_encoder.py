@@ -55,8 +55,14 @@ def mnr_dataset(examples: list, taxonomy: Taxonomy, positives: str = "descriptio
 class LabelDisjointBatchSampler(DefaultBatchSampler):
     """Batches in which no two rows share a label, so every other row's positive is a true negative for
     MNR (sentence-transformers' NO_DUPLICATES compares texts, and two emails of one label differ).
-    Greedy over a seeded shuffle per epoch; the last batches are smaller when a few large labels are
-    left. Reads the first of valid_label_columns in the dataset."""
+
+    The number of batches is fixed, B = max(ceil(rows / batch_size), rows of the largest label), so
+    the learning-rate schedule the trainer plans from len() holds every epoch; each label's rows are
+    spread evenly over the B batches from a random offset (a label never meets itself: it has at most
+    B rows), which keeps the batches about equal instead of leaving a tail of one-label batches that
+    have no negatives. A batch over batch_size hands rows to batches with room and without their
+    label. Seeded per epoch. Reads the first of valid_label_columns in the dataset; drop_last has
+    nothing to drop (no batch is a remainder)."""
 
     def __init__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns: list = None, generator=None, seed: int = 0):
         super().__init__(dataset, batch_size=batch_size, drop_last=drop_last, valid_label_columns=valid_label_columns,
@@ -66,28 +72,32 @@ class LabelDisjointBatchSampler(DefaultBatchSampler):
             raise ValueError(f"LabelDisjointBatchSampler needs one of the label columns {valid_label_columns} in the dataset "
                              f"(it has {dataset.column_names})")
         self.labels = np.asarray(dataset[column])
+        _, counts = np.unique(self.labels, return_counts=True)
+        self.n_batches = max(-(-len(self.labels) // batch_size), int(counts.max(initial=0)))
 
     def _batches(self) -> list:
-        import torch
-
-        g = torch.Generator().manual_seed(int(self.seed) + int(getattr(self, "epoch", 0)))
-        left = torch.randperm(len(self.labels), generator=g).numpy()
-        batches = []
-        while len(left):
-            # the first row of each label in `left`, in shuffled order, up to batch_size of them
-            _, first = np.unique(self.labels[left], return_index=True)
-            take = np.sort(first)[:self.batch_size]
-            batches.append(left[take].tolist())
-            left = np.delete(left, take)
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
-        return batches
+        rng = np.random.default_rng(int(self.seed) + int(getattr(self, "epoch", 0)))
+        B = self.n_batches
+        batches = [[] for _ in range(B)]
+        for lab in rng.permutation(np.unique(self.labels)):
+            rows = rng.permutation(np.flatnonzero(self.labels == lab))
+            offset = int(rng.integers(B))
+            for j, row in enumerate(rows):
+                batches[(offset + j * B // len(rows)) % B].append(int(row))
+        for batch in batches:  # the rare batch over the size gives rows to batches with room, never two of a label
+            while len(batch) > self.batch_size:
+                row = batch[-1]
+                room = next((b for b in batches if len(b) < self.batch_size and self.labels[row] not in self.labels[b]), None)
+                if room is None:
+                    break
+                room.append(batch.pop())
+        return [rng.permutation(batches[i]).tolist() for i in rng.permutation(B) if batches[i]]
 
     def __iter__(self):
         yield from self._batches()
 
     def __len__(self) -> int:
-        return len(self._batches())
+        return self.n_batches
 
 
 def train_bi_encoder(model, examples: list, taxonomy: Taxonomy, epochs: float, batch_size: int, lr: float, seed: int,

@@ -41,6 +41,7 @@ def train_flat(encoder, examples: list, taxonomy, epochs: int, batch_size: int, 
     val_acc, best = [], None
     dtype = autocast_dtype(device, precision)
     amp = torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None)
+    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)  # fp16 gradients underflow unscaled
     with tqdm(total=steps, desc="flat baseline") as bar:
         for _ in range(epochs):
             rng.shuffle(order)
@@ -50,8 +51,9 @@ def train_flat(encoder, examples: list, taxonomy, epochs: int, batch_size: int, 
                     logits = model([examples[i].text for i in idx]).float()  # (batch, labels)
                 loss = nn.functional.cross_entropy(logits, torch.tensor([y[i] for i in idx], device=logits.device))
                 opt.zero_grad()
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
