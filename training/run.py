@@ -59,6 +59,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.bi_positives not in bi.BI_POSITIVES:
         raise BadSetting(f"--bi-positives must be one of {', '.join(bi.BI_POSITIVES)}, got {cfg.bi_positives!r}")
     amp = autocast_dtype(device, cfg.precision)  # refuses a bad --precision
+    autocast_name = str(amp).removeprefix("torch.") if amp else None
     cfg.gate_target()  # refuses a bad gate tolerance or rerank budget now, not after an hour of training
     cfg.card_spec()  # and a bad label card format
     times, t = {}, time.perf_counter()
@@ -72,7 +73,7 @@ def run(cfg: TrainConfig) -> dict:
     out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     held = f" (fold {cfg.holdout_fold} of the training emails held out)" if cfg.holdout_fold else ""
     print(f"[1/9] data: {len(tax)} labels, {len(train)} train{held}, {len(val)} validation, {len(test)} test; device {device}, "
-          f"training autocast {str(amp).removeprefix('torch.') if amp else 'off (fp32)'}")
+          f"training autocast {autocast_name or 'off (fp32)'}")
 
     # 2. bi-encoder from the base weights; anisotropy before training
     model = load_bi_encoder(cfg.base or None, device=device)
@@ -145,7 +146,7 @@ def run(cfg: TrainConfig) -> dict:
     #    temperature, gate) is fitted on validation, then test is measured once with it
     t = time.perf_counter()
     metrics = {"dataset": tax.name, "labels": len(tax), "n_train": len(train), "n_validation": len(val), "n_test": len(test),
-               "device": device, "training_autocast": str(amp).removeprefix("torch.") if amp else None,
+               "device": device, "training_autocast": autocast_name,
                "label_scoring_validation": scoring_table, "cross_encoder_validation_by_epoch": ce_history,
                "mining": {"how": how, "gold_retrieved_train": gold_retrieved, "gold_in_rows": gold_mined, "rows": len(rows["query"])},
                "anisotropy": {"before": aniso_before, "after": aniso_after}}
