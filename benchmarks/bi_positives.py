@@ -13,7 +13,13 @@ retrieval on validation (the choice) and test (shown, never used):
 
 A variant is POSITIVES:EPOCHS ("both" has two rows an email, so 1 epoch of it costs what 2 of the others do).
 --reference-run RUN adds the bi-encoder of a trained run (as trained by `mailroute train`), evaluated the
-same way, instead of training the description variant again. Each variant is compared with the first on
+same way, instead of training the description variant again; --saved NAME=FOLDER adds a bi-encoder saved
+by an earlier --save (no training), so runs of several sessions can be paired afterwards:
+
+    python -m benchmarks.bi_positives --variants --saved description:2=runs/bi/description-2 \
+        description:4=runs/bi/description-4
+
+Order: the reference run, the saved encoders, then the trained variants. Each is compared with the first on
 the same validation emails (paired bootstrap, McNemar).
 """
 
@@ -56,8 +62,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--dataset", default="banking77", help="as `mailroute train --dataset` (the same split: --seed, 10%% validation)")
-    ap.add_argument("--variants", nargs="+", default=["description:2", "exemplar:2", "both:1"],
-                    help="POSITIVES:EPOCHS, POSITIVES one of description, exemplar, both")
+    ap.add_argument("--variants", nargs="*", default=["description:2", "exemplar:2", "both:1"],
+                    help="POSITIVES:EPOCHS, POSITIVES one of description, exemplar, both (none: only evaluate --saved / "
+                         "--reference-run)")
+    ap.add_argument("--saved", nargs="+", default=[], metavar="NAME=FOLDER",
+                    help="bi-encoders saved by an earlier --save (trained on this split), evaluated without training")
     ap.add_argument("--reference-run", help="a trained run whose bi-encoder is evaluated first, as the description variant")
     ap.add_argument("--sample-per-label", type=int, default=0, help=">0: train on at most this many emails a label (smoke runs)")
     ap.add_argument("--test-limit", type=int, default=0, help=">0: at most this many test emails")
@@ -84,6 +93,12 @@ def main(argv=None) -> int:
         if positives not in bi.BI_POSITIVES or epochs <= 0:
             ap.error(f"--variants: {v!r} is not POSITIVES:EPOCHS with POSITIVES one of {', '.join(bi.BI_POSITIVES)} and EPOCHS > 0")
         variants.append((positives, epochs))
+    saved = [tuple(item.split("=", 1)) for item in a.saved]
+    for item, pair in zip(a.saved, saved):
+        if len(pair) != 2 or not pair[0] or not (Path(pair[1]) / "config.json").is_file():
+            ap.error(f"--saved: {item!r} is not NAME=FOLDER with a saved sentence-transformers model in FOLDER")
+    if not (variants or saved or a.reference_run):
+        ap.error("nothing to compare: give --variants, --saved or --reference-run")
     cfg = TrainConfig(dataset=a.dataset, sample_per_label=a.sample_per_label, test_limit=a.test_limit,
                       **({"seed": a.seed} if a.seed is not None else {}))
     device = resolve_device(a.device)
@@ -104,6 +119,10 @@ def main(argv=None) -> int:
         r = evaluate_encoder(load_bi_encoder(Path(a.reference_run) / "bi_encoder", device=device), tax, train, val, test, cfg)
         results.append({"variant": f"description (bi-encoder of {a.reference_run})", "train_s": None, **r})
         print(f"{results[-1]['variant']}: validation {r['val']['recall@1']:.2%} ({time.perf_counter() - t:.0f} s)", flush=True)
+    for name, folder in saved:
+        r = evaluate_encoder(load_bi_encoder(folder, device=device), tax, train, val, test, cfg)
+        results.append({"variant": f"{name} (saved: {folder})", "train_s": None, **r})
+        print(f"{results[-1]['variant']}: validation {r['val']['recall@1']:.2%}", flush=True)
     for positives, epochs in variants:
         seed_everything(cfg.seed)
         t = time.perf_counter()

@@ -148,3 +148,19 @@ def test_compare_puts_a_second_configuration_beside_the_first_on_the_same_emails
     other_seed = [fold_run(f"c{i}", i, 6.0, seed=99) for i in range(2)]
     with pytest.raises(SystemExit, match="other emails"):
         oof_choice.main(["--runs", *first, "--compare", *other_seed])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants"], "nothing to compare"),
+    (["--variants", "--saved", "no-folder"], "is not NAME=FOLDER"),
+    (["--variants", "--saved", "d2=/nonexistent/model"], "is not NAME=FOLDER"),
+    (["--variants", "labels:2"], "is not POSITIVES:EPOCHS"),
+])
+def test_bi_positives_refuses_what_it_cannot_compare(argv, message, capsys):
+    """The stage-1 study names a bad --variants / --saved before loading any data or model."""
+    from benchmarks import bi_positives
+
+    with pytest.raises(SystemExit) as exit_:
+        bi_positives.main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
