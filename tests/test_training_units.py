@@ -312,3 +312,37 @@ def test_bad_training_settings_are_refused_before_any_work(tmp_path, setting, me
     with pytest.raises(BadSetting, match=message):
         run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), **setting))
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_given_bi_encoder_is_used_as_stage_1_without_training(tiny_run, tmp_path):
+    """`mailroute train --bi-encoder FOLDER`: stage 1 is those weights (no MNR epochs), the rest of the run as usual."""
+    import json
+
+    from mailroute.label_index import LabelIndex, weights_id
+    from mailroute.repository import WEIGHTS_FILE
+    from mailroute.run_layout import RunFolder
+    from training.config import TrainConfig
+    from training.run import run
+
+    given = tiny_run / "bi_encoder"
+    tiny = str(given)  # tiny weights as the base too: a fast cross-encoder
+    metrics = run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), base=tiny, bi_encoder=tiny, sample_per_label=3, test_limit=20,
+                              ce_epochs=1, ce_batch_size=4, skip_baseline=True, device="cpu", precision="fp32"))
+    # Then the run's bi-encoder is the given one to the byte, and its label index is pinned to those weights
+    out = RunFolder(tmp_path / "run")
+    assert (out.bi_encoder / WEIGHTS_FILE).read_bytes() == (given / WEIGHTS_FILE).read_bytes()
+    assert LabelIndex.load(out.label_index).manifest["encoder"] == weights_id(given / WEIGHTS_FILE)
+    assert json.loads(out.config.read_text())["bi_encoder"] == tiny
+    assert "two_stage" in metrics
+
+
+@pytest.mark.parametrize("setting, message", [({"bi_encoder": "/nonexistent/bi"}, "no saved model there"),
+                                              ({"oof_folds": 3}, "use one or the other")])
+def test_a_given_bi_encoder_is_refused_where_it_cannot_be_used(tiny_run, tmp_path, setting, message):
+    from mailroute.settings import BadSetting
+    from training.config import TrainConfig
+    from training.run import run
+
+    with pytest.raises(BadSetting, match=message):
+        run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), **({"bi_encoder": str(tiny_run / "bi_encoder")} | setting)))
+    assert not (tmp_path / "run").exists()

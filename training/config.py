@@ -23,6 +23,7 @@ class TrainConfig:
     bi_epochs: float = 2.0  # bi-encoder MNR epochs
     bi_batch_size: int = 64  # MNR batch (capped at the number of labels: no two rows of a label per batch)
     bi_lr: float = 5e-5  # bi-encoder learning rate
+    bi_encoder: str = ""  # a bi-encoder folder already fine-tuned on this split (e.g. saved by benchmarks.bi_positives --save): stage 1 starts from it and the MNR epochs are skipped
     bi_positives: str = "description"  # MNR positive of an email: description (its label text) | exemplar (another email of its label) | both
     device: str = "auto"  # auto (CUDA when PyTorch sees a GPU) | cpu | cuda
     precision: str = "auto"  # training arithmetic: auto (bf16 autocast where the GPU or CPU has bf16 units, fp16 on an older GPU) | bf16 | fp32

@@ -5,6 +5,7 @@ import json
 import platform
 import random
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -56,6 +57,10 @@ def run(cfg: TrainConfig) -> dict:
     device = resolve_device(cfg.device)
     if cfg.ce_init not in ("base", "bi_encoder"):  # settings are checked before any work
         raise BadSetting(f"--ce-init must be 'base' or 'bi_encoder', got {cfg.ce_init!r}")
+    if cfg.bi_encoder and not (Path(cfg.bi_encoder) / "config.json").is_file():
+        raise BadSetting(f"--bi-encoder {cfg.bi_encoder}: no saved model there (config.json missing)")
+    if cfg.bi_encoder and cfg.oof_folds:  # fold encoders would be trained from the base, unlike the given one
+        raise BadSetting("--bi-encoder skips MNR training, but --oof-folds trains one bi-encoder per fold: use one or the other")
     if cfg.bi_positives not in bi.BI_POSITIVES:
         raise BadSetting(f"--bi-positives must be one of {', '.join(bi.BI_POSITIVES)}, got {cfg.bi_positives!r}")
     amp = autocast_dtype(device, cfg.precision)  # refuses a bad --precision
@@ -79,9 +84,14 @@ def run(cfg: TrainConfig) -> dict:
     model = load_bi_encoder(cfg.base or None, device=device)
     aniso_before = bi.anisotropy(model, [e.text for e in test])
 
-    # 3. MNR fine-tuning, in-batch negatives without false negatives
-    print(f"[3/9] bi-encoder: MNR, {cfg.bi_epochs} epoch(s), positives: {cfg.bi_positives}")
-    bi.train_bi_encoder(model, train, tax, cfg.bi_epochs, cfg.bi_batch_size, cfg.bi_lr, cfg.seed, device, cfg.bi_positives, cfg.precision)
+    # 3. MNR fine-tuning, in-batch negatives without false negatives (or a bi-encoder fine-tuned before, on this split)
+    if cfg.bi_encoder:
+        print(f"[3/9] bi-encoder: {cfg.bi_encoder} as given, not trained here")
+        model = load_bi_encoder(cfg.bi_encoder, device=device)
+    else:
+        print(f"[3/9] bi-encoder: MNR, {cfg.bi_epochs} epoch(s), positives: {cfg.bi_positives}")
+        bi.train_bi_encoder(model, train, tax, cfg.bi_epochs, cfg.bi_batch_size, cfg.bi_lr, cfg.seed, device, cfg.bi_positives,
+                            cfg.precision)
     aniso_after = bi.anisotropy(model, [e.text for e in test])
     times["bi_encoder_s"] = time.perf_counter() - t
 
