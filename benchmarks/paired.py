@@ -9,6 +9,10 @@ label for every test email) and compares the two systems on the same emails:
 
     python -m benchmarks.paired --run runs/banking77-ce2
     python -m benchmarks.paired --predictions benchmarks/results/banking77/predictions.jsonl
+    python -m benchmarks.paired --run runs/no-baseline --flat-from benchmarks/results/banking77/predictions.jsonl
+
+--flat-from takes the flat baseline's labels from another run's predictions, for a run trained with
+--skip-baseline on the same split (the test emails' gold labels must agree row by row).
 """
 
 import argparse
@@ -45,14 +49,22 @@ def main(argv=None):
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run folder (reads its predictions.jsonl)")
     src.add_argument("--predictions", help="a predictions.jsonl file")
+    ap.add_argument("--flat-from", help="predictions.jsonl of another run on the same split whose flat baseline is compared")
     ap.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
     path = Path(a.predictions) if a.predictions else RunFolder(a.run).predictions
     if not path.exists():
         sys.exit(f"paired: {path} does not exist (train or refit the run first)")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if a.flat_from:
+        flat = [json.loads(line) for line in Path(a.flat_from).read_text().splitlines() if line.strip()]
+        if [x["gold"] for x in flat] != [x["gold"] for x in rows] or "flat_label" not in flat[0]:
+            sys.exit(f"paired: {a.flat_from} is not a run with a flat baseline over the same test emails as {path} "
+                     f"({len(flat)} vs {len(rows)} rows, or gold labels differ, or no flat_label)")
+        rows = [x | {"flat_label": f["flat_label"]} for x, f in zip(rows, flat)]
     if not rows or "flat_label" not in rows[0]:
-        sys.exit(f"paired: {path} has no flat-baseline predictions (the run skipped the baseline: `mailroute baseline` trains it)")
+        sys.exit(f"paired: {path} has no flat-baseline predictions (the run skipped the baseline: `mailroute baseline` trains it, "
+                 f"or --flat-from takes another run's)")
     r = paired_comparison([x["gold"] for x in rows], [x["label"] for x in rows], [x["flat_label"] for x in rows], a.resamples)
     print(f"{path}: {r['n']} test emails")
     print(f"two-stage {r['accuracy_a']:.2%}  flat {r['accuracy_b']:.2%}  difference {100 * r['difference']:+.2f} points "

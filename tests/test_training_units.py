@@ -346,3 +346,25 @@ def test_a_given_bi_encoder_is_refused_where_it_cannot_be_used(tiny_run, tmp_pat
     with pytest.raises(BadSetting, match=message):
         run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), **({"bi_encoder": str(tiny_run / "bi_encoder")} | setting)))
     assert not (tmp_path / "run").exists()
+
+
+def test_paired_takes_the_flat_baseline_from_another_run_only_over_the_same_test_emails(tmp_path, capsys):
+    import json
+
+    from benchmarks.paired import main
+
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+
+    gold = ["a", "b", "a", "b"]
+    two_stage = write("two.jsonl", [{"gold": g, "label": g} for g in gold])  # a run that skipped its baseline: all right
+    flat = write("flat.jsonl", [{"gold": g, "label": g, "flat_label": "a"} for g in gold])  # right on the two "a" emails
+    main(["--predictions", two_stage, "--flat-from", flat, "--resamples", "200"])
+    r = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (r["accuracy_a"], r["accuracy_b"], r["only_a_right"], r["only_b_right"]) == (1.0, 0.5, 2, 0)
+    other = write("other.jsonl", [{"gold": g, "label": g, "flat_label": g} for g in ["b", "a", "a", "b"]])
+    with pytest.raises(SystemExit, match="not a run with a flat baseline over the same test emails"):
+        main(["--predictions", two_stage, "--flat-from", other])
+    with pytest.raises(SystemExit, match="--flat-from takes another run's"):
+        main(["--predictions", two_stage])
