@@ -57,6 +57,8 @@ def main(argv=None):
         sys.exit(f"paired: {path} does not exist (train or refit the run first)")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if a.flat_from:
+        if not Path(a.flat_from).is_file():
+            sys.exit(f"paired: --flat-from {a.flat_from} does not exist (a run's predictions.jsonl)")
         flat = [json.loads(line) for line in Path(a.flat_from).read_text().splitlines() if line.strip()]
         if [x["gold"] for x in flat] != [x["gold"] for x in rows] or "flat_label" not in flat[0]:
             sys.exit(f"paired: {a.flat_from} is not a run with a flat baseline over the same test emails as {path} "

@@ -368,3 +368,5 @@ def test_paired_takes_the_flat_baseline_from_another_run_only_over_the_same_test
         main(["--predictions", two_stage, "--flat-from", other])
     with pytest.raises(SystemExit, match="--flat-from takes another run's"):
         main(["--predictions", two_stage])
+    with pytest.raises(SystemExit, match="--flat-from .* does not exist"):
+        main(["--predictions", two_stage, "--flat-from", str(tmp_path / "missing.jsonl")])
