@@ -5,8 +5,8 @@ import json
 import platform
 import random
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
