@@ -47,7 +47,7 @@ class RerankPolicy:
         retrieval = np.atleast_2d(retrieval)
         if not gate or self.gate_margin is None or retrieval.shape[1] < 2:
             return np.zeros(len(retrieval), dtype=bool)
-        return (retrieval[:, 0] - retrieval[:, 1]) > self.gate_margin
+        return retrieval_margin(retrieval) > self.gate_margin
 
     # JSON form
     def to_dict(self) -> dict:
@@ -70,6 +70,13 @@ class RerankPolicy:
 
     def with_gate(self, margin) -> "RerankPolicy":
         return replace(self, gate_margin=None if margin is None else float(margin))
+
+
+def retrieval_margin(retrieval: np.ndarray) -> np.ndarray:
+    """(n, >=2) retrieval scores, best first -> (n,) top-1 minus top-2: how sure retrieval is, as the gate reads it
+    (and as training picks the emails the gate would send to stage 2)."""
+    retrieval = np.atleast_2d(retrieval)
+    return retrieval[:, 0] - retrieval[:, 1]
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -161,7 +168,7 @@ def fit_gate(policy: RerankPolicy, logits: np.ndarray, retrieval: np.ndarray, go
     logits, retrieval, gold = np.asarray(logits, np.float64), np.asarray(retrieval, np.float64), np.asarray(gold)
     reranked_ok = policy.probabilities(logits, retrieval).argmax(1) == gold  # (n,)
     retrieval_ok = retrieval.argmax(1) == gold
-    margin = retrieval[:, 0] - retrieval[:, 1]
+    margin = retrieval_margin(retrieval)
     ungated = reranked_ok.mean()
     feasible = [(None, 1.0, float(ungated))]  # no gate
     for m in np.unique(margin):

@@ -302,8 +302,51 @@ def test_training_refuses_clearly_when_every_training_email_is_on_a_label_card()
                        {e.text for e in train}, np.full(4, -1))
 
 
+def test_least_sure_keeps_the_emails_with_the_smallest_retrieval_margin():
+    from training.mining import least_sure
+
+    # Given 5 emails' retrieval scores over 4 labels, their candidates best first
+    scores = np.array([[.9, .1, .0, .0],    # margin .8: sure
+                       [.5, .45, .0, .0],   # .05
+                       [.0, .3, .2, .1],    # .1
+                       [.4, .4, .1, .0],    # 0: a tie, least sure
+                       [.7, .0, .2, .0]])   # .5
+    cand = np.argsort(-scores, axis=1, kind="stable")[:, :3]
+    # When 40% are kept, Then the 2 smallest margins are, in input order; 50% rounds up to 3
+    assert least_sure(cand, scores, 0.4).tolist() == [1, 3]
+    assert least_sure(cand, scores, 0.5).tolist() == [1, 2, 3]
+    # And share 1, or lists of one candidate (no margin), keep every email
+    assert least_sure(cand, scores, 1.0).tolist() == [0, 1, 2, 3, 4]
+    assert least_sure(cand[:, :1], scores, 0.4).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_training_rows_with_a_share_are_the_least_sure_emails_not_on_a_card():
+    from training.config import TrainConfig
+    from training.data import Example
+    from training.run import _training_rows
+    from types import SimpleNamespace
+
+    from mailroute.taxonomy import CardSpec, parse_taxonomy
+
+    # Given 6 training emails of 2 labels, email 0 shown on a fixed card; retrieval margins .0 .8 .1 .8 .6 .04
+    tax = parse_taxonomy({"name": "t", "labels": [{"name": "a", "description": "A"}, {"name": "b", "description": "B"}]})
+    train = [Example(f"email {i}", "a" if i % 2 else "b") for i in range(6)]
+    scores = np.array([[.5, .5], [.9, .1], [.45, .55], [.1, .9], [.8, .2], [.52, .48]])
+    cand = np.argsort(-scores, axis=1, kind="stable")
+    index = SimpleNamespace(card_spec=CardSpec(examples=1, nearest=False), taxonomy=tax, label_texts=["A: card", "B: card"],
+                            exemplar_index=None)
+    # When the rows are made from the 50% least sure of the 5 emails not on a card
+    rows = _training_rows(TrainConfig(card_examples=1, ce_train_share=0.5), index, train, np.zeros((6, 3)), cand, scores,
+                          {"email 0"}, np.full(6, -1))
+    # Then 3 rows (2.5 rounds up): emails 5, 2 and 4 (margins .04, .1, .6), never the card's email 0 (margin 0)
+    assert rows["query"] == ["email 2", "email 4", "email 5"]
+    assert all(sum(r) == 1 for r in rows["labels"])
+
+
 @pytest.mark.parametrize("setting, message", [({"bi_positives": "emails"}, "--bi-positives must be one of"),
-                                              ({"precision": "int8"}, "--precision must be one of")])
+                                              ({"precision": "int8"}, "--precision must be one of"),
+                                              ({"ce_train_share": 0}, r"--ce-train-share must be a share in \(0, 1\]"),
+                                              ({"ce_train_share": 50}, "not 50")])
 def test_bad_training_settings_are_refused_before_any_work(tmp_path, setting, message):
     from mailroute.settings import BadSetting
     from training.config import TrainConfig

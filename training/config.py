@@ -38,6 +38,7 @@ class TrainConfig:
     k_train: int = 5  # candidates per email in listwise training
     k_eval: int = 5  # candidates reranked at inference
     ce_epochs: float = 1.0  # cross-encoder listwise epochs
+    ce_train_share: float = 1.0  # share of training emails the cross-encoder trains on: those retrieval is least sure of (smallest top-1 minus top-2 score, the margin the gate reads); 1 = all
     ce_init: str = "base"  # cross-encoder start weights: base (MiniLM) | bi_encoder (the MNR-fine-tuned encoder, new head)
     train_retrieval_weight: float = 0.0  # retrieval score fused into the logits during listwise training (0 = pure rerank)
     gate_tolerance: float = GateTarget.tolerance  # validation accuracy the gate may give up versus reranking every email

@@ -15,6 +15,7 @@ import random
 import numpy as np
 
 from mailroute.label_index import LabelIndex
+from mailroute.rerank_policy import retrieval_margin
 from training.bi_encoder import embed
 
 
@@ -31,6 +32,19 @@ def exemplar_rows(index: LabelIndex, examples: list) -> np.ndarray:
     """(n,) row of each example's text among the index's exemplars of its label, -1 where absent."""
     where = {(int(l), t): r for r, (l, t) in enumerate(zip(index.exemplar_labels, index.exemplar_texts))}
     return np.array([where.get((index.taxonomy.index(e.label), e.text), -1) for e in examples], dtype=np.int64)
+
+
+def least_sure(candidates: np.ndarray, scores: np.ndarray, share: float) -> np.ndarray:
+    """Indices (ascending) of the ceil(share x n) emails retrieval is least sure of: the smallest margin between
+    their two best candidates' retrieval scores, the margin the serving gate reads to decide whether stage 2
+    runs. So the cross-encoder can train on the lists it will rerank at inference. share 1 (or K < 2): every email.
+    candidates (n, K) best first; scores (n, labels)."""
+    n = len(candidates)
+    if share >= 1 or candidates.shape[1] < 2:
+        return np.arange(n)
+    margin = retrieval_margin(np.take_along_axis(scores, candidates[:, :2], axis=1))
+    keep = int(np.ceil(share * n))
+    return np.sort(np.argsort(margin, kind="stable")[:keep])
 
 
 def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from training.cross_encoder import KeepBestEpoch, train_cross_encoder
 from training.data import splits_of
 from training.evaluate import choose_scoring, collect, fit_policy, predict, recall_at, system_metrics, top_confusions, variants
 from training.flat_baseline import predict_flat, train_flat
-from training.mining import exemplar_rows, listwise_rows, mine_candidates, mine_out_of_fold
+from training.mining import exemplar_rows, least_sure, listwise_rows, mine_candidates, mine_out_of_fold
 from training.models import autocast_dtype, load_bi_encoder, load_cross_encoder, resolve_device
 from training.reference import classifier_from_models
 from training.report import write_report
@@ -49,6 +49,7 @@ def _training_rows(cfg: TrainConfig, index: LabelIndex, train: list, x_train: np
     if not len(keep):
         raise BadSetting(f"every one of the {len(train)} training emails is shown on a label card ({cfg.card_examples} a label), so none "
                          f"is left to train the cross-encoder on: use fewer --card-examples, --card-nearest, or more training emails")
+    keep = keep[least_sure(cand[keep], scores[keep], cfg.ce_train_share)]  # --ce-train-share: the lists the gate would rerank
     return listwise_rows([train[i] for i in keep], cand[keep], index, cfg.seed, scores[keep] if cfg.train_retrieval_weight else None,
                          x=x_train[keep], exclude=exclude[keep])
 
@@ -61,6 +62,8 @@ def run(cfg: TrainConfig) -> dict:
         raise BadSetting(f"--bi-encoder {cfg.bi_encoder}: no saved model there (config.json missing)")
     if cfg.bi_encoder and cfg.oof_folds:  # fold encoders would be trained from the base, unlike the given one
         raise BadSetting("--bi-encoder skips MNR training, but --oof-folds trains one bi-encoder per fold: use one or the other")
+    if not 0 < cfg.ce_train_share <= 1:
+        raise BadSetting(f"--ce-train-share must be a share in (0, 1] (e.g. 0.5, not 50), got {cfg.ce_train_share}")
     if cfg.bi_positives not in bi.BI_POSITIVES:
         raise BadSetting(f"--bi-positives must be one of {', '.join(bi.BI_POSITIVES)}, got {cfg.bi_positives!r}")
     amp = autocast_dtype(device, cfg.precision)  # refuses a bad --precision
@@ -132,7 +135,8 @@ def run(cfg: TrainConfig) -> dict:
     rows = _training_rows(cfg, index, train, x_train, cand, scores, card_texts, own)
     gold_mined = float(np.mean([1 in r for r in rows["labels"]]))
     gold_retrieved = float(np.mean([tax.index(e.label) in c for e, c in zip(train, cand)]))
-    print(f"[5/9] mined top-{cfg.k_train} {how}: gold retrieved for {gold_retrieved:.1%} of train (inserted where missed)")
+    print(f"[5/9] mined top-{cfg.k_train} {how}: gold retrieved for {gold_retrieved:.1%} of train (inserted where missed); "
+          f"{len(rows['query'])} listwise rows" + (f" (the {cfg.ce_train_share:.0%} least sure)" if cfg.ce_train_share < 1 else ""))
     times["index_and_mining_s"] = time.perf_counter() - t
 
     # 6. cross-encoder from the same base weights (or the fine-tuned bi-encoder), new head, listwise softmax CE over those K
