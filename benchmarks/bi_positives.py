@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results here as JSON too")
     a = ap.parse_args(argv)
 
+    from mailroute.run_layout import RunFolder
     from training import bi_encoder as bi
     from training.config import TrainConfig
     from training.data import splits_of
@@ -103,8 +104,6 @@ def main(argv=None) -> int:
                       **({"seed": a.seed} if a.seed is not None else {}))
     device = resolve_device(a.device)
     if a.reference_run:  # its bi-encoder must not have seen these validation or test emails
-        from mailroute.run_layout import RunFolder
-
         ref = json.loads(RunFolder(a.reference_run).config.read_text())
         split = ("dataset", "seed", "validation_fraction", "sample_per_label", "holdout_fold", "taxonomy", "train", "banking77")
         differ = [k for k in split if ref.get(k, getattr(cfg, k)) != getattr(cfg, k)]
@@ -116,7 +115,7 @@ def main(argv=None) -> int:
     results = []
     if a.reference_run:
         t = time.perf_counter()
-        r = evaluate_encoder(load_bi_encoder(Path(a.reference_run) / "bi_encoder", device=device), tax, train, val, test, cfg)
+        r = evaluate_encoder(load_bi_encoder(RunFolder(a.reference_run).bi_encoder, device=device), tax, train, val, test, cfg)
         results.append({"variant": f"description (bi-encoder of {a.reference_run})", "train_s": None, **r})
         print(f"{results[-1]['variant']}: validation {r['val']['recall@1']:.2%} ({time.perf_counter() - t:.0f} s)", flush=True)
     for name, folder in saved:

@@ -37,7 +37,7 @@ def _scored(run: Path, k: int, extra_ce: list, device: str, splits: dict = None)
     from training.reference import classifier_from_models
 
     folder = RunFolder(run)
-    cfg = TrainConfig(**json.loads(folder.config.read_text()))
+    cfg = TrainConfig.load(folder.config)
     device = resolve_device(device)
     if splits is None:
         _, _, val, test = splits_of(cfg)
@@ -84,7 +84,7 @@ def _probe_scores(run: Path, device: str, xs: dict = None, l2: float = 1e-4) -> 
     if xs is None:
         cache = folder.study_embeddings
         if not cache.exists():
-            _, _, val, test = splits_of(TrainConfig(**json.loads(folder.config.read_text())))
+            _, _, val, test = splits_of(TrainConfig.load(folder.config))
             bi = load_bi_encoder(folder.bi_encoder, device=resolve_device(device))
             np.savez(cache, val=embed(bi, [e.text for e in val]), test=embed(bi, [e.text for e in test]))
         xs = dict(np.load(cache))

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     from training.models import load_bi_encoder, load_cross_encoder, resolve_device
 
     folder = RunFolder(Path(a.run))
-    cfg = TrainConfig(**json.loads(folder.config.read_text()))
+    cfg = TrainConfig.load(folder.config)
     device = resolve_device(a.device)
     tax, train, val, test = splits_of(cfg)
     index = LabelIndex.load(folder.label_index)

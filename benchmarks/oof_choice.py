@@ -40,7 +40,7 @@ def _fold_runs(runs: list) -> list:
     from mailroute.run_layout import RunFolder
     from training.config import TrainConfig
 
-    cfgs = [TrainConfig(**json.loads(RunFolder(r).config.read_text())) for r in runs]
+    cfgs = [TrainConfig.load(RunFolder(r).config) for r in runs]
     folds = [c.holdout() for c in cfgs]
     n = folds[0][1]
     if not n or sorted(i for i, _ in folds) != list(range(n)) or any(m != n for _, m in folds):

@@ -133,7 +133,7 @@ def _params(top_k, threshold, gate=None) -> dict:
 
 class _Base:
     def __init__(self, url: str = "127.0.0.1:8001", model: str = contract.CLASSIFIER, version: str = "",
-                 timeout: float = 30.0, retries: int = 5, backoff: float = 0.2, max_batch: int = 64, headers: dict = None,
+                 timeout: float = 30.0, retries: int = 5, backoff: float = 0.2, max_batch: int = contract.CLASSIFIER_MAX_BATCH, headers: dict = None,
                  max_in_flight: int = 4, keepalive=None, ssl: bool = False, root_certificates=None, private_key=None,
                  certificate_chain=None, store=None):
         """retries with backoff 0.2 s doubling: 5 retries wait about 6 s in all, enough to ride out a

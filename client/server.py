@@ -233,7 +233,14 @@ class TritonServer:
         shutil.rmtree(self.work, ignore_errors=True)
 
     def __enter__(self):
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # __exit__ never runs when __enter__ raises: stop what started and remove the temp folder
+            try:
+                self.stop()
+            finally:
+                self.cleanup()
+            raise
 
     def __exit__(self, *exc):
         self.stop()

@@ -3,7 +3,8 @@
 Triton's own /v2/health/ready keeps answering 200 after a Python-backend stub process dies, while
 every classification fails with "Stub process '<model>_0_0' is not healthy" (measured on the 2.51
 binary). So readiness here is proven: a canary classification through `email_classifier`, repeated
-every `interval` seconds; the server is ready while the last canary passed less than `max_age` ago.
+every `interval` seconds; the server is ready while the last canary passed less than `max_age` ago
+(by default 3 intervals, and never under 6 s: one late or failed canary alone does not turn it 503).
 
 Recovery, measured by hand on the 2.51 binary with the tiny test models (2026-11-26; tests/test_operations.py
 checks the behaviour, benchmarks/soak.py the loaded case):
@@ -31,11 +32,23 @@ ADMIN_HEADER = "triton-grpc-protocol-admin-key"
 _UNHEALTHY = re.compile(r"Stub process '(\w+?)_\d+_\d+' is not healthy")
 
 
-class Watchdog:
-    """Canary readiness plus self-repair for one TritonServer (client.server.TritonServer)."""
+MIN_MAX_AGE = 6.0  # seconds: the least default max_age (3 canaries at the default 2 s interval)
+MAX_AGE_INTERVALS = 3  # default max_age = this many canary intervals
 
-    def __init__(self, server, interval: float = 2.0, max_age: float = 6.0, restart_after: int = 2, timeout: float = 10.0,
+
+def default_max_age(interval: float) -> float:
+    """How long a passed canary keeps the server ready when max_age is not given: 3 intervals, at least 6 s. A
+    fixed age below the interval would turn readiness 503 between two canaries on a healthy server."""
+    return max(MIN_MAX_AGE, MAX_AGE_INTERVALS * interval)
+
+
+class Watchdog:
+    """Canary readiness plus self-repair for one TritonServer (client.server.TritonServer).
+    max_age None (default) = default_max_age(interval); a given value is kept as it is."""
+
+    def __init__(self, server, interval: float = 2.0, max_age: float = None, restart_after: int = 2, timeout: float = 10.0,
                  grace: float = 15.0):
+        max_age = default_max_age(interval) if max_age is None else max_age
         self.server, self.interval, self.max_age, self.restart_after, self.timeout = server, interval, max_age, restart_after, timeout
         self.grace = grace
         self.last_ok = 0.0

@@ -2,13 +2,13 @@
 
 from dataclasses import dataclass
 
-from mailroute.settings import DEFAULTS
+from mailroute.settings import DEFAULT_REPOSITORY, DEFAULT_RUN, DEFAULTS
 
 
 @dataclass
 class ExportConfig:
-    run: str = "runs/demo"  # trained run folder (from `mailroute train`)
-    repo: str = "model_repository"  # Triton model repository to add the new versions to
+    run: str = str(DEFAULT_RUN)  # trained run folder (from `mailroute train`)
+    repo: str = str(DEFAULT_REPOSITORY)  # Triton model repository to add the new versions to
     runtime: str = "portable"  # encoder runtime (export/configs.py RUNTIMES): portable (Python backend + onnxruntime) | native (onnxruntime_onnx) | torch
     gpu: bool = False  # KIND_GPU instances (native or torch runtime, production)
     no_optimize: bool = False  # skip onnxruntime's transformer fusions (attention, LayerNorm, GELU)

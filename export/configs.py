@@ -142,10 +142,10 @@ def classifier_model_config(max_batch: int, instances: int, embed_batch: int, sc
         cfg.version_policy.specific.versions.append(int(serving_version))
     else:
         cfg.version_policy.latest.num_versions = 1
-    cfg.parameters["embed_batch"].string_value = str(embed_batch)
-    cfg.parameters["score_batch"].string_value = str(score_batch)
+    cfg.parameters[contract.EMBED_BATCH_PARAMETER].string_value = str(embed_batch)
+    cfg.parameters[contract.SCORE_BATCH_PARAMETER].string_value = str(score_batch)
     if search_device:  # label search by torch on this device (LabelIndex.on_device: TorchFlatIP, TorchExemplarIndex)
-        cfg.parameters["search_device"].string_value = search_device
+        cfg.parameters[contract.SEARCH_DEVICE_PARAMETER].string_value = search_device
     if encoders_in_process:
         cfg.parameters[contract.ENCODERS_PARAMETER].string_value = contract.ENCODERS_IN_PROCESS
     return cfg

@@ -27,7 +27,6 @@ from training.models import load_bi_encoder, load_cross_encoder
 from training.reference import load_policy
 
 TRITON_DIR = Path(__file__).resolve().parent / "triton"
-CLASSIFIER_MAX_BATCH = 64  # emails per email_classifier server batch (its config's max_batch_size)
 PARITY_TEXTS = [
     "Hi, I was charged twice for my subscription this month. Please refund the extra charge.",
     "I can't log in, the password reset link never arrives.",
@@ -197,7 +196,7 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
     # the config keeps serving what it served; promote() then names the new version and logs the change
     search_device = "cuda" if cfg.gpu and configs.runtime(cfg.runtime).torch_weights else ""  # no faiss-gpu there: torch search
     (repo / contract.CLASSIFIER / versions.CONFIG_FILE).write_text(
-        configs.classifier_config(CLASSIFIER_MAX_BATCH, cfg.classifier_instances, embed_batch=DEFAULTS.embed_batch,
+        configs.classifier_config(contract.CLASSIFIER_MAX_BATCH, cfg.classifier_instances, embed_batch=DEFAULTS.embed_batch,
                                   score_batch=DEFAULTS.score_batch, serving_version=previous or cv,
                                   throughput=configs.Throughput(cfg.classifier_instances, (), configs.CLASSIFIER_DELAY_FACTOR * cfg.max_queue_delay_us,
                                                                     cfg.max_queue_size),

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from mailroute.contract import CLASSIFIER
-from mailroute.settings import DEFAULTS, ROOT
+from mailroute.settings import DEFAULT_REPOSITORY, DEFAULT_RUN, DEFAULTS
 
 
 def _field_comments(cls) -> dict:
@@ -94,23 +94,24 @@ def cmd_serve(args):
     server = TritonServer(args.repo, args.grpc_port, args.http_port, args.metrics_port, explicit=not args.poll_all,
                           admin_key=args.admin_key, log_file=args.log)
     print(f"starting tritonserver on {Path(args.repo).resolve()} (log: {server.log_file}) ...", flush=True)
-    server.start(timeout=args.timeout)
     watchdog = readiness = None
-    if args.ready_port >= 0:
-        from client.watchdog import ReadinessServer, Watchdog
+    try:  # a failed start (or a taken readiness port) still stops the server and removes its temporary folder
+        server.start(timeout=args.timeout)
+        if args.ready_port >= 0:
+            from client.watchdog import ReadinessServer, Watchdog
 
-        watchdog = Watchdog(server, interval=args.canary_interval).start()
-        readiness = ReadinessServer(watchdog, args.ready_port).start()
-    print(f"ready\n  gRPC     {server.grpc_url}\n  HTTP     {server.http_url}\n  metrics  http://127.0.0.1:{server.metrics_port}/metrics"
-          + (f"\n  ready    http://127.0.0.1:{readiness.port}/ready  (canary classification every {args.canary_interval:g} s; "
-             f"dead backends are reloaded)" if readiness else "") + "\nCtrl-C or SIGTERM stops it.", flush=True)
-    try:
+            watchdog = Watchdog(server, interval=args.canary_interval).start()
+            readiness = ReadinessServer(watchdog, args.ready_port).start()
+        print(f"ready\n  gRPC     {server.grpc_url}\n  HTTP     {server.http_url}\n  metrics  http://127.0.0.1:{server.metrics_port}/metrics"
+              + (f"\n  ready    http://127.0.0.1:{readiness.port}/ready  (canary classification every {args.canary_interval:g} s; "
+                 f"dead backends are reloaded)" if readiness else "") + "\nCtrl-C or SIGTERM stops it.", flush=True)
         _wait_for_signal()
     finally:
         print("stopping tritonserver ...", flush=True)
+        if readiness:
+            readiness.stop()
         if watchdog:
             watchdog.stop()
-            readiness.stop()
         server.stop()
         server.cleanup()
 
@@ -264,8 +265,7 @@ def cmd_demo(args):
     run_folder = RunFolder(run_dir)
     if args.retrain or not run_folder.metrics.exists():
         print("== 1. train both stages on the built-in 50-label email taxonomy", flush=True)
-        # K=5 for the small demo: recall@5 of its bi-encoder is ~99% on validation, and it halves rerank cost
-        run(TrainConfig(dataset="demo", out=str(run_dir), k_train=5, k_eval=5))
+        run(TrainConfig(dataset="demo", out=str(run_dir)))
     else:
         print(f"== 1. using the trained run in {run_dir} (--retrain to train again)")
     print(f"\n{run_folder.report.read_text()}")
@@ -288,7 +288,7 @@ def cmd_demo(args):
     print(f"\ndone in {(time.time() - t0) / 60:.1f} min")
 
 
-REPO_HELP = "model repository (default: model_repository/ of this checkout)"
+REPO_HELP = f"model repository (default: {DEFAULT_REPOSITORY})"
 
 
 def _store_args(p, repo=True):
@@ -296,12 +296,12 @@ def _store_args(p, repo=True):
 
     p.add_argument("--db", default="", help=f"feedback store URL, any SQLAlchemy URL (default: $MAILROUTE_FEEDBACK_URL, else {DEFAULT_FEEDBACK_URL})")
     if repo:
-        p.add_argument("--repo", default=str(ROOT / "model_repository"), help=REPO_HELP + "; corrections must name its serving labels")
+        p.add_argument("--repo", default=str(DEFAULT_REPOSITORY), help=REPO_HELP + "; corrections must name its serving labels")
     p.add_argument("--hash-only", action="store_true", help="privacy: keep only a hash of each email's text")
 
 
 def _server_args(p):
-    p.add_argument("--repo", default=str(ROOT / "model_repository"), help=REPO_HELP)
+    p.add_argument("--repo", default=str(DEFAULT_REPOSITORY), help=REPO_HELP)
     p.add_argument("--url", default="", help="running server's gRPC host:port: load the change into it (default: only the files change, "
                                              "a server loads them at its next load or start)")
     p.add_argument("--admin-key", default="", help="the server's admin key (mailroute serve --admin-key)")
@@ -309,6 +309,7 @@ def _server_args(p):
 
 def main(argv=None):
     from export.config import ExportConfig
+    from mailroute.rerank_policy import GateTarget
     from training.config import TrainConfig
 
     argv = sys.argv[1:] if argv is None else argv
@@ -321,8 +322,8 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the main job on the built-in demo taxonomy: train, export, serve, classify")
-    p.add_argument("--run", default=str(ROOT / "runs" / "demo"), help="run folder (default: runs/demo)")
-    p.add_argument("--repo", default=str(ROOT / "model_repository"), help="model repository (default: model_repository/)")
+    p.add_argument("--run", default=str(DEFAULT_RUN), help=f"run folder (default: {DEFAULT_RUN})")
+    p.add_argument("--repo", default=str(DEFAULT_REPOSITORY), help=REPO_HELP)
     p.add_argument("--retrain", action="store_true", help="train and export again even if a run exists")
     p.set_defaults(fn=cmd_demo)
 
@@ -343,8 +344,8 @@ def main(argv=None):
                    help="validation accuracy the gate may give up versus reranking every email (default: the run's)")
     p.add_argument("--rerank-budget", type=float, default=None,
                    help="share of emails the gate sends through stage 2: up to this share of the least sure, more only where "
-                        "validation accuracy needs it (0 = as few as the tolerance allows; default: the run's, 0.25 for runs "
-                        "made before the budget existed)")
+                        "validation accuracy needs it (0 = as few as the tolerance allows; default: the run's, "
+                        f"{GateTarget.rerank_budget:g} for runs made before the budget existed)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.set_defaults(fn=cmd_refit)
 
@@ -375,7 +376,7 @@ def main(argv=None):
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("serve", help="start the real tritonserver (from nvidia-pytriton) on a model repository")
-    p.add_argument("--repo", default=str(ROOT / "model_repository"))
+    p.add_argument("--repo", default=str(DEFAULT_REPOSITORY), help=REPO_HELP)
     p.add_argument("--grpc-port", type=int, default=8001, help="0 = a free port (default: 8001)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
@@ -394,7 +395,9 @@ def main(argv=None):
                                    "stdin when none are given.")
     p.add_argument("inputs", nargs="*", help="text, or .txt / .eml / .jsonl files")
     p.add_argument("--url", default="127.0.0.1:8001", help="gRPC host:port (default: 127.0.0.1:8001)")
-    p.add_argument("--top-k", type=int, default=None, help=f"candidates to rerank (server default: {DEFAULTS.top_k})")
+    p.add_argument("--top-k", type=int, default=None, help="candidates to rerank (default: the served version's own K, the run's "
+                                                           "--k-eval unless `mailroute export --top-k` set another; "
+                                                           f"{DEFAULTS.top_k} for a version that names none)")
     p.add_argument("--threshold", type=float, default=None, help=f"needs_review below this probability (server default: {DEFAULTS.threshold})")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     p.add_argument("--json", action="store_true", help="one JSON object per email instead of a table")
@@ -432,7 +435,7 @@ def main(argv=None):
     vsub = vp.add_subparsers(dest="action", required=True)
     p = vsub.add_parser("list", help="every classifier version, what it pins, how it was made, its gate result; * = serving")
     p.add_argument("--json", action="store_true", help="one JSON list instead of the table")
-    p.add_argument("--repo", default=str(ROOT / "model_repository"), help=REPO_HELP)
+    p.add_argument("--repo", default=str(DEFAULT_REPOSITORY), help=REPO_HELP)
     p.set_defaults(fn=cmd_versions)
     p = vsub.add_parser("promote", help="serve a version (loaded into the running server with --url)")
     p.add_argument("version", type=int)
@@ -464,17 +467,27 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as e:  # known failure kinds get one clear line, not a traceback
-        from mailroute.taxonomy import DataError
-        from tritonclient.utils import InferenceServerException
-
-        from mailroute.settings import BadSetting
-
-        from export.versions import VersionError
-        from mailroute.feedback_store import FeedbackError
-
-        if isinstance(e, (DataError, BadSetting, FileNotFoundError, FileExistsError, InferenceServerException, FeedbackError, VersionError)):
+        if _known_failure(e):
             sys.exit(f"mailroute {args.command}: {e}")
         raise
+
+
+# failure kinds of modules that need tritonclient or SQLAlchemy, which a training-only machine lacks
+_HEAVY_ERRORS = (("tritonclient.utils", "InferenceServerException"), ("export.versions", "VersionError"),
+                 ("mailroute.feedback_store", "FeedbackError"))
+
+
+def _known_failure(e: Exception) -> bool:
+    """Whether e is a failure kind the CLI prints as one line. The light kinds are checked first; a heavy
+    module's kind only when that module was imported (sys.modules), since an error of a module never loaded
+    cannot have been raised: the handler imports nothing, so a missing package cannot mask the user's error."""
+    from mailroute.settings import BadSetting
+    from mailroute.taxonomy import DataError
+
+    if isinstance(e, (DataError, BadSetting, FileNotFoundError, FileExistsError)):
+        return True
+    kinds = [getattr(sys.modules.get(module), name, None) for module, name in _HEAVY_ERRORS]
+    return isinstance(e, tuple(k for k in kinds if isinstance(k, type)))
 
 
 if __name__ == "__main__":

@@ -37,8 +37,13 @@ BI_ENCODER = "bi_encoder"
 CROSS_ENCODER = "cross_encoder"
 CLASSIFIER = "email_classifier"
 MODELS = (CLASSIFIER, BI_ENCODER, CROSS_ENCODER)  # the order of the MODEL_VERSIONS output
+CLASSIFIER_MAX_BATCH = 64  # emails per email_classifier server batch (its config's max_batch_size; the client's default batch)
 # the classifier's config parameter "encoders" = this: each instance runs both encoders itself (torch runtime), no BLS
 ENCODERS_PARAMETER, ENCODERS_IN_PROCESS = "encoders", "in_process"
+# the classifier's other config parameters (export/configs.py writes them, export/triton/email_classifier.py reads them)
+EMBED_BATCH_PARAMETER = "embed_batch"  # emails per bi-encoder call inside one classifier batch
+SCORE_BATCH_PARAMETER = "score_batch"  # (email, label) pairs per cross-encoder call
+SEARCH_DEVICE_PARAMETER = "search_device"  # label search by torch on this device (absent: the index's own, faiss)
 
 # encoder tensors (both encoders)
 INPUT_IDS = "input_ids"

@@ -3,9 +3,11 @@
 card) pairs -> the RerankPolicy's softmax over the K fused scores.
 
 It does not know what runs the encoders: `Encoders` is PyTorch for the in-process reference
-classifier (training/reference.py), onnxruntime in-process (mailroute/onnx_encoders.py), or BLS
-calls to the bi_encoder / cross_encoder Triton models (export/triton/email_classifier.py). So
-all three produce the same answers from the same code, and tests run it without Triton.
+classifier (training/reference.py), onnxruntime in-process (mailroute/onnx_encoders.py), BLS
+calls to the bi_encoder / cross_encoder Triton models (export/triton/email_classifier.py), or the
+torch runtime's encoders inside the classifier's own process (mailroute/torch_encoders.TorchEncoders,
+when its config's "encoders" parameter says so). So all four produce the same answers from the same
+code (within float rounding; fp16 on a GPU), and tests run it without Triton.
 """
 
 import itertools

@@ -1,7 +1,8 @@
 """The layout of the Triton model repository, read by the Triton adapters and by in-process users.
 
-  <repo>/bi_encoder/<v>/      model.onnx  tokenizer.json  encoder_id   (+ model.py when portable)
-  <repo>/cross_encoder/<v>/   model.onnx  tokenizer.json  encoder_id   (+ model.py when portable)
+  <repo>/bi_encoder/<v>/      model.onnx  tokenizer.json  encoder_id   (+ model.py when portable or torch; + pytorch/ when torch)
+  <repo>/cross_encoder/<v>/   model.onnx  tokenizer.json  encoder_id   (+ model.py when portable or torch; + pytorch/ when
+                                                                        torch or made by continued training)
   <repo>/email_classifier/<v>/ model.py  pipeline.json  label_index/  (+ gate_report.json when made from feedback)
   <repo>/email_classifier/config.pbtxt   its version policy names the serving version (export.versions)
 pipeline.json pins the bi_encoder and cross_encoder versions this classifier version uses and holds its
@@ -23,8 +24,10 @@ from mailroute.settings import DEFAULTS
 MODEL_FILE, TOKENIZER_FILE, ENCODER_ID_FILE = "model.onnx", "tokenizer.json", "encoder_id"
 PIPELINE_FILE = "pipeline.json"
 GATE_REPORT_FILE = "gate_report.json"  # email_classifier/<v>/: the promotion gate's measurements of this version
-# cross_encoder/<v>/pytorch/: the sentence-transformers weights behind a version made by continued training
-# (what the next round continues from); an exported version's weights are its pipeline's source_run
+# <encoder>/<v>/pytorch/: the PyTorch weights behind an encoder version. `mailroute export --runtime torch` writes them
+# for both encoders (what that runtime serves: export/run.py, mailroute/torch_encoders.py); continued training writes
+# them for its cross_encoder version (what the next round continues from). Without them, an exported version's
+# weights are its pipeline's source_run
 TORCH_WEIGHTS_DIR = "pytorch"
 # the Hugging Face weights file that sentence-transformers saves in an encoder folder (a run's bi_encoder/ and
 # cross_encoder/, a version's pytorch/); the bi-encoder's encoder_id is its hash (mailroute.label_index.weights_id)

@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mailroute.label_index import CardSpec, LabelScoring, weights_id  # noqa: E402
+from mailroute.repository import WEIGHTS_FILE  # noqa: E402
 from mailroute.rerank_policy import RerankPolicy  # noqa: E402
 from mailroute.run_layout import RunFolder  # noqa: E402
 from training import bi_encoder as bi  # noqa: E402
@@ -39,7 +40,7 @@ def tiny_run(tmp_path_factory, demo):
     # the label index as training builds it: descriptions + training emails as exemplars + label cards
     x = bi.embed(model, [e.text for e in demo.train])
     cards, _ = bi.label_cards(demo.taxonomy, demo.train, x, CardSpec())
-    index = bi.build_label_index(model, demo.taxonomy, weights_id(run.bi_encoder / "model.safetensors"), demo.train,
+    index = bi.build_label_index(model, demo.taxonomy, weights_id(run.bi_encoder / WEIGHTS_FILE), demo.train,
                                  LabelScoring(exemplar_top_n=3, description_weight=0.3), cards=cards, x=x)
     index.save(run.label_index)
     base = make_tiny_base(tmp_path_factory.mktemp("tiny-cross-base"), seed=1)
@@ -54,7 +55,8 @@ def tiny_run(tmp_path_factory, demo):
 def tiny_models(tiny_run):
     from training.models import load_bi_encoder
 
-    return load_bi_encoder(tiny_run / "bi_encoder"), load_cross_encoder(tiny_run / "cross_encoder")
+    run = RunFolder(tiny_run)
+    return load_bi_encoder(run.bi_encoder), load_cross_encoder(run.cross_encoder)
 
 
 @pytest.fixture(scope="session")

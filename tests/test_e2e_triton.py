@@ -120,7 +120,8 @@ def test_mixed_batch_answers_the_good_rows(client):
 def test_shared_conformance_check(triton):
     script = shared_dir() / "checks" / "classifier_conformance.py"
     if not script.exists():
-        pytest.skip(f"{script} not present")
+        pytest.skip(f"{script} not present: the workplace's outside checks live in its shared folder (../shared next to "
+                    f"the checkout, or $MAILROUTE_SHARED for a clone elsewhere)")
     r = subprocess.run([sys.executable, str(script), triton.grpc_url], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:]
     assert "all checks hold" in r.stdout

@@ -111,22 +111,31 @@ def test_pipeline_pairs_carry_each_emails_nearest_cards(tiny_repo):
 def test_train_with_nearest_cards_end_to_end(tmp_path):
     """`mailroute train --card-nearest` on the demo taxonomy with a tiny random base: the run's index keeps the
     format, the cross-encoder trained on nearest cards, and evaluation read them through the serving pipeline."""
+    from mailroute.run_layout import RunFolder
     from training.config import TrainConfig
+    from training.data import splits_of
     from training.models import make_tiny_base
     from training.run import run
 
     base = make_tiny_base(tmp_path / "base")
     m = run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), base=str(base), card_nearest=True, bi_epochs=0.2, ce_epochs=0.2,
                         skip_baseline=True, test_limit=40, k_train=3, k_eval=3))
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["card_nearest"] is True
-    assert 0.0 <= m["two_stage"]["accuracy"] <= 1.0 and m["n_test"] == 40
-    assert LabelIndex.load(tmp_path / "run" / "label_index").card_spec.nearest
+    out = RunFolder(tmp_path / "run")
+    cfg = json.loads(out.config.read_text())
+    assert cfg["card_nearest"] is True
+    # the reported numbers are those of the saved test predictions, one per test email of the run's split, in order
+    test = splits_of(TrainConfig(**cfg))[3]
+    rows = [json.loads(line) for line in out.predictions.read_text().splitlines() if line.strip()]
+    assert m["n_test"] == len(test) == 40 and [r["gold"] for r in rows] == [e.label for e in test]
+    assert m["two_stage"]["accuracy"] == pytest.approx(np.mean([r["label"] == r["gold"] for r in rows]))
+    assert m["two_stage"]["share_reranked"] == pytest.approx(np.mean([r["reranked"] for r in rows]))
+    assert LabelIndex.load(out.label_index).card_spec.nearest
     # exported, the served classifier keeps the format and answers as the run's PyTorch reference does
     from export.run import ExportConfig, export
     from training.reference import load_reference
 
-    export(ExportConfig(run=str(tmp_path / "run"), repo=str(tmp_path / "repo"), top_k=3))
-    served, reference = open_onnx_classifier(tmp_path / "repo"), load_reference(tmp_path / "run", top_k=3)
+    export(ExportConfig(run=str(out.root), repo=str(tmp_path / "repo"), top_k=3))
+    served, reference = open_onnx_classifier(tmp_path / "repo"), load_reference(out.root, top_k=3)
     assert served.index.card_spec.nearest
     emails = ["Please refund my order", "My invoice shows the wrong amount", "Can I book a demo with sales?"]
     for got, want in zip(served.classify(emails), reference.classify(emails)):

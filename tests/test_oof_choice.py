@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from benchmarks import oof_choice
+from mailroute.run_layout import RunFolder
 from mailroute.settings import BadSetting
 from training.config import TrainConfig
 from training.data import load_demo, splits_of, stratified_folds
@@ -74,7 +75,7 @@ def test_mcnemar_and_bootstrap_on_known_counts():
 def test_fold_runs_must_be_one_split_of_one_configuration(tmp_path):
     def saved(name, **kw):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps(vars(TrainConfig(dataset="demo", out=name, **kw))))
+        RunFolder(tmp_path / name).config.write_text(json.dumps(vars(TrainConfig(dataset="demo", out=name, **kw))))
         return str(tmp_path / name)
 
     a, b = saved("a", holdout_fold="0/2"), saved("b", holdout_fold="1/2")
@@ -101,14 +102,25 @@ def test_two_held_out_folds_score_every_training_email_once(tmp_path, capsys):
     table = json.loads((tmp_path / "t.json").read_text())
     # Then every training email was scored once, by the run that did not train on it
     assert table["emails"] == len(splits_of(TrainConfig(dataset="demo"))[1])
+    retrieved = []  # per held-out email: was its gold among the 5 candidates (else every rule gets it wrong)
     for i, r in enumerate(runs):
-        cache = np.load(tmp_path / f"fold{i}" / "heldout_k5.npz")
+        cache = np.load(RunFolder(r).heldout_cache(5))
         _, held, _, _ = splits_of(TrainConfig(dataset="demo", holdout_fold=f"{i}/2"), held_out=True)
         assert len(cache["gold"]) == len(held)
+        retrieved.append((cache["I"][:, :5] == cache["gold"][:, None]).any(1))
     rows = {t["rule"]: t for t in table["rules"]}
     assert rows[oof_choice.SERVED]["minus_served_points"] == 0 and rows[oof_choice.SERVED]["mcnemar_p"] == 1.0
     assert {"retrieval only, K=5", "CE + retrieval + probe, K=5"} <= set(rows)
-    assert all(0 <= t["heldout"] <= 1 and 0 <= t["mcnemar_p"] <= 1 for t in table["rules"])
+    # and each rule's numbers agree with its own counts against the served rule on those emails
+    from scipy.stats import binomtest
+
+    n, served, recall = table["emails"], rows[oof_choice.SERVED]["heldout"], np.concatenate(retrieved).mean()
+    for t in table["rules"]:
+        assert t["heldout"] <= recall + 1e-12 and round(t["heldout"] * n) == pytest.approx(t["heldout"] * n)
+        discordant = t["only_this"] + t["only_served"]
+        assert t["heldout"] - served == pytest.approx((t["only_this"] - t["only_served"]) / n)
+        assert t["minus_served_points"] == pytest.approx(100 * (t["only_this"] - t["only_served"]) / n)
+        assert t["mcnemar_p"] == pytest.approx(1.0 if not discordant else binomtest(t["only_this"], discordant).pvalue)
     assert "held-out training emails in 2 folds" in capsys.readouterr().out
 
 
@@ -122,13 +134,13 @@ def test_compare_puts_a_second_configuration_beside_the_first_on_the_same_emails
     def fold_run(name, fold, ce_signal, **kw):
         folder = tmp_path / name
         folder.mkdir()
-        (folder / "config.json").write_text(json.dumps(vars(TrainConfig(dataset="demo", out=name, holdout_fold=f"{fold}/2", **kw))))
+        RunFolder(folder).config.write_text(json.dumps(vars(TrainConfig(dataset="demo", out=name, holdout_fold=f"{fold}/2", **kw))))
         gold = golds[fold]
         D = rng.normal(0, 1, (n, k))
         D[np.arange(n), gold] += np.where(rng.random(n) < 0.6, 5.0, 0.0)
         logits = rng.normal(0, 1, (n, k, 1))
         logits[np.arange(n), gold, 0] += ce_signal
-        np.savez(folder / "heldout_k5.npz", gold=gold, I=np.tile(np.arange(k), (n, 1)), D=D, logits=logits,
+        np.savez(RunFolder(folder).heldout_cache(k), gold=gold, I=np.tile(np.arange(k), (n, 1)), D=D, logits=logits,
                  probe=rng.normal(0, 1, (n, k)), probe_alone_right=np.zeros(n, bool),
                  **{f: rng.normal(0, 1, (n, k)) for f in ("top1", "top3", "top10", "description", "softknn")})
         return str(folder)

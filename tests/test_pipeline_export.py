@@ -8,7 +8,7 @@ from mailroute import contract
 from mailroute.label_index import IndexMismatch
 from mailroute.pipeline import BadParameter
 from mailroute.repository import open_onnx_classifier, version_dir
-from training.reference import TorchEncoders
+from training.reference import SentenceTransformerEncoders
 
 EMAILS = ["I was charged twice for my plan", "Where is my parcel? Tracking is stuck.", "The app crashes when I open settings",
           "Please send the March invoice", "How many vacation days are left?"]
@@ -49,10 +49,10 @@ def test_bad_parameters_are_named(tiny_reference, k, t, msg):
         check_params(k, t, 50)
 
 
-def test_torch_encoders_match_sentence_transformers(tiny_models):
+def test_reference_encoders_embed_like_sentence_transformers_encode(tiny_models):
     bi, _ = tiny_models
     tok = bi.tokenizer(EMAILS, padding=True, return_tensors="np")
-    ours = TorchEncoders(bi, tiny_models[1]).embed(tok["input_ids"].astype(np.int64), tok["attention_mask"].astype(np.int64))
+    ours = SentenceTransformerEncoders(bi, tiny_models[1]).embed(tok["input_ids"].astype(np.int64), tok["attention_mask"].astype(np.int64))
     theirs = bi.encode(EMAILS, normalize_embeddings=True)
     assert np.abs(ours - theirs).max() < 1e-5
 

@@ -4,7 +4,9 @@ import torch
 from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 
 from mailroute.label_index import LabelIndex
+from mailroute.repository import WEIGHTS_FILE
 from mailroute.rerank_policy import RerankPolicy
+from mailroute.run_layout import RunFolder
 from training.bi_encoder import LabelDisjointBatchSampler, mnr_dataset, train_bi_encoder
 from training.listwise_loss import ListwiseSoftmaxCrossEntropyLoss, listwise_softmax_ce
 from training.mining import listwise_rows, mine_candidates
@@ -25,14 +27,14 @@ def test_listwise_loss_is_softmax_cross_entropy_of_the_k_logits(tiny_models):
     assert loss.item() == pytest.approx(manual, abs=1e-5)
 
 
-def test_retrieval_prior_is_added_to_the_logits(tiny_models):
+def test_retrieval_score_is_fused_into_the_logits(tiny_models):
     _, cross = tiny_models
-    docs, prior = ["refund", "dispute", "double charge"], [0.1, 0.5, 0.3]
+    docs, retrieval = ["refund", "dispute", "double charge"], [0.1, 0.5, 0.3]
     policy = RerankPolicy(retrieval_weight=20.0, temperature=2.0)
-    loss = ListwiseSoftmaxCrossEntropyLoss(cross, policy=policy)([["charged twice"], [docs], [prior]], [[0, 0, 1]])
+    loss = ListwiseSoftmaxCrossEntropyLoss(cross, policy=policy)([["charged twice"], [docs], [retrieval]], [[0, 0, 1]])
     with torch.no_grad():
         logits = cross.model(**cross.preprocess([("charged twice", d) for d in docs])).logits[:, 0]
-    manual = -torch.log_softmax((logits + 20.0 * torch.tensor(prior)) / 2.0, 0)[2].item()  # the policy's formula, by hand
+    manual = -torch.log_softmax((logits + 20.0 * torch.tensor(retrieval)) / 2.0, 0)[2].item()  # the policy's formula, by hand
     assert loss.item() == pytest.approx(manual, abs=1e-5)
 
 
@@ -143,12 +145,12 @@ def test_listwise_rows_insert_missed_gold_and_shuffle(demo):
     wrong = np.array([[c for c in range(6) if c != tax.index(e.label)][:5] for e in examples])  # gold never retrieved
     scores = np.random.default_rng(0).random((len(examples), len(tax)))
     rows = listwise_rows(examples, wrong, index, seed=0, scores=scores)
-    assert list(rows) == ["query", "docs", "prior", "labels"]  # the trainer passes columns in this order
+    assert list(rows) == ["query", "docs", "retrieval", "labels"]  # the trainer passes columns in this order
     golds_at = []
-    for n, (e, docs, prior, labels) in enumerate(zip(examples, rows["docs"], rows["prior"], rows["labels"])):
+    for n, (e, docs, retrieval, labels) in enumerate(zip(examples, rows["docs"], rows["retrieval"], rows["labels"])):
         assert sum(labels) == 1 and len(docs) == 5
         assert docs[labels.index(1)] == tax.labels[tax.index(e.label)].text()
-        assert prior[labels.index(1)] == scores[n, tax.index(e.label)]  # each prior travels with its candidate
+        assert retrieval[labels.index(1)] == scores[n, tax.index(e.label)]  # each retrieval score travels with its candidate
         golds_at.append(labels.index(1))
     assert len(set(golds_at)) > 1  # the gold does not always sit in one position
 
@@ -181,28 +183,40 @@ def test_ece_and_recall_against_hand_computed_values():
     assert macro_f1(["a", "a", "b"], ["a", "b", "b"]) == pytest.approx((2 / 3 + 2 / 3) / 2)
 
 
+def test_macro_f1_averages_over_the_labels_in_gold_or_predictions():
+    from training.evaluate import macro_f1, system_metrics
+
+    # Given gold a a b and predictions a c b: a F1 2/3, b F1 1, c (predicted, never gold) F1 0
+    gold, pred = ["a", "a", "b"], ["a", "c", "b"]
+    # Then macro-F1 averages those three (a taxonomy label neither gold nor predicted would not count:
+    # the meaning of every recorded macro-F1)
+    assert macro_f1(gold, pred) == pytest.approx((2 / 3 + 1 + 0) / 3)
+    m = system_metrics(gold, pred, [0.9, 0.8, 0.7])
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3) and m["accuracy"] == pytest.approx(2 / 3)
+
+
 def test_resume_trains_only_the_cross_encoder_and_keeps_its_best_epoch(tiny_run, tmp_path):
     import json
     import shutil
 
     from training.run import resume
 
-    run = shutil.copytree(tiny_run, tmp_path / "run")
-    (run / "metrics.json").write_text(json.dumps({  # what `mailroute train` writes before the evaluation's own keys
+    run, more = RunFolder(shutil.copytree(tiny_run, tmp_path / "run")), RunFolder(tmp_path / "more")
+    run.metrics.write_text(json.dumps({  # what `mailroute train` writes before the evaluation's own keys
         "dataset": "demo", "labels": 50, "n_train": 450, "n_validation": 50, "n_test": 200, "device": "cpu",
         "cross_encoder_validation_by_epoch": [], "train_time": {}, "anisotropy": {"before": 0.5, "after": 0.3},
         "mining": {"how": "leave-one-out", "gold_retrieved_train": 1.0, "gold_in_rows": 1.0, "rows": 450}}))
-    (run / "predictions.jsonl").write_text("")
-    metrics = resume(run, tmp_path / "more", ce_epochs=1, ce_lr=1e-3, device="cpu")
+    run.predictions.write_text("")
+    metrics = resume(run.root, more.root, ce_epochs=1, ce_lr=1e-3, device="cpu")
     history, best = metrics["resume"]["validation_listwise_accuracy_by_epoch"], metrics["resume"]["best_epoch"]
     assert len(history) == 2 and history[best] == max(history)  # the starting weights (epoch 0) and one more epoch compete
-    assert (tmp_path / "more" / "bi_encoder" / "model.safetensors").read_bytes() == (run / "bi_encoder" / "model.safetensors").read_bytes()
-    same_cross = (tmp_path / "more" / "cross_encoder" / "model.safetensors").read_bytes() == (run / "cross_encoder" / "model.safetensors").read_bytes()
+    assert (more.bi_encoder / WEIGHTS_FILE).read_bytes() == (run.bi_encoder / WEIGHTS_FILE).read_bytes()
+    same_cross = (more.cross_encoder / WEIGHTS_FILE).read_bytes() == (run.cross_encoder / WEIGHTS_FILE).read_bytes()
     assert same_cross == (best == 0)  # the kept weights are the best epoch's
-    assert json.loads((tmp_path / "more" / "config.json").read_text())["ce_epochs"] == 1.0 + best
-    assert metrics["resumed_from"] == str(run) and "two_stage" in metrics
+    assert json.loads(more.config.read_text())["ce_epochs"] == 1.0 + best
+    assert metrics["resumed_from"] == str(run.root) and "two_stage" in metrics
     with pytest.raises(FileExistsError, match="resume writes a new run folder"):
-        resume(run, tmp_path / "more")
+        resume(run.root, more.root)
 
 
 @pytest.mark.slow  # two evaluations and two flat trainings: about a minute
@@ -213,10 +227,11 @@ def test_baseline_retrains_only_the_flat_softmax_and_keeps_the_old_numbers(tiny_
     from mailroute.settings import BadSetting
     from training.run import refit, retrain_baseline
 
-    run = shutil.copytree(tiny_run, tmp_path / "run")
-    cfg = json.loads((run / "config.json").read_text()) | {"base": str(run / "bi_encoder")}  # tiny weights: a fast flat model
-    (run / "config.json").write_text(json.dumps(cfg))
-    (run / "metrics.json").write_text(json.dumps({  # what `mailroute train` writes before the evaluation's own keys
+    out = RunFolder(shutil.copytree(tiny_run, tmp_path / "run"))
+    run = out.root
+    cfg = json.loads(out.config.read_text()) | {"base": str(out.bi_encoder)}  # tiny weights: a fast flat model
+    out.config.write_text(json.dumps(cfg))
+    out.metrics.write_text(json.dumps({  # what `mailroute train` writes before the evaluation's own keys
         "dataset": "demo", "labels": 50, "n_train": 450, "n_validation": 50, "n_test": 200, "device": "cpu",
         "cross_encoder_validation_by_epoch": [], "train_time": {}, "anisotropy": {"before": 0.5, "after": 0.3},
         "mining": {"how": "leave-one-out", "gold_retrieved_train": 1.0, "gold_in_rows": 1.0, "rows": 450}}))
@@ -226,11 +241,11 @@ def test_baseline_retrains_only_the_flat_softmax_and_keeps_the_old_numbers(tiny_
     flat = metrics["flat_baseline"]
     assert flat["epochs"] == 2 and len(flat["validation_by_epoch"]) == 2 and flat["n"] == 200
     assert metrics["two_stage"] == evaluated["two_stage"]  # the two-stage system is not touched
-    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in out.predictions.read_text().splitlines()]
     assert len(rows) == 200 and all("flat_label" in r for r in rows)
     assert sum(r["flat_label"] == r["gold"] for r in rows) / 200 == pytest.approx(flat["accuracy"])
-    assert "flat softmax baseline" in (run / "report.md").read_text()
-    assert json.loads((run / "config.json").read_text())["flat_epochs"] == 2
+    assert "flat softmax baseline" in out.report.read_text()
+    assert json.loads(out.config.read_text())["flat_epochs"] == 2
     # Again with 1 epoch: the replaced numbers are kept
     metrics = retrain_baseline(run, flat_epochs=1, device="cpu")
     assert [h["epochs"] for h in metrics["flat_baseline_history"]] == [2] and metrics["flat_baseline"]["epochs"] == 1
@@ -265,7 +280,7 @@ def test_half_precision_base_weights_load_as_fp32(tmp_path):
     from training.models import load_bi_encoder, load_cross_encoder, make_tiny_base
 
     base = make_tiny_base(tmp_path / "base")
-    w = base / "model.safetensors"
+    w = base / WEIGHTS_FILE
     save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(w)).items()}, str(w), metadata={"format": "pt"})
     for model in (load_bi_encoder(base), load_cross_encoder(base)):
         assert {p.dtype for p in model.parameters()} == {torch.float32}
@@ -367,7 +382,7 @@ def test_a_given_bi_encoder_is_used_as_stage_1_without_training(tiny_run, tmp_pa
     from training.config import TrainConfig
     from training.run import run
 
-    given = tiny_run / "bi_encoder"
+    given = RunFolder(tiny_run).bi_encoder
     tiny = str(given)  # tiny weights as the base too: a fast cross-encoder
     metrics = run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), base=tiny, bi_encoder=tiny, sample_per_label=3, test_limit=20,
                               ce_epochs=1, ce_batch_size=4, skip_baseline=True, device="cpu", precision="fp32"))
@@ -387,7 +402,7 @@ def test_a_given_bi_encoder_is_refused_where_it_cannot_be_used(tiny_run, tmp_pat
     from training.run import run
 
     with pytest.raises(BadSetting, match=message):
-        run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), **({"bi_encoder": str(tiny_run / "bi_encoder")} | setting)))
+        run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), **({"bi_encoder": str(RunFolder(tiny_run).bi_encoder)} | setting)))
     assert not (tmp_path / "run").exists()
 
 

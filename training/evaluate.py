@@ -16,8 +16,9 @@ def accuracy(y_true, y_pred) -> float:
     return float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
 
 
-def macro_f1(y_true, y_pred, labels=None) -> float:
-    """Mean F1 over the labels that occur in y_true or y_pred (as scikit-learn does by default)."""
+def macro_f1(y_true, y_pred) -> float:
+    """Mean F1 over the labels that occur in y_true or y_pred (as scikit-learn does by default): a taxonomy label
+    that is neither gold nor predicted on the split does not count (what every recorded macro-F1 means)."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     labels = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
     f1s = []
@@ -53,9 +54,10 @@ def top_confusions(y_true, y_pred, n: int = 10) -> list:
     return [{"gold": t, "predicted": p, "count": c} for (t, p), c in pairs.most_common(n)]
 
 
-def system_metrics(y_true, y_pred, confidence, labels) -> dict:
+def system_metrics(y_true, y_pred, confidence) -> dict:
+    """Accuracy, macro-F1 (over the labels present in y_true or y_pred), ECE and n of one system's answers."""
     correct = np.asarray(y_true) == np.asarray(y_pred)
-    return {"accuracy": accuracy(y_true, y_pred), "macro_f1": macro_f1(y_true, y_pred, labels),
+    return {"accuracy": accuracy(y_true, y_pred), "macro_f1": macro_f1(y_true, y_pred),
             "ece": expected_calibration_error(confidence, correct), "n": len(y_true)}
 
 
@@ -150,9 +152,9 @@ def variants(sc: Scored, names, fused: RerankPolicy, gated: RerankPolicy, ce_onl
     out = {}
     if description_ranked is not None:  # stage 1 as it was: cosine to the label description only
         pred = [names[i] for i in description_ranked[:, 0]]
-        out["bi_encoder_descriptions"] = system_metrics(gold, pred, np.ones(len(pred)), names) | {"ece": None}
+        out["bi_encoder_descriptions"] = system_metrics(gold, pred, np.ones(len(pred))) | {"ece": None}
     for name, policy, mode in (("bi_encoder", fused, "retrieval"), ("cross_encoder_only", ce_only, "rerank"),
                                ("two_stage_ungated", fused, "rerank"), ("two_stage", gated, "gated")):
         pred, conf, reranked = predict(sc, policy, names, mode)
-        out[name] = system_metrics(gold, pred, conf, names) | {"share_reranked": float(reranked.mean())}
+        out[name] = system_metrics(gold, pred, conf) | {"share_reranked": float(reranked.mean())}
     return out

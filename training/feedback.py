@@ -75,7 +75,7 @@ def run_splits(run: Path):
     from training.config import TrainConfig
     from training.data import splits_of
 
-    cfg = TrainConfig(**json.loads(RunFolder(run).config.read_text()))
+    cfg = TrainConfig.load(RunFolder(run).config)
     _, train, val, _ = splits_of(cfg)
     return train, val, cfg
 

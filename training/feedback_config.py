@@ -2,12 +2,12 @@
 
 from dataclasses import dataclass
 
-from mailroute.settings import DEFAULTS, ROOT
+from mailroute.settings import DEFAULT_REPOSITORY, DEFAULTS
 
 
 @dataclass
 class FeedbackConfig:
-    repo: str = str(ROOT / "model_repository")  # Triton model repository holding the serving version
+    repo: str = str(DEFAULT_REPOSITORY)  # Triton model repository holding the serving version
     db: str = ""  # feedback store URL (empty: $MAILROUTE_FEEDBACK_URL, else a SQLite file in the working directory)
     base_version: int = 0  # classifier version to start from (0 = the one serving)
     exemplars_only: bool = False  # first speed only: corrections become exemplars, the cross-encoder is not trained

@@ -62,9 +62,9 @@ class ListwiseSoftmaxCrossEntropyLoss(nn.Module):
 
     def forward(self, inputs: list, labels: list, **kwargs) -> Tensor:
         if len(inputs) not in (2, 3):
-            raise ValueError(f"{self.__class__.__name__} expects inputs (queries, docs_list[, priors]), but got {len(inputs)} inputs")
+            raise ValueError(f"{self.__class__.__name__} expects inputs (queries, docs_list[, retrieval]), but got {len(inputs)} inputs")
         queries, docs_list = inputs[:2]
-        priors = inputs[2] if len(inputs) == 3 else None
+        retrieval = inputs[2] if len(inputs) == 3 else None
         k_per_query = [len(docs) for docs in docs_list]
         gold = []
         for i, row in enumerate(labels):
@@ -85,8 +85,8 @@ class ListwiseSoftmaxCrossEntropyLoss(nn.Module):
         start = 0
         for i, n in enumerate(k_per_query):
             row = flat[start:start + n]  # (k_i,)
-            if priors is not None:
-                row = self.policy.fused(row, torch.as_tensor(priors[i], dtype=flat.dtype, device=flat.device))
+            if retrieval is not None:
+                row = self.policy.fused(row, torch.as_tensor(retrieval[i], dtype=flat.dtype, device=flat.device))
             else:
                 row = self.policy.fused(row, torch.zeros_like(row))
             logits[i, :n] = row

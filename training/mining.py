@@ -76,8 +76,8 @@ def mine_out_of_fold(examples: list, folds: int, k: int, seed: int, train_fold_e
 
 def listwise_rows(examples: list, candidates: np.ndarray, index: LabelIndex, seed: int, scores: np.ndarray = None,
                   x: np.ndarray = None, exclude: np.ndarray = None) -> dict:
-    """-> {"query": [...], "docs": [[K label texts]], "prior": [[K retrieval scores]], "labels": [[0/1 x K]]},
-    exactly one 1 per row ("prior" only when scores (n, labels) are given).
+    """-> {"query": [...], "docs": [[K label texts]], "retrieval": [[K retrieval scores]], "labels": [[0/1 x K]]},
+    exactly one 1 per row ("retrieval" only when scores (n, labels) are given).
 
     The label side is what serving reads (`LabelIndex.pair_cards`): the fixed cards, or where the index's
     cards show the nearest exemplars, cards made for each email from its embedding x[n] (required then), never
@@ -88,7 +88,7 @@ def listwise_rows(examples: list, candidates: np.ndarray, index: LabelIndex, see
         raise ValueError("listwise_rows: this index's cards show each email's nearest exemplars; pass the emails' embeddings x")
     texts = None if nearest else index.label_texts
     rng = random.Random(seed)
-    rows = {"query": [], "docs": [], "labels": []} | ({"prior": []} if scores is not None else {})
+    rows = {"query": [], "docs": [], "labels": []} | ({"retrieval": []} if scores is not None else {})
     for n, (e, cand) in enumerate(zip(examples, candidates)):
         gold = tax.index(e.label)
         cand = [int(c) for c in cand]
@@ -100,6 +100,7 @@ def listwise_rows(examples: list, candidates: np.ndarray, index: LabelIndex, see
                             else [texts[c] for c in cand])
         rows["labels"].append([int(c == gold) for c in cand])
         if scores is not None:
-            rows["prior"].append([float(scores[n, c]) for c in cand])
-    # column order is input order for the trainer: query, docs, prior; labels are taken out by name
-    return {k: rows[k] for k in ("query", "docs", "prior", "labels") if k in rows}
+            rows["retrieval"].append([float(scores[n, c]) for c in cand])
+    # column order is input order for the trainer: query, docs, retrieval (the loss's optional third input);
+    # labels are taken out by name
+    return {k: rows[k] for k in ("query", "docs", "retrieval", "labels") if k in rows}

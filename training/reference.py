@@ -19,7 +19,10 @@ from mailroute.torch_encoders import mean_pool_normalise
 from training.models import load_bi_encoder, load_cross_encoder
 
 
-class TorchEncoders:
+class SentenceTransformerEncoders:
+    """The pipeline's Encoders seam over already-loaded sentence-transformers models (a SentenceTransformer and a
+    CrossEncoder), for evaluation in-process. Not mailroute.torch_encoders.TorchEncoders, which loads weight folders."""
+
     def __init__(self, bi_model, cross_model):
         self.bi = bi_model[0].auto_model.eval()  # the BertModel inside the SentenceTransformer
         self.cross = cross_model.model.eval()  # BertForSequenceClassification, 1 label, no activation
@@ -41,7 +44,7 @@ class TorchEncoders:
 
 def classifier_from_models(bi_model, cross_model, index: LabelIndex, bi_dir, cross_dir, **kw) -> TwoStageClassifier:
     return TwoStageClassifier(
-        TorchEncoders(bi_model, cross_model), index,
+        SentenceTransformerEncoders(bi_model, cross_model), index,
         load_tokenizer(Path(bi_dir) / TOKENIZER_FILE, DEFAULTS.max_email_tokens),
         load_tokenizer(Path(cross_dir) / TOKENIZER_FILE, DEFAULTS.max_pair_tokens), **kw)
 

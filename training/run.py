@@ -16,6 +16,7 @@ from mailroute.repository import WEIGHTS_FILE
 from mailroute.rerank_policy import GateTarget, RerankPolicy
 from mailroute.run_layout import RunFolder
 from mailroute.settings import BadSetting
+from mailroute.taxonomy import DataError
 from training import bi_encoder as bi
 from training.config import TrainConfig  # noqa: F401 (re-exported for callers)
 from training.cross_encoder import KeepBestEpoch, train_cross_encoder
@@ -66,6 +67,8 @@ def run(cfg: TrainConfig) -> dict:
         raise BadSetting(f"--ce-train-share must be a share in (0, 1] (e.g. 0.5, not 50), got {cfg.ce_train_share}")
     if cfg.bi_positives not in bi.BI_POSITIVES:
         raise BadSetting(f"--bi-positives must be one of {', '.join(bi.BI_POSITIVES)}, got {cfg.bi_positives!r}")
+    if not 0 < cfg.validation_fraction < 1:  # every choice is made on validation; 1 would leave nothing to train on
+        raise BadSetting(f"--validation-fraction must be a share in (0, 1) (e.g. 0.1, not 10), got {cfg.validation_fraction}")
     amp = autocast_dtype(device, cfg.precision)  # refuses a bad --precision
     autocast_name = str(amp).removeprefix("torch.") if amp else None
     cfg.gate_target()  # refuses a bad gate tolerance or rerank budget now, not after an hour of training
@@ -74,8 +77,9 @@ def run(cfg: TrainConfig) -> dict:
 
     # 1. data: validation held out of train; test only for the final numbers
     tax, train, val, test = splits_of(cfg)
-    if not val:
-        raise ValueError("mailroute train needs a validation split (--validation-fraction > 0): every choice is made there")
+    if not val:  # a valid fraction holds out none only where no label has two training emails
+        raise DataError(f"no validation emails: --validation-fraction holds out only emails of labels with 2 or more training "
+                        f"emails, and none of the {len(tax)} labels has 2: give more training emails")
     out = RunFolder(cfg.out)  # created only once the data is known to be valid
     out.root.mkdir(parents=True, exist_ok=True)
     out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
@@ -178,7 +182,7 @@ def run(cfg: TrainConfig) -> dict:
                                     cfg.flat_lr, cfg.seed, val=val, device=device, precision=cfg.precision)
         probs = predict_flat(flat, [e.text for e in test])
         flat_pred, flat_conf = [tax.names[i] for i in probs.argmax(1)], probs.max(1)
-        metrics["flat_baseline"] = system_metrics(ev.gold, flat_pred, flat_conf, tax.names) | {
+        metrics["flat_baseline"] = system_metrics(ev.gold, flat_pred, flat_conf) | {
             "validation_by_epoch": flat_val, "epochs": cfg.flat_epochs, "lr": cfg.flat_lr}
         times["flat_baseline_s"] = time.perf_counter() - t
     metrics["train_time"] = times
@@ -252,7 +256,7 @@ def refit(run_dir, gate_tolerance: float = None, rerank_budget: float = None, de
     if not out.is_trained() or not out.metrics.exists():
         raise FileNotFoundError(f"{out.root} is not a trained run folder (needs {out.bi_encoder.name}/, {out.cross_encoder.name}/, "
                                 f"{out.label_index.name}/ and {out.metrics.name}): run `mailroute train` first")
-    cfg = TrainConfig(**json.loads(out.config.read_text()))
+    cfg = TrainConfig.load(out.config)
     if gate_tolerance is not None:
         cfg.gate_tolerance = gate_tolerance
     if rerank_budget is not None:
@@ -287,7 +291,7 @@ def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device
         raise FileNotFoundError(f"{src.root} is not a trained run folder: run `mailroute train` first")
     if out.root.resolve() == src.root.resolve() or out.root.exists():
         raise FileExistsError(f"{out.root} exists: resume writes a new run folder")
-    cfg = TrainConfig(**json.loads(src.config.read_text()))
+    cfg = TrainConfig.load(src.config)
     if cfg.oof_folds >= 2:  # its candidates came from one bi-encoder per fold, which the run does not keep
         raise BadSetting(f"{src.root} mined its training candidates out of fold ({cfg.oof_folds} folds): resume mines leave-one-out "
                          f"and would train on other lists; train it again with more --ce-epochs instead")
@@ -352,7 +356,7 @@ def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: s
                                 f"run `mailroute train` first")
     if flat_epochs < 1:
         raise BadSetting(f"--flat-epochs must be >= 1, got {flat_epochs}")
-    cfg = TrainConfig(**json.loads(out.config.read_text()))
+    cfg = TrainConfig.load(out.config)
     cfg.flat_epochs, cfg.skip_baseline = int(flat_epochs), False
     cfg.flat_lr = cfg.flat_lr if flat_lr is None else flat_lr
     policy, index = RerankPolicy.load(out.policy), LabelIndex.load(out.label_index)  # read before an hour of training, not after
@@ -371,7 +375,7 @@ def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: s
     metrics = json.loads(out.metrics.read_text())
     if "flat_baseline" in metrics:
         metrics.setdefault("flat_baseline_history", []).append(metrics["flat_baseline"])
-    metrics["flat_baseline"] = system_metrics([r["gold"] for r in rows], flat_pred, flat_conf, tax.names) | {
+    metrics["flat_baseline"] = system_metrics([r["gold"] for r in rows], flat_pred, flat_conf) | {
         "validation_by_epoch": flat_val, "epochs": cfg.flat_epochs, "lr": cfg.flat_lr, "seconds": round(time.perf_counter() - t, 1)}
     ev = Evaluation(policy, metrics, [r["gold"] for r in rows], [r["label"] for r in rows],
                     np.array([r["probability"] for r in rows]), np.array([r["reranked"] for r in rows]))

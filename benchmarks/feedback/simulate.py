@@ -28,7 +28,6 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mailroute.rerank_policy import GateTarget, retrieval_margin
+
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ("refund charge card transfer account payment pending declined balance fee exchange rate top up verify identity "
          "cash withdrawal atm pin blocked lost stolen statement limit international beneficiary salary app login").split()
@@ -41,7 +43,7 @@ def synthetic_emails(n: int, words: int = 110, seed: int = 0) -> list:
 EXEMPLARS_PER_LABEL = 117  # BANKING77's 9,000 training emails over 77 labels, all kept as exemplars by `mailroute train`
 
 
-def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: list = (), rerank_share: float = 0.25,
+def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: list = (), rerank_share: float = GateTarget.rerank_budget,
                exemplars_per_label: int = EXEMPLARS_PER_LABEL, nearest_cards: bool = False) -> Path:
     """A run folder like `mailroute train` writes, with random encoders of the MiniLM-L6 shape and a label index
     shaped like the trained BANKING77 one: `exemplars_per_label` synthetic short emails per label as exemplars
@@ -62,7 +64,6 @@ def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: 
     from mailroute.run_layout import RunFolder
     from mailroute.taxonomy import load_taxonomy
     from training import bi_encoder as bi
-    from training.config import TrainConfig
     from training.data import Example
     from training.models import load_cross_encoder
 
@@ -94,7 +95,7 @@ def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: 
         from mailroute.normalise import normalise
 
         D, _ = LabelIndex.load(run.label_index).search(bi.embed(model, [normalise(t) for t in texts]), 2)
-        margin = float(np.quantile(D[:, 0] - D[:, 1], rerank_share))
+        margin = float(np.quantile(retrieval_margin(D), rerank_share))
     RerankPolicy(gate_margin=margin).save(run.policy)
     return run.root
 
@@ -213,7 +214,7 @@ def main(argv=None):
     ap.add_argument("--concurrency", default="1,64,256")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--gated-concurrency", type=int, default=256, help="one more level with the gate on (0 = none)")
-    ap.add_argument("--gated-share", type=float, default=0.25, help="share of emails the gate reranks (margin set from the test emails)")
+    ap.add_argument("--gated-share", type=float, default=GateTarget.rerank_budget, help="share of emails the gate reranks (margin set from the test emails)")
     ap.add_argument("--classifier-instances", type=int, default=6, help="email_classifier instances (tokenise, search, BLS)")
     ap.add_argument("--encoder-instances", type=int, default=2, help="instances of each encoder (each captures its own CUDA graphs)")
     ap.add_argument("--max-queue-delay-us", type=int, default=ExportConfig.max_queue_delay_us,

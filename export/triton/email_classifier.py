@@ -106,8 +106,8 @@ class TritonPythonModel:
         bi_v, cross_v = int(spec["bi_encoder_version"]), int(spec["cross_encoder_version"])
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
         # the downstream models' max_batch_size bounds each BLS call
-        embed_batch = int(params.get("embed_batch", DEFAULTS.embed_batch))
-        score_batch = int(params.get("score_batch", DEFAULTS.score_batch))
+        embed_batch = int(params.get(contract.EMBED_BATCH_PARAMETER, DEFAULTS.embed_batch))
+        score_batch = int(params.get(contract.SCORE_BATCH_PARAMETER, DEFAULTS.score_batch))
         if params.get(contract.ENCODERS_PARAMETER) == contract.ENCODERS_IN_PROCESS:  # torch runtime, no BLS hop per stage
             from mailroute.torch_encoders import TorchEncoders
 
@@ -118,8 +118,8 @@ class TritonPythonModel:
         else:
             encoders, where = BLSEncoders(bi_v, cross_v), "by BLS"
         clf = open_classifier(repo, here, encoders, embed_batch=embed_batch, score_batch=score_batch)
-        if params.get("search_device"):  # the torch runtime's label search (where faiss-gpu is not installed)
-            clf.index = clf.index.on_device(params["search_device"])
+        if params.get(contract.SEARCH_DEVICE_PARAMETER):  # the torch runtime's label search (where faiss-gpu is not installed)
+            clf.index = clf.index.on_device(params[contract.SEARCH_DEVICE_PARAMETER])
         versions = {contract.CLASSIFIER: args["model_version"], contract.BI_ENCODER: bi_v, contract.CROSS_ENCODER: cross_v}
         self.service = ClassifierService(clf, tuple(versions[m] for m in contract.MODELS))
         self.metrics = ClassifierMetrics(args["model_version"])

@@ -1,0 +1,73 @@
+"""The server launcher leaves nothing behind when it fails to start, and the watchdog's readiness window follows
+its canary interval. No tritonserver runs here: a Python process stands in for it, so these tests are quick."""
+
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from client.server import TritonServer
+from client.watchdog import Watchdog, default_max_age
+
+
+def _stand_in(monkeypatch, code: str):
+    """TritonServer launches `python -c code` instead of tritonserver (no backend copy, no stub venv)."""
+    monkeypatch.setattr(TritonServer, "command", lambda self: [sys.executable, "-c", code])
+    monkeypatch.setattr(TritonServer, "env", lambda self: dict(os.environ))
+
+
+def test_a_server_that_exits_at_start_leaves_no_temp_folder(monkeypatch, tmp_path):
+    # Given a "server" that exits at once
+    _stand_in(monkeypatch, "import sys; sys.exit(3)")
+    server = TritonServer(tmp_path)
+    assert server.work.is_dir()
+    # When it is started as a context manager, the error reaches the caller
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        with server:
+            pytest.fail("the body must not run when the server did not start")
+    # Then its temporary folder is gone
+    assert not server.work.exists()
+
+
+def test_a_server_that_never_gets_ready_is_stopped_and_leaves_no_temp_folder(monkeypatch, tmp_path):
+    # Given a "server" that runs but never answers on its HTTP port, and a short start timeout
+    _stand_in(monkeypatch, "import time; time.sleep(60)")
+    start = TritonServer.start
+    monkeypatch.setattr(TritonServer, "start", lambda self, timeout=180: start(self, timeout=1))
+    server = TritonServer(tmp_path)
+    # When it is started as a context manager
+    with pytest.raises(TimeoutError, match="not ready"):
+        with server:
+            pass
+    # Then its process was stopped and its temporary folder removed
+    assert server.proc.poll() is not None
+    assert not server.work.exists()
+
+
+def test_a_start_that_cannot_launch_the_binary_leaves_no_temp_folder(monkeypatch, tmp_path):
+    # Given a tritonserver path that does not exist
+    monkeypatch.setattr(TritonServer, "command", lambda self: [str(tmp_path / "no-such-tritonserver")])
+    monkeypatch.setattr(TritonServer, "env", lambda self: dict(os.environ))
+    server = TritonServer(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        with server:
+            pass
+    assert not server.work.exists()
+
+
+@pytest.mark.parametrize("interval, expected", [(0.5, 6.0), (2.0, 6.0), (10.0, 30.0)])
+def test_watchdog_readiness_outlasts_its_canary_interval(interval, expected, monkeypatch):
+    # Given a watchdog without a max_age: 3 canary intervals, never under 6 s
+    wd = Watchdog(server=None, interval=interval)
+    assert wd.max_age == expected == default_max_age(interval)
+    # When the next canary is just late, after a passed one (a fixed 6 s turned a healthy server 503 for 4 s of every
+    # 10 at a 10 s interval)
+    wd.last_ok = 1000.0
+    monkeypatch.setattr("client.watchdog.time", SimpleNamespace(time=lambda: wd.last_ok + interval + 0.1))
+    # Then the server is still ready
+    assert wd.ready
+
+
+def test_watchdog_keeps_a_given_max_age():
+    assert Watchdog(server=None, interval=0.5, max_age=1.5).max_age == 1.5

@@ -1,0 +1,86 @@
+"""Settings and user errors: one default each, refused early with a message that names the setting."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mailroute.settings import ROOT, BadSetting
+
+# a training-only machine: no SQLAlchemy (feedback store) and no tritonclient (server, model repository tools).
+# None in sys.modules makes `import` fail and find_spec answer None, as for a package not installed
+WITHOUT_SERVING_PACKAGES = """
+import sys
+
+sys.modules["sqlalchemy"] = sys.modules["tritonclient"] = None
+from mailroute.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_user_error_is_one_line_on_a_machine_without_serving_packages(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-c", WITHOUT_SERVING_PACKAGES, "train", "--rerank-budget", "25", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mailroute train: ") and "--rerank-budget" in lines[0], r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fraction", [0, 1, 10, -0.1])
+def test_a_validation_fraction_outside_0_1_is_refused_before_any_work(tmp_path, fraction):
+    from training.config import TrainConfig
+    from training.run import run
+
+    with pytest.raises(BadSetting, match=r"--validation-fraction must be a share in \(0, 1\)"):
+        run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), validation_fraction=fraction))
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_run_config_with_a_removed_setting_is_refused_by_name(tmp_path):
+    from training.config import TrainConfig
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"dataset": "demo", "k_eval": 7, "train_prior_scale": 0.5, "prior_grid": "0,1"}))
+    with pytest.raises(BadSetting) as err:
+        TrainConfig.load(path)
+    message = str(err.value)
+    assert str(path) in message and "['prior_grid', 'train_prior_scale']" in message  # the file and what it should not have
+    assert "k_eval" in message and "rerank_budget" in message  # and what it may have
+
+
+def test_a_run_config_reads_back_and_missing_settings_take_the_defaults(tmp_path):
+    from dataclasses import asdict
+
+    from training.config import TrainConfig
+
+    path = tmp_path / "config.json"
+    cfg = TrainConfig(dataset="banking77", k_train=3, k_eval=4, rerank_budget=0.1)
+    path.write_text(json.dumps(asdict(cfg)))
+    assert TrainConfig.load(path) == cfg
+    path.write_text(json.dumps({"dataset": "demo"}))  # e.g. a run made before rerank_budget existed
+    assert TrainConfig.load(path) == TrainConfig(dataset="demo")
+    path.write_text("{not json")
+    with pytest.raises(BadSetting, match="not valid JSON"):
+        TrainConfig.load(path)
+
+
+def test_commands_share_one_default_repository_run_folder_and_k():
+    from export.config import ExportConfig
+    from mailroute.settings import DEFAULT_REPOSITORY, DEFAULT_RUN, DEFAULTS
+    from training.config import TrainConfig
+    from training.feedback_config import FeedbackConfig
+
+    assert ExportConfig().repo == FeedbackConfig().repo == str(DEFAULT_REPOSITORY)
+    assert ExportConfig().run == TrainConfig().out == str(DEFAULT_RUN)  # export reads what train wrote
+    assert TrainConfig().k_train == TrainConfig().k_eval == DEFAULTS.top_k
+
+
+def test_the_shared_folder_named_by_the_environment_wins(monkeypatch, tmp_path):
+    from mailroute.settings import shared_dir
+
+    monkeypatch.setenv("MAILROUTE_SHARED", str(tmp_path))
+    assert shared_dir() == tmp_path
