@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.oof_choice import bootstrap_interval, mcnemar_p
+from benchmarks.paired import bootstrap_interval, mcnemar_p
 
 
 def _retrieval(index, x: np.ndarray, gold: np.ndarray) -> dict:

@@ -26,15 +26,18 @@ import torch
 
 
 def main(argv=None):
+    from training.config import TrainConfig
+
+    d = TrainConfig()  # mailroute train's defaults: the same budget for both sides of each claim
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-label", type=int, default=30, help="training emails per label (default 30)")
     ap.add_argument("--val-limit", type=int, default=0, help=">0: at most this many validation emails")
     ap.add_argument("--test-limit", type=int, default=0, help=">0: at most this many test emails")
-    ap.add_argument("--bi-epochs", type=float, default=2.0)
-    ap.add_argument("--ce-epochs", type=float, default=1.0)
-    ap.add_argument("--k", type=int, default=5, help="candidates per email (default 5)")
-    ap.add_argument("--card-examples", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=12)
+    ap.add_argument("--bi-epochs", type=float, default=d.bi_epochs, help=f"(default {d.bi_epochs:g})")
+    ap.add_argument("--ce-epochs", type=float, default=d.ce_epochs, help=f"(default {d.ce_epochs:g})")
+    ap.add_argument("--k", type=int, default=d.k_train, help=f"candidates per email (default {d.k_train})")
+    ap.add_argument("--card-examples", type=int, default=d.card_examples, help=f"(default {d.card_examples})")
+    ap.add_argument("--seed", type=int, default=d.seed, help=f"(default {d.seed})")
     ap.add_argument("--out", default="benchmarks/results/design_claims.json")
     argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
@@ -57,7 +60,7 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     data = load_named("banking77")
     tax = data.taxonomy
-    train, val = split_validation(data.train, 0.1, a.seed)
+    train, val = split_validation(data.train, d.validation_fraction, a.seed)
     train = sample_per_label(train, a.per_label, a.seed)
     val = limit(val, a.val_limit, a.seed)  # random subsets: both splits are grouped by label
     test = limit(data.test, a.test_limit, a.seed)
@@ -78,13 +81,13 @@ def main(argv=None):
         t = time.perf_counter()
         model = load_bi_encoder()
         if name == "mnr":
-            bi.train_bi_encoder(model, train, tax, a.bi_epochs, 64, 5e-5, a.seed)
+            bi.train_bi_encoder(model, train, tax, a.bi_epochs, d.bi_batch_size, d.bi_lr, a.seed)
         else:
             ds = Dataset.from_dict({"anchor": [e.text for e in train], "positive": [tax.texts[g] for g in gold_train],
                                     "negative": [tax.texts[h] for h in hard]})
             with tempfile.TemporaryDirectory() as tmp:
-                args = SentenceTransformerTrainingArguments(output_dir=tmp, num_train_epochs=a.bi_epochs, per_device_train_batch_size=64,
-                                                            learning_rate=5e-5, warmup_steps=0.1, seed=a.seed, data_seed=a.seed,
+                args = SentenceTransformerTrainingArguments(output_dir=tmp, num_train_epochs=a.bi_epochs, per_device_train_batch_size=d.bi_batch_size,
+                                                            learning_rate=d.bi_lr, warmup_steps=0.1, seed=a.seed, data_seed=a.seed,
                                                             save_strategy="no", report_to="none", use_cpu=True)
                 SentenceTransformerTrainer(model=model, args=args, train_dataset=ds, loss=TripletLoss(model)).train()
         seconds = time.perf_counter() - t
@@ -113,7 +116,7 @@ def main(argv=None):
         t = time.perf_counter()
         cross = load_cross_encoder()
         if name == "listwise":
-            train_cross_encoder(cross, rows, a.ce_epochs, 8, 1e-4, a.seed)
+            train_cross_encoder(cross, rows, a.ce_epochs, d.ce_batch_size, d.ce_lr, a.seed)
         else:
             pairs = {"query": [], "doc": [], "label": []}
             for q, docs, labels in zip(rows["query"], rows["docs"], rows["labels"]):
@@ -122,8 +125,8 @@ def main(argv=None):
                     pairs["doc"].append(d)
                     pairs["label"].append(float(l))
             with tempfile.TemporaryDirectory() as tmp:
-                args = CrossEncoderTrainingArguments(output_dir=tmp, num_train_epochs=a.ce_epochs, per_device_train_batch_size=8 * a.k,
-                                                     learning_rate=1e-4, warmup_steps=0.1, seed=a.seed, data_seed=a.seed,
+                args = CrossEncoderTrainingArguments(output_dir=tmp, num_train_epochs=a.ce_epochs, per_device_train_batch_size=d.ce_batch_size * a.k,
+                                                     learning_rate=d.ce_lr, warmup_steps=0.1, seed=a.seed, data_seed=a.seed,
                                                      save_strategy="no", report_to="none", use_cpu=True)
                 CrossEncoderTrainer(model=cross, args=args, train_dataset=Dataset.from_dict(pairs), loss=BinaryCrossEntropyLoss(cross)).train()
         seconds = time.perf_counter() - t

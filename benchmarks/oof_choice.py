@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.fusion_study import RULES, _features, _fit, _gold_pos, _probe_scores, _scored
+from benchmarks.paired import bootstrap_interval, mcnemar_p
 
 SERVED = "served: CE + retrieval, K=5"
 RETRIEVAL_ONLY = {"retrieval only, K=5": (["D"], 5)}
@@ -78,22 +79,6 @@ def configuration(runs: list, k: int, device: str) -> list:
     """The held-out scores of one configuration's fold runs, in fold order."""
     cfgs = _fold_runs(runs)
     return [heldout_scores(run, cfg, k, device) for run, cfg in sorted(zip(runs, cfgs), key=lambda rc: rc[1].holdout()[0])]
-
-
-def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
-    """Exact two-sided McNemar p of two paired 0/1 vectors (binomial test on the discordant emails)."""
-    from scipy.stats import binomtest
-
-    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
-    return 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b).pvalue)
-
-
-def bootstrap_interval(a: np.ndarray, b: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple:
-    """95% paired bootstrap interval of mean(a) - mean(b), in points."""
-    rng = np.random.default_rng(seed)
-    d = a.astype(np.float64) - b.astype(np.float64)
-    means = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(draws)])
-    return 100 * float(np.quantile(means, 0.025)), 100 * float(np.quantile(means, 0.975))
 
 
 def cross_fitted(folds: list, feats: list, k: int) -> tuple:

@@ -35,6 +35,7 @@ class Runtime:
     gpu_accelerator: dict = field(default_factory=dict)  # execution accelerator on KIND_GPU instances: name + parameters
     fused_graph: bool = True  # model.onnx may hold onnxruntime's fused transformer operators
     torch_weights: bool = False  # the version folder carries the Hugging Face weights (pytorch/) it runs
+    gpu_label_search: str = ""  # with --gpu, the classifier's label search runs by torch on this device ("" = FAISS on the CPU)
     exported: bool = True  # `mailroute export --runtime` may choose it (tensorrt plans are built later, by trtexec)
 
 
@@ -47,7 +48,8 @@ RUNTIMES = {
     "native": Runtime(platform="onnxruntime_onnx", fused_graph=False, gpu_accelerator={
         "name": "tensorrt", "precision_mode": "FP16", "trt_engine_cache_enable": "1", "trt_engine_cache_path": TRT_ENGINE_CACHE}),
     "tensorrt": Runtime(platform="tensorrt_plan", fused_graph=False, exported=False),
-    "torch": Runtime(backend="python", adapter="torch_encoder.py", torch_weights=True),
+    # no faiss-gpu on the GPU machines it is for: label search by torch there (TorchFlatIP, TorchExemplarIndex)
+    "torch": Runtime(backend="python", adapter="torch_encoder.py", torch_weights=True, gpu_label_search="cuda"),
 }
 
 

@@ -194,7 +194,7 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
     if (repo / contract.CLASSIFIER / versions.CONFIG_FILE).exists():
         previous = versions.serving_version(repo) or previous
     # the config keeps serving what it served; promote() then names the new version and logs the change
-    search_device = "cuda" if cfg.gpu and configs.runtime(cfg.runtime).torch_weights else ""  # no faiss-gpu there: torch search
+    search_device = configs.runtime(cfg.runtime).gpu_label_search if cfg.gpu else ""
     (repo / contract.CLASSIFIER / versions.CONFIG_FILE).write_text(
         configs.classifier_config(contract.CLASSIFIER_MAX_BATCH, cfg.classifier_instances, embed_batch=DEFAULTS.embed_batch,
                                   score_batch=DEFAULTS.score_batch, serving_version=previous or cv,

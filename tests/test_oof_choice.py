@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from benchmarks import oof_choice
+from benchmarks import oof_choice, paired
 from mailroute.run_layout import RunFolder
 from mailroute.settings import BadSetting
 from training.config import TrainConfig
@@ -66,9 +66,9 @@ def test_cross_fitting_never_scores_a_fold_with_weights_fitted_on_it():
 def test_mcnemar_and_bootstrap_on_known_counts():
     a = np.array([True] * 10 + [False] * 0 + [True] * 30)
     b = np.array([False] * 10 + [True] * 0 + [True] * 30)
-    assert oof_choice.mcnemar_p(a, b) == pytest.approx(2 * 0.5 ** 10)
-    assert oof_choice.mcnemar_p(a, a) == 1.0
-    lo, hi = oof_choice.bootstrap_interval(a, b)
+    assert paired.mcnemar_p(a, b) == pytest.approx(2 * 0.5 ** 10)
+    assert paired.mcnemar_p(a, a) == 1.0
+    lo, hi = paired.bootstrap_interval(a, b)
     assert 0 < lo < 25 < hi
 
 
