@@ -1,7 +1,10 @@
-"""Settings of `mailroute export` (light: the CLI builds its flags from this without importing torch)."""
+"""Settings of `mailroute export` (light: the CLI builds its flags from this without importing torch or protobuf).
 
-from dataclasses import dataclass
+A field's --help is its `# comment`, or its metadata "help" where the text is rendered from another source."""
 
+from dataclasses import dataclass, field
+
+from export.runtimes import runtime_help
 from mailroute.settings import DEFAULT_REPOSITORY, DEFAULT_RUN, DEFAULTS
 
 
@@ -9,7 +12,7 @@ from mailroute.settings import DEFAULT_REPOSITORY, DEFAULT_RUN, DEFAULTS
 class ExportConfig:
     run: str = str(DEFAULT_RUN)  # trained run folder (from `mailroute train`)
     repo: str = str(DEFAULT_REPOSITORY)  # Triton model repository to add the new versions to
-    runtime: str = "portable"  # encoder runtime (export/configs.py RUNTIMES): portable (Python backend + onnxruntime) | native (onnxruntime_onnx) | torch
+    runtime: str = field(default="portable", metadata={"help": runtime_help()})  # the help lists export/runtimes.py RUNTIMES
     gpu: bool = False  # KIND_GPU instances (native or torch runtime, production)
     no_optimize: bool = False  # skip onnxruntime's transformer fusions (attention, LayerNorm, GELU)
     quantize: bool = False  # dynamic int8 weights (CPU); the accuracy change is measured and reported

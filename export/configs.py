@@ -1,56 +1,26 @@
 """config.pbtxt for each model, built as Triton's ModelConfig protobuf from mailroute.contract (the only
-place tensor names, dtypes and dims live) and the runtime registry below, then printed as text.
-
-A runtime is one registry entry: what serves an encoder (backend or platform), the adapter file its
-version folder needs, its parameters, GPU accelerator and whether its graph may carry onnxruntime's
-fused operators. Same names, dtypes and shapes in every runtime:
-  portable - backend python running model.onnx on onnxruntime (servers without the onnxruntime
-             backend, e.g. the nvidia-pytriton binary on these machines); fused graph
-  native   - platform onnxruntime_onnx (NGC container), TensorRT execution provider in fp16 on a GPU
-             with an engine cache; plain graph (TensorRT's parser knows no com.microsoft fused ops)
-  tensorrt - platform tensorrt_plan: the plans the compose stack's trtexec service builds from the
-             native runtime's plain model.onnx
-  torch    - backend python running the PyTorch weights in pytorch/ (fp16 + CUDA graphs on a GPU,
-             fp32 on a CPU); for GPU machines without onnxruntime-gpu or TensorRT
+place tensor names, dtypes and dims live) and the runtime registry (export/runtimes.py, re-exported here),
+then printed as text; and the shape profiles docker/build_tensorrt.sh passes to trtexec, rendered from the
+same declarations. Same names, dtypes and shapes in every runtime.
 
 Throughput settings (per export): instances, preferred batch sizes, the queue delay, and a queue
 limit: a request arriving at a full queue is refused at once (UNAVAILABLE, "exceeds maximum queue
 size") instead of waiting behind an overload.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from mailroute import contract
+from mailroute.settings import DEFAULTS
+from export.runtimes import EXPORT_RUNTIMES, RUNTIMES, TRT_ENGINE_CACHE, Runtime, runtime  # noqa: F401 (the registry, re-exported)
 
-
-@dataclass(frozen=True)
-class Runtime:
-    backend: str = ""  # Triton backend (python) ...
-    platform: str = ""  # ... or platform (onnxruntime_onnx, tensorrt_plan)
-    adapter: str = ""  # export/triton/<adapter> copied to each version as model.py ("" = none needed)
-    parameters: dict = field(default_factory=dict)
-    gpu_accelerator: dict = field(default_factory=dict)  # execution accelerator on KIND_GPU instances: name + parameters
-    fused_graph: bool = True  # model.onnx may hold onnxruntime's fused transformer operators
-    torch_weights: bool = False  # the version folder carries the Hugging Face weights (pytorch/) it runs
-    gpu_label_search: str = ""  # with --gpu, the classifier's label search runs by torch on this device ("" = FAISS on the CPU)
-    exported: bool = True  # `mailroute export --runtime` may choose it (tensorrt plans are built later, by trtexec)
-
-
-# where the TensorRT execution provider keeps its engines, inside the serving container: docker-compose.yml mounts
-# a named volume there, so an engine is built once per version and card, not at every start
-TRT_ENGINE_CACHE = "/trt_engine_cache"
-
-RUNTIMES = {
-    "portable": Runtime(backend="python", adapter="onnx_encoder.py", parameters={"intra_op_threads": "0"}),
-    "native": Runtime(platform="onnxruntime_onnx", fused_graph=False, gpu_accelerator={
-        "name": "tensorrt", "precision_mode": "FP16", "trt_engine_cache_enable": "1", "trt_engine_cache_path": TRT_ENGINE_CACHE}),
-    "tensorrt": Runtime(platform="tensorrt_plan", fused_graph=False, exported=False),
-    # no faiss-gpu on the GPU machines it is for: label search by torch there (TorchFlatIP, TorchExemplarIndex)
-    "torch": Runtime(backend="python", adapter="torch_encoder.py", torch_weights=True, gpu_label_search="cuda"),
-}
+# per encoder: the most rows in one call (its config's max_batch_size: the rows the classifier sends in one BLS call)
+# and the most tokens in a row (the tokenizer's budget: every caller truncates to it)
+ENCODER_LIMITS = {contract.BI_ENCODER: (DEFAULTS.embed_batch, DEFAULTS.max_email_tokens),
+                  contract.CROSS_ENCODER: (DEFAULTS.score_batch, DEFAULTS.max_pair_tokens)}
 
 
 @dataclass(frozen=True)
@@ -67,14 +37,7 @@ class Throughput:
             cfg.dynamic_batching.default_queue_policy.max_queue_size = self.max_queue_size
 
 
-EXPORT_RUNTIMES = tuple(name for name, r in RUNTIMES.items() if r.exported)
 CLASSIFIER_DELAY_FACTOR = 4  # the BLS classifier waits this many times the encoders' queue delay: it batches whole emails
-
-
-def runtime(name: str) -> Runtime:
-    if name not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {tuple(RUNTIMES)}, got {name!r}")
-    return RUNTIMES[name]
 
 
 def _dims(t: contract.Tensor, fill: dict) -> list:
@@ -125,6 +88,20 @@ def encoder_model_config(name: str, dim: int, runtime_name: str, max_batch: int,
 def encoder_config(name: str, dim: int, runtime_name: str, max_batch: int, instances: int = 1, gpu: bool = False,
                    throughput: Throughput = None) -> str:
     return _text(encoder_model_config(name, dim, runtime_name, max_batch, instances, gpu, throughput))
+
+
+def trtexec_shapes(name: str) -> str:
+    """trtexec's shape-profile flags for an encoder, one a line (docker/build_tensorrt.sh passes them on as they are):
+    every input the contract declares, batch x its dims with the token budget for any length. From 1 x 1 (a batch is
+    padded to its longest row, so a 3-token email alone must fit) up to, and tuned for, a full batch of full rows."""
+    max_batch, max_tokens = ENCODER_LIMITS[name]
+    inputs, _ = contract.ENCODER_TENSORS[name]
+
+    def shapes(batch: int, tokens: int) -> str:
+        return ",".join(f"{t.name}:" + "x".join(str(tokens if d == -1 else d) for d in (batch, *t.dims)) for t in inputs)
+
+    return "".join(f"--{kind}Shapes={shapes(*size)}\n" for kind, size in
+                   (("min", (1, 1)), ("opt", (max_batch, max_tokens)), ("max", (max_batch, max_tokens))))
 
 
 def classifier_model_config(max_batch: int, instances: int, embed_batch: int, score_batch: int, serving_version: int = None,

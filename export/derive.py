@@ -20,7 +20,7 @@ from mailroute import contract
 from mailroute.label_index import LabelIndex
 from mailroute.pipeline import load_tokenizer
 from mailroute.repository import (ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE, TORCH_WEIGHTS_DIR,
-                                  load_label_index, read_pipeline, version_dir)
+                                  TRTEXEC_SHAPES_FILE, load_label_index, read_pipeline, version_dir)
 from mailroute.settings import DEFAULTS
 from mailroute.taxonomy import NAME_RE, DataError, Label, parse_taxonomy
 from export.versions import new_version
@@ -108,6 +108,8 @@ def write_cross_encoder_version(repo, cross_model, pairs: list, quantize: bool =
         else:
             (folder / "fp32.onnx").rename(folder / MODEL_FILE)
         (folder / ENCODER_ID_FILE).write_text(weights_id(folder / MODEL_FILE) + "\n")
+        if not fused and not quantize:  # a graph TensorRT parses: docker/build_tensorrt.sh builds its plan, as for an export
+            (folder / TRTEXEC_SHAPES_FILE).write_text(configs.trtexec_shapes(contract.CROSS_ENCODER))
         if (prev / "model.py").exists():  # a Python-backend runtime (portable, torch): the same adapter as the version before
             shutil.copy(prev / "model.py", folder / "model.py")
     return v

@@ -16,7 +16,8 @@ from mailroute import contract
 from mailroute.label_index import LabelIndex, weights_id
 from mailroute.onnx_encoders import session
 from mailroute.pipeline import load_tokenizer, tensors
-from mailroute.repository import ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE, TORCH_WEIGHTS_DIR
+from mailroute.repository import (ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE, TORCH_WEIGHTS_DIR,
+                                  TRTEXEC_SHAPES_FILE)
 from mailroute.settings import DEFAULTS, BadSetting
 from export import configs, versions
 from export.versions import new_version
@@ -60,14 +61,19 @@ def check_runtime_unchanged(repo: Path, runtime_name: str) -> None:
                                  f"an export with another runtime would change how they run. Export into another --repo")
 
 
-def _write_encoder(repo: Path, name: str, onnx_path: Path, tokenizer: Path, cfg: ExportConfig, dim: int, max_batch: int,
+def _write_encoder(repo: Path, name: str, onnx_path: Path, tokenizer: Path, cfg: ExportConfig, dim: int, plain: bool,
                    save_weights=None) -> int:
+    """plain: model.onnx is plain fp32 ONNX, which TensorRT can parse: trtexec's shape profiles go next to it."""
+    # max_batch_size: the most rows the classifier sends in one BLS call (embed/score batch)
+    max_batch, _ = configs.ENCODER_LIMITS[name]
     with new_version(repo, name, cfg.version) as (vdir, v):  # renamed into place only when complete
         if configs.runtime(cfg.runtime).torch_weights:  # the runtime serves these; model.onnx stays for the index and parity
             save_weights(str(vdir / TORCH_WEIGHTS_DIR))
         shutil.copy(onnx_path, vdir / MODEL_FILE)
         shutil.copy(tokenizer, vdir / TOKENIZER_FILE)
         (vdir / ENCODER_ID_FILE).write_text(weights_id(vdir / MODEL_FILE) + "\n")
+        if plain:  # docker/build_tensorrt.sh builds model.plan from these two
+            (vdir / TRTEXEC_SHAPES_FILE).write_text(configs.trtexec_shapes(name))
         adapter = configs.runtime(cfg.runtime).adapter
         if adapter:  # a runtime that serves model.onnx through a Python-backend adapter
             shutil.copy(TRITON_DIR / adapter, vdir / "model.py")
@@ -173,11 +179,10 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
         bi_path, cross_path = work / "bi.int8.onnx", work / "cross.int8.onnx"
 
     # 2. encoder versions (+ configs); the label index rebuilt with the exported bi-encoder
-    # each encoder's max_batch_size is the most rows the classifier sends it in one BLS call (embed/score batch)
-    dim = int(old.manifest["dim"])
-    bi_v = _write_encoder(repo, contract.BI_ENCODER, bi_path, bi_tok, cfg, dim, max_batch=DEFAULTS.embed_batch, save_weights=bi_model[0].auto_model.save_pretrained)
+    dim, plain = int(old.manifest["dim"]), not fuse and not cfg.quantize  # TensorRT parses neither fused nor int8 graphs
+    bi_v = _write_encoder(repo, contract.BI_ENCODER, bi_path, bi_tok, cfg, dim, plain, save_weights=bi_model[0].auto_model.save_pretrained)
     # the cross-encoder's whole folder (weights + tokenizer): continued training loads it as a CrossEncoder
-    cross_v = _write_encoder(repo, contract.CROSS_ENCODER, cross_path, cross_tok, cfg, dim, max_batch=DEFAULTS.score_batch, save_weights=cross_model.save)
+    cross_v = _write_encoder(repo, contract.CROSS_ENCODER, cross_path, cross_tok, cfg, dim, plain, save_weights=cross_model.save)
     bi_dir = repo / contract.BI_ENCODER / str(bi_v)
     index = label_index_from_onnx(bi_dir / MODEL_FILE, bi_dir / TOKENIZER_FILE, old)
 

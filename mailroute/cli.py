@@ -33,17 +33,19 @@ def _field_comments(cls) -> dict:
 
 
 def _add_dataclass_args(parser, cls, skip=()):
-    """Every field of a config dataclass becomes a --flag with the dataclass default (one source of truth)."""
+    """Every field of a config dataclass becomes a --flag with the dataclass default (one source of truth); its help is
+    the field's metadata "help" (text rendered from elsewhere, e.g. the runtime registry), else its comment."""
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
+        text = f.metadata.get("help", comments.get(f.name, ""))
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", help=f"{comments.get(f.name, '')} (default: off)")
+            parser.add_argument(flag, action="store_true", help=f"{text} (default: off)")
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            parser.add_argument(flag, type=typ, default=f.default, help=f"{comments.get(f.name, '')} (default: {f.default!r})")
+            parser.add_argument(flag, type=typ, default=f.default, help=f"{text} (default: {f.default!r})")
 
 
 def _config(cls, args):

@@ -169,8 +169,3 @@ def parse_eml(raw: bytes) -> tuple:
     if part.get_content_subtype() == "html":
         body = html_to_text(body)
     return subject, body
-
-
-def normalise_eml(raw: bytes, max_chars: int = DEFAULTS.max_email_chars) -> str:
-    subject, body = parse_eml(raw)
-    return normalise(body, subject, max_chars)

@@ -1,8 +1,9 @@
 """The layout of the Triton model repository, read by the Triton adapters and by in-process users.
 
-  <repo>/bi_encoder/<v>/      model.onnx  tokenizer.json  encoder_id   (+ model.py when portable or torch; + pytorch/ when torch)
+  <repo>/bi_encoder/<v>/      model.onnx  tokenizer.json  encoder_id   (+ model.py when portable or torch; + pytorch/ when torch;
+                                                                        + trtexec_shapes.txt when model.onnx is plain fp32 ONNX)
   <repo>/cross_encoder/<v>/   model.onnx  tokenizer.json  encoder_id   (+ model.py when portable or torch; + pytorch/ when
-                                                                        torch or made by continued training)
+                                                                        torch or made by continued training; + trtexec_shapes.txt likewise)
   <repo>/email_classifier/<v>/ model.py  pipeline.json  label_index/  (+ gate_report.json when made from feedback)
   <repo>/email_classifier/config.pbtxt   its version policy names the serving version (export.versions)
 pipeline.json pins the bi_encoder and cross_encoder versions this classifier version uses and holds its
@@ -23,6 +24,9 @@ from mailroute.settings import DEFAULTS
 
 MODEL_FILE, TOKENIZER_FILE, ENCODER_ID_FILE = "model.onnx", "tokenizer.json", "encoder_id"
 PIPELINE_FILE = "pipeline.json"
+# <encoder>/<v>/: trtexec's shape-profile flags (export.configs.trtexec_shapes), written next to a model.onnx that TensorRT
+# can parse (plain graph, not int8); docker/build_tensorrt.sh builds model.plan from the two and names this file too
+TRTEXEC_SHAPES_FILE = "trtexec_shapes.txt"
 GATE_REPORT_FILE = "gate_report.json"  # email_classifier/<v>/: the promotion gate's measurements of this version
 # <encoder>/<v>/pytorch/: the PyTorch weights behind an encoder version. `mailroute export --runtime torch` writes them
 # for both encoders (what that runtime serves: export/run.py, mailroute/torch_encoders.py); continued training writes

@@ -19,10 +19,11 @@ from mailroute.label_index import CardSpec, LabelScoring, weights_id  # noqa: E4
 from mailroute.repository import WEIGHTS_FILE  # noqa: E402
 from mailroute.rerank_policy import RerankPolicy  # noqa: E402
 from mailroute.run_layout import RunFolder  # noqa: E402
+from tiny_encoders import make_tiny_base, tiny_bi_encoder  # noqa: E402
 from training import bi_encoder as bi  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import load_demo  # noqa: E402
-from training.models import load_cross_encoder, make_tiny_base, tiny_bi_encoder  # noqa: E402
+from training.models import load_cross_encoder  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -114,7 +114,7 @@ def test_train_with_nearest_cards_end_to_end(tmp_path):
     from mailroute.run_layout import RunFolder
     from training.config import TrainConfig
     from training.data import splits_of
-    from training.models import make_tiny_base
+    from tiny_encoders import make_tiny_base
     from training.run import run
 
     base = make_tiny_base(tmp_path / "base")

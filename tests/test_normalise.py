@@ -2,9 +2,15 @@ from pathlib import Path
 
 import pytest
 
-from mailroute.normalise import InvalidEmail, html_to_text, normalise, normalise_eml, parse_eml
+from mailroute.normalise import InvalidEmail, html_to_text, normalise, parse_eml
 
 SAMPLES = Path(__file__).resolve().parent.parent / "training" / "demo" / "samples"
+
+
+def normalise_eml(raw: bytes) -> str:
+    """A raw .eml -> the text the encoders see: the client parses it, the server normalises subject + body."""
+    subject, body = parse_eml(raw)
+    return normalise(body, subject)
 
 
 def test_reply_eml_keeps_new_text_and_drops_quote_and_signature():

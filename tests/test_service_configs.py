@@ -165,6 +165,80 @@ def test_configs_written_before_the_runtime_parameter_are_recognised():
     assert runtime_of(text_format.Parse(old_native, model_config_pb2.ModelConfig())) == "native"
 
 
+def _shape_flags(path) -> dict:
+    """trtexec_shapes.txt -> {"min": {input: (batch, tokens)}, "opt": ..., "max": ...}"""
+    out = {}
+    for line in path.read_text().splitlines():
+        kind, _, spec = line.removeprefix("--").partition("Shapes=")
+        out[kind] = {name: tuple(int(d) for d in dims.split("x")) for name, dims in (s.split(":") for s in spec.split(","))}
+    return out
+
+
+def _build_tensorrt(repo, tmp_path):
+    """docker/build_tensorrt.sh over repo, with a stand-in trtexec that logs its arguments and writes the plan."""
+    from mailroute.settings import ROOT
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "trtexec").write_text('#!/usr/bin/env bash\necho "$@" >> "$TRTEXEC_LOG"\n'
+                                     'for a in "$@"; do case $a in --saveEngine=*) touch "${a#--saveEngine=}";; esac; done\n')
+    (bin_dir / "trtexec").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "TRTEXEC_LOG": str(tmp_path / "trtexec.log")}
+    return subprocess.run(["bash", str(ROOT / "docker" / "build_tensorrt.sh"), str(repo)], capture_output=True, text=True, env=env)
+
+
+def test_native_export_writes_trtexec_shapes_from_the_contract(tiny_run, tmp_path):
+    """A native export's encoder versions carry trtexec's shape profiles, rendered from the contract (inputs), the
+    config (max_batch_size) and the tokenizer budget; build_tensorrt.sh passes them on, per version, as they are."""
+    from export.configs import ENCODER_LIMITS
+    from export.run import ExportConfig, export
+    from export.versions import read_config
+    from mailroute.repository import TRTEXEC_SHAPES_FILE, version_dir
+
+    repo = tmp_path / "repo"
+    export(ExportConfig(run=str(tiny_run), repo=str(repo), runtime="native"))
+    for name, inputs in ((contract.BI_ENCODER, contract.BI_ENCODER_INPUTS), (contract.CROSS_ENCODER, contract.CROSS_ENCODER_INPUTS)):
+        flags = _shape_flags(version_dir(repo, name) / TRTEXEC_SHAPES_FILE)
+        max_batch, tokens = ENCODER_LIMITS[name]
+        for cfg in (read_config(repo, name), text_format.Parse((repo / name / "configs" / "tensorrt.pbtxt").read_text(), model_config_pb2.ModelConfig())):
+            assert cfg.max_batch_size == max_batch and tuple(i.name for i in cfg.input) == inputs
+        assert flags == {"min": dict.fromkeys(inputs, (1, 1)), "opt": dict.fromkeys(inputs, (max_batch, tokens)),
+                         "max": dict.fromkeys(inputs, (max_batch, tokens))}
+    assert not list(repo.glob(f"{contract.CLASSIFIER}/*/{TRTEXEC_SHAPES_FILE}"))
+
+    res = _build_tensorrt(repo, tmp_path)
+    assert res.returncode == 0, res.stderr
+    calls = (tmp_path / "trtexec.log").read_text().splitlines()
+    assert len(calls) == 2 and all(" --fp16 " in c for c in calls)
+    for name in (contract.BI_ENCODER, contract.CROSS_ENCODER):
+        vdir = version_dir(repo, name)
+        assert f"--onnx={vdir}/model.onnx --saveEngine={vdir}/model.plan --fp16 " + " ".join(
+            (vdir / TRTEXEC_SHAPES_FILE).read_text().split()) in calls
+    assert _build_tensorrt(repo, tmp_path).returncode == 0 and len((tmp_path / "trtexec.log").read_text().splitlines()) == 2  # built once
+
+
+def test_build_tensorrt_stops_at_a_version_without_shapes(tiny_repo, tmp_path):
+    """The portable export's fused graphs get no shapes file (TensorRT cannot parse them): the build names the version."""
+    from mailroute.repository import TRTEXEC_SHAPES_FILE
+
+    assert not list(tiny_repo.glob(f"*/*/{TRTEXEC_SHAPES_FILE}"))
+    repo = shutil.copytree(tiny_repo, tmp_path / "repo")
+    res = _build_tensorrt(repo, tmp_path)
+    assert res.returncode == 1 and not (tmp_path / "trtexec.log").exists()
+    assert f"{contract.BI_ENCODER}/1 has model.onnx but no {TRTEXEC_SHAPES_FILE}" in res.stderr and "--runtime native" in res.stderr
+
+
+def test_export_help_lists_every_registered_runtime(capsys):
+    from export.runtimes import RUNTIMES
+    from mailroute.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines (and may break at hyphens)
+    for name, r in RUNTIMES.items():
+        assert "".join(f"{name} = {r.summary}".split()) in text
+
+
 @pytest.mark.parametrize("flags,msg", [({"preferred_batch_sizes": "16,big"}, "--preferred-batch-sizes must be comma-separated"),
                                        ({"max_queue_size": -1}, "--max-queue-size must be at least 0"),
                                        ({"classifier_instances": 0}, "--classifier-instances must be at least 1")])

@@ -159,7 +159,7 @@ def test_carried_weights_round_trip_through_fp16(tmp_path):
     from safetensors.torch import load_file
 
     from benchmarks.gpu.weights import WEIGHTS, pack, unpack
-    from training.models import make_tiny_base
+    from tiny_encoders import make_tiny_base
 
     src = make_tiny_base(tmp_path / "base")
     pack(src, tmp_path / "base.tar.xz")

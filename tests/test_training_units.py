@@ -277,7 +277,8 @@ def test_half_precision_base_weights_load_as_fp32(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from training.models import load_bi_encoder, load_cross_encoder, make_tiny_base
+    from tiny_encoders import make_tiny_base
+    from training.models import load_bi_encoder, load_cross_encoder
 
     base = make_tiny_base(tmp_path / "base")
     w = base / WEIGHTS_FILE
@@ -288,7 +289,8 @@ def test_half_precision_base_weights_load_as_fp32(tmp_path):
 
 def test_drop_autocast_wrapper_restores_the_class_forward(tmp_path):
     """accelerate leaves a trained model's forward wrapped in autocast (an instance attribute); it goes."""
-    from training.models import drop_autocast_wrapper, tiny_bi_encoder
+    from tiny_encoders import tiny_bi_encoder
+    from training.models import drop_autocast_wrapper
 
     model = tiny_bi_encoder(tmp_path)
     original = model.forward
@@ -356,6 +358,28 @@ def test_training_rows_with_a_share_are_the_least_sure_emails_not_on_a_card():
     # Then 3 rows (2.5 rounds up): emails 5, 2 and 4 (margins .04, .1, .6), never the card's email 0 (margin 0)
     assert rows["query"] == ["email 2", "email 4", "email 5"]
     assert all(sum(r) == 1 for r in rows["labels"])
+
+
+def test_early_stopping_rows_with_a_share_are_the_least_sure_validation_emails():
+    from training.config import TrainConfig
+    from training.data import Example
+    from training.run import _validation_rows
+    from types import SimpleNamespace
+
+    from mailroute.taxonomy import CardSpec, parse_taxonomy
+
+    # Given 4 validation emails with retrieval margins .8 .1 .6 .04 (no card filter applies to validation)
+    tax = parse_taxonomy({"name": "t", "labels": [{"name": "a", "description": "A"}, {"name": "b", "description": "B"}]})
+    val = [Example(f"val {i}", "a" if i % 2 else "b") for i in range(4)]
+    scores = np.array([[.9, .1], [.45, .55], [.8, .2], [.52, .48]])
+    cand = np.argsort(-scores, axis=1, kind="stable")
+    index = SimpleNamespace(card_spec=CardSpec(examples=1, nearest=False), taxonomy=tax, label_texts=["A: card", "B: card"],
+                            exemplar_index=None)
+    # When the cross-encoder trains on the 50% least sure, its early-stopping rows are the 50% least sure of validation
+    rows = _validation_rows(TrainConfig(ce_train_share=0.5), index, val, np.zeros((4, 3)), cand, scores)
+    assert rows["query"] == ["val 1", "val 3"]
+    # And with the default share every validation email is a row, in order
+    assert _validation_rows(TrainConfig(), index, val, np.zeros((4, 3)), cand, scores)["query"] == [e.text for e in val]
 
 
 @pytest.mark.parametrize("setting, message", [({"bi_positives": "emails"}, "--bi-positives must be one of"),

@@ -1,4 +1,4 @@
-"""Loading the encoders: the offline all-MiniLM-L6-v2 base, saved runs, and tiny random ones for tests."""
+"""Loading the encoders: the offline all-MiniLM-L6-v2 base and saved runs; training device and precision."""
 
 import os
 from pathlib import Path
@@ -8,7 +8,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
 from sentence_transformers import CrossEncoder, SentenceTransformer  # noqa: E402
-from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer  # noqa: E402
+from sentence_transformers.sentence_transformer.modules import Normalize  # noqa: E402
 
 from mailroute.settings import DEFAULTS, BadSetting  # noqa: E402
 
@@ -83,19 +83,6 @@ def load_cross_encoder(path=None, max_length: int = DEFAULTS.max_pair_tokens, de
                         activation_fn=torch.nn.Identity(), device=device).float()
 
 
-def make_tiny_base(folder, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
-    """A tiny randomly initialised BERT with the real MiniLM tokenizer (for fast tests)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=hidden * 2, max_position_embeddings=512)
-    folder = Path(folder)
-    BertModel(cfg).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(base_model_dir())).save_pretrained(folder)
-    return folder
-
-
 def drop_autocast_wrapper(model) -> None:
     """accelerate wraps a trained model's forward in the trainer's bf16/fp16 autocast and leaves it there;
     encoding after training (label index, mining, validation) should run in fp32 like serving does."""
@@ -103,11 +90,3 @@ def drop_autocast_wrapper(model) -> None:
         if m is not None:
             vars(m).pop("forward", None)
             vars(m).pop("_original_forward", None)
-
-
-def tiny_bi_encoder(folder) -> SentenceTransformer:
-    """A 2-layer random bi-encoder whose base weights are written to `folder` (the caller's, and removed by it)."""
-    folder = Path(folder)
-    make_tiny_base(folder)
-    tr = Transformer(str(folder), max_seq_length=DEFAULTS.max_email_tokens)
-    return SentenceTransformer(modules=[tr, Pooling(tr.get_embedding_dimension(), "mean"), Normalize()], device="cpu")

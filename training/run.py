@@ -54,6 +54,14 @@ def _training_rows(cfg: TrainConfig, index: LabelIndex, train: list, x_train: np
     return listwise_rows([train[i] for i in keep], cand[keep], index, cfg.seed, scores[keep] if cfg.train_retrieval_weight else None,
                          x=x_train[keep], exclude=exclude[keep])
 
+
+def _validation_rows(cfg: TrainConfig, index: LabelIndex, val: list, x_val: np.ndarray, cand: np.ndarray, scores: np.ndarray) -> dict:
+    """Listwise rows of the validation emails for early stopping, chosen like the training rows: with --ce-train-share
+    the cross-encoder is judged on the share of validation emails retrieval is least sure of, the ones it will rerank."""
+    keep = least_sure(cand, scores, cfg.ce_train_share)
+    return listwise_rows([val[i] for i in keep], cand[keep], index, cfg.seed, scores[keep] if cfg.train_retrieval_weight else None,
+                         x=x_val[keep])
+
 def run(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -151,8 +159,7 @@ def run(cfg: TrainConfig) -> dict:
     keep_best = None
     if cfg.ce_epochs > 1:  # epochs by early stopping: validation rows mined like training rows, checked after every epoch
         cand_val, scores_val = mine_candidates(model, [e.text for e in val], index, cfg.k_train, x=x_val)
-        keep_best = KeepBestEpoch(cross, listwise_rows(val, cand_val, index, cfg.seed, scores_val if cfg.train_retrieval_weight else None,
-                                                       x=x_val))
+        keep_best = KeepBestEpoch(cross, _validation_rows(cfg, index, val, x_val, cand_val, scores_val))
     train_cross_encoder(cross, rows, cfg.ce_epochs, cfg.ce_batch_size, cfg.ce_lr, cfg.seed,
                         RerankPolicy(retrieval_weight=cfg.train_retrieval_weight), device, callbacks=[keep_best] if keep_best else None,
                         precision=cfg.precision)
@@ -309,8 +316,7 @@ def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device
     x_val = bi.embed(model, [e.text for e in val])
     cand_val, scores_val = mine_candidates(model, None, index, cfg.k_train, x=x_val)
     cross = load_cross_encoder(src.cross_encoder, device=device)
-    keep_best = KeepBestEpoch(cross, listwise_rows(val, cand_val, index, cfg.seed, scores_val if cfg.train_retrieval_weight else None,
-                                                   x=x_val), first_epoch=0)
+    keep_best = KeepBestEpoch(cross, _validation_rows(cfg, index, val, x_val, cand_val, scores_val), first_epoch=0)
     keep_best.on_epoch_end(None, None, None)  # epoch 0: the starting weights compete too
     lr = ce_lr or cfg.ce_lr
     print(f"resume: cross-encoder +{ce_epochs} epoch(s) at lr {lr} from {src.cross_encoder}")
