@@ -42,18 +42,13 @@ def main(argv=None) -> None:
                     help="label cards of each label's exemplars nearest the email (CardSpec.nearest): made and tokenised per batch")
     a = ap.parse_args(argv)
 
-    from benchmarks.gpu.run import random_run, synthetic_emails
+    from benchmarks.gpu.run import base_tokenizer, random_run, synthetic_emails
     from export.run import ExportConfig, export
     from mailroute.repository import open_onnx_classifier
-    from training.models import base_model_dir
 
     work = Path(tempfile.mkdtemp(prefix="mailroute-cpu-side-"))
     try:
-        tok = work / "tokenizer"
-        tok.mkdir()
-        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-            if (base_model_dir() / f).exists():
-                shutil.copy(base_model_dir() / f, tok / f)
+        tok = base_tokenizer(work / "tokenizer")
         run = random_run(work, tok, tiny=True, nearest_cards=a.nearest)
         export(ExportConfig(run=str(run), repo=str(work / "repo"), top_k=a.k))
         clf = open_onnx_classifier(work / "repo")

@@ -24,6 +24,14 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize
 
+from benchmarks.neighbour_cards import scores_file as neighbour_scores_file
+from mailroute.settings import DEFAULTS
+
+K = DEFAULTS.top_k  # the served K: the rules named K=<this> rerank the candidates a served version reranks
+STUDY_K = 10  # the larger K every email is scored at by default (study_k10.npz), and the rules named K=10
+SERVED = f"served: CE + retrieval, K={K}"
+PROBE_RULES = {f"retrieval + probe, K={K}": (["D", "probe"], K), f"CE + retrieval + probe, K={K}": (["ce0", "D", "probe"], K)}
+
 
 def _scored(run: Path, k: int, extra_ce: list, device: str, splits: dict = None) -> dict:
     """Both stages over validation and test (or `splits`: name -> emails) at K=k, plus the label scores of the
@@ -171,15 +179,15 @@ def _cv(F, gold, folds: int = 10, seed: int = 0) -> float:
 
 
 RULES = {  # name -> (features, K)
-    "retrieval only (run's scoring)": (["D"], 10),
-    "served: CE + retrieval, K=5": (["ce0", "D"], 5),
-    "CE + retrieval, K=10": (["ce0", "D"], 10),
-    "CE + retrieval + description, K=5": (["ce0", "D", "description"], 5),
-    "CE + top1/top3/top10 + description, K=5": (["ce0", "top1", "top3", "top10", "description"], 5),
-    "CE + retrieval + soft-kNN, K=5": (["ce0", "D", "softknn"], 5),
-    "CE + retrieval + rank, K=5": (["ce0", "D", "rank"], 5),
-    "CE + all retrieval features + rank, K=5": (["ce0", "top1", "top3", "top10", "description", "softknn", "rank"], 5),
-    "CE + all retrieval features + rank, K=10": (["ce0", "top1", "top3", "top10", "description", "softknn", "rank"], 10),
+    "retrieval only (run's scoring)": (["D"], STUDY_K),
+    SERVED: (["ce0", "D"], K),
+    f"CE + retrieval, K={STUDY_K}": (["ce0", "D"], STUDY_K),
+    f"CE + retrieval + description, K={K}": (["ce0", "D", "description"], K),
+    f"CE + top1/top3/top10 + description, K={K}": (["ce0", "top1", "top3", "top10", "description"], K),
+    f"CE + retrieval + soft-kNN, K={K}": (["ce0", "D", "softknn"], K),
+    f"CE + retrieval + rank, K={K}": (["ce0", "D", "rank"], K),
+    f"CE + all retrieval features + rank, K={K}": (["ce0", "top1", "top3", "top10", "description", "softknn", "rank"], K),
+    f"CE + all retrieval features + rank, K={STUDY_K}": (["ce0", "top1", "top3", "top10", "description", "softknn", "rank"], STUDY_K),
 }
 
 
@@ -188,14 +196,17 @@ def main(argv=None) -> int:
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--run", required=True, help="a trained run folder (mailroute train)")
     ap.add_argument("--extra-ce", nargs="*", default=[], help="other runs sharing stage 1 whose cross-encoders are added as features")
-    ap.add_argument("--k", type=int, default=10, help="candidates scored per email (rules use the first 5 or all)")
+    ap.add_argument("--k", type=int, default=STUDY_K, help=f"candidates scored per email (rules use the first {K}, the served K, "
+                                                           f"or all; at least {K})")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--nearest-scores", help="a benchmarks/neighbour_cards.py --out folder: its nearest-card cross-encoder's "
-                                             "logits (same run, K=5) join as a feature (`near`)")
+                                             "logits (same run, its k_eval) join as a feature (`near`)")
     ap.add_argument("--probe", action="store_true", help="one more retrieval feature: a linear softmax probe on the bi-encoder's "
                                                          "embeddings, fitted on the training emails (the index's exemplars)")
     ap.add_argument("--json", help="write the table here as JSON too")
     a = ap.parse_args(argv)
+    if a.k < K:
+        ap.error(f"--k must be at least the served K ({K}, mailroute.settings DEFAULTS.top_k): the rules read its first {K} candidates; got {a.k}")
     run = Path(a.run)
     from mailroute.run_layout import RunFolder
 
@@ -216,12 +227,11 @@ def main(argv=None) -> int:
         for sp, probe in _probe_scores(run, a.device).items():
             data[sp]["probe"] = np.take_along_axis(probe, data[sp]["I"], 1)
             print(f"probe alone on {sp}: {np.mean(probe.argmax(1) == data[sp]['gold']):.2%}")
-        rules["retrieval + probe, K=5"] = (["D", "probe"], 5)
-        rules["CE + retrieval + probe, K=5"] = (["ce0", "D", "probe"], 5)
-        rules["CE + retrieval + probe, K=10"] = (["ce0", "D", "probe"], 10)
+        rules |= PROBE_RULES
+        rules[f"CE + retrieval + probe, K={STUDY_K}"] = (["ce0", "D", "probe"], STUDY_K)
     if a.nearest_scores:
         for sp, name in (("val", "validation"), ("test", "test")):
-            scores_file = Path(a.nearest_scores) / f"neighbour_cards_neighbours_{name}.npz"
+            scores_file = neighbour_scores_file(a.nearest_scores, "neighbours", name)
             if not scores_file.exists():
                 raise SystemExit(f"--nearest-scores: no {scores_file} (run benchmarks/neighbour_cards.py --arms neighbours --test "
                                  f"--out {a.nearest_scores} first)")
@@ -230,13 +240,13 @@ def main(argv=None) -> int:
             if not np.array_equal(near["candidates"], data[sp]["I"][:, :k_near]):
                 raise SystemExit(f"--nearest-scores: its {name} candidates are not this run's first {k_near}: another run or split")
             data[sp]["near"] = np.pad(near["logits"], ((0, 0), (0, a.k - k_near)), constant_values=np.nan)
-        rules["nearest-card CE + retrieval, K=5"] = (["near", "D"], 5)
-        rules["CE + nearest-card CE + retrieval, K=5"] = (["ce0", "near", "D"], 5)
+        rules[f"nearest-card CE + retrieval, K={K}"] = (["near", "D"], K)
+        rules[f"CE + nearest-card CE + retrieval, K={K}"] = (["ce0", "near", "D"], K)
         if n_ce > 1:
-            rules["CE ensemble + nearest-card CE + retrieval, K=5"] = ([f"ce{i}" for i in range(n_ce)] + ["near", "D"], 5)
+            rules[f"CE ensemble + nearest-card CE + retrieval, K={K}"] = ([f"ce{i}" for i in range(n_ce)] + ["near", "D"], K)
     if n_ce > 1:
-        rules["CE ensemble (" + "+".join(f"ce{i}" for i in range(n_ce)) + ") + retrieval, K=5"] = ([f"ce{i}" for i in range(n_ce)] + ["D"], 5)
-        rules["CE ensemble + retrieval, K=10"] = ([f"ce{i}" for i in range(n_ce)] + ["D"], 10)
+        rules["CE ensemble (" + "+".join(f"ce{i}" for i in range(n_ce)) + f") + retrieval, K={K}"] = ([f"ce{i}" for i in range(n_ce)] + ["D"], K)
+        rules[f"CE ensemble + retrieval, K={STUDY_K}"] = ([f"ce{i}" for i in range(n_ce)] + ["D"], STUDY_K)
     table = []
     for name, (feats, k) in rules.items():
         pos = {sp: _gold_pos(d, k) for sp, d in data.items()}
@@ -252,10 +262,10 @@ def main(argv=None) -> int:
     from mailroute.rerank_policy import fit_fusion
 
     def served(d, policy):
-        return float(np.mean(policy.probabilities(d["logits"][:, :5, 0], d["D"][:, :5]).argmax(1) == _gold_pos(d, 5)))
+        return float(np.mean(policy.probabilities(d["logits"][:, :K, 0], d["D"][:, :K]).argmax(1) == _gold_pos(d, K)))
 
-    ok = _gold_pos(data["val"], 5) >= 0
-    policy = fit_fusion(data["val"]["logits"][ok, :5, 0], data["val"]["D"][ok, :5], _gold_pos(data["val"], 5)[ok])
+    ok = _gold_pos(data["val"], K) >= 0
+    policy = fit_fusion(data["val"]["logits"][ok, :K, 0], data["val"]["D"][ok, :K], _gold_pos(data["val"], K)[ok])
     print(f"{'served rule by RerankPolicy (fit_fusion)':48s} {served(data['val'], policy):14.2%} {'':11s} {served(data['test'], policy):7.2%}"
           f"   retrieval_weight {policy.retrieval_weight:.0f}")
     if a.json:

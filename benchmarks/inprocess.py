@@ -14,6 +14,7 @@ import torch
 
 from benchmarks.inputs import banking77_texts, email_texts
 from mailroute.repository import open_onnx_classifier
+from mailroute.settings import DEFAULT_REPOSITORY, DEFAULT_RUN
 from training.reference import load_reference
 
 
@@ -27,8 +28,8 @@ def throughput(clf, texts: list, batch: int, k: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", default="runs/demo")
-    ap.add_argument("--repo", default="model_repository")
+    ap.add_argument("--run", default=str(DEFAULT_RUN))
+    ap.add_argument("--repo", default=str(DEFAULT_REPOSITORY))
     ap.add_argument("--n", type=int, default=256, help="emails per measurement")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--k", type=int, default=10)

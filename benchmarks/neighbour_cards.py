@@ -28,6 +28,11 @@ from pathlib import Path
 import numpy as np
 
 
+def scores_file(folder, arm: str, split: str) -> Path:
+    """Where an arm's scores on a split are saved in --out (written here, read by benchmarks/fusion_study.py --nearest-scores)."""
+    return Path(folder) / f"neighbour_cards_{arm}_{split}.npz"
+
+
 def _fit(logits, retrieval, gold):
     """The served fusion (`fit_fusion`) fitted on the rows whose gold was retrieved."""
     from mailroute.rerank_policy import fit_fusion
@@ -127,7 +132,7 @@ def main(argv=None) -> int:
                 v = scored["validation"]
                 policy = _fit(v["logits"], v["retrieval"], v["gold"])
                 out[split]["fused"] = float(np.mean(_right(policy, logits, d["retrieval"], d["gold"])))
-            np.savez_compressed(Path(a.out) / f"neighbour_cards_{arm}_{split}.npz", logits=logits, retrieval=d["retrieval"],
+            np.savez_compressed(scores_file(a.out, arm, split), logits=logits, retrieval=d["retrieval"],
                                 gold=d["gold"], candidates=d["I"])
         results["arms"][arm] = out
         print(f"{arm}: {json.dumps({k: v for k, v in out.items() if k != 'example_cards'})}", flush=True)

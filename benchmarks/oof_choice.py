@@ -10,7 +10,7 @@ so that every training email is scored by a bi-encoder, a label index and a cros
     python -m benchmarks.oof_choice --runs runs/oof2-0 runs/oof2-1 [--compare runs/oof2n-0 runs/oof2n-1] \\
         [--reference benchmarks/results/banking77/fusion_study_s16.json] [--json out.json]
 
-Each run scores its held-out fold once at K=--k (cached as RUN/heldout_k5.npz); each rule of
+Each run scores its held-out fold once at K=--k (cached as RUN/heldout_k<K>.npz); each rule of
 benchmarks/fusion_study.py is then cross-fitted: its weights are fitted on the other folds' held-out emails
 and it is scored on this fold's, so no email is scored by weights fitted on it. Every rule is compared
 with the served rule (CE + retrieval) on the same emails: difference, a paired bootstrap interval and
@@ -28,12 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.fusion_study import RULES, _features, _fit, _gold_pos, _probe_scores, _scored
+from benchmarks.fusion_study import K, PROBE_RULES, RULES, SERVED, _features, _fit, _gold_pos, _probe_scores, _scored
 from benchmarks.paired import bootstrap_interval, mcnemar_p
 
-SERVED = "served: CE + retrieval, K=5"
-RETRIEVAL_ONLY = {"retrieval only, K=5": (["D"], 5)}
-PROBE_RULES = {"retrieval + probe, K=5": (["D", "probe"], 5), "CE + retrieval + probe, K=5": (["ce0", "D", "probe"], 5)}
+RETRIEVAL_ONLY = {f"retrieval only, K={K}": (["D"], K)}
 
 
 def _fold_runs(runs: list) -> list:
@@ -125,13 +123,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--runs", nargs="+", required=True, help="the n runs of `mailroute train --holdout-fold i/n`, one per fold")
-    ap.add_argument("--k", type=int, default=5, help="candidates scored per held-out email (the served K is 5)")
+    ap.add_argument("--k", type=int, default=K, help=f"candidates scored per held-out email (the served K is {K}; at least that)")
     ap.add_argument("--compare", nargs="+", default=[], help="the fold runs of a second configuration (same folds, e.g. "
                                                               "--card-nearest): its served rule against this one's, email by email")
     ap.add_argument("--reference", help="a fusion_study --json file of the headline run: its validation and test per rule, shown")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", help="write the table here as JSON too")
     a = ap.parse_args(argv)
+    if a.k < K:
+        ap.error(f"--k must be at least the served K ({K}, mailroute.settings DEFAULTS.top_k): every rule is compared with the "
+                 f"served rule at K={K}; got {a.k}")
     if a.compare:
         same_split(a.runs, a.compare)
     folds = configuration(a.runs, a.k, a.device)

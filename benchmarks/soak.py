@@ -32,6 +32,7 @@ from client import ClassifierClient
 from client.server import TritonServer
 from client.watchdog import Watchdog
 from mailroute import contract
+from mailroute.settings import DEFAULT_REPOSITORY
 
 BAD = [("", "empty"), (b"\xff\xfe\xfa", "not UTF-8")]
 
@@ -71,7 +72,7 @@ def max_throughput(url: str, texts: list, concurrency: int, seconds: float) -> f
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repo", default="model_repository")
+    ap.add_argument("--repo", default=str(DEFAULT_REPOSITORY))
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--load", type=float, default=0.7, help="share of the measured maximum throughput (default 0.7)")
     ap.add_argument("--kill-at", type=float, default=300.0, help="seconds into the soak to kill the cross_encoder stub; <0 = never")

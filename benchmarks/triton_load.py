@@ -4,7 +4,8 @@
 
 Starts the real tritonserver on the repository (free ports), runs `concurrency` threads that each
 send one email per request for `seconds`, then runs the in-process ONNX classifier on the same
-emails with the same batch the server formed on average, and reports the overhead.
+emails in batches of `concurrency` (the largest batch the server can form from that many requests
+in flight), and reports the overhead.
 """
 
 import argparse
@@ -17,6 +18,7 @@ from benchmarks.inputs import banking77_texts, email_texts, percentiles
 from client import ClassifierClient
 from client.server import TritonServer
 from mailroute.repository import open_onnx_classifier
+from mailroute.settings import DEFAULT_REPOSITORY
 
 
 def load(url: str, texts: list, concurrency: int, seconds: float, k: int) -> dict:
@@ -52,7 +54,7 @@ def inprocess(clf, texts: list, batch: int, k: int, n: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repo", default="model_repository")
+    ap.add_argument("--repo", default=str(DEFAULT_REPOSITORY))
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--k", type=int, default=10)

@@ -18,14 +18,35 @@ class EmailInput:
     subject: str = ""
 
 
+FILE_SUFFIXES = (".eml", ".txt", ".jsonl")
+
+
+def _existing_path(item: str):
+    """The file or folder `item` names, or None when it names none. Email text is no path: the system refuses
+    a name over 255 bytes (OSError ENAMETOOLONG) or with a NUL (ValueError), and either means "text" here."""
+    if not item:
+        return None  # Path("") is the current folder
+    p = Path(item)
+    try:
+        return p if p.is_file() or p.is_dir() else None
+    except (OSError, ValueError):
+        return None
+
+
 def read_inputs(items: list) -> list:
+    """Each item is a file (.eml, .jsonl, else read as text) when it names an existing file, else email text.
+    An item that could be a file name (one line, a name of at most 255 bytes) ending in .eml/.txt/.jsonl but naming
+    no file is refused: a mistyped path, not an email."""
     out = []
     for n, item in enumerate(items, 1):
-        p = Path(item)
-        if p.suffix in (".eml", ".txt", ".jsonl") and not p.exists():
-            raise InputError(f"{item}: file not found")
-        if not p.exists():
-            out.append(EmailInput(f"arg {n}", item.encode("utf-8")))
+        p = _existing_path(item)
+        if p is None:
+            name = Path(item).name
+            if Path(name).suffix in FILE_SUFFIXES and "\n" not in item and len(name.encode("utf-8", "surrogateescape")) <= 255:
+                raise InputError(f"{item}: file not found")
+            out.append(EmailInput(f"arg {n}", item.encode("utf-8", "surrogateescape")))
+        elif p.is_dir():
+            raise InputError(f"{item}: is a folder; give the files in it")
         elif p.suffix == ".eml":
             subject, body = parse_eml(p.read_bytes())
             out.append(EmailInput(str(p), body.encode("utf-8"), subject))
@@ -34,6 +55,12 @@ def read_inputs(items: list) -> list:
         else:
             out.append(EmailInput(str(p), p.read_bytes()))
     return out
+
+
+def read_stdin(data) -> list:
+    """What was piped in (bytes or str): always one email's text, never a file name."""
+    text = data if isinstance(data, bytes) else data.encode("utf-8", "surrogateescape")
+    return [EmailInput("stdin", text)] if text.strip() else []
 
 
 def read_jsonl(path: Path) -> list:

@@ -7,6 +7,7 @@ bin/ first on PATH (the stub takes sys.path from the python3 it finds there), wa
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,6 +30,46 @@ ROOT = Path(__file__).resolve().parent.parent  # this checkout: the stub environ
 GRPC_KEEPALIVE = ("--grpc-keepalive-permit-without-calls=1", "--grpc-http2-min-recv-ping-interval-without-data=10000")
 
 
+class ServerStartError(RuntimeError):
+    """tritonserver could not start for a reason its user can usually fix: a wrong model repository, a port in
+    use, nvidia-pytriton missing, a server that died or never got ready. `summary` is one line naming what was
+    wrong; str() adds the tail of the server log where there is one (the CLI prints the two apart)."""
+
+    def __init__(self, summary: str, log_tail: str = ""):
+        super().__init__(summary + (f"\n{log_tail}" if log_tail else ""))
+        self.summary, self.log_tail = summary, log_tail
+
+    def __str__(self):
+        return self.args[0] if self.args else ""
+
+
+class ServerNotReady(ServerStartError, TimeoutError):
+    """The server runs but did not answer ready within the start timeout (it has been stopped)."""
+
+
+def check_repository(repo, models) -> None:
+    """Refuse, before anything is launched, a model repository that is missing or lacks a model to be served."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        raise ServerStartError(f"model repository {repo} does not exist (or is not a folder): give it with --repo, "
+                               f"or make one with `mailroute export`")
+    missing = [m for m in models if not (repo / m).is_dir()]
+    if missing:
+        raise ServerStartError(f"model repository {repo} has no {' or '.join(missing)} model folder: "
+                               f"wrong --repo, or not exported yet (`mailroute export --repo {repo}`)")
+
+
+def port_problem(port: int):
+    """Why tritonserver could not listen on `port` (it binds every address), or None when it can."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port left in TIME_WAIT is free for tritonserver too
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,7 +79,7 @@ def free_port() -> int:
 def pytriton_dir() -> Path:
     spec = importlib.util.find_spec("pytriton")  # not `import pytriton`: it pulls in gevent and more
     if spec is None:
-        raise RuntimeError("nvidia-pytriton is not installed: pip install nvidia-pytriton==0.7.0")
+        raise ServerStartError("nvidia-pytriton is not installed (it ships the tritonserver binary): pip install nvidia-pytriton==0.7.0")
     return Path(spec.origin).parent
 
 
@@ -48,7 +89,7 @@ def backend_dir(work: Path) -> Path:
     shutil.copytree(pt / "tritonserver" / "backends" / "python", be / "python", dirs_exist_ok=True)
     stub = pt / "tritonserver" / "python_backend_stubs" / f"{sys.version_info[0]}.{sys.version_info[1]}" / "triton_python_backend_stub"
     if not stub.exists():
-        raise RuntimeError(f"no Triton Python backend stub for Python {sys.version_info[0]}.{sys.version_info[1]} in {stub.parent.parent}")
+        raise ServerStartError(f"no Triton Python backend stub for Python {sys.version_info[0]}.{sys.version_info[1]} in {stub.parent.parent}")
     shutil.copy(stub, be / "python" / "triton_python_backend_stub")
     return be
 
@@ -87,11 +128,11 @@ def stub_interpreter(work: Path, stub_site: str = "") -> Path:
         return Path(sys.executable).parent
     stub_site = stub_site or os.environ.get(STUB_SITE_ENV, "")
     if numpy2 and not stub_site:
-        raise RuntimeError(f"numpy {numpy.__version__} here: the Triton Python backend stub of nvidia-pytriton 0.7.0 corrupts "
-                           f"every input tensor under numpy >= 2. Set {STUB_SITE_ENV} to a folder holding numpy < 2 "
-                           f"(pip install --target DIR 'numpy<2'), or use an environment with numpy < 2")
+        raise ServerStartError(f"numpy {numpy.__version__} here: the Triton Python backend stub of nvidia-pytriton 0.7.0 corrupts "
+                               f"every input tensor under numpy >= 2. Set {STUB_SITE_ENV} to a folder holding numpy < 2 "
+                               f"(pip install --target DIR 'numpy<2'), or use an environment with numpy < 2")
     if stub_site and not any(Path(stub_site).glob("numpy/__init__.py")):
-        raise RuntimeError(f"{STUB_SITE_ENV}={stub_site}: no numpy package there; install one with pip install --target {stub_site} 'numpy<2'")
+        raise ServerStartError(f"{STUB_SITE_ENV}={stub_site}: no numpy package there; install one with pip install --target {stub_site} 'numpy<2'")
     import site
     import venv
 
@@ -108,6 +149,15 @@ def stub_interpreter(work: Path, stub_site: str = "") -> Path:
     (lib / "mailroute_stub.pth").write_text("\n".join([*first, *map(str, map(Path.resolve, map(Path, extra))), *site.getsitepackages(),
                                                      str(ROOT), *hide]) + "\n")
     return env / "bin"
+
+
+_LOG_ERROR = re.compile(r"^E\d{4} [\d:.]+\s+\d+ [^\]]*\] ?(.*)$")  # glog: E0101 12:00:00.123456 42 file.cc:99] message
+
+
+def last_error(log: str) -> str:
+    """The last error line of a tritonserver log (its message, without glog's prefix), or ""."""
+    errors = [m.group(1).strip() for m in map(_LOG_ERROR.match, log.splitlines()) if m]
+    return next((e for e in reversed(errors) if e), "")[:500]
 
 
 class TritonServer:
@@ -133,9 +183,24 @@ class TritonServer:
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    def check_repository(self) -> None:
+        """Refuse a repository without the models this server would load (explicit mode: all of them; else the classifier)."""
+        check_repository(self.repo, self.models if self.explicit else [contract.CLASSIFIER])
+
+    def check_ports(self) -> None:
+        for name, port, flag in (("gRPC", self.grpc_port, "--grpc-port"), ("HTTP", self.http_port, "--http-port"),
+                                 ("metrics", self.metrics_port, "--metrics-port")):
+            problem = port_problem(port)
+            if problem:
+                raise ServerStartError(f"{name} port {port} cannot be used ({problem}; another tritonserver running?): "
+                                       f"choose another with {flag}, or 0 for a free one")
+
     def command(self) -> list:
-        pt = pytriton_dir()
-        cmd = [str(pt / "tritonserver" / "bin" / "tritonserver"), f"--model-repository={self.repo}",
+        binary = pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
+        if not binary.is_file():
+            raise ServerStartError(f"no tritonserver binary at {binary}: the nvidia-pytriton install is incomplete "
+                                   f"(pip install --force-reinstall nvidia-pytriton==0.7.0)")
+        cmd = [str(binary), f"--model-repository={self.repo}",
                f"--backend-directory={self._backend_dir()}", f"--grpc-port={self.grpc_port}",
                f"--http-port={self.http_port}", f"--metrics-port={self.metrics_port}", "--log-verbose=0", *GRPC_KEEPALIVE]
         if self.explicit:
@@ -160,6 +225,7 @@ class TritonServer:
         return env
 
     def start(self, timeout: float = 180) -> "TritonServer":
+        self.check_ports()
         self.log = open(self.log_file, "a")
         self._started = time.time()
         self.proc = subprocess.Popen(self.command(), env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
@@ -167,12 +233,16 @@ class TritonServer:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{self.tail()}")
+                tail = self.tail()
+                why = last_error(tail)
+                raise ServerStartError(f"tritonserver exited with {self.proc.returncode} before it was ready"
+                                       + (f": {why}" if why else ""), tail)
             if self.ready():
                 return self
             time.sleep(0.5)
         self.stop()
-        raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s:\n{self.tail()}")
+        raise ServerNotReady(f"tritonserver not ready after {timeout:.0f} s (models still loading? give a longer --timeout)",
+                             self.tail())
 
     def restart(self, timeout: float = 180) -> "TritonServer":
         """Stop and start again on the same ports (the watchdog's last resort)."""

@@ -19,8 +19,8 @@ import numpy as np
 from mailroute import contract
 from mailroute.label_index import LabelIndex
 from mailroute.pipeline import load_tokenizer
-from mailroute.repository import (ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE, TORCH_WEIGHTS_DIR,
-                                  TRTEXEC_SHAPES_FILE, load_label_index, read_pipeline, version_dir)
+from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE,
+                                  TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE, load_label_index, read_pipeline, version_dir)
 from mailroute.settings import DEFAULTS
 from mailroute.taxonomy import NAME_RE, DataError, Label, parse_taxonomy
 from export.versions import new_version
@@ -75,7 +75,7 @@ def derive_version(repo, base: int, kind: str, exemplars: list = (), new_labels:
     index = derived_index(repo, base_dir, exemplars, new_labels)
     with new_version(repo, contract.CLASSIFIER) as (folder, v):
         index.save(folder / LABEL_INDEX_DIR)
-        shutil.copy(base_dir / "model.py", folder / "model.py")
+        shutil.copy(base_dir / ADAPTER_FILE, folder / ADAPTER_FILE)
         spec = spec | {"kind": kind, "parent": int(base_dir.name), "note": note,
                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | (extra or {})
         if cross_encoder_version is not None:
@@ -110,8 +110,8 @@ def write_cross_encoder_version(repo, cross_model, pairs: list, quantize: bool =
         (folder / ENCODER_ID_FILE).write_text(weights_id(folder / MODEL_FILE) + "\n")
         if not fused and not quantize:  # a graph TensorRT parses: docker/build_tensorrt.sh builds its plan, as for an export
             (folder / TRTEXEC_SHAPES_FILE).write_text(configs.trtexec_shapes(contract.CROSS_ENCODER))
-        if (prev / "model.py").exists():  # a Python-backend runtime (portable, torch): the same adapter as the version before
-            shutil.copy(prev / "model.py", folder / "model.py")
+        if (prev / ADAPTER_FILE).exists():  # a Python-backend runtime (portable, torch): the same adapter as the version before
+            shutil.copy(prev / ADAPTER_FILE, folder / ADAPTER_FILE)
     return v
 
 

@@ -15,14 +15,15 @@ from pathlib import Path
 from mailroute import contract
 from mailroute.label_index import LabelIndex, weights_id
 from mailroute.onnx_encoders import session
-from mailroute.pipeline import load_tokenizer, tensors
-from mailroute.repository import (ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE, TORCH_WEIGHTS_DIR,
-                                  TRTEXEC_SHAPES_FILE)
+from mailroute.pipeline import BadParameter, check_params, load_tokenizer, tensors
+from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, EXPORT_REPORT_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE,
+                                  TENSORRT_CONFIG, TOKENIZER_FILE, TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE)
 from mailroute.settings import DEFAULTS, BadSetting
 from export import configs, versions
 from export.versions import new_version
 from export.config import ExportConfig  # noqa: F401 (re-exported for callers)
 from export.onnx_export import export_bi_encoder, export_cross_encoder, quantize_int8
+from export.runtimes import TENSORRT
 from mailroute.run_layout import RunFolder
 from training.models import load_bi_encoder, load_cross_encoder
 from training.reference import load_policy
@@ -76,13 +77,29 @@ def _write_encoder(repo: Path, name: str, onnx_path: Path, tokenizer: Path, cfg:
             (vdir / TRTEXEC_SHAPES_FILE).write_text(configs.trtexec_shapes(name))
         adapter = configs.runtime(cfg.runtime).adapter
         if adapter:  # a runtime that serves model.onnx through a Python-backend adapter
-            shutil.copy(TRITON_DIR / adapter, vdir / "model.py")
+            shutil.copy(TRITON_DIR / adapter, vdir / ADAPTER_FILE)
     (repo / name / versions.CONFIG_FILE).write_text(configs.encoder_config(name, dim, cfg.runtime, max_batch, gpu=cfg.gpu,
                                                                            throughput=encoder_throughput(cfg)))
-    (repo / name / "configs").mkdir(exist_ok=True)
-    (repo / name / "configs" / "tensorrt.pbtxt").write_text(
-        configs.encoder_config(name, dim, "tensorrt", max_batch, gpu=True, throughput=encoder_throughput(cfg)))
+    (repo / name / TENSORRT_CONFIG).parent.mkdir(exist_ok=True)
+    (repo / name / TENSORRT_CONFIG).write_text(
+        configs.encoder_config(name, dim, TENSORRT, max_batch, gpu=True, throughput=encoder_throughput(cfg)))
     return v
+
+
+def serving_params(cfg: ExportConfig, folder: RunFolder, n_labels: int) -> tuple:
+    """(top_k, threshold) the new classifier version serves by default, checked by the rule TwoStageClassifier loads its
+    pipeline.json by (pipeline.check_params): a flag it would refuse is a BadSetting naming it, before any work, not a
+    version Triton cannot load. --top-k 0 = the K the run was evaluated with; a K above the taxonomy's size is cut to it."""
+    run_k = json.loads(folder.config.read_text()).get("k_eval") if folder.config.exists() else None
+    top_k = min(cfg.top_k or run_k or DEFAULTS.top_k, n_labels)
+    top_k_source = f"--top-k {cfg.top_k}" if cfg.top_k else f"--top-k 0 (the run's k_eval, {run_k})"
+    # one flag at a time, so that the message names the one at fault
+    for source, threshold in ((top_k_source, DEFAULTS.threshold), (f"--threshold {cfg.threshold}", cfg.threshold)):
+        try:
+            checked = check_params(top_k, threshold, n_labels)
+        except BadParameter as e:
+            raise BadSetting(f"{source}: {e}") from None
+    return checked
 
 
 def onnx_embed(sess, tok, texts: list, batch: int = 64):
@@ -142,25 +159,25 @@ def export(cfg: ExportConfig) -> dict:
     folder = RunFolder(run)
     if not folder.is_trained():
         raise FileNotFoundError(f"{run} is not a trained run (needs bi_encoder/ and cross_encoder/): run `mailroute train` first")
+    old = LabelIndex.load(folder.label_index)
+    top_k, threshold = serving_params(cfg, folder, len(old.taxonomy))
     repo.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="mailroute-export-"))
     try:
-        return _export(cfg, run, repo, folder, work)
+        return _export(cfg, run, repo, folder, work, old, top_k, threshold)
     finally:  # the scratch folder goes, whether the export succeeded or not
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: Path) -> dict:
+def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: Path, old: LabelIndex, top_k: int,
+            threshold: float) -> dict:
     report = {"run": str(run), "runtime": cfg.runtime, "quantize": cfg.quantize}
 
     # 1. ONNX graphs with the contract's names, parity-checked against PyTorch; fused only for runtimes that run fused ops
     t = time.perf_counter()
     fuse = not cfg.no_optimize and configs.runtime(cfg.runtime).fused_graph
     bi_model, cross_model = load_bi_encoder(folder.bi_encoder), load_cross_encoder(folder.cross_encoder)
-    old = LabelIndex.load(folder.label_index)
     policy = load_policy(run)
-    run_k = json.loads(folder.config.read_text()).get("k_eval") if folder.config.exists() else None
-    top_k = min(cfg.top_k or run_k or DEFAULTS.top_k, len(old.taxonomy))  # the K the run was evaluated with, unless overridden
     bi_tok, cross_tok = folder.bi_encoder / TOKENIZER_FILE, folder.cross_encoder / TOKENIZER_FILE
     texts = PARITY_TEXTS + old.taxonomy.texts[:8]
     report["parity_max_abs_diff"] = {
@@ -189,9 +206,9 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
     # 3. the classifier version that pins them
     with new_version(repo, contract.CLASSIFIER, cfg.version) as (cdir, cv):
         index.save(cdir / LABEL_INDEX_DIR)
-        shutil.copy(TRITON_DIR / "email_classifier.py", cdir / "model.py")
+        shutil.copy(TRITON_DIR / "email_classifier.py", cdir / ADAPTER_FILE)
         spec = {"bi_encoder_version": bi_v, "cross_encoder_version": cross_v, "top_k": top_k, "kind": "export",
-                "threshold": cfg.threshold, "policy": policy.to_dict(), "source_run": str(run.resolve()), "quantized": cfg.quantize,
+                "threshold": threshold, "policy": policy.to_dict(), "source_run": str(run.resolve()), "quantized": cfg.quantize,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (cdir / PIPELINE_FILE).write_text(json.dumps(spec, indent=1) + "\n")
     cdir = repo / contract.CLASSIFIER / str(cv)
@@ -210,6 +227,6 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
     versions.promote(repo, cv, note=f"mailroute export of {run}")
     report |= {"versions": {contract.CLASSIFIER: cv, contract.BI_ENCODER: bi_v, contract.CROSS_ENCODER: cross_v},
                "seconds": round(time.perf_counter() - t, 1), "config": asdict(cfg)}
-    (cdir / "export_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (cdir / EXPORT_REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     print(f"[3/3] {repo}: {contract.CLASSIFIER} v{cv} -> {contract.BI_ENCODER} v{bi_v}, {contract.CROSS_ENCODER} v{cross_v}")
     return report

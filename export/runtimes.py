@@ -8,6 +8,8 @@ the help. Every runtime serves the same names, dtypes and shapes (mailroute.cont
 
 from dataclasses import dataclass, field
 
+from mailroute import contract
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -26,18 +28,21 @@ class Runtime:
 # where the TensorRT execution provider keeps its engines, inside the serving container: docker-compose.yml mounts
 # a named volume there, so an engine is built once per version and card, not at every start
 TRT_ENGINE_CACHE = "/trt_engine_cache"
+# the runtime of the plans docker/build_tensorrt.sh builds after an export (not exported itself): every export renders
+# its encoders' configs/tensorrt.pbtxt with it (mailroute.repository.TENSORRT_CONFIG)
+TENSORRT = "tensorrt"
 
 RUNTIMES = {
     "portable": Runtime("Python backend running model.onnx (fused graph) on onnxruntime: servers without the onnxruntime "
                         "backend, e.g. the nvidia-pytriton tritonserver", backend="python", adapter="onnx_encoder.py",
-                        parameters={"intra_op_threads": "0"}),
+                        parameters={contract.INTRA_OP_THREADS_PARAMETER: contract.INTRA_OP_THREADS_DEFAULT}),
     # plain graph: TensorRT's parser knows no com.microsoft fused ops
     "native": Runtime("onnxruntime_onnx platform (NGC container), plain graph; on --gpu the TensorRT execution provider in fp16 "
                       "with an engine cache", platform="onnxruntime_onnx", fused_graph=False, gpu_accelerator={
                           "name": "tensorrt", "precision_mode": "FP16", "trt_engine_cache_enable": "1",
                           "trt_engine_cache_path": TRT_ENGINE_CACHE}),
-    "tensorrt": Runtime("tensorrt_plan platform, configs/tensorrt.pbtxt: plans docker/build_tensorrt.sh builds from the plain "
-                        "model.onnx of a native export", platform="tensorrt_plan", fused_graph=False, exported=False),
+    TENSORRT: Runtime("tensorrt_plan platform, configs/tensorrt.pbtxt: plans docker/build_tensorrt.sh builds from the plain "
+                      "model.onnx of a native export", platform="tensorrt_plan", fused_graph=False, exported=False),
     # no faiss-gpu on the GPU machines it is for: label search by torch there (TorchFlatIP, TorchExemplarIndex)
     "torch": Runtime("Python backend running the PyTorch weights in pytorch/ (fp16 + CUDA graphs on a GPU, fp32 on a CPU): "
                      "GPU machines without onnxruntime-gpu or TensorRT", backend="python", adapter="torch_encoder.py",

@@ -95,9 +95,10 @@ def cmd_serve(args):
 
     server = TritonServer(args.repo, args.grpc_port, args.http_port, args.metrics_port, explicit=not args.poll_all,
                           admin_key=args.admin_key, log_file=args.log)
-    print(f"starting tritonserver on {Path(args.repo).resolve()} (log: {server.log_file}) ...", flush=True)
     watchdog = readiness = None
     try:  # a failed start (or a taken readiness port) still stops the server and removes its temporary folder
+        server.check_repository()  # a wrong --repo is refused before anything is launched
+        print(f"starting tritonserver on {server.repo} (log: {server.log_file}) ...", flush=True)
         server.start(timeout=args.timeout)
         if args.ready_port >= 0:
             from client.watchdog import ReadinessServer, Watchdog
@@ -109,7 +110,8 @@ def cmd_serve(args):
                  f"dead backends are reloaded)" if readiness else "") + "\nCtrl-C or SIGTERM stops it.", flush=True)
         _wait_for_signal()
     finally:
-        print("stopping tritonserver ...", flush=True)
+        if server.proc is not None:
+            print("stopping tritonserver ...", flush=True)
         if readiness:
             readiness.stop()
         if watchdog:
@@ -118,7 +120,8 @@ def cmd_serve(args):
         server.cleanup()
 
 
-def print_table(rows: list, file=sys.stdout):
+def print_table(rows: list, file=None):
+    file = file or sys.stdout  # looked up at call time (a default bound at import keeps a stream replaced since)
     print(f"{'email':<44} {'label':<32} {'prob':>5} {'review':<6} next candidates", file=file)
     for _source, text, r in rows:
         snippet = (text[:41] + "...") if len(text) > 44 else text
@@ -131,11 +134,10 @@ def print_table(rows: list, file=sys.stdout):
 
 def cmd_classify(args):
     from client import ClassifierClient
-    from client.inputs import InputError, read_inputs
+    from client.inputs import InputError, read_inputs, read_stdin
 
-    items = args.inputs or [sys.stdin.read()]
-    try:
-        emails = read_inputs(items)
+    try:  # piped text is one email, never a file name (an email is no valid path: too long, or several lines)
+        emails = read_inputs(args.inputs) if args.inputs else read_stdin(getattr(sys.stdin, "buffer", sys.stdin).read())
     except InputError as e:
         sys.exit(f"mailroute classify: {e}")
     if not emails:
@@ -394,7 +396,7 @@ def main(argv=None):
 
     p = sub.add_parser("classify", help="classify emails through a running server",
                        description="Inputs: text arguments, .txt or .eml files, .jsonl files (text or subject+body per line); "
-                                   "stdin when none are given.")
+                                   "stdin, read as one email, when none are given (e.g. `mailroute classify < body.txt`; give .eml files by name).")
     p.add_argument("inputs", nargs="*", help="text, or .txt / .eml / .jsonl files")
     p.add_argument("--url", default="127.0.0.1:8001", help="gRPC host:port (default: 127.0.0.1:8001)")
     p.add_argument("--top-k", type=int, default=None, help="candidates to rerank (default: the served version's own K, the run's "
@@ -470,13 +472,16 @@ def main(argv=None):
         sys.exit(130)
     except Exception as e:  # known failure kinds get one clear line, not a traceback
         if _known_failure(e):
-            sys.exit(f"mailroute {args.command}: {e}")
+            if getattr(e, "log_tail", ""):  # a server that died or never got ready: its log's last lines, then the one-line error
+                print(f"last lines of the tritonserver log:\n{e.log_tail}", file=sys.stderr)
+            sys.exit(f"mailroute {args.command}: {getattr(e, 'summary', e)}")
         raise
 
 
-# failure kinds of modules that need tritonclient or SQLAlchemy, which a training-only machine lacks
+# failure kinds of modules the handler does not import: those that need tritonclient or SQLAlchemy, which a
+# training-only machine lacks, and the server launcher (a wrong --repo, a port in use, no tritonserver installed)
 _HEAVY_ERRORS = (("tritonclient.utils", "InferenceServerException"), ("export.versions", "VersionError"),
-                 ("mailroute.feedback_store", "FeedbackError"))
+                 ("mailroute.feedback_store", "FeedbackError"), ("client.server", "ServerStartError"))
 
 
 def _known_failure(e: Exception) -> bool:

@@ -44,6 +44,9 @@ ENCODERS_PARAMETER, ENCODERS_IN_PROCESS = "encoders", "in_process"
 EMBED_BATCH_PARAMETER = "embed_batch"  # emails per bi-encoder call inside one classifier batch
 SCORE_BATCH_PARAMETER = "score_batch"  # (email, label) pairs per cross-encoder call
 SEARCH_DEVICE_PARAMETER = "search_device"  # label search by torch on this device (absent: the index's own, faiss)
+# an encoder's config parameter under the portable runtime (export/runtimes.py writes it, export/triton/onnx_encoder.py
+# reads it): onnxruntime's intra-op threads per instance; "0" = onnxruntime's own choice (every core)
+INTRA_OP_THREADS_PARAMETER, INTRA_OP_THREADS_DEFAULT = "intra_op_threads", "0"
 
 # encoder tensors (both encoders)
 INPUT_IDS = "input_ids"

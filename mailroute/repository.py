@@ -4,7 +4,9 @@
                                                                         + trtexec_shapes.txt when model.onnx is plain fp32 ONNX)
   <repo>/cross_encoder/<v>/   model.onnx  tokenizer.json  encoder_id   (+ model.py when portable or torch; + pytorch/ when
                                                                         torch or made by continued training; + trtexec_shapes.txt likewise)
-  <repo>/email_classifier/<v>/ model.py  pipeline.json  label_index/  (+ gate_report.json when made from feedback)
+  <repo>/email_classifier/<v>/ model.py  pipeline.json  label_index/  (+ export_report.json when exported,
+                                                                        gate_report.json when made from feedback)
+  <repo>/<encoder>/configs/tensorrt.pbtxt   the config of the TensorRT plans (docker/build_tensorrt.sh)
   <repo>/email_classifier/config.pbtxt   its version policy names the serving version (export.versions)
 pipeline.json pins the bi_encoder and cross_encoder versions this classifier version uses and holds its
 rerank policy (fusion, temperature, gate: mailroute.rerank_policy); the label
@@ -24,6 +26,14 @@ from mailroute.settings import DEFAULTS
 
 MODEL_FILE, TOKENIZER_FILE, ENCODER_ID_FILE = "model.onnx", "tokenizer.json", "encoder_id"
 PIPELINE_FILE = "pipeline.json"
+# <model>/<v>/: the Python-backend adapter Triton runs for a version (export/triton/<adapter> copied in, or the version's
+# parent's when derived); encoders have one only under a Python-backend runtime (export/runtimes.py adapter)
+ADAPTER_FILE = "model.py"
+EXPORT_REPORT_FILE = "export_report.json"  # email_classifier/<v>/: what `mailroute export` measured (parity, int8, timing)
+# <encoder>/: the tensorrt_plan config Triton reads instead of config.pbtxt when started with --model-config-name=tensorrt
+# (docker-compose.yml's tensorrt profile, over the plans docker/build_tensorrt.sh builds)
+CONFIGS_DIR = "configs"
+TENSORRT_CONFIG = f"{CONFIGS_DIR}/tensorrt.pbtxt"
 # <encoder>/<v>/: trtexec's shape-profile flags (export.configs.trtexec_shapes), written next to a model.onnx that TensorRT
 # can parse (plain graph, not int8); docker/build_tensorrt.sh builds model.plan from the two and names this file too
 TRTEXEC_SHAPES_FILE = "trtexec_shapes.txt"

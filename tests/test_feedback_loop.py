@@ -12,7 +12,7 @@ from export import versions
 from export.derive import derive_version
 from mailroute import contract
 from mailroute.feedback_store import FeedbackStore
-from mailroute.repository import GATE_REPORT_FILE, open_onnx_classifier, read_pipeline, version_dir
+from mailroute.repository import GATE_REPORT_FILE, PIPELINE_FILE, open_onnx_classifier, read_pipeline, version_dir
 from training.data import Example
 from training.feedback import FeedbackConfig, add_label, build_candidate, correction_lists, held_out
 
@@ -45,7 +45,7 @@ def test_a_failed_version_write_leaves_nothing(repo):
     before = versions.versions(repo, contract.CLASSIFIER)
     with pytest.raises(RuntimeError, match="half written"):
         with versions.new_version(repo, contract.CLASSIFIER) as (folder, v):
-            (folder / "pipeline.json").write_text("{}")
+            (folder / PIPELINE_FILE).write_text("{}")
             raise RuntimeError("half written")
     assert versions.versions(repo, contract.CLASSIFIER) == before
     assert not list((repo / contract.CLASSIFIER).glob(".staging-*"))
@@ -185,7 +185,7 @@ def test_rollback_walks_back_through_what_served(repo):
     versions.promote(repo, v3)
     # prune keeps the rollback target even with keep=1, and survives a version it cannot read
     with versions.new_version(repo, contract.CLASSIFIER) as (folder, bad):
-        (folder / "pipeline.json").write_text("{not json")
+        (folder / PIPELINE_FILE).write_text("{not json")
     removed = versions.prune(repo, keep=1)
     assert v3 in versions.versions(repo, contract.CLASSIFIER) and bad in versions.versions(repo, contract.CLASSIFIER)
     assert versions.rollback(repo)["version"] == 1 and removed[contract.CLASSIFIER] == [v2]

@@ -7,7 +7,9 @@ import pytest
 from mailroute import contract
 from mailroute.label_index import IndexMismatch
 from mailroute.pipeline import BadParameter
-from mailroute.repository import open_onnx_classifier, version_dir
+from mailroute.repository import ENCODER_ID_FILE, EXPORT_REPORT_FILE, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE, open_onnx_classifier, version_dir
+from mailroute.run_layout import RunFolder
+from mailroute.settings import BadSetting
 from training.reference import SentenceTransformerEncoders
 
 EMAILS = ["I was charged twice for my plan", "Where is my parcel? Tracking is stuck.", "The app crashes when I open settings",
@@ -62,19 +64,34 @@ def test_export_writes_contract_names_and_parity(tiny_repo):
 
     for name, inputs, output in [(contract.BI_ENCODER, contract.BI_ENCODER_INPUTS, contract.EMBEDDING),
                                  (contract.CROSS_ENCODER, contract.CROSS_ENCODER_INPUTS, contract.LOGIT)]:
-        g = onnx.load(str(version_dir(tiny_repo, name) / "model.onnx")).graph
+        g = onnx.load(str(version_dir(tiny_repo, name) / MODEL_FILE)).graph
         assert [i.name for i in g.input] == list(inputs) and [o.name for o in g.output] == [output]
         assert g.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic axes
         assert g.input[0].type.tensor_type.shape.dim[1].dim_param == "sequence"
-    report = json.loads((version_dir(tiny_repo, contract.CLASSIFIER) / "export_report.json").read_text())
+    report = json.loads((version_dir(tiny_repo, contract.CLASSIFIER) / EXPORT_REPORT_FILE).read_text())
     assert max(report["parity_max_abs_diff"].values()) < 1e-4
+
+
+@pytest.mark.parametrize("flags,msg", [({"threshold": 1.5}, r"--threshold 1.5: threshold must be between 0 and 1"),
+                                       ({"threshold": float("nan")}, r"--threshold nan: threshold must be between 0 and 1"),
+                                       ({"top_k": -1}, r"--top-k -1: top_k must be between 1 and \d+ \(labels in the taxonomy\), got -1")])
+def test_export_refuses_serving_defaults_the_pipeline_would_refuse(tiny_run, tmp_path, flags, msg):
+    """pipeline.json's top_k and threshold are checked by the pipeline's own rule (check_params) before any work: a typo is a
+    BadSetting naming the flag, not a version that fails only when Triton loads it."""
+    from export.run import ExportConfig, export
+
+    repo = tmp_path / "repo"
+    (repo / contract.CLASSIFIER / "1").mkdir(parents=True)  # a version already there: nothing is added beside it
+    with pytest.raises(BadSetting, match=msg):
+        export(ExportConfig(run=str(tiny_run), repo=str(repo), **flags))
+    assert sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*")) == [contract.CLASSIFIER, f"{contract.CLASSIFIER}/1"]
 
 
 def test_parity_check_fails_beyond_tolerance(tiny_models, tiny_run, tmp_path):
     from export.onnx_export import ParityError, export_bi_encoder
 
     with pytest.raises(ParityError, match=r"bi_encoder: ONNX differs from PyTorch by .* over the 1e-12 tolerance"):
-        export_bi_encoder(tiny_models[0], tiny_run / "bi_encoder" / "tokenizer.json", tmp_path / "b.onnx", EMAILS, atol=1e-12)
+        export_bi_encoder(tiny_models[0], RunFolder(tiny_run).bi_encoder / TOKENIZER_FILE, tmp_path / "b.onnx", EMAILS, atol=1e-12)
 
 
 def test_onnx_pipeline_agrees_with_pytorch_reference(tiny_repo, tiny_reference):
@@ -87,7 +104,7 @@ def test_onnx_pipeline_agrees_with_pytorch_reference(tiny_repo, tiny_reference):
 def test_classifier_refuses_an_index_from_another_bi_encoder(tiny_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo)
-    (version_dir(repo, contract.BI_ENCODER) / "encoder_id").write_text("0123456789abcdef\n")
+    (version_dir(repo, contract.BI_ENCODER) / ENCODER_ID_FILE).write_text("0123456789abcdef\n")
     with pytest.raises(IndexMismatch, match=r"email_classifier 1 pins bi_encoder 1: label index .* built from bi-encoder '[0-9a-f]+', but is used with '0123456789abcdef'"):
         open_onnx_classifier(repo)
 
@@ -96,7 +113,7 @@ def test_int8_quantisation_runs_and_stays_close(tiny_repo, tmp_path):
     from export.onnx_export import quantize_int8
     from mailroute.onnx_encoders import session
 
-    src = version_dir(tiny_repo, contract.BI_ENCODER) / "model.onnx"
+    src = version_dir(tiny_repo, contract.BI_ENCODER) / MODEL_FILE
     quantize_int8(src, tmp_path / "q.onnx")
     ids = np.array([[101, 2054, 2003, 102]], dtype=np.int64)
     feed = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: np.ones_like(ids)}
@@ -106,13 +123,12 @@ def test_int8_quantisation_runs_and_stays_close(tiny_repo, tmp_path):
 
 def test_quantized_export_measures_what_it_ships(tiny_run, tmp_path, demo):
     from export.run import ExportConfig, export
-    from mailroute.run_layout import RunFolder
 
     # Given a run exported as int8 with K=4
     report = export(ExportConfig(run=str(tiny_run), repo=str(tmp_path / "repo"), top_k=4, quantize=True, quantize_eval=20))
     # Then the accuracy change was measured with the shipped K, and the version ships that K and the run's policy
     assert report["int8"]["top_k"] == 4 and report["int8"]["emails"] == 20
-    spec = json.loads((tmp_path / "repo" / contract.CLASSIFIER / "1" / "pipeline.json").read_text())
+    spec = json.loads((tmp_path / "repo" / contract.CLASSIFIER / "1" / PIPELINE_FILE).read_text())
     assert spec["top_k"] == 4 and spec["policy"] == json.loads(RunFolder(tiny_run).policy.read_text())
     # and its label index (descriptions + every exemplar) was embedded by the shipped int8 graph: it loads pinned to it
     clf = open_onnx_classifier(tmp_path / "repo")

@@ -110,6 +110,8 @@ def test_dockerfile_pins_resolve_for_the_image_python(tmp_path):
 
 def test_configs_are_rendered_from_the_contract(tiny_repo):
     from export.configs import RUNTIMES, encoder_config
+    from export.runtimes import TENSORRT
+    from mailroute.repository import ADAPTER_FILE
 
     cfg = text_format.Parse((tiny_repo / contract.CLASSIFIER / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     declared = {t.name: t for t in contract.CLASSIFIER_INPUT_TENSORS + contract.CLASSIFIER_OUTPUT_TENSORS}
@@ -118,9 +120,9 @@ def test_configs_are_rendered_from_the_contract(tiny_repo):
         assert model_config_pb2.DataType.Name(t.data_type) == want.config_type and tuple(t.dims) == want.dims
     assert not declared  # every declared tensor is in the config
     assert list(cfg.version_policy.specific.versions) == [1]  # the serving version is named
-    plan = text_format.Parse(encoder_config(contract.BI_ENCODER, 384, "tensorrt", 64, 1, gpu=True), model_config_pb2.ModelConfig())
-    assert plan.platform == "tensorrt_plan" and list(plan.output[0].dims) == [384] and not RUNTIMES["tensorrt"].exported
-    assert (tiny_repo / contract.BI_ENCODER / "1" / "model.py").exists() == bool(RUNTIMES["portable"].adapter)
+    plan = text_format.Parse(encoder_config(contract.BI_ENCODER, 384, TENSORRT, 64, 1, gpu=True), model_config_pb2.ModelConfig())
+    assert plan.platform == "tensorrt_plan" and list(plan.output[0].dims) == [384] and not RUNTIMES[TENSORRT].exported
+    assert (tiny_repo / contract.BI_ENCODER / "1" / ADAPTER_FILE).exists() == bool(RUNTIMES["portable"].adapter)
 
 
 def test_every_runtime_renders_with_throughput_settings():
@@ -143,6 +145,7 @@ def test_every_runtime_renders_with_throughput_settings():
 
 def test_an_export_never_changes_the_runtime_of_served_versions(tiny_repo, tiny_run, tmp_path):
     from export.run import ExportConfig, export
+    from export.runtimes import TENSORRT
     from export.versions import read_config
     from mailroute.settings import BadSetting
 
@@ -153,7 +156,7 @@ def test_an_export_never_changes_the_runtime_of_served_versions(tiny_repo, tiny_
     assert (repo / contract.BI_ENCODER / "config.pbtxt").read_text() == before
     assert [p.name for p in (repo / contract.BI_ENCODER).iterdir() if p.name.isdigit()] == ["1"]
     with pytest.raises(BadSetting, match="--runtime must be one of"):
-        export(ExportConfig(run=str(tiny_run), repo=str(repo), runtime="tensorrt"))  # plans are built by trtexec, not exported
+        export(ExportConfig(run=str(tiny_run), repo=str(repo), runtime=TENSORRT))  # plans are built by trtexec, not exported
 
 
 def test_configs_written_before_the_runtime_parameter_are_recognised():
@@ -193,14 +196,14 @@ def test_native_export_writes_trtexec_shapes_from_the_contract(tiny_run, tmp_pat
     from export.configs import ENCODER_LIMITS
     from export.run import ExportConfig, export
     from export.versions import read_config
-    from mailroute.repository import TRTEXEC_SHAPES_FILE, version_dir
+    from mailroute.repository import TENSORRT_CONFIG, TRTEXEC_SHAPES_FILE, version_dir
 
     repo = tmp_path / "repo"
     export(ExportConfig(run=str(tiny_run), repo=str(repo), runtime="native"))
     for name, inputs in ((contract.BI_ENCODER, contract.BI_ENCODER_INPUTS), (contract.CROSS_ENCODER, contract.CROSS_ENCODER_INPUTS)):
         flags = _shape_flags(version_dir(repo, name) / TRTEXEC_SHAPES_FILE)
         max_batch, tokens = ENCODER_LIMITS[name]
-        for cfg in (read_config(repo, name), text_format.Parse((repo / name / "configs" / "tensorrt.pbtxt").read_text(), model_config_pb2.ModelConfig())):
+        for cfg in (read_config(repo, name), text_format.Parse((repo / name / TENSORRT_CONFIG).read_text(), model_config_pb2.ModelConfig())):
             assert cfg.max_batch_size == max_batch and tuple(i.name for i in cfg.input) == inputs
         assert flags == {"min": dict.fromkeys(inputs, (1, 1)), "opt": dict.fromkeys(inputs, (max_batch, tokens)),
                          "max": dict.fromkeys(inputs, (max_batch, tokens))}

@@ -84,3 +84,85 @@ def test_the_shared_folder_named_by_the_environment_wins(monkeypatch, tmp_path):
 
     monkeypatch.setenv("MAILROUTE_SHARED", str(tmp_path))
     assert shared_dir() == tmp_path
+
+
+def _serve(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "mailroute.cli", "serve", *args, "--ready-port", "-1"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+@pytest.mark.parametrize("layout", ["empty", "missing", "no classifier"])
+def test_serve_on_a_wrong_repository_is_one_line_naming_it_before_any_launch(tmp_path, layout):
+    repo = tmp_path / "repo"
+    if layout != "missing":
+        repo.mkdir()
+    if layout == "no classifier":
+        (repo / "bi_encoder").mkdir()
+        (repo / "cross_encoder").mkdir()
+    r = _serve("--repo", str(repo))
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mailroute serve: model repository ") and str(repo.resolve()) in lines[0], r.stderr
+    if layout != "missing":
+        assert "email_classifier" in lines[0]
+    assert "starting tritonserver" not in r.stdout  # refused before launch
+
+
+def _repository(tmp_path):
+    from mailroute import contract
+
+    repo = tmp_path / "repo"
+    for m in contract.MODELS:
+        (repo / m).mkdir(parents=True)
+    return repo
+
+
+def test_serve_on_a_port_in_use_names_the_port_and_launches_nothing(tmp_path, monkeypatch):
+    import socket
+
+    from client.server import ServerStartError, TritonServer
+
+    monkeypatch.setattr(TritonServer, "command", lambda self: pytest.fail("nothing may be launched on a taken port"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = TritonServer(_repository(tmp_path), http_port=port)
+        try:
+            with pytest.raises(ServerStartError, match=f"HTTP port {port} cannot be used .*--http-port"):
+                server.start(timeout=5)
+        finally:
+            server.stop()
+            server.cleanup()
+        assert server.proc is None
+
+
+def test_a_server_that_dies_at_start_is_one_error_line_after_its_log_tail(tmp_path, monkeypatch, capsys):
+    import os
+
+    from client.server import TritonServer
+    from mailroute.cli import main
+
+    # a stand-in for tritonserver that logs the way it does when its port is taken, then exits 1
+    log = ("I0101 00:00:00.000000 1 server.cc:1] loading\n"
+           "E0101 00:00:01.000000 1 main.cc:42] failed to start GRPC service: Unavailable - Socket '0.0.0.0:8001' already in use\n")
+    monkeypatch.setattr(TritonServer, "command", lambda self: [sys.executable, "-c", f"import sys; sys.stdout.write({log!r}); sys.exit(1)"])
+    monkeypatch.setattr(TritonServer, "env", lambda self: dict(os.environ))
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--repo", str(_repository(tmp_path)), "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
+              "--ready-port", "-1", "--timeout", "30"])
+    assert exit_.value.code == ("mailroute serve: tritonserver exited with 1 before it was ready: "
+                                "failed to start GRPC service: Unavailable - Socket '0.0.0.0:8001' already in use")
+    assert "main.cc:42" in capsys.readouterr().err  # the log's last lines come first
+
+
+def test_a_missing_pytriton_is_named(monkeypatch):
+    import importlib.util
+
+    from client.server import ServerStartError, pytriton_dir
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else find_spec(name, *a))
+    with pytest.raises(ServerStartError, match="nvidia-pytriton is not installed"):
+        pytriton_dir()

@@ -128,13 +128,14 @@ def test_padding_to_a_bucket_changes_nothing(torch_repo):
 @pytest.mark.slow
 def test_tritonserver_serves_the_torch_runtime(torch_repo, tmp_path):
     from client import ClassifierClient
-    from client.server import TritonServer
+    from client.server import PYTHON_ENV_TMP, TritonServer
 
     repo = shutil.copytree(torch_repo, tmp_path / "repo")
-    envs = set(Path("/tmp").glob("python_env_*"))
+    env_tmp = Path(PYTHON_ENV_TMP)  # a str prefix: the backend's env folders are <prefix>XXXXXX
+    envs = set(env_tmp.parent.glob(env_tmp.name + "*"))
     with TritonServer(repo) as server, ClassifierClient(server.grpc_url) as c:
         served = c.classify(EMAILS, gate=False)
-    assert set(Path("/tmp").glob("python_env_*")) <= envs  # the backend's empty env folders went with the server
+    assert set(env_tmp.parent.glob(env_tmp.name + "*")) <= envs  # the backend's empty env folders went with the server
     local = open_onnx_classifier(repo).classify(EMAILS, gate=False)
     for s, o in zip(served, local):
         assert s.ok and s.top_labels == o.top_labels

@@ -4,6 +4,9 @@ import json
 
 import pytest
 
+from mailroute.label_index import CARDS_FILE, EXEMPLAR_INDEX_FILE, INDEX_FILE
+from mailroute.repository import WEIGHTS_FILE
+from mailroute.run_layout import RunFolder
 from training.run import TrainConfig, run
 
 pytestmark = pytest.mark.slow
@@ -21,15 +24,15 @@ def test_train_both_stages_beats_chance_and_writes_the_report(tmp_path):
     assert m["bi_encoder"]["accuracy"] > 10 * chance
     assert m["retrieval"]["recall@10"] >= m["retrieval"]["recall@1"]
     assert 0 <= m["two_stage"]["ece"] <= 1 and "flat_baseline" in m
-    out = tmp_path / "run"
-    assert json.loads((out / "config.json").read_text())["sample_per_label"] == 6
-    assert json.loads((out / "metrics.json").read_text())["n_train"] == 77 * 6
-    report = (out / "report.md").read_text()
+    out = RunFolder(tmp_path / "run")
+    assert json.loads(out.config.read_text())["sample_per_label"] == 6
+    assert json.loads(out.metrics.read_text())["n_train"] == 77 * 6
+    report = out.report.read_text()
     assert "| two-stage (K=4, gated) |" in report and "closest label pairs" in report
-    for part in ("bi_encoder/model.safetensors", "cross_encoder/model.safetensors", "label_index/labels.faiss",
-                 "label_index/exemplars.faiss", "label_index/cards.json", "rerank_policy.json", "abstention.png"):
-        assert (out / part).exists()
+    for part in (out.bi_encoder / WEIGHTS_FILE, out.cross_encoder / WEIGHTS_FILE, out.label_index / INDEX_FILE,
+                 out.label_index / EXEMPLAR_INDEX_FILE, out.label_index / CARDS_FILE, out.policy, out.abstention_plot):
+        assert part.exists(), part
     # the policy saved is the one the metrics were measured with, and every variant was measured on both splits
-    assert json.loads((out / "rerank_policy.json").read_text()) == m["policy"]
+    assert json.loads(out.policy.read_text()) == m["policy"]
     assert set(m["variants"]["validation"]) == set(m["variants"]["test"]) >= {"bi_encoder", "two_stage", "two_stage_ungated"}
     assert 0.0 <= m["two_stage"]["share_reranked"] <= 1.0

@@ -385,7 +385,21 @@ def test_early_stopping_rows_with_a_share_are_the_least_sure_validation_emails()
 @pytest.mark.parametrize("setting, message", [({"bi_positives": "emails"}, "--bi-positives must be one of"),
                                               ({"precision": "int8"}, "--precision must be one of"),
                                               ({"ce_train_share": 0}, r"--ce-train-share must be a share in \(0, 1\]"),
-                                              ({"ce_train_share": 50}, "not 50")])
+                                              ({"ce_train_share": 50}, "not 50"),
+                                              ({"top_n_grid": "1,x"}, r"--top-n-grid must be a comma-separated list .* got '1,x'"),
+                                              ({"top_n_grid": ""}, r"--top-n-grid must be .* got ''"),
+                                              ({"top_n_grid": " , "}, "--top-n-grid must be"),
+                                              ({"top_n_grid": "0,3"}, r"--top-n-grid must be .*integers >= 1"),
+                                              ({"description_weight_grid": "0,a"}, "--description-weight-grid must be .* got '0,a'"),
+                                              ({"description_weight_grid": "0,1.5"}, r"--description-weight-grid must be .*\[0, 1\]"),
+                                              ({"k_eval": 0}, "--k-eval must be an integer >= 1, got 0"),
+                                              ({"k_train": 0}, "--k-train must be an integer >= 1, got 0"),
+                                              ({"k_train": -2}, "--k-train must be an integer >= 1, got -2"),
+                                              ({"ce_batch_size": 0}, "--ce-batch-size must be an integer >= 1"),
+                                              ({"bi_batch_size": 0}, "--bi-batch-size must be an integer >= 1"),
+                                              ({"flat_batch_size": 0}, "--flat-batch-size must be an integer >= 1"),
+                                              ({"flat_epochs": 0}, "--flat-epochs must be >= 1"),
+                                              ({"oof_folds": 1}, r"--oof-folds must be 0 .* or >= 2, got 1")])
 def test_bad_training_settings_are_refused_before_any_work(tmp_path, setting, message):
     from mailroute.settings import BadSetting
     from training.config import TrainConfig
@@ -394,6 +408,40 @@ def test_bad_training_settings_are_refused_before_any_work(tmp_path, setting, me
     with pytest.raises(BadSetting, match=message):
         run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), **setting))
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_zero_flat_epochs_are_fine_when_the_baseline_is_skipped(tmp_path, monkeypatch):
+    import training.run as tr
+    from training.config import TrainConfig
+
+    # Given --skip-baseline, --flat-epochs 0 is not refused: the settings checks pass and the run reaches its data
+    def reached(cfg):
+        raise RuntimeError("reached the data")
+    monkeypatch.setattr(tr, "splits_of", reached)
+    with pytest.raises(RuntimeError, match="reached the data"):
+        tr.run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), flat_epochs=0, skip_baseline=True, device="cpu"))
+
+
+@pytest.mark.parametrize("parallel", ["0", "-2"])
+def test_sweep_refuses_a_parallel_below_one_instead_of_waiting_forever(tmp_path, parallel):
+    from training.sweep import main
+
+    # When `mailroute sweep --parallel 0` (no run could ever start), it is refused before any run or folder
+    with pytest.raises(SystemExit, match=f"--parallel must be >= 1 .*got {parallel}"):
+        main(["--out", str(tmp_path / "sweep"), "--parallel", parallel, "base:"])
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_report_mining_line_names_the_mining_k_not_the_evaluation_k():
+    from training.report import mining_line
+
+    # Given a run that mined the top 4 for training but reranks the top 10
+    m = {"k": 10, "mining": {"how": "leave-one-out", "k_train": 4, "gold_retrieved_train": 0.9}}
+    # Then the report says the gold was among the top-4 mined candidates
+    assert mining_line(m) == "Mining: leave-one-out; gold among the top-4 candidates of 90.0% of training emails."
+    # And a metrics.json from before k_train was recorded keeps the K it always showed
+    del m["mining"]["k_train"]
+    assert "gold among the top-10 candidates" in mining_line(m)
 
 
 def test_a_given_bi_encoder_is_used_as_stage_1_without_training(tiny_run, tmp_path):

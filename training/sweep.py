@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/sweep", help="parent folder of the runs and the summary (default: runs/sweep)")
     ap.add_argument("--parallel", type=int, default=5, help="runs at once (default 5)")
     a = ap.parse_args(argv)
+    if a.parallel < 1:  # no run would ever start, and the loop below would wait forever
+        raise SystemExit(f"mailroute sweep: --parallel must be >= 1 (runs at once), got {a.parallel}")
     try:
         configs = [parse_config(c) for c in a.configs]
     except BadSetting as e:

@@ -48,7 +48,7 @@ def train_and_export(name: str, work: Path, taxonomy_file: str, train: list, tes
     data = work / "data"
     t = time.perf_counter()
     run(TrainConfig(taxonomy=taxonomy_file, train=write_examples(data / f"{name}-train.jsonl", train), test=test_file,
-                    out=str(work / "runs" / name), skip_baseline=True, k_train=5, k_eval=5, bi_epochs=a.bi_epochs,
+                    out=str(work / "runs" / name), skip_baseline=True, bi_epochs=a.bi_epochs,
                     ce_epochs=a.ce_epochs, seed=a.seed, device=a.device))
     seconds = time.perf_counter() - t
     repo = work / f"repo-{name}"
@@ -114,6 +114,11 @@ def table(summary: dict) -> str:
 
 
 def main(argv=None):
+    from mailroute.settings import DEFAULTS
+    from training.config import TrainConfig
+    from training.feedback_config import FeedbackConfig
+
+    train_d, feedback_d = TrainConfig(), FeedbackConfig()  # `mailroute train`'s and `mailroute feedback train`'s defaults
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="banking77", help="banking77 | demo (demo: a smoke run in minutes)")
     ap.add_argument("--fraction", type=float, default=1.0, help="share of the train split used (stratified by shuffling)")
@@ -123,15 +128,15 @@ def main(argv=None):
     ap.add_argument("--new-labels", type=int, default=2, help="labels added at run time, zero-shot, before the stream starts")
     ap.add_argument("--test-limit", type=int, default=0, help=">0: at most this many test emails")
     ap.add_argument("--retrain-rounds", default="3", help="rounds at which (d) retrains from scratch, comma separated")
-    ap.add_argument("--bi-epochs", type=float, default=2.0)
-    ap.add_argument("--ce-epochs", type=float, default=1.0)
-    ap.add_argument("--replay-ratio", type=float, default=2.0)
-    ap.add_argument("--feedback-epochs", type=float, default=2.0)
-    ap.add_argument("--feedback-lr", type=float, default=5e-5)
-    ap.add_argument("--holdout-fraction", type=float, default=0.2)
-    ap.add_argument("--max-eval-drop", type=float, default=0.005)
+    ap.add_argument("--bi-epochs", type=float, default=train_d.bi_epochs, help=f"(default {train_d.bi_epochs:g})")
+    ap.add_argument("--ce-epochs", type=float, default=train_d.ce_epochs, help=f"(default {train_d.ce_epochs:g})")
+    ap.add_argument("--replay-ratio", type=float, default=feedback_d.replay_ratio, help=f"(default {feedback_d.replay_ratio:g})")
+    ap.add_argument("--feedback-epochs", type=float, default=feedback_d.epochs, help=f"(default {feedback_d.epochs:g})")
+    ap.add_argument("--feedback-lr", type=float, default=feedback_d.lr, help=f"(default {feedback_d.lr:g})")
+    ap.add_argument("--holdout-fraction", type=float, default=feedback_d.holdout_fraction, help=f"(default {feedback_d.holdout_fraction:g})")
+    ap.add_argument("--max-eval-drop", type=float, default=feedback_d.max_eval_drop, help=f"(default {feedback_d.max_eval_drop:g})")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--seed", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"(default {DEFAULTS.seed})")
     ap.add_argument("--work", default=str(ROOT / "runs" / "feedback-sim"), help="runs, repositories and the store (removed first)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "feedback"))
     ap.add_argument("--report-only", action="store_true", help="recompute targets, rounds.md and rounds.png from --out/summary.json")
@@ -155,7 +160,7 @@ def main(argv=None):
     from mailroute.feedback_store import FeedbackStore
     from training.data import limit, load_named
     from mailroute.taxonomy import Taxonomy
-    from training.feedback import FeedbackConfig, add_label, build_candidate
+    from training.feedback import add_label, build_candidate
 
     work, out = Path(a.work), Path(a.out)
     shutil.rmtree(work, ignore_errors=True)

@@ -23,6 +23,8 @@ mkdir -p gpu-carry/a gpu-carry/b gpu-carry/s/stub-numpy gpu-carry/s/tokenizer
 .venv/bin/python -m benchmarks.gpu.weights pack gpu-carry/b/base.tar.xz
 BANKING77=$(.venv/bin/python -c "from mailroute.settings import banking77_dir; print(banking77_dir())")
 mkdir -p gpu-carry/b/banking77 && cp "$BANKING77"/train.csv "$BANKING77"/test.csv "$BANKING77"/categories.json gpu-carry/b/banking77/
-BASE=$(.venv/bin/python -c "from training.models import base_model_dir; print(base_model_dir())")
-cp "$BASE"/tokenizer.json "$BASE"/tokenizer_config.json "$BASE"/vocab.txt "$BASE"/special_tokens_map.json gpu-carry/s/tokenizer/
+# the base model's tokenizer files, one path a line (their names: training.models.TOKENIZER_FILES)
+TOKENIZER_PATHS=$(.venv/bin/python -c "from training.models import TOKENIZER_FILES, base_model_dir; print(*(base_model_dir() / f for f in TOKENIZER_FILES), sep='\n')")
+mapfile -t TOKENIZER <<< "$TOKENIZER_PATHS"
+cp "${TOKENIZER[@]}" gpu-carry/s/tokenizer/
 du -sb gpu-carry/a gpu-carry/s gpu-carry/b  # + the tree (git ls-files) must stay under 64 MiB = 67,108,864 bytes

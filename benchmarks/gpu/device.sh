@@ -15,6 +15,16 @@ DATA=${MAILROUTE_GPU_DATA:-/tmp/mr-data}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$PWD" HF_HUB_OFFLINE=1
 
+run_file_tests() {  # RUN_FILES=(-o -name NAME ...): find tests of the run-folder files whose mailroute/run_layout.py constants
+  # are named (their one source; a light module, no torch); the {k} of a name matches any K
+  local name
+  RUN_FILES=()
+  while IFS= read -r name; do RUN_FILES+=(-o -name "$name"); done < <($PY -c 'import sys
+from mailroute import run_layout
+print(*(getattr(run_layout, c).format(k="*") for c in sys.argv[1:]), sep="\n")' "$@")
+  [ ${#RUN_FILES[@]} = $((3 * $#)) ] || echo "device.sh: not every run-folder file name read from mailroute/run_layout.py ($*): pack misses them" >&2
+}
+
 case "${1:-}" in
   install)  # wheels -> $SITE; the base weights archive and BANKING77 -> $DATA
     shift
@@ -42,6 +52,7 @@ case "${1:-}" in
     # the backend stub ignores PYTHONPATH and needs numpy < 2: client/server.py gives it its own environment
     [ -d "$DATA/stub-numpy" ] && export MAILROUTE_STUB_SITE="$DATA/stub-numpy"
     mkdir -p "$DATA/tokenizer" "$OUT/gpu"
+    # the names of training.models.TOKENIZER_FILES (typed here: importing that module costs a torch import of lent time)
     for f in tokenizer.json tokenizer_config.json vocab.txt special_tokens_map.json; do
       [ -f "$DATA/base/$f" ] && cp "$DATA/base/$f" "$DATA/tokenizer/"
     done
@@ -73,9 +84,9 @@ case "${1:-}" in
                near4x:--card-nearest,--card-examples=4,--card-chars=480,--ce-epochs=2,--skip-baseline
                neartrw:--card-nearest,--train-retrieval-weight=1,--ce-epochs=3,--skip-baseline)
     fi
+    run_file_tests METRICS_FILE REPORT_FILE POLICY_FILE CONFIG_FILE PREDICTIONS_FILE
     pack() {  # what has finished so far -> $OUT/sweep.tgz (the call may be cut off when the session's device time ends)
-      (cd "$S" 2>/dev/null && find . \( -name metrics.json -o -name report.md -o -name rerank_policy.json -o -name config.json \
-          -o -name predictions.jsonl -o -name '*.log' -o -name 'summary.*' \) -not -path '*_encoder/*' -print0 | tar czf "$OUT/sweep.tgz.part" --null -T - && mv "$OUT/sweep.tgz.part" "$OUT/sweep.tgz")
+      (cd "$S" 2>/dev/null && find . \( -name '*.log' -o -name 'summary.*' "${RUN_FILES[@]}" \) -not -path '*_encoder/*' -print0 | tar czf "$OUT/sweep.tgz.part" --null -T - && mv "$OUT/sweep.tgz.part" "$OUT/sweep.tgz")
     }
     (while sleep 20; do pack; done) &
     PACKER=$!
@@ -100,9 +111,10 @@ case "${1:-}" in
     fi
     CONFIGS=()
     for ((f = 0; f < N; f++)); do CONFIGS+=("fixed$f:--holdout-fold=$f/$N" "near$f:--holdout-fold=$f/$N,--card-nearest"); done
+    run_file_tests HELDOUT_CACHE METRICS_FILE CONFIG_FILE
     pack() {  # the held-out scores (small), metrics and logs -> $OUT/oof.tgz
-      (cd "$S" 2>/dev/null && find . \( -name 'heldout_k*.npz' -o -name metrics.json -o -name config.json -o -name '*.log' -o -name 'summary.*' \
-          -o -name 'oof*.json' -o -name 'oof*.txt' \) -not -path '*_encoder/*' -print0 | tar czf "$OUT/oof.tgz.part" --null -T - && mv "$OUT/oof.tgz.part" "$OUT/oof.tgz")
+      (cd "$S" 2>/dev/null && find . \( -name '*.log' -o -name 'summary.*' -o -name 'oof*.json' -o -name 'oof*.txt' "${RUN_FILES[@]}" \) \
+          -not -path '*_encoder/*' -print0 | tar czf "$OUT/oof.tgz.part" --null -T - && mv "$OUT/oof.tgz.part" "$OUT/oof.tgz")
     }
     timeout "${SWEEP_TIMEOUT:-420}" $PY -m mailroute.cli sweep --out "$S" --parallel $((2 * N)) "${CONFIGS[@]}" -- "${COMMON[@]}"
     rc=$?

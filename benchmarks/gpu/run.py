@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from mailroute.rerank_policy import GateTarget, retrieval_margin
+from mailroute.settings import DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ("refund charge card transfer account payment pending declined balance fee exchange rate top up verify identity "
@@ -38,6 +39,18 @@ def synthetic_emails(n: int, words: int = 110, seed: int = 0) -> list:
     """Emails of about 128 MiniLM tokens (110 common words + punctuation)."""
     rng = np.random.default_rng(seed)
     return [" ".join(rng.choice(WORDS, words)) + "." for _ in range(n)]
+
+
+def base_tokenizer(folder: Path) -> Path:
+    """`folder` (made) with the base model's tokenizer files (training.models.TOKENIZER_FILES) copied in, as far
+    as the base model has them."""
+    from training.models import TOKENIZER_FILES, base_model_dir
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in TOKENIZER_FILES:
+        if (base_model_dir() / f).exists():
+            shutil.copy(base_model_dir() / f, folder / f)
+    return folder
 
 
 EXEMPLARS_PER_LABEL = 117  # BANKING77's 9,000 training emails over 77 labels, all kept as exemplars by `mailroute train`
@@ -64,7 +77,7 @@ def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: 
     from mailroute.run_layout import RunFolder
     from mailroute.taxonomy import load_taxonomy
     from training import bi_encoder as bi
-    from training.data import Example
+    from training.data import BANKING77_TAXONOMY, Example
     from training.models import load_cross_encoder
 
     torch.manual_seed(seed)
@@ -77,10 +90,10 @@ def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: 
     run = RunFolder(folder / "run")
     run.root.mkdir()
     run.config.write_text(json.dumps({"dataset": "banking77", "k_eval": 10}) + "\n")
-    tr = Transformer(str(base), max_seq_length=128)
+    tr = Transformer(str(base), max_seq_length=DEFAULTS.max_email_tokens)
     model = SentenceTransformer(modules=[tr, Pooling(tr.get_embedding_dimension(), "mean"), Normalize()], device="cpu")
     model.save(str(run.bi_encoder))
-    taxonomy = load_taxonomy(ROOT / "training" / "taxonomies" / "banking77.json")
+    taxonomy = load_taxonomy(BANKING77_TAXONOMY)
     examples = [Example(text, name) for name in taxonomy.names
                 for text in synthetic_emails(exemplars_per_label, words=12, seed=seed + taxonomy.index(name) + 1)]
     x = bi.embed(model, [e.text for e in examples]) if examples else None
@@ -239,12 +252,7 @@ def main(argv=None):
     if a.tokenizer:
         tokenizer = Path(a.tokenizer)
     else:
-        from training.models import base_model_dir
-
-        tokenizer = Path(tempfile.mkdtemp(prefix="mailroute-tok-"))
-        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-            if (base_model_dir() / f).exists():
-                shutil.copy(base_model_dir() / f, tokenizer / f)
+        tokenizer = base_tokenizer(Path(tempfile.mkdtemp(prefix="mailroute-tok-")))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="mailroute-gpu-"))
@@ -283,7 +291,7 @@ def main(argv=None):
         best = max(rows, key=lambda r: r["emails_per_s"]) if rows else None
         single = next((r for r in rows if r["concurrency"] == 1), None)
         summary = {"card": torch.cuda.get_device_name(0) if gpu else platform.processor() or "cpu", "device": a.device, "tiny": a.tiny,
-                   "date": time.strftime("%Y-%m-%d"), "k": a.k, "gated": False, "runtime": "torch", "email_tokens": 128,
+                   "date": time.strftime("%Y-%m-%d"), "k": a.k, "gated": False, "runtime": "torch", "email_tokens": DEFAULTS.max_email_tokens,
                    "classifier_instances": a.classifier_instances, "encoder_instances": a.encoder_instances,
                    "max_queue_delay_us": a.max_queue_delay_us, "encoders_in_classifier": a.encoders_in_classifier, "label_cards": "nearest" if a.nearest_cards else "fixed",
                    "emails_per_s": best and best["emails_per_s"], "p50_ms": best and best["p50_ms"], "p99_ms": best and best["p99_ms"],

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
+from mailroute import contract
 from mailroute.onnx_encoders import session
 from mailroute.pipeline import execute_encoder
 from mailroute.repository import MODEL_FILE
@@ -19,7 +20,7 @@ class TritonPythonModel:
         self.output = config["output"][0]["name"]
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         path = Path(args["model_repository"]) / args["model_version"] / MODEL_FILE
-        self.session = session(path, int(params.get("intra_op_threads", "0")))
+        self.session = session(path, int(params.get(contract.INTRA_OP_THREADS_PARAMETER, contract.INTRA_OP_THREADS_DEFAULT)))
 
     def execute(self, requests):
         return execute_encoder(pb_utils, requests, self.inputs, self.output, lambda batch: self.session.run([self.output], batch)[0])
