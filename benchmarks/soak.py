@@ -32,10 +32,16 @@ from client import ClassifierClient
 from client.server import TritonServer
 from client.watchdog import Watchdog
 from mailroute import contract
-from mailroute.settings import DEFAULT_REPOSITORY
+from mailroute.settings import DEFAULT_REPOSITORY, ROOT
 
 BAD = [("", "empty"), (b"\xff\xfe\xfa", "not UTF-8")]
 
+
+
+def _shown(path) -> str:
+    """A path as the raw output records it: relative to the checkout when inside it (no machine path in results)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
 
 def server_rss_mb(server: TritonServer) -> float:
     total = 0
@@ -146,7 +152,7 @@ def main(argv=None):
     summary = {
         "command": "python -m benchmarks.soak " + " ".join(argv if argv is not None else os.sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "repo": str(a.repo), "max_emails_per_s": peak, "rate_emails_per_s": rate, "requests_sent": n, "requests_answered": len(records),
+        "repo": _shown(a.repo), "max_emails_per_s": peak, "rate_emails_per_s": rate, "requests_sent": n, "requests_answered": len(records),
         "lost": n - len(records), "outcomes": outcomes, "unexpected_errors": outcomes["error"] + outcomes["unexpected_row_error"] + outcomes["unexpected_label"],
         "rss_mb_start": rss0, "rss_mb_end": rss[-1][1], "rss_growth": rss[-1][1] / rss0 - 1, "rss_mb_samples": rss,
         "per_minute": per_minute, "killed_at_s": killed_at[0], "watchdog_events": events, "recovered_after_s": recovery,
