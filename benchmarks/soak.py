@@ -37,11 +37,11 @@ from mailroute.settings import DEFAULT_REPOSITORY, ROOT
 BAD = [("", "empty"), (b"\xff\xfe\xfa", "not UTF-8")]
 
 
-
 def _shown(path) -> str:
     """A path as the raw output records it: relative to the checkout when inside it (no machine path in results)."""
     p = Path(path).resolve()
     return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
+
 
 def server_rss_mb(server: TritonServer) -> float:
     total = 0
