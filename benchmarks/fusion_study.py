@@ -247,8 +247,11 @@ def main(argv=None) -> int:
     if n_ce > 1:
         rules["CE ensemble (" + "+".join(f"ce{i}" for i in range(n_ce)) + f") + retrieval, K={K}"] = ([f"ce{i}" for i in range(n_ce)] + ["D"], K)
         rules[f"CE ensemble + retrieval, K={STUDY_K}"] = ([f"ce{i}" for i in range(n_ce)] + ["D"], STUDY_K)
+    skipped = [name for name, (_, k) in rules.items() if k > a.k]
+    if skipped:  # scored at --k only: a rule over more candidates has no scores to read
+        print(f"--k {a.k}: skipping the rules over more candidates: {'; '.join(skipped)}")
     table = []
-    for name, (feats, k) in rules.items():
+    for name, (feats, k) in ((n, r) for n, r in rules.items() if n not in skipped):
         pos = {sp: _gold_pos(d, k) for sp, d in data.items()}
         Fv, Ft = _features(data["val"], feats, k), _features(data["test"], feats, k)
         w = _fit(Fv, pos["val"])
