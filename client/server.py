@@ -39,9 +39,6 @@ class ServerStartError(RuntimeError):
         super().__init__(summary + (f"\n{log_tail}" if log_tail else ""))
         self.summary, self.log_tail = summary, log_tail
 
-    def __str__(self):
-        return self.args[0] if self.args else ""
-
 
 class ServerNotReady(ServerStartError, TimeoutError):
     """The server runs but did not answer ready within the start timeout (it has been stopped)."""
