@@ -432,6 +432,33 @@ def test_sweep_refuses_a_parallel_below_one_instead_of_waiting_forever(tmp_path,
     assert not (tmp_path / "sweep").exists()
 
 
+def test_sweep_threads_sets_each_runs_omp_threads_and_refuses_a_negative(tmp_path, monkeypatch):
+    import subprocess
+    import training.sweep as sweep
+
+    seen = []
+
+    class Finished:  # a run that has already exited (no training: this checks what the sweep hands each process)
+        returncode = 1
+
+        def __init__(self, cmd, env, **kw):
+            seen.append((cmd, env))
+
+        def poll(self):
+            return 1
+
+    monkeypatch.setattr(subprocess, "Popen", Finished)
+    monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
+    # When two sweeps share a machine and one says --threads 2
+    assert sweep.main(["--out", str(tmp_path / "s"), "--parallel", "8", "--threads", "2", "a:", "b:--ce-epochs=3"]) == 1
+    # Then each of its runs gets 2 OMP/MKL threads, whatever --parallel says
+    assert [(env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"]) for _, env in seen] == [("2", "2"), ("2", "2")]
+    assert seen[1][0][-2:] == ["--ce-epochs", "3"]
+    # And a negative count is refused by name
+    with pytest.raises(SystemExit, match="--threads must be >= 1 .*got -1"):
+        sweep.main(["--out", str(tmp_path / "t"), "--threads", "-1", "a:"])
+
+
 def test_report_mining_line_names_the_mining_k_not_the_evaluation_k():
     from training.report import mining_line
 

@@ -61,9 +61,13 @@ def main(argv=None) -> int:
     ap.add_argument("configs", nargs="+", help="NAME[:--flag=value,...] per run")
     ap.add_argument("--out", default="runs/sweep", help="parent folder of the runs and the summary (default: runs/sweep)")
     ap.add_argument("--parallel", type=int, default=5, help="runs at once (default 5)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="OMP/MKL threads per run (default: cores / --parallel; set it when another sweep shares the machine)")
     a = ap.parse_args(argv)
     if a.parallel < 1:  # no run would ever start, and the loop below would wait forever
         raise SystemExit(f"mailroute sweep: --parallel must be >= 1 (runs at once), got {a.parallel}")
+    if a.threads < 0:
+        raise SystemExit(f"mailroute sweep: --threads must be >= 1 (or 0: cores / --parallel), got {a.threads}")
     try:
         configs = [parse_config(c) for c in a.configs]
     except BadSetting as e:
@@ -72,7 +76,7 @@ def main(argv=None) -> int:
         raise SystemExit("mailroute sweep: configuration names must be unique")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 2) // max(1, a.parallel))
+    threads = a.threads or max(1, (os.cpu_count() or 2) // a.parallel)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     pending, running, results = list(configs), {}, {}
     t0 = time.time()

@@ -6,9 +6,11 @@
 #   gpu-carry/a: nvidia-pytriton (tritonserver), tritonclient, datasets + dill + multiprocess        (~56 MB, cp312 wheels)
 #   gpu-carry/s: faiss-cpu, grpcio, protobuf, python-rapidjson, numpy 1.26.4 for the Triton backend
 #                stub, the MiniLM tokenizer                                                          (~47 MB)  serving
-#   gpu-carry/b: faiss-cpu, the base weights as fp16 + xz (benchmarks/gpu/weights.py),
-#                a BANKING77 copy for the training sweep                                             (~61 MB)  training
-# Then the calls of benchmarks/gpu/device.sh on one warm machine (install a; install s + serve; install b + sweep).
+#   gpu-carry/b: site.tar.xz (faiss-cpu, datasets, dill, multiprocess: the wheels unpacked and xz-compressed, 10 MB
+#                instead of 20 as wheels), the base weights as fp16 + xz (benchmarks/gpu/weights.py), a BANKING77
+#                copy: everything a training call needs, in one call                                 (~52 MB)  training
+# Then the calls of benchmarks/gpu/device.sh on one warm machine (install a; install s + serve) or, for training alone,
+# one call (install b + sweep / oof).
 # Remove gpu-carry/ afterwards: the dataset is read in place everywhere else.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,7 +19,11 @@ PIP=(.venv/bin/python -m pip download --no-deps --only-binary=:all: --python-ver
      --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_35_x86_64)
 mkdir -p gpu-carry/a gpu-carry/b gpu-carry/s/stub-numpy gpu-carry/s/tokenizer
 "${PIP[@]}" -d gpu-carry/a nvidia-pytriton==0.7.0 tritonclient==2.73.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19  # datasets: imported by training/
-"${PIP[@]}" -d gpu-carry/b faiss-cpu==1.15.1
+SITE_WHEELS=$(mktemp -d)
+trap 'rm -rf "$SITE_WHEELS"' EXIT
+"${PIP[@]}" -d "$SITE_WHEELS/whl" faiss-cpu==1.15.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+for w in "$SITE_WHEELS"/whl/*.whl; do unzip -q -o "$w" -d "$SITE_WHEELS/site"; done  # a --target install is the unpacked wheel
+tar -C "$SITE_WHEELS/site" -cf - . | xz -9e -T2 > gpu-carry/b/site.tar.xz
 "${PIP[@]}" -d gpu-carry/s faiss-cpu==1.15.1 grpcio==1.85.1 protobuf==6.33.6 python-rapidjson==1.25
 "${PIP[@]}" -d gpu-carry/s/stub-numpy numpy==1.26.4  # the stub of nvidia-pytriton 0.7.0 needs numpy < 2 (client/server.py)
 .venv/bin/python -m benchmarks.gpu.weights pack gpu-carry/b/base.tar.xz

@@ -4,9 +4,10 @@
 #   1. carry gpu-carry/a:  bash benchmarks/gpu/device.sh install gpu-carry/a                       (Triton wheels)
 #   2. carry gpu-carry/s:  bash benchmarks/gpu/device.sh install gpu-carry/s && bash benchmarks/gpu/device.sh serve
 #   3. carry gpu-carry/b:  bash benchmarks/gpu/device.sh install gpu-carry/b && bash benchmarks/gpu/device.sh sweep   (or: ... oof)
+#      (gpu-carry/b holds all that training needs: a lease spent on training alone needs this one call, on a fresh machine)
 # `serve` takes RUN_ARGS (more benchmarks/gpu/run.py flags, e.g. "--max-queue-delay-us 0 --encoders-in-classifier"); writes $OUT/gpu/{summary.json,triton.log}; `sweep` writes $OUT/sweep.tgz (every run's metrics,
 # report, policy, predictions and log); `oof` writes $OUT/oof.tgz (held-out scores, oof.txt/json: fixed vs nearest cards on
-# FOLDS=3 held-out folds of the training emails). A smoke run of any anywhere: SMOKE=1 (tiny model / tiny data, CPU).
+# FOLDS=3 held-out folds of the training emails, and the FULL whole-data runs trained beside them). A smoke run of any anywhere: SMOKE=1 (tiny model / tiny data, CPU).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$(mktemp -d)}
@@ -31,6 +32,11 @@ case "${1:-}" in
     for dir in "$@"; do
       if ls "$dir"/*.whl >/dev/null 2>&1; then
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$dir"/*.whl || exit 1
+      fi
+      # wheels carry.sh already unpacked (a --target install) and xz-compressed: half the bytes of the wheels
+      # (Python's tarfile: the image need not have xz)
+      if [ -f "$dir/site.tar.xz" ]; then
+        $PY -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="tar")' "$dir/site.tar.xz" "$SITE" || exit 1
       fi
       mkdir -p "$DATA"
       [ -f "$dir/base.tar.xz" ] && { $PY -m benchmarks.gpu.weights unpack "$dir/base.tar.xz" "$DATA/base" || exit 1; }
@@ -98,25 +104,41 @@ case "${1:-}" in
     exit $rc
     ;;
   oof)  # fixed vs nearest label cards, chosen on held-out folds of all training emails (benchmarks/oof_choice.py)
+    # FULL: whole-data runs trained beside the folds (NAME:--flag=value,... each; "" for none), e.g. the configuration
+    # the folds may choose, with its flat baseline, so that one call brings back both the choice and the run it picks
     S=${SWEEP_DIR:-/tmp/mr-oof}
     export MAILROUTE_BANKING77="$DATA/banking77"
     N=${FOLDS:-3}
     if [ "${SMOKE:-0}" = 1 ]; then
-      COMMON=(--dataset banking77 --device cpu --base "$DATA/base" --sample-per-label 8 --test-limit 20 --bi-epochs 0.2 --ce-epochs 0.2
-              --top-n-grid 3 --description-weight-grid 0 --skip-baseline)
+      TINY=(--dataset banking77 --device cpu --base "$DATA/base" --sample-per-label 8 --test-limit 20 --bi-epochs 0.2 --ce-epochs 0.2
+            --top-n-grid 3 --description-weight-grid 0)
+      COMMON=("${TINY[@]}" --skip-baseline)
+      FULL_COMMON=("${TINY[@]}" --flat-epochs 1)
       DEV=cpu
     else  # 2 CE epochs: the headline's; one configuration's folds share the card with the other's (2N runs at once)
       COMMON=(--dataset banking77 --device cuda --base "$DATA/base" --ce-epochs 2 --test-limit 300 --skip-baseline)
+      FULL_COMMON=(--dataset banking77 --device cuda --base "$DATA/base" --ce-epochs 2 --flat-epochs 8)
       DEV=cuda
     fi
+    read -r -a FULL_CONFIGS <<< "${FULL-near:--card-nearest}"
     CONFIGS=()
     for ((f = 0; f < N; f++)); do CONFIGS+=("fixed$f:--holdout-fold=$f/$N" "near$f:--holdout-fold=$f/$N,--card-nearest"); done
-    run_file_tests HELDOUT_CACHE METRICS_FILE CONFIG_FILE
-    pack() {  # the held-out scores (small), metrics and logs -> $OUT/oof.tgz
+    run_file_tests HELDOUT_CACHE METRICS_FILE CONFIG_FILE REPORT_FILE POLICY_FILE PREDICTIONS_FILE
+    pack() {  # the held-out scores (small), metrics, reports and logs (fold runs and full runs) -> $OUT/oof.tgz
       (cd "$S" 2>/dev/null && find . \( -name '*.log' -o -name 'summary.*' -o -name 'oof*.json' -o -name 'oof*.txt' "${RUN_FILES[@]}" \) \
           -not -path '*_encoder/*' -print0 | tar czf "$OUT/oof.tgz.part" --null -T - && mv "$OUT/oof.tgz.part" "$OUT/oof.tgz")
     }
-    timeout "${SWEEP_TIMEOUT:-420}" $PY -m mailroute.cli sweep --out "$S" --parallel $((2 * N)) "${CONFIGS[@]}" -- "${COMMON[@]}"
+    mkdir -p "$S"
+    (while sleep 30; do pack; done) &
+    PACKER=$!
+    THREADS=$(( $(nproc) / (2 * N + ${#FULL_CONFIGS[@]}) )); [ "$THREADS" -ge 1 ] || THREADS=1
+    FULL_PID=
+    if [ ${#FULL_CONFIGS[@]} -gt 0 ]; then
+      timeout $(( ${SWEEP_TIMEOUT:-420} + ${SCORE_TIMEOUT:-150} )) $PY -m mailroute.cli sweep --out "$S/full" --parallel ${#FULL_CONFIGS[@]} \
+        --threads $THREADS "${FULL_CONFIGS[@]}" -- "${FULL_COMMON[@]}" > "$S/full.log" 2>&1 &
+      FULL_PID=$!
+    fi
+    timeout "${SWEEP_TIMEOUT:-420}" $PY -m mailroute.cli sweep --out "$S" --parallel $((2 * N)) --threads $THREADS "${CONFIGS[@]}" -- "${COMMON[@]}"
     rc=$?
     FIXED=() NEAR=()
     for ((f = 0; f < N; f++)); do FIXED+=("$S/fixed$f") NEAR+=("$S/near$f"); done
@@ -124,9 +146,11 @@ case "${1:-}" in
     timeout "${SCORE_TIMEOUT:-150}" $PY -m benchmarks.oof_choice --runs "${FIXED[@]}" --compare "${NEAR[@]}" --device $DEV \
       --json "$S/oof.json" | tee "$S/oof.txt"
     rc2=$?
+    if [ -n "$FULL_PID" ]; then wait $FULL_PID; rc3=$?; tail -20 "$S/full.log"; else rc3=0; fi
+    kill $PACKER 2>/dev/null; wait $PACKER 2>/dev/null
     pack
     ls -la "$OUT"
-    [ $rc = 0 ] && exit $rc2 || exit $rc
+    [ $rc != 0 ] && exit $rc; [ $rc2 != 0 ] && exit $rc2; exit $rc3
     ;;
   *)
     echo "usage: bash benchmarks/gpu/device.sh install DIR... | serve | sweep | oof" >&2
