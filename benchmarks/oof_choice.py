@@ -14,7 +14,9 @@ Each run scores its held-out fold once at K=--k (cached as RUN/heldout_k<K>.npz)
 benchmarks/fusion_study.py is then cross-fitted: its weights are fitted on the other folds' held-out emails
 and it is scored on this fold's, so no email is scored by weights fitted on it. Every rule is compared
 with the served rule (CE + retrieval) on the same emails: difference, a paired bootstrap interval and
-McNemar's exact test. The rules include a linear softmax probe on the bi-encoder's embeddings (fitted on each
+McNemar's exact test. --only-fold i uses fold i's held-out emails alone, cross-fitted between two stratified halves
+of them (for when the other folds were never scored, e.g. a GPU call that ran out of time: only that fold's runs need
+their models or caches). The rules include a linear softmax probe on the bi-encoder's embeddings (fitted on each
 run's own training emails). --compare takes a second configuration's fold runs (the same folds, another
 setting, e.g. --card-nearest) and compares it with the first, rule by rule. --reference prints beside each
 rule what validation and test said of it on the headline run (a fusion_study --json file): test is shown,
@@ -73,10 +75,25 @@ def heldout_scores(run: str, cfg, k: int, device: str) -> dict:
     return data
 
 
-def configuration(runs: list, k: int, device: str) -> list:
-    """The held-out scores of one configuration's fold runs, in fold order."""
+def configuration(runs: list, k: int, device: str, only_fold: int = None) -> list:
+    """The held-out scores of one configuration's fold runs, in fold order; with only_fold, that fold's scores as two
+    stratified halves (nothing else is scored)."""
     cfgs = _fold_runs(runs)
-    return [heldout_scores(run, cfg, k, device) for run, cfg in sorted(zip(runs, cfgs), key=lambda rc: rc[1].holdout()[0])]
+    ordered = sorted(zip(runs, cfgs), key=lambda rc: rc[1].holdout()[0])
+    if only_fold is None:
+        return [heldout_scores(run, cfg, k, device) for run, cfg in ordered]
+    return halves(heldout_scores(*ordered[only_fold], k, device))
+
+
+def halves(scores: dict, seed: int = 0) -> list:
+    """One fold's held-out scores split in two, each label's emails dealt alternately after a seeded shuffle: the
+    halves depend only on the gold labels, so two configurations of the same fold get the same halves."""
+    gold = scores["gold"]
+    first = np.zeros(len(gold), bool)
+    rng = np.random.default_rng(seed)
+    for label in np.unique(gold):
+        first[rng.permutation(np.flatnonzero(gold == label))[::2]] = True
+    return [{name: v[mask] for name, v in scores.items()} for mask in (first, ~first)]
 
 
 def cross_fitted(folds: list, feats: list, k: int) -> tuple:
@@ -127,15 +144,19 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", nargs="+", default=[], help="the fold runs of a second configuration (same folds, e.g. "
                                                               "--card-nearest): its served rule against this one's, email by email")
     ap.add_argument("--reference", help="a fusion_study --json file of the headline run: its validation and test per rule, shown")
+    ap.add_argument("--only-fold", type=int, help="use fold I's held-out emails alone, cross-fitted between two halves of "
+                                                    "them (when the other folds were not scored)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", help="write the table here as JSON too")
     a = ap.parse_args(argv)
+    if a.only_fold is not None and not 0 <= a.only_fold < len(a.runs):
+        ap.error(f"--only-fold must name one of the {len(a.runs)} folds of --runs (0..{len(a.runs) - 1}), got {a.only_fold}")
     if a.k < K:
         ap.error(f"--k must be at least the served K ({K}, mailroute.settings DEFAULTS.top_k): every rule is compared with the "
                  f"served rule at K={K}; got {a.k}")
     if a.compare:
         same_split(a.runs, a.compare)
-    folds = configuration(a.runs, a.k, a.device)
+    folds = configuration(a.runs, a.k, a.device, a.only_fold)
     rules = RETRIEVAL_ONLY | {name: (feats, k) for name, (feats, k) in RULES.items() if k <= a.k and feats != ["D"]}
     rules |= PROBE_RULES
     reference = {r["rule"]: r for r in json.loads(Path(a.reference).read_text())} if a.reference else {}
@@ -151,7 +172,8 @@ def main(argv=None) -> int:
                       "minus_served_points": 100 * float(r.mean() - base.mean()), "bootstrap95": [lo, hi],
                       "mcnemar_p": mcnemar_p(r, base), "only_this": int((r & ~base).sum()), "only_served": int((~r & base).sum()),
                       "reference_val_cv10": ref.get("val_cv10"), "reference_test": ref.get("test")})
-    print(f"{n} held-out training emails in {len(folds)} folds (cross-fitted), K={a.k}; recall@{a.k} "
+    where = f"{len(folds)} folds" if a.only_fold is None else f"fold {a.only_fold} of {len(a.runs)}, as 2 halves"
+    print(f"{n} held-out training emails in {where} (cross-fitted), K={a.k}; recall@{a.k} "
           f"{np.mean(np.concatenate([_gold_pos(d, a.k) for d in folds]) >= 0):.2%}")
     print(f"{'rule':42s} {'held-out':>8s} {'vs served (95%)':>22s} {'McNemar p':>9s}" + ("  headline val 10-fold / test" if reference else ""))
     for t in table:
@@ -160,9 +182,9 @@ def main(argv=None) -> int:
               f" {t['mcnemar_p']:9.3f}{ref}")
     print(f"probe alone (a linear softmax on the bi-encoder's embeddings, fitted on each run's training emails): "
           f"{np.concatenate([d['probe_alone_right'] for d in folds]).mean():.2%}")
-    out = {"emails": n, "folds": len(folds), "k": a.k, "runs": a.runs, "rules": table}
+    out = {"emails": n, "folds": len(folds), "only_fold": a.only_fold, "k": a.k, "runs": a.runs, "rules": table}
     if a.compare:
-        other = configuration(a.compare, a.k, a.device)
+        other = configuration(a.compare, a.k, a.device, a.only_fold)
         if any(not np.array_equal(f["gold"], g["gold"]) for f, g in zip(folds, other)):
             raise SystemExit("--compare: its runs' held-out emails differ from --runs' (another dataset or data file)")
         out["compare"] = compare(right, other, rules, f"{a.compare[0]}.. against {a.runs[0]}..")

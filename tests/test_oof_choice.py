@@ -63,6 +63,19 @@ def test_cross_fitting_never_scores_a_fold_with_weights_fitted_on_it():
     assert right.mean() < 0.05
 
 
+def test_halves_split_each_label_evenly_and_the_same_way_for_the_same_golds():
+    gold = np.repeat(np.arange(4), [6, 5, 1, 8])
+    scores = {"gold": gold, "D": np.arange(20.0)}
+    a, b = oof_choice.halves(scores)
+    # every email in exactly one half, each label's emails split as evenly as they can be
+    assert sorted(np.concatenate([a["D"], b["D"]])) == list(range(20))
+    for label, count in Counter(gold.tolist()).items():
+        assert abs((a["gold"] == label).sum() - (b["gold"] == label).sum()) <= count % 2
+    # another configuration of the same fold (same golds, other scores) gets the same halves
+    a2, _ = oof_choice.halves({"gold": gold, "D": -np.arange(20.0)})
+    assert np.array_equal(-a2["D"], a["D"])
+
+
 def test_mcnemar_and_bootstrap_on_known_counts():
     a = np.array([True] * 10 + [False] * 0 + [True] * 30)
     b = np.array([False] * 10 + [True] * 0 + [True] * 30)
@@ -156,6 +169,18 @@ def test_compare_puts_a_second_configuration_beside_the_first_on_the_same_emails
     # and retrieval alone (which does not read the cross-encoder) is about equal in both
     assert abs(rows["retrieval only, K=5"]["second_minus_first_points"]) < 8
     assert "against" in capsys.readouterr().out
+    # When only fold 1 was scored (its other runs' caches are gone), the comparison runs on its emails alone
+    for r in (first[0], second[0]):
+        RunFolder(r).heldout_cache(k).unlink()
+    assert oof_choice.main(["--runs", *first, "--compare", *second, "--only-fold", "1", "--json", str(tmp_path / "h.json")]) == 0
+    half = json.loads((tmp_path / "h.json").read_text())
+    # Then every email of that fold is scored once, cross-fitted between two halves, and the verdict is the same
+    assert half["emails"] == n and half["folds"] == 2 and half["only_fold"] == 1
+    served = {r["rule"]: r for r in half["compare"]}[oof_choice.SERVED]
+    assert served["second"] > served["first"] + 0.2 and served["mcnemar_p"] < 1e-6
+    assert "fold 1 of 2, as 2 halves" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        oof_choice.main(["--runs", *first, "--only-fold", "2"])
     # A configuration with another fold split (another seed) holds out other emails: refused
     other_seed = [fold_run(f"c{i}", i, 6.0, seed=99) for i in range(2)]
     with pytest.raises(SystemExit, match="other emails"):
