@@ -5,6 +5,7 @@
 #   2. carry gpu-carry/s:  bash benchmarks/gpu/device.sh install gpu-carry/s && bash benchmarks/gpu/device.sh serve
 #   3. carry gpu-carry/b:  bash benchmarks/gpu/device.sh install gpu-carry/b && bash benchmarks/gpu/device.sh sweep   (or: ... oof)
 #      (gpu-carry/b holds all that training needs: a lease spent on training alone needs this one call, on a fresh machine)
+#   Session 22's 15-minute lease, in this order: b + oof (start + 378 s), a (11 s), s + serve (172 s); 269 s left over.
 # `serve` takes RUN_ARGS (more benchmarks/gpu/run.py flags, e.g. "--max-queue-delay-us 0 --encoders-in-classifier"); writes $OUT/gpu/{summary.json,triton.log}; `sweep` writes $OUT/sweep.tgz (every run's metrics,
 # report, policy, predictions and log); `oof` writes $OUT/oof.tgz (held-out scores, oof.txt/json: fixed vs nearest cards on
 # FOLDS=3 held-out folds of the training emails, and the FULL whole-data runs trained beside them). A smoke run of any anywhere: SMOKE=1 (tiny model / tiny data, CPU).
@@ -134,16 +135,18 @@ case "${1:-}" in
     THREADS=$(( $(nproc) / (2 * N + ${#FULL_CONFIGS[@]}) )); [ "$THREADS" -ge 1 ] || THREADS=1
     FULL_PID=
     if [ ${#FULL_CONFIGS[@]} -gt 0 ]; then
-      timeout $(( ${SWEEP_TIMEOUT:-420} + ${SCORE_TIMEOUT:-150} )) $PY -m mailroute.cli sweep --out "$S/full" --parallel ${#FULL_CONFIGS[@]} \
+      timeout $(( ${SWEEP_TIMEOUT:-300} + ${SCORE_TIMEOUT:-260} )) $PY -m mailroute.cli sweep --out "$S/full" --parallel ${#FULL_CONFIGS[@]} \
         --threads $THREADS "${FULL_CONFIGS[@]}" -- "${FULL_COMMON[@]}" > "$S/full.log" 2>&1 &
       FULL_PID=$!
     fi
-    timeout "${SWEEP_TIMEOUT:-420}" $PY -m mailroute.cli sweep --out "$S" --parallel $((2 * N)) --threads $THREADS "${CONFIGS[@]}" -- "${COMMON[@]}"
+    # defaults from session 22 (H100, 3 folds + one whole-data run beside them): the six fold runs took 196 s; scoring
+    # took over 150 s (4 of 6 runs scored) while the whole-data run still trained; 300 + 260 s keep a call under 600 s
+    timeout "${SWEEP_TIMEOUT:-300}" $PY -m mailroute.cli sweep --out "$S" --parallel $((2 * N)) --threads $THREADS "${CONFIGS[@]}" -- "${COMMON[@]}"
     rc=$?
     FIXED=() NEAR=()
     for ((f = 0; f < N; f++)); do FIXED+=("$S/fixed$f") NEAR+=("$S/near$f"); done
     # scores each run's held-out emails (cached in the run folders) and compares the rules and the two card kinds
-    timeout "${SCORE_TIMEOUT:-150}" $PY -m benchmarks.oof_choice --runs "${FIXED[@]}" --compare "${NEAR[@]}" --device $DEV \
+    timeout "${SCORE_TIMEOUT:-260}" $PY -m benchmarks.oof_choice --runs "${FIXED[@]}" --compare "${NEAR[@]}" --device $DEV \
       --json "$S/oof.json" | tee "$S/oof.txt"
     rc2=$?
     if [ -n "$FULL_PID" ]; then wait $FULL_PID; rc3=$?; tail -20 "$S/full.log"; else rc3=0; fi
