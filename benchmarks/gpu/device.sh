@@ -5,7 +5,8 @@
 #   2. carry gpu-carry/s:  bash benchmarks/gpu/device.sh install gpu-carry/s && bash benchmarks/gpu/device.sh serve
 #   3. carry gpu-carry/b:  bash benchmarks/gpu/device.sh install gpu-carry/b && bash benchmarks/gpu/device.sh sweep   (or: ... oof)
 #      (gpu-carry/b holds all that training needs: a lease spent on training alone needs this one call, on a fresh machine)
-#   Session 22's 15-minute lease, in this order: b + oof (start + 378 s), a (11 s), s + serve (172 s); 269 s left over.
+#   Session 22's 15-minute lease, in this order: b + oof (start + 378 s), a (11 s), s + serve (172 s); then on a fresh
+#   machine a (12 s) and s + a shorter serve (175 s): a start cost about 35 s of the lease.
 # `serve` takes RUN_ARGS (more benchmarks/gpu/run.py flags, e.g. "--max-queue-delay-us 0 --encoders-in-classifier"); writes $OUT/gpu/{summary.json,triton.log}; `sweep` writes $OUT/sweep.tgz (every run's metrics,
 # report, policy, predictions and log); `oof` writes $OUT/oof.tgz (held-out scores, oof.txt/json: fixed vs nearest cards on
 # FOLDS=3 held-out folds of the training emails, and the FULL whole-data runs trained beside them). A smoke run of any anywhere: SMOKE=1 (tiny model / tiny data, CPU).
