@@ -449,10 +449,11 @@ def test_sweep_threads_sets_each_runs_omp_threads_and_refuses_a_negative(tmp_pat
 
     monkeypatch.setattr(subprocess, "Popen", Finished)
     monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
-    # When two sweeps share a machine and one says --threads 2
-    assert sweep.main(["--out", str(tmp_path / "s"), "--parallel", "8", "--threads", "2", "a:", "b:--ce-epochs=3"]) == 1
-    # Then each of its runs gets 2 OMP/MKL threads, whatever --parallel says
-    assert [(env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"]) for _, env in seen] == [("2", "2"), ("2", "2")]
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 64)  # cores / --parallel would be 8
+    # When two sweeps share a machine and one says --threads 3
+    assert sweep.main(["--out", str(tmp_path / "s"), "--parallel", "8", "--threads", "3", "a:", "b:--ce-epochs=3"]) == 1
+    # Then each of its runs gets 3 OMP/MKL threads, whatever --parallel says
+    assert [(env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"]) for _, env in seen] == [("3", "3"), ("3", "3")]
     assert seen[1][0][-2:] == ["--ce-epochs", "3"]
     # And a negative count is refused by name
     with pytest.raises(SystemExit, match="--threads must be >= 1 .*got -1"):

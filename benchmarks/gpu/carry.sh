@@ -22,7 +22,9 @@ mkdir -p gpu-carry/a gpu-carry/b gpu-carry/s/stub-numpy gpu-carry/s/tokenizer
 SITE_WHEELS=$(mktemp -d)
 trap 'rm -rf "$SITE_WHEELS"' EXIT
 "${PIP[@]}" -d "$SITE_WHEELS/whl" faiss-cpu==1.15.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-for w in "$SITE_WHEELS"/whl/*.whl; do unzip -q -o "$w" -d "$SITE_WHEELS/site"; done  # a --target install is the unpacked wheel
+# what `pip install --target` would put there: the unpacked wheels (these have no *.data/purelib or platlib parts;
+# dill's *.data/scripts, console scripts nothing here runs, stay unplaced)
+for w in "$SITE_WHEELS"/whl/*.whl; do unzip -q -o "$w" -d "$SITE_WHEELS/site"; done
 tar -C "$SITE_WHEELS/site" -cf - . | xz -9e -T2 > gpu-carry/b/site.tar.xz
 "${PIP[@]}" -d gpu-carry/s faiss-cpu==1.15.1 grpcio==1.85.1 protobuf==6.33.6 python-rapidjson==1.25
 "${PIP[@]}" -d gpu-carry/s/stub-numpy numpy==1.26.4  # the stub of nvidia-pytriton 0.7.0 needs numpy < 2 (client/server.py)

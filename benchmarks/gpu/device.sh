@@ -28,6 +28,13 @@ print(*(getattr(run_layout, c).format(k="*") for c in sys.argv[1:]), sep="\n")' 
   [ ${#RUN_FILES[@]} = $((3 * $#)) ] || echo "device.sh: not every run-folder file name read from mailroute/run_layout.py ($*): pack misses them" >&2
 }
 
+every() {  # every N seconds, pack (the caller's function) until $STOP exists; a pack under way finishes first, so
+  # no older archive lands after the caller's last one
+  local n=0
+  while [ ! -f "$STOP" ]; do sleep 1; n=$((n + 1)); [ $((n % $1)) = 0 ] && pack; done
+  return 0
+}
+
 case "${1:-}" in
   install)  # wheels -> $SITE; the base weights archive and BANKING77 -> $DATA
     shift
@@ -96,11 +103,12 @@ case "${1:-}" in
     pack() {  # what has finished so far -> $OUT/sweep.tgz (the call may be cut off when the session's device time ends)
       (cd "$S" 2>/dev/null && find . \( -name '*.log' -o -name 'summary.*' "${RUN_FILES[@]}" \) -not -path '*_encoder/*' -print0 | tar czf "$OUT/sweep.tgz.part" --null -T - && mv "$OUT/sweep.tgz.part" "$OUT/sweep.tgz")
     }
-    (while sleep 20; do pack; done) &
+    STOP="$S.stop-packing"; rm -f "$STOP"
+    every 20 >/dev/null 2>&1 &
     PACKER=$!
     timeout "${SWEEP_TIMEOUT:-420}" $PY -m mailroute.cli sweep --out "$S" --parallel 5 "${CONFIGS[@]}" -- "${COMMON[@]}"
     rc=$?
-    kill $PACKER 2>/dev/null; wait $PACKER 2>/dev/null
+    touch "$STOP"; wait $PACKER; rm -f "$STOP"
     pack
     ls -la "$OUT"
     exit $rc
@@ -131,7 +139,8 @@ case "${1:-}" in
           -not -path '*_encoder/*' -print0 | tar czf "$OUT/oof.tgz.part" --null -T - && mv "$OUT/oof.tgz.part" "$OUT/oof.tgz")
     }
     mkdir -p "$S"
-    (while sleep 30; do pack; done) &
+    STOP="$S.stop-packing"; rm -f "$STOP"
+    every 30 >/dev/null 2>&1 &
     PACKER=$!
     THREADS=$(( $(nproc) / (2 * N + ${#FULL_CONFIGS[@]}) )); [ "$THREADS" -ge 1 ] || THREADS=1
     FULL_PID=
@@ -141,7 +150,8 @@ case "${1:-}" in
       FULL_PID=$!
     fi
     # defaults from session 22 (H100, 3 folds + one whole-data run beside them): the six fold runs took 196 s; scoring
-    # took over 150 s (4 of 6 runs scored) while the whole-data run still trained; 300 + 260 s keep a call under 600 s
+    # took over 150 s (4 of 6 runs scored) while the whole-data run still trained; 300 + 260 s and about 30 s of install
+    # and packing keep a call under the 600 s a call may run
     timeout "${SWEEP_TIMEOUT:-300}" $PY -m mailroute.cli sweep --out "$S" --parallel $((2 * N)) --threads $THREADS "${CONFIGS[@]}" -- "${COMMON[@]}"
     rc=$?
     FIXED=() NEAR=()
@@ -151,7 +161,7 @@ case "${1:-}" in
       --json "$S/oof.json" | tee "$S/oof.txt"
     rc2=$?
     if [ -n "$FULL_PID" ]; then wait $FULL_PID; rc3=$?; tail -20 "$S/full.log"; else rc3=0; fi
-    kill $PACKER 2>/dev/null; wait $PACKER 2>/dev/null
+    touch "$STOP"; wait $PACKER; rm -f "$STOP"
     pack
     ls -la "$OUT"
     [ $rc != 0 ] && exit $rc; [ $rc2 != 0 ] && exit $rc2; exit $rc3
