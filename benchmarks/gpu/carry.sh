@@ -18,15 +18,17 @@ grep -qx "/gpu-carry/" .git/info/exclude 2>/dev/null || echo "/gpu-carry/" >> .g
 PIP=(.venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
      --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_35_x86_64)
 mkdir -p gpu-carry/a gpu-carry/b gpu-carry/s/stub-numpy gpu-carry/s/tokenizer
-"${PIP[@]}" -d gpu-carry/a nvidia-pytriton==0.7.0 tritonclient==2.73.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19  # datasets: imported by training/
+DATASETS=(datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19)  # imported by training/ (the image's pyarrow 25 suits 5.2.0)
+FAISS=faiss-cpu==1.15.1
+"${PIP[@]}" -d gpu-carry/a nvidia-pytriton==0.7.0 tritonclient==2.73.0 "${DATASETS[@]}"
 SITE_WHEELS=$(mktemp -d)
 trap 'rm -rf "$SITE_WHEELS"' EXIT
-"${PIP[@]}" -d "$SITE_WHEELS/whl" faiss-cpu==1.15.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+"${PIP[@]}" -d "$SITE_WHEELS/whl" "$FAISS" "${DATASETS[@]}"
 # what `pip install --target` would put there: the unpacked wheels (these have no *.data/purelib or platlib parts;
 # dill's *.data/scripts, console scripts nothing here runs, stay unplaced)
 for w in "$SITE_WHEELS"/whl/*.whl; do unzip -q -o "$w" -d "$SITE_WHEELS/site"; done
 tar -C "$SITE_WHEELS/site" -cf - . | xz -9e -T2 > gpu-carry/b/site.tar.xz
-"${PIP[@]}" -d gpu-carry/s faiss-cpu==1.15.1 grpcio==1.85.1 protobuf==6.33.6 python-rapidjson==1.25
+"${PIP[@]}" -d gpu-carry/s "$FAISS" grpcio==1.85.1 protobuf==6.33.6 python-rapidjson==1.25
 "${PIP[@]}" -d gpu-carry/s/stub-numpy numpy==1.26.4  # the stub of nvidia-pytriton 0.7.0 needs numpy < 2 (client/server.py)
 .venv/bin/python -m benchmarks.gpu.weights pack gpu-carry/b/base.tar.xz
 BANKING77=$(.venv/bin/python -c "from mailroute.settings import banking77_dir; print(banking77_dir())")
