@@ -1,6 +1,7 @@
 """The files of a training run folder (`mailroute train --out RUN`), named once for train, export and tests.
 
   RUN/bi_encoder/  RUN/cross_encoder/   sentence-transformers model folders
+  RUN/flat_encoder/                     the flat baseline's encoder, kept when the cross-encoder starts from it (--ce-init flat)
   RUN/label_index/                      mailroute.label_index.LabelIndex (descriptions + exemplars + cards)
   RUN/rerank_policy.json                mailroute.rerank_policy.RerankPolicy fitted on validation
   RUN/config.json  RUN/metrics.json  RUN/report.md  RUN/predictions.jsonl  RUN/abstention.png
@@ -13,6 +14,7 @@ from pathlib import Path
 
 BI_ENCODER_DIR = "bi_encoder"
 CROSS_ENCODER_DIR = "cross_encoder"
+FLAT_ENCODER_DIR = "flat_encoder"
 LABEL_INDEX_DIR = "label_index"
 POLICY_FILE = "rerank_policy.json"
 CONFIG_FILE = "config.json"
@@ -32,6 +34,7 @@ class RunFolder:
         self.root = Path(root)
         self.bi_encoder = self.root / BI_ENCODER_DIR
         self.cross_encoder = self.root / CROSS_ENCODER_DIR
+        self.flat_encoder = self.root / FLAT_ENCODER_DIR
         self.label_index = self.root / LABEL_INDEX_DIR
         self.policy = self.root / POLICY_FILE
         self.config = self.root / CONFIG_FILE

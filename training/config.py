@@ -41,7 +41,7 @@ class TrainConfig:
     k_eval: int = DEFAULTS.top_k  # candidates reranked at inference (export serves the run with this K)
     ce_epochs: float = 1.0  # cross-encoder listwise epochs
     ce_train_share: float = 1.0  # share of training emails the cross-encoder trains on: those retrieval is least sure of (smallest top-1 minus top-2 score, the margin the gate reads); 1 = all
-    ce_init: str = "base"  # cross-encoder start weights: base (MiniLM) | bi_encoder (the MNR-fine-tuned encoder, new head)
+    ce_init: str = "base"  # cross-encoder start weights (new head on each): base (MiniLM) | bi_encoder (the MNR-fine-tuned encoder) | flat (the flat baseline's encoder, trained first)
     train_retrieval_weight: float = 0.0  # retrieval score fused into the logits during listwise training (0 = pure rerank)
     gate_tolerance: float = GateTarget.tolerance  # validation accuracy the gate may give up versus reranking every email
     rerank_budget: float = GateTarget.rerank_budget  # share of emails the gate sends through stage 2 (exceeded only if validation accuracy needs it; 0 = as few as possible)

@@ -62,11 +62,22 @@ def _validation_rows(cfg: TrainConfig, index: LabelIndex, val: list, x_val: np.n
     return listwise_rows([val[i] for i in keep], cand[keep], index, cfg.seed, scores[keep] if cfg.train_retrieval_weight else None,
                          x=x_val[keep])
 
+# where the cross-encoder starts (a new one-logit head on each): the base MiniLM, the MNR-fine-tuned bi-encoder, or the flat
+# baseline's encoder (trained first, on the same emails; it already separates the labels, the cross-encoder learns to compare)
+CE_INITS = ("base", "bi_encoder", "flat")
+
+
+def _train_flat_baseline(cfg: TrainConfig, train: list, tax, val: list, device: str):
+    """The flat softmax baseline: the same MiniLM, same data, a linear head over all labels, epochs chosen on validation."""
+    return train_flat(load_bi_encoder(cfg.base or None, device=device), train, tax, cfg.flat_epochs, cfg.flat_batch_size,
+                      cfg.flat_lr, cfg.seed, val=val, device=device, precision=cfg.precision)
+
+
 def run(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    if cfg.ce_init not in ("base", "bi_encoder"):  # settings are checked before any work
-        raise BadSetting(f"--ce-init must be 'base' or 'bi_encoder', got {cfg.ce_init!r}")
+    if cfg.ce_init not in CE_INITS:  # settings are checked before any work
+        raise BadSetting(f"--ce-init must be one of {', '.join(CE_INITS)}, got {cfg.ce_init!r}")
     if cfg.bi_encoder and not (Path(cfg.bi_encoder) / "config.json").is_file():
         raise BadSetting(f"--bi-encoder {cfg.bi_encoder}: no saved model there (config.json missing)")
     if cfg.bi_encoder and cfg.oof_folds:  # fold encoders would be trained from the base, unlike the given one
@@ -81,8 +92,8 @@ def run(cfg: TrainConfig) -> dict:
                         ("--ce-batch-size", cfg.ce_batch_size), ("--flat-batch-size", cfg.flat_batch_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise BadSetting(f"{flag} must be an integer >= 1, got {value!r}")
-    if not cfg.skip_baseline and cfg.flat_epochs < 1:
-        raise BadSetting(f"--flat-epochs must be >= 1 (or --skip-baseline), got {cfg.flat_epochs}")
+    if (not cfg.skip_baseline or cfg.ce_init == "flat") and cfg.flat_epochs < 1:
+        raise BadSetting(f"--flat-epochs must be >= 1 (or --skip-baseline, unless --ce-init flat), got {cfg.flat_epochs}")
     if cfg.oof_folds < 0 or cfg.oof_folds == 1:
         raise BadSetting(f"--oof-folds must be 0 (leave-one-out mining) or >= 2, got {cfg.oof_folds}")
     for flag, text, cast, ok, want in (("--top-n-grid", cfg.top_n_grid, int, lambda v: v >= 1, "integers >= 1 (e.g. 1,3,5,10)"),
@@ -172,7 +183,16 @@ def run(cfg: TrainConfig) -> dict:
     t = time.perf_counter()
     print(f"[6/9] cross-encoder: listwise, K={cfg.k_train}, {cfg.ce_epochs} epoch(s), label cards with {cfg.card_examples} "
           f"{'nearest' if cfg.card_nearest else 'typical'} example(s) in {cfg.card_chars} characters")
-    cross = load_cross_encoder(out.bi_encoder if cfg.ce_init == "bi_encoder" else (cfg.base or None), device=device)
+    flat = flat_val = None
+    if cfg.ce_init == "flat":  # the baseline is trained now (and reported in step 8 as always): its encoder starts the cross-encoder
+        t_flat = time.perf_counter()
+        print(f"[6/9] flat baseline first ({cfg.flat_epochs} epoch(s)): the cross-encoder starts from its encoder")
+        flat, flat_val = _train_flat_baseline(cfg, train, tax, val, device)
+        flat.encoder.save(str(out.flat_encoder))
+        times["flat_baseline_s"] = time.perf_counter() - t_flat
+        t = time.perf_counter()
+    ce_start = {"base": cfg.base or None, "bi_encoder": out.bi_encoder, "flat": out.flat_encoder}[cfg.ce_init]
+    cross = load_cross_encoder(ce_start, device=device)
     keep_best = None
     if cfg.ce_epochs > 1:  # epochs by early stopping: validation rows mined like training rows, checked after every epoch
         cand_val, scores_val = mine_candidates(model, [e.text for e in val], index, cfg.k_train, x=x_val)
@@ -200,15 +220,15 @@ def run(cfg: TrainConfig) -> dict:
 
     # 8. the flat softmax baseline: same MiniLM, same data, linear head over all labels, epochs chosen on validation
     flat_pred = flat_conf = None
-    if not cfg.skip_baseline:
+    if flat is not None or not cfg.skip_baseline:
         t = time.perf_counter()
-        flat, flat_val = train_flat(load_bi_encoder(cfg.base or None, device=device), train, tax, cfg.flat_epochs, cfg.flat_batch_size,
-                                    cfg.flat_lr, cfg.seed, val=val, device=device, precision=cfg.precision)
+        if flat is None:
+            flat, flat_val = _train_flat_baseline(cfg, train, tax, val, device)
         probs = predict_flat(flat, [e.text for e in test])
         flat_pred, flat_conf = [tax.names[i] for i in probs.argmax(1)], probs.max(1)
         metrics["flat_baseline"] = system_metrics(ev.gold, flat_pred, flat_conf) | {
             "validation_by_epoch": flat_val, "epochs": cfg.flat_epochs, "lr": cfg.flat_lr}
-        times["flat_baseline_s"] = time.perf_counter() - t
+        times["flat_baseline_s"] = times.get("flat_baseline_s", 0.0) + time.perf_counter() - t
     metrics["train_time"] = times
     metrics["machine"] = {"device": device, "cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
                           "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
