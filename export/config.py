@@ -24,5 +24,5 @@ class ExportConfig:
     classifier_instances: int = 1  # email_classifier instances (BLS model; more help under load: 4 on a GPU)
     encoder_instances: int = 1  # instances of each encoder model
     preferred_batch_sizes: str = ""  # encoders' preferred batch sizes, e.g. "16,32,64" (empty: batch whatever is queued)
-    max_queue_delay_us: int = 500  # encoders: microseconds a request may wait to be batched with others (classifier: 4x)
+    max_queue_delay_us: int = 500  # encoders: microseconds a request may wait to be batched with others (the classifier's: export/configs.py CLASSIFIER_DELAY_FACTOR times this)
     max_queue_size: int = 0  # requests queued per model before new ones are refused at once (UNAVAILABLE); 0 = unbounded

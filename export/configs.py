@@ -68,7 +68,7 @@ def encoder_model_config(name: str, dim: int, runtime_name: str, max_batch: int,
                          instance_group=[mc.ModelInstanceGroup(kind=kind, count=throughput.instances)])
     throughput.apply(cfg)
     cfg.version_policy.all.SetInParent()  # classifier versions pin encoder versions: keep all loadable
-    cfg.parameters["runtime"].string_value = runtime_name  # two runtimes share the python backend: say which
+    cfg.parameters[contract.RUNTIME_PARAMETER].string_value = runtime_name  # two runtimes share the python backend: say which
     for k, v in rt.parameters.items():
         cfg.parameters[k].string_value = v
     if gpu and rt.gpu_accelerator:
@@ -138,8 +138,8 @@ def classifier_config(max_batch: int, instances: int, embed_batch: int, score_ba
 
 def runtime_of(cfg: mc.ModelConfig) -> str:
     """The registry name of the runtime a parsed config runs (None when no entry matches)."""
-    if "runtime" in cfg.parameters:
-        return cfg.parameters["runtime"].string_value
+    if contract.RUNTIME_PARAMETER in cfg.parameters:
+        return cfg.parameters[contract.RUNTIME_PARAMETER].string_value
     # configs written before the parameter: the first registry entry with their backend/platform (the python
     # backend could only be portable then, and portable precedes torch in RUNTIMES)
     return next((name for name, r in RUNTIMES.items() if (r.backend, r.platform) == (cfg.backend, cfg.platform)), None)

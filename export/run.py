@@ -129,11 +129,10 @@ def int8_accuracy_change(run: Path, source: LabelIndex, fp32: tuple, int8: tuple
     is what serves."""
     from mailroute.onnx_encoders import OnnxEncoders
     from mailroute.pipeline import TwoStageClassifier
-    from training.data import limit, load_dataset, load_named
+    from training.config import TrainConfig
+    from training.data import limit, splits_of
 
-    rc = json.loads(RunFolder(run).config.read_text())
-    data = load_dataset(rc["taxonomy"], rc["train"], rc["test"]) if rc.get("taxonomy") else load_named(rc["dataset"], rc.get("banking77") or None)
-    test = limit(data.test, n, rc.get("seed", DEFAULTS.seed))
+    test = limit(splits_of(TrainConfig.load(RunFolder(run).config))[3], n, DEFAULTS.seed)  # the run's own test emails, as train read them
     out = {"emails": len(test), "top_k": top_k}
     for name, (b, c) in (("fp32", fp32), ("int8", int8)):
         index = label_index_from_onnx(b, bi_tok, source)
@@ -158,7 +157,8 @@ def export(cfg: ExportConfig) -> dict:
     encoder_throughput(cfg)
     folder = RunFolder(run)
     if not folder.is_trained():
-        raise FileNotFoundError(f"{run} is not a trained run (needs bi_encoder/ and cross_encoder/): run `mailroute train` first")
+        needs = ", ".join(f"{p.name}/" for p in (folder.bi_encoder, folder.cross_encoder, folder.label_index))
+        raise FileNotFoundError(f"{run} is not a trained run (needs {needs}): run `mailroute train` first")
     old = LabelIndex.load(folder.label_index)
     top_k, threshold = serving_params(cfg, folder, len(old.taxonomy))
     repo.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,8 @@ CROSS_ENCODER = "cross_encoder"
 CLASSIFIER = "email_classifier"
 MODELS = (CLASSIFIER, BI_ENCODER, CROSS_ENCODER)  # the order of the MODEL_VERSIONS output
 CLASSIFIER_MAX_BATCH = 64  # emails per email_classifier server batch (its config's max_batch_size; the client's default batch)
+# every encoder config's parameter naming its runtime (export/runtimes.py RUNTIMES): two runtimes share the python backend
+RUNTIME_PARAMETER = "runtime"
 # the classifier's config parameter "encoders" = this: each instance runs both encoders itself (torch runtime), no BLS
 ENCODERS_PARAMETER, ENCODERS_IN_PROCESS = "encoders", "in_process"
 # the classifier's other config parameters (export/configs.py writes them, export/triton/email_classifier.py reads them)

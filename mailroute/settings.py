@@ -14,14 +14,10 @@ DEFAULT_RUN = ROOT / "runs" / "demo"
 
 
 def shared_dir() -> Path:
-    """The workplace's shared folder (datasets, outside checks): $MAILROUTE_SHARED, ../shared next to
-    this checkout, or the workplace's own /work/shared. The last is kept on purpose: CI clones the
-    repository somewhere else and sets nothing, and BANKING77 must be read in place, never copied."""
+    """The workplace's shared folder (datasets, outside checks): $MAILROUTE_SHARED, else ../shared next to this
+    checkout (a clone elsewhere sets the variable: .ci/run does)."""
     if os.environ.get("MAILROUTE_SHARED"):
         return Path(os.environ["MAILROUTE_SHARED"])
-    for candidate in (ROOT.parent / "shared", Path("/work/shared")):
-        if candidate.is_dir():
-            return candidate
     return ROOT.parent / "shared"
 
 

@@ -1,8 +1,9 @@
 """The label taxonomy: names, one-line descriptions, optional groups.
 
 File format (JSON): {"name": "...", "labels": [{"name": "billing_refund", "description": "...",
-"group": "billing"}, ...]}. Label names are identifiers; the text the encoders see for a label is
-`label_text()`, the same in training, in the label index and in serving.
+"group": "billing"}, ...]}. A label name is printable text of at most 100 characters (NAME_RE). The bi-encoder sees a
+label as `Label.text()` (its name with underscores as spaces, then its description) and the cross-encoder its label
+card (`CardSpec`: that text plus a few emails of the label), the same in training, in the label index and in serving.
 """
 
 import hashlib

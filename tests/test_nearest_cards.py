@@ -94,6 +94,7 @@ def test_pipeline_pairs_carry_each_emails_nearest_cards(tiny_repo):
     cards = clf.index.pair_cards(clf._embed(emails), cand)
     assert len(set(cards)) > 1 and all("Examples: " in c for c in cards)
     pairs = [(e, card) for e, card in zip(np.repeat(emails, [len(c) for c in cand]), cards)]
+    assert len(seen) == -(-len(pairs) // 4)  # every chunk of 4 pairs was scored, and each is checked below
     for s, (ids, mask, types) in zip(range(0, len(pairs), 4), seen):
         for got, ref in zip((ids, mask, types), tensors(clf.cross_tok.encode_batch(pairs[s:s + 4]))):
             assert got.shape == ref.shape and (got == ref).all()
@@ -110,7 +111,8 @@ def test_pipeline_pairs_carry_each_emails_nearest_cards(tiny_repo):
 
 def test_train_with_nearest_cards_end_to_end(tmp_path):
     """`mailroute train --card-nearest` on the demo taxonomy with a tiny random base: the run's index keeps the
-    format, the cross-encoder trained on nearest cards, and evaluation read them through the serving pipeline."""
+    format, the reported numbers are the saved predictions', and the exported classifier answers as the run's
+    reference does (that training and serving build the same nearest cards: the tests above)."""
     from mailroute.run_layout import RunFolder
     from training.config import TrainConfig
     from training.data import splits_of

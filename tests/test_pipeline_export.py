@@ -158,6 +158,7 @@ def test_pairs_tokenised_once_equal_tokenising_every_pair(tiny_repo):
     clf.encoders, clf.score_batch = Recorder(), 4  # several chunks
     assert clf._score(emails, cand).shape == (9,)
     pairs = [(e, clf.label_texts[c]) for e, cs in zip(emails, cand) for c in cs]
+    assert len(seen) == -(-len(pairs) // 4)  # 9 pairs in chunks of 4: three calls, each checked below
     for s, (ids, mask, types) in zip(range(0, len(pairs), 4), seen):
         want = tensors(clf.cross_tok.encode_batch(pairs[s:s + 4]))
         for got, ref in zip((ids, mask, types), want):
@@ -192,8 +193,16 @@ def test_each_email_tokenised_once_for_both_stages_gives_the_same_answers(tiny_r
     clf._embed(emails, Parts.of(parts))
     want = tensors(clf.bi_tok.encode_batch(emails))
     assert (seen[0][0] == want[0]).all() and (seen[0][1] == want[1]).all() and seen[0][0].shape[1] == 128
+    shared = clf._tokenizers()[0]
+    calls = []
+    real_encode_batch = shared.encode_batch
+    shared_spy = type("Spy", (), {"encode_batch": lambda self, texts, *a, **kw: calls.append(list(texts)) or real_encode_batch(texts, *a, **kw),
+                                  "__getattr__": lambda self, name: getattr(shared, name)})()
+    clf._toks = (shared_spy,) + clf._toks[1:]
     once = clf.classify(emails, gate=False)
-    clf._toks = clf._toks[:2] + (None,)  # as if the tokenizers differed: each stage tokenises itself
+    email_calls = [c for c in calls if c != list(clf.label_texts)]  # (the labels are tokenised once per classifier)
+    assert [len(c) for c in email_calls] == [len(emails)]  # one tokenisation of the (normalised) batch serves both stages
+    clf._toks = (shared,) + clf._toks[1:2] + (None,)  # as if the tokenizers differed: each stage tokenises itself
     for a, b in zip(once, clf.classify(emails, gate=False)):
         assert a.top_labels == b.top_labels and np.allclose(a.top_probabilities, b.top_probabilities, atol=1e-6)
 

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from mailroute import contract
 from mailroute.settings import ROOT, BadSetting
 
 # a training-only machine: no SQLAlchemy (feedback store) and no tritonclient (server, model repository tools).
@@ -97,8 +98,8 @@ def test_serve_on_a_wrong_repository_is_one_line_naming_it_before_any_launch(tmp
     if layout != "missing":
         repo.mkdir()
     if layout == "no classifier":
-        (repo / "bi_encoder").mkdir()
-        (repo / "cross_encoder").mkdir()
+        (repo / contract.BI_ENCODER).mkdir()
+        (repo / contract.CROSS_ENCODER).mkdir()
     r = _serve("--repo", str(repo))
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr, r.stderr

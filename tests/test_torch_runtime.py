@@ -206,6 +206,7 @@ def test_backend_stub_gets_numpy_below_2(tmp_path, monkeypatch):
     assert importlib.util.find_spec("scipy") is not None and seen == ["None", "None"]
 
 
+@pytest.mark.slow
 def test_encoders_in_the_classifier_serve_the_same_answers_without_bls(tiny_run, torch_repo, tmp_path):
     from client import ClassifierClient
     from client.server import TritonServer

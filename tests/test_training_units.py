@@ -55,13 +55,18 @@ def test_listwise_loss_rejects_rows_without_exactly_one_gold(tiny_models):
 
 
 def test_mnr_batches_never_hold_two_rows_of_one_label(demo):
+    """With label-text positives (the default) train_bi_encoder relies on NO_DUPLICATES: every row's positive is its
+    label's text, so no duplicate text in a batch means no label twice."""
     ds = mnr_dataset(demo.train, demo.taxonomy)
+    label_of = {e.text: e.label for e in demo.train}
+    assert len(label_of) == len(demo.train)  # an email's text names its one label
+    assert list(ds["positive"]) == [demo.taxonomy.labels[demo.taxonomy.index(label_of[a])].text() for a in ds["anchor"]]
     sampler = NoDuplicatesBatchSampler(ds, batch_size=32, drop_last=False, valid_label_columns=[], generator=torch.Generator().manual_seed(0))
     batches = list(sampler)
-    assert sum(len(b) for b in batches) == len(ds)  # every row used once
+    assert sorted(i for b in batches for i in b) == list(range(len(ds)))  # every row used once
     for b in batches:
-        positives = [ds[i]["positive"] for i in b]
-        assert len(set(positives)) == len(positives)
+        labels = [label_of[ds[i]["anchor"]] for i in b]
+        assert len(set(labels)) == len(labels)
 
 
 def test_exemplar_positives_are_another_email_of_the_same_label(demo):
@@ -399,7 +404,11 @@ def test_early_stopping_rows_with_a_share_are_the_least_sure_validation_emails()
                                               ({"bi_batch_size": 0}, "--bi-batch-size must be an integer >= 1"),
                                               ({"flat_batch_size": 0}, "--flat-batch-size must be an integer >= 1"),
                                               ({"flat_epochs": 0}, "--flat-epochs must be >= 1"),
-                                              ({"oof_folds": 1}, r"--oof-folds must be 0 .* or >= 2, got 1")])
+                                              ({"oof_folds": 1}, r"--oof-folds must be 0 .* or >= 2, got 1"),
+                                              ({"test_limit": -1}, r"--test-limit must be an integer >= 0 \(0 = no limit\), got -1"),
+                                              ({"sample_per_label": -1}, "--sample-per-label must be an integer >= 0"),
+                                              ({"max_exemplars_per_label": -1}, "--max-exemplars-per-label must be an integer >= 0"),
+                                              ({"ce_init": "flt"}, "--ce-init must be one of base, bi_encoder, flat, got 'flt'")])
 def test_bad_training_settings_are_refused_before_any_work(tmp_path, setting, message):
     from mailroute.settings import BadSetting
     from training.config import TrainConfig

@@ -1,12 +1,21 @@
 """Settings of `mailroute train` (light: the CLI builds its flags from this without importing torch)."""
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from mailroute.rerank_policy import GateTarget
 from mailroute.settings import DEFAULT_RUN, DEFAULTS, BadSetting
 from mailroute.taxonomy import CardSpec
+
+
+# --ce-init: where the cross-encoder's training starts (a new one-logit head on each). The flat baseline's encoder already
+# separates the labels from one email; the cross-encoder then learns to compare the email with a label card
+CE_INITS = {
+    "base": "the base MiniLM",
+    "bi_encoder": "the MNR-fine-tuned bi-encoder",
+    "flat": "the flat baseline's encoder, trained first (and reported as the baseline, --skip-baseline or not)",
+}
 
 
 @dataclass
@@ -41,7 +50,8 @@ class TrainConfig:
     k_eval: int = DEFAULTS.top_k  # candidates reranked at inference (export serves the run with this K)
     ce_epochs: float = 1.0  # cross-encoder listwise epochs
     ce_train_share: float = 1.0  # share of training emails the cross-encoder trains on: those retrieval is least sure of (smallest top-1 minus top-2 score, the margin the gate reads); 1 = all
-    ce_init: str = "base"  # cross-encoder start weights (new head on each): base (MiniLM) | bi_encoder (the MNR-fine-tuned encoder) | flat (the flat baseline's encoder, trained first)
+    ce_init: str = field(default="base", metadata={"help": "cross-encoder start weights (a new head on each): "
+                                                     + "; ".join(f"{k} = {v}" for k, v in CE_INITS.items())})
     train_retrieval_weight: float = 0.0  # retrieval score fused into the logits during listwise training (0 = pure rerank)
     gate_tolerance: float = GateTarget.tolerance  # validation accuracy the gate may give up versus reranking every email
     rerank_budget: float = GateTarget.rerank_budget  # share of emails the gate sends through stage 2 (exceeded only if validation accuracy needs it; 0 = as few as possible)
@@ -50,7 +60,7 @@ class TrainConfig:
     flat_epochs: int = 3  # flat softmax baseline epochs
     flat_batch_size: int = 32  # flat baseline batch
     flat_lr: float = 5e-5  # flat baseline learning rate (its new head gets 50x)
-    skip_baseline: bool = False  # do not train the flat softmax baseline
+    skip_baseline: bool = False  # do not train the flat softmax baseline (it is trained all the same with --ce-init flat, which starts from it)
     drop_invalid: bool = False  # drop invalid rows (printing how many) instead of refusing to train
     seed: int = DEFAULTS.seed  # one seed for splits, sampling, shuffles and initialisation
 

@@ -74,7 +74,9 @@ def mining_line(m: dict) -> str:
 def write_report(m: dict, run, index, gold, pred, conf, flat_pred=None, flat_conf=None) -> str:
     lines = [f"# Evaluation: {m['dataset']} ({m['labels']} labels)", "",
              f"Emails: train {m['n_train']}, validation {m['n_validation']} (held out of train), test {m['n_test']}. "
-             f"Device: {m['device']}. K = {m['k']}.", "",
+             f"Device: {m['device']}. K = {m['k']}."
+             + (f" The cross-encoder started from the {m['cross_encoder_start']} weights (--ce-init)." if m.get("cross_encoder_start", "base") != "base" else ""),
+             "",
              "| system (test) | accuracy | macro-F1 | recall@10 | ECE (15 bins) |", "| --- | --- | --- | --- | --- |"]
     if "flat_baseline" in m:
         lines.append(_row("flat softmax baseline", m["flat_baseline"]))

@@ -18,7 +18,7 @@ from mailroute.run_layout import RunFolder
 from mailroute.settings import BadSetting
 from mailroute.taxonomy import DataError
 from training import bi_encoder as bi
-from training.config import TrainConfig  # noqa: F401 (re-exported for callers)
+from training.config import CE_INITS, TrainConfig  # noqa: F401 (TrainConfig re-exported for callers)
 from training.cross_encoder import KeepBestEpoch, train_cross_encoder
 from training.data import splits_of
 from training.evaluate import choose_scoring, collect, fit_policy, predict, recall_at, system_metrics, top_confusions, variants
@@ -62,11 +62,6 @@ def _validation_rows(cfg: TrainConfig, index: LabelIndex, val: list, x_val: np.n
     return listwise_rows([val[i] for i in keep], cand[keep], index, cfg.seed, scores[keep] if cfg.train_retrieval_weight else None,
                          x=x_val[keep])
 
-# where the cross-encoder starts (a new one-logit head on each): the base MiniLM, the MNR-fine-tuned bi-encoder, or the flat
-# baseline's encoder (trained first, on the same emails; it already separates the labels, the cross-encoder learns to compare)
-CE_INITS = ("base", "bi_encoder", "flat")
-
-
 def _train_flat_baseline(cfg: TrainConfig, train: list, tax, val: list, device: str):
     """The flat softmax baseline: the same MiniLM, same data, a linear head over all labels, epochs chosen on validation."""
     return train_flat(load_bi_encoder(cfg.base or None, device=device), train, tax, cfg.flat_epochs, cfg.flat_batch_size,
@@ -92,6 +87,10 @@ def run(cfg: TrainConfig) -> dict:
                         ("--ce-batch-size", cfg.ce_batch_size), ("--flat-batch-size", cfg.flat_batch_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise BadSetting(f"{flag} must be an integer >= 1, got {value!r}")
+    for flag, value in (("--test-limit", cfg.test_limit), ("--sample-per-label", cfg.sample_per_label),
+                        ("--max-exemplars-per-label", cfg.max_exemplars_per_label)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise BadSetting(f"{flag} must be an integer >= 0 (0 = no limit), got {value!r}")
     if (not cfg.skip_baseline or cfg.ce_init == "flat") and cfg.flat_epochs < 1:
         raise BadSetting(f"--flat-epochs must be >= 1 (or --skip-baseline, unless --ce-init flat), got {cfg.flat_epochs}")
     if cfg.oof_folds < 0 or cfg.oof_folds == 1:
@@ -179,7 +178,8 @@ def run(cfg: TrainConfig) -> dict:
           f"{len(rows['query'])} listwise rows" + (f" (the {cfg.ce_train_share:.0%} least sure)" if cfg.ce_train_share < 1 else ""))
     times["index_and_mining_s"] = time.perf_counter() - t
 
-    # 6. cross-encoder from the same base weights (or the fine-tuned bi-encoder), new head, listwise softmax CE over those K
+    # 6. cross-encoder from --ce-init's weights (the base, the fine-tuned bi-encoder or the flat baseline's encoder), new head,
+    #    listwise softmax CE over those K
     t = time.perf_counter()
     print(f"[6/9] cross-encoder: listwise, K={cfg.k_train}, {cfg.ce_epochs} epoch(s), label cards with {cfg.card_examples} "
           f"{'nearest' if cfg.card_nearest else 'typical'} example(s) in {cfg.card_chars} characters")
@@ -208,7 +208,7 @@ def run(cfg: TrainConfig) -> dict:
     #    temperature, gate) is fitted on validation, then test is measured once with it
     t = time.perf_counter()
     metrics = {"dataset": tax.name, "labels": len(tax), "n_train": len(train), "n_validation": len(val), "n_test": len(test),
-               "device": device, "training_autocast": autocast_name,
+               "device": device, "training_autocast": autocast_name, "cross_encoder_start": cfg.ce_init,
                "label_scoring_validation": scoring_table, "cross_encoder_validation_by_epoch": ce_history,
                "mining": {"how": how, "k_train": cfg.k_train, "gold_retrieved_train": gold_retrieved, "gold_in_rows": gold_mined, "rows": len(rows["query"])},
                "anisotropy": {"before": aniso_before, "after": aniso_after}}
@@ -411,6 +411,9 @@ def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: s
         raise BadSetting(f"{out.predictions} is not for this run's test emails (was the dataset changed?): run `mailroute refit` first")
     t = time.perf_counter()
     print(f"baseline: flat softmax, {cfg.flat_epochs} epoch(s) at lr {cfg.flat_lr}, best epoch on validation")
+    if cfg.ce_init == "flat":
+        print(f"note: this run's cross-encoder started from the flat baseline trained with the run ({out.flat_encoder}, kept); "
+              f"the baseline reported from now on is a new model, trained independently of the two-stage system")
     flat, flat_val = train_flat(load_bi_encoder(cfg.base or None, device=device), train, tax, cfg.flat_epochs, cfg.flat_batch_size,
                                 cfg.flat_lr, cfg.seed, val=val, device=device, precision=cfg.precision)
     probs = predict_flat(flat, [e.text for e in test])

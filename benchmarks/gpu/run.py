@@ -217,6 +217,7 @@ def ceiling(repo: Path, texts: list, device: str, k: int, batch: int = 256, seco
 
 
 def main(argv=None):
+    from export.configs import CLASSIFIER_DELAY_FACTOR
     from export.run import ExportConfig, export
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,7 +232,7 @@ def main(argv=None):
     ap.add_argument("--classifier-instances", type=int, default=6, help="email_classifier instances (tokenise, search, BLS)")
     ap.add_argument("--encoder-instances", type=int, default=2, help="instances of each encoder (each captures its own CUDA graphs)")
     ap.add_argument("--max-queue-delay-us", type=int, default=ExportConfig.max_queue_delay_us,
-                    help="encoders' dynamic-batching delay (the classifier's is 4x): a single email waits for all three")
+                    help=f"encoders' dynamic-batching delay (the classifier's is {CLASSIFIER_DELAY_FACTOR}x): a single email waits for all three")
     ap.add_argument("--encoders-in-classifier", action="store_true",
                     help="each classifier instance runs both encoders itself (export --encoders-in-classifier): no BLS hop per stage")
     ap.add_argument("--nearest-cards", action="store_true", help="label cards of each label's exemplars nearest the email (--card-nearest)")
@@ -249,15 +250,12 @@ def main(argv=None):
     gpu = a.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--device cuda but PyTorch sees no GPU: use --device cpu for a smoke run")
-    if a.tokenizer:
-        tokenizer = Path(a.tokenizer)
-    else:
-        tokenizer = base_tokenizer(Path(tempfile.mkdtemp(prefix="mailroute-tok-")))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="mailroute-gpu-"))
+    work = Path(tempfile.mkdtemp(prefix="mailroute-gpu-"))  # scratch (and the base tokenizer, unless given): removed at the end
     rows, gated, served_error, top = [], [], None, None
     try:
+        tokenizer = Path(a.tokenizer) if a.tokenizer else base_tokenizer(work / "tokenizer")
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         texts = synthetic_emails(2048)
         run = random_run(work, tokenizer, a.tiny, texts=texts, rerank_share=a.gated_share, nearest_cards=a.nearest_cards)
@@ -310,8 +308,6 @@ def main(argv=None):
             print(f"served best {best['emails_per_s']:.1f} emails/s = {summary['share_of_ceiling']:.0%} of the ceiling")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if not a.tokenizer:
-            shutil.rmtree(tokenizer, ignore_errors=True)
     return 0 if rows and not served_error else 1
 
 
