@@ -10,6 +10,7 @@ label for every test email) and compares the two systems on the same emails:
     python -m benchmarks.paired --run runs/banking77-ce2
     python -m benchmarks.paired --predictions benchmarks/results/banking77/predictions.jsonl
     python -m benchmarks.paired --run runs/no-baseline --flat-from benchmarks/results/banking77/predictions.jsonl
+    python -m benchmarks.paired --run runs/changed --against runs/reference/predictions.jsonl   # two runs' two-stage systems
 
 --flat-from takes the flat baseline's labels from another run's predictions, for a run trained with
 --skip-baseline on the same split (the test emails' gold labels must agree row by row).
@@ -60,12 +61,25 @@ def main(argv=None):
     src.add_argument("--run", help="run folder (reads its predictions.jsonl)")
     src.add_argument("--predictions", help="a predictions.jsonl file")
     ap.add_argument("--flat-from", help="predictions.jsonl of another run on the same split whose flat baseline is compared")
+    ap.add_argument("--against", help="predictions.jsonl of another run on the same split: compare the two runs' served "
+                                      "two-stage systems instead (e.g. one setting changed)")
     ap.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
     path = Path(a.predictions) if a.predictions else RunFolder(a.run).predictions
     if not path.exists():
         sys.exit(f"paired: {path} does not exist (train or refit the run first)")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if a.against:
+        other = [json.loads(line) for line in Path(a.against).read_text().splitlines() if line.strip()] if Path(a.against).is_file() else None
+        if other is None or [x["gold"] for x in other] != [x["gold"] for x in rows]:
+            sys.exit(f"paired: --against {a.against} is not a predictions.jsonl over the same test emails as {path}")
+        r = paired_comparison([x["gold"] for x in rows], [x["label"] for x in rows], [x["label"] for x in other], a.resamples)
+        print(f"{path} against {a.against}: {r['n']} test emails, two-stage (served) both")
+        print(f"this {r['accuracy_a']:.2%}  other {r['accuracy_b']:.2%}  difference {100 * r['difference']:+.2f} points "
+              f"(bootstrap 95%: {100 * r['bootstrap_95'][0]:+.2f} to {100 * r['bootstrap_95'][1]:+.2f})")
+        print(f"right only by this: {r['only_a_right']}, only by the other: {r['only_b_right']}; McNemar exact p = {r['mcnemar_exact_p']:.3f}")
+        print(json.dumps(r))
+        return
     if a.flat_from:
         if not Path(a.flat_from).is_file():
             sys.exit(f"paired: --flat-from {a.flat_from} does not exist (a run's predictions.jsonl)")

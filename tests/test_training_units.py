@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -274,6 +276,22 @@ def test_paired_comparison_counts_discordant_emails_and_tests_them():
     assert paired_comparison(gold, a, a)["mcnemar_exact_p"] == 1.0  # no discordant emails: nothing to tell apart
     with pytest.raises(ValueError, match="equally long"):
         paired_comparison(gold, a, b[:3])
+
+
+def test_paired_against_compares_two_runs_served_labels_on_the_same_emails(tmp_path, capsys):
+    from benchmarks.paired import main
+
+    def write(name, labels, gold=("a", "a", "b", "b")):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"gold": g, "label": l}) + "\n" for g, l in zip(gold, labels)))
+        return path
+
+    this, other = write("this.jsonl", ["a", "a", "b", "a"]), write("other.jsonl", ["b", "a", "a", "a"])
+    main(["--predictions", str(this), "--against", str(other), "--resamples", "200"])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (r["accuracy_a"], r["accuracy_b"], r["only_a_right"], r["only_b_right"]) == (0.75, 0.25, 2, 0)
+    with pytest.raises(SystemExit, match="not a predictions.jsonl over the same test emails"):
+        main(["--predictions", str(this), "--against", str(write("x.jsonl", ["a"] * 4, gold=("a", "b", "b", "b")))])
 
 
 def test_half_precision_base_weights_load_as_fp32(tmp_path):

@@ -8,8 +8,9 @@
 #   Session 22's 15-minute lease, in this order: b + oof (start + 378 s), a (11 s), s + serve (172 s); then on a fresh
 #   machine a (12 s) and s + a shorter serve (175 s): a start cost about 35 s of the lease.
 # `serve` takes RUN_ARGS (more benchmarks/gpu/run.py flags, e.g. "--max-queue-delay-us 0 --encoders-in-classifier"); writes $OUT/gpu/{summary.json,triton.log}; `sweep` writes $OUT/sweep.tgz (every run's metrics,
-# report, policy, predictions and log); `oof` writes $OUT/oof.tgz (held-out scores, oof.txt/json: fixed vs nearest cards on
-# FOLDS=3 held-out folds of the training emails, and the FULL whole-data runs trained beside them). A smoke run of any anywhere: SMOKE=1 (tiny model / tiny data, CPU).
+# report, policy, predictions and log); `oof` writes $OUT/oof.tgz (held-out scores, oof.txt/json: the defaults vs ARM (default
+# near:--card-nearest; e.g. ARM=flatinit:--ce-init=flat) on FOLDS=3 held-out folds of the training emails, and the FULL
+# whole-data runs trained beside them). A smoke run of any anywhere: SMOKE=1 (tiny model / tiny data, CPU).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$(mktemp -d)}
@@ -113,7 +114,7 @@ case "${1:-}" in
     ls -la "$OUT"
     exit $rc
     ;;
-  oof)  # fixed vs nearest label cards, chosen on held-out folds of all training emails (benchmarks/oof_choice.py)
+  oof)  # the defaults vs ARM (nearest label cards unless named), chosen on held-out folds of all training emails (benchmarks/oof_choice.py)
     # FULL: whole-data runs trained beside the folds (NAME:--flag=value,... each; "" for none), e.g. the configuration
     # the folds may choose, with its flat baseline, so that one call brings back both the choice and the run it picks
     S=${SWEEP_DIR:-/tmp/mr-oof}
@@ -131,8 +132,12 @@ case "${1:-}" in
       DEV=cuda
     fi
     read -r -a FULL_CONFIGS <<< "${FULL-near:--card-nearest}"
+    # ARM: the configuration compared with the defaults on the same folds, NAME:--flag=value,... (default: nearest cards)
+    ARM=${ARM:-near:--card-nearest}; ARM_NAME=${ARM%%:*}; ARM_FLAGS=${ARM#*:}
+    [[ "$ARM" == *:?* && "$ARM_NAME" =~ ^[A-Za-z][A-Za-z0-9_-]*$ && "$ARM_NAME" != fixed ]] \
+      || { echo "ARM must be NAME:--flag=value,... (NAME not 'fixed'), got '$ARM'" >&2; exit 2; }
     CONFIGS=()
-    for ((f = 0; f < N; f++)); do CONFIGS+=("fixed$f:--holdout-fold=$f/$N" "near$f:--holdout-fold=$f/$N,--card-nearest"); done
+    for ((f = 0; f < N; f++)); do CONFIGS+=("fixed$f:--holdout-fold=$f/$N" "$ARM_NAME$f:--holdout-fold=$f/$N,$ARM_FLAGS"); done
     run_file_tests HELDOUT_CACHE METRICS_FILE CONFIG_FILE REPORT_FILE POLICY_FILE PREDICTIONS_FILE
     pack() {  # the held-out scores (small), metrics, reports and logs (fold runs and full runs) -> $OUT/oof.tgz
       (cd "$S" 2>/dev/null && find . \( -name '*.log' -o -name 'summary.*' -o -name 'oof*.json' -o -name 'oof*.txt' "${RUN_FILES[@]}" \) \
@@ -154,10 +159,10 @@ case "${1:-}" in
     # and packing keep a call under the 600 s a call may run
     timeout "${SWEEP_TIMEOUT:-300}" $PY -m mailroute.cli sweep --out "$S" --parallel $((2 * N)) --threads $THREADS "${CONFIGS[@]}" -- "${COMMON[@]}"
     rc=$?
-    FIXED=() NEAR=()
-    for ((f = 0; f < N; f++)); do FIXED+=("$S/fixed$f") NEAR+=("$S/near$f"); done
-    # scores each run's held-out emails (cached in the run folders) and compares the rules and the two card kinds
-    timeout "${SCORE_TIMEOUT:-260}" $PY -m benchmarks.oof_choice --runs "${FIXED[@]}" --compare "${NEAR[@]}" --device $DEV \
+    FIXED=() OTHER=()
+    for ((f = 0; f < N; f++)); do FIXED+=("$S/fixed$f") OTHER+=("$S/$ARM_NAME$f"); done
+    # scores each run's held-out emails (cached in the run folders) and compares the rules and the two configurations
+    timeout "${SCORE_TIMEOUT:-260}" $PY -m benchmarks.oof_choice --runs "${FIXED[@]}" --compare "${OTHER[@]}" --device $DEV \
       --json "$S/oof.json" | tee "$S/oof.txt"
     rc2=$?
     if [ -n "$FULL_PID" ]; then wait $FULL_PID; rc3=$?; tail -20 "$S/full.log"; else rc3=0; fi
