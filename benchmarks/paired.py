@@ -13,7 +13,9 @@ label for every test email) and compares the two systems on the same emails:
     python -m benchmarks.paired --run runs/changed --against runs/reference/predictions.jsonl   # two runs' two-stage systems
 
 --flat-from takes the flat baseline's labels from another run's predictions, for a run trained with
---skip-baseline on the same split (the test emails' gold labels must agree row by row).
+--skip-baseline on the same split (the test emails' gold labels must agree row by row). --against compares
+this run's served two-stage labels with another run's instead (one setting changed, same split), and also
+counts the emails whose labels differ at all (both wrong in two ways included).
 """
 
 import argparse
@@ -60,9 +62,10 @@ def main(argv=None):
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run folder (reads its predictions.jsonl)")
     src.add_argument("--predictions", help="a predictions.jsonl file")
-    ap.add_argument("--flat-from", help="predictions.jsonl of another run on the same split whose flat baseline is compared")
-    ap.add_argument("--against", help="predictions.jsonl of another run on the same split: compare the two runs' served "
-                                      "two-stage systems instead (e.g. one setting changed)")
+    other = ap.add_mutually_exclusive_group()
+    other.add_argument("--flat-from", help="predictions.jsonl of another run on the same split whose flat baseline is compared")
+    other.add_argument("--against", help="another run on the same split (its folder or predictions.jsonl): compare the two "
+                                         "runs' served two-stage systems instead (e.g. one setting changed)")
     ap.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
     path = Path(a.predictions) if a.predictions else RunFolder(a.run).predictions
@@ -70,11 +73,15 @@ def main(argv=None):
         sys.exit(f"paired: {path} does not exist (train or refit the run first)")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if a.against:
-        other = [json.loads(line) for line in Path(a.against).read_text().splitlines() if line.strip()] if Path(a.against).is_file() else None
-        if other is None or [x["gold"] for x in other] != [x["gold"] for x in rows]:
-            sys.exit(f"paired: --against {a.against} is not a predictions.jsonl over the same test emails as {path}")
+        against = RunFolder(a.against).predictions if Path(a.against).is_dir() else Path(a.against)
+        other = [json.loads(line) for line in against.read_text().splitlines() if line.strip()] if against.is_file() else None
+        if not rows or other is None or [x.get("gold") for x in other] != [x.get("gold") for x in rows] \
+                or not all("label" in x for x in rows + other):
+            sys.exit(f"paired: --against {a.against} is not a run (or predictions.jsonl) with served labels over the same, "
+                     f"non-empty test emails as {path}")
         r = paired_comparison([x["gold"] for x in rows], [x["label"] for x in rows], [x["label"] for x in other], a.resamples)
-        print(f"{path} against {a.against}: {r['n']} test emails, two-stage (served) both")
+        r["labels_differ"] = sum(x["label"] != y["label"] for x, y in zip(rows, other))
+        print(f"{path} against {against}: {r['n']} test emails, two-stage (served) both; labels differ on {r['labels_differ']}")
         print(f"this {r['accuracy_a']:.2%}  other {r['accuracy_b']:.2%}  difference {100 * r['difference']:+.2f} points "
               f"(bootstrap 95%: {100 * r['bootstrap_95'][0]:+.2f} to {100 * r['bootstrap_95'][1]:+.2f})")
         print(f"right only by this: {r['only_a_right']}, only by the other: {r['only_b_right']}; McNemar exact p = {r['mcnemar_exact_p']:.3f}")

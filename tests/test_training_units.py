@@ -290,8 +290,19 @@ def test_paired_against_compares_two_runs_served_labels_on_the_same_emails(tmp_p
     main(["--predictions", str(this), "--against", str(other), "--resamples", "200"])
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (r["accuracy_a"], r["accuracy_b"], r["only_a_right"], r["only_b_right"]) == (0.75, 0.25, 2, 0)
-    with pytest.raises(SystemExit, match="not a predictions.jsonl over the same test emails"):
+    assert r["labels_differ"] == 2
+    # a run folder is read through its predictions.jsonl; both wrong with different labels counts as a difference
+    (tmp_path / "run").mkdir()
+    write("run/predictions.jsonl", ["b", "a", "b", "c"])
+    main(["--predictions", str(this), "--against", str(tmp_path / "run"), "--resamples", "200"])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (r["only_a_right"], r["only_b_right"], r["labels_differ"]) == (1, 0, 2)
+    with pytest.raises(SystemExit, match="over the same, non-empty test emails"):
         main(["--predictions", str(this), "--against", str(write("x.jsonl", ["a"] * 4, gold=("a", "b", "b", "b")))])
+    with pytest.raises(SystemExit, match="over the same, non-empty test emails"):
+        main(["--predictions", str(write("empty.jsonl", [], gold=())), "--against", str(write("empty2.jsonl", [], gold=()))])
+    with pytest.raises(SystemExit):  # one comparison at a time
+        main(["--predictions", str(this), "--against", str(other), "--flat-from", str(other)])
 
 
 def test_half_precision_base_weights_load_as_fp32(tmp_path):

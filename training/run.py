@@ -412,8 +412,9 @@ def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: s
     t = time.perf_counter()
     print(f"baseline: flat softmax, {cfg.flat_epochs} epoch(s) at lr {cfg.flat_lr}, best epoch on validation")
     if cfg.ce_init == "flat":
-        print(f"note: this run's cross-encoder started from the flat baseline trained with the run ({out.flat_encoder}, kept); "
-              f"the baseline reported from now on is a new model, trained independently of the two-stage system")
+        print(f"note: this run's cross-encoder started from the flat baseline trained with the run ({out.flat_encoder}, kept; its "
+              f"numbers and epochs move to metrics.json's flat_baseline_history); the baseline reported from now on is a new model, "
+              f"trained independently of the two-stage system")
     flat, flat_val = train_flat(load_bi_encoder(cfg.base or None, device=device), train, tax, cfg.flat_epochs, cfg.flat_batch_size,
                                 cfg.flat_lr, cfg.seed, val=val, device=device, precision=cfg.precision)
     probs = predict_flat(flat, [e.text for e in test])

@@ -9,8 +9,8 @@
 #   machine a (12 s) and s + a shorter serve (175 s): a start cost about 35 s of the lease.
 # `serve` takes RUN_ARGS (more benchmarks/gpu/run.py flags, e.g. "--max-queue-delay-us 0 --encoders-in-classifier"); writes $OUT/gpu/{summary.json,triton.log}; `sweep` writes $OUT/sweep.tgz (every run's metrics,
 # report, policy, predictions and log); `oof` writes $OUT/oof.tgz (held-out scores, oof.txt/json: the defaults vs ARM (default
-# near:--card-nearest; e.g. ARM=flatinit:--ce-init=flat) on FOLDS=3 held-out folds of the training emails, and the FULL
-# whole-data runs trained beside them). A smoke run of any anywhere: SMOKE=1 (tiny model / tiny data, CPU).
+# near:--card-nearest; e.g. ARM=flatinit:--ce-init=flat, whose fold runs also train a flat baseline: raise SWEEP_TIMEOUT) on
+# FOLDS=3 held-out folds of the training emails, and the FULL whole-data runs trained beside them: ARM's unless named, "" none). A smoke run of any anywhere: SMOKE=1 (tiny model / tiny data, CPU).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$(mktemp -d)}
@@ -131,11 +131,25 @@ case "${1:-}" in
       FULL_COMMON=(--dataset banking77 --device cuda --base "$DATA/base" --ce-epochs 2 --flat-epochs 8)
       DEV=cuda
     fi
-    read -r -a FULL_CONFIGS <<< "${FULL-near:--card-nearest}"
-    # ARM: the configuration compared with the defaults on the same folds, NAME:--flag=value,... (default: nearest cards)
-    ARM=${ARM:-near:--card-nearest}; ARM_NAME=${ARM%%:*}; ARM_FLAGS=${ARM#*:}
-    [[ "$ARM" == *:?* && "$ARM_NAME" =~ ^[A-Za-z][A-Za-z0-9_-]*$ && "$ARM_NAME" != fixed ]] \
-      || { echo "ARM must be NAME:--flag=value,... (NAME not 'fixed'), got '$ARM'" >&2; exit 2; }
+    # ARM: the configuration compared with the defaults on the same folds, NAME:--flag=value,... (default: nearest cards);
+    # FULL defaults to the same configuration trained on all the data
+    ARM=${ARM-near:--card-nearest}
+    read -r -a FULL_CONFIGS <<< "${FULL-$ARM}"
+    # checked before anything starts, by the parser `mailroute sweep` uses: a bad one would cost the lease minutes
+    $PY - "$ARM" "${FULL_CONFIGS[@]}" <<'EOF' || exit 2
+import sys
+from training.sweep import parse_config
+try:
+    name, args = parse_config(sys.argv[1])
+    for spec in sys.argv[2:]:
+        parse_config(spec)
+except ValueError as e:
+    sys.exit(f"device.sh oof: {e}")
+if not args or name.startswith("fixed"):
+    sys.exit(f"device.sh oof: ARM must be NAME:--flag=value,... with at least one flag, its NAME not starting with 'fixed' "
+             f"(the defaults' fold runs), got {sys.argv[1]!r}")
+EOF
+    ARM_NAME=${ARM%%:*}; ARM_FLAGS=${ARM#*:}
     CONFIGS=()
     for ((f = 0; f < N; f++)); do CONFIGS+=("fixed$f:--holdout-fold=$f/$N" "$ARM_NAME$f:--holdout-fold=$f/$N,$ARM_FLAGS"); done
     run_file_tests HELDOUT_CACHE METRICS_FILE CONFIG_FILE REPORT_FILE POLICY_FILE PREDICTIONS_FILE
