@@ -50,9 +50,12 @@ def served_predictions(run: str, k: int = DEFAULTS.top_k) -> dict:
 
 def flat_predictions(run: str, cfg, epochs: int, device: str) -> np.ndarray:
     """The flat baseline trained on the fold run's training emails -> label ids of its held-out emails (cached)."""
+    from dataclasses import replace
+
     from training.data import splits_of
-    from training.flat_baseline import predict_flat, train_flat
-    from training.models import load_bi_encoder, resolve_device
+    from training.flat_baseline import predict_flat
+    from training.models import resolve_device
+    from training.run import train_flat_baseline
 
     cache = RunFolder(run).heldout_flat(epochs)
     if cache.exists():
@@ -63,8 +66,7 @@ def flat_predictions(run: str, cfg, epochs: int, device: str) -> np.ndarray:
     t = time.perf_counter()
     print(f"{run}: flat baseline, {epochs} epoch(s) on its {len(train)} training emails, then its {len(held)} held-out ones",
           file=sys.stderr)
-    flat, val_acc = train_flat(load_bi_encoder(cfg.base or None, device=device), train, tax, epochs, cfg.flat_batch_size, cfg.flat_lr, cfg.seed,
-                               val=val, device=device, precision=cfg.precision)
+    flat, val_acc = train_flat_baseline(replace(cfg, flat_epochs=epochs), train, tax, val, device)  # as `mailroute train` does
     pred = predict_flat(flat, [e.text for e in held]).argmax(1)
     gold = np.array([tax.index(e.label) for e in held])
     np.savez(cache, pred=pred, gold=gold, validation_by_epoch=np.array(val_acc), seconds=time.perf_counter() - t)

@@ -41,6 +41,10 @@ def _fold_runs(runs: list) -> list:
     from mailroute.run_layout import RunFolder
     from training.config import TrainConfig
 
+    missing = [r for r in runs if not RunFolder(r).config.is_file()]
+    if missing:
+        raise SystemExit(f"--runs: {', '.join(missing)}: not a run folder (no {RunFolder(missing[0]).config.name}; "
+                         f"mailroute train --holdout-fold i/n writes one)")
     cfgs = [TrainConfig.load(RunFolder(r).config) for r in runs]
     folds = [c.holdout() for c in cfgs]
     n = folds[0][1]

@@ -95,6 +95,8 @@ def test_fold_runs_must_be_one_split_of_one_configuration(tmp_path):
     assert len(oof_choice._fold_runs([a, b])) == 2
     with pytest.raises(SystemExit, match="folds 0/n"):
         oof_choice._fold_runs([a, saved("c", holdout_fold="0/2")])
+    with pytest.raises(SystemExit, match="nothing-here: not a run folder"):
+        oof_choice._fold_runs([a, str(tmp_path / "nothing-here")])
     with pytest.raises(SystemExit, match="ce_epochs"):
         oof_choice._fold_runs([a, saved("d", holdout_fold="1/2", ce_epochs=3)])
 
@@ -234,6 +236,6 @@ def test_heldout_flat_compares_the_served_answers_with_a_flat_baseline_on_every_
     gated = report["gated"]
     assert gated["accuracy_a"] == pytest.approx(np.average([f["two_stage"] for f in report["folds"]], weights=[f["emails"] for f in report["folds"]]))
     # and a second call reads the cached flat answers instead of training again
-    monkeypatch.setattr("training.flat_baseline.train_flat", lambda *a, **kw: pytest.fail("trained again"))
+    monkeypatch.setattr("training.run.train_flat_baseline", lambda *a, **kw: pytest.fail("trained again"))
     assert heldout_flat.main([*args, "--json", str(tmp_path / "h2.json")]) == 0
     assert json.loads((tmp_path / "h2.json").read_text())["gated"] == gated

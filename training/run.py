@@ -62,7 +62,7 @@ def _validation_rows(cfg: TrainConfig, index: LabelIndex, val: list, x_val: np.n
     return listwise_rows([val[i] for i in keep], cand[keep], index, cfg.seed, scores[keep] if cfg.train_retrieval_weight else None,
                          x=x_val[keep])
 
-def _train_flat_baseline(cfg: TrainConfig, train: list, tax, val: list, device: str):
+def train_flat_baseline(cfg: TrainConfig, train: list, tax, val: list, device: str):
     """The flat softmax baseline: the same MiniLM, same data, a linear head over all labels, epochs chosen on validation."""
     return train_flat(load_bi_encoder(cfg.base or None, device=device), train, tax, cfg.flat_epochs, cfg.flat_batch_size,
                       cfg.flat_lr, cfg.seed, val=val, device=device, precision=cfg.precision)
@@ -187,7 +187,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.ce_init == "flat":  # the baseline is trained now (and reported in step 8 as always): its encoder starts the cross-encoder
         t_flat = time.perf_counter()
         print(f"[6/9] flat baseline first ({cfg.flat_epochs} epoch(s)): the cross-encoder starts from its encoder")
-        flat, flat_val = _train_flat_baseline(cfg, train, tax, val, device)
+        flat, flat_val = train_flat_baseline(cfg, train, tax, val, device)
         flat.encoder.save(str(out.flat_encoder))
         times["flat_baseline_s"] = time.perf_counter() - t_flat
         t = time.perf_counter()
@@ -223,7 +223,7 @@ def run(cfg: TrainConfig) -> dict:
     if flat is not None or not cfg.skip_baseline:
         t = time.perf_counter()
         if flat is None:
-            flat, flat_val = _train_flat_baseline(cfg, train, tax, val, device)
+            flat, flat_val = train_flat_baseline(cfg, train, tax, val, device)
         probs = predict_flat(flat, [e.text for e in test])
         flat_pred, flat_conf = [tax.names[i] for i in probs.argmax(1)], probs.max(1)
         metrics["flat_baseline"] = system_metrics(ev.gold, flat_pred, flat_conf) | {
