@@ -74,6 +74,11 @@ def read_jsonl(path: Path) -> list:
             raise InputError(f"{path}:{n}: invalid JSON line ({e})") from None
         if not isinstance(obj, dict) or not ({"text", "body", "subject"} & set(obj)):
             raise InputError(f"{path}:{n}: expected an object with 'text' (or 'subject'/'body')")
-        body = obj.get("text", obj.get("body", "")) or ""
-        out.append(EmailInput(f"{path}:{n}" + (f" ({obj['id']})" if obj.get("id") else ""), str(body).encode("utf-8"), str(obj.get("subject") or "")))
+        body, subject = str(obj.get("text", obj.get("body", "")) or ""), str(obj.get("subject") or "")
+        try:  # JSON may escape a lone surrogate ("\ud800"), which no UTF-8 text can hold
+            raw = body.encode("utf-8")
+            subject.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"{path}:{n}: text is not encodable as UTF-8 ({e.reason} at character {e.start})") from None
+        out.append(EmailInput(f"{path}:{n}" + (f" ({obj['id']})" if obj.get("id") else ""), raw, subject))
     return out

@@ -62,6 +62,15 @@ def check_runtime_unchanged(repo: Path, runtime_name: str) -> None:
                                  f"an export with another runtime would change how they run. Export into another --repo")
 
 
+def check_version_free(repo: Path, version: int) -> None:
+    """--version N names one version of all three models: refused before any work when one of them has it, so a
+    refused export leaves no encoder versions behind."""
+    taken = [m for m in contract.MODELS if version and (repo / m / str(version)).exists()]
+    if taken:
+        raise BadSetting(f"--version {version}: {', '.join(taken)} in {repo} already have it (versions are immutable): "
+                         f"pick a version none of {', '.join(contract.MODELS)} has, or leave --version out")
+
+
 def _write_encoder(repo: Path, name: str, onnx_path: Path, tokenizer: Path, cfg: ExportConfig, dim: int, plain: bool,
                    save_weights=None) -> int:
     """plain: model.onnx is plain fp32 ONNX, which TensorRT can parse: trtexec's shape profiles go next to it."""
@@ -154,6 +163,7 @@ def export(cfg: ExportConfig) -> dict:
     if cfg.quantize and configs.runtime(cfg.runtime).torch_weights:
         raise BadSetting(f"--quantize makes int8 ONNX graphs, which the {cfg.runtime} runtime does not run: leave one out")
     check_runtime_unchanged(repo, cfg.runtime)
+    check_version_free(repo, cfg.version)
     encoder_throughput(cfg)
     folder = RunFolder(run)
     if not folder.is_trained():

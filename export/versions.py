@@ -255,8 +255,9 @@ def prune(repo, keep: int = 3, url: str = None, admin_key: str = "") -> dict:
             spec = read_pipeline(repo / contract.CLASSIFIER / str(v))
             pinned[contract.BI_ENCODER].add(spec["bi_encoder_version"])
             pinned[contract.CROSS_ENCODER].add(spec["cross_encoder_version"])
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable: kept (it is not ours to judge), pins nothing
+        except (OSError, ValueError, KeyError) as e:  # its encoders are unknown: removing any could break a kept version
+            raise VersionError(f"prune: {contract.CLASSIFIER} v{v} is kept but its pipeline file is unreadable ({e}), so the "
+                               f"encoder versions it pins are unknown; nothing removed. Repair or remove v{v} first") from None
     for model, keep_set in pinned.items():
         plan[model] = [v for v in versions(repo, model) if v not in keep_set]
     for model, vs in plan.items():

@@ -296,9 +296,9 @@ REPO_HELP = f"model repository (default: {DEFAULT_REPOSITORY})"
 
 
 def _store_args(p, repo=True):
-    from mailroute.settings import DEFAULT_FEEDBACK_URL
+    from mailroute.settings import DEFAULT_FEEDBACK_URL, FEEDBACK_URL_ENV
 
-    p.add_argument("--db", default="", help=f"feedback store URL, any SQLAlchemy URL (default: $MAILROUTE_FEEDBACK_URL, else {DEFAULT_FEEDBACK_URL})")
+    p.add_argument("--db", default="", help=f"feedback store URL, any SQLAlchemy URL (default: ${FEEDBACK_URL_ENV}, else {DEFAULT_FEEDBACK_URL})")
     if repo:
         p.add_argument("--repo", default=str(DEFAULT_REPOSITORY), help=REPO_HELP + "; corrections must name its serving labels")
     p.add_argument("--hash-only", action="store_true", help="privacy: keep only a hash of each email's text")
@@ -478,10 +478,12 @@ def main(argv=None):
         raise
 
 
-# failure kinds of modules the handler does not import: those that need tritonclient or SQLAlchemy, which a
-# training-only machine lacks, and the server launcher (a wrong --repo, a port in use, no tritonserver installed)
+# failure kinds of modules the handler does not import: those that need tritonclient, SQLAlchemy, FAISS or the
+# ONNX exporter, which a training-only or client-only machine may lack, and the server launcher (a wrong --repo,
+# a port in use, no tritonserver installed)
 _HEAVY_ERRORS = (("tritonclient.utils", "InferenceServerException"), ("export.versions", "VersionError"),
-                 ("mailroute.feedback_store", "FeedbackError"), ("client.server", "ServerStartError"))
+                 ("mailroute.feedback_store", "FeedbackError"), ("client.server", "ServerStartError"),
+                 ("mailroute.label_index", "IndexMismatch"), ("export.onnx_export", "ParityError"))
 
 
 def _known_failure(e: Exception) -> bool:

@@ -40,7 +40,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from mailroute import contract
 from mailroute.normalise import InvalidEmail, normalise
-from mailroute.settings import DEFAULT_FEEDBACK_URL
+from mailroute.settings import DEFAULT_FEEDBACK_URL, FEEDBACK_URL_ENV
 
 DEFAULT_URL = DEFAULT_FEEDBACK_URL  # relative to the working directory
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -50,7 +50,7 @@ _PG_MIGRATION_LOCK = 0x6D61696C  # any constant shared by every process of this 
 
 
 def default_url() -> str:
-    return os.environ.get("MAILROUTE_FEEDBACK_URL") or DEFAULT_URL
+    return os.environ.get(FEEDBACK_URL_ENV) or DEFAULT_URL
 
 
 def text_hash(normalised_text: str) -> str:
@@ -181,7 +181,11 @@ def _where_in(column, values, chunk=500):
 
 
 def make_engine(url: str = None, echo=False) -> sa.Engine:
-    url = sa.make_url(url or default_url())
+    try:
+        url = sa.make_url(url or default_url())
+    except sa.exc.ArgumentError:
+        raise FeedbackError(f"--db / ${FEEDBACK_URL_ENV}: {url!r} is not a database URL "
+                            f"(e.g. sqlite:///feedback.db, postgresql://user@host/mailroute)") from None
     if url.drivername in ("postgresql", "postgres"):  # psycopg 3 is what the project installs
         url = url.set(drivername="postgresql+psycopg")
     if url.get_backend_name() != "sqlite":
@@ -354,6 +358,10 @@ class FeedbackStore:
         suffix = path.suffix.lower()
         if suffix not in (".jsonl", ".csv"):
             raise FeedbackError(f"cannot import {path}: expected a .jsonl or .csv file, got {suffix or 'no extension'!r}")
+        try:  # a file in another encoding is refused whole, before any row is stored
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FeedbackError(f"cannot import {path}: not UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8") from None
         with path.open(encoding="utf-8", newline="") as f:
             if suffix == ".jsonl":
                 for line, raw in enumerate(f, 1):

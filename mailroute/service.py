@@ -25,6 +25,19 @@ class RequestError(ValueError):
     """The whole request is malformed; the message goes back to the caller."""
 
 
+class EncoderUnavailable(RuntimeError):
+    """An encoder call failed for a reason a retry may get past (its backend being recovered or reloaded)."""
+
+
+def server_fault(e: Exception) -> tuple:
+    """A batch that failed on the server -> (message for every caller of it, whether a retry may get past it).
+    Only an unavailable encoder is retryable (the client retries UNAVAILABLE); any other fault is this version's
+    own (its index, policy, in-process encoders) and a retry would get the same: INTERNAL, said once."""
+    if isinstance(e, EncoderUnavailable):
+        return f"classification failed, retry: {e}", True
+    return f"classification failed: {type(e).__name__}: {e}", False
+
+
 @dataclass
 class Request:
     text: np.ndarray  # (n, 1) object (bytes)

@@ -28,6 +28,7 @@ def banking77_dir() -> Path:
 
 # the feedback store when neither --db nor $MAILROUTE_FEEDBACK_URL names one (relative to the working
 # directory); here rather than in feedback_store so that help texts need no SQLAlchemy (training machines lack it)
+FEEDBACK_URL_ENV = "MAILROUTE_FEEDBACK_URL"
 DEFAULT_FEEDBACK_URL = "sqlite:///feedback.sqlite3"
 
 

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from mailroute import contract
 from mailroute.cli import main
 
 
@@ -40,6 +41,20 @@ def test_feedback_commands(repo, tmp_path, capsys, demo):
     msg = fails(capsys, "feedback", "import", str(bad), *common)
     assert f"{bad}:2:" in msg
     assert json.loads(run(capsys, "feedback", "status", *common))["corrections"] == 1  # the import wrote nothing
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(f"text,label\nrembourser la facture r\xe9gl\xe9e,{email.label}\n".encode("latin-1"))
+    assert f"cannot import {latin1}: not UTF-8" in fails(capsys, "feedback", "import", str(latin1), *common)
+    assert "'notaurl' is not a database URL" in fails(capsys, "feedback", "status", "--db", "notaurl", "--repo", str(repo))
+    assert json.loads(run(capsys, "feedback", "status", *common))["corrections"] == 1
+
+
+def test_prune_refuses_when_a_kept_version_pins_unknown_encoders(repo, capsys):
+    from mailroute.repository import PIPELINE_FILE
+
+    (repo / contract.CLASSIFIER / "1" / PIPELINE_FILE).write_text("{torn")
+    before = sorted(str(p.relative_to(repo)) for p in repo.rglob("*"))
+    assert "v1 is kept but its pipeline file is unreadable" in fails(capsys, "versions", "prune", "--repo", str(repo))
+    assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == before  # nothing removed
 
 
 def test_versions_and_labels_commands(repo, capsys):

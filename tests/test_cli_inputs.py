@@ -85,3 +85,10 @@ def test_classify_reads_a_long_piped_email_as_text(monkeypatch, capsys):
     main(["classify", "--url", "127.0.0.1:1"])
     assert seen["texts"] == [LONG.encode()]
     assert "billing" in capsys.readouterr().out
+
+
+def test_a_jsonl_line_with_a_lone_surrogate_is_refused_by_line(tmp_path):
+    jl = tmp_path / "in.jsonl"
+    jl.write_text('{"text": "fine"}\n{"text": "broken \\ud800 here"}\n')
+    with pytest.raises(InputError, match=r"in.jsonl:2: text is not encodable as UTF-8"):
+        read_inputs([str(jl)])

@@ -79,3 +79,13 @@ def test_html_to_text_breaks_blocks():
 def test_parse_eml_without_text_part():
     raw = b"Subject: hello\nContent-Type: image/png\n\n\x89PNG"
     assert parse_eml(raw) == ("hello", "")
+
+
+def test_a_huge_subject_counts_against_the_size_limit():
+    from mailroute.settings import DEFAULTS
+
+    half = DEFAULTS.max_request_chars // 2 + 1
+    normalise("a" * half)  # the body alone is within the limit
+    with pytest.raises(InvalidEmail, match="characters \\(subject and body\\), over the") as e:
+        normalise("a" * half, subject="s" * half)
+    assert e.value.kind == "too_large"

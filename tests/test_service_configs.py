@@ -252,3 +252,24 @@ def test_bad_throughput_flags_are_refused_before_any_work(tiny_run, tmp_path, fl
     with pytest.raises(BadSetting, match=msg):
         export(ExportConfig(run=str(tiny_run), repo=str(tmp_path / "repo"), **flags))
     assert not (tmp_path / "repo" / contract.BI_ENCODER).exists()
+
+
+def test_an_export_to_a_version_one_model_already_has_writes_nothing(tiny_repo, tmp_path):
+    from export.run import ExportConfig, export
+    from mailroute.settings import BadSetting
+
+    repo = shutil.copytree(tiny_repo, tmp_path / "repo")
+    shutil.copytree(repo / contract.CLASSIFIER / "1", repo / contract.CLASSIFIER / "2")  # only the classifier has v2
+    before = {m: sorted(p.name for p in (repo / m).iterdir()) for m in contract.MODELS}
+    with pytest.raises(BadSetting, match=f"--version 2: {contract.CLASSIFIER} in .* already have it"):
+        export(ExportConfig(run="no-such-run", repo=str(repo), version=2))  # refused before the run is even read
+    assert {m: sorted(p.name for p in (repo / m).iterdir()) for m in contract.MODELS} == before
+
+
+def test_only_an_unavailable_encoder_is_a_retryable_server_fault():
+    from mailroute.service import EncoderUnavailable, server_fault
+
+    message, retryable = server_fault(EncoderUnavailable("bi_encoder v1: model is not ready"))
+    assert retryable and message == "classification failed, retry: bi_encoder v1: model is not ready"
+    message, retryable = server_fault(KeyError("label_17"))  # a fault of the version itself: the same on a retry
+    assert not retryable and message == "classification failed: KeyError: 'label_17'"

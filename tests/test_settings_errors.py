@@ -167,3 +167,13 @@ def test_a_missing_pytriton_is_named(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else find_spec(name, *a))
     with pytest.raises(ServerStartError, match="nvidia-pytriton is not installed"):
         pytriton_dir()
+
+
+def test_a_label_index_of_another_bi_encoder_and_a_failed_parity_check_are_one_line_errors():
+    from export.onnx_export import ParityError
+    from mailroute.cli import _known_failure
+    from mailroute.label_index import IndexMismatch
+
+    assert _known_failure(IndexMismatch("label index built from bi-encoder ab12, not cd34: rebuild it with `mailroute export`"))
+    assert _known_failure(ParityError("cross_encoder: ONNX differs from PyTorch by 0.3"))
+    assert not _known_failure(KeyError("a bug stays a traceback"))

@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from mailroute import contract
 from mailroute.repository import open_classifier, read_pipeline
-from mailroute.service import ERROR_KINDS, ClassifierService, Request, RequestError
+from mailroute.service import ERROR_KINDS, ClassifierService, EncoderUnavailable, Request, RequestError, server_fault
 from mailroute.settings import DEFAULTS
 
 
@@ -30,7 +30,7 @@ def _infer(model: str, version: int, inputs: dict, output: str) -> np.ndarray:
                                         inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()], **_CPU)
     response = request.exec()
     if response.has_error():
-        raise RuntimeError(f"{model} v{version}: {response.error().message()}")
+        raise EncoderUnavailable(f"{model} v{version}: {response.error().message()}")
     return pb_utils.get_output_tensor_by_name(response, output).as_numpy()
 
 
@@ -130,10 +130,10 @@ class TritonPythonModel:
         batch = [Request(_input(r, contract.TEXT), _input(r, contract.SUBJECT), r.parameters()) for r in requests]
         try:
             results = self.service.handle(batch)
-        except Exception as e:  # an encoder failed: every request of this batch learns why, the model keeps serving
-            # a server fault that a retry may get past (a backend being reloaded): UNAVAILABLE, retryable
-            pb_utils.Logger.log_error(f"{contract.CLASSIFIER}: {e}")
-            err = pb_utils.TritonError(f"classification failed, retry: {e}", pb_utils.TritonError.UNAVAILABLE)
+        except Exception as e:  # every request of this batch learns why, the model keeps serving
+            message, retryable = server_fault(e)  # an encoder being recovered: UNAVAILABLE (retried); else INTERNAL
+            pb_utils.Logger.log_error(f"{contract.CLASSIFIER}: {message}")
+            err = pb_utils.TritonError(message, pb_utils.TritonError.UNAVAILABLE if retryable else pb_utils.TritonError.INTERNAL)
             return [pb_utils.InferenceResponse(error=err) for _ in requests]
         try:
             self.metrics.record(results)
