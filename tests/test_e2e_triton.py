@@ -36,7 +36,7 @@ def test_classify_over_grpc_agrees_with_in_process(client, tiny_repo, tiny_refer
     served = client.classify(EMAILS)
     onnx_local = open_onnx_classifier(tiny_repo).classify(EMAILS)
     torch_local = tiny_reference.classify(EMAILS)
-    for s, o, t in zip(served, onnx_local, torch_local):
+    for s, o, t in zip(served, onnx_local, torch_local, strict=True):
         assert s.ok and s.model_versions == {"email_classifier": "1", "bi_encoder": "1", "cross_encoder": "1"}
         assert s.top_labels == o.top_labels == t.top_labels
         assert np.abs(np.array(s.top_probabilities) - np.array(t.top_probabilities)).max() < 1e-4
@@ -61,7 +61,7 @@ def test_gate_parameter_and_reranked_output(client, demo):
     # Then the response says where stage 2 ran, gate=false reranks every email, and where both reranked they agree
     assert all(r.reranked for r in ungated)
     assert any(not r.reranked for r in gated) and any(r.reranked for r in gated)
-    for g, u in zip(gated, ungated):
+    for g, u in zip(gated, ungated, strict=True):
         if g.reranked:
             assert g.top_labels == u.top_labels and g.probability == pytest.approx(u.probability, abs=1e-5)
 
@@ -180,26 +180,46 @@ def test_new_version_is_loaded_through_the_repository_api(tiny_repo, tiny_run, t
 
 
 def test_serve_command_prints_endpoints_and_stops_on_sigterm(tiny_repo):
+    import queue
     import signal
+    import threading
     import time
 
     proc = subprocess.Popen([sys.executable, "-m", "mailroute.cli", "serve", "--repo", str(tiny_repo), "--grpc-port", "0",
                              "--http-port", "0", "--metrics-port", "0", "--ready-port", "0"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    lines, deadline = [], time.time() + 180
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if line.startswith("Ctrl-C") or not line:
-            break
-    grpc_url = next(l.split()[-1] for l in lines if l.strip().startswith("gRPC"))
-    with ClassifierClient(grpc_url) as c:
-        assert c.ready() and c.classify_one(EMAILS[0]).ok
-    ready_url = next(l.split()[1] for l in lines if l.strip().startswith("ready "))
-    with urllib.request.urlopen(ready_url, timeout=5) as r:  # the proven readiness: a canary classification passed
-        assert r.status == 200 and json.loads(r.read())["ready"] is True
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 0
-    assert "stopping tritonserver" in proc.stdout.read()
-    with ClassifierClient(grpc_url, retries=0, timeout=2) as c:
-        assert not c.ready()  # the server is gone, not orphaned
+    out = queue.Queue()  # lines read by a thread: a serve that goes silent fails the deadline instead of hanging
+    threading.Thread(target=lambda: [out.put(line) for line in iter(proc.stdout.readline, "")] + [out.put("")], daemon=True).start()
+    try:
+        lines, deadline = [], time.time() + 180
+        while time.time() < deadline:
+            try:
+                line = out.get(timeout=max(0.1, deadline - time.time()))
+            except queue.Empty:
+                break
+            lines.append(line)
+            if line.startswith("Ctrl-C") or not line:
+                break
+        assert any(l.startswith("Ctrl-C") for l in lines), f"serve did not get ready in 180 s:\n{''.join(lines)}"
+        grpc_url = next(l.split()[-1] for l in lines if l.strip().startswith("gRPC"))
+        with ClassifierClient(grpc_url) as c:
+            assert c.ready() and c.classify_one(EMAILS[0]).ok
+        ready_url = next(l.split()[1] for l in lines if l.strip().startswith("ready "))
+        with urllib.request.urlopen(ready_url, timeout=5) as r:  # the proven readiness: a canary classification passed
+            assert r.status == 200 and json.loads(r.read())["ready"] is True
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        rest = []
+        while (line := out.get(timeout=10)) != "":
+            rest.append(line)
+        assert "stopping tritonserver" in "".join(rest)
+        with ClassifierClient(grpc_url, retries=0, timeout=2) as c:
+            assert not c.ready()  # the server is gone, not orphaned
+    finally:  # a failed assertion leaves no serve (and no tritonserver holding ports) behind
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

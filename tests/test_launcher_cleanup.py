@@ -69,5 +69,12 @@ def test_watchdog_readiness_outlasts_its_canary_interval(interval, expected, mon
     assert wd.ready
 
 
-def test_watchdog_keeps_a_given_max_age():
-    assert Watchdog(server=None, interval=0.5, max_age=1.5).max_age == 1.5
+def test_a_given_max_age_decides_readiness(monkeypatch):
+    # Given a watchdog told that a passed canary counts for 1.5 s (the default at this interval would be 6 s)
+    wd = Watchdog(server=None, interval=0.5, max_age=1.5)
+    wd.last_ok = 1000.0
+    # Then it is ready 1.4 s after the canary passed and not at 1.6 s
+    monkeypatch.setattr("client.watchdog.time", SimpleNamespace(time=lambda: wd.last_ok + 1.4))
+    assert wd.ready
+    monkeypatch.setattr("client.watchdog.time", SimpleNamespace(time=lambda: wd.last_ok + 1.6))
+    assert not wd.ready

@@ -140,7 +140,7 @@ def test_train_with_nearest_cards_end_to_end(tmp_path):
     served, reference = open_onnx_classifier(tmp_path / "repo"), load_reference(out.root, top_k=3)
     assert served.index.card_spec.nearest
     emails = ["Please refund my order", "My invoice shows the wrong amount", "Can I book a demo with sales?"]
-    for got, want in zip(served.classify(emails), reference.classify(emails)):
+    for got, want in zip(served.classify(emails), reference.classify(emails), strict=True):
         assert got.top_labels == want.top_labels and np.allclose(got.top_probabilities, want.top_probabilities, atol=1e-4)
 
 

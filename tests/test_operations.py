@@ -74,8 +74,11 @@ def test_client_retries_carry_a_request_over_the_recovery_gap(fresh_server):
         time.sleep(0.2)
         # When a client with the default retries classifies during the gap, it gets its answer
         with ClassifierClient(fresh_server.grpc_url, timeout=30) as c:
+            waits, delay = [], c._delay  # the backoffs taken, recorded (and waited: the gap must pass)
+            c._delay = lambda attempt: waits.append(attempt) or delay(attempt)
             results = [c.classify_one(EMAIL) for _ in range(5)]
         assert all(r.ok for r in results)
+        assert waits, "no request was retried: the kill did not reach the client, so nothing here was tested"
     finally:
         wd.stop()
 

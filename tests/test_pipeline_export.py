@@ -203,7 +203,7 @@ def test_each_email_tokenised_once_for_both_stages_gives_the_same_answers(tiny_r
     email_calls = [c for c in calls if c != list(clf.label_texts)]  # (the labels are tokenised once per classifier)
     assert [len(c) for c in email_calls] == [len(emails)]  # one tokenisation of the (normalised) batch serves both stages
     clf._toks = (shared,) + clf._toks[1:2] + (None,)  # as if the tokenizers differed: each stage tokenises itself
-    for a, b in zip(once, clf.classify(emails, gate=False)):
+    for a, b in zip(once, clf.classify(emails, gate=False), strict=True):
         assert a.top_labels == b.top_labels and np.allclose(a.top_probabilities, b.top_probabilities, atol=1e-6)
 
 

@@ -81,10 +81,13 @@ def test_commands_share_one_default_repository_run_folder_and_k():
 
 
 def test_the_shared_folder_named_by_the_environment_wins(monkeypatch, tmp_path):
-    from mailroute.settings import shared_dir
+    from mailroute.settings import banking77_dir, shared_dir
 
     monkeypatch.setenv("MAILROUTE_SHARED", str(tmp_path))
-    assert shared_dir() == tmp_path
+    monkeypatch.delenv("MAILROUTE_BANKING77", raising=False)
+    assert shared_dir() == tmp_path and banking77_dir() == tmp_path / "datasets" / "banking77"  # the dataset follows it
+    monkeypatch.setenv("MAILROUTE_BANKING77", str(tmp_path / "b77"))
+    assert banking77_dir() == tmp_path / "b77"  # unless named on its own
 
 
 def _serve(*args, timeout=120):

@@ -106,7 +106,7 @@ def test_torch_runtime_agrees_with_onnx(torch_repo):
     cdir = version_dir(torch_repo, contract.CLASSIFIER)
     by_torch = open_classifier(torch_repo, cdir, TorchEncoders(bi_dir / TORCH_WEIGHTS_DIR, cross_dir / TORCH_WEIGHTS_DIR))
     by_onnx = open_onnx_classifier(torch_repo)
-    for t, o in zip(by_torch.classify(EMAILS, gate=False), by_onnx.classify(EMAILS, gate=False)):
+    for t, o in zip(by_torch.classify(EMAILS, gate=False), by_onnx.classify(EMAILS, gate=False), strict=True):
         assert t.top_labels == o.top_labels
         assert np.abs(np.array(t.top_probabilities) - np.array(o.top_probabilities)).max() < 1e-4
 
@@ -137,7 +137,7 @@ def test_tritonserver_serves_the_torch_runtime(torch_repo, tmp_path):
         served = c.classify(EMAILS, gate=False)
     assert set(env_tmp.parent.glob(env_tmp.name + "*")) <= envs  # the backend's empty env folders went with the server
     local = open_onnx_classifier(repo).classify(EMAILS, gate=False)
-    for s, o in zip(served, local):
+    for s, o in zip(served, local, strict=True):
         assert s.ok and s.top_labels == o.top_labels
         assert np.abs(np.array(s.top_probabilities) - np.array(o.top_probabilities)).max() < 1e-4
 
@@ -228,7 +228,7 @@ def test_encoders_in_the_classifier_serve_the_same_answers_without_bls(tiny_run,
         log = server.log_file.read_text()
     # Then the answers equal the BLS export's (same weights, same pipeline), and the classifier says where its encoders run
     local = open_onnx_classifier(torch_repo).classify(EMAILS, gate=False)
-    for s, o in zip(served, local):
+    for s, o in zip(served, local, strict=True):
         assert s.ok and s.top_labels == o.top_labels
         assert np.abs(np.array(s.top_probabilities) - np.array(o.top_probabilities)).max() < 1e-4
     assert "encoders in this process on cpu" in log

@@ -7,9 +7,12 @@ import pytest
 from mailroute.label_index import CARDS_FILE, EXEMPLAR_INDEX_FILE, INDEX_FILE
 from mailroute.repository import WEIGHTS_FILE
 from mailroute.run_layout import RunFolder
+from mailroute.settings import banking77_dir
 from training.run import TrainConfig, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not banking77_dir().is_dir(), reason=f"BANKING77 is not at {banking77_dir()}: set MAILROUTE_BANKING77 "
+                                                                      f"or MAILROUTE_SHARED (read in place, never part of a clone)")]
 
 
 def test_train_both_stages_beats_chance_and_writes_the_report(tmp_path):

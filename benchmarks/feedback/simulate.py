@@ -33,6 +33,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _relative_to_root(obj):
+    """A JSON-able value with every string naming a path inside the clone made relative to the clone."""
+    if isinstance(obj, dict):
+        return {k: _relative_to_root(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relative_to_root(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith(f"{ROOT}/"):
+        return obj[len(f"{ROOT}/"):]
+    return obj
+
+
 def write_examples(path: Path, examples: list) -> str:
     with open(path, "w") as f:
         for e in examples:
@@ -190,8 +201,8 @@ def main(argv=None):
         "machine": {"cpu": f"{torch.get_num_threads()}-thread CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
                     "platform": platform.platform()}, "rounds": []}
 
-    def save():
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    def save():  # committed: paths inside the clone are written relative to it, not as this machine's paths
+        (out / "summary.json").write_text(json.dumps(_relative_to_root(summary), indent=1) + "\n")
         (out / "rounds.md").write_text(table(summary))
         plot(summary, out / "rounds.png")
 
