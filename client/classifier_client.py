@@ -161,9 +161,9 @@ class _Base:
         return self.store.correct(prediction_id, label, who=who)
 
     def _chunks(self, texts, subjects):
-        texts = list(texts)
+        texts, subjects = list(texts), None if subjects is None else list(subjects)
         for s in range(0, len(texts), self.max_batch):
-            yield texts[s:s + self.max_batch], (list(subjects)[s:s + self.max_batch] if subjects is not None else None)
+            yield texts[s:s + self.max_batch], (subjects[s:s + self.max_batch] if subjects is not None else None)
 
 
 class ClassifierClient(_Base):

@@ -204,8 +204,8 @@ class TritonServer:
             cmd += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in self.models]
         if self.admin_key:  # repository and config changes need the key (loading a model runs its code)
             groups = "model-repository,model-config"
-            cmd += [f"--grpc-restricted-protocol={groups}:admin-key={self.admin_key}",
-                    f"--http-restricted-api={groups}:admin-key={self.admin_key}"]
+            cmd += [f"--grpc-restricted-protocol={groups}:{contract.ADMIN_KEY}={self.admin_key}",
+                    f"--http-restricted-api={groups}:{contract.ADMIN_KEY}={self.admin_key}"]
         return cmd + self.extra_args
 
     def _backend_dir(self) -> Path:

@@ -26,9 +26,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from mailroute import contract
 from mailroute.health import canary
 
-ADMIN_HEADER = "triton-grpc-protocol-admin-key"
 _UNHEALTHY = re.compile(r"Stub process '(\w+?)_\d+_\d+' is not healthy")
 
 
@@ -78,7 +78,7 @@ class Watchdog:
     def _admin_client(self):
         import tritonclient.grpc as grpcclient
 
-        return grpcclient.InferenceServerClient(self.server.grpc_url), {ADMIN_HEADER: self.server.admin_key} if self.server.admin_key else None
+        return grpcclient.InferenceServerClient(self.server.grpc_url), {contract.ADMIN_HEADER: self.server.admin_key} if self.server.admin_key else None
 
     def reload(self, models) -> None:
         """Reload models with fresh backend processes: a config override with a new nonce forces it."""

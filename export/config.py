@@ -4,7 +4,7 @@ A field's --help is its `# comment`, or its metadata "help" where the text is re
 
 from dataclasses import dataclass, field
 
-from export.runtimes import runtime_help
+from export.runtimes import DEFAULT_RUNTIME, runtime_help
 from mailroute.settings import DEFAULT_REPOSITORY, DEFAULT_RUN, DEFAULTS
 
 
@@ -12,7 +12,7 @@ from mailroute.settings import DEFAULT_REPOSITORY, DEFAULT_RUN, DEFAULTS
 class ExportConfig:
     run: str = str(DEFAULT_RUN)  # trained run folder (from `mailroute train`)
     repo: str = str(DEFAULT_REPOSITORY)  # Triton model repository to add the new versions to
-    runtime: str = field(default="portable", metadata={"help": runtime_help()})  # the help lists export/runtimes.py RUNTIMES
+    runtime: str = field(default=DEFAULT_RUNTIME, metadata={"help": runtime_help()})  # the help lists export/runtimes.py RUNTIMES
     gpu: bool = False  # KIND_GPU instances (native or torch runtime, production)
     no_optimize: bool = False  # skip onnxruntime's transformer fusions (attention, LayerNorm, GELU)
     quantize: bool = False  # dynamic int8 weights (CPU); the accuracy change is measured and reported
@@ -24,5 +24,5 @@ class ExportConfig:
     classifier_instances: int = 1  # email_classifier instances (BLS model; more help under load: 4 on a GPU)
     encoder_instances: int = 1  # instances of each encoder model
     preferred_batch_sizes: str = ""  # encoders' preferred batch sizes, e.g. "16,32,64" (empty: batch whatever is queued)
-    max_queue_delay_us: int = 500  # encoders: microseconds a request may wait to be batched with others (the classifier's: export/configs.py CLASSIFIER_DELAY_FACTOR times this)
+    max_queue_delay_us: int = DEFAULTS.max_queue_delay_us  # encoders: microseconds a request may wait to be batched with others (the classifier's: export/configs.py CLASSIFIER_DELAY_FACTOR times this)
     max_queue_size: int = 0  # requests queued per model before new ones are refused at once (UNAVAILABLE); 0 = unbounded

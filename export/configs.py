@@ -27,7 +27,7 @@ ENCODER_LIMITS = {contract.BI_ENCODER: (DEFAULTS.embed_batch, DEFAULTS.max_email
 class Throughput:
     instances: int = 1
     preferred_batch_sizes: tuple = ()  # () = Triton batches whatever is queued
-    max_queue_delay_us: int = 500  # how long a request may wait for others to batch with
+    max_queue_delay_us: int = DEFAULTS.max_queue_delay_us  # how long a request may wait for others to batch with
     max_queue_size: int = 0  # 0 = unbounded; else requests beyond it are refused at once
 
     def apply(self, cfg: mc.ModelConfig) -> None:

@@ -9,9 +9,7 @@ The bi-encoder version stays pinned and every new vector is embedded with its ex
 label index's encoder checksum still matches and the new version loads where the old one did.
 """
 
-import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +17,12 @@ import numpy as np
 from mailroute import contract
 from mailroute.label_index import LabelIndex
 from mailroute.pipeline import load_tokenizer
-from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE,
-                                  TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE, load_label_index, read_pipeline, version_dir)
+from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, TOKENIZER_FILE,
+                                  TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE, load_label_index, read_pipeline, utc_stamp, version_dir,
+                                  write_pipeline)
 from mailroute.settings import DEFAULTS
 from mailroute.taxonomy import NAME_RE, DataError, Label, parse_taxonomy
+from export.runtimes import ADAPTERS_DIR, CLASSIFIER_ADAPTER
 from export.versions import new_version
 
 
@@ -75,15 +75,15 @@ def derive_version(repo, base: int, kind: str, exemplars: list = (), new_labels:
     index = derived_index(repo, base_dir, exemplars, new_labels)
     with new_version(repo, contract.CLASSIFIER) as (folder, v):
         index.save(folder / LABEL_INDEX_DIR)
-        shutil.copy(base_dir / ADAPTER_FILE, folder / ADAPTER_FILE)
+        shutil.copy(ADAPTERS_DIR / CLASSIFIER_ADAPTER, folder / ADAPTER_FILE)  # this code's adapter, as an export writes
         spec = spec | {"kind": kind, "parent": int(base_dir.name), "note": note,
-                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | (extra or {})
+                       "created": utc_stamp()} | (extra or {})
         if cross_encoder_version is not None:
             version_dir(repo, contract.CROSS_ENCODER, cross_encoder_version)  # exists, or FileNotFoundError
             spec["cross_encoder_version"] = int(cross_encoder_version)
         if policy is not None:
             spec["policy"] = policy
-        (folder / PIPELINE_FILE).write_text(json.dumps(spec, indent=1) + "\n")
+        write_pipeline(folder, spec)
     return v
 
 
@@ -94,13 +94,14 @@ def write_cross_encoder_version(repo, cross_model, pairs: list, quantize: bool =
     from mailroute.label_index import weights_id
 
     repo = Path(repo)
-    prev = version_dir(repo, contract.CROSS_ENCODER)
+    version_dir(repo, contract.CROSS_ENCODER)  # there is a cross_encoder version to follow, or FileNotFoundError
     with new_version(repo, contract.CROSS_ENCODER) as (folder, v):
         cross_model.save(str(folder / TORCH_WEIGHTS_DIR))  # what the next round of continued training starts from
         shutil.copy(folder / TORCH_WEIGHTS_DIR / TOKENIZER_FILE, folder / TOKENIZER_FILE)
         from export import configs, versions
 
-        fused = configs.runtime(configs.runtime_of(versions.read_config(repo, contract.CROSS_ENCODER))).fused_graph
+        served = configs.runtime(configs.runtime_of(versions.read_config(repo, contract.CROSS_ENCODER)))
+        fused = served.fused_graph
         export_cross_encoder(cross_model, folder / TOKENIZER_FILE, folder / "fp32.onnx", pairs, optimize=fused)
         if quantize:
             quantize_int8(folder / "fp32.onnx", folder / MODEL_FILE)
@@ -110,8 +111,8 @@ def write_cross_encoder_version(repo, cross_model, pairs: list, quantize: bool =
         (folder / ENCODER_ID_FILE).write_text(weights_id(folder / MODEL_FILE) + "\n")
         if not fused and not quantize:  # a graph TensorRT parses: docker/build_tensorrt.sh builds its plan, as for an export
             (folder / TRTEXEC_SHAPES_FILE).write_text(configs.trtexec_shapes(contract.CROSS_ENCODER))
-        if (prev / ADAPTER_FILE).exists():  # a Python-backend runtime (portable, torch): the same adapter as the version before
-            shutil.copy(prev / ADAPTER_FILE, folder / ADAPTER_FILE)
+        if served.adapter:  # a Python-backend runtime (portable, torch): its adapter, as an export writes it
+            shutil.copy(ADAPTERS_DIR / served.adapter, folder / ADAPTER_FILE)
     return v
 
 

@@ -16,19 +16,18 @@ from mailroute import contract
 from mailroute.label_index import LabelIndex, weights_id
 from mailroute.onnx_encoders import session
 from mailroute.pipeline import BadParameter, check_params, load_tokenizer, tensors
-from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, EXPORT_REPORT_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE,
-                                  TENSORRT_CONFIG, TOKENIZER_FILE, TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE)
+from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, EXPORT_REPORT_FILE, LABEL_INDEX_DIR, MODEL_FILE,
+                                  TENSORRT_CONFIG, TOKENIZER_FILE, TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE, utc_stamp, write_pipeline)
 from mailroute.settings import DEFAULTS, BadSetting
 from export import configs, versions
 from export.versions import new_version
 from export.config import ExportConfig  # noqa: F401 (re-exported for callers)
 from export.onnx_export import export_bi_encoder, export_cross_encoder, quantize_int8
-from export.runtimes import TENSORRT
+from export.runtimes import ADAPTERS_DIR, CLASSIFIER_ADAPTER, TENSORRT
 from mailroute.run_layout import RunFolder
 from training.models import load_bi_encoder, load_cross_encoder
 from training.reference import load_policy
 
-TRITON_DIR = Path(__file__).resolve().parent / "triton"
 PARITY_TEXTS = [
     "Hi, I was charged twice for my subscription this month. Please refund the extra charge.",
     "I can't log in, the password reset link never arrives.",
@@ -86,7 +85,7 @@ def _write_encoder(repo: Path, name: str, onnx_path: Path, tokenizer: Path, cfg:
             (vdir / TRTEXEC_SHAPES_FILE).write_text(configs.trtexec_shapes(name))
         adapter = configs.runtime(cfg.runtime).adapter
         if adapter:  # a runtime that serves model.onnx through a Python-backend adapter
-            shutil.copy(TRITON_DIR / adapter, vdir / ADAPTER_FILE)
+            shutil.copy(ADAPTERS_DIR / adapter, vdir / ADAPTER_FILE)
     (repo / name / versions.CONFIG_FILE).write_text(configs.encoder_config(name, dim, cfg.runtime, max_batch, gpu=cfg.gpu,
                                                                            throughput=encoder_throughput(cfg)))
     (repo / name / TENSORRT_CONFIG).parent.mkdir(exist_ok=True)
@@ -111,13 +110,13 @@ def serving_params(cfg: ExportConfig, folder: RunFolder, n_labels: int) -> tuple
     return checked
 
 
-def onnx_embed(sess, tok, texts: list, batch: int = 64):
+def onnx_embed(sess, tok, texts: list, batch: int = DEFAULTS.embed_batch):
     import numpy as np
 
     out = []
     for s in range(0, len(texts), batch):
         ids, mask, _ = tensors(tok.encode_batch(texts[s:s + batch]))
-        out.append(sess.run([contract.EMBEDDING], {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask})[0])
+        out.append(sess.run([contract.EMBEDDING], contract.feed(contract.BI_ENCODER, ids, mask))[0])
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 
 
@@ -216,11 +215,11 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
     # 3. the classifier version that pins them
     with new_version(repo, contract.CLASSIFIER, cfg.version) as (cdir, cv):
         index.save(cdir / LABEL_INDEX_DIR)
-        shutil.copy(TRITON_DIR / "email_classifier.py", cdir / ADAPTER_FILE)
+        shutil.copy(ADAPTERS_DIR / CLASSIFIER_ADAPTER, cdir / ADAPTER_FILE)
         spec = {"bi_encoder_version": bi_v, "cross_encoder_version": cross_v, "top_k": top_k, "kind": "export",
                 "threshold": threshold, "policy": policy.to_dict(), "source_run": str(run.resolve()), "quantized": cfg.quantize,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        (cdir / PIPELINE_FILE).write_text(json.dumps(spec, indent=1) + "\n")
+                "created": utc_stamp()}
+        write_pipeline(cdir, spec)
     cdir = repo / contract.CLASSIFIER / str(cv)
     previous = max([v for v in versions.versions(repo, contract.CLASSIFIER) if v != cv], default=None)
     if (repo / contract.CLASSIFIER / versions.CONFIG_FILE).exists():

@@ -7,8 +7,13 @@ the help. Every runtime serves the same names, dtypes and shapes (mailroute.cont
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mailroute import contract
+
+# the Python-backend adapters (thin model.py files over mailroute's classes), copied into each version that needs one
+ADAPTERS_DIR = Path(__file__).resolve().parent / "triton"
+CLASSIFIER_ADAPTER = "email_classifier.py"  # every email_classifier version's model.py
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ RUNTIMES = {
                      torch_weights=True, gpu_label_search="cuda"),
 }
 EXPORT_RUNTIMES = tuple(name for name, r in RUNTIMES.items() if r.exported)
+DEFAULT_RUNTIME = "portable"  # runs on any tritonserver with the Python backend (this machine's included)
 
 
 def runtime(name: str) -> Runtime:

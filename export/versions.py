@@ -26,12 +26,10 @@ from tritonclient.grpc import model_config_pb2
 
 from mailroute import contract
 from mailroute.label_index import MANIFEST_FILE
-from mailroute.repository import GATE_REPORT_FILE, LABEL_INDEX_DIR, PIPELINE_FILE, read_pipeline, versions
+from mailroute.repository import (CONFIG_FILE, GATE_REPORT_FILE, HISTORY_FILE, LABEL_INDEX_DIR, PIPELINE_FILE,  # noqa: F401
+                                  read_pipeline, utc_stamp, versions)
 
-CONFIG_FILE = "config.pbtxt"
-HISTORY_FILE = "promotions.jsonl"  # in <repo>/email_classifier/: one line per change of the serving version
 STAGING_PREFIX = ".staging-"
-ADMIN_HEADER = "triton-grpc-protocol-admin-key"
 
 
 class VersionError(RuntimeError):
@@ -119,7 +117,7 @@ def _load(url: str, model: str, admin_key: str = "") -> None:
 
     c = grpcclient.InferenceServerClient(url)
     try:
-        c.load_model(model, headers={ADMIN_HEADER: admin_key} if admin_key else None)
+        c.load_model(model, headers={contract.ADMIN_HEADER: admin_key} if admin_key else None)
     finally:
         c.close()
 
@@ -143,7 +141,7 @@ def promote(repo, version: int, url: str = None, admin_key: str = "", action: st
             write_config(repo, old_cfg)
             raise PromotionFailed(f"server at {url} could not load {contract.CLASSIFIER} {version}; "
                                   f"version {old} is still serving: {getattr(e, 'message', lambda: str(e))()}") from None
-    entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": action, "version": int(version),
+    entry = {"at": utc_stamp(), "action": action, "version": int(version),
              "previous": old if old != int(version) else None,
              "loaded_in_s": round(time.perf_counter() - t, 3) if url else None, "note": note}
     _log(repo, entry)

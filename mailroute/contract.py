@@ -37,6 +37,10 @@ BI_ENCODER = "bi_encoder"
 CROSS_ENCODER = "cross_encoder"
 CLASSIFIER = "email_classifier"
 MODELS = (CLASSIFIER, BI_ENCODER, CROSS_ENCODER)  # the order of the MODEL_VERSIONS output
+# Triton's restricted protocol key for model load/unload/config (`mailroute serve --admin-key`): the server is
+# started with <groups>:ADMIN_KEY=<secret>; a gRPC caller sends it as a header with Triton's gRPC prefix
+ADMIN_KEY = "admin-key"
+ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_KEY}"
 CLASSIFIER_MAX_BATCH = 64  # emails per email_classifier server batch (its config's max_batch_size; the client's default batch)
 # every encoder config's parameter naming its runtime (export/runtimes.py RUNTIMES): two runtimes share the python backend
 RUNTIME_PARAMETER = "runtime"
@@ -47,7 +51,8 @@ EMBED_BATCH_PARAMETER = "embed_batch"  # emails per bi-encoder call inside one c
 SCORE_BATCH_PARAMETER = "score_batch"  # (email, label) pairs per cross-encoder call
 SEARCH_DEVICE_PARAMETER = "search_device"  # label search by torch on this device (absent: the index's own, faiss)
 # an encoder's config parameter under the portable runtime (export/runtimes.py writes it, export/triton/onnx_encoder.py
-# reads it): onnxruntime's intra-op threads per instance; "0" = onnxruntime's own choice (every core)
+# reads it): onnxruntime's intra-op threads per instance; "0" = $MAILROUTE_ORT_THREADS where set, else onnxruntime's own
+# choice (every core)
 INTRA_OP_THREADS_PARAMETER, INTRA_OP_THREADS_DEFAULT = "intra_op_threads", "0"
 
 # encoder tensors (both encoders)
@@ -64,6 +69,14 @@ ENCODER_TENSORS = {  # per encoder: (inputs, output)
     BI_ENCODER: ([Tensor(n, TOKEN_DTYPE, (-1,)) for n in BI_ENCODER_INPUTS], Tensor(EMBEDDING, np.float32, (EMBEDDING_DIM,))),
     CROSS_ENCODER: ([Tensor(n, TOKEN_DTYPE, (-1,)) for n in CROSS_ENCODER_INPUTS], Tensor(LOGIT, np.float32, (1,))),
 }
+
+
+def feed(model: str, *arrays) -> dict:
+    """An encoder's inputs by name, in its declared order: feed(BI_ENCODER, ids, mask) -> {"input_ids": ids, ...}."""
+    names = [t.name for t in ENCODER_TENSORS[model][0]]
+    if len(arrays) != len(names):
+        raise TypeError(f"{model} takes {len(names)} inputs ({', '.join(names)}), got {len(arrays)}")
+    return dict(zip(names, arrays))
 
 # classifier interface (what callers use)
 TEXT = "TEXT"  # string, (batch, 1)

@@ -20,8 +20,8 @@ class OnnxEncoders:
         self.bi, self.cross = session(bi_path, threads), session(cross_path, threads)
 
     def embed(self, input_ids, attention_mask):
-        return self.bi.run([contract.EMBEDDING], {contract.INPUT_IDS: input_ids, contract.ATTENTION_MASK: attention_mask})[0]
+        return self.bi.run([contract.EMBEDDING], contract.feed(contract.BI_ENCODER, input_ids, attention_mask))[0]
 
     def score(self, input_ids, attention_mask, token_type_ids):
-        feed = {contract.INPUT_IDS: input_ids, contract.ATTENTION_MASK: attention_mask, contract.TOKEN_TYPE_IDS: token_type_ids}
+        feed = contract.feed(contract.CROSS_ENCODER, input_ids, attention_mask, token_type_ids)
         return self.cross.run([contract.LOGIT], feed)[0][:, 0].astype(np.float32)

@@ -15,6 +15,7 @@ mismatch. So a classifier version is one consistent, roll-back-able unit.
 """
 
 import json
+import time
 from pathlib import Path
 
 from mailroute import contract
@@ -26,6 +27,8 @@ from mailroute.settings import DEFAULTS
 
 MODEL_FILE, TOKENIZER_FILE, ENCODER_ID_FILE = "model.onnx", "tokenizer.json", "encoder_id"
 PIPELINE_FILE = "pipeline.json"
+CONFIG_FILE = "config.pbtxt"  # <model>/: Triton's model configuration
+HISTORY_FILE = "promotions.jsonl"  # email_classifier/: one line per change of the serving version (export.versions)
 # <model>/<v>/: the Python-backend adapter Triton runs for a version (export/triton/<adapter> copied in, or the version's
 # parent's when derived); encoders have one only under a Python-backend runtime (export/runtimes.py adapter)
 ADAPTER_FILE = "model.py"
@@ -65,6 +68,15 @@ def version_dir(repo, model: str, version=None) -> Path:
 
 def read_pipeline(classifier_dir) -> dict:
     return json.loads((Path(classifier_dir) / PIPELINE_FILE).read_text())
+
+
+def write_pipeline(classifier_dir, spec: dict) -> None:
+    (Path(classifier_dir) / PIPELINE_FILE).write_text(json.dumps(spec, indent=1) + "\n")
+
+
+def utc_stamp() -> str:
+    """The time stamps of the repository's records (pipeline.json "created", promotions.jsonl "at"): UTC, seconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def load_label_index(repo, classifier_dir) -> LabelIndex:

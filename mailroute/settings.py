@@ -50,6 +50,8 @@ class Defaults:
     seed: int = 12
     embed_batch: int = 64  # emails per bi-encoder call inside one classifier batch
     score_batch: int = 256  # (email, label) pairs per cross-encoder call (256 emails x K=5 = 5 calls)
+    # how long a request may wait in an encoder's queue for others to batch with (export --max-queue-delay-us)
+    max_queue_delay_us: int = 500
 
 
 DEFAULTS = Defaults()

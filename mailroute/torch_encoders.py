@@ -132,11 +132,10 @@ class TorchEncoders:
                    repo / contract.CROSS_ENCODER / str(cross_version) / TORCH_WEIGHTS_DIR, device, **kw)
 
     def embed(self, input_ids, attention_mask):
-        return self.bi({contract.INPUT_IDS: input_ids, contract.ATTENTION_MASK: attention_mask})
+        return self.bi(contract.feed(contract.BI_ENCODER, input_ids, attention_mask))
 
     def score(self, input_ids, attention_mask, token_type_ids):
-        feed = {contract.INPUT_IDS: input_ids, contract.ATTENTION_MASK: attention_mask, contract.TOKEN_TYPE_IDS: token_type_ids}
-        return self.cross(feed)[:, 0]
+        return self.cross(contract.feed(contract.CROSS_ENCODER, input_ids, attention_mask, token_type_ids))[:, 0]
 
 
 class TorchFlatIP:

@@ -183,11 +183,16 @@ def test_rollback_walks_back_through_what_served(repo):
     with pytest.raises(versions.VersionError, match="nothing to roll back to"):
         versions.rollback(repo)
     versions.promote(repo, v3)
-    # prune keeps the rollback target even with keep=1, and survives a version it cannot read
+    # a version prune cannot read stops it before anything is removed (the encoders it pins are unknown) ...
     with versions.new_version(repo, contract.CLASSIFIER) as (folder, bad):
         (folder / PIPELINE_FILE).write_text("{not json")
+    with pytest.raises(versions.VersionError, match=f"v{bad} is kept but its pipeline file is unreadable"):
+        versions.prune(repo, keep=1)
+    assert versions.versions(repo, contract.CLASSIFIER) == [1, v2, v3, bad]
+    # ... and once it is gone, prune keeps the rollback target even with keep=1
+    shutil.rmtree(repo / contract.CLASSIFIER / str(bad))
     removed = versions.prune(repo, keep=1)
-    assert v3 in versions.versions(repo, contract.CLASSIFIER) and bad in versions.versions(repo, contract.CLASSIFIER)
+    assert v3 in versions.versions(repo, contract.CLASSIFIER)
     assert versions.rollback(repo)["version"] == 1 and removed[contract.CLASSIFIER] == [v2]
 
 

@@ -273,3 +273,22 @@ def test_only_an_unavailable_encoder_is_a_retryable_server_fault():
     assert retryable and message == "classification failed, retry: bi_encoder v1: model is not ready"
     message, retryable = server_fault(KeyError("label_17"))  # a fault of the version itself: the same on a retry
     assert not retryable and message == "classification failed: KeyError: 'label_17'"
+
+
+def test_encoder_inputs_are_fed_by_their_declared_names_in_order():
+    ids, mask, types = (np.full((1, 2), i) for i in range(3))
+    assert list(contract.feed(contract.CROSS_ENCODER, ids, mask, types)) == list(contract.CROSS_ENCODER_INPUTS)
+    assert contract.feed(contract.BI_ENCODER, ids, mask)[contract.ATTENTION_MASK] is mask
+    with pytest.raises(TypeError, match="bi_encoder takes 2 inputs \\(input_ids, attention_mask\\), got 3"):
+        contract.feed(contract.BI_ENCODER, ids, mask, types)
+
+
+def test_backend_args_read_the_parameters_and_the_instance_device():
+    import json
+
+    from mailroute.backend_args import config_parameters, instance_device
+
+    args = {"model_config": json.dumps({"parameters": {contract.EMBED_BATCH_PARAMETER: {"string_value": "32"}}}),
+            "model_instance_kind": "GPU", "model_instance_device_id": "1"}
+    assert config_parameters(args) == {contract.EMBED_BATCH_PARAMETER: "32"} and instance_device(args) == "cuda:1"
+    assert config_parameters({"model_config": "{}"}) == {} and instance_device({"model_instance_kind": "CPU"}) == "cpu"

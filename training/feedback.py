@@ -30,7 +30,8 @@ import numpy as np
 
 from mailroute import contract
 from mailroute.feedback_store import FeedbackError, FeedbackStore
-from mailroute.repository import GATE_REPORT_FILE, TORCH_WEIGHTS_DIR, load_label_index, open_onnx_classifier, read_pipeline, version_dir
+from mailroute.repository import (GATE_REPORT_FILE, TORCH_WEIGHTS_DIR, load_label_index, open_onnx_classifier, read_pipeline, utc_stamp,
+                                  version_dir)
 from mailroute.rerank_policy import GateTarget, RerankPolicy
 from mailroute.run_layout import RunFolder
 from mailroute.settings import DEFAULTS, BadSetting
@@ -110,7 +111,7 @@ def gate(repo, serving: int, candidate: int, evaluation: list, held: list, max_e
     report = {"passed": bool(passed), "why": why, "serving": s, "candidate": c,
               "evaluation_emails": len(evaluation), "held_out_corrections": len(held), "max_eval_drop": max_eval_drop,
               "eval_drop": eval_drop, "corrections_improved": corrections_ok, "seconds": round(time.perf_counter() - t, 1),
-              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "date": utc_stamp()}
     path = version_dir(repo, contract.CLASSIFIER, candidate) / GATE_REPORT_FILE
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")

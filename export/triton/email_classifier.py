@@ -8,13 +8,13 @@ With the torch runtime, an export may put them in the classifier's own process i
 BLS hop per stage, on the instance's device.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mailroute import contract
+from mailroute.backend_args import config_parameters, instance_device
 from mailroute.repository import open_classifier, read_pipeline
 from mailroute.service import ERROR_KINDS, ClassifierService, EncoderUnavailable, Request, RequestError, server_fault
 from mailroute.settings import DEFAULTS
@@ -39,11 +39,11 @@ class BLSEncoders:
         self.bi_version, self.cross_version = bi_version, cross_version
 
     def embed(self, input_ids, attention_mask):
-        return _infer(contract.BI_ENCODER, self.bi_version,
-                      {contract.INPUT_IDS: input_ids, contract.ATTENTION_MASK: attention_mask}, contract.EMBEDDING)
+        return _infer(contract.BI_ENCODER, self.bi_version, contract.feed(contract.BI_ENCODER, input_ids, attention_mask),
+                      contract.EMBEDDING)
 
     def score(self, input_ids, attention_mask, token_type_ids):
-        feed = {contract.INPUT_IDS: input_ids, contract.ATTENTION_MASK: attention_mask, contract.TOKEN_TYPE_IDS: token_type_ids}
+        feed = contract.feed(contract.CROSS_ENCODER, input_ids, attention_mask, token_type_ids)
         return _infer(contract.CROSS_ENCODER, self.cross_version, feed, contract.LOGIT)[:, 0]
 
 
@@ -104,15 +104,14 @@ class TritonPythonModel:
         repo = Path(args["model_repository"]).parent
         spec = read_pipeline(here)
         bi_v, cross_v = int(spec["bi_encoder_version"]), int(spec["cross_encoder_version"])
-        params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
+        params = config_parameters(args)
         # the downstream models' max_batch_size bounds each BLS call
         embed_batch = int(params.get(contract.EMBED_BATCH_PARAMETER, DEFAULTS.embed_batch))
         score_batch = int(params.get(contract.SCORE_BATCH_PARAMETER, DEFAULTS.score_batch))
         if params.get(contract.ENCODERS_PARAMETER) == contract.ENCODERS_IN_PROCESS:  # torch runtime, no BLS hop per stage
             from mailroute.torch_encoders import TorchEncoders
 
-            gpu = args.get("model_instance_kind") == "GPU"
-            device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
+            device = instance_device(args)
             encoders = TorchEncoders.of_versions(repo, bi_v, cross_v, device, embed_batch=embed_batch, score_batch=score_batch)
             where = f"in this process on {device}"
         else:

@@ -8,6 +8,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from mailroute import contract
+from mailroute.backend_args import config_parameters
 from mailroute.onnx_encoders import session
 from mailroute.pipeline import execute_encoder
 from mailroute.repository import MODEL_FILE
@@ -18,7 +19,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.inputs = [i["name"] for i in config["input"]]
         self.output = config["output"][0]["name"]
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = config_parameters(args)
         path = Path(args["model_repository"]) / args["model_version"] / MODEL_FILE
         self.session = session(path, int(params.get(contract.INTRA_OP_THREADS_PARAMETER, contract.INTRA_OP_THREADS_DEFAULT)))
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from mailroute import contract
+from mailroute.backend_args import instance_device
 from mailroute.pipeline import execute_encoder
 from mailroute.repository import TORCH_WEIGHTS_DIR
 from mailroute.torch_encoders import BI, CROSS, TorchEncoder
@@ -18,8 +19,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.inputs = [i["name"] for i in config["input"]]
         self.output = config["output"][0]["name"]
-        gpu = args.get("model_instance_kind") == "GPU"
-        device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
+        device = instance_device(args)
         folder = Path(args["model_repository"]) / args["model_version"] / TORCH_WEIGHTS_DIR
         # CUDA graphs are captured here, before the model reports ready: the first request finds them warm
         self.encoder = TorchEncoder(folder, BI if self.output == contract.EMBEDDING else CROSS, device,
