@@ -242,6 +242,17 @@ def test_export_help_lists_every_registered_runtime(capsys):
         assert "".join(f"{name} = {r.summary}".split()) in text
 
 
+def test_the_readme_usage_line_names_exactly_the_exported_runtimes():
+    import re
+
+    from export.runtimes import EXPORT_RUNTIMES
+    from mailroute.settings import ROOT
+
+    usage = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("mailroute export [")]
+    assert len(usage) == 1, usage
+    assert re.search(r"--runtime ([\w|]+)\]", usage[0]).group(1).split("|") == list(EXPORT_RUNTIMES)
+
+
 @pytest.mark.parametrize("flags,msg", [({"preferred_batch_sizes": "16,big"}, "--preferred-batch-sizes must be comma-separated"),
                                        ({"max_queue_size": -1}, "--max-queue-size must be at least 0"),
                                        ({"classifier_instances": 0}, "--classifier-instances must be at least 1")])
