@@ -75,10 +75,11 @@ def read_jsonl(path: Path) -> list:
         if not isinstance(obj, dict) or not ({"text", "body", "subject"} & set(obj)):
             raise InputError(f"{path}:{n}: expected an object with 'text' (or 'subject'/'body')")
         body, subject = str(obj.get("text", obj.get("body", "")) or ""), str(obj.get("subject") or "")
-        try:  # JSON may escape a lone surrogate ("\ud800"), which no UTF-8 text can hold
-            raw = body.encode("utf-8")
-            subject.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InputError(f"{path}:{n}: text is not encodable as UTF-8 ({e.reason} at character {e.start})") from None
+        for field, value in (("text", body), ("subject", subject)):  # JSON may escape a lone surrogate ("\ud800"),
+            try:  # which no UTF-8 text can hold
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InputError(f"{path}:{n}: {field} is not encodable as UTF-8 ({e.reason} at character {e.start})") from None
+        raw = body.encode("utf-8")
         out.append(EmailInput(f"{path}:{n}" + (f" ({obj['id']})" if obj.get("id") else ""), raw, subject))
     return out

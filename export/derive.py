@@ -22,7 +22,6 @@ from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, LABEL_INDEX_DIR
                                   write_pipeline)
 from mailroute.settings import DEFAULTS
 from mailroute.taxonomy import NAME_RE, DataError, Label, parse_taxonomy
-from export.runtimes import ADAPTERS_DIR, CLASSIFIER_ADAPTER
 from export.versions import new_version
 
 
@@ -75,7 +74,9 @@ def derive_version(repo, base: int, kind: str, exemplars: list = (), new_labels:
     index = derived_index(repo, base_dir, exemplars, new_labels)
     with new_version(repo, contract.CLASSIFIER) as (folder, v):
         index.save(folder / LABEL_INDEX_DIR)
-        shutil.copy(ADAPTERS_DIR / CLASSIFIER_ADAPTER, folder / ADAPTER_FILE)  # this code's adapter, as an export writes
+        # the parent's adapter, not this checkout's: it is known to load on the image that serves the parent, whose
+        # installed mailroute may be older than this CLI (a new version never needs a new image)
+        shutil.copy(base_dir / ADAPTER_FILE, folder / ADAPTER_FILE)
         spec = spec | {"kind": kind, "parent": int(base_dir.name), "note": note,
                        "created": utc_stamp()} | (extra or {})
         if cross_encoder_version is not None:
@@ -94,7 +95,7 @@ def write_cross_encoder_version(repo, cross_model, pairs: list, quantize: bool =
     from mailroute.label_index import weights_id
 
     repo = Path(repo)
-    version_dir(repo, contract.CROSS_ENCODER)  # there is a cross_encoder version to follow, or FileNotFoundError
+    prev = version_dir(repo, contract.CROSS_ENCODER)
     with new_version(repo, contract.CROSS_ENCODER) as (folder, v):
         cross_model.save(str(folder / TORCH_WEIGHTS_DIR))  # what the next round of continued training starts from
         shutil.copy(folder / TORCH_WEIGHTS_DIR / TOKENIZER_FILE, folder / TOKENIZER_FILE)
@@ -111,8 +112,8 @@ def write_cross_encoder_version(repo, cross_model, pairs: list, quantize: bool =
         (folder / ENCODER_ID_FILE).write_text(weights_id(folder / MODEL_FILE) + "\n")
         if not fused and not quantize:  # a graph TensorRT parses: docker/build_tensorrt.sh builds its plan, as for an export
             (folder / TRTEXEC_SHAPES_FILE).write_text(configs.trtexec_shapes(contract.CROSS_ENCODER))
-        if served.adapter:  # a Python-backend runtime (portable, torch): its adapter, as an export writes it
-            shutil.copy(ADAPTERS_DIR / served.adapter, folder / ADAPTER_FILE)
+        if served.adapter:  # a Python-backend runtime (portable, torch): the previous version's adapter (it loads on the
+            shutil.copy(prev / ADAPTER_FILE, folder / ADAPTER_FILE)  # serving image; versions share one runtime)
     return v
 
 

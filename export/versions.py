@@ -236,8 +236,9 @@ def format_versions(rows: list) -> str:
 def prune(repo, keep: int = 3, url: str = None, admin_key: str = "") -> dict:
     """Remove classifier versions beyond the newest `keep`, except the serving one and the last `keep`
     rollback targets, then every encoder version no remaining classifier version pins, and staging folders
-    of crashed writers. Everything is planned before anything is removed; a version whose pipeline cannot
-    be read is kept and pins nothing. The server (url given) reloads the encoders to let removed versions go."""
+    of crashed writers. Everything is planned before anything is removed; a kept version whose pipeline cannot
+    be read stops the prune before anything is removed (the encoders it pins are unknown). The server (url given)
+    reloads the encoders to let removed versions go."""
     repo = Path(repo)
     if keep < 1:
         raise VersionError(f"prune keeps at least 1 classifier version, got keep={keep}")

@@ -181,18 +181,19 @@ def _where_in(column, values, chunk=500):
 
 
 def make_engine(url: str = None, echo=False) -> sa.Engine:
+    raw = url or default_url()
     try:
-        url = sa.make_url(url or default_url())
-    except sa.exc.ArgumentError:
-        raise FeedbackError(f"--db / ${FEEDBACK_URL_ENV}: {url!r} is not a database URL "
-                            f"(e.g. sqlite:///feedback.db, postgresql://user@host/mailroute)") from None
-    if url.drivername in ("postgresql", "postgres"):  # psycopg 3 is what the project installs
-        url = url.set(drivername="postgresql+psycopg")
+        url = sa.make_url(raw)
+        if url.drivername in ("postgresql", "postgres"):  # psycopg 3 is what the project installs
+            url = url.set(drivername="postgresql+psycopg")
+        engine = sa.create_engine(url, echo=echo)  # no connection yet: this checks the dialect and loads its driver
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as e:  # unparsable, unknown dialect, no driver
+        raise FeedbackError(f"--db / ${FEEDBACK_URL_ENV}: {raw!r} is not a usable database URL ({type(e).__name__}: {e}; "
+                            f"e.g. sqlite:///feedback.db, postgresql://user@host/mailroute)") from None
     if url.get_backend_name() != "sqlite":
-        return sa.create_engine(url, echo=echo)
+        return engine
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, echo=echo)
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection, _record):

@@ -144,7 +144,7 @@ def normalise(body, subject=None, max_chars: int = DEFAULTS.max_email_chars) -> 
     body = decode_text(body, "email body")
     subject = decode_text(subject, "subject") if subject is not None else ""
     if len(body) + len(subject) > DEFAULTS.max_request_chars:  # both are cleaned below: both count
-        raise InvalidEmail(f"email is {len(body) + len(subject):,} characters (subject and body), over the "
+        raise InvalidEmail(f"email is {len(body) + len(subject):,} characters{' (subject and body)' if subject else ''}, over the "
                            f"{DEFAULTS.max_request_chars:,} limit", "too_large")
     # cleaning cost grows with length, so cut generously first (quotes and signatures come later in a
     # message, so the new text survives the cut)

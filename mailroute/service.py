@@ -26,7 +26,9 @@ class RequestError(ValueError):
 
 
 class EncoderUnavailable(RuntimeError):
-    """An encoder call failed for a reason a retry may get past (its backend being recovered or reloaded)."""
+    """A BLS call to an encoder came back with an error. Mostly a retry gets past it (the backend being recovered or
+    reloaded), but a BLS response loses the status code (it arrives as INTERNAL), so a permanent fault of the encoder
+    (a pinned version absent) is retried as well: it costs the client's retries, never a wrong answer."""
 
 
 def server_fault(e: Exception) -> tuple:

@@ -44,7 +44,8 @@ def test_feedback_commands(repo, tmp_path, capsys, demo):
     latin1 = tmp_path / "latin1.csv"
     latin1.write_bytes(f"text,label\nrembourser la facture r\xe9gl\xe9e,{email.label}\n".encode("latin-1"))
     assert f"cannot import {latin1}: not UTF-8" in fails(capsys, "feedback", "import", str(latin1), *common)
-    assert "'notaurl' is not a database URL" in fails(capsys, "feedback", "status", "--db", "notaurl", "--repo", str(repo))
+    for url in ("notaurl", "foo://bar"):  # unparsable; a dialect SQLAlchemy does not know
+        assert f"'{url}' is not a usable database URL" in fails(capsys, "feedback", "status", "--db", url, "--repo", str(repo))
     assert json.loads(run(capsys, "feedback", "status", *common))["corrections"] == 1
 
 
