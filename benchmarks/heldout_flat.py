@@ -73,6 +73,13 @@ def flat_predictions(run: str, cfg, epochs: int, device: str) -> np.ndarray:
     return pred
 
 
+def vote(two_stage: np.ndarray, flat: np.ndarray, retrieval: np.ndarray) -> np.ndarray:
+    """A majority vote of the three answers, nothing fitted: where two-stage and flat disagree, retrieval's top-1
+    sides with one of them; where it sides with neither, two-stage's answer stands. A probe of whether the two
+    systems' different mistakes can be combined (an ensemble is another architecture: a third encoder pass)."""
+    return np.where(two_stage == flat, two_stage, np.where(retrieval == flat, flat, two_stage))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", required=True, help="the fold runs of one configuration (--holdout-fold i/n, every i), scored")
@@ -102,10 +109,13 @@ def main(argv=None) -> int:
         report["folds"].append({"run": r, "emails": int(len(f)), "two_stage": float((s["gated"] == s["gold"]).mean()),
                                 "flat": float((f == s["gold"]).mean()), "retrieval": float((s["retrieval"] == s["gold"]).mean())})
     print(f"{len(gold)} held-out training emails ({len(a.runs)} folds), flat baseline {epochs} epoch(s):")
-    for name in ("gated", "ungated", "retrieval"):
-        c = paired_comparison(gold, np.concatenate([s[name] for s in served]), flat_all, a.resamples)
+    answers = {name: np.concatenate([s[name] for s in served]) for name in ("gated", "ungated", "retrieval")}
+    answers["vote"] = vote(answers["gated"], flat_all, answers["retrieval"])
+    labels = {"gated": "two-stage (served, gated)", "ungated": "two-stage, every email reranked", "retrieval": "retrieval alone",
+              "vote": "vote: two-stage, flat, retrieval"}
+    for name, label in labels.items():
+        c = paired_comparison(gold, answers[name], flat_all, a.resamples)
         report[name] = c
-        label = {"gated": "two-stage (served, gated)", "ungated": "two-stage, every email reranked", "retrieval": "retrieval alone"}[name]
         print(f"  {label:<33} {c['accuracy_a']:.2%} vs flat {c['accuracy_b']:.2%}: {100 * c['difference']:+.2f} points "
               f"({100 * c['bootstrap_95'][0]:+.2f}..{100 * c['bootstrap_95'][1]:+.2f}), right only by it / by flat "
               f"{c['only_a_right']} / {c['only_b_right']}, McNemar p = {c['mcnemar_exact_p']:.3f}")

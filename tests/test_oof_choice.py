@@ -239,3 +239,12 @@ def test_heldout_flat_compares_the_served_answers_with_a_flat_baseline_on_every_
     monkeypatch.setattr("training.run.train_flat_baseline", lambda *a, **kw: pytest.fail("trained again"))
     assert heldout_flat.main([*args, "--json", str(tmp_path / "h2.json")]) == 0
     assert json.loads((tmp_path / "h2.json").read_text())["gated"] == gated
+    assert set(report) >= {"gated", "ungated", "retrieval", "vote"}
+
+
+def test_the_vote_takes_the_answer_two_of_three_give_and_two_stage_otherwise():
+    from benchmarks.heldout_flat import vote
+
+    two_stage, flat, retrieval = np.array([1, 1, 1, 1]), np.array([1, 2, 2, 2]), np.array([5, 2, 1, 3])
+    # agree | retrieval sides with flat | retrieval sides with two-stage | sides with neither
+    assert vote(two_stage, flat, retrieval).tolist() == [1, 2, 1, 1]
