@@ -1,6 +1,6 @@
 """The canary: one classification through `email_classifier`, over Triton's HTTP/JSON API with the
-standard library only, so the same check runs in the launcher's watchdog, in the production image's
-health check and by hand:
+standard library (and numpy, through the tensor contract it reads names from), so the same check runs in the
+launcher's watchdog, in the production image's health check and by hand:
 
     python -m mailroute.health http://localhost:8000      # exit 0 = the pipeline answered, 1 = it did not
 
