@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     from mailroute.run_layout import RunFolder
     from training import bi_encoder as bi
     from training.config import TrainConfig
-    from training.data import splits_of
+    from training.data import SPLIT_SETTINGS, splits_of
     from training.models import autocast_dtype, load_bi_encoder, resolve_device
     from training.run import seed_everything
 
@@ -105,8 +105,7 @@ def main(argv=None) -> int:
     device = resolve_device(a.device)
     if a.reference_run:  # its bi-encoder must not have seen these validation or test emails
         ref = json.loads(RunFolder(a.reference_run).config.read_text())
-        split = ("dataset", "seed", "validation_fraction", "sample_per_label", "holdout_fold", "taxonomy", "train", "banking77")
-        differ = [k for k in split if ref.get(k, getattr(cfg, k)) != getattr(cfg, k)]
+        differ = [k for k in SPLIT_SETTINGS if ref.get(k, getattr(cfg, k)) != getattr(cfg, k)]
         if differ:
             ap.error(f"--reference-run {a.reference_run} was trained on another split ({', '.join(differ)} differ)")
     tax, train, val, test = splits_of(cfg)

@@ -117,9 +117,12 @@ def same_split(runs: list, other_runs: list) -> None:
     """Refuses a second configuration whose runs hold out other emails (checked before any scoring)."""
     from mailroute.run_layout import RunFolder
 
-    def split_of(rs):  # what decides which emails each run holds out
-        keys = ("dataset", "train", "banking77", "seed", "validation_fraction", "sample_per_label", "holdout_fold")
-        return sorted(tuple(json.loads(RunFolder(r).config.read_text())[k] for k in keys) for r in rs)
+    from training.config import TrainConfig
+    from training.data import SPLIT_SETTINGS
+
+    def split_of(rs):  # what decides which emails each run holds out (a setting older runs lack: its default)
+        return sorted(tuple(json.loads(RunFolder(r).config.read_text()).get(k, getattr(TrainConfig(), k)) for k in SPLIT_SETTINGS)
+                      for r in rs)
 
     if split_of(runs) != split_of(other_runs):
         raise SystemExit("--compare: its runs hold out other emails than --runs (another dataset, seed or fold split)")

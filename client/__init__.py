@@ -1,4 +1,5 @@
-"""Client side of mailroute: the typed gRPC client, the CLI, and the local Triton launcher."""
+"""Client side of mailroute: the typed gRPC client (and the CLI's input reading), the local Triton launcher and its
+watchdog (canary readiness and self-repair). The CLI itself is mailroute/cli.py."""
 
 from client.classifier_client import AsyncClassifierClient, Classification, ClassifierClient, ClassifierError
 

@@ -31,6 +31,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from mailroute import contract
+from mailroute.settings import DEFAULT_GRPC_URL, REQUEST_TIMEOUT_S
 
 OUTPUTS = contract.CLASSIFIER_OUTPUTS
 
@@ -132,8 +133,8 @@ def _params(top_k, threshold, gate=None) -> dict:
 
 
 class _Base:
-    def __init__(self, url: str = "127.0.0.1:8001", model: str = contract.CLASSIFIER, version: str = "",
-                 timeout: float = 30.0, retries: int = 5, backoff: float = 0.2, max_batch: int = contract.CLASSIFIER_MAX_BATCH, headers: dict = None,
+    def __init__(self, url: str = DEFAULT_GRPC_URL, model: str = contract.CLASSIFIER, version: str = "",
+                 timeout: float = REQUEST_TIMEOUT_S, retries: int = 5, backoff: float = 0.2, max_batch: int = contract.CLASSIFIER_MAX_BATCH, headers: dict = None,
                  max_in_flight: int = 4, keepalive=None, ssl: bool = False, root_certificates=None, private_key=None,
                  certificate_chain=None, store=None):
         """retries with backoff 0.2 s doubling: 5 retries wait about 6 s in all, enough to ride out a
@@ -167,7 +168,7 @@ class _Base:
 
 
 class ClassifierClient(_Base):
-    def __init__(self, url: str = "127.0.0.1:8001", **kw):
+    def __init__(self, url: str = DEFAULT_GRPC_URL, **kw):
         super().__init__(url, **kw)
         self.client = grpcclient.InferenceServerClient(url, **self._conn)
 
@@ -218,7 +219,7 @@ class ClassifierClient(_Base):
 
 
 class AsyncClassifierClient(_Base):
-    def __init__(self, url: str = "127.0.0.1:8001", **kw):
+    def __init__(self, url: str = DEFAULT_GRPC_URL, **kw):
         super().__init__(url, **kw)
         self.client = grpcaio.InferenceServerClient(url, **self._conn)
         self.in_flight = self.peak_in_flight = 0  # requests on the wire now, and the most at once

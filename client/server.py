@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from mailroute import contract
+from mailroute.settings import SERVER_START_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parent.parent  # this checkout: the stub environment must import mailroute from it
 
@@ -221,7 +222,7 @@ class TritonServer:
         env.setdefault("HF_HUB_OFFLINE", "1")
         return env
 
-    def start(self, timeout: float = 180) -> "TritonServer":
+    def start(self, timeout: float = SERVER_START_TIMEOUT_S) -> "TritonServer":
         self.check_ports()
         self.log = open(self.log_file, "a")
         self._started = time.time()
@@ -241,7 +242,7 @@ class TritonServer:
         raise ServerNotReady(f"tritonserver not ready after {timeout:.0f} s (models still loading? give a longer --timeout)",
                              self.tail())
 
-    def restart(self, timeout: float = 180) -> "TritonServer":
+    def restart(self, timeout: float = SERVER_START_TIMEOUT_S) -> "TritonServer":
         """Stop and start again on the same ports (the watchdog's last resort)."""
         self.stop()
         return self.start(timeout)

@@ -27,7 +27,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from mailroute import contract
-from mailroute.health import canary
+from mailroute.health import CANARY_TIMEOUT_S, canary
+from mailroute.settings import CANARY_INTERVAL_S
 
 _UNHEALTHY = re.compile(r"Stub process '(\w+?)_\d+_\d+' is not healthy")
 
@@ -46,7 +47,8 @@ class Watchdog:
     """Canary readiness plus self-repair for one TritonServer (client.server.TritonServer).
     max_age None (default) = default_max_age(interval); a given value is kept as it is."""
 
-    def __init__(self, server, interval: float = 2.0, max_age: float = None, restart_after: int = 2, timeout: float = 10.0,
+    def __init__(self, server, interval: float = CANARY_INTERVAL_S, max_age: float = None, restart_after: int = 2,
+                 timeout: float = CANARY_TIMEOUT_S,
                  grace: float = 15.0):
         max_age = default_max_age(interval) if max_age is None else max_age
         self.server, self.interval, self.max_age, self.restart_after, self.timeout = server, interval, max_age, restart_after, timeout
@@ -149,7 +151,8 @@ class Watchdog:
 
 class ReadinessServer:
     """GET /ready -> 200 while the watchdog's canary passes, else 503 (JSON body either way);
-    GET /live -> 200 while the server process runs. For load balancers and the compose health check."""
+    GET /live -> 200 while the server process runs. For load balancers in front of `mailroute serve` (the compose
+    services run tritonserver directly and check health with `python -m mailroute.health` instead)."""
 
     def __init__(self, watchdog: Watchdog, port: int, host: str = "0.0.0.0"):
         wd = watchdog

@@ -10,6 +10,7 @@ label index's encoder checksum still matches and the new version loads where the
 """
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ def derived_index(repo, base_dir: Path, exemplars: list = (), new_labels: list =
     for text, name in exemplars:
         taxonomy.index(name)  # DataError naming the unknown label
     new_texts = [label.text() for label, _ in new_labels] + [t for t, _ in exemplars]
-    x_new = embed_with_version(repo, spec["bi_encoder_version"], new_texts) if new_texts else None
+    x_new = embed_with_version(repo, spec.bi_encoder_version, new_texts) if new_texts else None
     n_labels = len(new_labels)
     xb = np.concatenate([_vectors(old.index)] + ([x_new[:n_labels]] if n_labels else []))
     xe_old = _vectors(old.exemplar_index) if old.exemplar_index is not None else np.zeros((0, xb.shape[1]), np.float32)
@@ -66,7 +67,7 @@ def derived_index(repo, base_dir: Path, exemplars: list = (), new_labels: list =
 
 
 def derive_version(repo, base: int, kind: str, exemplars: list = (), new_labels: list = (), cross_encoder_version: int = None,
-                   policy: dict = None, note: str = "", extra: dict = None) -> int:
+                   policy: dict = None, note: str = "", feedback: dict = None) -> int:
     """Write a new classifier version (atomically, not served yet) from classifier version `base`."""
     repo = Path(repo)
     base_dir = version_dir(repo, contract.CLASSIFIER, base)
@@ -77,13 +78,12 @@ def derive_version(repo, base: int, kind: str, exemplars: list = (), new_labels:
         # the parent's adapter, not this checkout's: it is known to load on the image that serves the parent, whose
         # installed mailroute may be older than this CLI (a new version never needs a new image)
         shutil.copy(base_dir / ADAPTER_FILE, folder / ADAPTER_FILE)
-        spec = spec | {"kind": kind, "parent": int(base_dir.name), "note": note,
-                       "created": utc_stamp()} | (extra or {})
+        spec = replace(spec, kind=kind, parent=int(base_dir.name), note=note, created=utc_stamp(), feedback=feedback)
         if cross_encoder_version is not None:
             version_dir(repo, contract.CROSS_ENCODER, cross_encoder_version)  # exists, or FileNotFoundError
-            spec["cross_encoder_version"] = int(cross_encoder_version)
+            spec = replace(spec, cross_encoder_version=int(cross_encoder_version))
         if policy is not None:
-            spec["policy"] = policy
+            spec = replace(spec, policy=policy)
         write_pipeline(folder, spec)
     return v
 

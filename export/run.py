@@ -17,7 +17,7 @@ from mailroute.label_index import LabelIndex, weights_id
 from mailroute.onnx_encoders import session
 from mailroute.pipeline import BadParameter, check_params, load_tokenizer, tensors
 from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, EXPORT_REPORT_FILE, LABEL_INDEX_DIR, MODEL_FILE,
-                                  TENSORRT_CONFIG, TOKENIZER_FILE, TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE, utc_stamp, write_pipeline)
+                                  TENSORRT_CONFIG, TOKENIZER_FILE, TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE, PipelineSpec, utc_stamp, write_pipeline)
 from mailroute.settings import DEFAULTS, BadSetting
 from export import configs, versions
 from export.versions import new_version
@@ -216,10 +216,8 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
     with new_version(repo, contract.CLASSIFIER, cfg.version) as (cdir, cv):
         index.save(cdir / LABEL_INDEX_DIR)
         shutil.copy(ADAPTERS_DIR / CLASSIFIER_ADAPTER, cdir / ADAPTER_FILE)
-        spec = {"bi_encoder_version": bi_v, "cross_encoder_version": cross_v, "top_k": top_k, "kind": "export",
-                "threshold": threshold, "policy": policy.to_dict(), "source_run": str(run.resolve()), "quantized": cfg.quantize,
-                "created": utc_stamp()}
-        write_pipeline(cdir, spec)
+        write_pipeline(cdir, PipelineSpec(bi_v, cross_v, top_k, threshold, policy.to_dict(), kind="export", created=utc_stamp(),
+                                          source_run=str(run.resolve()), quantized=cfg.quantize))
     cdir = repo / contract.CLASSIFIER / str(cv)
     previous = max([v for v in versions.versions(repo, contract.CLASSIFIER) if v != cv], default=None)
     if (repo / contract.CLASSIFIER / versions.CONFIG_FILE).exists():

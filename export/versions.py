@@ -202,8 +202,8 @@ def list_versions(repo) -> list:
         manifest_path = vdir / LABEL_INDEX_DIR / MANIFEST_FILE
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
         rows.append({"version": v, "serving": v == serving or (serving is None and v == max(versions(repo, contract.CLASSIFIER))),
-                     "kind": spec.get("kind", "export"), "parent": spec.get("parent"), "created": spec.get("created"),
-                     "bi_encoder": spec["bi_encoder_version"], "cross_encoder": spec["cross_encoder_version"],
+                     "kind": spec.kind, "parent": spec.parent, "created": spec.created,
+                     contract.BI_ENCODER: spec.bi_encoder_version, contract.CROSS_ENCODER: spec.cross_encoder_version,
                      "labels": manifest.get("labels"), "exemplars": manifest.get("exemplars"), "gate": gate})
     return rows
 
@@ -228,8 +228,8 @@ def format_versions(rows: list) -> str:
             continue
         g = r["gate"]
         gate = "-" if not g else format_gate(g)
-        lines.append(f"{'*' if r['serving'] else ' ':2}{r['version']:>7}  {r['kind']:<12}{r['parent'] or '-':>6}  {r['bi_encoder']:>3} "
-                     f"{r['cross_encoder']:>5}  {r['labels'] or '-':>6} {r['exemplars'] if r['exemplars'] is not None else '-':>9}  {gate}")
+        lines.append(f"{'*' if r['serving'] else ' ':2}{r['version']:>7}  {r['kind']:<12}{r['parent'] or '-':>6}  {r[contract.BI_ENCODER]:>3} "
+                     f"{r[contract.CROSS_ENCODER]:>5}  {r['labels'] or '-':>6} {r['exemplars'] if r['exemplars'] is not None else '-':>9}  {gate}")
     return "\n".join(lines) + "\n(* = serving)"
 
 
@@ -252,8 +252,8 @@ def prune(repo, keep: int = 3, url: str = None, admin_key: str = "") -> dict:
             continue
         try:
             spec = read_pipeline(repo / contract.CLASSIFIER / str(v))
-            pinned[contract.BI_ENCODER].add(spec["bi_encoder_version"])
-            pinned[contract.CROSS_ENCODER].add(spec["cross_encoder_version"])
+            pinned[contract.BI_ENCODER].add(spec.bi_encoder_version)
+            pinned[contract.CROSS_ENCODER].add(spec.cross_encoder_version)
         except (OSError, ValueError, KeyError) as e:  # its encoders are unknown: removing any could break a kept version
             raise VersionError(f"prune: {contract.CLASSIFIER} v{v} is kept but its pipeline file is unreadable ({e}), so the "
                                f"encoder versions it pins are unknown; nothing removed. Repair or remove v{v} first") from None

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from mailroute.contract import CLASSIFIER
-from mailroute.settings import DEFAULT_REPOSITORY, DEFAULT_RUN, DEFAULTS
+from mailroute.settings import (CANARY_INTERVAL_S, DEFAULT_GRPC_URL, DEFAULT_REPOSITORY, DEFAULT_RUN, DEFAULTS, GRPC_PORT, HTTP_PORT,
+                                METRICS_PORT, READY_PORT, REQUEST_TIMEOUT_S, SERVER_START_TIMEOUT_S)
 
 
 def _field_comments(cls) -> dict:
@@ -381,29 +382,31 @@ def main(argv=None):
 
     p = sub.add_parser("serve", help="start the real tritonserver (from nvidia-pytriton) on a model repository")
     p.add_argument("--repo", default=str(DEFAULT_REPOSITORY), help=REPO_HELP)
-    p.add_argument("--grpc-port", type=int, default=8001, help="0 = a free port (default: 8001)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--grpc-port", type=int, default=GRPC_PORT, help=f"0 = a free port (default: {GRPC_PORT})")
+    p.add_argument("--http-port", type=int, default=HTTP_PORT, help=f"(default: {HTTP_PORT})")
+    p.add_argument("--metrics-port", type=int, default=METRICS_PORT, help=f"(default: {METRICS_PORT})")
     p.add_argument("--admin-key", default="", help="require header admin-key=<this> for model load/unload/config (recommended)")
     p.add_argument("--poll-all", action="store_true", help="load every model in the repository at start (default: explicit mode, the three mailroute models)")
     p.add_argument("--log", default=None, help="server log file (default: a temporary file)")
-    p.add_argument("--timeout", type=float, default=180, help="seconds to wait for readiness")
-    p.add_argument("--ready-port", type=int, default=8003,
+    p.add_argument("--timeout", type=float, default=SERVER_START_TIMEOUT_S, help=f"seconds to wait for readiness (default: {SERVER_START_TIMEOUT_S:g})")
+    p.add_argument("--ready-port", type=int, default=READY_PORT,
                    help="port of the proven readiness endpoint /ready (a canary classification; 200 or 503) and /live; "
-                        "its watchdog reloads models whose backend process died. 0 = a free port, -1 = off (default: 8003)")
-    p.add_argument("--canary-interval", type=float, default=2.0, help="seconds between canary classifications (default: 2)")
+                        f"its watchdog reloads models whose backend process died. 0 = a free port, -1 = off (default: {READY_PORT})")
+    p.add_argument("--canary-interval", type=float, default=CANARY_INTERVAL_S,
+                   help=f"seconds between canary classifications (default: {CANARY_INTERVAL_S:g})")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("classify", help="classify emails through a running server",
                        description="Inputs: text arguments, .txt or .eml files, .jsonl files (text or subject+body per line); "
                                    "stdin, read as one email, when none are given (e.g. `mailroute classify < body.txt`; give .eml files by name).")
     p.add_argument("inputs", nargs="*", help="text, or .txt / .eml / .jsonl files")
-    p.add_argument("--url", default="127.0.0.1:8001", help="gRPC host:port (default: 127.0.0.1:8001)")
+    p.add_argument("--url", default=DEFAULT_GRPC_URL, help=f"gRPC host:port (default: {DEFAULT_GRPC_URL})")
     p.add_argument("--top-k", type=int, default=None, help="candidates to rerank (default: the served version's own K, the run's "
                                                            "--k-eval unless `mailroute export --top-k` set another; "
                                                            f"{DEFAULTS.top_k} for a version that names none)")
-    p.add_argument("--threshold", type=float, default=None, help=f"needs_review below this probability (server default: {DEFAULTS.threshold})")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    p.add_argument("--threshold", type=float, default=None, help="needs_review below this probability (default: the served version's own "
+                                                                  f"threshold, `mailroute export --threshold`; {DEFAULTS.threshold} unless set)")
+    p.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT_S, help=f"seconds per request (default: {REQUEST_TIMEOUT_S:g})")
     p.add_argument("--json", action="store_true", help="one JSON object per email instead of a table")
     p.add_argument("--record", action="store_true", help="record the predictions in the feedback store (prints their ids)")
     _store_args(p, repo=False)

@@ -14,10 +14,11 @@ import urllib.request
 
 from mailroute import contract
 
+CANARY_TIMEOUT_S = 10.0  # one canary classification; past it the server counts as not ready
 CANARY = "Hello, I was charged twice for my subscription this month, please refund the extra charge."
 
 
-def canary(http_url: str, timeout: float = 10.0) -> tuple:
+def canary(http_url: str, timeout: float = CANARY_TIMEOUT_S) -> tuple:
     """-> (ok, error message): ok when the classifier returned a label for the canary email."""
     body = {"inputs": [{"name": contract.TEXT, "shape": [1, 1], "datatype": contract.TENSORS[contract.TEXT].wire_type, "data": [CANARY]}],
             "outputs": [{"name": contract.LABEL}, {"name": contract.ERROR}]}

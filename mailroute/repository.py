@@ -16,6 +16,7 @@ mismatch. So a classifier version is one consistent, roll-back-able unit.
 
 import json
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from mailroute import contract
@@ -66,12 +67,48 @@ def version_dir(repo, model: str, version=None) -> Path:
     return Path(repo) / model / str(v)
 
 
-def read_pipeline(classifier_dir) -> dict:
-    return json.loads((Path(classifier_dir) / PIPELINE_FILE).read_text())
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A classifier version's pipeline.json: the encoder versions it pins, how it answers and where it came from
+    (the one place its keys are named). Keys this code does not know (a newer mailroute's) are kept in `other` and
+    written back unchanged."""
+    bi_encoder_version: int
+    cross_encoder_version: int
+    top_k: int = DEFAULTS.top_k
+    threshold: float = DEFAULTS.threshold
+    policy: dict = field(default_factory=dict)  # RerankPolicy JSON form
+    kind: str = "export"  # export | exemplars | continued | label: how the version was made
+    parent: int = None  # the classifier version a derived one was made from
+    note: str = None
+    created: str = None  # utc_stamp()
+    source_run: str = None  # the training run an export came from (derived versions: their ancestors')
+    quantized: bool = False  # int8 encoders: continued training writes int8 cross-encoders again
+    feedback: dict = None  # what a feedback round used (corrections, held out, new exemplars)
+    other: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PipelineSpec":
+        missing = [k for k in ("bi_encoder_version", "cross_encoder_version") if k not in d]
+        if missing:
+            raise ValueError(f"{PIPELINE_FILE} pins no {' and no '.join(missing)}")
+        known = {f.name for f in fields(cls)} - {"other"}
+        d = {k: v for k, v in d.items() if k in known} | {"other": {k: v for k, v in d.items() if k not in known}}
+        return cls(**d | {"bi_encoder_version": int(d["bi_encoder_version"]), "cross_encoder_version": int(d["cross_encoder_version"])})
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "other" and getattr(self, f.name) is not None} | self.other
+
+    def rerank_policy(self) -> RerankPolicy:
+        return RerankPolicy.from_dict(self.policy)
 
 
-def write_pipeline(classifier_dir, spec: dict) -> None:
-    (Path(classifier_dir) / PIPELINE_FILE).write_text(json.dumps(spec, indent=1) + "\n")
+def read_pipeline(classifier_dir) -> PipelineSpec:
+    """ValueError when the file is not JSON or pins no encoder versions; OSError when it cannot be read."""
+    return PipelineSpec.from_dict(json.loads((Path(classifier_dir) / PIPELINE_FILE).read_text()))
+
+
+def write_pipeline(classifier_dir, spec: PipelineSpec) -> None:
+    (Path(classifier_dir) / PIPELINE_FILE).write_text(json.dumps(spec.to_dict(), indent=1) + "\n")
 
 
 def utc_stamp() -> str:
@@ -82,22 +119,21 @@ def utc_stamp() -> str:
 def load_label_index(repo, classifier_dir) -> LabelIndex:
     """The label index of a classifier version, checked against the bi-encoder version it pins."""
     spec = read_pipeline(classifier_dir)
-    bi_dir = version_dir(repo, contract.BI_ENCODER, spec["bi_encoder_version"])
+    bi_dir = version_dir(repo, contract.BI_ENCODER, spec.bi_encoder_version)
     encoder_id = (bi_dir / ENCODER_ID_FILE).read_text().strip()
     try:
         return LabelIndex.load(Path(classifier_dir) / LABEL_INDEX_DIR, expect_encoder=encoder_id)
     except IndexMismatch as e:
         raise IndexMismatch(f"{contract.CLASSIFIER} {Path(classifier_dir).name} pins {contract.BI_ENCODER} "
-                            f"{spec['bi_encoder_version']}: {e}") from None
+                            f"{spec.bi_encoder_version}: {e}") from None
 
 
 def open_classifier(repo, classifier_dir, encoders, **kw) -> TwoStageClassifier:
     """A TwoStageClassifier over one classifier version: its label index, its pinned encoders' tokenizers."""
     spec = read_pipeline(classifier_dir)
-    bi_dir = version_dir(repo, contract.BI_ENCODER, spec["bi_encoder_version"])
-    cross_dir = version_dir(repo, contract.CROSS_ENCODER, spec["cross_encoder_version"])
-    kw = {"top_k": spec.get("top_k", DEFAULTS.top_k), "threshold": spec.get("threshold", DEFAULTS.threshold),
-          "policy": RerankPolicy.from_dict(spec.get("policy", {}))} | kw
+    bi_dir = version_dir(repo, contract.BI_ENCODER, spec.bi_encoder_version)
+    cross_dir = version_dir(repo, contract.CROSS_ENCODER, spec.cross_encoder_version)
+    kw = {"top_k": spec.top_k, "threshold": spec.threshold, "policy": spec.rerank_policy()} | kw
     return TwoStageClassifier(encoders, load_label_index(repo, classifier_dir),
                               load_tokenizer(bi_dir / TOKENIZER_FILE, DEFAULTS.max_email_tokens),
                               load_tokenizer(cross_dir / TOKENIZER_FILE, DEFAULTS.max_pair_tokens), **kw)
@@ -109,6 +145,6 @@ def open_onnx_classifier(repo, version=None, threads: int = 0, **kw):
 
     cdir = version_dir(repo, contract.CLASSIFIER, version)
     spec = read_pipeline(cdir)
-    enc = OnnxEncoders(version_dir(repo, contract.BI_ENCODER, spec["bi_encoder_version"]) / MODEL_FILE,
-                       version_dir(repo, contract.CROSS_ENCODER, spec["cross_encoder_version"]) / MODEL_FILE, threads)
+    enc = OnnxEncoders(version_dir(repo, contract.BI_ENCODER, spec.bi_encoder_version) / MODEL_FILE,
+                       version_dir(repo, contract.CROSS_ENCODER, spec.cross_encoder_version) / MODEL_FILE, threads)
     return open_classifier(repo, cdir, enc, **kw)

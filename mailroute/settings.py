@@ -1,5 +1,5 @@
 """Defaults shared by training, export and serving: each declared once here, so that the CLI, the configs and
-the server agree (flags that only one command has, e.g. ports, keep their default where they are declared)."""
+the server agree (a flag that only one command has keeps its default where it is declared)."""
 
 import os
 from dataclasses import dataclass
@@ -30,6 +30,15 @@ def banking77_dir() -> Path:
 # directory); here rather than in feedback_store so that help texts need no SQLAlchemy (training machines lack it)
 FEEDBACK_URL_ENV = "MAILROUTE_FEEDBACK_URL"
 DEFAULT_FEEDBACK_URL = "sqlite:///feedback.sqlite3"
+
+
+# where `mailroute serve` listens (Triton's own defaults) and where the client and `mailroute classify` call
+HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
+READY_PORT = 8003  # the launcher's proven readiness (GET /ready, /live)
+DEFAULT_GRPC_URL = f"127.0.0.1:{GRPC_PORT}"
+REQUEST_TIMEOUT_S = 30.0  # one classification request, client side (each retry gets it anew)
+SERVER_START_TIMEOUT_S = 180.0  # `mailroute serve` waits this long for Triton to load the models and answer ready
+CANARY_INTERVAL_S = 2.0  # seconds between the launcher's canary classifications (its proven readiness)
 
 
 class BadSetting(ValueError):

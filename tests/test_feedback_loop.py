@@ -65,8 +65,9 @@ def test_exemplar_promotion_changes_answers_without_touching_encoders(repo, stor
     v = report["version"]
     new, old = read_pipeline(version_dir(repo, contract.CLASSIFIER, v)), read_pipeline(version_dir(repo, contract.CLASSIFIER, 1))
     # Then the encoders are the same versions (the index's checksum still matches: it loads) ...
-    assert (new["bi_encoder_version"], new["cross_encoder_version"]) == (old["bi_encoder_version"], old["cross_encoder_version"])
-    assert new["kind"] == "exemplars" and new["parent"] == 1 and report["new_exemplars"] == len(wrong)
+    assert (new.bi_encoder_version, new.cross_encoder_version) == (old.bi_encoder_version, old.cross_encoder_version)
+    assert new.kind == "exemplars" and new.parent == 1 and report["new_exemplars"] == len(wrong)
+    assert new.feedback["new_exemplars"] == len(wrong) and new.source_run == old.source_run  # the run it came from, inherited
     after = open_onnx_classifier(repo, v).classify_texts([e.text for e, _ in wrong], [""] * len(wrong))
     fixed = sum(p.label == e.label for (e, _), p in zip(wrong, after))
     # ... and the corrected emails now get their corrected label (they were all wrong before); not every one:
@@ -103,8 +104,8 @@ def test_continued_training_moves_corrected_emails_to_their_label(repo, store, d
     cfg = FeedbackConfig(repo=str(repo), holdout_fraction=0.0, replay_ratio=1.0, epochs=10, lr=5e-3, batch_size=4, eval_limit=40)
     report = build_candidate(cfg, store)
     spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, report["version"]))
-    assert spec["kind"] == "continued" and spec["cross_encoder_version"] == report["cross_encoder_version"] == 2
-    assert spec["policy"] == report["policy"]  # fitted again on the evaluation split for the new cross-encoder
+    assert spec.kind == "continued" and spec.cross_encoder_version == report["cross_encoder_version"] == 2
+    assert spec.policy == report["policy"]  # fitted again on the evaluation split for the new cross-encoder
     assert report["training"]["lists"] == len(wrong) + report["training"]["replay"] and report["training"]["replay"] == len(wrong)
 
     def gold_probability(weights):
@@ -168,7 +169,7 @@ def test_label_added_at_run_time(repo, demo):
     assert report["accuracy_before"] == pytest.approx(np.mean([b == g for b, g in zip(before, gold)]))
     zero = add_label(repo, "pet_insurance", "questions about insurance for pets", evaluation=demo.test[:5], base=v)
     assert zero["zero_shot"] and zero["new_label_emails"] == 0 and zero["new_label_recall"] is None
-    assert read_pipeline(version_dir(repo, contract.CLASSIFIER, v))["bi_encoder_version"] == 1
+    assert read_pipeline(version_dir(repo, contract.CLASSIFIER, v)).bi_encoder_version == 1
     with pytest.raises(ValueError, match="already in the taxonomy"):
         add_label(repo, "smart_home_subscription", "again", base=v)
 

@@ -187,6 +187,11 @@ def sample_per_label(examples: list, n: int, seed: int) -> list:
     return out
 
 
+SPLIT_SETTINGS = ("dataset", "taxonomy", "train", "test", "banking77", "drop_invalid", "seed", "validation_fraction",
+                  "sample_per_label", "holdout_fold")  # the TrainConfig fields that decide which emails `splits_of` deals
+                                                       # to train, validation and the held-out fold
+
+
 def splits_of(cfg, held_out: bool = False) -> tuple:
     """(taxonomy, train, validation, test) of a `TrainConfig`: the same emails for every command that reads
     a run (train, refit, resume, baseline, feedback). With --holdout-fold i/n, fold i of the training emails is

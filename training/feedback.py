@@ -47,11 +47,11 @@ def held_out(text_hash: str, fraction: float) -> bool:
 def source_run(repo, version: int) -> Path:
     """The training run behind a classifier version: its own source_run, or its parent's."""
     spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, version))
-    while "source_run" not in spec and spec.get("parent"):
-        spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, spec["parent"]))
-    if "source_run" not in spec:
+    while spec.source_run is None and spec.parent:
+        spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, spec.parent))
+    if spec.source_run is None:
         raise FileNotFoundError(f"{contract.CLASSIFIER} {version} records no source run: pass --replay-run")
-    return Path(spec["source_run"])
+    return Path(spec.source_run)
 
 
 def cross_encoder_weights(repo, cross_version: int) -> Path:
@@ -63,8 +63,8 @@ def cross_encoder_weights(repo, cross_version: int) -> Path:
     for v in sorted(Path(repo, contract.CLASSIFIER).iterdir()):
         if v.name.isdigit():
             spec = read_pipeline(v)
-            if spec["cross_encoder_version"] == cross_version and "source_run" in spec:
-                weights = RunFolder(spec["source_run"]).cross_encoder
+            if spec.cross_encoder_version == cross_version and spec.source_run is not None:
+                weights = RunFolder(spec.source_run).cross_encoder
                 if weights.is_dir():
                     return weights
     raise FileNotFoundError(f"no PyTorch weights for {contract.CROSS_ENCODER} {cross_version}: neither {vdir / TORCH_WEIGHTS_DIR} "
@@ -148,7 +148,7 @@ def continue_cross_encoder(repo, base: int, corrections: list, cfg: FeedbackConf
     device = resolve_device(cfg.device)
     spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, base))
     clf = open_onnx_classifier(repo, base)
-    index, k = clf.index, int(spec.get("top_k", DEFAULTS.top_k))
+    index, k = clf.index, spec.top_k
     examples = [Example(c.text, c.label) for c in corrections]
     x = clf._embed([e.text for e in examples])
     own = exemplar_rows(index, examples)
@@ -167,7 +167,7 @@ def continue_cross_encoder(repo, base: int, corrections: list, cfg: FeedbackConf
         rr = listwise_rows(replay, cand, index, cfg.seed, x=xr, exclude=own)
         for key in rows:
             rows[key] += rr[key]
-    model = load_cross_encoder(cross_encoder_weights(repo, spec["cross_encoder_version"]), device=device)
+    model = load_cross_encoder(cross_encoder_weights(repo, spec.cross_encoder_version), device=device)
     policy = RerankPolicy(retrieval_weight=run_cfg.train_retrieval_weight)
     if rows["query"]:
         train_cross_encoder(model, rows, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed, policy, device)
@@ -185,9 +185,9 @@ def refit_policy(repo, base: int, index, cross_version: int, evaluation: list, g
     from training.evaluate import collect, fit_policy
 
     spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, base))
-    bi_dir = version_dir(repo, contract.BI_ENCODER, spec["bi_encoder_version"])
+    bi_dir = version_dir(repo, contract.BI_ENCODER, spec.bi_encoder_version)
     cross_dir = version_dir(repo, contract.CROSS_ENCODER, cross_version)
-    k = min(int(spec.get("top_k", DEFAULTS.top_k)), len(index.taxonomy))
+    k = min(spec.top_k, len(index.taxonomy))
     clf = TwoStageClassifier(OnnxEncoders(bi_dir / MODEL_FILE, cross_dir / MODEL_FILE), index,
                              load_tokenizer(bi_dir / TOKENIZER_FILE, DEFAULTS.max_email_tokens),
                              load_tokenizer(cross_dir / TOKENIZER_FILE, DEFAULTS.max_pair_tokens), top_k=k)
@@ -238,19 +238,19 @@ def build_candidate(cfg: FeedbackConfig, store: FeedbackStore = None) -> dict:
     if not cfg.exemplars_only:
         model, report["training"] = continue_cross_encoder(repo, base, learn, cfg)
         pairs = [(c.text, base_index.label_texts[base_index.taxonomy.index(c.label)]) for c in learn[:8]]
-        cross_v = write_cross_encoder_version(repo, model, pairs, quantize=bool(read_pipeline(version_dir(repo, contract.CLASSIFIER, base)).get("quantized")))
+        cross_v = write_cross_encoder_version(repo, model, pairs, quantize=read_pipeline(version_dir(repo, contract.CLASSIFIER, base)).quantized)
     policy = None
     if not cfg.keep_policy:
         from export.derive import derived_index
 
         index = derived_index(repo, version_dir(repo, contract.CLASSIFIER, base), new_exemplars)
-        cross_now = cross_v or read_pipeline(version_dir(repo, contract.CLASSIFIER, base))["cross_encoder_version"]
+        cross_now = cross_v or read_pipeline(version_dir(repo, contract.CLASSIFIER, base)).cross_encoder_version
         policy = refit_policy(repo, base, index, cross_now, evaluation, run_cfg.gate_target())
         report["policy"] = policy
     v = derive_version(repo, base, "exemplars" if cfg.exemplars_only else "continued", new_exemplars, cross_encoder_version=cross_v,
                        policy=policy,
                        note=f"{len(learn)} corrections ({len(new_exemplars)} new exemplars)",
-                       extra={"feedback": {k: report[k] for k in ("corrections", "used", "held_out", "new_exemplars")}})
+                       feedback={k: report[k] for k in ("corrections", "used", "held_out", "new_exemplars")})
     report["version"], report["cross_encoder_version"] = v, cross_v
     report["gate"] = gate(repo, serving, v, evaluation, held, cfg.max_eval_drop)  # against what serves, whatever the base
     if cfg.promote and report["gate"]["passed"]:
