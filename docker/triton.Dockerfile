@@ -12,5 +12,5 @@ COPY mailroute /opt/mailroute/mailroute
 # only the serving core: training/export/client are not needed inside the server
 RUN pip install --no-cache-dir --no-deps /opt/mailroute
 
-HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=5 \
     CMD python3 -m mailroute.health http://localhost:8000 || exit 1

@@ -33,6 +33,13 @@ def _field_comments(cls) -> dict:
     return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M)}
 
 
+def _add_device_arg(parser) -> None:
+    from training.config import DEFAULT_DEVICE, DEVICES
+
+    parser.add_argument("--device", default=DEFAULT_DEVICE, help=f"{' | '.join(DEVICES)} (default: {DEFAULT_DEVICE}: CUDA when "
+                                                                 "PyTorch sees a GPU)")
+
+
 def _add_dataclass_args(parser, cls, skip=()):
     """Every field of a config dataclass becomes a --flag with the dataclass default (one source of truth); its help is
     the field's metadata "help" (text rendered from elsewhere, e.g. the runtime registry), else its comment."""
@@ -351,7 +358,7 @@ def main(argv=None):
                    help="share of emails the gate sends through stage 2: up to this share of the least sure, more only where "
                         "validation accuracy needs it (0 = as few as the tolerance allows; default: the run's, "
                         f"{GateTarget.rerank_budget:g} for runs made before the budget existed)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    _add_device_arg(p)
     p.set_defaults(fn=cmd_refit)
 
     p = sub.add_parser("resume", help="more cross-encoder epochs for a trained run (stage 1 kept), best epoch on validation, new run folder",
@@ -362,7 +369,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="new run folder")
     p.add_argument("--ce-epochs", type=float, default=1.0, help="further cross-encoder epochs (default: 1)")
     p.add_argument("--ce-lr", type=float, default=None, help="learning rate (default: the run's)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    _add_device_arg(p)
     p.set_defaults(fn=cmd_resume)
 
     p = sub.add_parser("baseline", help="train a run's flat softmax baseline again with more epochs (best on validation); two-stage untouched",
@@ -373,7 +380,7 @@ def main(argv=None):
     p.add_argument("--run", required=True, help="evaluated run folder")
     p.add_argument("--flat-epochs", type=int, required=True, help="epochs to train (the best on validation is kept)")
     p.add_argument("--flat-lr", type=float, default=None, help="learning rate (default: the run's)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    _add_device_arg(p)
     p.set_defaults(fn=cmd_baseline)
 
     p = sub.add_parser("export", help="export a trained run to ONNX and write new versions into the Triton model repository")

@@ -8,6 +8,9 @@ from mailroute.rerank_policy import GateTarget
 from mailroute.settings import DEFAULT_RUN, DEFAULTS, BadSetting
 from mailroute.taxonomy import CardSpec
 
+DEVICES = ("auto", "cpu", "cuda")  # where training runs: auto = CUDA when PyTorch sees a GPU
+DEFAULT_DEVICE = "auto"
+
 
 # --ce-init: where the cross-encoder's training starts (a new one-logit head on each). The flat baseline's encoder already
 # separates the labels from one email; the cross-encoder then learns to compare the email with a label card
@@ -36,7 +39,7 @@ class TrainConfig:
     bi_lr: float = 5e-5  # bi-encoder learning rate
     bi_encoder: str = ""  # a bi-encoder folder already fine-tuned on this split (e.g. saved by benchmarks.bi_positives --save): stage 1 starts from it and the MNR epochs are skipped
     bi_positives: str = "description"  # MNR positive of an email: description (its label text) | exemplar (another email of its label) | both
-    device: str = "auto"  # auto (CUDA when PyTorch sees a GPU) | cpu | cuda
+    device: str = DEFAULT_DEVICE  # auto (CUDA when PyTorch sees a GPU) | cpu | cuda
     precision: str = "auto"  # training arithmetic: auto (bf16 autocast where the GPU or CPU has bf16 units, fp16 on an older GPU) | bf16 | fp32
     descriptions_only: bool = False  # label index of descriptions only (no training emails as exemplars), as before
     max_exemplars_per_label: int = 0  # >0: k-means medoids stand in for a label's emails beyond this many

@@ -36,7 +36,10 @@ def recall_at(gold_ids, ranked_ids: np.ndarray, ks=(1, 3, 5, 10)) -> dict:
     return {f"recall@{k}": float(hit[:, :k].any(1).mean()) for k in ks if k <= ranked_ids.shape[1]}
 
 
-def expected_calibration_error(confidence, correct, bins: int = 15) -> float:
+ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (named in the report's table)
+
+
+def expected_calibration_error(confidence, correct, bins: int = ECE_BINS) -> float:
     """Equal-width bins over [0, 1]; weighted mean |accuracy - confidence|. Rows whose gold label was
     not retrieved count as wrong at their stated confidence (they are part of the test set too)."""
     conf, ok = np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=np.float64)

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from mailroute.settings import DEFAULT_REPOSITORY, DEFAULTS
+from training.config import DEFAULT_DEVICE
 
 
 @dataclass
@@ -23,5 +24,5 @@ class FeedbackConfig:
     promote: bool = False  # serve the candidate when the gate passes
     url: str = ""  # running server's gRPC address for --promote (empty: only the config on disk changes)
     admin_key: str = ""  # the server's admin key for repository loads
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = DEFAULT_DEVICE  # auto (CUDA when PyTorch sees a GPU) | cpu | cuda
     seed: int = DEFAULTS.seed  # replay sampling and shuffles

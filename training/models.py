@@ -11,6 +11,7 @@ from sentence_transformers import CrossEncoder, SentenceTransformer  # noqa: E40
 from sentence_transformers.sentence_transformer.modules import Normalize  # noqa: E402
 
 from mailroute.settings import DEFAULTS, BadSetting  # noqa: E402
+from training.config import DEVICES  # noqa: E402
 
 
 def base_model_dir() -> Path:
@@ -24,7 +25,6 @@ def base_model_dir() -> Path:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
-DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")  # of training arithmetic; weights, inference and export stay fp32
 
 

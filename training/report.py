@@ -3,6 +3,8 @@ variants table (validation and test side by side), the closest label pairs and t
 
 import numpy as np
 
+from training.evaluate import ECE_BINS
+
 VARIANT_NAMES = {
     "bi_encoder_descriptions": "bi-encoder, label descriptions only (stage 1 as before)",
     "bi_encoder": "bi-encoder, exemplar-aware label index (stage 1)",
@@ -77,7 +79,7 @@ def write_report(m: dict, run, index, gold, pred, conf, flat_pred=None, flat_con
              f"Device: {m['device']}. K = {m['k']}."
              + (f" The cross-encoder started from the {m['cross_encoder_start']} weights (--ce-init)." if m.get("cross_encoder_start", "base") != "base" else ""),
              "",
-             "| system (test) | accuracy | macro-F1 | recall@10 | ECE (15 bins) |", "| --- | --- | --- | --- | --- |"]
+             f"| system (test) | accuracy | macro-F1 | recall@10 | ECE ({ECE_BINS} bins) |", "| --- | --- | --- | --- | --- |"]
     if "flat_baseline" in m:
         lines.append(_row("flat softmax baseline", m["flat_baseline"]))
     lines += [_row("bi-encoder only", m["bi_encoder"]), _row(f"two-stage (K={m['k']}, gated)", m["two_stage"]), ""]

@@ -18,7 +18,7 @@ from mailroute.run_layout import RunFolder
 from mailroute.settings import BadSetting
 from mailroute.taxonomy import DataError
 from training import bi_encoder as bi
-from training.config import CE_INITS, TrainConfig  # noqa: F401 (TrainConfig re-exported for callers)
+from training.config import CE_INITS, DEFAULT_DEVICE, TrainConfig  # noqa: F401 (TrainConfig re-exported for callers)
 from training.cross_encoder import KeepBestEpoch, train_cross_encoder
 from training.data import splits_of
 from training.evaluate import choose_scoring, collect, fit_policy, predict, recall_at, system_metrics, top_confusions, variants
@@ -292,7 +292,7 @@ def saved_flat_predictions(out: RunFolder, gold: list) -> tuple:
     return [r["flat_label"] for r in rows], np.array([r["flat_probability"] for r in rows])
 
 
-def refit(run_dir, gate_tolerance: float = None, rerank_budget: float = None, device: str = "auto") -> dict:
+def refit(run_dir, gate_tolerance: float = None, rerank_budget: float = None, device: str = DEFAULT_DEVICE) -> dict:
     """Fit the rerank policy of a trained run again without retraining (e.g. another gate tolerance):
     the same splits as `mailroute train`, both stages scored again, policy, metrics and report rewritten.
     The flat baseline's numbers and predictions are kept from the run."""
@@ -322,7 +322,7 @@ def refit(run_dir, gate_tolerance: float = None, rerank_budget: float = None, de
     return metrics
 
 
-def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device: str = "auto") -> dict:
+def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device: str = DEFAULT_DEVICE) -> dict:
     """More cross-encoder epochs for a trained run, without training stage 1 again: the run's bi-encoder and
     label index are kept, training emails are mined as `mailroute train` mines them, the cross-encoder
     continues from its weights, and the best of its epochs on validation rows (the starting weights
@@ -387,7 +387,7 @@ def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device
     return metrics
 
 
-def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: str = "auto") -> dict:
+def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: str = DEFAULT_DEVICE) -> dict:
     """Train a run's flat softmax baseline again with other epochs or learning rate (the best epoch on
     validation kept, as in `mailroute train`), so that the baseline gets at least the epochs the two-stage
     system got. The run's flat numbers and test predictions are replaced; the replaced numbers stay in
