@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     from training import bi_encoder as bi
     from training.config import TrainConfig
     from training.data import SPLIT_SETTINGS, splits_of
-    from training.models import autocast_dtype, load_bi_encoder, resolve_device
+    from training.models import HF_CONFIG_FILE, autocast_dtype, load_bi_encoder, resolve_device
     from training.run import seed_everything
 
     variants = []
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         variants.append((positives, epochs))
     saved = [tuple(item.split("=", 1)) for item in a.saved]
     for item, pair in zip(a.saved, saved):
-        if len(pair) != 2 or not pair[0] or not (Path(pair[1]) / "config.json").is_file():
+        if len(pair) != 2 or not pair[0] or not (Path(pair[1]) / HF_CONFIG_FILE).is_file():
             ap.error(f"--saved: {item!r} is not NAME=FOLDER with a saved sentence-transformers model in FOLDER")
     if not (variants or saved or a.reference_run):
         ap.error("nothing to compare: give --variants, --saved or --reference-run")

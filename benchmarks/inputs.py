@@ -3,7 +3,7 @@
 import json
 import random
 
-from training.data import DEMO_DIR, load_banking77
+from training.data import DEMO_TEST, load_banking77
 
 
 def banking77_texts(n: int, seed: int = 0) -> list:
@@ -14,7 +14,7 @@ def banking77_texts(n: int, seed: int = 0) -> list:
 
 def email_texts(n: int, words: int = 200, seed: int = 0) -> list:
     """Demo test emails (raw: greetings, quotes, signatures) joined until each reaches `words` words."""
-    raw = [json.loads(l) for l in (DEMO_DIR / "test.jsonl").read_text().splitlines()]
+    raw = [json.loads(l) for l in DEMO_TEST.read_text().splitlines()]
     rng = random.Random(seed)
     out = []
     for _ in range(n):

@@ -23,6 +23,7 @@ from mailroute.taxonomy import DataError, Taxonomy, load_taxonomy
 
 HERE = Path(__file__).resolve().parent
 DEMO_DIR = HERE / "demo"
+DEMO_TAXONOMY, DEMO_TRAIN, DEMO_TEST = DEMO_DIR / "taxonomy.json", DEMO_DIR / "train.jsonl", DEMO_DIR / "test.jsonl"
 BANKING77_TAXONOMY = HERE / "taxonomies" / "banking77.json"
 
 
@@ -113,7 +114,7 @@ def load_dataset(taxonomy_path, train_path, test_path, drop_invalid=False) -> Da
 
 def load_demo() -> Dataset:
     """The built-in 50-label email taxonomy (training/demo/)."""
-    return load_dataset(DEMO_DIR / "taxonomy.json", DEMO_DIR / "train.jsonl", DEMO_DIR / "test.jsonl")
+    return load_dataset(DEMO_TAXONOMY, DEMO_TRAIN, DEMO_TEST)
 
 
 def load_banking77(folder=None) -> Dataset:

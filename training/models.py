@@ -11,6 +11,7 @@ from sentence_transformers import CrossEncoder, SentenceTransformer  # noqa: E40
 from sentence_transformers.sentence_transformer.modules import Normalize  # noqa: E402
 
 from mailroute.settings import DEFAULTS, BadSetting  # noqa: E402
+from mailroute.repository import TOKENIZER_FILE  # noqa: E402
 from training.config import DEVICES  # noqa: E402
 
 
@@ -22,7 +23,8 @@ def base_model_dir() -> Path:
 
 # the files of a model folder that make up its tokenizer: what is copied where a tokenizer travels without weights
 # (benchmarks/cpu_side.py, benchmarks/gpu/run.py, benchmarks/gpu/carry.sh and device.sh)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+HF_CONFIG_FILE = "config.json"  # every saved transformers / sentence-transformers model folder has one
 
 
 PRECISIONS = ("auto", "bf16", "fp32")  # of training arithmetic; weights, inference and export stay fp32
