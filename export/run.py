@@ -25,6 +25,7 @@ from export.config import ExportConfig  # noqa: F401 (re-exported for callers)
 from export.onnx_export import export_bi_encoder, export_cross_encoder, quantize_int8
 from export.runtimes import ADAPTERS_DIR, CLASSIFIER_ADAPTER, TENSORRT
 from mailroute.run_layout import RunFolder
+from training.evaluate import EVAL_BATCH
 from training.models import load_bi_encoder, load_cross_encoder
 from training.reference import load_policy
 
@@ -146,7 +147,8 @@ def int8_accuracy_change(run: Path, source: LabelIndex, fp32: tuple, int8: tuple
         index = label_index_from_onnx(b, bi_tok, source)
         clf = TwoStageClassifier(OnnxEncoders(b, c), index, load_tokenizer(bi_tok, DEFAULTS.max_email_tokens),
                                  load_tokenizer(cross_tok, DEFAULTS.max_pair_tokens), top_k=top_k, policy=load_policy(run))
-        preds = [p for s in range(0, len(test), 32) for p in clf.classify_texts([e.text for e in test[s:s + 32]], [""] * len(test[s:s + 32]))]
+        preds = [p for s in range(0, len(test), EVAL_BATCH)
+                 for p in clf.classify_texts([e.text for e in test[s:s + EVAL_BATCH]], [""] * len(test[s:s + EVAL_BATCH]))]
         out[f"{name}_accuracy"] = sum(p.label == e.label for p, e in zip(preds, test)) / len(test)
     out["accuracy_change"] = out["int8_accuracy"] - out["fp32_accuracy"]
     return out

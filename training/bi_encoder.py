@@ -11,6 +11,7 @@ from sentence_transformers.base.sampler import BatchSamplers, DefaultBatchSample
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
 from mailroute.label_index import CardSpec, LabelIndex, LabelScoring
+from mailroute.settings import DEFAULTS
 from mailroute.taxonomy import Taxonomy
 from training.models import drop_autocast_wrapper, trainer_precision_args
 
@@ -121,7 +122,7 @@ def train_bi_encoder(model, examples: list, taxonomy: Taxonomy, epochs: float, b
     return model
 
 
-def embed(model, texts: list, batch_size: int = 64) -> np.ndarray:
+def embed(model, texts: list, batch_size: int = DEFAULTS.embed_batch) -> np.ndarray:
     return model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=len(texts) > 2000)
 
 

@@ -9,6 +9,7 @@ from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncode
 from transformers import TrainerCallback
 
 from mailroute.rerank_policy import RerankPolicy
+from mailroute.settings import DEFAULTS
 from training.models import drop_autocast_wrapper, trainer_precision_args
 from training.listwise_loss import ListwiseSoftmaxCrossEntropyLoss
 
@@ -29,7 +30,7 @@ def train_cross_encoder(model, rows: dict, epochs: float, batch_size: int, lr: f
     return model
 
 
-def listwise_accuracy(model, rows: dict, batch_size: int = 256) -> float:
+def listwise_accuracy(model, rows: dict, batch_size: int = DEFAULTS.score_batch) -> float:
     """Share of rows whose gold candidate gets the highest cross-encoder logit (the reranker alone)."""
     pairs = [(q, d) for q, docs in zip(rows["query"], rows["docs"]) for d in docs]
     scores = np.asarray(model.predict(pairs, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)).reshape(-1)

@@ -82,7 +82,10 @@ class Scored:
         return np.where(hit.any(1), hit.argmax(1), -1)
 
 
-def embed_texts(clf, texts: list, batch_size: int = 32) -> np.ndarray:
+EVAL_BATCH = 32  # emails per in-process classifier call when a run or an export is evaluated
+
+
+def embed_texts(clf, texts: list, batch_size: int = EVAL_BATCH) -> np.ndarray:
     return np.concatenate([clf._embed(texts[s:s + batch_size]) for s in tqdm(range(0, len(texts), batch_size), desc="evaluate: embed")])
 
 
@@ -102,7 +105,7 @@ def choose_scoring(index, xq: np.ndarray, gold: np.ndarray, top_n_grid, descript
     return best, table
 
 
-def collect(clf, examples: list, k: int, batch_size: int = 32) -> Scored:
+def collect(clf, examples: list, k: int, batch_size: int = EVAL_BATCH) -> Scored:
     """Run stage 1 over all labels and stage 2 over the top K of every email, through the classifier's
     own embed / search / score code (what serving runs), with per-stage timings."""
     labels = list(clf.label_names)

@@ -36,6 +36,7 @@ from mailroute.rerank_policy import GateTarget, RerankPolicy
 from mailroute.run_layout import RunFolder
 from mailroute.settings import DEFAULTS, BadSetting
 from training.data import Example, limit
+from training.evaluate import EVAL_BATCH
 from training.feedback_config import FeedbackConfig
 
 
@@ -81,7 +82,7 @@ def run_splits(run: Path):
     return train, val, cfg
 
 
-def accuracy(clf, examples: list, batch: int = 64):
+def accuracy(clf, examples: list, batch: int = EVAL_BATCH):
     """Share of examples answered with their label (None for no examples)."""
     if not examples:
         return None
@@ -276,8 +277,8 @@ def add_label(repo, name: str, description: str, examples: list = (), base: int 
     if evaluation:
         clf = open_onnx_classifier(repo, v)
         mine = [e for e in evaluation if e.label == label.name]
-        predicted = sum(p.label == label.name for s in range(0, len(evaluation), 64)
-                        for p in clf.classify_texts([e.text for e in evaluation[s:s + 64]], [""] * len(evaluation[s:s + 64])))
+        predicted = sum(p.label == label.name for s in range(0, len(evaluation), EVAL_BATCH)
+                        for p in clf.classify_texts([e.text for e in evaluation[s:s + EVAL_BATCH]], [""] * len(evaluation[s:s + EVAL_BATCH])))
         recall = accuracy(clf, mine)
         report |= {"evaluation_emails": len(evaluation), "new_label_emails": len(mine), "new_label_recall": recall,
                    "new_label_precision": (recall * len(mine) / predicted) if predicted and recall is not None else None,

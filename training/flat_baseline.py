@@ -10,6 +10,7 @@ from sentence_transformers.util import batch_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
+from mailroute.settings import DEFAULTS
 from training.models import autocast_dtype
 
 
@@ -71,7 +72,7 @@ def train_flat(encoder, examples: list, taxonomy, epochs: int, batch_size: int, 
 
 
 @torch.no_grad()
-def predict_flat(model: FlatClassifier, texts: list, batch_size: int = 64) -> np.ndarray:
+def predict_flat(model: FlatClassifier, texts: list, batch_size: int = DEFAULTS.embed_batch) -> np.ndarray:
     """-> (n, labels) probabilities."""
     out = [torch.softmax(model(texts[s:s + batch_size]).float(), dim=-1).cpu().numpy() for s in range(0, len(texts), batch_size)]
     return np.concatenate(out)
