@@ -26,6 +26,7 @@ from tritonclient.grpc import model_config_pb2
 
 from mailroute import contract
 from mailroute.label_index import MANIFEST_FILE
+from mailroute.settings import PRUNE_KEEP
 from mailroute.repository import (CONFIG_FILE, GATE_REPORT_FILE, HISTORY_FILE, LABEL_INDEX_DIR, PIPELINE_FILE,  # noqa: F401
                                   read_pipeline, utc_stamp, versions)
 
@@ -233,7 +234,7 @@ def format_versions(rows: list) -> str:
     return "\n".join(lines) + "\n(* = serving)"
 
 
-def prune(repo, keep: int = 3, url: str = None, admin_key: str = "") -> dict:
+def prune(repo, keep: int = PRUNE_KEEP, url: str = None, admin_key: str = "") -> dict:
     """Remove classifier versions beyond the newest `keep`, except the serving one and the last `keep`
     rollback targets, then every encoder version no remaining classifier version pins, and staging folders
     of crashed writers. Everything is planned before anything is removed; a kept version whose pipeline cannot

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mailroute.contract import CLASSIFIER
 from mailroute.settings import (CANARY_INTERVAL_S, DEFAULT_GRPC_URL, DEFAULT_REPOSITORY, DEFAULT_RUN, DEFAULTS, GRPC_PORT, HTTP_PORT,
-                                METRICS_PORT, READY_PORT, REQUEST_TIMEOUT_S, SERVER_START_TIMEOUT_S)
+                                METRICS_PORT, PRUNE_KEEP, READY_PORT, REQUEST_TIMEOUT_S, SERVER_START_TIMEOUT_S)
 
 
 def _field_comments(cls) -> dict:
@@ -367,7 +367,9 @@ def main(argv=None):
                                    "as epoch 0), fits the policy on validation and measures test once, in --out.")
     p.add_argument("--run", required=True, help="trained run folder")
     p.add_argument("--out", required=True, help="new run folder")
-    p.add_argument("--ce-epochs", type=float, default=1.0, help="further cross-encoder epochs (default: 1)")
+    from training.config import RESUME_CE_EPOCHS
+
+    p.add_argument("--ce-epochs", type=float, default=RESUME_CE_EPOCHS, help=f"further cross-encoder epochs (default: {RESUME_CE_EPOCHS:g})")
     p.add_argument("--ce-lr", type=float, default=None, help="learning rate (default: the run's)")
     _add_device_arg(p)
     p.set_defaults(fn=cmd_resume)
@@ -456,7 +458,8 @@ def main(argv=None):
     p = vsub.add_parser("rollback", help="serve again the version that served before the current one")
     p.add_argument("--to", type=int, default=None, help="roll back to this version instead")
     p = vsub.add_parser("prune", help="remove old classifier versions and encoder versions no kept classifier pins")
-    p.add_argument("--keep", type=int, default=3, help="newest classifier versions to keep (the serving one always stays)")
+    p.add_argument("--keep", type=int, default=PRUNE_KEEP, help=f"newest classifier versions to keep (the serving one always stays; "
+                                                                f"default: {PRUNE_KEEP})")
     for name, p in vsub.choices.items():
         if name != "list":
             _server_args(p)

@@ -39,6 +39,7 @@ DEFAULT_GRPC_URL = f"127.0.0.1:{GRPC_PORT}"
 REQUEST_TIMEOUT_S = 30.0  # one classification request, client side (each retry gets it anew)
 SERVER_START_TIMEOUT_S = 180.0  # `mailroute serve` waits this long for Triton to load the models and answer ready
 CANARY_INTERVAL_S = 2.0  # seconds between the launcher's canary classifications (its proven readiness)
+PRUNE_KEEP = 3  # newest classifier versions `mailroute versions prune` keeps (and the serving one, and as many rollback targets)
 
 
 class BadSetting(ValueError):

@@ -10,6 +10,7 @@ from mailroute.taxonomy import CardSpec
 
 DEVICES = ("auto", "cpu", "cuda")  # where training runs: auto = CUDA when PyTorch sees a GPU
 DEFAULT_DEVICE = "auto"
+RESUME_CE_EPOCHS = 1.0  # further cross-encoder epochs of `mailroute resume`
 
 
 # --ce-init: where the cross-encoder's training starts (a new one-logit head on each). The flat baseline's encoder already

@@ -18,7 +18,7 @@ from mailroute.run_layout import RunFolder
 from mailroute.settings import BadSetting
 from mailroute.taxonomy import DataError
 from training import bi_encoder as bi
-from training.config import CE_INITS, DEFAULT_DEVICE, TrainConfig  # noqa: F401 (TrainConfig re-exported for callers)
+from training.config import CE_INITS, DEFAULT_DEVICE, RESUME_CE_EPOCHS, TrainConfig  # noqa: F401 (TrainConfig re-exported for callers)
 from training.cross_encoder import KeepBestEpoch, train_cross_encoder
 from training.data import splits_of
 from training.evaluate import choose_scoring, collect, fit_policy, predict, recall_at, system_metrics, top_confusions, variants
@@ -322,7 +322,7 @@ def refit(run_dir, gate_tolerance: float = None, rerank_budget: float = None, de
     return metrics
 
 
-def resume(run_dir, out_dir, ce_epochs: float = 1.0, ce_lr: float = None, device: str = DEFAULT_DEVICE) -> dict:
+def resume(run_dir, out_dir, ce_epochs: float = RESUME_CE_EPOCHS, ce_lr: float = None, device: str = DEFAULT_DEVICE) -> dict:
     """More cross-encoder epochs for a trained run, without training stage 1 again: the run's bi-encoder and
     label index are kept, training emails are mined as `mailroute train` mines them, the cross-encoder
     continues from its weights, and the best of its epochs on validation rows (the starting weights
