@@ -31,6 +31,21 @@ ROOT = Path(__file__).resolve().parent.parent  # this checkout: the stub environ
 GRPC_KEEPALIVE = ("--grpc-keepalive-permit-without-calls=1", "--grpc-http2-min-recv-ping-interval-without-data=10000")
 
 
+def serving_args(models=(contract.BI_ENCODER, contract.CROSS_ENCODER, contract.CLASSIFIER), admin_key: str = "") -> list:
+    """The tritonserver flags that make it serve mailroute, wherever it is started (this launcher; docker-compose.yml
+    repeats them, and a test holds the two equal): keepalive pings accepted, explicit model control loading `models`
+    (None: poll the whole repository), and with an admin key, repository and config changes refused without it
+    (loading a model runs its code)."""
+    args = list(GRPC_KEEPALIVE)
+    if models is not None:
+        args += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in models]
+    if admin_key:
+        groups = "model-repository,model-config"
+        args += [f"--grpc-restricted-protocol={groups}:{contract.ADMIN_KEY}={admin_key}",
+                 f"--http-restricted-api={groups}:{contract.ADMIN_KEY}={admin_key}"]
+    return args
+
+
 class ServerStartError(RuntimeError):
     """tritonserver could not start for a reason its user can usually fix: a wrong model repository, a port in
     use, nvidia-pytriton missing, a server that died or never got ready. `summary` is one line naming what was
@@ -200,14 +215,8 @@ class TritonServer:
                                    f"(pip install --force-reinstall nvidia-pytriton==0.7.0)")
         cmd = [str(binary), f"--model-repository={self.repo}",
                f"--backend-directory={self._backend_dir()}", f"--grpc-port={self.grpc_port}",
-               f"--http-port={self.http_port}", f"--metrics-port={self.metrics_port}", "--log-verbose=0", *GRPC_KEEPALIVE]
-        if self.explicit:
-            cmd += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in self.models]
-        if self.admin_key:  # repository and config changes need the key (loading a model runs its code)
-            groups = "model-repository,model-config"
-            cmd += [f"--grpc-restricted-protocol={groups}:{contract.ADMIN_KEY}={self.admin_key}",
-                    f"--http-restricted-api={groups}:{contract.ADMIN_KEY}={self.admin_key}"]
-        return cmd + self.extra_args
+               f"--http-port={self.http_port}", f"--metrics-port={self.metrics_port}", "--log-verbose=0"]
+        return cmd + serving_args(self.models if self.explicit else None, self.admin_key) + self.extra_args
 
     def _backend_dir(self) -> Path:
         if self._backends is None:

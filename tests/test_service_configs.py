@@ -303,3 +303,19 @@ def test_backend_args_read_the_parameters_and_the_instance_device():
             "model_instance_kind": "GPU", "model_instance_device_id": "1"}
     assert config_parameters(args) == {contract.EMBED_BATCH_PARAMETER: "32"} and instance_device(args) == "cuda:1"
     assert config_parameters({"model_config": "{}"}) == {} and instance_device({"model_instance_kind": "CPU"}) == "cpu"
+
+
+def test_compose_services_start_tritonserver_with_the_launchers_serving_flags():
+    """docker-compose.yml cannot import Python: its tritonserver flags are held equal to client.server.serving_args."""
+    import yaml
+
+    from client.server import serving_args
+    from mailroute.settings import ROOT
+
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    servers = {name: svc["command"] for name, svc in services.items() if svc.get("command", [None])[0] == "tritonserver"}
+    assert set(servers) >= {"triton", "triton-trt"}
+    expected = serving_args(admin_key="${MAILROUTE_ADMIN_KEY:?set MAILROUTE_ADMIN_KEY}")
+    for name, command in servers.items():
+        flags = [a for a in command[1:] if not a.startswith(("--model-repository=", "--model-config-name="))]
+        assert sorted(flags) == sorted(expected), name  # tritonserver reads its flags in any order
