@@ -96,11 +96,12 @@ ENSEMBLES = {  # name -> the candidate features it fuses (benchmarks.fusion_stud
 }
 
 
-def fitted_ensembles(scored: list, flat_probabilities: list, gate_skips: list, k: int = DEFAULTS.top_k) -> dict:
+def fitted_ensembles(scored: list, flat_probabilities: list, gate_skips: list, k: int = DEFAULTS.top_k) -> tuple:
     """The flat model's probability of each retrieved candidate as one more feature of the rerank fusion, weights
     fitted by conditional logit and cross-fitted over the folds (`oof_choice.cross_fitted`: each fold's emails are
     answered with weights fitted on the other folds' held-out emails only, never its own).
-    -> {name: (n,) right or wrong, all folds in order}.
+    -> ({name: (n,) right or wrong, all folds in order}, {name: the weights fitted on all folds together, for the
+    record: what a policy fitted on this many emails would hold}).
 
     `ensemble` fuses cross-encoder, retrieval and flat for every email; `ensemble_gated` answers the emails the served
     gate skips with `retrieval_flat`, which never runs the cross-encoder: where the ensemble is no better than it,
@@ -109,9 +110,10 @@ def fitted_ensembles(scored: list, flat_probabilities: list, gate_skips: list, k
 
     folds = [dict(z) | {"flat": np.log(np.take_along_axis(p, z["I"][:, :k], 1).astype(np.float64) + 1e-9)}
              for z, p in zip(scored, flat_probabilities)]
-    out = {name: cross_fitted(folds, feats, k)[0] for name, feats in ENSEMBLES.items()}
+    fitted = {name: cross_fitted(folds, feats, k) for name, feats in ENSEMBLES.items()}
+    out = {name: right for name, (right, _) in fitted.items()}
     out["ensemble_gated"] = np.where(np.concatenate(gate_skips), out["retrieval_flat"], out["ensemble"])
-    return out
+    return out, {name: dict(zip(ENSEMBLES[name], w.round(4).tolist())) for name, (_, w) in fitted.items()}
 
 
 def main(argv=None) -> int:
@@ -146,7 +148,8 @@ def main(argv=None) -> int:
     print(f"{len(gold)} held-out training emails ({len(a.runs)} folds), flat baseline {epochs} epoch(s):")
     answers = {name: np.concatenate([s[name] for s in served]) for name in ("gated", "ungated", "retrieval")}
     answers["vote"] = vote(answers["gated"], flat_all, answers["retrieval"])
-    right = fitted_ensembles([s["scores"] for s in served], [f["probabilities"] for f in flat_cached], [s["skip"] for s in served])
+    right, weights = fitted_ensembles([s["scores"] for s in served], [f["probabilities"] for f in flat_cached], [s["skip"] for s in served])
+    report["ensemble_weights"] = weights
     answers |= {name: np.where(ok, gold, -1) for name, ok in right.items()}  # right or wrong is all a paired comparison reads
     labels = {"gated": "two-stage (served, gated)", "ungated": "two-stage, every email reranked", "retrieval": "retrieval alone",
               "vote": "vote: two-stage, flat, retrieval", "ensemble_gated": "fitted: CE+retrieval+flat, gated",
@@ -162,6 +165,8 @@ def main(argv=None) -> int:
     print(f"  the cross-encoder's part: fitted gated ensemble {c['accuracy_a']:.2%} vs the same without it {c['accuracy_b']:.2%}: "
           f"{100 * c['difference']:+.2f} points ({100 * c['bootstrap_95'][0]:+.2f}..{100 * c['bootstrap_95'][1]:+.2f}), "
           f"McNemar p = {c['mcnemar_exact_p']:.3f}")
+    print(f"  ensemble weights fitted on all folds (ce0 = cross-encoder logit, D = retrieval score, flat = log flat probability): "
+          f"{weights}; gate skips stage 2 for {np.concatenate([s['skip'] for s in served]).mean():.1%} of these emails")
     for fold in report["folds"]:
         print(f"  {fold['run']}: two-stage {fold['two_stage']:.2%}, flat {fold['flat']:.2%}, retrieval {fold['retrieval']:.2%} "
               f"({fold['emails']} emails)")

@@ -282,7 +282,8 @@ def test_fitted_ensembles_answer_each_fold_with_weights_fitted_on_the_other_fold
 
     folds = [fold() for _ in range(3)]
     skips = [rng.random(n) < 0.5 for _ in range(3)]
-    first = fitted_ensembles([f[0] for f in folds], [f[1] for f in folds], skips)
+    first, weights = fitted_ensembles([f[0] for f in folds], [f[1] for f in folds], skips)
+    assert weights["ensemble"]["flat"] > 0.5 and set(weights["retrieval_flat"]) == {"D", "flat"}
     assert set(first) == {"ensemble", "ensemble_gated", "retrieval_flat"}
     # the flat probabilities carry the signal here: the fitted ensembles find it (gold is retrieved for ~90%)
     assert first["ensemble"].mean() > 0.85 and first["retrieval_flat"].mean() > 0.85
@@ -290,7 +291,7 @@ def test_fitted_ensembles_answer_each_fold_with_weights_fitted_on_the_other_fold
     # weights fitted on them towards retrieval, its answers do not change: they come from folds 1 and 2
     z0 = folds[0][0]
     scrambled = [({**z0, "gold": z0["I"][np.arange(n), z0["D"].argmax(1)]}, folds[0][1]), *folds[1:]]
-    second = fitted_ensembles([f[0] for f in scrambled], [f[1] for f in scrambled], skips)
+    second, _ = fitted_ensembles([f[0] for f in scrambled], [f[1] for f in scrambled], skips)
     old_gold, new_gold = folds[0][0]["gold"], scrambled[0][0]["gold"]
     for name in first:
         was_right = first[name][:n]  # there the answer was the old gold label: now right only where the new one equals it
