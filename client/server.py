@@ -34,7 +34,7 @@ GRPC_KEEPALIVE = ("--grpc-keepalive-permit-without-calls=1", "--grpc-http2-min-r
 def serving_args(models=(contract.BI_ENCODER, contract.CROSS_ENCODER, contract.CLASSIFIER), admin_key: str = "") -> list:
     """The tritonserver flags that make it serve mailroute, wherever it is started (this launcher; docker-compose.yml
     repeats them, and a test holds the two equal): keepalive pings accepted, explicit model control loading `models`
-    (None: poll the whole repository), and with an admin key, repository and config changes refused without it
+    (None: Triton's default mode, every model in the repository loaded at start), and with an admin key, repository and config changes refused without it
     (loading a model runs its code)."""
     args = list(GRPC_KEEPALIVE)
     if models is not None:

@@ -88,12 +88,18 @@ class PipelineSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PipelineSpec":
+        if not isinstance(d, dict):
+            raise ValueError(f"{PIPELINE_FILE} holds {type(d).__name__}, not a JSON object")
         missing = [k for k in ("bi_encoder_version", "cross_encoder_version") if k not in d]
         if missing:
             raise ValueError(f"{PIPELINE_FILE} pins no {' and no '.join(missing)}")
+        try:
+            pins = {k: int(d[k]) for k in ("bi_encoder_version", "cross_encoder_version")}
+        except (TypeError, ValueError):
+            raise ValueError(f"{PIPELINE_FILE} pins versions that are not numbers: {d['bi_encoder_version']!r}, "
+                             f"{d['cross_encoder_version']!r}") from None
         known = {f.name for f in fields(cls)} - {"other"}
-        d = {k: v for k, v in d.items() if k in known} | {"other": {k: v for k, v in d.items() if k not in known}}
-        return cls(**d | {"bi_encoder_version": int(d["bi_encoder_version"]), "cross_encoder_version": int(d["cross_encoder_version"])})
+        return cls(**{k: v for k, v in d.items() if k in known} | pins, other={k: v for k, v in d.items() if k not in known})
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "other" and getattr(self, f.name) is not None} | self.other
@@ -101,9 +107,20 @@ class PipelineSpec:
     def rerank_policy(self) -> RerankPolicy:
         return RerankPolicy.from_dict(self.policy)
 
+    # read as the dict it was before: the model.py of a version exported earlier (each version keeps its own, and a
+    # derived version copies its parent's) does `spec["bi_encoder_version"]` on what read_pipeline returns
+    def __getitem__(self, key):
+        return self.to_dict()[key]
+
+    def get(self, key, default=None):
+        return self.to_dict().get(key, default)
+
+    def __contains__(self, key) -> bool:
+        return key in self.to_dict()
+
 
 def read_pipeline(classifier_dir) -> PipelineSpec:
-    """ValueError when the file is not JSON or pins no encoder versions; OSError when it cannot be read."""
+    """ValueError when the file is not a JSON object pinning both encoder versions; OSError when it cannot be read."""
     return PipelineSpec.from_dict(json.loads((Path(classifier_dir) / PIPELINE_FILE).read_text()))
 
 

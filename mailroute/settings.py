@@ -1,5 +1,5 @@
-"""Defaults shared by training, export and serving: each declared once here, so that the CLI, the configs and
-the server agree (a flag that only one command has keeps its default where it is declared)."""
+"""Defaults shared by training, export and serving: each declared once here, so that the CLI, the configs, the
+launcher and the client agree (a setting only one function reads keeps its default where it is declared)."""
 
 import os
 from dataclasses import dataclass

@@ -28,6 +28,8 @@ def test_a_spec_round_trips_and_keeps_keys_it_does_not_know(tmp_path):
 
 @pytest.mark.parametrize("text, message", [("{}", "pins no bi_encoder_version and no cross_encoder_version"),
                                            ('{"bi_encoder_version": 1}', "pins no cross_encoder_version"),
+                                           ('{"bi_encoder_version": null, "cross_encoder_version": 1}', "not numbers"),
+                                           ("[1, 2]", "holds list, not a JSON object"),
                                            ("{torn", "Expecting")])
 def test_a_spec_without_its_pins_is_refused_naming_what_is_missing(tmp_path, text, message):
     (tmp_path / PIPELINE_FILE).write_text(text)
@@ -39,3 +41,14 @@ def test_an_exported_spec_names_only_what_it_has():
     spec = PipelineSpec(1, 1, 5, 0.5, {}, created="2026-11-28T00:00:00Z", source_run="runs/x")
     assert set(spec.to_dict()) == {"bi_encoder_version", "cross_encoder_version", "top_k", "threshold", "policy", "kind", "created",
                                    "source_run", "quantized"}
+
+
+def test_the_model_py_of_an_earlier_version_still_reads_it_as_a_dict(tmp_path):
+    """Each version keeps its own model.py (derived ones copy their parent's); the ones exported before PipelineSpec
+    subscript what read_pipeline returns: `int(spec["bi_encoder_version"])`, `spec.get(...)`."""
+    write_pipeline(tmp_path, PipelineSpec(4, 7, 3, 0.4, {}, source_run="runs/x"))
+    spec = read_pipeline(tmp_path)
+    assert (int(spec["bi_encoder_version"]), int(spec["cross_encoder_version"])) == (4, 7)
+    assert spec.get("top_k", 5) == 3 and spec.get("parent") is None and "source_run" in spec and "parent" not in spec
+    with pytest.raises(KeyError):
+        spec["parent"]
