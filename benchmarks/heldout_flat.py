@@ -127,6 +127,11 @@ def main(argv=None) -> int:
     ap.add_argument("--resamples", type=int, default=RESAMPLES, help=f"bootstrap resamples (default {RESAMPLES})")
     ap.add_argument("--json", default=None, help="write the comparison here")
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    if a.base:
+        from training.models import HF_CONFIG_FILE
+
+        if not (Path(a.base) / HF_CONFIG_FILE).is_file():
+            ap.error(f"--base {a.base}: no saved model there ({HF_CONFIG_FILE} missing)")
     cfgs = _fold_runs(a.runs)  # refuses runs that are not the folds of one configuration
     epochs = a.flat_epochs or cfgs[0].flat_epochs
     if epochs < 1:
@@ -136,8 +141,8 @@ def main(argv=None) -> int:
     served = [served_predictions(r) for r in a.runs]  # checked before an hour of training, not after
     flat_cached = [flat_predictions(r, cfg, epochs, a.device) for r, cfg in zip(a.runs, cfgs)]
     flat = [f["pred"] for f in flat_cached]
-    for r, s, f in zip(a.runs, served, flat):
-        if len(f) != len(s["gold"]) or not (np.load(RunFolder(r).heldout_flat(epochs))["gold"] == s["gold"]).all():
+    for r, s, f in zip(a.runs, served, flat_cached):
+        if len(f["gold"]) != len(s["gold"]) or not (f["gold"] == s["gold"]).all():
             raise SystemExit(f"{r}: its held-out scores and the flat predictions are not for the same emails")
     gold = np.concatenate([s["gold"] for s in served])
     flat_all = np.concatenate(flat)

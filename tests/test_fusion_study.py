@@ -1,6 +1,7 @@
 """benchmarks/fusion_study.py --flat: the flat baseline as one more fusion feature, on a tiny trained run."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -39,6 +40,11 @@ def test_flat_feature_joins_the_fusion_rules_and_is_cached_in_the_run(tmp_path, 
     monkeypatch.setattr("training.run.train_flat_baseline", lambda *a, **kw: pytest.fail("trained again"))
     assert fusion_study.main([*args, "--json", str(tmp_path / "t2.json")]) == 0
     assert json.loads((tmp_path / "t2.json").read_text()) == json.loads((tmp_path / "t.json").read_text())
-    # but not when asked for a flat baseline of other settings: its cache would answer for another model
+    # a flat baseline of no epochs is refused before any work
+    with pytest.raises(SystemExit):
+        fusion_study.main(["--run", str(out), "--flat", "0"])
+    with pytest.raises(SystemExit):
+        fusion_study.main(["--run", str(out), "--flat", "1", "--base", str(tmp_path / "no-model-here")])
+    # and so is one of other settings: its cache would answer for another model
     with pytest.raises(SystemExit, match="other settings"):
-        fusion_study.main([*args[:-4], "--base", str(tmp_path / "other-base"), "--device", "cpu"])
+        fusion_study.main([*args[:-4], "--base", str(shutil.copytree(base, tmp_path / "other-base")), "--device", "cpu"])
