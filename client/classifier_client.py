@@ -102,7 +102,7 @@ def parse_result(result) -> list:
             top_labels=[_text(x) for x in out[contract.TOP_LABELS][i, :k]],
             top_probabilities=[float(x) for x in out[contract.TOP_PROBABILITIES][i, :k]],
             needs_review=bool(out[contract.NEEDS_REVIEW][i, 0]), error=err,
-            model_versions=dict(zip(contract.MODELS, map(_text, out[contract.MODEL_VERSIONS][i]))),
+            model_versions={m: v for m, v in zip(contract.VERSION_MODELS, map(_text, out[contract.MODEL_VERSIONS][i])) if v},
             stage_ms=dict(zip(contract.STAGES, map(float, out[contract.STAGE_MS][i]))),
             reranked=bool(out[contract.RERANKED][i, 0]),
         ))

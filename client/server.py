@@ -31,7 +31,15 @@ ROOT = Path(__file__).resolve().parent.parent  # this checkout: the stub environ
 GRPC_KEEPALIVE = ("--grpc-keepalive-permit-without-calls=1", "--grpc-http2-min-recv-ping-interval-without-data=10000")
 
 
-def serving_args(models=(contract.BI_ENCODER, contract.CROSS_ENCODER, contract.CLASSIFIER), admin_key: str = "") -> list:
+def repository_models(repo) -> list:
+    """The models a server over this repository loads: the encoders every repository has, the flat encoder where one was
+    exported, then the classifier (whose versions call them)."""
+    from mailroute.repository import encoder_models  # here: the repository module loads faiss and tokenizers
+
+    return encoder_models(repo) + [contract.CLASSIFIER]
+
+
+def serving_args(models=contract.ENCODERS + (contract.CLASSIFIER,), admin_key: str = "") -> list:
     """The tritonserver flags that make it serve mailroute, wherever it is started (this launcher; docker-compose.yml
     repeats them, and a test holds the two equal): keepalive pings accepted, explicit model control loading `models`
     (None: Triton's default mode, every model in the repository loaded at start), and with an admin key, repository and config changes refused without it
@@ -177,9 +185,10 @@ class TritonServer:
     """A running tritonserver; use as a context manager. Ports default to free ones."""
 
     def __init__(self, repo, grpc_port: int = 0, http_port: int = 0, metrics_port: int = 0, explicit: bool = True,
-                 models=(contract.BI_ENCODER, contract.CROSS_ENCODER, contract.CLASSIFIER), admin_key: str = "",
-                 log_file=None, extra_args=(), stub_site: str = ""):
+                 models=None, admin_key: str = "", log_file=None, extra_args=(), stub_site: str = ""):
+        """models: what explicit mode loads (None: repository_models)."""
         self.repo = Path(repo).resolve()
+        models = repository_models(self.repo) if models is None else models
         self.grpc_port, self.http_port, self.metrics_port = grpc_port or free_port(), http_port or free_port(), metrics_port or free_port()
         self.explicit, self.models, self.admin_key, self.extra_args = explicit, list(models), admin_key, list(extra_args)
         self.stub_site = stub_site  # numpy < 2 for the backend stub where this interpreter has numpy >= 2 (stub_interpreter)

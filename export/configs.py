@@ -20,7 +20,8 @@ from export.runtimes import EXPORT_RUNTIMES, RUNTIMES, TRT_ENGINE_CACHE, Runtime
 # per encoder: the most rows in one call (its config's max_batch_size: the rows the classifier sends in one BLS call)
 # and the most tokens in a row (the tokenizer's budget: every caller truncates to it)
 ENCODER_LIMITS = {contract.BI_ENCODER: (DEFAULTS.embed_batch, DEFAULTS.max_email_tokens),
-                  contract.CROSS_ENCODER: (DEFAULTS.score_batch, DEFAULTS.max_pair_tokens)}
+                  contract.CROSS_ENCODER: (DEFAULTS.score_batch, DEFAULTS.max_pair_tokens),
+                  contract.FLAT_ENCODER: (DEFAULTS.embed_batch, DEFAULTS.max_email_tokens)}  # called with the bi-encoder's inputs
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@
   - a new cross-encoder version (continued training) is pinned instead of the old one.
 
 The bi-encoder version stays pinned and every new vector is embedded with its exported graph, so the
-label index's encoder checksum still matches and the new version loads where the old one did.
+label index's encoder checksum still matches and the new version loads where the old one did. The flat
+classifier (its encoder version and head) is kept where the taxonomy is; a new label drops it, since its head
+has no row for the label: the version answers by the two stages alone (the policy's flat weights set to 0).
 """
 
 import shutil
@@ -18,7 +20,7 @@ import numpy as np
 from mailroute import contract
 from mailroute.label_index import LabelIndex
 from mailroute.pipeline import load_tokenizer
-from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, LABEL_INDEX_DIR, MODEL_FILE, TOKENIZER_FILE,
+from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, FLAT_HEAD_FILE, LABEL_INDEX_DIR, MODEL_FILE, TOKENIZER_FILE,
                                   TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE, load_label_index, read_pipeline, utc_stamp, version_dir,
                                   write_pipeline)
 from mailroute.settings import DEFAULTS
@@ -84,6 +86,10 @@ def derive_version(repo, base: int, kind: str, exemplars: list = (), new_labels:
             spec = replace(spec, cross_encoder_version=int(cross_encoder_version))
         if policy is not None:
             spec = replace(spec, policy=policy)
+        if spec.flat_encoder_version is not None and not new_labels:
+            shutil.copy(base_dir / FLAT_HEAD_FILE, folder / FLAT_HEAD_FILE)
+        elif spec.flat_encoder_version is not None:  # the head has no row for a new label: the two stages answer alone
+            spec = replace(spec, flat_encoder_version=None, policy=spec.rerank_policy().without_flat().to_dict())
         write_pipeline(folder, spec)
     return v
 

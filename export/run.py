@@ -1,8 +1,9 @@
 """`mailroute export`: a trained run -> ONNX (parity-checked) -> a new version in the Triton model repository.
 
-Writes bi_encoder/<v>, cross_encoder/<v> and email_classifier/<v> (which pins those two), re-embeds
-the label texts with the exported bi-encoder so the index matches what is served, and updates the
-three config.pbtxt files (plus configs/tensorrt.pbtxt for the production TensorRT plans).
+Writes bi_encoder/<v>, cross_encoder/<v> (and flat_encoder/<v> where the run's policy fuses its flat classifier)
+and email_classifier/<v> (which pins them), re-embeds the label texts with the exported bi-encoder so the index
+matches what is served, pins the flat head to the exported flat encoder, and updates the config.pbtxt files (plus
+configs/tensorrt.pbtxt for the production TensorRT plans).
 """
 
 import json
@@ -13,11 +14,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mailroute import contract
+from mailroute.flat_head import FlatHead
 from mailroute.label_index import LabelIndex, weights_id
 from mailroute.onnx_encoders import session
-from mailroute.pipeline import BadParameter, check_params, load_tokenizer, tensors
-from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, EXPORT_REPORT_FILE, LABEL_INDEX_DIR, MODEL_FILE,
-                                  TENSORRT_CONFIG, TOKENIZER_FILE, TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE, PipelineSpec, utc_stamp, write_pipeline)
+from mailroute.pipeline import BadParameter, check_params, load_tokenizer, same_tokenisation, tensors
+from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, EXPORT_REPORT_FILE, FLAT_HEAD_FILE, LABEL_INDEX_DIR, MODEL_FILE,
+                                  TENSORRT_CONFIG, TOKENIZER_FILE, TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE, WEIGHTS_FILE, PipelineSpec, utc_stamp,
+                                  write_pipeline)
 from mailroute.settings import DEFAULTS, BadSetting
 from export import configs, versions
 from export.versions import new_version
@@ -54,7 +57,7 @@ def encoder_throughput(cfg: ExportConfig) -> configs.Throughput:
 def check_runtime_unchanged(repo: Path, runtime_name: str) -> None:
     """An export never changes how already-served versions run: `version_policy: all` keeps every encoder
     version loaded under the model's one config, so another runtime is refused (use another repository)."""
-    for name in (contract.BI_ENCODER, contract.CROSS_ENCODER):
+    for name in contract.ENCODERS:
         if (repo / name / versions.CONFIG_FILE).exists():
             current = configs.runtime_of(versions.read_config(repo, name))
             if current != runtime_name:
@@ -65,10 +68,10 @@ def check_runtime_unchanged(repo: Path, runtime_name: str) -> None:
 def check_version_free(repo: Path, version: int) -> None:
     """--version N names one version of all three models: refused before any work when one of them has it, so a
     refused export leaves no encoder versions behind."""
-    taken = [m for m in contract.MODELS if version and (repo / m / str(version)).exists()]
+    taken = [m for m in (contract.CLASSIFIER,) + contract.ENCODERS if version and (repo / m / str(version)).exists()]
     if taken:
         raise BadSetting(f"--version {version}: {', '.join(taken)} in {repo} already have it (versions are immutable): "
-                         f"pick a version none of {', '.join(contract.MODELS)} has, or leave --version out")
+                         f"pick a version none of {', '.join((contract.CLASSIFIER,) + contract.ENCODERS)} has, or leave --version out")
 
 
 def _write_encoder(repo: Path, name: str, onnx_path: Path, tokenizer: Path, cfg: ExportConfig, dim: int, plain: bool,
@@ -132,10 +135,11 @@ def label_index_from_onnx(onnx_path: Path, tokenizer: Path, source: LabelIndex) 
                             source.scoring, source.cards, source.card_spec)
 
 
-def int8_accuracy_change(run: Path, source: LabelIndex, fp32: tuple, int8: tuple, bi_tok, cross_tok, n: int, top_k: int) -> dict:
+def int8_accuracy_change(run: Path, source: LabelIndex, fp32: tuple, int8: tuple, bi_tok, cross_tok, n: int, top_k: int,
+                         flat_head: FlatHead = None) -> dict:
     """Accuracy of the fp32 and int8 graphs through the same pipeline, on the run's own test emails, each
     with the label index rebuilt from its own bi-encoder graph and the K that is shipped: what it measures
-    is what serves."""
+    is what serves. fp32, int8: (bi-encoder, cross-encoder, flat encoder or None) graphs."""
     from mailroute.onnx_encoders import OnnxEncoders
     from mailroute.pipeline import TwoStageClassifier
     from training.config import TrainConfig
@@ -143,15 +147,31 @@ def int8_accuracy_change(run: Path, source: LabelIndex, fp32: tuple, int8: tuple
 
     test = limit(splits_of(TrainConfig.load(RunFolder(run).config))[3], n, DEFAULTS.seed)  # the run's own test emails, as train read them
     out = {"emails": len(test), "top_k": top_k}
-    for name, (b, c) in (("fp32", fp32), ("int8", int8)):
+    for name, (b, c, f) in (("fp32", fp32), ("int8", int8)):
         index = label_index_from_onnx(b, bi_tok, source)
-        clf = TwoStageClassifier(OnnxEncoders(b, c), index, load_tokenizer(bi_tok, DEFAULTS.max_email_tokens),
-                                 load_tokenizer(cross_tok, DEFAULTS.max_pair_tokens), top_k=top_k, policy=load_policy(run))
+        clf = TwoStageClassifier(OnnxEncoders(b, c, flat_path=f), index, load_tokenizer(bi_tok, DEFAULTS.max_email_tokens),
+                                 load_tokenizer(cross_tok, DEFAULTS.max_pair_tokens), top_k=top_k, policy=load_policy(run),
+                                 flat_head=flat_head if f is not None else None)
         preds = [p for s in range(0, len(test), EVAL_BATCH)
                  for p in clf.classify_texts([e.text for e in test[s:s + EVAL_BATCH]], [""] * len(test[s:s + EVAL_BATCH]))]
         out[f"{name}_accuracy"] = sum(p.label == e.label for p, e in zip(preds, test)) / len(test)
     out["accuracy_change"] = out["int8_accuracy"] - out["fp32_accuracy"]
     return out
+
+
+def _flat_of(folder: RunFolder, index: LabelIndex, bi_tok: Path) -> tuple:
+    """The run's flat classifier (its SentenceTransformer, its head checked against the index's labels and the encoder's
+    weights), refused where the run's policy fuses one it did not keep or whose tokenizer is not the bi-encoder's (the
+    pipeline feeds both encoders one tokenisation)."""
+    if not folder.has_flat():
+        raise FileNotFoundError(f"{folder.policy} fuses the flat classifier, but {folder.root} has no {folder.flat_encoder.name}/ "
+                                f"and {folder.flat_head.name}: train it again, or `mailroute baseline --run {folder.root}`")
+    head = FlatHead.load(folder.flat_head).check(index.taxonomy.names, weights_id(folder.flat_encoder / WEIGHTS_FILE))
+    if not same_tokenisation(load_tokenizer(folder.flat_encoder / TOKENIZER_FILE, DEFAULTS.max_email_tokens),
+                             load_tokenizer(bi_tok, DEFAULTS.max_email_tokens)):
+        raise BadSetting(f"{folder.flat_encoder} tokenises differently from {folder.bi_encoder}: the served pipeline feeds both one "
+                         f"tokenisation, so the flat classifier must start from the bi-encoder's base weights")
+    return load_bi_encoder(folder.flat_encoder), head
 
 
 def export(cfg: ExportConfig) -> dict:
@@ -190,21 +210,29 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
     bi_model, cross_model = load_bi_encoder(folder.bi_encoder), load_cross_encoder(folder.cross_encoder)
     policy = load_policy(run)
     bi_tok, cross_tok = folder.bi_encoder / TOKENIZER_FILE, folder.cross_encoder / TOKENIZER_FILE
+    flat_model = flat_head = None
+    if policy.uses_flat:  # the flat classifier is served with the version whose policy fuses it
+        flat_model, flat_head = _flat_of(folder, old, bi_tok)
     texts = PARITY_TEXTS + old.taxonomy.texts[:8]
     report["parity_max_abs_diff"] = {
         "bi_encoder": export_bi_encoder(bi_model, bi_tok, work / "bi.onnx", texts, optimize=fuse),
         "cross_encoder": export_cross_encoder(cross_model, cross_tok, work / "cross.onnx", [(t, l) for t in PARITY_TEXTS for l in old.taxonomy.texts[:3]],
                                               optimize=fuse),
     }
+    if flat_model is not None:
+        report["parity_max_abs_diff"]["flat_encoder"] = export_bi_encoder(flat_model, bi_tok, work / "flat.onnx", texts, optimize=fuse)
     print(f"[1/3] ONNX export, parity vs PyTorch (max abs diff): {report['parity_max_abs_diff']}")
     bi_path, cross_path = work / "bi.onnx", work / "cross.onnx"
+    flat_path = work / "flat.onnx" if flat_model is not None else None
     if cfg.quantize:
-        quantize_int8(bi_path, work / "bi.int8.onnx")
-        quantize_int8(cross_path, work / "cross.int8.onnx")
-        report["int8"] = int8_accuracy_change(run, old, (bi_path, cross_path), (work / "bi.int8.onnx", work / "cross.int8.onnx"),
-                                              bi_tok, cross_tok, cfg.quantize_eval, top_k)
+        for p in (bi_path, cross_path, flat_path):
+            if p is not None:
+                quantize_int8(p, p.with_suffix(".int8.onnx"))
+        int8 = tuple(None if p is None else p.with_suffix(".int8.onnx") for p in (bi_path, cross_path, flat_path))
+        report["int8"] = int8_accuracy_change(run, old, (bi_path, cross_path, flat_path), int8, bi_tok, cross_tok, cfg.quantize_eval, top_k,
+                                              flat_head)
         print(f"[1/3] int8 quantisation: {report['int8']}")
-        bi_path, cross_path = work / "bi.int8.onnx", work / "cross.int8.onnx"
+        bi_path, cross_path, flat_path = int8
 
     # 2. encoder versions (+ configs); the label index rebuilt with the exported bi-encoder
     dim, plain = int(old.manifest["dim"]), not fuse and not cfg.quantize  # TensorRT parses neither fused nor int8 graphs
@@ -213,13 +241,20 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
     cross_v = _write_encoder(repo, contract.CROSS_ENCODER, cross_path, cross_tok, cfg, dim, plain, save_weights=cross_model.save)
     bi_dir = repo / contract.BI_ENCODER / str(bi_v)
     index = label_index_from_onnx(bi_dir / MODEL_FILE, bi_dir / TOKENIZER_FILE, old)
+    flat_v = None
+    if flat_model is not None:  # the head pinned to the exported graph, as the index is to the bi-encoder's
+        flat_v = _write_encoder(repo, contract.FLAT_ENCODER, flat_path, bi_tok, cfg, dim, plain,
+                                save_weights=flat_model[0].auto_model.save_pretrained)
+        flat_head = flat_head.with_encoder(weights_id(repo / contract.FLAT_ENCODER / str(flat_v) / MODEL_FILE))
 
     # 3. the classifier version that pins them
     with new_version(repo, contract.CLASSIFIER, cfg.version) as (cdir, cv):
         index.save(cdir / LABEL_INDEX_DIR)
+        if flat_head is not None:
+            flat_head.save(cdir / FLAT_HEAD_FILE)
         shutil.copy(ADAPTERS_DIR / CLASSIFIER_ADAPTER, cdir / ADAPTER_FILE)
         write_pipeline(cdir, PipelineSpec(bi_v, cross_v, top_k, threshold, policy.to_dict(), kind="export", created=utc_stamp(),
-                                          source_run=str(run.resolve()), quantized=cfg.quantize))
+                                          source_run=str(run.resolve()), quantized=cfg.quantize, flat_encoder_version=flat_v))
     cdir = repo / contract.CLASSIFIER / str(cv)
     previous = max([v for v in versions.versions(repo, contract.CLASSIFIER) if v != cv], default=None)
     if (repo / contract.CLASSIFIER / versions.CONFIG_FILE).exists():
@@ -234,8 +269,10 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
                                   search_device=search_device, encoders_in_process=cfg.encoders_in_classifier, gpu=cfg.gpu))
     # a running server loads the new version with `mailroute versions promote`
     versions.promote(repo, cv, note=f"mailroute export of {run}")
-    report |= {"versions": {contract.CLASSIFIER: cv, contract.BI_ENCODER: bi_v, contract.CROSS_ENCODER: cross_v},
+    report |= {"versions": {contract.CLASSIFIER: cv, contract.BI_ENCODER: bi_v, contract.CROSS_ENCODER: cross_v}
+               | ({contract.FLAT_ENCODER: flat_v} if flat_v else {}),
                "seconds": round(time.perf_counter() - t, 1), "config": asdict(cfg)}
     (cdir / EXPORT_REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
-    print(f"[3/3] {repo}: {contract.CLASSIFIER} v{cv} -> {contract.BI_ENCODER} v{bi_v}, {contract.CROSS_ENCODER} v{cross_v}")
+    print(f"[3/3] {repo}: {contract.CLASSIFIER} v{cv} -> {contract.BI_ENCODER} v{bi_v}, {contract.CROSS_ENCODER} v{cross_v}"
+          + (f", {contract.FLAT_ENCODER} v{flat_v}" if flat_v else ""))
     return report

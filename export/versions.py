@@ -28,7 +28,7 @@ from mailroute import contract
 from mailroute.label_index import MANIFEST_FILE
 from mailroute.settings import PRUNE_KEEP
 from mailroute.repository import (CONFIG_FILE, GATE_REPORT_FILE, HISTORY_FILE, LABEL_INDEX_DIR, PIPELINE_FILE,  # noqa: F401
-                                  read_pipeline, utc_stamp, versions)
+                                  encoder_models, read_pipeline, utc_stamp, versions)
 
 STAGING_PREFIX = ".staging-"
 
@@ -135,7 +135,7 @@ def promote(repo, version: int, url: str = None, admin_key: str = "", action: st
     t = time.perf_counter()
     if url:
         try:
-            for model in (contract.BI_ENCODER, contract.CROSS_ENCODER):  # `all` policy: a load picks up new encoder versions
+            for model in encoder_models(repo):  # `all` policy: a load picks up new encoder versions
                 _load(url, model, admin_key)
             _load(url, contract.CLASSIFIER, admin_key)
         except Exception as e:
@@ -205,6 +205,7 @@ def list_versions(repo) -> list:
         rows.append({"version": v, "serving": v == serving or (serving is None and v == max(versions(repo, contract.CLASSIFIER))),
                      "kind": spec.kind, "parent": spec.parent, "created": spec.created,
                      contract.BI_ENCODER: spec.bi_encoder_version, contract.CROSS_ENCODER: spec.cross_encoder_version,
+                     contract.FLAT_ENCODER: spec.flat_encoder_version,
                      "labels": manifest.get("labels"), "exemplars": manifest.get("exemplars"), "gate": gate})
     return rows
 
@@ -221,7 +222,7 @@ def format_gate(g: dict) -> str:
 
 
 def format_versions(rows: list) -> str:
-    head = f"{'':2}{'version':>7}  {'kind':<12}{'parent':>6}  {'bi':>3} {'cross':>5}  {'labels':>6} {'exemplars':>9}  gate"
+    head = f"{'':2}{'version':>7}  {'kind':<12}{'parent':>6}  {'bi':>3} {'cross':>5} {'flat':>4}  {'labels':>6} {'exemplars':>9}  gate"
     lines = [head]
     for r in rows:
         if "error" in r:
@@ -230,7 +231,7 @@ def format_versions(rows: list) -> str:
         g = r["gate"]
         gate = "-" if not g else format_gate(g)
         lines.append(f"{'*' if r['serving'] else ' ':2}{r['version']:>7}  {r['kind']:<12}{r['parent'] or '-':>6}  {r[contract.BI_ENCODER]:>3} "
-                     f"{r[contract.CROSS_ENCODER]:>5}  {r['labels'] or '-':>6} {r['exemplars'] if r['exemplars'] is not None else '-':>9}  {gate}")
+                     f"{r[contract.CROSS_ENCODER]:>5} {r.get(contract.FLAT_ENCODER) or '-':>4}  {r['labels'] or '-':>6} {r['exemplars'] if r['exemplars'] is not None else '-':>9}  {gate}")
     return "\n".join(lines) + "\n(* = serving)"
 
 
@@ -247,14 +248,13 @@ def prune(repo, keep: int = PRUNE_KEEP, url: str = None, admin_key: str = "") ->
     serving = serving_version(repo) or (cvs[-1] if cvs else None)
     protected = set(cvs[-keep:]) | {serving} | set(served_stack(repo)[-(keep + 1):])
     plan = {contract.CLASSIFIER: [v for v in cvs if v not in protected]}
-    pinned = {contract.BI_ENCODER: set(), contract.CROSS_ENCODER: set()}
+    pinned = {m: set() for m in encoder_models(repo)}
     for v in cvs:
         if v in plan[contract.CLASSIFIER]:
             continue
         try:
-            spec = read_pipeline(repo / contract.CLASSIFIER / str(v))
-            pinned[contract.BI_ENCODER].add(spec.bi_encoder_version)
-            pinned[contract.CROSS_ENCODER].add(spec.cross_encoder_version)
+            for model, pin in read_pipeline(repo / contract.CLASSIFIER / str(v)).pins().items():
+                pinned.setdefault(model, set()).add(pin)
         except (OSError, ValueError, KeyError) as e:  # its encoders are unknown: removing any could break a kept version
             raise VersionError(f"prune: {contract.CLASSIFIER} v{v} is kept but its pipeline file is unreadable ({e}), so the "
                                f"encoder versions it pins are unknown; nothing removed. Repair or remove v{v} first") from None
@@ -265,7 +265,7 @@ def prune(repo, keep: int = PRUNE_KEEP, url: str = None, admin_key: str = "") ->
             shutil.rmtree(repo / model / str(v))
     plan["staging"] = remove_stale_staging(repo)
     if url:
-        for model in (contract.BI_ENCODER, contract.CROSS_ENCODER):
-            if plan[model]:
+        for model in encoder_models(repo):
+            if plan.get(model):
                 _load(url, model, admin_key)
     return plan

@@ -36,7 +36,14 @@ class Tensor:
 BI_ENCODER = "bi_encoder"
 CROSS_ENCODER = "cross_encoder"
 CLASSIFIER = "email_classifier"
-MODELS = (CLASSIFIER, BI_ENCODER, CROSS_ENCODER)  # the order of the MODEL_VERSIONS output
+# the flat classifier's encoder (mailroute.flat_head): the bi-encoder's tensors; a classifier version pins one where its
+# policy fuses the flat classifier, and a repository exported from a run without one has no such model
+FLAT_ENCODER = "flat_encoder"
+ENCODERS = (BI_ENCODER, CROSS_ENCODER, FLAT_ENCODER)
+MODELS = (CLASSIFIER, BI_ENCODER, CROSS_ENCODER)  # the models every repository has (and the feedback store records versions of)
+# the order of the MODEL_VERSIONS output ("" = not pinned). MODELS first: the model.py of a version exported before the
+# flat encoder answers those three, and the service fills the rest with ""
+VERSION_MODELS = MODELS + (FLAT_ENCODER,)
 # Triton's restricted protocol key for model load/unload/config (`mailroute serve --admin-key`): the server is
 # started with <groups>:ADMIN_KEY=<secret>; a gRPC caller sends it as a header with Triton's gRPC prefix
 ADMIN_KEY = "admin-key"
@@ -69,6 +76,7 @@ ENCODER_TENSORS = {  # per encoder: (inputs, output)
     BI_ENCODER: ([Tensor(n, TOKEN_DTYPE, (-1,)) for n in BI_ENCODER_INPUTS], Tensor(EMBEDDING, np.float32, (EMBEDDING_DIM,))),
     CROSS_ENCODER: ([Tensor(n, TOKEN_DTYPE, (-1,)) for n in CROSS_ENCODER_INPUTS], Tensor(LOGIT, np.float32, (1,))),
 }
+ENCODER_TENSORS[FLAT_ENCODER] = ENCODER_TENSORS[BI_ENCODER]  # the same encoder shape, another training objective
 
 
 def feed(model: str, *arrays) -> dict:
@@ -87,7 +95,7 @@ TOP_LABELS = "TOP_LABELS"  # string, (batch, K)
 TOP_PROBABILITIES = "TOP_PROBABILITIES"  # fp32, (batch, K)
 NEEDS_REVIEW = "NEEDS_REVIEW"  # bool, (batch, 1)
 ERROR = "ERROR"  # string, (batch, 1): empty when the row was classified, else why not
-MODEL_VERSIONS = "MODEL_VERSIONS"  # string, (batch, 3): the versions of MODELS, in that order
+MODEL_VERSIONS = "MODEL_VERSIONS"  # string, (batch, 4): the versions of VERSION_MODELS, in that order ("" = not pinned)
 # fp32, (batch, 4): milliseconds each stage (STAGES) took for the server batch this row was part of. Per
 # batch, not per row: one Triton batch merges several requests, so rows of a batch share these values
 # and summing them over rows overcounts. Per-stage histograms are on the Prometheus endpoint (METRIC_*).
@@ -99,7 +107,7 @@ CLASSIFIER_INPUT_TENSORS = (Tensor(TEXT, object, (1,)), Tensor(SUBJECT, object, 
 CLASSIFIER_OUTPUT_TENSORS = (
     Tensor(LABEL, object, (1,)), Tensor(PROBABILITY, np.float32, (1,)), Tensor(TOP_LABELS, object, (-1,)),
     Tensor(TOP_PROBABILITIES, np.float32, (-1,)), Tensor(NEEDS_REVIEW, bool, (1,)), Tensor(ERROR, object, (1,)),
-    Tensor(MODEL_VERSIONS, object, (len(MODELS),)), Tensor(STAGE_MS, np.float32, (len(STAGES),)), Tensor(RERANKED, bool, (1,)))
+    Tensor(MODEL_VERSIONS, object, (len(VERSION_MODELS),)), Tensor(STAGE_MS, np.float32, (len(STAGES),)), Tensor(RERANKED, bool, (1,)))
 CLASSIFIER_OUTPUTS = tuple(t.name for t in CLASSIFIER_OUTPUT_TENSORS)
 TENSORS = {t.name: t for t in CLASSIFIER_INPUT_TENSORS + CLASSIFIER_OUTPUT_TENSORS}  # the classifier's, by name
 

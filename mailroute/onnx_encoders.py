@@ -16,11 +16,17 @@ def session(path, threads: int = 0) -> ort.InferenceSession:
 
 
 class OnnxEncoders:
-    def __init__(self, bi_path, cross_path, threads: int = 0):
+    def __init__(self, bi_path, cross_path, threads: int = 0, flat_path=None):
         self.bi, self.cross = session(bi_path, threads), session(cross_path, threads)
+        self.flat = None if flat_path is None else session(flat_path, threads)
 
     def embed(self, input_ids, attention_mask):
         return self.bi.run([contract.EMBEDDING], contract.feed(contract.BI_ENCODER, input_ids, attention_mask))[0]
+
+    def flat_embed(self, input_ids, attention_mask):
+        if self.flat is None:
+            raise RuntimeError("these encoders have no flat classifier")
+        return self.flat.run([contract.EMBEDDING], contract.feed(contract.FLAT_ENCODER, input_ids, attention_mask))[0]
 
     def score(self, input_ids, attention_mask, token_type_ids):
         feed = contract.feed(contract.CROSS_ENCODER, input_ids, attention_mask, token_type_ids)

@@ -1,6 +1,7 @@
-"""The two-stage pipeline as a plain Python class: normalise -> tokenise -> embed -> label index top-K
-(descriptions + exemplars) -> the gate (retrieval sure? stage 2 skipped) -> rerank the K (email, label
-card) pairs -> the RerankPolicy's softmax over the K fused scores.
+"""The two-stage pipeline as a plain Python class: normalise -> tokenise -> embed (and, where the policy fuses
+it, the flat classifier's log-probabilities) -> label index top-K (descriptions + exemplars) -> the gate
+(retrieval sure? stage 2 skipped) -> rerank the K (email, label card) pairs -> the RerankPolicy's softmax
+over the K fused scores.
 
 It does not know what runs the encoders: `Encoders` is PyTorch for the in-process reference
 classifier (training/reference.py), onnxruntime in-process (mailroute/onnx_encoders.py), BLS
@@ -20,6 +21,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mailroute import contract
+from mailroute.flat_head import FlatHead
 from mailroute.label_index import LabelIndex
 from mailroute.normalise import InvalidEmail, normalise
 from mailroute.rerank_policy import RerankPolicy
@@ -32,6 +34,10 @@ class Encoders(Protocol):
 
     def score(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         """(n, seq) int64 pairs -> (n,) float32 raw logits."""
+
+    def flat_embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """(n, seq) int64 -> (n, dim) float32: the flat classifier's encoder, as embed (only where the classifier has
+        a flat head; the bi-encoder's inputs, since both encoders share one tokenizer)."""
 
 
 class BadParameter(ValueError):
@@ -114,6 +120,11 @@ def _without_lengths(tok: Tokenizer) -> dict:
     d.pop("truncation", None)
     d.pop("padding", None)
     return d
+
+
+def same_tokenisation(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether two tokenizers split every text alike (their truncation and padding aside)."""
+    return _without_lengths(a) == _without_lengths(b)
 
 
 def padded_tensors(encodings) -> tuple:
@@ -402,7 +413,7 @@ class TwoStageClassifier:
 
     def __init__(self, encoders: Encoders, label_index: LabelIndex, bi_tokenizer: Tokenizer, cross_tokenizer: Tokenizer,
                  top_k: int = DEFAULTS.top_k, threshold: float = DEFAULTS.threshold, policy: RerankPolicy = None,
-                 embed_batch: int = DEFAULTS.embed_batch, score_batch: int = DEFAULTS.score_batch):
+                 embed_batch: int = DEFAULTS.embed_batch, score_batch: int = DEFAULTS.score_batch, flat_head: FlatHead = None):
         self.encoders, self.index = encoders, label_index
         self.bi_tok, self.cross_tok = bi_tokenizer, cross_tokenizer
         self.label_names = np.array(label_index.taxonomy.names, dtype=object)
@@ -410,6 +421,10 @@ class TwoStageClassifier:
         self.top_k, self.threshold = check_params(top_k, threshold, len(self.label_names))
         self.embed_batch, self.score_batch = embed_batch, score_batch
         self.policy = policy or RerankPolicy()  # fusion, temperature and gate: fitted on validation
+        # the flat classifier's head over the encoders' flat_embed (None: no flat classifier; the policy must not fuse it)
+        self.flat_head = None if flat_head is None else flat_head.check(label_index.taxonomy.names)
+        if self.policy.uses_flat and self.flat_head is None:
+            raise ValueError("the rerank policy fuses the flat classifier's log-probabilities, but this classifier has no flat head")
 
     def prepare(self, bodies: Sequence, subjects: Sequence = None) -> tuple:
         """Normalise every row; a row that cannot be classified gets an error instead of raising."""
@@ -426,15 +441,23 @@ class TwoStageClassifier:
     def _embed(self, texts: list, parts: Parts = None) -> np.ndarray:
         """(n, dim) embeddings. `parts`: the texts already tokenised without special tokens (score_candidates),
         turned into the bi-encoder's input as its own post-processing lays it out instead of tokenising again."""
+        return self.encode(texts, parts, with_flat=False)[0]
+
+    def encode(self, texts: list, parts: Parts = None, with_flat: bool = None) -> tuple:
+        """-> ((n, dim) embeddings, (n, labels) the flat classifier's log-probabilities or None). with_flat: run the
+        flat encoder on the same token tensors (default: where the policy fuses it)."""
         single = self._tokenizers()[2]
-        out = []
+        with_flat = self.policy.uses_flat if with_flat is None else with_flat
+        out, flat = [], []
         for s in range(0, len(texts), self.embed_batch):
             if parts is not None and single is not None:
                 ids, mask, _ = self._assemblers()[1](parts, np.arange(s, min(s + self.embed_batch, len(texts))))
             else:
                 ids, mask, _ = tensors(self.bi_tok.encode_batch(texts[s:s + self.embed_batch]))
             out.append(self.encoders.embed(ids, mask))
-        return np.concatenate(out).astype(np.float32)  # (n, dim)
+            if with_flat:
+                flat.append(self.flat_head.log_probabilities(self.encoders.flat_embed(ids, mask)))
+        return np.concatenate(out).astype(np.float32), np.concatenate(flat) if with_flat else None  # (n, dim), (n, labels)
 
     def _label_parts(self) -> Parts:
         """Each label text tokenised once per classifier (no special tokens, whole)."""
@@ -507,13 +530,14 @@ class TwoStageClassifier:
         return np.concatenate(out) if out else np.zeros(0, np.float32)  # (pairs,)
 
     def score_candidates(self, texts: list, ks, gate=False) -> tuple:
-        """Stages 1 and 2 for valid texts: per row its candidate ids (k,), retrieval scores (k,) and
-        cross-encoder logits (k,) (None where the gate skipped stage 2), plus the stage timings in ms."""
+        """Stages 1 and 2 for valid texts: per row its candidate ids (k,), retrieval scores (k,), cross-encoder
+        logits (k,) (None where the gate skipped stage 2) and the flat classifier's log-probabilities (k,) (None
+        where the policy does not fuse them), plus the stage timings in ms (the flat encoder counts in "embed")."""
         t0 = time.perf_counter()
         # each text tokenised once for both stages where their tokenizers agree (counted in the embed stage's time)
         part_tok, _, single = self._tokenizers()
         parts = Parts.of(part_tok.encode_batch(list(texts), add_special_tokens=False)) if single is not None else None
-        xq = self._embed(texts, parts)  # (n, dim)
+        xq, flat_lp = self.encode(texts, parts)  # (n, dim), (n, labels) or None
         t1 = time.perf_counter()
         D, I = self.index.search(xq, int(max(ks)))  # (n, kmax) label scores and ids, best first
         t2 = time.perf_counter()
@@ -526,14 +550,14 @@ class TwoStageClassifier:
         rows, start = [], 0
         for j, k in enumerate(ks):
             logits = None if skip[j] else flat[start:start + k].astype(np.float64)
-            rows.append((I[j, :k], D[j, :k].astype(np.float64), logits))
+            rows.append((I[j, :k], D[j, :k].astype(np.float64), logits, None if flat_lp is None else flat_lp[j, I[j, :k]]))
             start += 0 if skip[j] else k
         return rows, {"embed": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "rerank": (t3 - t2) * 1e3}
 
-    def combine(self, cand, retrieval, logits, threshold: float) -> Prediction:
-        """The K candidates of one email -> its Prediction, by the rerank policy (logits None: stage 2 skipped)."""
-        policy = self.policy
-        p = policy.retrieval_probabilities(retrieval) if logits is None else policy.probabilities(logits, retrieval)  # (k,)
+    def combine(self, cand, retrieval, logits, threshold: float, flat=None) -> Prediction:
+        """The K candidates of one email -> its Prediction, by the rerank policy (logits None: stage 2 skipped; flat:
+        the flat classifier's log-probabilities of the candidates, where the policy fuses them)."""
+        p = self.policy.probabilities(logits, retrieval, flat)  # (k,)
         order = np.argsort(-p, kind="stable")
         top = [str(self.label_names[cand[o]]) for o in order]
         probs = [float(p[o]) for o in order]
@@ -552,8 +576,8 @@ class TwoStageClassifier:
         if not ok:
             return results
         rows, ms = self.score_candidates([texts[i] for i in ok], [int(ks[i]) for i in ok], [bool(gs[i]) for i in ok])
-        for i, (cand, retrieval, logits) in zip(ok, rows):
-            results[i] = self.combine(cand, retrieval, logits, ts[i])
+        for i, (cand, retrieval, logits, flat) in zip(ok, rows):
+            results[i] = self.combine(cand, retrieval, logits, ts[i], flat)
             results[i].stage_ms = dict(ms)
         return results
 

@@ -4,13 +4,15 @@
                                                                         + trtexec_shapes.txt when model.onnx is plain fp32 ONNX)
   <repo>/cross_encoder/<v>/   model.onnx  tokenizer.json  encoder_id   (+ model.py when portable or torch; + pytorch/ when
                                                                         torch or made by continued training; + trtexec_shapes.txt likewise)
-  <repo>/email_classifier/<v>/ model.py  pipeline.json  label_index/  (+ export_report.json when exported,
+  <repo>/flat_encoder/<v>/    as bi_encoder: the flat classifier's encoder (where a run kept one)
+  <repo>/email_classifier/<v>/ model.py  pipeline.json  label_index/  (+ flat_head.npz where it pins a flat_encoder;
+                                                                        export_report.json when exported,
                                                                         gate_report.json when made from feedback)
   <repo>/<encoder>/configs/tensorrt.pbtxt   the config of the TensorRT plans (docker/build_tensorrt.sh)
   <repo>/email_classifier/config.pbtxt   its version policy names the serving version (export.versions)
-pipeline.json pins the bi_encoder and cross_encoder versions this classifier version uses and holds its
-rerank policy (fusion, temperature, gate: mailroute.rerank_policy); the label
-index inside it records the encoder_id of the bi-encoder it was built from, and loading refuses a
+pipeline.json pins the bi_encoder and cross_encoder (and flat_encoder) versions this classifier version uses and
+holds its rerank policy (fusion, temperature, gate: mailroute.rerank_policy); the label index inside it records
+the encoder_id of the bi-encoder it was built from, the flat head that of the flat encoder, and loading refuses a
 mismatch. So a classifier version is one consistent, roll-back-able unit.
 """
 
@@ -20,10 +22,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from mailroute import contract
+from mailroute.flat_head import FlatHead
 from mailroute.label_index import IndexMismatch, LabelIndex
 from mailroute.pipeline import TwoStageClassifier, load_tokenizer
 from mailroute.rerank_policy import RerankPolicy
-from mailroute.run_layout import LABEL_INDEX_DIR  # the same folder name in a classifier version; importable from here
+from mailroute.run_layout import FLAT_HEAD_FILE, LABEL_INDEX_DIR  # the same names in a classifier version; importable from here
 from mailroute.settings import DEFAULTS
 
 MODEL_FILE, TOKENIZER_FILE, ENCODER_ID_FILE = "model.onnx", "tokenizer.json", "encoder_id"
@@ -57,6 +60,11 @@ def versions(repo, model: str) -> list:
     return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
 
 
+def encoder_models(repo) -> list:
+    """The encoder models of a repository: those every repository has, and the flat encoder where one was exported."""
+    return [m for m in contract.ENCODERS if m in contract.MODELS or (Path(repo) / m).is_dir()]
+
+
 def version_dir(repo, model: str, version=None) -> Path:
     vs = versions(repo, model)
     if not vs:
@@ -84,6 +92,7 @@ class PipelineSpec:
     source_run: str = None  # the training run an export came from (derived versions: their ancestors')
     quantized: bool = False  # int8 encoders: continued training writes int8 cross-encoders again
     feedback: dict = None  # what a feedback round used (corrections, held out, new exemplars)
+    flat_encoder_version: int = None  # the flat classifier's encoder (its head is the version's flat_head.npz); None = none
     other: dict = field(default_factory=dict)
 
     @classmethod
@@ -99,7 +108,17 @@ class PipelineSpec:
             raise ValueError(f"{PIPELINE_FILE} pins versions that are not numbers: {d['bi_encoder_version']!r}, "
                              f"{d['cross_encoder_version']!r}") from None
         known = {f.name for f in fields(cls)} - {"other"}
+        if d.get("flat_encoder_version") is not None:
+            try:
+                pins["flat_encoder_version"] = int(d["flat_encoder_version"])
+            except (TypeError, ValueError):
+                raise ValueError(f"{PIPELINE_FILE} pins a flat_encoder_version that is not a number: {d['flat_encoder_version']!r}") from None
         return cls(**{k: v for k, v in d.items() if k in known} | pins, other={k: v for k, v in d.items() if k not in known})
+
+    def pins(self) -> dict:
+        """{encoder model: version} of the encoders this version uses."""
+        pinned = {contract.BI_ENCODER: self.bi_encoder_version, contract.CROSS_ENCODER: self.cross_encoder_version}
+        return pinned | ({} if self.flat_encoder_version is None else {contract.FLAT_ENCODER: self.flat_encoder_version})
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "other" and getattr(self, f.name) is not None} | self.other
@@ -145,23 +164,41 @@ def load_label_index(repo, classifier_dir) -> LabelIndex:
                             f"{spec.bi_encoder_version}: {e}") from None
 
 
+def load_flat_head(repo, classifier_dir):
+    """The flat head of a classifier version, checked against the flat_encoder version it pins (None where it pins none)."""
+    spec = read_pipeline(classifier_dir)
+    if spec.flat_encoder_version is None:
+        return None
+    flat_dir = version_dir(repo, contract.FLAT_ENCODER, spec.flat_encoder_version)
+    try:
+        return FlatHead.load(Path(classifier_dir) / FLAT_HEAD_FILE).check(encoder_id=(flat_dir / ENCODER_ID_FILE).read_text().strip())
+    except IndexMismatch as e:
+        raise IndexMismatch(f"{contract.CLASSIFIER} {Path(classifier_dir).name} pins {contract.FLAT_ENCODER} "
+                            f"{spec.flat_encoder_version}: {e}") from None
+
+
 def open_classifier(repo, classifier_dir, encoders, **kw) -> TwoStageClassifier:
-    """A TwoStageClassifier over one classifier version: its label index, its pinned encoders' tokenizers."""
+    """A TwoStageClassifier over one classifier version: its label index (and flat head), its pinned encoders' tokenizers."""
     spec = read_pipeline(classifier_dir)
     bi_dir = version_dir(repo, contract.BI_ENCODER, spec.bi_encoder_version)
     cross_dir = version_dir(repo, contract.CROSS_ENCODER, spec.cross_encoder_version)
-    kw = {"top_k": spec.top_k, "threshold": spec.threshold, "policy": spec.rerank_policy()} | kw
+    kw = {"top_k": spec.top_k, "threshold": spec.threshold, "policy": spec.rerank_policy(),
+          "flat_head": load_flat_head(repo, classifier_dir)} | kw
     return TwoStageClassifier(encoders, load_label_index(repo, classifier_dir),
                               load_tokenizer(bi_dir / TOKENIZER_FILE, DEFAULTS.max_email_tokens),
                               load_tokenizer(cross_dir / TOKENIZER_FILE, DEFAULTS.max_pair_tokens), **kw)
 
 
-def open_onnx_classifier(repo, version=None, threads: int = 0, **kw):
-    """The in-process ONNX classifier for a repository version: the same files Triton serves."""
+def onnx_encoders_of(repo, spec: PipelineSpec, threads: int = 0, cross_version: int = None):
+    """The in-process onnxruntime encoders of the versions a pipeline pins (cross_version: another cross-encoder)."""
     from mailroute.onnx_encoders import OnnxEncoders
 
+    flat = None if spec.flat_encoder_version is None else version_dir(repo, contract.FLAT_ENCODER, spec.flat_encoder_version) / MODEL_FILE
+    return OnnxEncoders(version_dir(repo, contract.BI_ENCODER, spec.bi_encoder_version) / MODEL_FILE,
+                        version_dir(repo, contract.CROSS_ENCODER, cross_version or spec.cross_encoder_version) / MODEL_FILE, threads, flat)
+
+
+def open_onnx_classifier(repo, version=None, threads: int = 0, **kw):
+    """The in-process ONNX classifier for a repository version: the same files Triton serves."""
     cdir = version_dir(repo, contract.CLASSIFIER, version)
-    spec = read_pipeline(cdir)
-    enc = OnnxEncoders(version_dir(repo, contract.BI_ENCODER, spec.bi_encoder_version) / MODEL_FILE,
-                       version_dir(repo, contract.CROSS_ENCODER, spec.cross_encoder_version) / MODEL_FILE, threads)
-    return open_classifier(repo, cdir, enc, **kw)
+    return open_classifier(repo, cdir, onnx_encoders_of(repo, read_pipeline(cdir), threads), **kw)

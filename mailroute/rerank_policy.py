@@ -1,7 +1,12 @@
 """The rerank policy: how one email's K candidates become probabilities. The one place the formula lives.
 
-    reranked:  p = softmax((ce_weight x cross-encoder logit + retrieval_weight x retrieval score) / temperature)
-    gated:     p = softmax(retrieval score / retrieval_temperature)   (stage 2 skipped)
+    reranked:  p = softmax((ce_weight x cross-encoder logit + retrieval_weight x retrieval score
+                            + flat_weight x log p_flat) / temperature)
+    gated:     p = softmax((retrieval score + gated_flat_weight x log p_flat) / retrieval_temperature)   (stage 2 skipped)
+
+log p_flat is the flat classifier's log-probability of each candidate label (mailroute.flat_head): a softmax
+over all labels on its own encoder, fused in as one more score. With both flat weights 0 (a classifier without a
+flat classifier) the formula is the two-stage one alone.
 
 The gate skips stage 2 for an email whose retrieval is sure: the margin between its best and second
 best retrieval scores exceeds `gate_margin` (None = always rerank); `GateTarget` says how it is fitted. Evaluation, the listwise training
@@ -24,6 +29,8 @@ class RerankPolicy:
     temperature: float = 1.0  # divides the fused score: fitted by NLL on validation, for calibration
     retrieval_temperature: float = 0.05  # divides retrieval scores where stage 2 is skipped (also fitted)
     gate_margin: float = None  # skip stage 2 when top-1 minus top-2 retrieval score exceeds this; None = always rerank
+    flat_weight: float = 0.0  # weight of the flat classifier's log-probability in the reranked fusion (0 = not fused)
+    gated_flat_weight: float = 0.0  # ... beside the retrieval score where stage 2 is skipped (0 = retrieval alone)
 
     def __post_init__(self):
         if not self.temperature > 0 or not self.retrieval_temperature > 0:
@@ -31,16 +38,38 @@ class RerankPolicy:
         if self.gate_margin is not None and self.gate_margin < 0:
             raise ValueError(f"{type(self).__name__} expects gate_margin >= 0 or None, but got {self.gate_margin}")
 
+    @property
+    def uses_flat(self) -> bool:
+        """Whether answers need the flat classifier's log-probabilities."""
+        return bool(self.flat_weight or self.gated_flat_weight)
+
+    def _flat_term(self, weight: float, flat):
+        if not weight:
+            return 0.0
+        if flat is None:
+            raise ValueError(f"this {type(self).__name__} fuses the flat classifier's log-probabilities (weight {weight:g}), "
+                             f"but none were given")
+        return weight * flat
+
     # the formula (numpy arrays or torch tensors alike: only arithmetic)
-    def fused(self, logits, retrieval):
-        """(..., k) logits and retrieval scores -> (..., k) scores whose softmax is the answer."""
-        return (self.ce_weight * logits + self.retrieval_weight * retrieval) / self.temperature
+    def fused(self, logits, retrieval, flat=None):
+        """(..., k) logits, retrieval scores and (where the policy uses them) flat log-probabilities -> (..., k)
+        scores whose softmax is the answer."""
+        return (self.ce_weight * logits + self.retrieval_weight * retrieval
+                + self._flat_term(self.flat_weight, flat)) / self.temperature
 
-    def probabilities(self, logits: np.ndarray, retrieval: np.ndarray) -> np.ndarray:
-        return _softmax(self.fused(np.asarray(logits, np.float64), np.asarray(retrieval, np.float64)))
+    def probabilities(self, logits: np.ndarray, retrieval: np.ndarray, flat: np.ndarray = None) -> np.ndarray:
+        """Reranked probabilities; logits None = stage 2 skipped (retrieval_probabilities)."""
+        if logits is None:
+            return self.retrieval_probabilities(retrieval, flat)
+        flat = None if flat is None else np.asarray(flat, np.float64)
+        return _softmax(self.fused(np.asarray(logits, np.float64), np.asarray(retrieval, np.float64), flat))
 
-    def retrieval_probabilities(self, retrieval: np.ndarray) -> np.ndarray:
-        return _softmax(np.asarray(retrieval, np.float64) / self.retrieval_temperature)
+    def retrieval_probabilities(self, retrieval: np.ndarray, flat: np.ndarray = None) -> np.ndarray:
+        """Probabilities where stage 2 is skipped."""
+        retrieval = np.asarray(retrieval, np.float64)
+        flat = None if flat is None else np.asarray(flat, np.float64)
+        return _softmax((retrieval + self._flat_term(self.gated_flat_weight, flat)) / self.retrieval_temperature)
 
     def skip_rerank(self, retrieval: np.ndarray, gate: bool = True) -> np.ndarray:
         """(n, >=2) retrieval scores, best first -> (n,) bool: True where stage 2 is not needed."""
@@ -68,6 +97,10 @@ class RerankPolicy:
     def load(cls, path) -> "RerankPolicy":
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    def without_flat(self) -> "RerankPolicy":
+        """The same policy answering without the flat classifier (its other weights as fitted beside it)."""
+        return replace(self, flat_weight=0.0, gated_flat_weight=0.0)
+
     def with_gate(self, margin) -> "RerankPolicy":
         return replace(self, gate_margin=None if margin is None else float(margin))
 
@@ -93,43 +126,64 @@ def _nll(z: np.ndarray, gold: np.ndarray) -> float:
     return float(-(z[np.arange(len(z)), gold] - np.log(np.exp(z).sum(1))).sum())
 
 
-def fit_fusion(logits: np.ndarray, retrieval: np.ndarray, gold: np.ndarray, base: RerankPolicy = RerankPolicy()) -> RerankPolicy:
-    """Conditional-logit fit of score = a x logit + b x retrieval by NLL of the gold candidate.
-
-    Args:
-        logits, retrieval: (n, k) per email and candidate, rows whose gold was retrieved only.
-        gold: (n,) position of the gold candidate in each row.
-    Returns a policy with ce_weight 1, retrieval_weight b/a, temperature 1/a (or, when the cross-encoder
-    carries no signal (a <= 0), ce_weight 0 and retrieval only).
-    """
+def conditional_logit(features: list, gold: np.ndarray) -> np.ndarray:
+    """Weights w of score = sum_f w_f x features[f] maximising the likelihood of the gold candidate under the
+    softmax over each row's candidates. features: (n, k) arrays; gold: (n,) positions."""
     from scipy.optimize import minimize
 
-    logits, retrieval, gold = np.asarray(logits, np.float64), np.asarray(retrieval, np.float64), np.asarray(gold)
-    if logits.shape != retrieval.shape or logits.ndim != 2 or len(gold) != len(logits):
-        raise ValueError(f"fit_fusion expects (n, k) logits and retrieval and (n,) gold, but got {logits.shape}, {retrieval.shape}, {gold.shape}")
+    x = np.stack([np.asarray(f, np.float64) for f in features], -1)  # (n, k, F)
+    gold = np.asarray(gold)
+    if x.ndim != 3 or len(gold) != len(x):
+        raise ValueError(f"conditional_logit expects (n, k) features and (n,) gold, but got {[np.shape(f) for f in features]}, {gold.shape}")
     rows = np.arange(len(gold))
 
-    def objective(ab):  # NLL and its gradient
-        z = ab[0] * logits + ab[1] * retrieval
+    def objective(w):  # NLL and its gradient
+        z = x @ w
         z = z - z.max(1, keepdims=True)
         p = np.exp(z)
         p /= p.sum(1, keepdims=True)
         nll = -np.log(p[rows, gold] + 1e-300).sum()
-        grad = [-(logits[rows, gold] - (p * logits).sum(1)).sum(), -(retrieval[rows, gold] - (p * retrieval).sum(1)).sum()]
-        return nll, np.array(grad)
+        return nll, -(x[rows, gold] - (p[..., None] * x).sum(1)).sum(0)
 
-    a, b = minimize(objective, np.array([1.0, 1.0]), jac=True, method="L-BFGS-B").x
+    return minimize(objective, np.ones(x.shape[-1]), jac=True, method="L-BFGS-B").x
+
+
+def fit_fusion(logits: np.ndarray, retrieval: np.ndarray, gold: np.ndarray, base: RerankPolicy = RerankPolicy(),
+               flat: np.ndarray = None) -> RerankPolicy:
+    """Conditional-logit fit of score = a x logit + b x retrieval (+ c x log p_flat) by NLL of the gold candidate.
+
+    Args:
+        logits, retrieval: (n, k) per email and candidate, rows whose gold was retrieved only.
+        gold: (n,) position of the gold candidate in each row.
+        flat: (n, k) the flat classifier's log-probabilities of the candidates, or None (not fused).
+    Returns a policy with ce_weight 1, retrieval_weight b/a, flat_weight c/a, temperature 1/a (or, when the
+    cross-encoder carries no signal (a <= 0), ce_weight 0 and the other scores refitted without it).
+    """
+    logits, retrieval = np.asarray(logits, np.float64), np.asarray(retrieval, np.float64)
+    if logits.shape != retrieval.shape or logits.ndim != 2 or len(gold) != len(logits) or (flat is not None and np.shape(flat) != logits.shape):
+        raise ValueError(f"fit_fusion expects (n, k) logits, retrieval (and flat) and (n,) gold, but got {logits.shape}, "
+                         f"{retrieval.shape}, {np.shape(gold)}" + ("" if flat is None else f", flat {np.shape(flat)}"))
+    others = [retrieval] + ([] if flat is None else [flat])
+    a, *rest = conditional_logit([logits] + others, gold)
     if a <= 1e-6:
-        return replace(base, ce_weight=0.0, retrieval_weight=1.0, temperature=float(1.0 / max(b, 1e-6)))
-    return replace(base, ce_weight=1.0, retrieval_weight=float(b / a), temperature=float(1.0 / a))
+        b, *c = conditional_logit(others, gold)
+        b = max(b, 1e-6)
+        return replace(base, ce_weight=0.0, retrieval_weight=1.0, flat_weight=float(c[0] / b) if c else 0.0, temperature=float(1.0 / b))
+    return replace(base, ce_weight=1.0, retrieval_weight=float(rest[0] / a), flat_weight=float(rest[1] / a) if flat is not None else 0.0,
+                   temperature=float(1.0 / a))
 
 
-def fit_retrieval_temperature(retrieval: np.ndarray, gold: np.ndarray, base: RerankPolicy) -> RerankPolicy:
-    """Temperature of the retrieval-only softmax (used where the gate skips stage 2), by NLL."""
+def fit_retrieval_temperature(retrieval: np.ndarray, gold: np.ndarray, base: RerankPolicy, flat: np.ndarray = None) -> RerankPolicy:
+    """The softmax used where the gate skips stage 2, by NLL: its temperature (and, with the flat classifier's
+    log-probabilities, their weight beside the retrieval score)."""
     retrieval = np.asarray(retrieval, np.float64)
+    if flat is not None:
+        b, c = conditional_logit([retrieval, flat], gold)
+        if b > 1e-6:
+            return replace(base, retrieval_temperature=float(1.0 / b), gated_flat_weight=float(c / b))
     grid = np.exp(np.linspace(np.log(1e-3), np.log(2.0), 200))
     best = min(grid, key=lambda t: _nll(retrieval / t, gold))
-    return replace(base, retrieval_temperature=float(best))
+    return replace(base, retrieval_temperature=float(best), gated_flat_weight=0.0)
 
 
 @dataclass(frozen=True)
@@ -156,18 +210,19 @@ class GateTarget:
 
 
 def fit_gate(policy: RerankPolicy, logits: np.ndarray, retrieval: np.ndarray, gold: np.ndarray,
-             target: GateTarget = GateTarget()) -> tuple:
+             target: GateTarget = GateTarget(), flat: np.ndarray = None) -> tuple:
     """The gate margin on validation. Feasible gates keep validation accuracy within `target.tolerance`
     of always reranking; among them the one reranking the largest share within `target.rerank_budget`
     (or, when every feasible gate reranks more than the budget, the one reranking the fewest).
-    Rows: every email (gold = -1 where retrieval missed it).
+    Rows: every email (gold = -1 where retrieval missed it); flat: the flat classifier's log-probabilities of the
+    candidates where the policy fuses them.
 
     Returns (policy with gate_margin, {"margin", "share_reranked", "accuracy_gated", "accuracy_ungated",
     "within_budget"}).
     """
     logits, retrieval, gold = np.asarray(logits, np.float64), np.asarray(retrieval, np.float64), np.asarray(gold)
-    reranked_ok = policy.probabilities(logits, retrieval).argmax(1) == gold  # (n,)
-    retrieval_ok = retrieval.argmax(1) == gold
+    reranked_ok = policy.probabilities(logits, retrieval, flat).argmax(1) == gold  # (n,)
+    retrieval_ok = policy.retrieval_probabilities(retrieval, flat).argmax(1) == gold  # what the gated path answers
     margin = retrieval_margin(retrieval)
     ungated = reranked_ok.mean()
     feasible = [(None, 1.0, float(ungated))]  # no gate

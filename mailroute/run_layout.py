@@ -1,7 +1,9 @@
 """The files of a training run folder (`mailroute train --out RUN`), named once for train, export and tests.
 
   RUN/bi_encoder/  RUN/cross_encoder/   sentence-transformers model folders
-  RUN/flat_encoder/                     the flat baseline's encoder, kept when the cross-encoder starts from it (--ce-init flat)
+  RUN/flat_encoder/                     the flat classifier's encoder (the baseline: fused into the served answer, and the
+                                        cross-encoder's start with --ce-init flat)
+  RUN/flat_head.npz                     ... and its head over all labels (mailroute.flat_head.FlatHead)
   RUN/label_index/                      mailroute.label_index.LabelIndex (descriptions + exemplars + cards)
   RUN/rerank_policy.json                mailroute.rerank_policy.RerankPolicy fitted on validation
   RUN/config.json  RUN/metrics.json  RUN/report.md  RUN/predictions.jsonl  RUN/abstention.png
@@ -18,6 +20,7 @@ from pathlib import Path
 BI_ENCODER_DIR = "bi_encoder"
 CROSS_ENCODER_DIR = "cross_encoder"
 FLAT_ENCODER_DIR = "flat_encoder"
+FLAT_HEAD_FILE = "flat_head.npz"  # also in a classifier version of the repository
 LABEL_INDEX_DIR = "label_index"
 POLICY_FILE = "rerank_policy.json"
 CONFIG_FILE = "config.json"
@@ -40,6 +43,7 @@ class RunFolder:
         self.bi_encoder = self.root / BI_ENCODER_DIR
         self.cross_encoder = self.root / CROSS_ENCODER_DIR
         self.flat_encoder = self.root / FLAT_ENCODER_DIR
+        self.flat_head = self.root / FLAT_HEAD_FILE
         self.label_index = self.root / LABEL_INDEX_DIR
         self.policy = self.root / POLICY_FILE
         self.config = self.root / CONFIG_FILE
@@ -60,6 +64,10 @@ class RunFolder:
 
     def heldout_flat(self, epochs: int) -> Path:
         return self.root / HELDOUT_FLAT.format(epochs=epochs)
+
+    def has_flat(self) -> bool:
+        """The run kept its flat classifier (encoder and head)."""
+        return self.flat_encoder.is_dir() and self.flat_head.exists()
 
     def is_trained(self) -> bool:
         return self.bi_encoder.is_dir() and self.cross_encoder.is_dir() and self.label_index.is_dir()

@@ -49,9 +49,11 @@ class Request:
 
 class ClassifierService:
     def __init__(self, clf: TwoStageClassifier, model_versions: tuple):
-        """model_versions: the versions of contract.MODELS, in that order (the MODEL_VERSIONS output)."""
+        """model_versions: the versions of contract.VERSION_MODELS, in that order (the MODEL_VERSIONS output); "" or
+        missing at the end (the model.py of an earlier version passes contract.MODELS' three) = not pinned."""
         self.clf = clf
-        self.versions = np.array([str(v) for v in model_versions], dtype=contract.dtype(contract.MODEL_VERSIONS))
+        versions = [str(v) for v in model_versions] + [""] * (len(contract.VERSION_MODELS) - len(model_versions))
+        self.versions = np.array(versions, dtype=contract.dtype(contract.MODEL_VERSIONS))
 
     def _parse(self, req: Request) -> tuple:
         try:

@@ -116,23 +116,31 @@ class TorchEncoders:
     """The pipeline's Encoders seam over two TorchEncoders (what the `torch` runtime serves). embed_batch and
     score_batch: the most rows the pipeline sends each in one call (their CUDA graphs' largest batch)."""
 
-    def __init__(self, bi_folder, cross_folder, device: str = "cpu", embed_batch: int = None, score_batch: int = None, **kw):
+    def __init__(self, bi_folder, cross_folder, device: str = "cpu", embed_batch: int = None, score_batch: int = None,
+                 flat_folder=None, **kw):
         self.bi = TorchEncoder(bi_folder, BI, device, **kw | ({"max_batch": embed_batch} if embed_batch else {}))
         self.cross = TorchEncoder(cross_folder, CROSS, device, **kw | ({"max_batch": score_batch} if score_batch else {}))
+        self.flat = None if flat_folder is None else TorchEncoder(flat_folder, BI, device, **kw | ({"max_batch": embed_batch} if embed_batch else {}))
 
     @classmethod
-    def of_versions(cls, repo, bi_version: int, cross_version: int, device: str = "cpu", **kw) -> "TorchEncoders":
+    def of_versions(cls, repo, bi_version: int, cross_version: int, device: str = "cpu", flat_version: int = None, **kw) -> "TorchEncoders":
         """The torch runtime's weights of the encoder versions a classifier version pins, from a model repository."""
         from pathlib import Path
 
         from mailroute.repository import TORCH_WEIGHTS_DIR
 
         repo = Path(repo)
+        flat = None if flat_version is None else repo / contract.FLAT_ENCODER / str(flat_version) / TORCH_WEIGHTS_DIR
         return cls(repo / contract.BI_ENCODER / str(bi_version) / TORCH_WEIGHTS_DIR,
-                   repo / contract.CROSS_ENCODER / str(cross_version) / TORCH_WEIGHTS_DIR, device, **kw)
+                   repo / contract.CROSS_ENCODER / str(cross_version) / TORCH_WEIGHTS_DIR, device, flat_folder=flat, **kw)
 
     def embed(self, input_ids, attention_mask):
         return self.bi(contract.feed(contract.BI_ENCODER, input_ids, attention_mask))
+
+    def flat_embed(self, input_ids, attention_mask):
+        if self.flat is None:
+            raise RuntimeError("these encoders have no flat classifier")
+        return self.flat(contract.feed(contract.FLAT_ENCODER, input_ids, attention_mask))
 
     def score(self, input_ids, attention_mask, token_type_ids):
         return self.cross(contract.feed(contract.CROSS_ENCODER, input_ids, attention_mask, token_type_ids))[:, 0]

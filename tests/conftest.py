@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from mailroute.flat_head import FlatHead  # noqa: E402
 from mailroute.label_index import CardSpec, LabelScoring, weights_id  # noqa: E402
 from mailroute.repository import WEIGHTS_FILE  # noqa: E402
 from mailroute.rerank_policy import RerankPolicy  # noqa: E402
@@ -33,7 +34,8 @@ def demo():
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, demo):
-    """A run folder like `mailroute train` writes, with tiny random encoders over the demo taxonomy."""
+    """A run folder like `mailroute train` writes, with tiny random encoders over the demo taxonomy (and a flat classifier
+    whose log-probabilities the policy fuses, so every path runs the flat encoder too)."""
     run = RunFolder(tmp_path_factory.mktemp("tiny-run"))
     run.config.write_text(json.dumps(asdict(TrainConfig(dataset="demo", k_eval=5))) + "\n")
     model = tiny_bi_encoder(tmp_path_factory.mktemp("tiny-bi-base"))
@@ -46,9 +48,16 @@ def tiny_run(tmp_path_factory, demo):
     index.save(run.label_index)
     base = make_tiny_base(tmp_path_factory.mktemp("tiny-cross-base"), seed=1)
     load_cross_encoder(base).save(str(run.cross_encoder))
-    # exercise the retrieval fusion in every path, and a gate that fires for about half of the demo emails
+    flat = tiny_bi_encoder(tmp_path_factory.mktemp("tiny-flat-base"), seed=2)
+    flat.save(str(run.flat_encoder))
+    rng = np.random.default_rng(3)
+    dim = flat.get_embedding_dimension()
+    FlatHead(rng.normal(size=(len(demo.taxonomy), dim)), rng.normal(size=len(demo.taxonomy)), 5.0, tuple(demo.taxonomy.names),
+             weights_id(run.flat_encoder / WEIGHTS_FILE)).save(run.flat_head)
+    # exercise the retrieval and flat fusion in every path, and a gate that fires for about half of the demo emails
     D, _ = index.search(bi.embed(model, [e.text for e in demo.test]), 5)
-    RerankPolicy(retrieval_weight=20.0, temperature=1.5, gate_margin=float(np.median(D[:, 0] - D[:, 1]))).save(run.policy)
+    RerankPolicy(retrieval_weight=20.0, temperature=1.5, gate_margin=float(np.median(D[:, 0] - D[:, 1])), flat_weight=0.5,
+                 gated_flat_weight=0.02).save(run.policy)
     return run.root
 
 

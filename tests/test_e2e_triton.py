@@ -37,7 +37,7 @@ def test_classify_over_grpc_agrees_with_in_process(client, tiny_repo, tiny_refer
     onnx_local = open_onnx_classifier(tiny_repo).classify(EMAILS)
     torch_local = tiny_reference.classify(EMAILS)
     for s, o, t in zip(served, onnx_local, torch_local, strict=True):
-        assert s.ok and s.model_versions == {"email_classifier": "1", "bi_encoder": "1", "cross_encoder": "1"}
+        assert s.ok and s.model_versions == {"email_classifier": "1", "bi_encoder": "1", "cross_encoder": "1", "flat_encoder": "1"}
         assert s.top_labels == o.top_labels == t.top_labels
         assert np.abs(np.array(s.top_probabilities) - np.array(t.top_probabilities)).max() < 1e-4
         assert set(s.stage_ms) == set(contract.STAGES) and s.stage_ms["rerank"] > 0
@@ -170,10 +170,10 @@ def test_new_version_is_loaded_through_the_repository_api(tiny_repo, tiny_run, t
             export(ExportConfig(run=str(tiny_run), repo=str(repo), top_k=5))
             admin = grpcclient.InferenceServerClient(server.grpc_url)
             h = {"triton-grpc-protocol-admin-key": "k"}
-            for m in (contract.BI_ENCODER, contract.CROSS_ENCODER, contract.CLASSIFIER):
+            for m in contract.ENCODERS + (contract.CLASSIFIER,):  # the encoders first: the new classifier version calls their v2
                 admin.load_model(m, headers=h)
             r = c.classify_one(EMAILS[0])
-            assert r.model_versions == {"email_classifier": "2", "bi_encoder": "2", "cross_encoder": "2"}
+            assert r.model_versions == {"email_classifier": "2", "bi_encoder": "2", "cross_encoder": "2", "flat_encoder": "2"}
             # encoder versions stay loaded for rollback, and every model's version 1 files stay in the repository
             assert admin.is_model_ready(contract.BI_ENCODER, "1") and admin.is_model_ready(contract.CROSS_ENCODER, "1")
             assert all((repo / m / "1").is_dir() for m in contract.MODELS)

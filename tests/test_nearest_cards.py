@@ -83,6 +83,9 @@ def test_pipeline_pairs_carry_each_emails_nearest_cards(tiny_repo):
         def embed(self, ids, mask):
             return self.inner.embed(ids, mask)
 
+        def flat_embed(self, ids, mask):
+            return self.inner.flat_embed(ids, mask)
+
         def score(self, ids, mask, types):
             seen.append((ids, mask, types))
             return np.zeros(len(ids), np.float32)

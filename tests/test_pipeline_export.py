@@ -176,7 +176,7 @@ def test_each_email_tokenised_once_for_both_stages_gives_the_same_answers(tiny_r
     emails = ["Refund?", "I was charged twice, please refund the extra charge. " * 30, "Where is my parcel?", "x"]
     assert clf._tokenizers()[2] is not None  # bi and cross tokenizers of a run differ only in their lengths
     parts = clf._tokenizers()[0].encode_batch(emails, add_special_tokens=False)
-    seen = []
+    seen, flat_seen = [], []
 
     class Recorder:
         def __init__(self, inner):
@@ -185,6 +185,10 @@ def test_each_email_tokenised_once_for_both_stages_gives_the_same_answers(tiny_r
         def embed(self, ids, mask):
             seen.append((ids, mask))
             return self.inner.embed(ids, mask)
+
+        def flat_embed(self, ids, mask):
+            flat_seen.append((ids, mask))
+            return self.inner.flat_embed(ids, mask)
 
         def score(self, *a):
             return self.inner.score(*a)
@@ -200,6 +204,8 @@ def test_each_email_tokenised_once_for_both_stages_gives_the_same_answers(tiny_r
                                   "__getattr__": lambda self, name: getattr(shared, name)})()
     clf._toks = (shared_spy,) + clf._toks[1:]
     once = clf.classify(emails, gate=False)
+    # the flat classifier (the tiny run's policy fuses it) reads the very tensors stage 1 read
+    assert len(flat_seen) == 1 and all((f == b).all() for f, b in zip(flat_seen[0], seen[-1]))
     email_calls = [c for c in calls if c != list(clf.label_texts)]  # (the labels are tokenised once per classifier)
     assert [len(c) for c in email_calls] == [len(emails)]  # one tokenisation of the (normalised) batch serves both stages
     clf._toks = (shared,) + clf._toks[1:2] + (None,)  # as if the tokenizers differed: each stage tokenises itself

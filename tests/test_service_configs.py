@@ -29,7 +29,10 @@ def test_batch_of_requests_answers_each_in_order(service):
     assert out[0][contract.ERROR][1, 0].startswith(b"email is empty")
     assert out[1][contract.TOP_LABELS].shape == (1, 3)
     assert isinstance(out[2], RequestError) and "top_k must be between 1 and 50" in str(out[2])
-    assert out[0][contract.MODEL_VERSIONS].shape == (2, 3) and out[0][contract.STAGE_MS].shape == (2, len(contract.STAGES))
+    assert out[0][contract.MODEL_VERSIONS].shape == (2, len(contract.VERSION_MODELS)) and out[0][contract.STAGE_MS].shape == (2, len(contract.STAGES))
+    # three versions given (contract.MODELS, as the model.py of a version exported before the flat encoder passes them): the
+    # flat encoder's column says none is pinned
+    assert out[0][contract.MODEL_VERSIONS][0].tolist() == ["1", "1", "1", ""]
 
 
 @pytest.mark.parametrize("req,msg", [
@@ -54,7 +57,7 @@ def test_subject_is_used(service):
 
 def test_generated_configs_parse_as_model_config(tiny_repo):
     paths = list(tiny_repo.glob("*/config.pbtxt")) + list(tiny_repo.glob("*/configs/*.pbtxt"))
-    assert len(paths) == 5
+    assert len(paths) == 1 + 2 * len(contract.ENCODERS)  # the classifier's; each encoder's, and its TensorRT config
     for p in paths:
         cfg = text_format.Parse(p.read_text(), model_config_pb2.ModelConfig())
         assert cfg.name == p.parent.name or cfg.name == p.parent.parent.name
@@ -200,7 +203,8 @@ def test_native_export_writes_trtexec_shapes_from_the_contract(tiny_run, tmp_pat
 
     repo = tmp_path / "repo"
     export(ExportConfig(run=str(tiny_run), repo=str(repo), runtime="native"))
-    for name, inputs in ((contract.BI_ENCODER, contract.BI_ENCODER_INPUTS), (contract.CROSS_ENCODER, contract.CROSS_ENCODER_INPUTS)):
+    for name, inputs in ((contract.BI_ENCODER, contract.BI_ENCODER_INPUTS), (contract.CROSS_ENCODER, contract.CROSS_ENCODER_INPUTS),
+                         (contract.FLAT_ENCODER, contract.BI_ENCODER_INPUTS)):
         flags = _shape_flags(version_dir(repo, name) / TRTEXEC_SHAPES_FILE)
         max_batch, tokens = ENCODER_LIMITS[name]
         for cfg in (read_config(repo, name), text_format.Parse((repo / name / TENSORRT_CONFIG).read_text(), model_config_pb2.ModelConfig())):
@@ -212,12 +216,12 @@ def test_native_export_writes_trtexec_shapes_from_the_contract(tiny_run, tmp_pat
     res = _build_tensorrt(repo, tmp_path)
     assert res.returncode == 0, res.stderr
     calls = (tmp_path / "trtexec.log").read_text().splitlines()
-    assert len(calls) == 2 and all(" --fp16 " in c for c in calls)
-    for name in (contract.BI_ENCODER, contract.CROSS_ENCODER):
+    assert len(calls) == len(contract.ENCODERS) and all(" --fp16 " in c for c in calls)
+    for name in contract.ENCODERS:
         vdir = version_dir(repo, name)
         assert f"--onnx={vdir}/model.onnx --saveEngine={vdir}/model.plan --fp16 " + " ".join(
             (vdir / TRTEXEC_SHAPES_FILE).read_text().split()) in calls
-    assert _build_tensorrt(repo, tmp_path).returncode == 0 and len((tmp_path / "trtexec.log").read_text().splitlines()) == 2  # built once
+    assert _build_tensorrt(repo, tmp_path).returncode == 0 and len((tmp_path / "trtexec.log").read_text().splitlines()) == len(contract.ENCODERS)  # built once
 
 
 def test_build_tensorrt_stops_at_a_version_without_shapes(tiny_repo, tmp_path):

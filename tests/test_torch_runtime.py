@@ -104,7 +104,9 @@ def test_torch_runtime_agrees_with_onnx(torch_repo):
     bi_dir, cross_dir = version_dir(torch_repo, contract.BI_ENCODER), version_dir(torch_repo, contract.CROSS_ENCODER)
     assert (bi_dir / "model.py").read_text().count("TorchEncoder") and (bi_dir / TORCH_WEIGHTS_DIR / "config.json").exists()
     cdir = version_dir(torch_repo, contract.CLASSIFIER)
-    by_torch = open_classifier(torch_repo, cdir, TorchEncoders(bi_dir / TORCH_WEIGHTS_DIR, cross_dir / TORCH_WEIGHTS_DIR))
+    flat_dir = version_dir(torch_repo, contract.FLAT_ENCODER)
+    by_torch = open_classifier(torch_repo, cdir, TorchEncoders(bi_dir / TORCH_WEIGHTS_DIR, cross_dir / TORCH_WEIGHTS_DIR,
+                                                               flat_folder=flat_dir / TORCH_WEIGHTS_DIR))
     by_onnx = open_onnx_classifier(torch_repo)
     for t, o in zip(by_torch.classify(EMAILS, gate=False), by_onnx.classify(EMAILS, gate=False), strict=True):
         assert t.top_labels == o.top_labels

@@ -236,7 +236,8 @@ def test_baseline_retrains_only_the_flat_softmax_and_keeps_the_old_numbers(tiny_
 
     out = RunFolder(shutil.copytree(tiny_run, tmp_path / "run"))
     run = out.root
-    cfg = json.loads(out.config.read_text()) | {"base": str(out.bi_encoder)}  # tiny weights: a fast flat model
+    # tiny weights: a fast flat model; first a run that measures the flat model as the baseline only (not fused)
+    cfg = json.loads(out.config.read_text()) | {"base": str(out.bi_encoder), "no_flat_fusion": True}
     out.config.write_text(json.dumps(cfg))
     out.metrics.write_text(json.dumps({  # what `mailroute train` writes before the evaluation's own keys
         "dataset": "demo", "labels": 50, "n_train": 450, "n_validation": 50, "n_test": 200, "device": "cpu",
@@ -258,6 +259,13 @@ def test_baseline_retrains_only_the_flat_softmax_and_keeps_the_old_numbers(tiny_
     assert [h["epochs"] for h in metrics["flat_baseline_history"]] == [2] and metrics["flat_baseline"]["epochs"] == 1
     with pytest.raises(BadSetting, match="--flat-epochs"):
         retrain_baseline(run, flat_epochs=0)
+    # A run that fuses the flat classifier: the new one is kept and the policy fitted again with it
+    out.config.write_text(json.dumps(json.loads(out.config.read_text()) | {"no_flat_fusion": False}))
+    before = out.flat_head.read_bytes()  # the 1-epoch model's (retrain_baseline keeps the model it trains, fused or not)
+    metrics = retrain_baseline(run, flat_epochs=2, device="cpu")
+    assert out.flat_head.read_bytes() != before and metrics["refit"]["flat_fused"]
+    assert RerankPolicy.load(out.policy).uses_flat and "retrieval_flat" in metrics["variants"]["test"]
+    assert [h["epochs"] for h in metrics["flat_baseline_history"]] == [2, 1]
     with pytest.raises(FileNotFoundError, match="not an evaluated run"):
         retrain_baseline(tmp_path / "nothing", flat_epochs=1)
 

@@ -27,9 +27,9 @@ def make_tiny_base(folder, seed: int = 0, hidden: int = 32, layers: int = 2) -> 
     return folder
 
 
-def tiny_bi_encoder(folder) -> SentenceTransformer:
+def tiny_bi_encoder(folder, seed: int = 0) -> SentenceTransformer:
     """A 2-layer random bi-encoder whose base weights are written to `folder` (the caller's, and removed by it)."""
     folder = Path(folder)
-    make_tiny_base(folder)
+    make_tiny_base(folder, seed=seed)
     tr = Transformer(str(folder), max_seq_length=DEFAULTS.max_email_tokens)
     return SentenceTransformer(modules=[tr, Pooling(tr.get_embedding_dimension(), "mean"), Normalize()], device="cpu")

@@ -74,6 +74,7 @@ class Scored:
     I: np.ndarray  # (n, k) candidate label ids
     logits: np.ndarray  # (n, k) cross-encoder logits of the candidates
     ms: dict = field(default_factory=dict)  # per-stage milliseconds per email
+    flat: np.ndarray = None  # (n, k) the flat classifier's log-probabilities of the candidates (None: no flat classifier)
 
     @property
     def gold_pos(self) -> np.ndarray:
@@ -85,8 +86,10 @@ class Scored:
 EVAL_BATCH = 32  # emails per in-process classifier call when a run or an export is evaluated
 
 
-def embed_texts(clf, texts: list, batch_size: int = EVAL_BATCH) -> np.ndarray:
-    return np.concatenate([clf._embed(texts[s:s + batch_size]) for s in tqdm(range(0, len(texts), batch_size), desc="evaluate: embed")])
+def embed_texts(clf, texts: list, batch_size: int = EVAL_BATCH, with_flat: bool = False) -> tuple:
+    """-> ((n, dim) embeddings, (n, labels) the flat classifier's log-probabilities or None)."""
+    parts = [clf.encode(texts[s:s + batch_size], with_flat=with_flat) for s in tqdm(range(0, len(texts), batch_size), desc="evaluate: embed")]
+    return np.concatenate([x for x, _ in parts]), np.concatenate([f for _, f in parts]) if with_flat else None
 
 
 def choose_scoring(index, xq: np.ndarray, gold: np.ndarray, top_n_grid, description_weight_grid) -> tuple:
@@ -107,12 +110,13 @@ def choose_scoring(index, xq: np.ndarray, gold: np.ndarray, top_n_grid, descript
 
 def collect(clf, examples: list, k: int, batch_size: int = EVAL_BATCH) -> Scored:
     """Run stage 1 over all labels and stage 2 over the top K of every email, through the classifier's
-    own embed / search / score code (what serving runs), with per-stage timings."""
+    own embed / search / score code (what serving runs), with per-stage timings; and the flat classifier
+    where the classifier has one (its log-probabilities of the K, whatever the policy fuses)."""
     labels = list(clf.label_names)
     gold = np.array([labels.index(e.label) for e in examples])
     texts = [e.text for e in examples]
     t0 = time.perf_counter()
-    xq = embed_texts(clf, texts, batch_size)
+    xq, flat_all = embed_texts(clf, texts, batch_size, with_flat=clf.flat_head is not None)
     t1 = time.perf_counter()
     D_all, ranked = clf.index.search(xq, len(labels))  # (n, labels)
     t2 = time.perf_counter()
@@ -124,20 +128,35 @@ def collect(clf, examples: list, k: int, batch_size: int = EVAL_BATCH) -> Scored
     n = max(1, len(texts))
     ms = {"embed_ms_per_email": 1e3 * (t1 - t0) / n, "search_ms_per_email": 1e3 * (t2 - t1) / n,
           "rerank_ms_per_email": 1e3 * (t3 - t2) / n, "two_stage_ms_per_email": 1e3 * (t3 - t0) / n, "batch_size": batch_size}
-    return Scored(gold, xq, ranked, D, I, np.concatenate(logits).astype(np.float64), ms)
+    flat = None if flat_all is None else np.take_along_axis(flat_all, I, 1)
+    return Scored(gold, xq, ranked, D, I, np.concatenate(logits).astype(np.float64), ms, flat)
 
 
-def fit_policy(sc: Scored, target: GateTarget = GateTarget()) -> tuple:
-    """On validation: fusion weights and temperature (NLL), the retrieval-only temperature, then the
-    gate. -> (ungated policy, gated policy, gate report, cross-encoder-only policy)."""
+@dataclass(frozen=True)
+class Policies:
+    """The policies fitted on validation: the served one and those of the report's other variants."""
+    fused: RerankPolicy  # every score the classifier has (the flat classifier's too, where it has one), no gate
+    gated: RerankPolicy  # fused with the gate: what is served
+    gate_report: dict
+    ce_only: RerankPolicy  # the reranker alone
+    two_stage: RerankPolicy  # cross-encoder and retrieval without the flat classifier (= fused where there is none)
+    retrieval: RerankPolicy  # stage 1 alone
+
+
+def fit_policy(sc: Scored, target: GateTarget = GateTarget(), use_flat: bool = True) -> Policies:
+    """On validation: fusion weights and temperature (NLL), the stage-1-only softmax (where the gate skips
+    stage 2), then the gate. use_flat: fuse the flat classifier's log-probabilities where `sc` has them."""
     ok = sc.gold_pos >= 0
     pos = sc.gold_pos[ok]
-    fused = fit_fusion(sc.logits[ok], sc.D[ok], pos)
-    fused = fit_retrieval_temperature(sc.D[ok], pos, fused)
+    flat = sc.flat if use_flat else None
+    flat_ok = None if flat is None else flat[ok]
+    fused = fit_retrieval_temperature(sc.D[ok], pos, fit_fusion(sc.logits[ok], sc.D[ok], pos, flat=flat_ok), flat=flat_ok)
+    two_stage = fused if flat is None else fit_retrieval_temperature(sc.D[ok], pos, fit_fusion(sc.logits[ok], sc.D[ok], pos))
+    retrieval = fit_retrieval_temperature(sc.D[ok], pos, RerankPolicy())
     ce_only = fit_fusion(sc.logits[ok], np.zeros_like(sc.D[ok]), pos)  # the reranker alone, for the variants table
     ce_only = RerankPolicy(ce_weight=1.0, retrieval_weight=0.0, temperature=ce_only.temperature if ce_only.ce_weight else 1.0)
-    gated, report = fit_gate(fused, sc.logits, sc.D, sc.gold_pos, target)
-    return fused, gated, report, ce_only
+    gated, report = fit_gate(fused, sc.logits, sc.D, sc.gold_pos, target, flat=flat)
+    return Policies(fused, gated, report, ce_only, two_stage, retrieval)
 
 
 def predict(sc: Scored, policy: RerankPolicy, names, mode: str = "rerank") -> tuple:
@@ -147,20 +166,25 @@ def predict(sc: Scored, policy: RerankPolicy, names, mode: str = "rerank") -> tu
         skip = np.ones(len(sc.gold), dtype=bool)
     else:
         skip = policy.skip_rerank(sc.D, gate=(mode == "gated"))
-    p = np.where(skip[:, None], policy.retrieval_probabilities(sc.D), policy.probabilities(sc.logits, sc.D))  # (n, k)
+    flat = sc.flat if policy.uses_flat else None
+    p = np.where(skip[:, None], policy.retrieval_probabilities(sc.D, flat), policy.probabilities(sc.logits, sc.D, flat))  # (n, k)
     best = p.argmax(1)
     return [names[i] for i in sc.I[np.arange(len(best)), best]], p.max(1), ~skip
 
 
-def variants(sc: Scored, names, fused: RerankPolicy, gated: RerankPolicy, ce_only: RerankPolicy, description_ranked=None) -> dict:
-    """Each system variant of the report on one split: {name: metrics}."""
+def variants(sc: Scored, names, policies: Policies, description_ranked=None) -> dict:
+    """Each system variant of the report on one split: {name: metrics}. With a flat classifier fused, also the
+    cross-encoder and retrieval without it (two_stage_without_flat) and retrieval with it, no cross-encoder
+    (retrieval_flat: the gated path for every email)."""
     gold = [names[g] for g in sc.gold]
     out = {}
     if description_ranked is not None:  # stage 1 as it was: cosine to the label description only
         pred = [names[i] for i in description_ranked[:, 0]]
         out["bi_encoder_descriptions"] = system_metrics(gold, pred, np.ones(len(pred))) | {"ece": None}
-    for name, policy, mode in (("bi_encoder", fused, "retrieval"), ("cross_encoder_only", ce_only, "rerank"),
-                               ("two_stage_ungated", fused, "rerank"), ("two_stage", gated, "gated")):
+    rows = [("bi_encoder", policies.retrieval, "retrieval"), ("cross_encoder_only", policies.ce_only, "rerank")]
+    if policies.fused.uses_flat:
+        rows += [("retrieval_flat", policies.fused, "retrieval"), ("two_stage_without_flat", policies.two_stage, "rerank")]
+    for name, policy, mode in rows + [("two_stage_ungated", policies.fused, "rerank"), ("two_stage", policies.gated, "gated")]:
         pred, conf, reranked = predict(sc, policy, names, mode)
         out[name] = system_metrics(gold, pred, conf) | {"share_reranked": float(reranked.mean())}
     return out

@@ -180,20 +180,20 @@ def refit_policy(repo, base: int, index, cross_version: int, evaluation: list, g
     """The rerank policy (fusion, temperatures, gate) fitted on the evaluation split for a candidate's own
     scores, as `mailroute train` fits it: a cross-encoder that learnt may now be worth running where the
     serving version's gate skipped it. -> the policy's JSON form."""
-    from mailroute.onnx_encoders import OnnxEncoders
     from mailroute.pipeline import TwoStageClassifier, load_tokenizer
-    from mailroute.repository import MODEL_FILE, TOKENIZER_FILE
+    from mailroute.repository import TOKENIZER_FILE, load_flat_head, onnx_encoders_of
     from training.evaluate import collect, fit_policy
 
-    spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, base))
+    base_dir = version_dir(repo, contract.CLASSIFIER, base)
+    spec = read_pipeline(base_dir)
     bi_dir = version_dir(repo, contract.BI_ENCODER, spec.bi_encoder_version)
     cross_dir = version_dir(repo, contract.CROSS_ENCODER, cross_version)
     k = min(spec.top_k, len(index.taxonomy))
-    clf = TwoStageClassifier(OnnxEncoders(bi_dir / MODEL_FILE, cross_dir / MODEL_FILE), index,
+    clf = TwoStageClassifier(onnx_encoders_of(repo, spec, cross_version=cross_version), index,  # the base's flat classifier too
                              load_tokenizer(bi_dir / TOKENIZER_FILE, DEFAULTS.max_email_tokens),
-                             load_tokenizer(cross_dir / TOKENIZER_FILE, DEFAULTS.max_pair_tokens), top_k=k)
-    _, gated, _, _ = fit_policy(collect(clf, evaluation, k), gate)
-    return gated.to_dict()
+                             load_tokenizer(cross_dir / TOKENIZER_FILE, DEFAULTS.max_pair_tokens), top_k=k,
+                             flat_head=load_flat_head(repo, base_dir))
+    return fit_policy(collect(clf, evaluation, k), gate).gated.to_dict()
 
 
 def build_candidate(cfg: FeedbackConfig, store: FeedbackStore = None) -> dict:

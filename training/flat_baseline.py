@@ -10,6 +10,7 @@ from sentence_transformers.util import batch_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
+from mailroute.flat_head import LOGIT_SCALE, FlatHead
 from mailroute.settings import DEFAULTS
 from training.models import autocast_dtype
 
@@ -23,7 +24,12 @@ class FlatClassifier(nn.Module):
     def forward(self, texts: list) -> torch.Tensor:
         features = batch_to_device(self.encoder.preprocess(texts), self.head.weight.device)
         emb = self.encoder(features)["sentence_embedding"]  # (batch, dim)
-        return self.head(emb) * 20.0  # normalised embeddings: the scale lets logits be confident (as MNRL's)
+        return self.head(emb) * LOGIT_SCALE
+
+    def flat_head(self, labels, encoder_id: str) -> FlatHead:
+        """The head as served (numpy, beside the label index), pinned to the encoder weights it was trained with."""
+        return FlatHead(self.head.weight.detach().float().cpu().numpy().astype(np.float64),
+                        self.head.bias.detach().float().cpu().numpy().astype(np.float64), LOGIT_SCALE, tuple(labels), encoder_id)
 
 
 def train_flat(encoder, examples: list, taxonomy, epochs: int, batch_size: int, lr: float, seed: int, val: list = (),

@@ -25,7 +25,7 @@ from training.evaluate import choose_scoring, collect, fit_policy, predict, reca
 from training.flat_baseline import predict_flat, train_flat
 from training.mining import exemplar_rows, least_sure, listwise_rows, mine_candidates, mine_out_of_fold
 from training.models import HF_CONFIG_FILE, autocast_dtype, load_bi_encoder, load_cross_encoder, resolve_device
-from training.reference import classifier_from_models
+from training.reference import classifier_from_models, load_flat
 from training.report import write_report
 
 
@@ -204,6 +204,15 @@ def run(cfg: TrainConfig) -> dict:
     cross.save(str(out.cross_encoder))
     times["cross_encoder_s"] = time.perf_counter() - t
 
+    # the flat classifier, where its log-probabilities are fused into the answer: trained before the policy is fitted
+    # (and reported as the baseline in step 8), kept in the run folder for export
+    if fuses_flat(cfg) and flat is None:
+        t = time.perf_counter()
+        print(f"[7/9] flat classifier ({cfg.flat_epochs} epoch(s), best on validation): the baseline, and one more score of the fusion")
+        flat, flat_val = train_flat_baseline(cfg, train, tax, val, device)
+        times["flat_baseline_s"] = time.perf_counter() - t
+    flat_parts = save_flat(out, flat, tax) if fuses_flat(cfg) else None
+
     # 7. evaluate through the reference classifier (the code path serving runs): the policy (fusion,
     #    temperature, gate) is fitted on validation, then test is measured once with it
     t = time.perf_counter()
@@ -212,7 +221,7 @@ def run(cfg: TrainConfig) -> dict:
                "label_scoring_validation": scoring_table, "cross_encoder_validation_by_epoch": ce_history,
                "mining": {"how": how, "k_train": cfg.k_train, "gold_retrieved_train": gold_retrieved, "gold_in_rows": gold_mined, "rows": len(rows["query"])},
                "anisotropy": {"before": aniso_before, "after": aniso_after}}
-    clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(tax)))
+    clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, flat=flat_parts, top_k=min(cfg.k_eval, len(tax)))
     ev = evaluate_and_fit(clf, val, test, cfg.gate_target())
     ev.policy.save(out.policy)
     metrics |= ev.metrics
@@ -251,15 +260,30 @@ class Evaluation:
     reranked: np.ndarray
 
 
+def fuses_flat(cfg: TrainConfig) -> bool:
+    """Whether the run's answer fuses the flat classifier: it is trained (not --skip-baseline, or --ce-init flat) and
+    not --no-flat-fusion."""
+    return not cfg.no_flat_fusion and (not cfg.skip_baseline or cfg.ce_init == "flat")
+
+
+def save_flat(out: RunFolder, flat, tax) -> tuple:
+    """Keep the flat classifier in the run folder (encoder, head pinned to its weights) -> (encoder, head)."""
+    flat.encoder.save(str(out.flat_encoder))
+    head = flat.flat_head(tax.names, weights_id(out.flat_encoder / WEIGHTS_FILE))
+    head.save(out.flat_head)
+    return flat.encoder, head
+
+
 def evaluate_and_fit(clf, val: list, test: list, gate: GateTarget) -> Evaluation:
     """Both stages on validation and test (scores computed once per split); the policy fitted on
     validation; every variant measured on both."""
     tax, names, k = clf.index.taxonomy, list(clf.label_names), clf.top_k
     sv, st = collect(clf, val, k), collect(clf, test, k)
-    fused, gated, gate_report, ce_only = fit_policy(sv, gate)
+    policies = fit_policy(sv, gate)
+    gated, gate_report = policies.gated, policies.gate_report
     desc = LabelScoring(description_weight=1.0)
-    v_val = variants(sv, names, fused, gated, ce_only, clf.index.search(sv.xq, len(tax), scoring=desc)[1])
-    v_test = variants(st, names, fused, gated, ce_only, clf.index.search(st.xq, len(tax), scoring=desc)[1])
+    v_val = variants(sv, names, policies, clf.index.search(sv.xq, len(tax), scoring=desc)[1])
+    v_test = variants(st, names, policies, clf.index.search(st.xq, len(tax), scoring=desc)[1])
     gold_test = [names[g] for g in st.gold]
     pred, conf, reranked = predict(st, gated, names, "gated")
     recall = recall_at(st.gold, st.ranked)
@@ -310,10 +334,15 @@ def refit(run_dir, gate_tolerance: float = None, rerank_budget: float = None, de
     _, _, val, test = splits_of(cfg)
     model, cross = load_bi_encoder(out.bi_encoder, device=device), load_cross_encoder(out.cross_encoder, device=device)
     index = LabelIndex.load(out.label_index)
-    clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(index)))
+    flat = load_flat(out.root, index.taxonomy.names, device) if fuses_flat(cfg) else None  # a run that kept its flat classifier
+    clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, flat=flat, top_k=min(cfg.k_eval, len(index)))
     ev = evaluate_and_fit(clf, val, test, cfg.gate_target())
     ev.policy.save(out.policy)
-    metrics = json.loads(out.metrics.read_text()) | ev.metrics | {"refit": {"date": time.strftime("%Y-%m-%d %H:%M")} | asdict(cfg.gate_target())}
+    metrics = json.loads(out.metrics.read_text()) | ev.metrics | {"refit": {"date": time.strftime("%Y-%m-%d %H:%M"), "flat_fused": flat is not None}
+                                                                  | asdict(cfg.gate_target())}
+    if flat is None:  # variants of an earlier fit with the flat classifier would now describe another policy
+        for split in metrics["variants"].values():
+            split.pop("retrieval_flat", None), split.pop("two_stage_without_flat", None)
     flat_pred, flat_conf = saved_flat_predictions(out, ev.gold)
     out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     save_evaluation(out, metrics, index, ev, flat_pred, flat_conf)
@@ -391,7 +420,9 @@ def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: s
     """Train a run's flat softmax baseline again with other epochs or learning rate (the best epoch on
     validation kept, as in `mailroute train`), so that the baseline gets at least the epochs the two-stage
     system got. The run's flat numbers and test predictions are replaced; the replaced numbers stay in
-    metrics.json under `flat_baseline_history`. The two-stage system is not touched."""
+    metrics.json under `flat_baseline_history`. The new flat classifier is kept in the run folder; where the run
+    fuses it (not --no-flat-fusion), the policy is then fitted again with it (`refit`: both stages scored again);
+    otherwise the two-stage system is not touched."""
     out = RunFolder(run_dir)
     needed = (out.config, out.metrics, out.predictions, out.policy, out.label_index)
     if not all(p.exists() for p in needed):
@@ -417,6 +448,7 @@ def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: s
               f"trained independently of the two-stage system")
     flat, flat_val = train_flat(load_bi_encoder(cfg.base or None, device=device), train, tax, cfg.flat_epochs, cfg.flat_batch_size,
                                 cfg.flat_lr, cfg.seed, val=val, device=device, precision=cfg.precision)
+    save_flat(out, flat, tax)
     probs = predict_flat(flat, [e.text for e in test])
     flat_pred, flat_conf = [tax.names[i] for i in probs.argmax(1)], probs.max(1)
     metrics = json.loads(out.metrics.read_text())
@@ -431,4 +463,7 @@ def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: s
     best = int(np.argmax(flat_val)) + 1 if flat_val else cfg.flat_epochs
     print(f"baseline {out.root}: flat {metrics['flat_baseline']['accuracy']:.2%} (epoch {best} of {cfg.flat_epochs} on validation "
           f"{['%.2f%%' % (100 * a) for a in flat_val]}); two-stage {metrics['two_stage']['accuracy']:.2%}")
+    if fuses_flat(cfg) and out.is_trained():
+        print("baseline: the run fuses the flat classifier: fitting its policy again with the new one")
+        return refit(out.root, device=device)
     return metrics

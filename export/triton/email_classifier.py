@@ -35,11 +35,17 @@ def _infer(model: str, version: int, inputs: dict, output: str) -> np.ndarray:
 
 
 class BLSEncoders:
-    def __init__(self, bi_version: int, cross_version: int):
-        self.bi_version, self.cross_version = bi_version, cross_version
+    def __init__(self, bi_version: int, cross_version: int, flat_version: int = None):
+        self.bi_version, self.cross_version, self.flat_version = bi_version, cross_version, flat_version
 
     def embed(self, input_ids, attention_mask):
         return _infer(contract.BI_ENCODER, self.bi_version, contract.feed(contract.BI_ENCODER, input_ids, attention_mask),
+                      contract.EMBEDDING)
+
+    def flat_embed(self, input_ids, attention_mask):
+        if self.flat_version is None:
+            raise RuntimeError(f"this {contract.CLASSIFIER} version pins no {contract.FLAT_ENCODER}")
+        return _infer(contract.FLAT_ENCODER, self.flat_version, contract.feed(contract.FLAT_ENCODER, input_ids, attention_mask),
                       contract.EMBEDDING)
 
     def score(self, input_ids, attention_mask, token_type_ids):
@@ -103,7 +109,7 @@ class TritonPythonModel:
         here = Path(args["model_repository"]) / args["model_version"]
         repo = Path(args["model_repository"]).parent
         spec = read_pipeline(here)
-        bi_v, cross_v = spec.bi_encoder_version, spec.cross_encoder_version
+        bi_v, cross_v, flat_v = spec.bi_encoder_version, spec.cross_encoder_version, spec.get("flat_encoder_version")
         params = config_parameters(args)
         # the downstream models' max_batch_size bounds each BLS call
         embed_batch = int(params.get(contract.EMBED_BATCH_PARAMETER, DEFAULTS.embed_batch))
@@ -112,18 +118,21 @@ class TritonPythonModel:
             from mailroute.torch_encoders import TorchEncoders
 
             device = instance_device(args)
-            encoders = TorchEncoders.of_versions(repo, bi_v, cross_v, device, embed_batch=embed_batch, score_batch=score_batch)
+            encoders = TorchEncoders.of_versions(repo, bi_v, cross_v, device, flat_version=flat_v, embed_batch=embed_batch,
+                                                 score_batch=score_batch)
             where = f"in this process on {device}"
         else:
-            encoders, where = BLSEncoders(bi_v, cross_v), "by BLS"
+            encoders, where = BLSEncoders(bi_v, cross_v, flat_v), "by BLS"
         clf = open_classifier(repo, here, encoders, embed_batch=embed_batch, score_batch=score_batch)
         if params.get(contract.SEARCH_DEVICE_PARAMETER):  # the torch runtime's label search (where faiss-gpu is not installed)
             clf.index = clf.index.on_device(params[contract.SEARCH_DEVICE_PARAMETER])
-        versions = {contract.CLASSIFIER: args["model_version"], contract.BI_ENCODER: bi_v, contract.CROSS_ENCODER: cross_v}
-        self.service = ClassifierService(clf, tuple(versions[m] for m in contract.MODELS))
+        versions = {contract.CLASSIFIER: args["model_version"], contract.BI_ENCODER: bi_v, contract.CROSS_ENCODER: cross_v,
+                    contract.FLAT_ENCODER: "" if flat_v is None else flat_v}
+        self.service = ClassifierService(clf, tuple(versions[m] for m in contract.VERSION_MODELS))
         self.metrics = ClassifierMetrics(args["model_version"])
         pb_utils.Logger.log_info(f"{contract.CLASSIFIER} v{args['model_version']}: {len(clf.label_names)} labels, encoders {where}, "
-                                 f"{contract.BI_ENCODER} v{bi_v}, {contract.CROSS_ENCODER} v{cross_v}")
+                                 f"{contract.BI_ENCODER} v{bi_v}, {contract.CROSS_ENCODER} v{cross_v}"
+                                 + ("" if flat_v is None else f", {contract.FLAT_ENCODER} v{flat_v}"))
 
     def execute(self, requests):
         batch = [Request(_input(r, contract.TEXT), _input(r, contract.SUBJECT), r.parameters()) for r in requests]

@@ -1,0 +1,194 @@
+"""The flat classifier fused into the rerank policy: the formula, its fit, the head's pins, and the classifier
+versions that carry it (export, derived versions)."""
+
+import numpy as np
+import pytest
+
+from mailroute import contract
+from mailroute.flat_head import FlatHead
+from mailroute.label_index import IndexMismatch
+from mailroute.rerank_policy import RerankPolicy, fit_fusion, fit_gate, fit_retrieval_temperature
+
+EMAILS = ["I was charged twice for my plan", "Where is my parcel? Tracking is stuck.", "refund please", "x"]
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_policy_formula_adds_the_flat_log_probability_in_both_paths():
+    p = RerankPolicy(retrieval_weight=2.0, temperature=0.5, flat_weight=0.3, retrieval_temperature=0.1, gated_flat_weight=0.05)
+    logits, retrieval, flat = np.array([1.0, 0.0, -1.0]), np.array([0.2, 0.9, 0.1]), np.log([0.2, 0.1, 0.7])
+    assert np.allclose(p.probabilities(logits, retrieval, flat), _softmax((logits + 2.0 * retrieval + 0.3 * flat) / 0.5))
+    assert np.allclose(p.probabilities(None, retrieval, flat), _softmax((retrieval + 0.05 * flat) / 0.1))  # stage 2 skipped
+    assert p.uses_flat and not p.without_flat().uses_flat
+    with pytest.raises(ValueError, match="flat classifier"):  # a policy that fuses it cannot answer without it
+        p.probabilities(logits, retrieval)
+    two_stage = RerankPolicy(retrieval_weight=2.0, temperature=0.5)
+    assert np.allclose(two_stage.probabilities(logits, retrieval, flat), two_stage.probabilities(logits, retrieval))  # weight 0: ignored
+    assert RerankPolicy.from_dict(p.to_dict()) == p
+
+
+def test_fusion_fit_recovers_a_known_flat_weight():
+    # Given golds drawn from softmax((logit + 3 x retrieval + 0.8 x flat) / 2)
+    rng = np.random.default_rng(0)
+    logits, retrieval = rng.normal(0, 4, (4000, 5)), rng.normal(0, 1, (4000, 5))
+    flat = np.log(_softmax(rng.normal(0, 2, (4000, 5))))
+    p = _softmax((logits + 3.0 * retrieval + 0.8 * flat) / 2.0)
+    gold = np.array([rng.choice(5, p=row) for row in p])
+    # When fitted by NLL with and without the flat scores
+    fused = fit_fusion(logits, retrieval, gold, flat=flat)
+    # Then its weights are close to the true ones, and without them the flat weight is 0
+    assert 1.7 < fused.temperature < 2.3 and 2.5 < fused.retrieval_weight < 3.5 and 0.6 < fused.flat_weight < 1.0
+    assert fit_fusion(logits, retrieval, gold).flat_weight == 0.0
+    # and where stage 2 is skipped, the retrieval softmax learns the flat weight beside it (here: golds from retrieval + flat)
+    g2 = np.array([rng.choice(5, p=row) for row in _softmax((retrieval + 0.5 * flat) / 0.25)])
+    gated = fit_retrieval_temperature(retrieval, g2, RerankPolicy(), flat=flat)
+    assert 0.2 < gated.retrieval_temperature < 0.3 and 0.4 < gated.gated_flat_weight < 0.6
+
+
+def test_gate_reads_the_gated_path_with_the_flat_scores():
+    # Retrieval alone is wrong everywhere, retrieval + flat right everywhere, the reranker right everywhere: the gate
+    # may then skip stage 2 for every email without losing accuracy, which it could not without the flat scores
+    n = 200
+    rng = np.random.default_rng(1)
+    retrieval = np.sort(rng.uniform(0, 1, (n, 4)), axis=1)[:, ::-1].copy()
+    gold = np.ones(n, dtype=int)
+    logits, flat = np.zeros((n, 4)), np.full((n, 4), np.log(1e-6))
+    logits[:, 1], flat[:, 1] = 10.0, 0.0
+    policy = RerankPolicy(gated_flat_weight=1.0, flat_weight=1.0)
+    _, with_flat = fit_gate(policy, logits, retrieval, gold, flat=flat)
+    _, without = fit_gate(RerankPolicy(), logits, retrieval, gold)
+    assert with_flat["accuracy_gated"] == 1.0 and with_flat["share_reranked"] <= 0.25
+    assert without["accuracy_gated"] == 1.0 and without["share_reranked"] == 1.0
+
+
+def test_flat_head_round_trip_and_refusals(tmp_path):
+    rng = np.random.default_rng(0)
+    head = FlatHead(rng.normal(size=(3, 8)), rng.normal(size=3), 20.0, ("a", "b", "c"), "enc-1")
+    head.save(tmp_path / "h.npz")
+    back = FlatHead.load(tmp_path / "h.npz")
+    x = rng.normal(size=(5, 8))
+    assert back.labels == head.labels and back.encoder_id == "enc-1"
+    assert np.allclose(back.log_probabilities(x), head.log_probabilities(x), atol=1e-5)
+    assert np.allclose(np.exp(head.log_probabilities(x)).sum(1), 1.0)
+    with pytest.raises(IndexMismatch, match="labels"):
+        back.check(("a", "c", "b"))
+    with pytest.raises(IndexMismatch, match="enc-1"):
+        back.check(encoder_id="enc-2")
+    with pytest.raises(ValueError, match="FlatHead expects"):
+        FlatHead(np.zeros((3, 8)), np.zeros(2), 20.0, ("a", "b", "c"), "x")
+
+
+def test_classifier_refuses_a_flat_policy_without_a_head(tiny_reference):
+    from mailroute.pipeline import TwoStageClassifier
+
+    clf = tiny_reference
+    assert clf.policy.uses_flat and clf.flat_head is not None  # the tiny run fuses its flat classifier
+    with pytest.raises(ValueError, match="no flat head"):
+        TwoStageClassifier(clf.encoders, clf.index, clf.bi_tok, clf.cross_tok, policy=clf.policy)
+    # the answers move with the flat classifier: without its weight they are the two stages' alone
+    with_flat = clf.classify(EMAILS[:3], gate=False)
+    clf.policy = clf.policy.without_flat()
+    without = clf.classify(EMAILS[:3], gate=False)
+    assert any(not np.allclose(a.top_probabilities, b.top_probabilities) for a, b in zip(with_flat, without))
+
+
+def test_export_pins_the_flat_encoder_and_its_head(tiny_repo, tiny_reference):
+    from mailroute.label_index import weights_id
+    from mailroute.repository import FLAT_HEAD_FILE, MODEL_FILE, load_flat_head, open_onnx_classifier, read_pipeline, version_dir
+
+    cdir = version_dir(tiny_repo, contract.CLASSIFIER)
+    spec = read_pipeline(cdir)
+    flat_dir = version_dir(tiny_repo, contract.FLAT_ENCODER, spec.flat_encoder_version)
+    assert (cdir / FLAT_HEAD_FILE).exists() and spec.rerank_policy().uses_flat
+    assert load_flat_head(tiny_repo, cdir).encoder_id == weights_id(flat_dir / MODEL_FILE)  # pinned to the exported graph
+    # the served pipeline (onnxruntime) answers as the run's reference does, flat classifier included
+    onnx = open_onnx_classifier(tiny_repo)
+    for a, b in zip(onnx.classify(EMAILS, gate=False), tiny_reference.classify(EMAILS, gate=False), strict=True):
+        assert a.top_labels == b.top_labels and np.abs(np.array(a.top_probabilities) - np.array(b.top_probabilities)).max() < 1e-4
+
+
+def test_a_head_pinned_to_another_flat_encoder_is_refused(tiny_repo, tmp_path):
+    import shutil
+
+    from mailroute.repository import ENCODER_ID_FILE, load_flat_head, version_dir
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    flat_dir = version_dir(repo, contract.FLAT_ENCODER)
+    (flat_dir / ENCODER_ID_FILE).write_text("another-encoder\n")
+    with pytest.raises(IndexMismatch, match="pins flat_encoder"):
+        load_flat_head(repo, version_dir(repo, contract.CLASSIFIER))
+
+
+def test_export_refuses_a_flat_policy_whose_run_kept_no_flat_classifier(tiny_run, tmp_path):
+    import shutil
+
+    from export.run import ExportConfig, export
+    from mailroute.run_layout import RunFolder
+
+    run = RunFolder(shutil.copytree(tiny_run, tmp_path / "run"))
+    run.flat_head.unlink()
+    with pytest.raises(FileNotFoundError, match="fuses the flat classifier"):
+        export(ExportConfig(run=str(run.root), repo=str(tmp_path / "repo"), top_k=5))
+    assert not (tmp_path / "repo" / contract.BI_ENCODER).exists()  # refused before any version was written
+
+
+def test_derived_versions_keep_the_flat_classifier_unless_a_label_is_new(tiny_repo, tmp_path):
+    import shutil
+
+    from export.derive import derive_version
+    from mailroute.repository import FLAT_HEAD_FILE, open_onnx_classifier, read_pipeline, version_dir
+    from mailroute.taxonomy import Label
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    base = int(version_dir(repo, contract.CLASSIFIER).name)
+    flat_v = read_pipeline(version_dir(repo, contract.CLASSIFIER, base)).flat_encoder_version
+    v = derive_version(repo, base, "exemplars", [("my parcel never came", open_onnx_classifier(repo).label_names[0])])
+    spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, v))
+    assert spec.flat_encoder_version == flat_v and (version_dir(repo, contract.CLASSIFIER, v) / FLAT_HEAD_FILE).exists()
+    assert open_onnx_classifier(repo, v).flat_head is not None
+    w = derive_version(repo, base, "label", new_labels=[(Label("gift_cards", "Buying or redeeming gift cards"), [])])
+    spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, w))
+    assert spec.flat_encoder_version is None and not spec.rerank_policy().uses_flat
+    assert not (version_dir(repo, contract.CLASSIFIER, w) / FLAT_HEAD_FILE).exists()
+    clf = open_onnx_classifier(repo, w)  # answers by the two stages alone, over the new taxonomy
+    assert clf.flat_head is None and len(clf.classify(EMAILS[:2])) == 2
+
+
+@pytest.mark.parametrize("no_fusion", [False, True])
+def test_training_keeps_and_fuses_the_flat_classifier_unless_asked_not_to(tmp_path, no_fusion):
+    """`mailroute train` trains the flat classifier before the policy is fitted, keeps it (encoder + head pinned to its
+    weights) and fits its weights on validation; --no-flat-fusion measures it as the baseline only. The reference
+    classifier loaded back from the run answers as the evaluation did."""
+    import json
+
+    from mailroute.label_index import weights_id
+    from mailroute.repository import WEIGHTS_FILE
+    from mailroute.run_layout import RunFolder
+    from tiny_encoders import make_tiny_base
+    from training.config import TrainConfig
+    from training.reference import load_reference
+    from training.run import run
+
+    base = make_tiny_base(tmp_path / "base")
+    m = run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), base=str(base), bi_epochs=0.2, ce_epochs=0.2, flat_epochs=1,
+                        test_limit=20, k_train=3, k_eval=3, no_flat_fusion=no_fusion))
+    out = RunFolder(tmp_path / "run")
+    policy = RerankPolicy.load(out.policy)
+    assert "flat_baseline" in m and policy.uses_flat != no_fusion and out.has_flat() != no_fusion
+    assert ("retrieval_flat" in m["variants"]["test"]) != no_fusion
+    if not no_fusion:
+        head = FlatHead.load(out.flat_head)
+        assert head.encoder_id == weights_id(out.flat_encoder / WEIGHTS_FILE) and policy.flat_weight != 0
+    clf = load_reference(out.root, top_k=3)
+    assert (clf.flat_head is None) == no_fusion
+    rows = [json.loads(line) for line in out.predictions.read_text().splitlines()]
+    from training.data import splits_of
+
+    test = splits_of(TrainConfig.load(out.config))[3]
+    got = clf.classify_texts([e.text for e in test], [""] * len(test))
+    assert [p.label for p in got] == [r["label"] for r in rows]  # the run folder serves what was measured
