@@ -324,7 +324,7 @@ def main(argv=None) -> int:
             r["test_vs_flat"] = c
             print(f"test, {r['rule']} vs the flat baseline: {100 * c['difference']:+.2f} points "
                   f"({100 * c['bootstrap_95'][0]:+.2f}..{100 * c['bootstrap_95'][1]:+.2f}), McNemar p = {c['mcnemar_exact_p']:.3f}")
-    # the served row once more through the product's own fit and formula (RerankPolicy), as a check of this fitter
+    # the two-stage row once more through the product's own fit and formula (RerankPolicy), as a check of this fitter
     from mailroute.rerank_policy import fit_fusion
 
     def served(d, policy):
@@ -332,7 +332,7 @@ def main(argv=None) -> int:
 
     ok = _gold_pos(data["val"], K) >= 0
     policy = fit_fusion(data["val"]["logits"][ok, :K, 0], data["val"]["D"][ok, :K], _gold_pos(data["val"], K)[ok])
-    print(f"{'served rule by RerankPolicy (fit_fusion)':48s} {served(data['val'], policy):14.2%} {'':11s} {served(data['test'], policy):7.2%}"
+    print(f"{'two-stage rule by RerankPolicy (fit_fusion)':48s} {served(data['val'], policy):14.2%} {'':11s} {served(data['test'], policy):7.2%}"
           f"   retrieval_weight {policy.retrieval_weight:.0f}")
     if a.json:  # the unrounded weights ("_w", what every accuracy above was computed with) stay out of the file
         Path(a.json).write_text(json.dumps([{key: v for key, v in r.items() if key != "_w"} for r in table], indent=1) + "\n")

@@ -10,13 +10,15 @@ fold's held-out emails, and compares the two systems on all of them (McNemar, pa
     python -m benchmarks.heldout_flat --runs runs/oof/fixed0 runs/oof/fixed1 runs/oof/fixed2 --flat-epochs 3 \\
         --json benchmarks/results/banking77/heldout_flat.json
 
-The served system on a held-out email is the run's own policy (`rerank_policy.json`, fitted on validation, gate
-included) applied to the cached scores: what the exported classifier would answer. The flat probabilities are cached
-in each run folder (`run_layout.HELDOUT_FLAT`), so a second call only compares.
+The two-stage system on a held-out email is the run's own two-stage policy (`rerank_policy.json`, fitted on
+validation, gate included; for a run that fuses the flat classifier, its `rerank_policy_without_flat.json`) applied
+to the cached scores. The flat probabilities are cached in each run folder (`run_layout.HELDOUT_FLAT`), so a second
+call only compares.
 
-Beside the two systems it reports two ensembles of them, which are another architecture (the flat model is one more
-encoder pass per email): a vote with nothing fitted, and the flat model's log-probability of each retrieved candidate as
-one more input of the rerank fusion, weighted by a conditional-logit fit cross-fitted over the folds (`fitted_ensembles`).
+Beside the two systems it reports two ensembles of them: a vote with nothing fitted, and the flat model's
+log-probability of each retrieved candidate as one more input of the rerank fusion, weighted by a conditional-logit
+fit cross-fitted over the folds (`fitted_ensembles`): the fusion `mailroute train` serves since session 26 (there
+fitted on validation).
 """
 
 import argparse
@@ -46,7 +48,8 @@ def served_predictions(run: str, k: int = DEFAULTS.top_k) -> dict:
                          f"(python -m benchmarks.oof_choice --runs ...)")
     z = np.load(folder.heldout_cache(k))
     scored = SimpleNamespace(gold=z["gold"], I=z["I"][:, :k], D=z["D"][:, :k], logits=z["logits"][:, :k, 0])
-    policy, ids = RerankPolicy.load(folder.policy), list(range(int(z["I"].max()) + 1))
+    policy = RerankPolicy.load(folder.policy_without_flat if folder.policy_without_flat.exists() else folder.policy)
+    ids = list(range(int(z["I"].max()) + 1))
     out = {"gold": z["gold"], "scores": dict(z), "skip": policy.skip_rerank(scored.D)}
     for mode, name in (("gated", "gated"), ("rerank", "ungated"), ("retrieval", "retrieval")):
         out[name] = np.array(predict(scored, policy, ids, mode)[0])

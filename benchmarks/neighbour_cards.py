@@ -12,7 +12,7 @@ card, so the pairs cost the same.
 Two arms, everything else equal: the run's bi-encoder and label index (full size), K candidates mined leave-one-out
 for a stratified sample of the training emails, one cross-encoder from the base weights per arm, trained listwise
 as `mailroute train` trains it. Measured on the run's validation emails: the cross-encoder alone, and fused with
-retrieval (the served rule, `fit_fusion`, fitted on validation; also 10-fold cross-validated inside validation).
+retrieval (the two-stage rule, `fit_fusion` without the flat classifier, fitted on validation; also 10-fold cross-validated inside validation).
 Test is not read unless --test is given, and then only with the fusion fitted on validation. Each arm's scores are
 saved beside the summary (`neighbour_cards_<arm>_<split>.npz`: logits, retrieval scores, gold position, candidates).
 

@@ -1,7 +1,8 @@
 """Is the two-stage system's lead over the flat softmax more than chance? (a script, not a test)
 
-Reads a run's test predictions (`predictions.jsonl`: the served two-stage label and the flat baseline's
-label for every test email) and compares the two systems on the same emails:
+Reads a run's test predictions (`predictions.jsonl`: the served label (the two stages, with the flat classifier
+fused where the run fuses it) and the flat baseline's label for every test email) and compares the two systems on
+the same emails:
 
 - the emails only one of them gets right (the only ones that tell them apart);
 - McNemar's exact test on those (two-sided binomial test, p = 0.5);

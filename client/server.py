@@ -39,7 +39,12 @@ def repository_models(repo) -> list:
     return encoder_models(repo) + [contract.CLASSIFIER]
 
 
-def serving_args(models=contract.ENCODERS + (contract.CLASSIFIER,), admin_key: str = "") -> list:
+# explicit mode's name for every model of the repository at start (tritonserver 2.51 `--load-model=*`): the repository holds
+# mailroute's models only, and which encoders it has depends on the run exported (flat_encoder or not)
+EVERY_MODEL = ("*",)
+
+
+def serving_args(models=EVERY_MODEL, admin_key: str = "") -> list:
     """The tritonserver flags that make it serve mailroute, wherever it is started (this launcher; docker-compose.yml
     repeats them, and a test holds the two equal): keepalive pings accepted, explicit model control loading `models`
     (None: Triton's default mode, every model in the repository loaded at start), and with an admin key, repository and config changes refused without it
@@ -186,16 +191,21 @@ class TritonServer:
 
     def __init__(self, repo, grpc_port: int = 0, http_port: int = 0, metrics_port: int = 0, explicit: bool = True,
                  models=None, admin_key: str = "", log_file=None, extra_args=(), stub_site: str = ""):
-        """models: what explicit mode loads (None: repository_models)."""
+        """models: what explicit mode loads (None: repository_models, read again at each start: an export may add the
+        flat encoder while the server runs)."""
         self.repo = Path(repo).resolve()
-        models = repository_models(self.repo) if models is None else models
+        self._models = None if models is None else list(models)
         self.grpc_port, self.http_port, self.metrics_port = grpc_port or free_port(), http_port or free_port(), metrics_port or free_port()
-        self.explicit, self.models, self.admin_key, self.extra_args = explicit, list(models), admin_key, list(extra_args)
+        self.explicit, self.admin_key, self.extra_args = explicit, admin_key, list(extra_args)
         self.stub_site = stub_site  # numpy < 2 for the backend stub where this interpreter has numpy >= 2 (stub_interpreter)
         self.work = Path(tempfile.mkdtemp(prefix="mailroute-triton-"))
         self.log_file = Path(log_file) if log_file else self.work / "triton.log"
         self.proc = None
         self._backends = None  # copied once: a restart reuses it (its stub may still be busy while old processes exit)
+
+    @property
+    def models(self) -> list:
+        return repository_models(self.repo) if self._models is None else self._models
 
     @property
     def grpc_url(self) -> str:

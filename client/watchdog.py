@@ -15,7 +15,7 @@ checks the behaviour, benchmarks/soak.py the loaded case):
   - but under load (a soak at 70% of maximum throughput) the same reload crashed tritonserver 2.51
     (signal 11) once; the watchdog then restarts the server at once (its full start time, ~3 s for
     the tiny test models), and the client's retries carry requests over the gap.
-So the watchdog reloads the models named in the failure (all three when it cannot tell), gives the
+So the watchdog reloads the models named in the failure (all of them when it cannot tell), gives the
 reload `grace` seconds to bring the canary back (a loaded server answers slowly while it catches up),
 and restarts the server only when a reload fails or `restart_after` reloads in a row did not help.
 """

@@ -20,7 +20,7 @@ class ExportConfig:
     version: int = 0  # 0 = next free version number of each model
     top_k: int = 0  # default candidates per email (callers may override per request); 0 = the K the run was evaluated with
     threshold: float = DEFAULTS.threshold  # default needs_review threshold (callers may override)
-    encoders_in_classifier: bool = False  # torch runtime: each classifier instance runs both encoders itself, no BLS hop per stage (single-email latency)
+    encoders_in_classifier: bool = False  # torch runtime: each classifier instance runs the encoders itself, no BLS hop per stage (single-email latency)
     classifier_instances: int = 1  # email_classifier instances (BLS model; more help under load: 4 on a GPU)
     encoder_instances: int = 1  # instances of each encoder model
     preferred_batch_sizes: str = ""  # encoders' preferred batch sizes, e.g. "16,32,64" (empty: batch whatever is queued)

@@ -20,8 +20,8 @@ from export.runtimes import EXPORT_RUNTIMES, RUNTIMES, TRT_ENGINE_CACHE, Runtime
 # per encoder: the most rows in one call (its config's max_batch_size: the rows the classifier sends in one BLS call)
 # and the most tokens in a row (the tokenizer's budget: every caller truncates to it)
 ENCODER_LIMITS = {contract.BI_ENCODER: (DEFAULTS.embed_batch, DEFAULTS.max_email_tokens),
-                  contract.CROSS_ENCODER: (DEFAULTS.score_batch, DEFAULTS.max_pair_tokens),
-                  contract.FLAT_ENCODER: (DEFAULTS.embed_batch, DEFAULTS.max_email_tokens)}  # called with the bi-encoder's inputs
+                  contract.CROSS_ENCODER: (DEFAULTS.score_batch, DEFAULTS.max_pair_tokens)}
+ENCODER_LIMITS[contract.FLAT_ENCODER] = ENCODER_LIMITS[contract.BI_ENCODER]  # called with the bi-encoder's inputs, in its batches
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def trtexec_shapes(name: str) -> str:
 def classifier_model_config(max_batch: int, instances: int, embed_batch: int, score_batch: int, serving_version: int = None,
                             throughput: Throughput = None, search_device: str = "", encoders_in_process: bool = False,
                             gpu: bool = False) -> mc.ModelConfig:
-    """encoders_in_process: each instance runs both encoders (the torch runtime's weights of the versions it pins)
+    """encoders_in_process: each instance runs the encoders (the torch runtime's weights of the versions it pins)
     instead of calling the encoder models by BLS; with gpu its instances are KIND_GPU, one device each."""
     throughput = throughput or Throughput(instances=instances, max_queue_delay_us=CLASSIFIER_DELAY_FACTOR * Throughput.max_queue_delay_us)
     kind = mc.ModelInstanceGroup.KIND_GPU if encoders_in_process and gpu else mc.ModelInstanceGroup.KIND_CPU

@@ -8,7 +8,8 @@
 The bi-encoder version stays pinned and every new vector is embedded with its exported graph, so the
 label index's encoder checksum still matches and the new version loads where the old one did. The flat
 classifier (its encoder version and head) is kept where the taxonomy is; a new label drops it, since its head
-has no row for the label: the version answers by the two stages alone (the policy's flat weights set to 0).
+has no row for the label: the version answers by the two stages alone, with the policy fitted for them in the
+same run (pipeline.json's policy_without_flat; a version exported without one keeps its weights, flat terms 0).
 """
 
 import shutil
@@ -88,8 +89,10 @@ def derive_version(repo, base: int, kind: str, exemplars: list = (), new_labels:
             spec = replace(spec, policy=policy)
         if spec.flat_encoder_version is not None and not new_labels:
             shutil.copy(base_dir / FLAT_HEAD_FILE, folder / FLAT_HEAD_FILE)
-        elif spec.flat_encoder_version is not None:  # the head has no row for a new label: the two stages answer alone
-            spec = replace(spec, flat_encoder_version=None, policy=spec.rerank_policy().without_flat().to_dict())
+        elif spec.flat_encoder_version is not None:  # the head has no row for a new label: the two stages answer alone, by
+            # their own fit where the export kept one (else the same weights without the flat term)
+            policy = spec.policy_without_flat or spec.rerank_policy().without_flat().to_dict()
+            spec = replace(spec, flat_encoder_version=None, policy=policy, policy_without_flat=None)
         write_pipeline(folder, spec)
     return v
 

@@ -21,6 +21,7 @@ from mailroute.pipeline import BadParameter, check_params, load_tokenizer, same_
 from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, EXPORT_REPORT_FILE, FLAT_HEAD_FILE, LABEL_INDEX_DIR, MODEL_FILE,
                                   TENSORRT_CONFIG, TOKENIZER_FILE, TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE, WEIGHTS_FILE, PipelineSpec, utc_stamp,
                                   write_pipeline)
+from mailroute.rerank_policy import RerankPolicy
 from mailroute.settings import DEFAULTS, BadSetting
 from export import configs, versions
 from export.versions import new_version
@@ -66,7 +67,7 @@ def check_runtime_unchanged(repo: Path, runtime_name: str) -> None:
 
 
 def check_version_free(repo: Path, version: int) -> None:
-    """--version N names one version of all three models: refused before any work when one of them has it, so a
+    """--version N names one version of every model: refused before any work when one of them has it, so a
     refused export leaves no encoder versions behind."""
     taken = [m for m in (contract.CLASSIFIER,) + contract.ENCODERS if version and (repo / m / str(version)).exists()]
     if taken:
@@ -253,8 +254,10 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
         if flat_head is not None:
             flat_head.save(cdir / FLAT_HEAD_FILE)
         shutil.copy(ADAPTERS_DIR / CLASSIFIER_ADAPTER, cdir / ADAPTER_FILE)
+        without_flat = RerankPolicy.load(folder.policy_without_flat).to_dict() if flat_v and folder.policy_without_flat.exists() else None
         write_pipeline(cdir, PipelineSpec(bi_v, cross_v, top_k, threshold, policy.to_dict(), kind="export", created=utc_stamp(),
-                                          source_run=str(run.resolve()), quantized=cfg.quantize, flat_encoder_version=flat_v))
+                                          source_run=str(run.resolve()), quantized=cfg.quantize, flat_encoder_version=flat_v,
+                                          policy_without_flat=without_flat))
     cdir = repo / contract.CLASSIFIER / str(cv)
     previous = max([v for v in versions.versions(repo, contract.CLASSIFIER) if v != cv], default=None)
     if (repo / contract.CLASSIFIER / versions.CONFIG_FILE).exists():

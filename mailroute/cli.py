@@ -374,11 +374,14 @@ def main(argv=None):
     _add_device_arg(p)
     p.set_defaults(fn=cmd_resume)
 
-    p = sub.add_parser("baseline", help="train a run's flat softmax baseline again with more epochs (best on validation); two-stage untouched",
+    p = sub.add_parser("baseline", help="train a run's flat softmax baseline again with more epochs (best on validation); a run that "
+                                        "fuses it refits its policy with the new one",
                        description="The flat baseline must get at least the epochs and tuning the two-stage system gets: this trains "
-                                   "it again from the base weights on the run's own split, keeps its best epoch on validation, and "
-                                   "replaces its numbers, test predictions and report rows (the old numbers stay in metrics.json "
-                                   "under flat_baseline_history).")
+                                   "it again from the base weights on the run's own split, keeps its best epoch on validation, keeps "
+                                   "the model in the run folder (flat_encoder/, flat_head.npz) and replaces its numbers, test "
+                                   "predictions and report rows (the old numbers stay in metrics.json under flat_baseline_history). "
+                                   "Where the run fuses the flat classifier into its answer (not --no-flat-fusion), the rerank policy is "
+                                   "then fitted again with the new one on validation (as `mailroute refit`: both stages scored again).")
     p.add_argument("--run", required=True, help="evaluated run folder")
     p.add_argument("--flat-epochs", type=int, required=True, help="epochs to train (the best on validation is kept)")
     p.add_argument("--flat-lr", type=float, default=None, help="learning rate (default: the run's)")
@@ -395,7 +398,7 @@ def main(argv=None):
     p.add_argument("--http-port", type=int, default=HTTP_PORT, help=f"(default: {HTTP_PORT})")
     p.add_argument("--metrics-port", type=int, default=METRICS_PORT, help=f"(default: {METRICS_PORT})")
     p.add_argument("--admin-key", default="", help="require header admin-key=<this> for model load/unload/config (recommended)")
-    p.add_argument("--poll-all", action="store_true", help="load every model in the repository at start (default: explicit mode, the three mailroute models)")
+    p.add_argument("--poll-all", action="store_true", help="load every model in the repository at start (default: explicit mode, the mailroute models the repository has)")
     p.add_argument("--log", default=None, help="server log file (default: a temporary file)")
     p.add_argument("--timeout", type=float, default=SERVER_START_TIMEOUT_S, help=f"seconds to wait for readiness (default: {SERVER_START_TIMEOUT_S:g})")
     p.add_argument("--ready-port", type=int, default=READY_PORT,

@@ -51,7 +51,7 @@ ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_KEY}"
 CLASSIFIER_MAX_BATCH = 64  # emails per email_classifier server batch (its config's max_batch_size; the client's default batch)
 # every encoder config's parameter naming its runtime (export/runtimes.py RUNTIMES): two runtimes share the python backend
 RUNTIME_PARAMETER = "runtime"
-# the classifier's config parameter "encoders" = this: each instance runs both encoders itself (torch runtime), no BLS
+# the classifier's config parameter "encoders" = this: each instance runs the encoders itself (torch runtime), no BLS
 ENCODERS_PARAMETER, ENCODERS_IN_PROCESS = "encoders", "in_process"
 # the classifier's other config parameters (export/configs.py writes them, export/triton/email_classifier.py reads them)
 EMBED_BATCH_PARAMETER = "embed_batch"  # emails per bi-encoder call inside one classifier batch

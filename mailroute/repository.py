@@ -61,8 +61,9 @@ def versions(repo, model: str) -> list:
 
 
 def encoder_models(repo) -> list:
-    """The encoder models of a repository: those every repository has, and the flat encoder where one was exported."""
-    return [m for m in contract.ENCODERS if m in contract.MODELS or (Path(repo) / m).is_dir()]
+    """The encoder models of a repository: those every repository has, and the flat encoder where it has a version (a
+    prune may leave its folder without one)."""
+    return [m for m in contract.ENCODERS if m in contract.MODELS or versions(repo, m)]
 
 
 def version_dir(repo, model: str, version=None) -> Path:
@@ -93,6 +94,7 @@ class PipelineSpec:
     quantized: bool = False  # int8 encoders: continued training writes int8 cross-encoders again
     feedback: dict = None  # what a feedback round used (corrections, held out, new exemplars)
     flat_encoder_version: int = None  # the flat classifier's encoder (its head is the version's flat_head.npz); None = none
+    policy_without_flat: dict = None  # the two stages' own policy (fitted with the run): what a derived version dropping it serves
     other: dict = field(default_factory=dict)
 
     @classmethod

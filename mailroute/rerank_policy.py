@@ -165,8 +165,10 @@ def fit_fusion(logits: np.ndarray, retrieval: np.ndarray, gold: np.ndarray, base
                          f"{retrieval.shape}, {np.shape(gold)}" + ("" if flat is None else f", flat {np.shape(flat)}"))
     others = [retrieval] + ([] if flat is None else [flat])
     a, *rest = conditional_logit([logits] + others, gold)
-    if a <= 1e-6:
+    if a <= 1e-6:  # the cross-encoder carries no signal: the other scores alone
         b, *c = conditional_logit(others, gold)
+        if c and b <= 1e-6 and c[0] > 1e-6:  # nor retrieval: the flat classifier alone
+            return replace(base, ce_weight=0.0, retrieval_weight=0.0, flat_weight=1.0, temperature=float(1.0 / c[0]))
         b = max(b, 1e-6)
         return replace(base, ce_weight=0.0, retrieval_weight=1.0, flat_weight=float(c[0] / b) if c else 0.0, temperature=float(1.0 / b))
     return replace(base, ce_weight=1.0, retrieval_weight=float(rest[0] / a), flat_weight=float(rest[1] / a) if flat is not None else 0.0,

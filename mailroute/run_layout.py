@@ -6,6 +6,7 @@
   RUN/flat_head.npz                     ... and its head over all labels (mailroute.flat_head.FlatHead)
   RUN/label_index/                      mailroute.label_index.LabelIndex (descriptions + exemplars + cards)
   RUN/rerank_policy.json                mailroute.rerank_policy.RerankPolicy fitted on validation
+  RUN/rerank_policy_without_flat.json   ... and the two stages' own (gate too), where the first fuses the flat classifier
   RUN/config.json  RUN/metrics.json  RUN/report.md  RUN/predictions.jsonl  RUN/abstention.png
   RUN/study_k10.npz                     scores cached by benchmarks/fusion_study.py (both stages at K=10)
   RUN/study_embeddings.npz              ... and the validation and test embeddings its probe reads
@@ -23,6 +24,7 @@ FLAT_ENCODER_DIR = "flat_encoder"
 FLAT_HEAD_FILE = "flat_head.npz"  # also in a classifier version of the repository
 LABEL_INDEX_DIR = "label_index"
 POLICY_FILE = "rerank_policy.json"
+POLICY_WITHOUT_FLAT_FILE = "rerank_policy_without_flat.json"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
@@ -46,6 +48,7 @@ class RunFolder:
         self.flat_head = self.root / FLAT_HEAD_FILE
         self.label_index = self.root / LABEL_INDEX_DIR
         self.policy = self.root / POLICY_FILE
+        self.policy_without_flat = self.root / POLICY_WITHOUT_FLAT_FILE
         self.config = self.root / CONFIG_FILE
         self.metrics = self.root / METRICS_FILE
         self.report = self.root / REPORT_FILE

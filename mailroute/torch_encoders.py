@@ -1,4 +1,4 @@
-"""The `torch` runtime: both encoders in PyTorch, and the label search on the same device (descriptions by a
+"""The `torch` runtime: the encoders in PyTorch, and the label search on the same device (descriptions by a
 matrix product + top-k, exemplars scored per label there).
 
 On a GPU the encoders run in fp16 with CUDA graphs captured at load for bucketed (batch, sequence)
@@ -113,8 +113,9 @@ class TorchEncoder:
 
 
 class TorchEncoders:
-    """The pipeline's Encoders seam over two TorchEncoders (what the `torch` runtime serves). embed_batch and
-    score_batch: the most rows the pipeline sends each in one call (their CUDA graphs' largest batch)."""
+    """The pipeline's Encoders seam over TorchEncoders: bi, cross and (where the classifier has one) flat (what the
+    `torch` runtime serves). embed_batch and score_batch: the most rows the pipeline sends each in one call (their
+    CUDA graphs' largest batch; the flat encoder takes the bi-encoder's)."""
 
     def __init__(self, bi_folder, cross_folder, device: str = "cpu", embed_batch: int = None, score_batch: int = None,
                  flat_folder=None, **kw):

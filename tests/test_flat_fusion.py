@@ -154,6 +154,17 @@ def test_derived_versions_keep_the_flat_classifier_unless_a_label_is_new(tiny_re
     w = derive_version(repo, base, "label", new_labels=[(Label("gift_cards", "Buying or redeeming gift cards"), [])])
     spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, w))
     assert spec.flat_encoder_version is None and not spec.rerank_policy().uses_flat
+    assert spec.rerank_policy() == read_pipeline(version_dir(repo, contract.CLASSIFIER, base)).rerank_policy().without_flat()
+    # where the export kept the two stages' own fit, a version that drops the flat classifier serves that
+    from dataclasses import replace
+
+    from mailroute.repository import write_pipeline
+
+    own = RerankPolicy(retrieval_weight=7.0, temperature=3.0, gate_margin=0.01)
+    base_dir = version_dir(repo, contract.CLASSIFIER, base)
+    write_pipeline(base_dir, replace(read_pipeline(base_dir), policy_without_flat=own.to_dict()))
+    u = derive_version(repo, base, "label", new_labels=[(Label("gift_cards", "Buying or redeeming gift cards"), [])])
+    assert read_pipeline(version_dir(repo, contract.CLASSIFIER, u)).rerank_policy() == own
     assert not (version_dir(repo, contract.CLASSIFIER, w) / FLAT_HEAD_FILE).exists()
     clf = open_onnx_classifier(repo, w)  # answers by the two stages alone, over the new taxonomy
     assert clf.flat_head is None and len(clf.classify(EMAILS[:2])) == 2

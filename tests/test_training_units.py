@@ -222,6 +222,9 @@ def test_resume_trains_only_the_cross_encoder_and_keeps_its_best_epoch(tiny_run,
     assert same_cross == (best == 0)  # the kept weights are the best epoch's
     assert json.loads(more.config.read_text())["ce_epochs"] == 1.0 + best
     assert metrics["resumed_from"] == str(run.root) and "two_stage" in metrics
+    # the run's flat classifier comes along and stays fused (the policy fitted again with it, its two-stage fit kept too)
+    assert more.has_flat() and (more.flat_head.read_bytes() == run.flat_head.read_bytes())
+    assert RerankPolicy.load(more.policy).uses_flat and not RerankPolicy.load(more.policy_without_flat).uses_flat
     with pytest.raises(FileExistsError, match="resume writes a new run folder"):
         resume(run.root, more.root)
 

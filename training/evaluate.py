@@ -141,6 +141,7 @@ class Policies:
     ce_only: RerankPolicy  # the reranker alone
     two_stage: RerankPolicy  # cross-encoder and retrieval without the flat classifier (= fused where there is none)
     retrieval: RerankPolicy  # stage 1 alone
+    two_stage_gated: RerankPolicy = None  # two_stage with its own gate: what a version answers once it drops the flat classifier
 
 
 def fit_policy(sc: Scored, target: GateTarget = GateTarget(), use_flat: bool = True) -> Policies:
@@ -156,7 +157,8 @@ def fit_policy(sc: Scored, target: GateTarget = GateTarget(), use_flat: bool = T
     ce_only = fit_fusion(sc.logits[ok], np.zeros_like(sc.D[ok]), pos)  # the reranker alone, for the variants table
     ce_only = RerankPolicy(ce_weight=1.0, retrieval_weight=0.0, temperature=ce_only.temperature if ce_only.ce_weight else 1.0)
     gated, report = fit_gate(fused, sc.logits, sc.D, sc.gold_pos, target, flat=flat)
-    return Policies(fused, gated, report, ce_only, two_stage, retrieval)
+    two_stage_gated = None if flat is None else fit_gate(two_stage, sc.logits, sc.D, sc.gold_pos, target)[0]
+    return Policies(fused, gated, report, ce_only, two_stage, retrieval, two_stage_gated)
 
 
 def predict(sc: Scored, policy: RerankPolicy, names, mode: str = "rerank") -> tuple:

@@ -9,6 +9,8 @@ VARIANT_NAMES = {
     "bi_encoder_descriptions": "bi-encoder, label descriptions only (stage 1 as before)",
     "bi_encoder": "bi-encoder, exemplar-aware label index (stage 1)",
     "cross_encoder_only": "cross-encoder alone over the K candidates",
+    "retrieval_flat": "retrieval + flat classifier, no cross-encoder",
+    "two_stage_without_flat": "two-stage without the flat classifier, every email reranked",
     "two_stage_ungated": "two-stage, fused, every email reranked",
     "two_stage": "two-stage, fused, gated (served default)",
 }
@@ -96,8 +98,11 @@ def write_report(m: dict, run, index, gold, pred, conf, flat_pred=None, flat_con
         if v and t:
             lines.append(f"| {name} | {v['accuracy']:.2%} | {t['accuracy']:.2%} | {_pct(t.get('ece'))} | {_pct(t.get('share_reranked'))} |")
     p = m["policy"]
-    lines += ["", f"Rerank policy (fitted by NLL on validation): score = ({p['ce_weight']:g} x logit + {p['retrieval_weight']:.4g} x retrieval score)"
-                  f" / {p['temperature']:.4g}; retrieval-only temperature {p['retrieval_temperature']:.4g}.",
+    flat_w, gated_flat_w = p.get("flat_weight", 0.0), p.get("gated_flat_weight", 0.0)
+    lines += ["", f"Rerank policy (fitted by NLL on validation): score = ({p['ce_weight']:g} x logit + {p['retrieval_weight']:.4g} x retrieval score"
+                  + (f" + {flat_w:.4g} x log p_flat" if flat_w else "") + f") / {p['temperature']:.4g}; where stage 2 is skipped, "
+                  f"(retrieval score" + (f" + {gated_flat_w:.4g} x log p_flat" if gated_flat_w else "")
+                  + f") / {p['retrieval_temperature']:.4g} (p_flat: the flat classifier's probability of the candidate).",
               f"Label scoring (chosen on validation): {m['label_scoring']}.", "",
               mining_line(m), "",
               "Bi-encoder retrieval (test): " + ", ".join(f"{k} {v:.2%}" for k, v in m["retrieval"].items()), "",

@@ -223,7 +223,7 @@ def run(cfg: TrainConfig) -> dict:
                "anisotropy": {"before": aniso_before, "after": aniso_after}}
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, flat=flat_parts, top_k=min(cfg.k_eval, len(tax)))
     ev = evaluate_and_fit(clf, val, test, cfg.gate_target())
-    ev.policy.save(out.policy)
+    ev.save_policies(out)
     metrics |= ev.metrics
     times["evaluation_s"] = time.perf_counter() - t
 
@@ -258,6 +258,16 @@ class Evaluation:
     pred: list  # test predictions of the served policy
     conf: np.ndarray
     reranked: np.ndarray
+    policy_without_flat: RerankPolicy = None  # the two stages' own fit, gate included, where the served policy fuses flat
+
+    def save_policies(self, out: RunFolder) -> None:
+        """The served policy, and (where it fuses the flat classifier) the two stages' own: what export ships for a
+        derived version that drops the flat classifier."""
+        self.policy.save(out.policy)
+        if self.policy_without_flat is not None:
+            self.policy_without_flat.save(out.policy_without_flat)
+        else:
+            out.policy_without_flat.unlink(missing_ok=True)  # an earlier fit's: no longer this policy's
 
 
 def fuses_flat(cfg: TrainConfig) -> bool:
@@ -294,7 +304,7 @@ def evaluate_and_fit(clf, val: list, test: list, gate: GateTarget) -> Evaluation
                "retrieval": recall, "retrieval_validation": recall_at(sv.gold, sv.ranked),
                "variants": {"validation": v_val, "test": v_test},
                "confusions": top_confusions(gold_test, pred), "latency": st.ms}
-    return Evaluation(gated, metrics, gold_test, pred, conf, reranked)
+    return Evaluation(gated, metrics, gold_test, pred, conf, reranked, policies.two_stage_gated)
 
 
 def save_evaluation(out: RunFolder, metrics: dict, index, ev: Evaluation, flat_pred=None, flat_conf=None) -> None:
@@ -337,7 +347,7 @@ def refit(run_dir, gate_tolerance: float = None, rerank_budget: float = None, de
     flat = load_flat(out.root, index.taxonomy.names, device) if fuses_flat(cfg) else None  # a run that kept its flat classifier
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, flat=flat, top_k=min(cfg.k_eval, len(index)))
     ev = evaluate_and_fit(clf, val, test, cfg.gate_target())
-    ev.policy.save(out.policy)
+    ev.save_policies(out)
     metrics = json.loads(out.metrics.read_text()) | ev.metrics | {"refit": {"date": time.strftime("%Y-%m-%d %H:%M"), "flat_fused": flat is not None}
                                                                   | asdict(cfg.gate_target())}
     if flat is None:  # variants of an earlier fit with the flat classifier would now describe another policy
@@ -391,16 +401,19 @@ def resume(run_dir, out_dir, ce_epochs: float = RESUME_CE_EPOCHS, ce_lr: float =
     history = keep_best.restore()
     ce_s = time.perf_counter() - t
     out.root.mkdir(parents=True)
-    for folder in (src.bi_encoder, src.label_index):
+    for folder in (src.bi_encoder, src.label_index) + ((src.flat_encoder,) if src.has_flat() else ()):
         shutil.copytree(folder, out.root / folder.name)
+    if src.has_flat():  # the flat classifier stays the run's: fused again below where the run fuses it
+        shutil.copy(src.flat_head, out.flat_head)
     cross.save(str(out.cross_encoder))
     best_epoch = len(history) - 1 - int(np.argmax(history[::-1]))  # KeepBestEpoch keeps the latest of equal epochs
     cfg.out, cfg.ce_epochs = str(out.root), cfg.ce_epochs + best_epoch  # the epochs behind the kept weights
     out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     t = time.perf_counter()
-    clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, top_k=min(cfg.k_eval, len(tax)))
+    flat = load_flat(out.root, tax.names, device) if fuses_flat(cfg) else None
+    clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, flat=flat, top_k=min(cfg.k_eval, len(tax)))
     ev = evaluate_and_fit(clf, val, test, cfg.gate_target())
-    ev.policy.save(out.policy)
+    ev.save_policies(out)
     old = json.loads(src.metrics.read_text())
     metrics = old | ev.metrics | {"resumed_from": str(src.root), "resume": {"epochs": ce_epochs, "lr": lr, "best_epoch": best_epoch,
                                                                            "validation_listwise_accuracy_by_epoch": history}}
@@ -443,8 +456,8 @@ def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: s
     t = time.perf_counter()
     print(f"baseline: flat softmax, {cfg.flat_epochs} epoch(s) at lr {cfg.flat_lr}, best epoch on validation")
     if cfg.ce_init == "flat":
-        print(f"note: this run's cross-encoder started from the flat baseline trained with the run ({out.flat_encoder}, kept; its "
-              f"numbers and epochs move to metrics.json's flat_baseline_history); the baseline reported from now on is a new model, "
+        print(f"note: this run's cross-encoder started from the flat baseline trained with the run (its numbers and epochs move to "
+              f"metrics.json's flat_baseline_history, and {out.flat_encoder} now holds the new model); the baseline reported from now on is a new model, "
               f"trained independently of the two-stage system")
     flat, flat_val = train_flat(load_bi_encoder(cfg.base or None, device=device), train, tax, cfg.flat_epochs, cfg.flat_batch_size,
                                 cfg.flat_lr, cfg.seed, val=val, device=device, precision=cfg.precision)

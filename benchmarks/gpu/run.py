@@ -57,7 +57,7 @@ EXEMPLARS_PER_LABEL = 117  # BANKING77's 9,000 training emails over 77 labels, a
 
 
 def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: list = (), rerank_share: float = GateTarget.rerank_budget,
-               exemplars_per_label: int = EXEMPLARS_PER_LABEL, nearest_cards: bool = False) -> Path:
+               exemplars_per_label: int = EXEMPLARS_PER_LABEL, nearest_cards: bool = False, flat: bool = True) -> Path:
     """A run folder like `mailroute train` writes, with random encoders of the MiniLM-L6 shape and a label index
     shaped like the trained BANKING77 one: `exemplars_per_label` synthetic short emails per label as exemplars
     (scored by the mean of the top 3, as chosen there) and label cards of the description plus 2 of them (what
@@ -65,7 +65,9 @@ def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: 
     classifier. Its policy's gate margin is the `rerank_share` quantile of the top-1 minus top-2 retrieval
     margins of `texts`, so a gated request reranks about that share of them (what a trained classifier's
     gate does: 22-25% on BANKING77). nearest_cards: the cards show each label's 2 exemplars nearest the email
-    (`mailroute train --card-nearest`), made per batch while serving."""
+    (`mailroute train --card-nearest`), made per batch while serving. flat: a flat classifier (a random encoder of the
+    same shape and a random head) fused into the policy, as `mailroute train` serves by default: the third encoder
+    pass per email is measured too."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.models import Normalize, Pooling, Transformer
@@ -109,7 +111,20 @@ def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: 
 
         D, _ = LabelIndex.load(run.label_index).search(bi.embed(model, [normalise(t) for t in texts]), 2)
         margin = float(np.quantile(retrieval_margin(D), rerank_share))
-    RerankPolicy(gate_margin=margin).save(run.policy)
+    if flat:
+        from mailroute.flat_head import LOGIT_SCALE, FlatHead
+
+        torch.manual_seed(seed + 1)
+        BertModel(BertConfig(vocab_size=30522, max_position_embeddings=512, **shape)).save_pretrained(folder / "flat_base")
+        for f in tokenizer.iterdir():
+            shutil.copy(f, folder / "flat_base" / f.name)
+        tr = Transformer(str(folder / "flat_base"), max_seq_length=DEFAULTS.max_email_tokens)
+        SentenceTransformer(modules=[tr, Pooling(tr.get_embedding_dimension(), "mean"), Normalize()], device="cpu").save(str(run.flat_encoder))
+        rng = np.random.default_rng(seed)
+        FlatHead(rng.normal(0, 0.05, (len(taxonomy), tr.get_embedding_dimension())), np.zeros(len(taxonomy)), LOGIT_SCALE,
+                 tuple(taxonomy.names), weights_id(run.flat_encoder / WEIGHTS_FILE)).save(run.flat_head)
+    # the weights of session 25's held-out fit (0.42 log p_flat beside the retrieval score) where the flat classifier is fused
+    RerankPolicy(gate_margin=margin, flat_weight=0.42 if flat else 0.0, gated_flat_weight=0.02 if flat else 0.0).save(run.policy)
     return run.root
 
 
@@ -186,8 +201,11 @@ def ceiling(repo: Path, texts: list, device: str, k: int, batch: int = 256, seco
     from mailroute.settings import DEFAULTS
     from mailroute.torch_encoders import TorchEncoders
 
+    from mailroute.repository import encoder_models
+
+    flat = version_dir(repo, contract.FLAT_ENCODER) / TORCH_WEIGHTS_DIR if contract.FLAT_ENCODER in encoder_models(repo) else None
     enc = TorchEncoders(version_dir(repo, contract.BI_ENCODER) / TORCH_WEIGHTS_DIR,
-                        version_dir(repo, contract.CROSS_ENCODER) / TORCH_WEIGHTS_DIR, device)
+                        version_dir(repo, contract.CROSS_ENCODER) / TORCH_WEIGHTS_DIR, device, flat_folder=flat)
     clf = open_classifier(repo, version_dir(repo, contract.CLASSIFIER), enc, embed_batch=DEFAULTS.embed_batch,
                           score_batch=DEFAULTS.score_batch)
     clf.index = clf.index.on_device(device)

@@ -126,9 +126,8 @@ class TritonPythonModel:
         clf = open_classifier(repo, here, encoders, embed_batch=embed_batch, score_batch=score_batch)
         if params.get(contract.SEARCH_DEVICE_PARAMETER):  # the torch runtime's label search (where faiss-gpu is not installed)
             clf.index = clf.index.on_device(params[contract.SEARCH_DEVICE_PARAMETER])
-        versions = {contract.CLASSIFIER: args["model_version"], contract.BI_ENCODER: bi_v, contract.CROSS_ENCODER: cross_v,
-                    contract.FLAT_ENCODER: "" if flat_v is None else flat_v}
-        self.service = ClassifierService(clf, tuple(versions[m] for m in contract.VERSION_MODELS))
+        versions = {contract.CLASSIFIER: args["model_version"]} | spec.pins()
+        self.service = ClassifierService(clf, tuple(versions.get(m, "") for m in contract.VERSION_MODELS))
         self.metrics = ClassifierMetrics(args["model_version"])
         pb_utils.Logger.log_info(f"{contract.CLASSIFIER} v{args['model_version']}: {len(clf.label_names)} labels, encoders {where}, "
                                  f"{contract.BI_ENCODER} v{bi_v}, {contract.CROSS_ENCODER} v{cross_v}"
