@@ -128,4 +128,5 @@ STAGE_MS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 # request parameters
 PARAM_TOP_K = "top_k"
 PARAM_THRESHOLD = "threshold"
-PARAM_GATE = "gate"  # bool: false reranks every email; true (default) lets the version's gate skip stage 2
+PARAM_GATE = "gate"  # bool: false reranks every email; true (default) lets the version's gate skip stage 2 (a version whose
+# policy gives the cross-encoder no weight never runs stage 2)

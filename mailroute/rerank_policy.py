@@ -72,8 +72,12 @@ class RerankPolicy:
         return _softmax((retrieval + self._flat_term(self.gated_flat_weight, flat)) / self.retrieval_temperature)
 
     def skip_rerank(self, retrieval: np.ndarray, gate: bool = True) -> np.ndarray:
-        """(n, >=2) retrieval scores, best first -> (n,) bool: True where stage 2 is not needed."""
+        """(n, >=2) retrieval scores, best first -> (n,) bool: True where stage 2 is not needed: every email where the
+        policy gives the cross-encoder no weight (validation found it useless: its logits would not change an answer,
+        and the gated path is the fit of the same scores), else where the gate finds retrieval sure."""
         retrieval = np.atleast_2d(retrieval)
+        if self.ce_weight == 0:
+            return np.ones(len(retrieval), dtype=bool)
         if not gate or self.gate_margin is None or retrieval.shape[1] < 2:
             return np.zeros(len(retrieval), dtype=bool)
         return retrieval_margin(retrieval) > self.gate_margin
@@ -223,6 +227,10 @@ def fit_gate(policy: RerankPolicy, logits: np.ndarray, retrieval: np.ndarray, go
     "within_budget"}).
     """
     logits, retrieval, gold = np.asarray(logits, np.float64), np.asarray(retrieval, np.float64), np.asarray(gold)
+    if policy.ce_weight == 0:  # the reranker has no weight: stage 2 never runs, whatever the gate (skip_rerank)
+        acc = float(np.mean(policy.retrieval_probabilities(retrieval, flat).argmax(1) == gold))
+        return policy.with_gate(None), {"margin": None, "share_reranked": 0.0, "accuracy_gated": acc, "accuracy_ungated": acc,
+                                        "within_budget": True, "reranker_weightless": True}
     reranked_ok = policy.probabilities(logits, retrieval, flat).argmax(1) == gold  # (n,)
     retrieval_ok = policy.retrieval_probabilities(retrieval, flat).argmax(1) == gold  # what the gated path answers
     margin = retrieval_margin(retrieval)

@@ -1,6 +1,8 @@
 """The flat classifier fused into the rerank policy: the formula, its fit, the head's pins, and the classifier
 versions that carry it (export, derived versions)."""
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -111,8 +113,6 @@ def test_export_pins_the_flat_encoder_and_its_head(tiny_repo, tiny_reference):
 
 
 def test_a_head_pinned_to_another_flat_encoder_is_refused(tiny_repo, tmp_path):
-    import shutil
-
     from mailroute.repository import ENCODER_ID_FILE, load_flat_head, version_dir
 
     repo = tmp_path / "repo"
@@ -124,8 +124,6 @@ def test_a_head_pinned_to_another_flat_encoder_is_refused(tiny_repo, tmp_path):
 
 
 def test_export_refuses_a_flat_policy_whose_run_kept_no_flat_classifier(tiny_run, tmp_path):
-    import shutil
-
     from export.run import ExportConfig, export
     from mailroute.run_layout import RunFolder
 
@@ -137,8 +135,6 @@ def test_export_refuses_a_flat_policy_whose_run_kept_no_flat_classifier(tiny_run
 
 
 def test_derived_versions_keep_the_flat_classifier_unless_a_label_is_new(tiny_repo, tmp_path):
-    import shutil
-
     from export.derive import derive_version
     from mailroute.repository import FLAT_HEAD_FILE, open_onnx_classifier, read_pipeline, version_dir
     from mailroute.taxonomy import Label
@@ -203,3 +199,35 @@ def test_training_keeps_and_fuses_the_flat_classifier_unless_asked_not_to(tmp_pa
     test = splits_of(TrainConfig.load(out.config))[3]
     got = clf.classify_texts([e.text for e in test], [""] * len(test))
     assert [p.label for p in got] == [r["label"] for r in rows]  # the run folder serves what was measured
+
+
+def test_the_launcher_loads_the_encoders_the_repository_has(tmp_path):
+    """A repository exported without a flat classifier has no flat_encoder, and a prune may leave its folder without a
+    version: the launcher (explicit mode) loads what has a version, read again at every start."""
+    from client.server import TritonServer, serving_args
+
+    repo = tmp_path / "repo"
+    for m in contract.MODELS:
+        (repo / m / "1").mkdir(parents=True)
+    (repo / contract.FLAT_ENCODER).mkdir()  # a config, no version
+    server = TritonServer(repo)
+    assert server.models == [contract.BI_ENCODER, contract.CROSS_ENCODER, contract.CLASSIFIER]
+    (repo / contract.FLAT_ENCODER / "2").mkdir()  # an export adds one while the launcher exists
+    assert server.models == [contract.BI_ENCODER, contract.CROSS_ENCODER, contract.FLAT_ENCODER, contract.CLASSIFIER]
+    assert f"--load-model={contract.FLAT_ENCODER}" in serving_args(server.models)
+    assert "--load-model=*" in serving_args()  # docker-compose.yml's: whatever the repository holds
+    shutil.rmtree(server.work, ignore_errors=True)  # the launcher made its scratch folder; nothing was started
+
+
+def test_a_weightless_reranker_is_never_run():
+    """Where validation gives the cross-encoder no weight, stage 2 is skipped for every email (gate or not): its logits
+    could not change an answer, so serving does not pay for them, and RERANKED says so."""
+    rng = np.random.default_rng(0)
+    retrieval = np.sort(rng.uniform(0, 1, (300, 4)), axis=1)[:, ::-1].copy()
+    gold = np.array([rng.choice(4, p=row) for row in _softmax(retrieval / 0.2)])
+    noise = rng.normal(0, 1, (300, 4)) - 2.0 * (np.arange(4) == gold[:, None])  # logits that point away from gold
+    policy = fit_fusion(noise, retrieval, gold)
+    assert policy.ce_weight == 0.0
+    assert policy.skip_rerank(retrieval, gate=False).all() and policy.skip_rerank(retrieval).all()
+    gated, report = fit_gate(policy, noise, retrieval, gold)
+    assert report["share_reranked"] == 0.0 and report["reranker_weightless"] and gated.gate_margin is None

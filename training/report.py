@@ -86,6 +86,9 @@ def write_report(m: dict, run, index, gold, pred, conf, flat_pred=None, flat_con
         lines.append(_row("flat softmax baseline", m["flat_baseline"]))
     lines += [_row("bi-encoder only", m["bi_encoder"]), _row(f"two-stage (K={m['k']}, gated)", m["two_stage"]), ""]
     g = m["gate"]
+    if g.get("reranker_weightless"):
+        lines += ["The fusion fitted on validation gives the cross-encoder no weight (its logits did not help the other scores), "
+                  "so stage 2 never runs: the answer is the retrieval score fused with what else the policy holds.", ""]
     lines += [f"Gate: stage 2 skipped when the retrieval margin (top-1 minus top-2 score) exceeds {g['margin']}: "
               f"{m['two_stage']['share_reranked']:.1%} of test emails reranked "
               f"(validation: {g['share_reranked']:.1%}, accuracy {g['accuracy_gated']:.2%} gated vs {g['accuracy_ungated']:.2%} ungated"
