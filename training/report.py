@@ -88,13 +88,14 @@ def write_report(m: dict, run, index, gold, pred, conf, flat_pred=None, flat_con
     g = m["gate"]
     if g.get("reranker_weightless"):
         lines += ["The fusion fitted on validation gives the cross-encoder no weight (its logits did not help the other scores), "
-                  "so stage 2 never runs: the answer is the retrieval score fused with what else the policy holds.", ""]
-    lines += [f"Gate: stage 2 skipped when the retrieval margin (top-1 minus top-2 score) exceeds {g['margin']}: "
-              f"{m['two_stage']['share_reranked']:.1%} of test emails reranked "
-              f"(validation: {g['share_reranked']:.1%}, accuracy {g['accuracy_gated']:.2%} gated vs {g['accuracy_ungated']:.2%} ungated"
-              + (f"; rerank budget {g['rerank_budget']:.0%}" + ("" if g.get("within_budget", True) else ", exceeded: validation accuracy needed more")
-                 if "rerank_budget" in g else "") + ").", "",
-              "## Variants (every choice made on validation; test shown beside it, never used to choose)", "",
+                  "so stage 2 never runs (no gate needed): the answer is the retrieval score fused with what else the policy holds.", ""]
+    else:
+        lines += [f"Gate: stage 2 skipped when the retrieval margin (top-1 minus top-2 score) exceeds {g['margin']}: "
+                  f"{m['two_stage']['share_reranked']:.1%} of test emails reranked "
+                  f"(validation: {g['share_reranked']:.1%}, accuracy {g['accuracy_gated']:.2%} gated vs {g['accuracy_ungated']:.2%} ungated"
+                  + (f"; rerank budget {g['rerank_budget']:.0%}" + ("" if g.get("within_budget", True) else ", exceeded: validation accuracy needed more")
+                     if "rerank_budget" in g else "") + ").", ""]
+    lines += ["## Variants (every choice made on validation; test shown beside it, never used to choose)", "",
               "| variant | validation accuracy | test accuracy | test ECE | share reranked (test) |", "| --- | --- | --- | --- | --- |"]
     for key, name in VARIANT_NAMES.items():
         v, t = m["variants"]["validation"].get(key), m["variants"]["test"].get(key)
