@@ -19,7 +19,7 @@ from mailroute.label_index import LabelIndex, weights_id
 from mailroute.onnx_encoders import session
 from mailroute.pipeline import BadParameter, check_params, load_tokenizer, same_tokenisation, tensors
 from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, EXPORT_REPORT_FILE, FLAT_HEAD_FILE, LABEL_INDEX_DIR, MODEL_FILE,
-                                  TENSORRT_CONFIG, TOKENIZER_FILE, TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE, WEIGHTS_FILE, PipelineSpec, utc_stamp,
+                                  TENSORRT_CONFIG, TOKENIZER_FILE, TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE, PipelineSpec, utc_stamp,
                                   write_pipeline)
 from mailroute.rerank_policy import RerankPolicy
 from mailroute.settings import DEFAULTS, BadSetting
@@ -31,7 +31,7 @@ from export.runtimes import ADAPTERS_DIR, CLASSIFIER_ADAPTER, TENSORRT
 from mailroute.run_layout import RunFolder
 from training.evaluate import EVAL_BATCH
 from training.models import load_bi_encoder, load_cross_encoder
-from training.reference import load_policy
+from training.reference import load_flat, load_policy
 
 PARITY_TEXTS = [
     "Hi, I was charged twice for my subscription this month. Please refund the extra charge.",
@@ -164,15 +164,15 @@ def _flat_of(folder: RunFolder, index: LabelIndex, bi_tok: Path) -> tuple:
     """The run's flat classifier (its SentenceTransformer, its head checked against the index's labels and the encoder's
     weights), refused where the run's policy fuses one it did not keep or whose tokenizer is not the bi-encoder's (the
     pipeline feeds both encoders one tokenisation)."""
-    if not folder.has_flat():
+    flat = load_flat(folder.root, index.taxonomy.names)
+    if flat is None:
         raise FileNotFoundError(f"{folder.policy} fuses the flat classifier, but {folder.root} has no {folder.flat_encoder.name}/ "
                                 f"and {folder.flat_head.name}: train it again, or `mailroute baseline --run {folder.root}`")
-    head = FlatHead.load(folder.flat_head).check(index.taxonomy.names, weights_id(folder.flat_encoder / WEIGHTS_FILE))
     if not same_tokenisation(load_tokenizer(folder.flat_encoder / TOKENIZER_FILE, DEFAULTS.max_email_tokens),
                              load_tokenizer(bi_tok, DEFAULTS.max_email_tokens)):
         raise BadSetting(f"{folder.flat_encoder} tokenises differently from {folder.bi_encoder}: the served pipeline feeds both one "
                          f"tokenisation, so the flat classifier must start from the bi-encoder's base weights")
-    return load_bi_encoder(folder.flat_encoder), head
+    return flat
 
 
 def export(cfg: ExportConfig) -> dict:

@@ -111,5 +111,13 @@ class TrainConfig:
                              "and a label index with exemplars (not --descriptions-only)")
         return CardSpec(examples=self.card_examples, chars=self.card_chars, nearest=self.card_nearest)
 
+    def trains_flat(self) -> bool:
+        """Whether the run trains the flat classifier: the baseline (not --skip-baseline), or the cross-encoder's start."""
+        return not self.skip_baseline or self.ce_init == "flat"
+
+    def fuses_flat(self) -> bool:
+        """Whether the run's answer fuses the flat classifier: it is trained and not --no-flat-fusion."""
+        return self.trains_flat() and not self.no_flat_fusion
+
     def gate_target(self) -> GateTarget:
         return GateTarget(self.gate_tolerance, self.rerank_budget)

@@ -91,7 +91,7 @@ def run(cfg: TrainConfig) -> dict:
                         ("--max-exemplars-per-label", cfg.max_exemplars_per_label)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise BadSetting(f"{flag} must be an integer >= 0 (0 = no limit), got {value!r}")
-    if (not cfg.skip_baseline or cfg.ce_init == "flat") and cfg.flat_epochs < 1:
+    if cfg.trains_flat() and cfg.flat_epochs < 1:
         raise BadSetting(f"--flat-epochs must be >= 1 (or --skip-baseline, unless --ce-init flat), got {cfg.flat_epochs}")
     if cfg.oof_folds < 0 or cfg.oof_folds == 1:
         raise BadSetting(f"--oof-folds must be 0 (leave-one-out mining) or >= 2, got {cfg.oof_folds}")
@@ -206,12 +206,12 @@ def run(cfg: TrainConfig) -> dict:
 
     # the flat classifier, where its log-probabilities are fused into the answer: trained before the policy is fitted
     # (and reported as the baseline in step 8), kept in the run folder for export
-    if fuses_flat(cfg) and flat is None:
+    if cfg.fuses_flat() and flat is None:
         t = time.perf_counter()
         print(f"[7/9] flat classifier ({cfg.flat_epochs} epoch(s), best on validation): the baseline, and one more score of the fusion")
         flat, flat_val = train_flat_baseline(cfg, train, tax, val, device)
         times["flat_baseline_s"] = time.perf_counter() - t
-    flat_parts = save_flat(out, flat, tax) if fuses_flat(cfg) else None
+    flat_parts = save_flat(out, flat, tax) if cfg.fuses_flat() else None
 
     # 7. evaluate through the reference classifier (the code path serving runs): the policy (fusion,
     #    temperature, gate) is fitted on validation, then test is measured once with it
@@ -229,7 +229,7 @@ def run(cfg: TrainConfig) -> dict:
 
     # 8. the flat softmax baseline: same MiniLM, same data, linear head over all labels, epochs chosen on validation
     flat_pred = flat_conf = None
-    if flat is not None or not cfg.skip_baseline:
+    if cfg.trains_flat():
         t = time.perf_counter()
         if flat is None:
             flat, flat_val = train_flat_baseline(cfg, train, tax, val, device)
@@ -268,12 +268,6 @@ class Evaluation:
             self.policy_without_flat.save(out.policy_without_flat)
         else:
             out.policy_without_flat.unlink(missing_ok=True)  # an earlier fit's: no longer this policy's
-
-
-def fuses_flat(cfg: TrainConfig) -> bool:
-    """Whether the run's answer fuses the flat classifier: it is trained (not --skip-baseline, or --ce-init flat) and
-    not --no-flat-fusion."""
-    return not cfg.no_flat_fusion and (not cfg.skip_baseline or cfg.ce_init == "flat")
 
 
 def save_flat(out: RunFolder, flat, tax) -> tuple:
@@ -344,7 +338,7 @@ def refit(run_dir, gate_tolerance: float = None, rerank_budget: float = None, de
     _, _, val, test = splits_of(cfg)
     model, cross = load_bi_encoder(out.bi_encoder, device=device), load_cross_encoder(out.cross_encoder, device=device)
     index = LabelIndex.load(out.label_index)
-    flat = load_flat(out.root, index.taxonomy.names, device) if fuses_flat(cfg) else None  # a run that kept its flat classifier
+    flat = load_flat(out.root, index.taxonomy.names, device) if cfg.fuses_flat() else None  # a run that kept its flat classifier
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, flat=flat, top_k=min(cfg.k_eval, len(index)))
     ev = evaluate_and_fit(clf, val, test, cfg.gate_target())
     ev.save_policies(out)
@@ -410,7 +404,7 @@ def resume(run_dir, out_dir, ce_epochs: float = RESUME_CE_EPOCHS, ce_lr: float =
     cfg.out, cfg.ce_epochs = str(out.root), cfg.ce_epochs + best_epoch  # the epochs behind the kept weights
     out.config.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     t = time.perf_counter()
-    flat = load_flat(out.root, tax.names, device) if fuses_flat(cfg) else None
+    flat = load_flat(out.root, tax.names, device) if cfg.fuses_flat() else None
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, flat=flat, top_k=min(cfg.k_eval, len(tax)))
     ev = evaluate_and_fit(clf, val, test, cfg.gate_target())
     ev.save_policies(out)
@@ -476,7 +470,7 @@ def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: s
     best = int(np.argmax(flat_val)) + 1 if flat_val else cfg.flat_epochs
     print(f"baseline {out.root}: flat {metrics['flat_baseline']['accuracy']:.2%} (epoch {best} of {cfg.flat_epochs} on validation "
           f"{['%.2f%%' % (100 * a) for a in flat_val]}); two-stage {metrics['two_stage']['accuracy']:.2%}")
-    if fuses_flat(cfg) and out.is_trained():
+    if cfg.fuses_flat() and out.is_trained():
         print("baseline: the run fuses the flat classifier: fitting its policy again with the new one")
         return refit(out.root, device=device)
     return metrics
