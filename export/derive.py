@@ -70,8 +70,9 @@ def derived_index(repo, base_dir: Path, exemplars: list = (), new_labels: list =
 
 
 def derive_version(repo, base: int, kind: str, exemplars: list = (), new_labels: list = (), cross_encoder_version: int = None,
-                   policy: dict = None, note: str = "", feedback: dict = None) -> int:
-    """Write a new classifier version (atomically, not served yet) from classifier version `base`."""
+                   policy: dict = None, note: str = "", feedback: dict = None, policy_without_flat: dict = None) -> int:
+    """Write a new classifier version (atomically, not served yet) from classifier version `base`. policy_without_flat:
+    the two stages' own fit beside a refitted `policy` (else the base's is kept)."""
     repo = Path(repo)
     base_dir = version_dir(repo, contract.CLASSIFIER, base)
     spec = read_pipeline(base_dir)
@@ -87,6 +88,8 @@ def derive_version(repo, base: int, kind: str, exemplars: list = (), new_labels:
             spec = replace(spec, cross_encoder_version=int(cross_encoder_version))
         if policy is not None:
             spec = replace(spec, policy=policy)
+        if policy_without_flat is not None:
+            spec = replace(spec, policy_without_flat=policy_without_flat)
         if spec.flat_encoder_version is not None and not new_labels:
             shutil.copy(base_dir / FLAT_HEAD_FILE, folder / FLAT_HEAD_FILE)
         elif spec.flat_encoder_version is not None:  # the head has no row for a new label: the two stages answer alone, by

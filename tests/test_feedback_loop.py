@@ -13,6 +13,7 @@ from export.derive import derive_version
 from mailroute import contract
 from mailroute.feedback_store import FeedbackStore
 from mailroute.repository import GATE_REPORT_FILE, PIPELINE_FILE, open_onnx_classifier, read_pipeline, version_dir
+from mailroute.rerank_policy import RerankPolicy
 from training.data import Example
 from training.feedback import FeedbackConfig, add_label, build_candidate, correction_lists, held_out
 
@@ -106,6 +107,9 @@ def test_continued_training_moves_corrected_emails_to_their_label(repo, store, d
     spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, report["version"]))
     assert spec.kind == "continued" and spec.cross_encoder_version == report["cross_encoder_version"] == 2
     assert spec.policy == report["policy"]  # fitted again on the evaluation split for the new cross-encoder
+    # the repository's version fuses the flat classifier (the tiny run does): the two stages' own fit is refitted beside it
+    assert RerankPolicy.from_dict(spec.policy).uses_flat and spec.flat_encoder_version is not None
+    assert spec.policy_without_flat and not RerankPolicy.from_dict(spec.policy_without_flat).uses_flat
     assert report["training"]["lists"] == len(wrong) + report["training"]["replay"] and report["training"]["replay"] == len(wrong)
 
     def gold_probability(weights):

@@ -176,10 +176,11 @@ def continue_cross_encoder(repo, base: int, corrections: list, cfg: FeedbackConf
                    "epochs": cfg.epochs, "lr": cfg.lr, "device": device, "seconds": round(time.perf_counter() - t, 1)}
 
 
-def refit_policy(repo, base: int, index, cross_version: int, evaluation: list, gate: GateTarget) -> dict:
+def refit_policy(repo, base: int, index, cross_version: int, evaluation: list, gate: GateTarget) -> tuple:
     """The rerank policy (fusion, temperatures, gate) fitted on the evaluation split for a candidate's own
     scores, as `mailroute train` fits it: a cross-encoder that learnt may now be worth running where the
-    serving version's gate skipped it. -> the policy's JSON form."""
+    serving version's gate skipped it. -> (the policy's JSON form, the two stages' own fit where it fuses the flat
+    classifier, else None)."""
     from mailroute.pipeline import TwoStageClassifier, load_tokenizer
     from mailroute.repository import TOKENIZER_FILE, load_flat_head, onnx_encoders_of
     from training.evaluate import collect, fit_policy
@@ -193,7 +194,8 @@ def refit_policy(repo, base: int, index, cross_version: int, evaluation: list, g
                              load_tokenizer(bi_dir / TOKENIZER_FILE, DEFAULTS.max_email_tokens),
                              load_tokenizer(cross_dir / TOKENIZER_FILE, DEFAULTS.max_pair_tokens), top_k=k,
                              flat_head=load_flat_head(repo, base_dir))
-    return fit_policy(collect(clf, evaluation, k), gate).gated.to_dict()
+    policies = fit_policy(collect(clf, evaluation, k), gate)
+    return policies.gated.to_dict(), None if policies.two_stage_gated is None else policies.two_stage_gated.to_dict()
 
 
 def build_candidate(cfg: FeedbackConfig, store: FeedbackStore = None) -> dict:
@@ -240,16 +242,16 @@ def build_candidate(cfg: FeedbackConfig, store: FeedbackStore = None) -> dict:
         model, report["training"] = continue_cross_encoder(repo, base, learn, cfg)
         pairs = [(c.text, base_index.label_texts[base_index.taxonomy.index(c.label)]) for c in learn[:8]]
         cross_v = write_cross_encoder_version(repo, model, pairs, quantize=read_pipeline(version_dir(repo, contract.CLASSIFIER, base)).quantized)
-    policy = None
+    policy = policy_without_flat = None
     if not cfg.keep_policy:
         from export.derive import derived_index
 
         index = derived_index(repo, version_dir(repo, contract.CLASSIFIER, base), new_exemplars)
         cross_now = cross_v or read_pipeline(version_dir(repo, contract.CLASSIFIER, base)).cross_encoder_version
-        policy = refit_policy(repo, base, index, cross_now, evaluation, run_cfg.gate_target())
+        policy, policy_without_flat = refit_policy(repo, base, index, cross_now, evaluation, run_cfg.gate_target())
         report["policy"] = policy
     v = derive_version(repo, base, "exemplars" if cfg.exemplars_only else "continued", new_exemplars, cross_encoder_version=cross_v,
-                       policy=policy,
+                       policy=policy, policy_without_flat=policy_without_flat,
                        note=f"{len(learn)} corrections ({len(new_exemplars)} new exemplars)",
                        feedback={k: report[k] for k in ("corrections", "used", "held_out", "new_exemplars")})
     report["version"], report["cross_encoder_version"] = v, cross_v
