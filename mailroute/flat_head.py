@@ -12,6 +12,7 @@ Like the label index, the head records the encoder it sits on (`encoder_id`) and
 and loading refuses either mismatch.
 """
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,13 @@ class FlatHead:
 
     @classmethod
     def load(cls, path) -> "FlatHead":
-        with np.load(Path(path), allow_pickle=False) as z:
-            return cls(z["weight"].astype(np.float64), z["bias"].astype(np.float64), float(z["scale"]), tuple(z["labels"].tolist()),
-                       str(z["encoder_id"]))
+        """ValueError naming the file when it is not a flat head as save() writes it (FileNotFoundError when absent)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no flat head at {path}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(z["weight"].astype(np.float64), z["bias"].astype(np.float64), float(z["scale"]), tuple(z["labels"].tolist()),
+                           str(z["encoder_id"]))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # truncated, not npz, or missing arrays
+            raise ValueError(f"{path} is not a flat head ({type(e).__name__}: {e})") from None

@@ -33,6 +33,10 @@ class RerankPolicy:
     gated_flat_weight: float = 0.0  # ... beside the retrieval score where stage 2 is skipped (0 = retrieval alone)
 
     def __post_init__(self):
+        for f in fields(self):  # a pipeline.json edited by hand ("0.5" for 0.5) is refused here, not mid-request
+            v = getattr(self, f.name)
+            if not (v is None and f.name == "gate_margin") and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != v):
+                raise ValueError(f"{type(self).__name__}.{f.name} must be a number, got {v!r}")
         if not self.temperature > 0 or not self.retrieval_temperature > 0:
             raise ValueError(f"{type(self).__name__} expects positive temperatures, but got {self.temperature}, {self.retrieval_temperature}")
         if self.gate_margin is not None and self.gate_margin < 0:

@@ -231,3 +231,24 @@ def test_a_weightless_reranker_is_never_run():
     assert policy.skip_rerank(retrieval, gate=False).all() and policy.skip_rerank(retrieval).all()
     gated, report = fit_gate(policy, noise, retrieval, gold)
     assert report["share_reranked"] == 0.0 and report["reranker_weightless"] and gated.gate_margin is None
+
+
+def test_bad_flat_inputs_are_named(tmp_path):
+    """A hand-edited policy, a damaged head file and a non-numeric pin are refused with what was wrong."""
+    from mailroute.repository import PipelineSpec
+
+    with pytest.raises(ValueError, match="flat_weight must be a number"):
+        RerankPolicy.from_dict({"flat_weight": "0.5"})
+    with pytest.raises(ValueError, match="gated_flat_weight must be a number"):
+        RerankPolicy(gated_flat_weight=float("nan"))
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="bad.npz is not a flat head"):
+        FlatHead.load(tmp_path / "bad.npz")
+    np.savez(tmp_path / "partial.npz", weight=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="partial.npz is not a flat head"):
+        FlatHead.load(tmp_path / "partial.npz")
+    with pytest.raises(FileNotFoundError, match="no flat head"):
+        FlatHead.load(tmp_path / "absent.npz")
+    with pytest.raises(ValueError, match="flat_encoder_version that is not a number"):
+        PipelineSpec.from_dict({"bi_encoder_version": 1, "cross_encoder_version": 1, "flat_encoder_version": "two"})
+    assert PipelineSpec.from_dict({"bi_encoder_version": 1, "cross_encoder_version": 1}).flat_encoder_version is None  # older file
