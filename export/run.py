@@ -17,7 +17,7 @@ from mailroute import contract
 from mailroute.flat_head import FlatHead
 from mailroute.label_index import LabelIndex, weights_id
 from mailroute.onnx_encoders import session
-from mailroute.pipeline import BadParameter, check_params, load_tokenizer, same_tokenisation, tensors
+from mailroute.pipeline import BadParameter, check_params, load_tokenizer, tensors
 from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, EXPORT_REPORT_FILE, FLAT_HEAD_FILE, LABEL_INDEX_DIR, MODEL_FILE,
                                   TENSORRT_CONFIG, TOKENIZER_FILE, TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE, PipelineSpec, utc_stamp,
                                   write_pipeline)
@@ -160,18 +160,13 @@ def int8_accuracy_change(run: Path, source: LabelIndex, fp32: tuple, int8: tuple
     return out
 
 
-def _flat_of(folder: RunFolder, index: LabelIndex, bi_tok: Path) -> tuple:
-    """The run's flat classifier (its SentenceTransformer, its head checked against the index's labels and the encoder's
-    weights), refused where the run's policy fuses one it did not keep or whose tokenizer is not the bi-encoder's (the
-    pipeline feeds both encoders one tokenisation)."""
+def _flat_of(folder: RunFolder, index: LabelIndex) -> tuple:
+    """The run's flat classifier (training.reference.load_flat: checked against the labels, its weights and the
+    bi-encoder's tokenizer), refused where the run's policy fuses one it did not keep."""
     flat = load_flat(folder.root, index.taxonomy.names)
     if flat is None:
         raise FileNotFoundError(f"{folder.policy} fuses the flat classifier, but {folder.root} has no {folder.flat_encoder.name}/ "
                                 f"and {folder.flat_head.name}: train it again, or `mailroute baseline --run {folder.root}`")
-    if not same_tokenisation(load_tokenizer(folder.flat_encoder / TOKENIZER_FILE, DEFAULTS.max_email_tokens),
-                             load_tokenizer(bi_tok, DEFAULTS.max_email_tokens)):
-        raise BadSetting(f"{folder.flat_encoder} tokenises differently from {folder.bi_encoder}: the served pipeline feeds both one "
-                         f"tokenisation, so the flat classifier must start from the bi-encoder's base weights")
     return flat
 
 
@@ -213,7 +208,7 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
     bi_tok, cross_tok = folder.bi_encoder / TOKENIZER_FILE, folder.cross_encoder / TOKENIZER_FILE
     flat_model = flat_head = None
     if policy.uses_flat:  # the flat classifier is served with the version whose policy fuses it
-        flat_model, flat_head = _flat_of(folder, old, bi_tok)
+        flat_model, flat_head = _flat_of(folder, old)
     texts = PARITY_TEXTS + old.taxonomy.texts[:8]
     report["parity_max_abs_diff"] = {
         "bi_encoder": export_bi_encoder(bi_model, bi_tok, work / "bi.onnx", texts, optimize=fuse),

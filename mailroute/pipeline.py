@@ -494,7 +494,7 @@ class TwoStageClassifier:
             for t in (parts, pairs, single):
                 t.no_padding()
             parts.no_truncation()
-            same = _without_lengths(self.bi_tok) == _without_lengths(self.cross_tok)
+            same = same_tokenisation(self.bi_tok, self.cross_tok)
             self._toks, self._toks_of = (parts, pairs, single if same else None), (self.bi_tok, self.cross_tok)
         return self._toks
 

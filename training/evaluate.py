@@ -75,6 +75,7 @@ class Scored:
     logits: np.ndarray  # (n, k) cross-encoder logits of the candidates
     ms: dict = field(default_factory=dict)  # per-stage milliseconds per email
     flat: np.ndarray = None  # (n, k) the flat classifier's log-probabilities of the candidates (None: no flat classifier)
+    flat_all: np.ndarray = None  # (n, labels) ... of every label: the flat baseline's own answers, without a second pass
 
     @property
     def gold_pos(self) -> np.ndarray:
@@ -129,7 +130,7 @@ def collect(clf, examples: list, k: int, batch_size: int = EVAL_BATCH) -> Scored
     ms = {"embed_ms_per_email": 1e3 * (t1 - t0) / n, "search_ms_per_email": 1e3 * (t2 - t1) / n,
           "rerank_ms_per_email": 1e3 * (t3 - t2) / n, "two_stage_ms_per_email": 1e3 * (t3 - t0) / n, "batch_size": batch_size}
     flat = None if flat_all is None else np.take_along_axis(flat_all, I, 1)
-    return Scored(gold, xq, ranked, D, I, np.concatenate(logits).astype(np.float64), ms, flat)
+    return Scored(gold, xq, ranked, D, I, np.concatenate(logits).astype(np.float64), ms, flat, flat_all)
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def fit_policy(sc: Scored, target: GateTarget = GateTarget(), use_flat: bool = T
     flat_ok = None if flat is None else flat[ok]
     fused = fit_retrieval_temperature(sc.D[ok], pos, fit_fusion(sc.logits[ok], sc.D[ok], pos, flat=flat_ok), flat=flat_ok)
     two_stage = fused if flat is None else fit_retrieval_temperature(sc.D[ok], pos, fit_fusion(sc.logits[ok], sc.D[ok], pos))
-    retrieval = fit_retrieval_temperature(sc.D[ok], pos, RerankPolicy())
+    retrieval = two_stage  # its retrieval softmax is stage 1's alone (no flat term): the same fit
     ce_only = fit_fusion(sc.logits[ok], np.zeros_like(sc.D[ok]), pos)  # the reranker alone, for the variants table
     ce_only = RerankPolicy(ce_weight=1.0, retrieval_weight=0.0, temperature=ce_only.temperature if ce_only.ce_weight else 1.0)
     gated, report = fit_gate(fused, sc.logits, sc.D, sc.gold_pos, target, flat=flat)

@@ -11,11 +11,11 @@ import torch
 
 from mailroute.flat_head import FlatHead
 from mailroute.label_index import LabelIndex, weights_id
-from mailroute.pipeline import TwoStageClassifier, load_tokenizer
+from mailroute.pipeline import TwoStageClassifier, load_tokenizer, same_tokenisation
 from mailroute.repository import TOKENIZER_FILE, WEIGHTS_FILE
 from mailroute.rerank_policy import RerankPolicy
 from mailroute.run_layout import RunFolder
-from mailroute.settings import DEFAULTS
+from mailroute.settings import DEFAULTS, BadSetting
 from mailroute.torch_encoders import mean_pool_normalise
 from training.models import load_bi_encoder, load_cross_encoder
 
@@ -64,10 +64,15 @@ def classifier_from_models(bi_model, cross_model, index: LabelIndex, bi_dir, cro
 
 def load_flat(run_dir, labels, device: str = "cpu"):
     """A run's flat classifier: (its encoder, its head checked against the labels and the encoder's weights), or None
-    where the run kept none."""
+    where the run kept none. BadSetting where it tokenises unlike the run's bi-encoder: the pipeline feeds both encoders
+    one tokenisation."""
     run = RunFolder(run_dir)
     if not run.has_flat():
         return None
+    if not same_tokenisation(load_tokenizer(run.flat_encoder / TOKENIZER_FILE, DEFAULTS.max_email_tokens),
+                             load_tokenizer(run.bi_encoder / TOKENIZER_FILE, DEFAULTS.max_email_tokens)):
+        raise BadSetting(f"{run.flat_encoder} tokenises differently from {run.bi_encoder}: the pipeline feeds both encoders one "
+                         f"tokenisation, so the flat classifier must start from the bi-encoder's base weights")
     head = FlatHead.load(run.flat_head).check(labels, weights_id(run.flat_encoder / WEIGHTS_FILE))
     return load_bi_encoder(run.flat_encoder, device=device), head
 

@@ -233,7 +233,8 @@ def run(cfg: TrainConfig) -> dict:
         t = time.perf_counter()
         if flat is None:
             flat, flat_val = train_flat_baseline(cfg, train, tax, val, device)
-        probs = predict_flat(flat, [e.text for e in test])
+        # where it was fused, the evaluation already ran it over the test emails
+        probs = ev.flat_probabilities if ev.flat_probabilities is not None else predict_flat(flat, [e.text for e in test])
         flat_pred, flat_conf = [tax.names[i] for i in probs.argmax(1)], probs.max(1)
         metrics["flat_baseline"] = system_metrics(ev.gold, flat_pred, flat_conf) | {
             "validation_by_epoch": flat_val, "epochs": cfg.flat_epochs, "lr": cfg.flat_lr}
@@ -259,6 +260,7 @@ class Evaluation:
     conf: np.ndarray
     reranked: np.ndarray
     policy_without_flat: RerankPolicy = None  # the two stages' own fit, gate included, where the served policy fuses flat
+    flat_probabilities: np.ndarray = None  # (test emails, labels) the fused flat classifier's, from the same pass
 
     def save_policies(self, out: RunFolder) -> None:
         """The served policy, and (where it fuses the flat classifier) the two stages' own: what export ships for a
@@ -298,7 +300,8 @@ def evaluate_and_fit(clf, val: list, test: list, gate: GateTarget) -> Evaluation
                "retrieval": recall, "retrieval_validation": recall_at(sv.gold, sv.ranked),
                "variants": {"validation": v_val, "test": v_test},
                "confusions": top_confusions(gold_test, pred), "latency": st.ms}
-    return Evaluation(gated, metrics, gold_test, pred, conf, reranked, policies.two_stage_gated)
+    return Evaluation(gated, metrics, gold_test, pred, conf, reranked, policies.two_stage_gated,
+                      None if st.flat_all is None else np.exp(st.flat_all))
 
 
 def save_evaluation(out: RunFolder, metrics: dict, index, ev: Evaluation, flat_pred=None, flat_conf=None) -> None:

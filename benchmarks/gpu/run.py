@@ -197,15 +197,15 @@ def ceiling(repo: Path, texts: list, device: str, k: int, batch: int = 256, seco
     process: tokenise, embed, search, score B x K pairs, softmax; emails/s of the encoders and search
     alone on tensors tokenised once)."""
     from mailroute import contract
-    from mailroute.repository import TORCH_WEIGHTS_DIR, open_classifier, version_dir
+    from mailroute.repository import open_classifier, version_dir
     from mailroute.settings import DEFAULTS
     from mailroute.torch_encoders import TorchEncoders
 
-    from mailroute.repository import encoder_models
+    from mailroute.repository import read_pipeline
 
-    flat = version_dir(repo, contract.FLAT_ENCODER) / TORCH_WEIGHTS_DIR if contract.FLAT_ENCODER in encoder_models(repo) else None
-    enc = TorchEncoders(version_dir(repo, contract.BI_ENCODER) / TORCH_WEIGHTS_DIR,
-                        version_dir(repo, contract.CROSS_ENCODER) / TORCH_WEIGHTS_DIR, device, flat_folder=flat)
+    spec = read_pipeline(version_dir(repo, contract.CLASSIFIER))  # the encoder versions the classifier pins
+    enc = TorchEncoders.of_versions(repo, spec.bi_encoder_version, spec.cross_encoder_version, device,
+                                    flat_version=spec.flat_encoder_version)
     clf = open_classifier(repo, version_dir(repo, contract.CLASSIFIER), enc, embed_batch=DEFAULTS.embed_batch,
                           score_batch=DEFAULTS.score_batch)
     clf.index = clf.index.on_device(device)

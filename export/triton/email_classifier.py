@@ -109,7 +109,7 @@ class TritonPythonModel:
         here = Path(args["model_repository"]) / args["model_version"]
         repo = Path(args["model_repository"]).parent
         spec = read_pipeline(here)
-        bi_v, cross_v, flat_v = spec.bi_encoder_version, spec.cross_encoder_version, spec.get("flat_encoder_version")
+        bi_v, cross_v, flat_v = spec.bi_encoder_version, spec.cross_encoder_version, spec.flat_encoder_version
         params = config_parameters(args)
         # the downstream models' max_batch_size bounds each BLS call
         embed_batch = int(params.get(contract.EMBED_BATCH_PARAMETER, DEFAULTS.embed_batch))
