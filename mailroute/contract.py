@@ -96,13 +96,15 @@ TOP_PROBABILITIES = "TOP_PROBABILITIES"  # fp32, (batch, K)
 NEEDS_REVIEW = "NEEDS_REVIEW"  # bool, (batch, 1)
 ERROR = "ERROR"  # string, (batch, 1): empty when the row was classified, else why not
 MODEL_VERSIONS = "MODEL_VERSIONS"  # string, (batch, 4): the versions of VERSION_MODELS, in that order ("" = not pinned)
-# fp32, (batch, 4): milliseconds each stage (STAGES) took for the server batch this row was part of. Per
+# fp32, (batch, 5): milliseconds each stage (STAGES) took for the server batch this row was part of. Per
 # batch, not per row: one Triton batch merges several requests, so rows of a batch share these values
 # and summing them over rows overcounts. Per-stage histograms are on the Prometheus endpoint (METRIC_*).
 STAGE_MS = "STAGE_MS"
 RERANKED = "RERANKED"  # bool, (batch, 1): stage 2 ran for this email (False where the gate found retrieval sure)
 
-STAGES = ("preprocess", "embed", "search", "rerank")
+# "flat": the flat classifier's pass (0 where the version does not fuse it). It runs after "embed" but comes last, so a
+# caller that reads the four columns of a version exported before it still reads them under their own names
+STAGES = ("preprocess", "embed", "search", "rerank", "flat")
 CLASSIFIER_INPUT_TENSORS = (Tensor(TEXT, object, (1,)), Tensor(SUBJECT, object, (1,), optional=True))
 CLASSIFIER_OUTPUT_TENSORS = (
     Tensor(LABEL, object, (1,)), Tensor(PROBABILITY, np.float32, (1,)), Tensor(TOP_LABELS, object, (-1,)),

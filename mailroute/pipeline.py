@@ -443,12 +443,13 @@ class TwoStageClassifier:
         turned into the bi-encoder's input as its own post-processing lays it out instead of tokenising again."""
         return self.encode(texts, parts, with_flat=False)[0]
 
-    def encode(self, texts: list, parts: Parts = None, with_flat: bool = None) -> tuple:
+    def encode(self, texts: list, parts: Parts = None, with_flat: bool = None, stage_ms: dict = None) -> tuple:
         """-> ((n, dim) embeddings, (n, labels) the flat classifier's log-probabilities or None). with_flat: run the
-        flat encoder on the same token tensors (default: where the policy fuses it)."""
+        flat encoder on the same token tensors (default: where the policy fuses it). stage_ms: gets "flat", the ms
+        the flat classifier took (its encoder and head; the caller counts the rest as "embed")."""
         single = self._tokenizers()[2]
         with_flat = self.policy.uses_flat if with_flat is None else with_flat
-        out, flat = [], []
+        out, flat, flat_s = [], [], 0.0
         for s in range(0, len(texts), self.embed_batch):
             if parts is not None and single is not None:
                 ids, mask, _ = self._assemblers()[1](parts, np.arange(s, min(s + self.embed_batch, len(texts))))
@@ -456,7 +457,11 @@ class TwoStageClassifier:
                 ids, mask, _ = tensors(self.bi_tok.encode_batch(texts[s:s + self.embed_batch]))
             out.append(self.encoders.embed(ids, mask))
             if with_flat:
+                t = time.perf_counter()
                 flat.append(self.flat_head.log_probabilities(self.encoders.flat_embed(ids, mask)))
+                flat_s += time.perf_counter() - t
+        if stage_ms is not None:
+            stage_ms["flat"] = flat_s * 1e3
         return np.concatenate(out).astype(np.float32), np.concatenate(flat) if with_flat else None  # (n, dim), (n, labels)
 
     def _label_parts(self) -> Parts:
@@ -532,27 +537,28 @@ class TwoStageClassifier:
     def score_candidates(self, texts: list, ks, gate=False) -> tuple:
         """Stages 1 and 2 for valid texts: per row its candidate ids (k,), retrieval scores (k,), cross-encoder
         logits (k,) (None where the gate skipped stage 2) and the flat classifier's log-probabilities (k,) (None
-        where the policy does not fuse them), plus the stage timings in ms (the flat encoder counts in "embed")."""
+        where the policy does not fuse them), plus the stage timings in ms (contract.STAGES but "preprocess")."""
         t0 = time.perf_counter()
         # each text tokenised once for both stages where their tokenizers agree (counted in the embed stage's time)
         part_tok, _, single = self._tokenizers()
         parts = Parts.of(part_tok.encode_batch(list(texts), add_special_tokens=False)) if single is not None else None
-        xq, flat_lp = self.encode(texts, parts)  # (n, dim), (n, labels) or None
+        ms = {}
+        xq, flat_lp = self.encode(texts, parts, stage_ms=ms)  # (n, dim), (n, labels) or None
         t1 = time.perf_counter()
         D, I = self.index.search(xq, int(max(ks)))  # (n, kmax) label scores and ids, best first
         t2 = time.perf_counter()
         gates = np.broadcast_to(np.asarray(gate), (len(texts),))
         skip = np.array([self.policy.skip_rerank(D[j:j + 1, :k], bool(g))[0] for j, (k, g) in enumerate(zip(ks, gates))], dtype=bool)
         rerank = [j for j in range(len(texts)) if not skip[j]]
-        flat = self._score([texts[j] for j in rerank], [I[j, :ks[j]] for j in rerank], parts,
+        ce_logits = self._score([texts[j] for j in rerank], [I[j, :ks[j]] for j in rerank], parts,
                            rerank if parts is not None else None, xq[rerank])  # (sum of k over reranked rows,)
         t3 = time.perf_counter()
         rows, start = [], 0
         for j, k in enumerate(ks):
-            logits = None if skip[j] else flat[start:start + k].astype(np.float64)
+            logits = None if skip[j] else ce_logits[start:start + k].astype(np.float64)
             rows.append((I[j, :k], D[j, :k].astype(np.float64), logits, None if flat_lp is None else flat_lp[j, I[j, :k]]))
             start += 0 if skip[j] else k
-        return rows, {"embed": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "rerank": (t3 - t2) * 1e3}
+        return rows, {"embed": (t1 - t0) * 1e3 - ms["flat"], "flat": ms["flat"], "search": (t2 - t1) * 1e3, "rerank": (t3 - t2) * 1e3}
 
     def combine(self, cand, retrieval, logits, threshold: float, flat=None) -> Prediction:
         """The K candidates of one email -> its Prediction, by the rerank policy (logits None: stage 2 skipped; flat:

@@ -95,6 +95,9 @@ def test_classifier_refuses_a_flat_policy_without_a_head(tiny_reference):
     clf.policy = clf.policy.without_flat()
     without = clf.classify(EMAILS[:3], gate=False)
     assert any(not np.allclose(a.top_probabilities, b.top_probabilities) for a, b in zip(with_flat, without))
+    # the flat pass is timed as a stage of its own, and costs nothing where the policy does not fuse it
+    assert set(with_flat[0].stage_ms) == set(contract.STAGES) and with_flat[0].stage_ms["flat"] > 0
+    assert without[0].stage_ms["flat"] == 0 and without[0].stage_ms["embed"] > 0
 
 
 def test_export_pins_the_flat_encoder_and_its_head(tiny_repo, tiny_reference):
