@@ -61,7 +61,7 @@ class Classification:
     error: str = ""  # set when this email could not be classified (then label is "")
     model_versions: dict = field(default_factory=dict)
     stage_ms: dict = field(default_factory=dict)
-    reranked: bool = False  # stage 2 ran (False where the version's gate found retrieval sure)
+    reranked: bool = False  # stage 2 ran (False where the version's gate found retrieval sure, or its policy gives the CE no weight)
     prediction_id: str = None  # set by classify(..., record=True): what correct() takes
 
     @property
@@ -183,7 +183,7 @@ class ClassifierClient(_Base):
                 time.sleep(self._delay(attempt))
 
     def classify(self, texts, subjects=None, top_k=None, threshold=None, gate=None, record=False) -> list:
-        """gate: None = the version's default; False = rerank every email; True = let the gate skip stage 2.
+        """gate: None = the version's default; False = rerank every email (none where the version's policy gives the CE no weight); True = let the gate skip stage 2.
         record: store each answered email and what was shown (sets prediction_id)."""
         texts = list(texts)  # read twice when recording
         if record and self.store is None:

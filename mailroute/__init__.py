@@ -1,4 +1,5 @@
-"""mailroute: two-stage email classification (bi-encoder retrieval + listwise cross-encoder rerank).
+"""mailroute: two-stage email classification (bi-encoder retrieval + listwise cross-encoder rerank, fused with a flat
+softmax classifier's log-probabilities).
 
 This core package holds what every other part shares: the tensor contract, settings, the taxonomy,
 email normalisation, the label index and the two-stage pipeline class that both the in-process

@@ -1,7 +1,7 @@
 """`mailroute`: train, export, serve, classify, and the one-command demo.
 
   mailroute demo                      train on the built-in taxonomy, export, start Triton, classify samples
-  mailroute train --dataset banking77 both stages + flat baseline, evaluated, saved to --out
+  mailroute train --dataset banking77 both stages + the flat classifier (fused into the answer), evaluated, saved to --out
   mailroute refit --run runs/demo     fit the rerank policy (fusion, temperature, gate) again on validation
   mailroute sweep a: b:--oof-folds=3 -- --dataset banking77   several train configurations at once, one summary
   mailroute export --run runs/demo    ONNX (parity-checked) -> new versions in model_repository/
@@ -339,7 +339,7 @@ def main(argv=None):
     p.add_argument("--retrain", action="store_true", help="train and export again even if a run exists")
     p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("train", help="train bi-encoder + cross-encoder (+ flat baseline) and write the evaluation report",
+    p = sub.add_parser("train", help="train bi-encoder + cross-encoder + flat classifier (the baseline, fused into the served answer unless --no-flat-fusion) and write the evaluation report",
                        description="Dataset: --dataset demo|banking77, or --taxonomy T.json --train A.jsonl --test B.jsonl "
                                    "(format in training/data.py and the README). Invalid data stops training unless --drop-invalid.")
     _add_dataclass_args(p, TrainConfig)
@@ -350,7 +350,7 @@ def main(argv=None):
 
     p = sub.add_parser("refit", help="fit a trained run's rerank policy again on validation (e.g. another gate tolerance), no retraining",
                        description="Scores validation and test again with the run's models, fits fusion, temperature and gate on "
-                                   "validation, and rewrites rerank_policy.json, metrics.json and report.md (the flat baseline is kept).")
+                                   "validation (with the flat classifier's log-probabilities where the run fuses them), and rewrites rerank_policy.json (and rerank_policy_without_flat.json), metrics.json, predictions.jsonl and report.md; the models are kept.")
     p.add_argument("--run", required=True, help="trained run folder")
     p.add_argument("--gate-tolerance", type=float, default=None,
                    help="validation accuracy the gate may give up versus reranking every email (default: the run's)")
@@ -381,7 +381,8 @@ def main(argv=None):
                                    "the model in the run folder (flat_encoder/, flat_head.npz) and replaces its numbers, test "
                                    "predictions and report rows (the old numbers stay in metrics.json under flat_baseline_history). "
                                    "Where the run fuses the flat classifier into its answer (not --no-flat-fusion), the rerank policy is "
-                                   "then fitted again with the new one on validation (as `mailroute refit`: both stages scored again).")
+                                   "then fitted again with the new one on validation (as `mailroute refit`: both stages scored again); a run trained with "
+                                   "--skip-baseline starts fusing it (unless --no-flat-fusion).")
     p.add_argument("--run", required=True, help="evaluated run folder")
     p.add_argument("--flat-epochs", type=int, required=True, help="epochs to train (the best on validation is kept)")
     p.add_argument("--flat-lr", type=float, default=None, help="learning rate (default: the run's)")

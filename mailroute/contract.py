@@ -62,7 +62,7 @@ SEARCH_DEVICE_PARAMETER = "search_device"  # label search by torch on this devic
 # choice (every core)
 INTRA_OP_THREADS_PARAMETER, INTRA_OP_THREADS_DEFAULT = "intra_op_threads", "0"
 
-# encoder tensors (both encoders)
+# encoder tensors (every encoder; the flat encoder has the bi-encoder's)
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 TOKEN_TYPE_IDS = "token_type_ids"
@@ -100,7 +100,8 @@ MODEL_VERSIONS = "MODEL_VERSIONS"  # string, (batch, 4): the versions of VERSION
 # batch, not per row: one Triton batch merges several requests, so rows of a batch share these values
 # and summing them over rows overcounts. Per-stage histograms are on the Prometheus endpoint (METRIC_*).
 STAGE_MS = "STAGE_MS"
-RERANKED = "RERANKED"  # bool, (batch, 1): stage 2 ran for this email (False where the gate found retrieval sure)
+RERANKED = "RERANKED"  # bool, (batch, 1): stage 2 ran for this email (False where the gate found retrieval sure, and always where the
+# version's policy gives the cross-encoder no weight)
 
 # "flat": the flat classifier's pass (0 where the version does not fuse it). It runs after "embed" but comes last, so a
 # caller that reads the four columns of a version exported before it still reads them under their own names

@@ -5,7 +5,7 @@ over the K fused scores.
 
 It does not know what runs the encoders: `Encoders` is PyTorch for the in-process reference
 classifier (training/reference.py), onnxruntime in-process (mailroute/onnx_encoders.py), BLS
-calls to the bi_encoder / cross_encoder Triton models (export/triton/email_classifier.py), or the
+calls to the bi_encoder / cross_encoder (/ flat_encoder) Triton models (export/triton/email_classifier.py), or the
 torch runtime's encoders inside the classifier's own process (mailroute/torch_encoders.TorchEncoders,
 when its config's "encoders" parameter says so). So all four produce the same answers from the same
 code (within float rounding; fp16 on a GPU), and tests run it without Triton.
@@ -70,7 +70,7 @@ class Prediction:
     top_probabilities: list
     needs_review: bool
     error: str = ""
-    reranked: bool = False  # stage 2 ran for this email (False where the gate found retrieval sure)
+    reranked: bool = False  # stage 2 ran for this email (False where the gate found retrieval sure or the CE has no weight)
     error_kind: str = ""  # empty | not_utf8 | too_large (mailroute.normalise.InvalidEmail.kind)
     stage_ms: dict = field(default_factory=dict)
 
@@ -571,7 +571,7 @@ class TwoStageClassifier:
 
     def classify_texts(self, texts: list, errors: list, top_k=None, threshold=None, gate=True) -> list:
         """Normalised texts (None where errors[i] says why) -> one Prediction per row. gate: per row or one
-        bool, whether the policy's gate may skip stage 2 (it never does when the policy has no gate)."""
+        bool, whether the policy's gate may skip stage 2 (without a gate it never skips, unless the policy gives the cross-encoder no weight: then it always does)."""
         n = len(texts)
         ks = np.broadcast_to(np.asarray(self.top_k if top_k is None else top_k), (n,))
         ts = np.broadcast_to(np.asarray(self.threshold if threshold is None else threshold), (n,))

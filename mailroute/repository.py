@@ -46,7 +46,7 @@ TENSORRT_CONFIG = f"{CONFIGS_DIR}/tensorrt.pbtxt"
 TRTEXEC_SHAPES_FILE = "trtexec_shapes.txt"
 GATE_REPORT_FILE = "gate_report.json"  # email_classifier/<v>/: the promotion gate's measurements of this version
 # <encoder>/<v>/pytorch/: the PyTorch weights behind an encoder version. `mailroute export --runtime torch` writes them
-# for both encoders (what that runtime serves: export/run.py, mailroute/torch_encoders.py); continued training writes
+# for every encoder (what that runtime serves: export/run.py, mailroute/torch_encoders.py); continued training writes
 # them for its cross_encoder version (what the next round continues from). Without them, an exported version's
 # weights are its pipeline's source_run
 TORCH_WEIGHTS_DIR = "pytorch"

@@ -9,7 +9,8 @@ over all labels on its own encoder, fused in as one more score. With both flat w
 flat classifier) the formula is the two-stage one alone.
 
 The gate skips stage 2 for an email whose retrieval is sure: the margin between its best and second
-best retrieval scores exceeds `gate_margin` (None = always rerank); `GateTarget` says how it is fitted. Evaluation, the listwise training
+best retrieval scores exceeds `gate_margin` (None = always rerank, unless ce_weight is 0:
+then never); `GateTarget` says how it is fitted. Evaluation, the listwise training
 loss, the in-process pipeline, the ONNX pipeline and Triton all call this class; its JSON form is saved
 in every run folder and in every classifier version (pipeline.json). Fitting returns a new policy and
 never changes the classifier it is fitted on.
@@ -28,7 +29,7 @@ class RerankPolicy:
     ce_weight: float = 1.0  # weight of the cross-encoder logit (0 only when validation finds it useless)
     temperature: float = 1.0  # divides the fused score: fitted by NLL on validation, for calibration
     retrieval_temperature: float = 0.05  # divides retrieval scores where stage 2 is skipped (also fitted)
-    gate_margin: float = None  # skip stage 2 when top-1 minus top-2 retrieval score exceeds this; None = always rerank
+    gate_margin: float = None  # skip stage 2 when top-1 minus top-2 retrieval score exceeds this; None = always rerank (never where ce_weight is 0)
     flat_weight: float = 0.0  # weight of the flat classifier's log-probability in the reranked fusion (0 = not fused)
     gated_flat_weight: float = 0.0  # ... beside the retrieval score where stage 2 is skipped (0 = retrieval alone)
 

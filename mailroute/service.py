@@ -70,7 +70,7 @@ class ClassifierService:
             raise RequestError(str(e)) from None
         gate = params.get(contract.PARAM_GATE, True)
         if not isinstance(gate, bool):
-            raise RequestError(f"{contract.PARAM_GATE} must be a boolean (false = rerank every email), got {gate!r}")
+            raise RequestError(f"{contract.PARAM_GATE} must be a boolean (false = rerank every email the policy gives the reranker a weight for), got {gate!r}")
         text = req.text
         if text is None or text.dtype != object or text.ndim != 2 or text.shape[1] != 1:
             raise RequestError(f"{contract.TEXT} must be a string tensor of shape [batch, 1], got "

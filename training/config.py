@@ -66,7 +66,7 @@ class TrainConfig:
     flat_epochs: int = 5  # flat softmax baseline epochs, the best on validation kept
     flat_batch_size: int = 32  # flat baseline batch
     flat_lr: float = 5e-5  # flat baseline learning rate (its new head gets 50x)
-    skip_baseline: bool = False  # do not train the flat softmax baseline (it is trained all the same with --ce-init flat, which starts from it)
+    skip_baseline: bool = False  # do not train the flat softmax baseline, so nothing is fused with the two stages (it is trained and fused all the same with --ce-init flat, which starts from it)
     no_flat_fusion: bool = False  # serve the two stages alone: the flat baseline is measured but its log-probabilities are not fused into the answer (weights fitted on validation) and it is not exported
     drop_invalid: bool = False  # drop invalid rows (printing how many) instead of refusing to train
     seed: int = DEFAULTS.seed  # one seed for splits, sampling, shuffles and initialisation

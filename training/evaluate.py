@@ -163,7 +163,7 @@ def fit_policy(sc: Scored, target: GateTarget = GateTarget(), use_flat: bool = T
 
 
 def predict(sc: Scored, policy: RerankPolicy, names, mode: str = "rerank") -> tuple:
-    """mode: rerank (stage 2 for every email, gate ignored), gated (the policy's gate), retrieval (stage 1 only).
+    """mode: rerank (gate ignored: stage 2 for every email, none where the policy gives it no weight), gated (the policy's gate), retrieval (stage 1 only).
     -> (predicted names, confidence, reranked (n,) bool)."""
     if mode == "retrieval":
         skip = np.ones(len(sc.gold), dtype=bool)

@@ -11,7 +11,7 @@ VARIANT_NAMES = {
     "cross_encoder_only": "cross-encoder alone over the K candidates",
     "retrieval_flat": "retrieval + flat classifier, no cross-encoder",
     "two_stage_without_flat": "two-stage without the flat classifier, every email reranked",
-    "two_stage_ungated": "two-stage, fused, every email reranked",
+    "two_stage_ungated": "two-stage, fused, gate off (every email reranked where the cross-encoder has weight)",
     "two_stage": "two-stage, fused, gated (served default)",
 }
 

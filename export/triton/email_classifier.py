@@ -1,7 +1,7 @@
 """Triton Python-backend adapter for `email_classifier` (copied to email_classifier/<v>/model.py).
 
 Thin on purpose: requests -> mailroute.service.ClassifierService -> responses. The encoders are BLS
-calls to the bi_encoder / cross_encoder versions that this classifier version pins, so they run on
+calls to the bi_encoder / cross_encoder (/ flat_encoder) versions that this classifier version pins, so they run on
 whichever backend serves them (portable onnxruntime here, native onnxruntime / TensorRT in production).
 With the torch runtime, an export may put them in the classifier's own process instead (its config's
 "encoders" parameter, `mailroute export --encoders-in-classifier`): the same versions' PyTorch weights, no
