@@ -1,6 +1,7 @@
 """The flat classifier fused into the rerank policy: the formula, its fit, the head's pins, and the classifier
 versions that carry it (export, derived versions)."""
 
+import re
 import shutil
 
 import numpy as np
@@ -191,6 +192,9 @@ def test_training_keeps_and_fuses_the_flat_classifier_unless_asked_not_to(tmp_pa
     policy = RerankPolicy.load(out.policy)
     assert "flat_baseline" in m and policy.uses_flat != no_fusion and out.has_flat() != no_fusion
     assert ("retrieval_flat" in m["variants"]["test"]) != no_fusion
+    # the flat pass is timed apart from the bi-encoder's (the report adds it to the served cost per email)
+    assert (m["latency"]["flat_ms_per_email"] > 0) != no_fusion and m["latency"]["embed_ms_per_email"] > 0
+    assert bool(re.search(r"embed [\d.]+ ms, flat classifier [\d.]+ ms", out.report.read_text())) != no_fusion
     if not no_fusion:
         head = FlatHead.load(out.flat_head)
         assert head.encoder_id == weights_id(out.flat_encoder / WEIGHTS_FILE) and policy.flat_weight != 0
