@@ -1,0 +1,110 @@
+"""Does the Triton server answer what the run's evaluation measured? (a script, not a test)
+
+Reads a repository exported from a trained run (`mailroute export --run RUN --repo REPO`), starts the real
+tritonserver over it (or talks to one already running: --url), sends the run's test emails over gRPC in batches of
+the classifier's max batch, and compares every answer with the run's `predictions.jsonl` (what `mailroute train` /
+`refit` measured in process): the same label, the probability within --atol, the same RERANKED flag. Prints the
+agreement, the served accuracy, emails per second and the versions that answered; exits 1 when any answer differs,
+so a platform team can run it after each export before promoting a version.
+
+    mailroute export --run runs/banking77 --repo /tmp/mailroute-check
+    python -m benchmarks.served_agreement --run runs/banking77 --repo /tmp/mailroute-check --limit 600 \\
+        --json benchmarks/results/banking77/served_agreement.json
+
+The first --limit test emails are sent (0 = all), in their file order; the server answers them with the version's
+default gate, as a caller would.
+"""
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mailroute import contract
+from mailroute.run_layout import RunFolder
+
+ATOL = 1e-4  # probability tolerance: ONNX vs PyTorch differ in the 6th digit (export's parity check), fused scores / T amplify it
+
+
+def read_predictions(run: RunFolder) -> list:
+    if not run.predictions.exists():
+        raise SystemExit(f"error: {run.predictions} not found: is {run.root} a trained run (`mailroute train`)?")
+    return [json.loads(line) for line in run.predictions.read_text().splitlines() if line.strip()]
+
+
+def test_emails(run: RunFolder) -> list:
+    """The run's test split, re-read from its config (the emails predictions.jsonl holds, in order)."""
+    from training.config import TrainConfig
+    from training.data import splits_of
+
+    return splits_of(TrainConfig.load(run.config))[3]
+
+
+def compare(rows: list, answers: list, atol: float = ATOL) -> dict:
+    """rows: predictions.jsonl rows; answers: the server's Classification for the same emails, in order."""
+    label = np.array([a.label == r["label"] for r, a in zip(rows, answers)])
+    prob = np.array([abs(a.probability - r["probability"]) for r, a in zip(rows, answers)])
+    reranked = np.array([a.reranked == r["reranked"] for r, a in zip(rows, answers)])
+    errors = [a.error for a in answers if not a.ok]
+    differ = [i for i in range(len(rows)) if not (label[i] and prob[i] <= atol and reranked[i])]
+    return {"n": len(rows), "equal": len(rows) - len(differ), "same_label": int(label.sum()), "same_reranked": int(reranked.sum()),
+            "max_probability_diff": float(prob.max()) if len(prob) else 0.0, "atol": atol, "row_errors": errors[:5],
+            "accuracy_served": float(np.mean([a.label == r["gold"] for r, a in zip(rows, answers)])),
+            "accuracy_measured": float(np.mean([r["label"] == r["gold"] for r in rows])),
+            "first_differences": [{"row": i, "measured": rows[i]["label"], "served": answers[i].label,
+                                   "probability_diff": float(prob[i])} for i in differ[:10]]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--run", required=True, help="the trained run folder the repository was exported from")
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--repo", help="model repository: a tritonserver is started over it (free ports) and stopped after")
+    where.add_argument("--url", help="gRPC address of a server already serving the run's export (host:port)")
+    ap.add_argument("--limit", type=int, default=0, help="send the first N test emails (0 = all)")
+    ap.add_argument("--batch", type=int, default=contract.CLASSIFIER_MAX_BATCH, help="emails per request")
+    ap.add_argument("--atol", type=float, default=ATOL, help="largest probability difference counted as equal")
+    ap.add_argument("--json", help="write the summary here")
+    args = ap.parse_args(argv)
+    if args.limit < 0 or args.batch < 1 or args.atol < 0:
+        ap.error(f"--limit must be >= 0, --batch >= 1, --atol >= 0 (got {args.limit}, {args.batch}, {args.atol})")
+
+    from client.classifier_client import ClassifierClient
+    from client.server import TritonServer
+
+    run = RunFolder(args.run)
+    rows, test = read_predictions(run), test_emails(run)
+    if [r["gold"] for r in rows] != [e.label for e in test]:
+        raise SystemExit(f"error: {run.predictions} is not for this run's test emails (was the dataset changed?)")
+    n = len(rows) if args.limit == 0 else min(args.limit, len(rows))
+    rows, texts = rows[:n], [e.text for e in test[:n]]
+    with contextlib.ExitStack() as stack:
+        url = args.url or stack.enter_context(TritonServer(args.repo)).grpc_url
+        client = stack.enter_context(ClassifierClient(url))
+        client.classify(texts[:1])  # warm-up, not timed
+        t = time.perf_counter()
+        answers = [a for s in range(0, n, args.batch) for a in client.classify(texts[s:s + args.batch])]
+        seconds = time.perf_counter() - t
+    out = compare(rows, answers, args.atol) | {
+        "run": str(run.root), "seconds": round(seconds, 2), "emails_per_s": round(n / seconds, 1), "batch": args.batch,
+        "share_reranked": float(np.mean([a.reranked for a in answers])) if answers else 0.0,
+        "model_versions": answers[0].model_versions if answers else {}, "date": time.strftime("%Y-%m-%d")}
+    print(f"served {n} test emails over gRPC in {seconds:.1f} s ({out['emails_per_s']} emails/s, batches of {args.batch}): "
+          f"{out['equal']} of {n} answers equal to the run's evaluation (label, probability within {args.atol:g}, reranked); "
+          f"accuracy served {out['accuracy_served']:.2%} vs measured {out['accuracy_measured']:.2%}; "
+          f"{out['share_reranked']:.0%} reranked; versions {out['model_versions']}")
+    for d in out["first_differences"]:
+        print(f"  differs: row {d['row']}: measured {d['measured']}, served {d['served']}, probability diff {d['probability_diff']:.2g}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0 if out["equal"] == n else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
