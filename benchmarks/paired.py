@@ -9,8 +9,8 @@ the same emails:
 - a paired bootstrap 95% interval of the accuracy difference (resampling emails).
 
     python -m benchmarks.paired --run runs/banking77-ce2
-    python -m benchmarks.paired --predictions benchmarks/results/banking77/predictions.jsonl
-    python -m benchmarks.paired --run runs/no-baseline --flat-from benchmarks/results/banking77/predictions.jsonl
+    python -m benchmarks.paired --predictions benchmarks/results/banking77/headline_s12/predictions.jsonl
+    python -m benchmarks.paired --run runs/no-baseline --flat-from benchmarks/results/banking77/headline_s12/predictions.jsonl
     python -m benchmarks.paired --run runs/changed --against runs/reference/predictions.jsonl   # two runs' two-stage systems
 
 --flat-from takes the flat baseline's labels from another run's predictions, for a run trained with
