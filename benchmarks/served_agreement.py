@@ -36,7 +36,7 @@ def read_predictions(run: RunFolder) -> list:
     return [json.loads(line) for line in run.predictions.read_text().splitlines() if line.strip()]
 
 
-def test_emails(run: RunFolder) -> list:
+def read_test_emails(run: RunFolder) -> list:
     """The run's test split, re-read from its config (the emails predictions.jsonl holds, in order)."""
     from training.config import TrainConfig
     from training.data import splits_of
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     from client.server import TritonServer
 
     run = RunFolder(args.run)
-    rows, test = read_predictions(run), test_emails(run)
+    rows, test = read_predictions(run), read_test_emails(run)
     if [r["gold"] for r in rows] != [e.label for e in test]:
         raise SystemExit(f"error: {run.predictions} is not for this run's test emails (was the dataset changed?)")
     n = len(rows) if args.limit == 0 else min(args.limit, len(rows))
