@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     if args.limit < 0 or args.batch < 1 or args.atol < 0:
         ap.error(f"--limit must be >= 0, --batch >= 1, --atol >= 0 (got {args.limit}, {args.batch}, {args.atol})")
 
-    from client.classifier_client import ClassifierClient
+    from client.classifier_client import ClassifierClient, ClassifierError
     from client.server import TritonServer
 
     run = RunFolder(args.run)
@@ -86,10 +86,13 @@ def main(argv=None) -> int:
     with contextlib.ExitStack() as stack:
         url = args.url or stack.enter_context(TritonServer(args.repo)).grpc_url
         client = stack.enter_context(ClassifierClient(url))
-        client.classify(texts[:1])  # warm-up, not timed
-        t = time.perf_counter()
-        answers = [a for s in range(0, n, args.batch) for a in client.classify(texts[s:s + args.batch])]
-        seconds = time.perf_counter() - t
+        try:
+            client.classify(texts[:1])  # warm-up, not timed
+            t = time.perf_counter()
+            answers = [a for s in range(0, n, args.batch) for a in client.classify(texts[s:s + args.batch])]
+            seconds = time.perf_counter() - t
+        except ClassifierError as e:
+            raise SystemExit(f"error: the classifier at {url} did not answer: {e}") from None
     out = compare(rows, answers, args.atol) | {
         "run": str(run.root), "seconds": round(seconds, 2), "emails_per_s": round(n / seconds, 1), "batch": args.batch,
         "share_reranked": float(np.mean([a.reranked for a in answers])) if answers else 0.0,
