@@ -71,8 +71,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-per-label", type=int, default=0, help=">0: train on at most this many emails a label (smoke runs)")
     ap.add_argument("--test-limit", type=int, default=0, help=">0: at most this many test emails")
     ap.add_argument("--seed", type=int, default=None, help="default: mailroute train's")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", default="auto", help="training arithmetic, as `mailroute train --precision`")
+    from training.config import TrainConfig, add_device_arg  # light: no torch before the flags are read
+
+    add_device_arg(ap)
+    ap.add_argument("--precision", default=TrainConfig.precision, help="training arithmetic, as `mailroute train --precision` "
+                                                                       f"(default: {TrainConfig.precision})")
     ap.add_argument("--save", help="folder to save each trained bi-encoder in (one subfolder a variant)")
     ap.add_argument("--json", help="write the results here as JSON too")
     a = ap.parse_args(argv)

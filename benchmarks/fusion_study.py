@@ -232,7 +232,9 @@ def main(argv=None) -> int:
     ap.add_argument("--extra-ce", nargs="*", default=[], help="other runs sharing stage 1 whose cross-encoders are added as features")
     ap.add_argument("--k", type=int, default=STUDY_K, help=f"candidates scored per email (rules use the first {K}, the served K, "
                                                            f"or all; at least {K})")
-    ap.add_argument("--device", default="auto")
+    from training.config import add_device_arg  # light: no torch before the flags are read
+
+    add_device_arg(ap)
     ap.add_argument("--nearest-scores", help="a benchmarks/neighbour_cards.py --out folder: its nearest-card cross-encoder's "
                                              "logits (same run, its k_eval) join as a feature (`near`)")
     ap.add_argument("--probe", action="store_true", help="one more retrieval feature: a linear softmax probe on the bi-encoder's "
@@ -245,10 +247,13 @@ def main(argv=None) -> int:
     if a.flat is not None and a.flat < 1:
         ap.error(f"--flat must be at least 1 epoch, got {a.flat}")
     if a.base:
-        from training.models import HF_CONFIG_FILE
+        from mailroute.settings import BadSetting
+        from training.models import check_model_dir
 
-        if not (Path(a.base) / HF_CONFIG_FILE).is_file():
-            ap.error(f"--base {a.base}: no saved model there ({HF_CONFIG_FILE} missing)")
+        try:
+            check_model_dir("--base", a.base)
+        except BadSetting as e:
+            ap.error(str(e))
     if a.k < K:
         ap.error(f"--k must be at least the served K ({K}, mailroute.settings DEFAULTS.top_k): the rules read its first {K} candidates; got {a.k}")
     run = Path(a.run)

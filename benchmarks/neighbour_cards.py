@@ -63,7 +63,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=float, default=1.0, help="cross-encoder epochs per arm")
     ap.add_argument("--arms", default="fixed,neighbours", help="fixed (the index's cards) and/or neighbours (query-dependent)")
     ap.add_argument("--test", action="store_true", help="also measure on test (for the record; choices use validation)")
-    ap.add_argument("--device", default="auto")
+    from training.config import add_device_arg  # light: no torch before the flags are read
+
+    add_device_arg(ap)
     ap.add_argument("--out", default="benchmarks/results/banking77", help="folder for neighbour_cards.{json,txt}")
     a = ap.parse_args(argv)
 

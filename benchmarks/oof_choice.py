@@ -153,7 +153,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reference", help="a fusion_study --json file of the headline run: its validation and test per rule, shown")
     ap.add_argument("--only-fold", type=int, help="use fold I's held-out emails alone, cross-fitted between two halves of "
                                                     "them (when the other folds were not scored)")
-    ap.add_argument("--device", default="auto")
+    from training.config import add_device_arg  # light: no torch before the flags are read
+
+    add_device_arg(ap)
     ap.add_argument("--json", help="write the table here as JSON too")
     a = ap.parse_args(argv)
     if a.only_fold is not None and not 0 <= a.only_fold < len(a.runs):

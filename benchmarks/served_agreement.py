@@ -7,8 +7,8 @@ the classifier's max batch, and compares every answer with the run's `prediction
 agreement, the served accuracy, emails per second and the versions that answered; exits 1 when any answer differs,
 so a platform team can run it after each export before promoting a version.
 
-    mailroute export --run runs/banking77 --repo /tmp/mailroute-check
-    python -m benchmarks.served_agreement --run runs/banking77 --repo /tmp/mailroute-check --limit 600 \\
+    mailroute export --run runs/banking77 --repo runs/check-repo
+    python -m benchmarks.served_agreement --run runs/banking77 --repo runs/check-repo --limit 600 \\
         --json benchmarks/results/banking77/served_agreement.json
 
 The first --limit test emails are sent (0 = all), in their file order; the server answers them with the version's

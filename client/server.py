@@ -85,8 +85,13 @@ def check_repository(repo, models) -> None:
                                f"wrong --repo, or not exported yet (`mailroute export --repo {repo}`)")
 
 
+NOT_A_PORT = "not a TCP port number, 0-65535"
+
+
 def port_problem(port: int):
     """Why tritonserver could not listen on `port` (it binds every address), or None when it can."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        return NOT_A_PORT
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port left in TIME_WAIT is free for tritonserver too
         try:
@@ -219,12 +224,21 @@ class TritonServer:
         """Refuse a repository without the models this server would load (explicit mode: all of them; else the classifier)."""
         check_repository(self.repo, self.models if self.explicit else [contract.CLASSIFIER])
 
-    def check_ports(self) -> None:
-        for name, port, flag in (("gRPC", self.grpc_port, "--grpc-port"), ("HTTP", self.http_port, "--http-port"),
-                                 ("metrics", self.metrics_port, "--metrics-port")):
+    def check_ports(self, more: tuple = ()) -> None:
+        """Refuse a port tritonserver (or, in `more`, a (name, port, flag) of the launcher's own, like readiness) could not
+        listen on, by name, before anything starts."""
+        ports = (("gRPC", self.grpc_port, "--grpc-port"), ("HTTP", self.http_port, "--http-port"),
+                 ("metrics", self.metrics_port, "--metrics-port"), *more)
+        flags = {}
+        for name, port, flag in ports:  # free now, each alone, but two listeners cannot share one
+            if port and port in flags:
+                raise ServerStartError(f"{flags[port]} and {flag} are both {port}: give each its own port, or 0 for free ones")
+            flags.setdefault(port, flag)
+        for name, port, flag in ports:
             problem = port_problem(port)
             if problem:
-                raise ServerStartError(f"{name} port {port} cannot be used ({problem}; another tritonserver running?): "
+                hint = "" if problem == NOT_A_PORT else "; another tritonserver running?"
+                raise ServerStartError(f"{name} port {port} cannot be used ({problem}{hint}): "
                                        f"choose another with {flag}, or 0 for a free one")
 
     def command(self) -> list:

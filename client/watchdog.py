@@ -28,13 +28,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from mailroute import contract
 from mailroute.health import CANARY_TIMEOUT_S, canary
-from mailroute.settings import CANARY_INTERVAL_S
+from mailroute.settings import CANARY_INTERVAL_S, BadSetting
 
 _UNHEALTHY = re.compile(r"Stub process '(\w+?)_\d+_\d+' is not healthy")
 
 
-MIN_MAX_AGE = 6.0  # seconds: the least default max_age (3 canaries at the default 2 s interval)
 MAX_AGE_INTERVALS = 3  # default max_age = this many canary intervals
+MIN_MAX_AGE = MAX_AGE_INTERVALS * CANARY_INTERVAL_S  # seconds: the least default max_age (at the default interval)
 
 
 def default_max_age(interval: float) -> float:
@@ -50,6 +50,8 @@ class Watchdog:
     def __init__(self, server, interval: float = CANARY_INTERVAL_S, max_age: float = None, restart_after: int = 2,
                  timeout: float = CANARY_TIMEOUT_S,
                  grace: float = 15.0):
+        if not interval > 0:  # 0 would run canaries back to back, a negative wait raises deep in threading
+            raise BadSetting(f"--canary-interval must be a number of seconds > 0, got {interval!r}")
         max_age = default_max_age(interval) if max_age is None else max_age
         self.server, self.interval, self.max_age, self.restart_after, self.timeout = server, interval, max_age, restart_after, timeout
         self.grace = grace

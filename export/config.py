@@ -16,7 +16,7 @@ class ExportConfig:
     gpu: bool = False  # KIND_GPU instances (native or torch runtime, production)
     no_optimize: bool = False  # skip onnxruntime's transformer fusions (attention, LayerNorm, GELU)
     quantize: bool = False  # dynamic int8 weights (CPU); the accuracy change is measured and reported
-    quantize_eval: int = 500  # test emails of the run's dataset used to measure the int8 accuracy change
+    quantize_eval: int = 500  # test emails of the run's dataset used to measure the int8 accuracy change (0 = all)
     version: int = 0  # 0 = next free version number of each model
     top_k: int = 0  # default candidates per email (callers may override per request); 0 = the K the run was evaluated with
     threshold: float = DEFAULTS.threshold  # default needs_review threshold (callers may override)

@@ -75,15 +75,17 @@ def _parity(graph, path: Path, sample: tuple, inputs: tuple, what: str, atol: fl
     return diff
 
 
-def export_bi_encoder(st_model, tokenizer_json, path, texts: list, atol: float = PARITY_ATOL, optimize: bool = True) -> float:
+def export_bi_encoder(st_model, tokenizer_json, path, texts: list, atol: float = PARITY_ATOL, optimize: bool = True,
+                      name: str = contract.BI_ENCODER) -> float:
     """SentenceTransformer -> ONNX (input_ids, attention_mask) -> embedding. Returns the parity max diff
-    (of the final, optimized graph)."""
+    (of the final, optimized graph). name: the model it becomes (the flat encoder is exported the same way), which a
+    parity failure names."""
     graph = BiEncoderGraph(st_model[0].auto_model)
     ids, mask, _ = tensors(load_tokenizer(tokenizer_json, DEFAULTS.max_email_tokens).encode_batch(texts))
     _export(graph, (ids, mask), contract.BI_ENCODER_INPUTS, contract.EMBEDDING, Path(path))
     if optimize:
         optimize_transformer(Path(path), graph.bert.config)
-    return _parity(graph, Path(path), (ids, mask), contract.BI_ENCODER_INPUTS, "bi_encoder", atol)
+    return _parity(graph, Path(path), (ids, mask), contract.BI_ENCODER_INPUTS, name, atol)
 
 
 def export_cross_encoder(cross_model, tokenizer_json, path, pairs: list, atol: float = PARITY_ATOL, optimize: bool = True) -> float:
@@ -94,7 +96,7 @@ def export_cross_encoder(cross_model, tokenizer_json, path, pairs: list, atol: f
     _export(graph, sample, contract.CROSS_ENCODER_INPUTS, contract.LOGIT, Path(path))
     if optimize:
         optimize_transformer(Path(path), graph.model.config)
-    return _parity(graph, Path(path), sample, contract.CROSS_ENCODER_INPUTS, "cross_encoder", atol)
+    return _parity(graph, Path(path), sample, contract.CROSS_ENCODER_INPUTS, contract.CROSS_ENCODER, atol)
 
 
 def quantize_int8(src, dst) -> None:

@@ -103,7 +103,9 @@ def serving_params(cfg: ExportConfig, folder: RunFolder, n_labels: int) -> tuple
     """(top_k, threshold) the new classifier version serves by default, checked by the rule TwoStageClassifier loads its
     pipeline.json by (pipeline.check_params): a flag it would refuse is a BadSetting naming it, before any work, not a
     version Triton cannot load. --top-k 0 = the K the run was evaluated with; a K above the taxonomy's size is cut to it."""
-    run_k = json.loads(folder.config.read_text()).get("k_eval") if folder.config.exists() else None
+    from training.config import TrainConfig
+
+    run_k = TrainConfig.load(folder.config).k_eval if folder.config.exists() else None  # a broken config.json: a BadSetting
     top_k = min(cfg.top_k or run_k or DEFAULTS.top_k, n_labels)
     top_k_source = f"--top-k {cfg.top_k}" if cfg.top_k else f"--top-k 0 (the run's k_eval, {run_k})"
     # one flag at a time, so that the message names the one at fault
@@ -179,6 +181,10 @@ def export(cfg: ExportConfig) -> dict:
                          f"got {cfg.runtime!r}")
     if cfg.quantize and configs.runtime(cfg.runtime).torch_weights:
         raise BadSetting(f"--quantize makes int8 ONNX graphs, which the {cfg.runtime} runtime does not run: leave one out")
+    for flag, value in (("--version", cfg.version), ("--quantize-eval", cfg.quantize_eval)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise BadSetting(f"{flag} must be a whole number >= 0, got {value!r} "
+                             + ("(0 = the next free version)" if flag == "--version" else "(0 = every test email)"))
     check_runtime_unchanged(repo, cfg.runtime)
     check_version_free(repo, cfg.version)
     encoder_throughput(cfg)
@@ -211,12 +217,13 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
         flat_model, flat_head = _flat_of(folder, old)
     texts = PARITY_TEXTS + old.taxonomy.texts[:8]
     report["parity_max_abs_diff"] = {
-        "bi_encoder": export_bi_encoder(bi_model, bi_tok, work / "bi.onnx", texts, optimize=fuse),
-        "cross_encoder": export_cross_encoder(cross_model, cross_tok, work / "cross.onnx", [(t, l) for t in PARITY_TEXTS for l in old.taxonomy.texts[:3]],
-                                              optimize=fuse),
+        contract.BI_ENCODER: export_bi_encoder(bi_model, bi_tok, work / "bi.onnx", texts, optimize=fuse),
+        contract.CROSS_ENCODER: export_cross_encoder(cross_model, cross_tok, work / "cross.onnx",
+                                                     [(t, l) for t in PARITY_TEXTS for l in old.taxonomy.texts[:3]], optimize=fuse),
     }
     if flat_model is not None:
-        report["parity_max_abs_diff"]["flat_encoder"] = export_bi_encoder(flat_model, bi_tok, work / "flat.onnx", texts, optimize=fuse)
+        report["parity_max_abs_diff"][contract.FLAT_ENCODER] = export_bi_encoder(flat_model, bi_tok, work / "flat.onnx", texts,
+                                                                                 optimize=fuse, name=contract.FLAT_ENCODER)
     print(f"[1/3] ONNX export, parity vs PyTorch (max abs diff): {report['parity_max_abs_diff']}")
     bi_path, cross_path = work / "bi.onnx", work / "cross.onnx"
     flat_path = work / "flat.onnx" if flat_model is not None else None

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from mailroute.contract import CLASSIFIER
-from mailroute.settings import (CANARY_INTERVAL_S, DEFAULT_GRPC_URL, DEFAULT_REPOSITORY, DEFAULT_RUN, DEFAULTS, GRPC_PORT, HTTP_PORT,
+from mailroute.settings import (CANARY_INTERVAL_S, DEFAULT_GRPC_URL, BadSetting, DEFAULT_REPOSITORY, DEFAULT_RUN, DEFAULTS, GRPC_PORT, HTTP_PORT,
                                 METRICS_PORT, PRUNE_KEEP, READY_PORT, REQUEST_TIMEOUT_S, SERVER_START_TIMEOUT_S)
 
 
@@ -34,10 +34,9 @@ def _field_comments(cls) -> dict:
 
 
 def _add_device_arg(parser) -> None:
-    from training.config import DEFAULT_DEVICE, DEVICES
+    from training.config import add_device_arg
 
-    parser.add_argument("--device", default=DEFAULT_DEVICE, help=f"{' | '.join(DEVICES)} (default: {DEFAULT_DEVICE}: CUDA when "
-                                                                 "PyTorch sees a GPU)")
+    add_device_arg(parser)
 
 
 def _add_dataclass_args(parser, cls, skip=()):
@@ -101,11 +100,17 @@ def _wait_for_signal():
 def cmd_serve(args):
     from client.server import TritonServer
 
+    if args.ready_port < -1:
+        raise BadSetting(f"--ready-port must be a port, 0 for a free one or -1 for none, got {args.ready_port}")
+    if args.ready_port >= 0 and not args.canary_interval > 0:  # refused before a server starts, not by the watchdog after
+        raise BadSetting(f"--canary-interval must be a number of seconds > 0, got {args.canary_interval:g}")
     server = TritonServer(args.repo, args.grpc_port, args.http_port, args.metrics_port, explicit=not args.poll_all,
                           admin_key=args.admin_key, log_file=args.log)
     watchdog = readiness = None
     try:  # a failed start (or a taken readiness port) still stops the server and removes its temporary folder
         server.check_repository()  # a wrong --repo is refused before anything is launched
+        if args.ready_port >= 0:  # and so are ports that cannot be listened on, readiness's too (-1 = off)
+            server.check_ports(more=(("readiness", args.ready_port, "--ready-port"),))
         print(f"starting tritonserver on {server.repo} (log: {server.log_file}) ...", flush=True)
         server.start(timeout=args.timeout)
         if args.ready_port >= 0:
@@ -348,9 +353,13 @@ def main(argv=None):
     sub.add_parser("sweep", help="several `mailroute train` configurations at once (e.g. five on one GPU), one summary table; "
                                  "see `mailroute sweep --help`")
 
+    from mailroute import run_layout as layout  # light: file names only
+
     p = sub.add_parser("refit", help="fit a trained run's rerank policy again on validation (e.g. another gate tolerance), no retraining",
                        description="Scores validation and test again with the run's models, fits fusion, temperature and gate on "
-                                   "validation (with the flat classifier's log-probabilities where the run fuses them), and rewrites rerank_policy.json (and rerank_policy_without_flat.json), metrics.json, predictions.jsonl and report.md; the models are kept.")
+                                   "validation (with the flat classifier's log-probabilities where the run fuses them), and rewrites "
+                                   f"{layout.POLICY_FILE} (and {layout.POLICY_WITHOUT_FLAT_FILE}), {layout.METRICS_FILE}, "
+                                   f"{layout.PREDICTIONS_FILE} and {layout.REPORT_FILE}; the models are kept.")
     p.add_argument("--run", required=True, help="trained run folder")
     p.add_argument("--gate-tolerance", type=float, default=None,
                    help="validation accuracy the gate may give up versus reranking every email (default: the run's)")
@@ -378,8 +387,8 @@ def main(argv=None):
                                         "fuses it refits its policy with the new one",
                        description="The flat baseline must get at least the epochs and tuning the two-stage system gets: this trains "
                                    "it again from the base weights on the run's own split, keeps its best epoch on validation, keeps "
-                                   "the model in the run folder (flat_encoder/, flat_head.npz) and replaces its numbers, test "
-                                   "predictions and report rows (the old numbers stay in metrics.json under flat_baseline_history). "
+                                   f"the model in the run folder ({layout.FLAT_ENCODER_DIR}/, {layout.FLAT_HEAD_FILE}) and replaces its numbers, test "
+                                   f"predictions and report rows (the old numbers stay in {layout.METRICS_FILE} under flat_baseline_history). "
                                    "Where the run fuses the flat classifier into its answer (not --no-flat-fusion), the rerank policy is "
                                    "then fitted again with the new one on validation (as `mailroute refit`: both stages scored again); a run trained with "
                                    "--skip-baseline starts fusing it (unless --no-flat-fusion).")

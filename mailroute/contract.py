@@ -40,10 +40,10 @@ CLASSIFIER = "email_classifier"
 # policy fuses the flat classifier, and a repository exported from a run without one has no such model
 FLAT_ENCODER = "flat_encoder"
 ENCODERS = (BI_ENCODER, CROSS_ENCODER, FLAT_ENCODER)
-MODELS = (CLASSIFIER, BI_ENCODER, CROSS_ENCODER)  # the models every repository has (and the feedback store records versions of)
+MODELS = (CLASSIFIER, BI_ENCODER, CROSS_ENCODER)  # the models every repository has
 # the order of the MODEL_VERSIONS output ("" = not pinned). MODELS first: the model.py of a version exported before the
 # flat encoder answers those three, and the service fills the rest with ""
-VERSION_MODELS = MODELS + (FLAT_ENCODER,)
+VERSION_MODELS = MODELS + (FLAT_ENCODER,)  # also the versions a feedback-store prediction row keeps
 # Triton's restricted protocol key for model load/unload/config (`mailroute serve --admin-key`): the server is
 # started with <groups>:ADMIN_KEY=<secret>; a gRPC caller sends it as a header with Triton's gRPC prefix
 ADMIN_KEY = "admin-key"
@@ -54,7 +54,7 @@ RUNTIME_PARAMETER = "runtime"
 # the classifier's config parameter "encoders" = this: each instance runs the encoders itself (torch runtime), no BLS
 ENCODERS_PARAMETER, ENCODERS_IN_PROCESS = "encoders", "in_process"
 # the classifier's other config parameters (export/configs.py writes them, export/triton/email_classifier.py reads them)
-EMBED_BATCH_PARAMETER = "embed_batch"  # emails per bi-encoder call inside one classifier batch
+EMBED_BATCH_PARAMETER = "embed_batch"  # emails per bi-encoder (and flat-encoder) call inside one classifier batch
 SCORE_BATCH_PARAMETER = "score_batch"  # (email, label) pairs per cross-encoder call
 SEARCH_DEVICE_PARAMETER = "search_device"  # label search by torch on this device (absent: the index's own, faiss)
 # an encoder's config parameter under the portable runtime (export/runtimes.py writes it, export/triton/onnx_encoder.py

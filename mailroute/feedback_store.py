@@ -4,7 +4,8 @@ Schema (created by the Alembic migrations in mailroute/migrations, never by meta
 
   predictions  id (uuid4 hex) | text (normalised email; NULL in hash-only privacy mode) | text_hash (sha256 of
                the normalised text, indexed) | label, probability (what the system chose) | candidates,
-               probabilities (JSON lists, best first) | classifier/bi_encoder/cross_encoder version | created_at
+               probabilities (JSON lists, best first) | classifier/bi_encoder/cross_encoder/flat_encoder version
+               (flat: NULL where the version fuses none, and in rows written before migration 0002) | created_at
   corrections  id (autoincrement, so `since_id` gives training an append-only cursor) | prediction_id (FK,
                nullable: a correction may name an email by its text) | text, text_hash (UNIQUE) | label (the
                correct one) | wrong_label (what the system chose: a guaranteed hard negative) | who | source
@@ -45,7 +46,9 @@ from mailroute.settings import DEFAULT_FEEDBACK_URL, FEEDBACK_URL_ENV
 DEFAULT_URL = DEFAULT_FEEDBACK_URL  # relative to the working directory
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SOURCES = ("api", "cli", "import")
-VERSION_KEYS = contract.MODELS
+VERSION_KEYS = contract.VERSION_MODELS  # a prediction keeps the version of every model that made it, in these columns:
+VERSION_COLUMNS = dict(zip(VERSION_KEYS, ("classifier_version", "bi_encoder_version", "cross_encoder_version", "flat_encoder_version"),
+                           strict=True))
 _PG_MIGRATION_LOCK = 0x6D61696C  # any constant shared by every process of this product ("mail")
 
 
@@ -108,6 +111,7 @@ class PredictionRow(Base):
     bi_encoder_version: Mapped[str | None] = mapped_column(String(20))
     cross_encoder_version: Mapped[str | None] = mapped_column(String(20))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    flat_encoder_version: Mapped[str | None] = mapped_column(String(20))  # migration 0002
 
 
 class CorrectionRow(Base):
@@ -160,7 +164,7 @@ def _correction(r: CorrectionRow) -> StoredCorrection:
 
 
 def _prediction(r: PredictionRow) -> StoredPrediction:
-    versions = dict(zip(VERSION_KEYS, (r.classifier_version, r.bi_encoder_version, r.cross_encoder_version)))
+    versions = {k: getattr(r, column) for k, column in VERSION_COLUMNS.items()}
     return StoredPrediction(r.id, r.text, r.text_hash, r.label, r.probability, r.candidates, r.probabilities,
                             versions, _utc(r.created_at))
 
@@ -261,12 +265,12 @@ class FeedbackStore:
                 ids.append(None)
                 continue
             versions = getattr(r, "model_versions", None) or {}
-            v = [None if versions.get(k) is None else str(versions[k]) for k in VERSION_KEYS]
+            pinned = {column: None if versions.get(k) is None else str(versions[k]) for k, column in VERSION_COLUMNS.items()}
             rows.append(PredictionRow(
                 id=uuid.uuid4().hex, text=norm if self.store_text else None, text_hash=text_hash(norm),
                 label=r.label, probability=float(r.probability), candidates=[str(x) for x in r.top_labels],
-                probabilities=[float(p) for p in r.top_probabilities], classifier_version=v[0],
-                bi_encoder_version=v[1], cross_encoder_version=v[2], created_at=now))
+                probabilities=[float(p) for p in r.top_probabilities], created_at=now,
+                **pinned))
             ids.append(rows[-1].id)
         if rows:
             with self._session.begin() as s:

@@ -6,6 +6,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mailroute import contract
+from mailroute.pipeline import NoFlatClassifier
 
 
 def session(path, threads: int = 0) -> ort.InferenceSession:
@@ -25,7 +26,7 @@ class OnnxEncoders:
 
     def flat_embed(self, input_ids, attention_mask):
         if self.flat is None:
-            raise RuntimeError("these encoders have no flat classifier")
+            raise NoFlatClassifier()
         return self.flat.run([contract.EMBEDDING], contract.feed(contract.FLAT_ENCODER, input_ids, attention_mask))[0]
 
     def score(self, input_ids, attention_mask, token_type_ids):

@@ -37,7 +37,16 @@ class Encoders(Protocol):
 
     def flat_embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """(n, seq) int64 -> (n, dim) float32: the flat classifier's encoder, as embed (only where the classifier has
-        a flat head; the bi-encoder's inputs, since both encoders share one tokenizer)."""
+        a flat head; the bi-encoder's inputs, since both encoders share one tokenizer). Encoders without the flat
+        classifier raise NoFlatClassifier."""
+
+
+class NoFlatClassifier(ValueError):
+    """The flat classifier was asked of encoders (or a classifier) that hold none: a policy or caller that fuses it met
+    a version exported without it. One message for every runtime, naming what lacked it."""
+
+    def __init__(self, what: str = "these encoders", hint: str = "fuse it only where the version pins one"):
+        super().__init__(f"no flat classifier ({contract.FLAT_ENCODER}) in {what}: {hint}")
 
 
 class BadParameter(ValueError):
@@ -424,7 +433,8 @@ class TwoStageClassifier:
         # the flat classifier's head over the encoders' flat_embed (None: no flat classifier; the policy must not fuse it)
         self.flat_head = None if flat_head is None else flat_head.check(label_index.taxonomy.names)
         if self.policy.uses_flat and self.flat_head is None:
-            raise ValueError("the rerank policy fuses the flat classifier's log-probabilities, but this classifier has no flat head")
+            raise NoFlatClassifier("this classifier (no flat head), but its rerank policy fuses the flat log-probabilities",
+                                   hint="give the flat head, or the policy's without_flat()")
 
     def prepare(self, bodies: Sequence, subjects: Sequence = None) -> tuple:
         """Normalise every row; a row that cannot be classified gets an error instead of raising."""
@@ -449,6 +459,8 @@ class TwoStageClassifier:
         the flat classifier took (its encoder and head; the caller counts the rest as "embed")."""
         single = self._tokenizers()[2]
         with_flat = self.policy.uses_flat if with_flat is None else with_flat
+        if with_flat and self.flat_head is None:
+            raise NoFlatClassifier("this classifier (no flat head)", hint="encode with_flat=False")
         out, flat, flat_s = [], [], 0.0
         for s in range(0, len(texts), self.embed_batch):
             if parts is not None and single is not None:

@@ -87,6 +87,15 @@ class RerankPolicy:
             return np.zeros(len(retrieval), dtype=bool)
         return retrieval_margin(retrieval) > self.gate_margin
 
+    def describe(self) -> str:
+        """The formula with this policy's numbers, in words (the run's report; the same terms as `fused` and
+        `retrieval_probabilities`)."""
+        flat = f" + {self.flat_weight:.4g} x log p_flat" if self.flat_weight else ""
+        gated_flat = f" + {self.gated_flat_weight:.4g} x log p_flat" if self.gated_flat_weight else ""
+        return (f"score = ({self.ce_weight:g} x logit + {self.retrieval_weight:.4g} x retrieval score{flat}) / {self.temperature:.4g}; "
+                f"where stage 2 is skipped, (retrieval score{gated_flat}) / {self.retrieval_temperature:.4g}"
+                + (" (p_flat: the flat classifier's probability of the candidate)" if flat or gated_flat else ""))
+
     # JSON form
     def to_dict(self) -> dict:
         return asdict(self)

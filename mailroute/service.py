@@ -72,7 +72,7 @@ class ClassifierService:
         if not isinstance(gate, bool):
             raise RequestError(f"{contract.PARAM_GATE} must be a boolean (false = rerank every email the policy gives the reranker a weight for), got {gate!r}")
         text = req.text
-        if text is None or text.dtype != object or text.ndim != 2 or text.shape[1] != 1:
+        if text is None or text.dtype != contract.dtype(contract.TEXT) or text.ndim != 2 or text.shape[1] != 1:
             raise RequestError(f"{contract.TEXT} must be a string tensor of shape [batch, 1], got "
                                f"{None if text is None else (text.dtype, list(text.shape))}")
         subject = req.subject

@@ -58,7 +58,7 @@ class Defaults:
     max_email_chars: int = 20_000  # text beyond this is cut before tokenising: bounds the cost of huge input
     max_request_chars: int = 2_000_000  # a row longer than this is refused rather than truncated
     seed: int = 12
-    embed_batch: int = 64  # emails per bi-encoder call inside one classifier batch
+    embed_batch: int = 64  # emails per bi-encoder call inside one classifier batch (and per flat-encoder call, on the same tensors)
     score_batch: int = 256  # (email, label) pairs per cross-encoder call (256 emails x K=5 = 5 calls)
     # how long a request may wait in an encoder's queue for others to batch with (export --max-queue-delay-us)
     max_queue_delay_us: int = 500

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mailroute import contract
+from mailroute.pipeline import NoFlatClassifier
 
 BI, CROSS = "bi", "cross"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -140,7 +141,7 @@ class TorchEncoders:
 
     def flat_embed(self, input_ids, attention_mask):
         if self.flat is None:
-            raise RuntimeError("these encoders have no flat classifier")
+            raise NoFlatClassifier()
         return self.flat(contract.feed(contract.FLAT_ENCODER, input_ids, attention_mask))
 
     def score(self, input_ids, attention_mask, token_type_ids):

@@ -115,3 +115,16 @@ def test_limit_draws_across_labels_not_the_first_rows():
     assert len(sub) == 20 and len({e.label for e in sub}) > 5  # the first 20 rows would hold 2 labels
     assert sub == limit(grouped, 20, seed=1) and [grouped.index(e) for e in sub] == sorted(grouped.index(e) for e in sub)
     assert limit(grouped, 0, seed=1) == grouped and limit(grouped, 500, seed=1) == grouped
+
+
+@pytest.mark.parametrize("given", [{"taxonomy": "t.json"}, {"train": "train.jsonl", "test": "test.jsonl"}, {"taxonomy": "t.json", "test": "x"}])
+def test_half_a_dataset_of_files_is_refused_by_name(given):
+    from training.config import TrainConfig
+    from training.data import splits_of
+
+    # Given some but not all of --taxonomy/--train/--test (before, --train alone silently trained on the demo data)
+    with pytest.raises(DataError, match="given without") as e:
+        splits_of(TrainConfig(**given))
+    # Then the error names what is missing
+    for flag in ("taxonomy", "train", "test"):
+        assert f"--{flag}" in str(e.value)

@@ -73,8 +73,13 @@ def test_round_trip(store):
     p = store.prediction(ids[1])
     assert (p.label, p.candidates, p.probabilities) == ("billing", ["billing", "refund"], [0.8, 0.2])
     assert p.text == "Invoice question | about my invoice" and p.text_hash == text_hash(p.text)
-    assert p.versions == {"email_classifier": "3", "bi_encoder": "1", "cross_encoder": "2"}
+    assert p.versions == {"email_classifier": "3", "bi_encoder": "1", "cross_encoder": "2", "flat_encoder": None}  # none pinned
     assert p.created_at.tzinfo is not None
+    fused = result("billing")
+    fused.model_versions = fused.model_versions | {"flat_encoder": 4}  # a version that fuses the flat classifier
+    assert store.prediction(store.record(["my card was charged twice"], [fused])[0]).versions["flat_encoder"] == "4"
+    store.record(["my card was charged twice"], [fused])  # recorded again: predictions are a log, not a set
+    assert store.counts()["predictions"] == 5
 
     by_id = store.correct(ids[0], "refund", who="ana")
     by_text = store.correct(text="win  a prize", label="billing", who="bob", source="cli")  # normalised like record()
@@ -171,7 +176,7 @@ def test_migrations(store_url):
         with FeedbackStore(store_url) as second:  # already at head: a no-op
             assert second.counts() == {"predictions": 0, "corrections": 1}
             with second.engine.connect() as conn:
-                assert MigrationContext.configure(conn).get_current_revision() == head == "0001"
+                assert MigrationContext.configure(conn).get_current_revision() == head == "0002"
                 assert {"predictions", "corrections", "alembic_version"} <= set(sa.inspect(conn).get_table_names())
                 # the hand-written migration and the ORM describe the same schema
                 from alembic.autogenerate import compare_metadata
@@ -231,3 +236,30 @@ def test_csv_problems_name_the_right_line_after_blank_lines(store, tmp_path):
     with pytest.raises(ImportProblems) as e:
         store.import_file(path)
     assert [p.split(": ")[0] for p in e.value.problems] == [f"{path}:6"]
+
+
+def test_a_store_made_before_the_flat_encoder_column_upgrades_with_its_rows(store_url):
+    """A database at revision 0001 (written by a mailroute before 0002) is migrated on open; its rows stay, with no
+    flat encoder version, and new rows keep one."""
+    from datetime import datetime, timezone
+
+    from alembic import command
+    from alembic.config import Config
+
+    engine = fs.make_engine(store_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(fs.__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(sa.text("INSERT INTO predictions (id, text_hash, label, classifier_version, bi_encoder_version, "
+                             "cross_encoder_version, created_at) VALUES ('old', 'h', 'billing', '1', '1', '1', :t)"),
+                     {"t": datetime.now(timezone.utc)})
+    engine.dispose()
+    with FeedbackStore(store_url, labels=LABELS) as store:
+        old = store.prediction("old")
+        assert (old.label, old.versions) == ("billing", {"email_classifier": "1", "bi_encoder": "1", "cross_encoder": "1",
+                                                         "flat_encoder": None})
+        fused = result("refund")
+        fused.model_versions = fused.model_versions | {"flat_encoder": "2"}
+        assert store.prediction(store.record(["refund please"], [fused])[0]).versions["flat_encoder"] == "2"

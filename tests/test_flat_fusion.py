@@ -85,11 +85,11 @@ def test_flat_head_round_trip_and_refusals(tmp_path):
 
 
 def test_classifier_refuses_a_flat_policy_without_a_head(tiny_reference):
-    from mailroute.pipeline import TwoStageClassifier
+    from mailroute.pipeline import NoFlatClassifier, TwoStageClassifier
 
     clf = tiny_reference
     assert clf.policy.uses_flat and clf.flat_head is not None  # the tiny run fuses its flat classifier
-    with pytest.raises(ValueError, match="no flat head"):
+    with pytest.raises(NoFlatClassifier, match="no flat head"):
         TwoStageClassifier(clf.encoders, clf.index, clf.bi_tok, clf.cross_tok, policy=clf.policy)
     # the answers move with the flat classifier: without its weight they are the two stages' alone
     with_flat = clf.classify(EMAILS[:3], gate=False)
@@ -99,6 +99,27 @@ def test_classifier_refuses_a_flat_policy_without_a_head(tiny_reference):
     # the flat pass is timed as a stage of its own, and costs nothing where the policy does not fuse it
     assert set(with_flat[0].stage_ms) == set(contract.STAGES) and with_flat[0].stage_ms["flat"] > 0
     assert without[0].stage_ms["flat"] == 0 and without[0].stage_ms["embed"] > 0
+
+
+def test_encoders_without_a_flat_classifier_say_so_in_one_typed_error(tiny_repo, tiny_reference):
+    from mailroute.onnx_encoders import OnnxEncoders
+    from mailroute.pipeline import NoFlatClassifier, TwoStageClassifier
+    from mailroute.repository import MODEL_FILE, read_pipeline, version_dir
+
+    clf = tiny_reference
+    spec = read_pipeline(version_dir(tiny_repo, contract.CLASSIFIER))
+    bi = version_dir(tiny_repo, contract.BI_ENCODER, spec.bi_encoder_version) / MODEL_FILE
+    cross = version_dir(tiny_repo, contract.CROSS_ENCODER, spec.cross_encoder_version) / MODEL_FILE
+    ids, mask = np.ones((1, 4), np.int64), np.ones((1, 4), np.int64)
+    encoders = OnnxEncoders(bi, cross)  # the torch runtime's: test_torch_runtime
+    assert encoders.embed(ids, mask).shape == clf.encoders.embed(ids, mask).shape  # the two stages still work
+    with pytest.raises(NoFlatClassifier, match=contract.FLAT_ENCODER):
+        encoders.flat_embed(ids, mask)
+    # a classifier without a flat head refuses to fuse one on request, by the same error (not an AttributeError)
+    bare = TwoStageClassifier(clf.encoders, clf.index, clf.bi_tok, clf.cross_tok, policy=clf.policy.without_flat())
+    with pytest.raises(NoFlatClassifier, match="in this classifier"):
+        bare.encode(["my card payment was declined"], with_flat=True)
+    assert bare.encode(["my card payment was declined"])[1] is None
 
 
 def test_export_pins_the_flat_encoder_and_its_head(tiny_repo, tiny_reference):
@@ -259,3 +280,12 @@ def test_bad_flat_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match="flat_encoder_version that is not a number"):
         PipelineSpec.from_dict({"bi_encoder_version": 1, "cross_encoder_version": 1, "flat_encoder_version": "two"})
     assert PipelineSpec.from_dict({"bi_encoder_version": 1, "cross_encoder_version": 1}).flat_encoder_version is None  # older file
+
+
+def test_the_policy_states_its_own_formula_for_the_report():
+    fused = RerankPolicy(retrieval_weight=10.5, ce_weight=0.0, temperature=0.0952, flat_weight=0.0428, gated_flat_weight=0.03)
+    text = fused.describe()
+    assert "(0 x logit + 10.5 x retrieval score + 0.0428 x log p_flat) / 0.0952" in text
+    assert "(retrieval score + 0.03 x log p_flat) / 0.05" in text and "p_flat:" in text
+    plain = RerankPolicy(retrieval_weight=3.0).describe()
+    assert "log p_flat" not in plain and "p_flat:" not in plain and plain.startswith("score = (1 x logit + 3 x retrieval score) / 1")

@@ -78,3 +78,38 @@ def test_a_given_max_age_decides_readiness(monkeypatch):
     assert wd.ready
     monkeypatch.setattr("client.watchdog.time", SimpleNamespace(time=lambda: wd.last_ok + 1.6))
     assert not wd.ready
+
+
+@pytest.mark.parametrize("interval", [0, -1.0])
+def test_a_canary_interval_that_is_not_positive_is_refused(interval):
+    from mailroute.settings import BadSetting
+
+    with pytest.raises(BadSetting, match="--canary-interval must be a number of seconds > 0"):
+        Watchdog(server=None, interval=interval)
+
+
+def test_serve_refuses_ports_it_cannot_listen_on_before_starting_anything(tmp_path, capsys, monkeypatch):
+    import socket
+
+    from mailroute import contract
+    from mailroute.cli import main
+
+    for model in contract.MODELS:  # a repository the launcher accepts; no server may start
+        (tmp_path / model).mkdir()
+    monkeypatch.setattr(TritonServer, "start", lambda self, timeout=0: pytest.fail("a server was started"))
+
+    def fails(*flags):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "--repo", str(tmp_path), "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0", *flags])
+        return str(e.value.code)
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        said = fails("--ready-port", str(port))
+        assert f"readiness port {port} cannot be used" in said and "choose another with --ready-port" in said
+    assert "gRPC port 70000 cannot be used (not a TCP port number, 0-65535): choose another with --grpc-port" in fails("--grpc-port", "70000")
+    assert "--canary-interval must be a number of seconds > 0" in fails("--canary-interval", "0")
+    assert "--ready-port must be a port, 0 for a free one or -1 for none, got -2" in fails("--ready-port", "-2")
+    assert "--http-port and --ready-port are both 8765" in fails("--http-port", "8765", "--ready-port", "8765")

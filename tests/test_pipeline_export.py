@@ -74,10 +74,13 @@ def test_export_writes_contract_names_and_parity(tiny_repo):
 
 @pytest.mark.parametrize("flags,msg", [({"threshold": 1.5}, r"--threshold 1.5: threshold must be between 0 and 1"),
                                        ({"threshold": float("nan")}, r"--threshold nan: threshold must be between 0 and 1"),
-                                       ({"top_k": -1}, r"--top-k -1: top_k must be between 1 and \d+ \(labels in the taxonomy\), got -1")])
+                                       ({"top_k": -1}, r"--top-k -1: top_k must be between 1 and \d+ \(labels in the taxonomy\), got -1"),
+                                       ({"version": -1}, r"--version must be a whole number >= 0, got -1"),
+                                       ({"quantize_eval": -5}, r"--quantize-eval must be a whole number >= 0, got -5")])
 def test_export_refuses_serving_defaults_the_pipeline_would_refuse(tiny_run, tmp_path, flags, msg):
-    """pipeline.json's top_k and threshold are checked by the pipeline's own rule (check_params) before any work: a typo is a
-    BadSetting naming the flag, not a version that fails only when Triton loads it."""
+    """pipeline.json's top_k and threshold are checked by the pipeline's own rule (check_params) before any work, and so are
+    --version and --quantize-eval: a typo is a BadSetting naming the flag, not a version that fails only when Triton loads it
+    (or an export that fails after its ONNX work)."""
     from export.run import ExportConfig, export
 
     repo = tmp_path / "repo"

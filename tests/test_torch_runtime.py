@@ -111,6 +111,13 @@ def test_torch_runtime_agrees_with_onnx(torch_repo):
     for t, o in zip(by_torch.classify(EMAILS, gate=False), by_onnx.classify(EMAILS, gate=False), strict=True):
         assert t.top_labels == o.top_labels
         assert np.abs(np.array(t.top_probabilities) - np.array(o.top_probabilities)).max() < 1e-4
+    # the same encoders without the flat classifier refuse its pass by the error every runtime raises
+    from mailroute.pipeline import NoFlatClassifier
+
+    two_stages = TorchEncoders(bi_dir / TORCH_WEIGHTS_DIR, cross_dir / TORCH_WEIGHTS_DIR)
+    ids, mask = np.ones((1, 4), np.int64), np.ones((1, 4), np.int64)
+    with pytest.raises(NoFlatClassifier, match=contract.FLAT_ENCODER):
+        two_stages.flat_embed(ids, mask)
 
 
 def test_padding_to_a_bucket_changes_nothing(torch_repo):

@@ -543,13 +543,18 @@ def test_a_given_bi_encoder_is_used_as_stage_1_without_training(tiny_run, tmp_pa
     assert "two_stage" in metrics
 
 
-@pytest.mark.parametrize("setting, message", [({"bi_encoder": "/nonexistent/bi"}, "no saved model there"),
+@pytest.mark.parametrize("setting, message", [({"bi_encoder": "/nonexistent/bi"}, "--bi-encoder /nonexistent/bi: no such folder"),
+                                              ({"bi_encoder": "EMPTY"}, "--bi-encoder .*: no saved model there"),
+                                              ({"base": "/nonexistent/base"}, "--base /nonexistent/base: no such folder"),
                                               ({"oof_folds": 3}, "use one or the other")])
 def test_a_given_bi_encoder_is_refused_where_it_cannot_be_used(tiny_run, tmp_path, setting, message):
     from mailroute.settings import BadSetting
     from training.config import TrainConfig
     from training.run import run
 
+    if setting.get("bi_encoder") == "EMPTY":  # a folder that exists and holds no model
+        (tmp_path / "empty").mkdir()
+        setting = {"bi_encoder": str(tmp_path / "empty")}
     with pytest.raises(BadSetting, match=message):
         run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), **({"bi_encoder": str(RunFolder(tiny_run).bi_encoder)} | setting)))
     assert not (tmp_path / "run").exists()

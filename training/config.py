@@ -10,6 +10,14 @@ from mailroute.taxonomy import CardSpec
 
 DEVICES = ("auto", "cpu", "cuda")  # where training runs: auto = CUDA when PyTorch sees a GPU
 DEFAULT_DEVICE = "auto"
+
+
+def add_device_arg(parser) -> None:
+    """--device, as every command and benchmark that trains or scores with PyTorch takes it."""
+    parser.add_argument("--device", default=DEFAULT_DEVICE, help=f"{' | '.join(DEVICES)} (default: {DEFAULT_DEVICE}: CUDA when "
+                                                                 "PyTorch sees a GPU)")
+
+
 RESUME_CE_EPOCHS = 1.0  # further cross-encoder epochs of `mailroute resume`
 
 
@@ -47,7 +55,8 @@ class TrainConfig:
     top_n_grid: str = "1,3,5,10"  # label score = mean of the top-n exemplar cosines: n chosen on validation from these
     description_weight_grid: str = "0,0.1,0.2,0.3,0.5"  # ... fused with this share of the description cosine (chosen too)
     card_examples: int = CardSpec.examples  # label card = description + this many typical emails of the label (0 = description only)
-    card_chars: int = CardSpec.chars  # label card length in characters (each example shown cut to 100)
+    card_chars: int = field(default=CardSpec.chars, metadata={"help": "label card length in characters (each example shown cut to "
+                                                                     f"{CardSpec.example_chars})"})
     card_nearest: bool = CardSpec.nearest  # cards show each label's exemplars nearest to the email, not its typical ones
     oof_folds: int = 0  # >=2: mine training candidates out of fold (one bi-encoder per fold); 0 = leave-one-out
     k_train: int = DEFAULTS.top_k  # candidates per email in listwise training

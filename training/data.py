@@ -197,6 +197,12 @@ def splits_of(cfg, held_out: bool = False) -> tuple:
     """(taxonomy, train, validation, test) of a `TrainConfig`: the same emails for every command that reads
     a run (train, refit, resume, baseline, feedback). With --holdout-fold i/n, fold i of the training emails is
     not in train; `held_out=True` gives (taxonomy, that fold, validation, test) instead."""
+    files = {"--taxonomy": cfg.taxonomy, "--train": cfg.train, "--test": cfg.test}
+    given = [flag for flag, path in files.items() if path]
+    if given and len(given) < len(files):  # half a dataset would be read as "." or silently replaced by --dataset's
+        missing = [flag for flag in files if flag not in given]
+        raise DataError(f"{' and '.join(given)} given without {' and '.join(missing)}: a dataset of your own is the three "
+                        f"files together (taxonomy JSON, training and test emails); or leave them all out for --dataset")
     if cfg.taxonomy:
         data = load_dataset(cfg.taxonomy, cfg.train, cfg.test, cfg.drop_invalid)
     else:

@@ -27,6 +27,16 @@ TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "vocab.txt", "specia
 HF_CONFIG_FILE = "config.json"  # every saved transformers / sentence-transformers model folder has one
 
 
+def check_model_dir(flag: str, path) -> Path:
+    """A weights folder given on the command line (--base, --bi-encoder), refused by name before any training when it
+    holds no saved model: training would otherwise fail only when the stage that loads it starts."""
+    folder = Path(path)
+    if not (folder / HF_CONFIG_FILE).is_file():
+        why = "no such folder" if not folder.exists() else f"no saved model there ({HF_CONFIG_FILE} missing)"
+        raise BadSetting(f"{flag} {path}: {why}; give a folder that SentenceTransformer.save wrote (or leave it out)")
+    return folder
+
+
 PRECISIONS = ("auto", "bf16", "fp32")  # of training arithmetic; weights, inference and export stay fp32
 
 

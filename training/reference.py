@@ -11,7 +11,7 @@ import torch
 
 from mailroute.flat_head import FlatHead
 from mailroute.label_index import LabelIndex, weights_id
-from mailroute.pipeline import TwoStageClassifier, load_tokenizer, same_tokenisation
+from mailroute.pipeline import NoFlatClassifier, TwoStageClassifier, load_tokenizer, same_tokenisation
 from mailroute.repository import TOKENIZER_FILE, WEIGHTS_FILE
 from mailroute.rerank_policy import RerankPolicy
 from mailroute.run_layout import RunFolder
@@ -43,7 +43,7 @@ class SentenceTransformerEncoders:
 
     def flat_embed(self, input_ids, attention_mask):
         if self.flat is None:
-            raise RuntimeError("these encoders have no flat classifier")
+            raise NoFlatClassifier()
         return self._pooled(self.flat, input_ids, attention_mask)
 
     @torch.no_grad()

@@ -3,6 +3,7 @@ variants table (validation and test side by side), the closest label pairs and t
 
 import numpy as np
 
+from mailroute.rerank_policy import RerankPolicy
 from training.evaluate import ECE_BINS
 
 VARIANT_NAMES = {
@@ -101,12 +102,7 @@ def write_report(m: dict, run, index, gold, pred, conf, flat_pred=None, flat_con
         v, t = m["variants"]["validation"].get(key), m["variants"]["test"].get(key)
         if v and t:
             lines.append(f"| {name} | {v['accuracy']:.2%} | {t['accuracy']:.2%} | {_pct(t.get('ece'))} | {_pct(t.get('share_reranked'))} |")
-    p = m["policy"]
-    flat_w, gated_flat_w = p.get("flat_weight", 0.0), p.get("gated_flat_weight", 0.0)
-    lines += ["", f"Rerank policy (fitted by NLL on validation): score = ({p['ce_weight']:g} x logit + {p['retrieval_weight']:.4g} x retrieval score"
-                  + (f" + {flat_w:.4g} x log p_flat" if flat_w else "") + f") / {p['temperature']:.4g}; where stage 2 is skipped, "
-                  f"(retrieval score" + (f" + {gated_flat_w:.4g} x log p_flat" if gated_flat_w else "")
-                  + f") / {p['retrieval_temperature']:.4g} (p_flat: the flat classifier's probability of the candidate).",
+    lines += ["", f"Rerank policy (fitted by NLL on validation): {RerankPolicy.from_dict(m['policy']).describe()}.",
               f"Label scoring (chosen on validation): {m['label_scoring']}.", "",
               mining_line(m), "",
               "Bi-encoder retrieval (test): " + ", ".join(f"{k} {v:.2%}" for k, v in m["retrieval"].items()), "",

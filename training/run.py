@@ -6,7 +6,6 @@ import platform
 import random
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ from training.data import splits_of
 from training.evaluate import choose_scoring, collect, fit_policy, predict, recall_at, system_metrics, top_confusions, variants
 from training.flat_baseline import predict_flat, train_flat
 from training.mining import exemplar_rows, least_sure, listwise_rows, mine_candidates, mine_out_of_fold
-from training.models import HF_CONFIG_FILE, autocast_dtype, load_bi_encoder, load_cross_encoder, resolve_device
+from training.models import autocast_dtype, check_model_dir, load_bi_encoder, load_cross_encoder, resolve_device
 from training.reference import classifier_from_models, load_flat
 from training.report import write_report
 
@@ -73,8 +72,9 @@ def run(cfg: TrainConfig) -> dict:
     device = resolve_device(cfg.device)
     if cfg.ce_init not in CE_INITS:  # settings are checked before any work
         raise BadSetting(f"--ce-init must be one of {', '.join(CE_INITS)}, got {cfg.ce_init!r}")
-    if cfg.bi_encoder and not (Path(cfg.bi_encoder) / HF_CONFIG_FILE).is_file():
-        raise BadSetting(f"--bi-encoder {cfg.bi_encoder}: no saved model there ({HF_CONFIG_FILE} missing)")
+    for flag, folder in (("--base", cfg.base), ("--bi-encoder", cfg.bi_encoder)):
+        if folder:
+            check_model_dir(flag, folder)
     if cfg.bi_encoder and cfg.oof_folds:  # fold encoders would be trained from the base, unlike the given one
         raise BadSetting("--bi-encoder skips MNR training, but --oof-folds trains one bi-encoder per fold: use one or the other")
     if not 0 < cfg.ce_train_share <= 1:

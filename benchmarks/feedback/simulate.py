@@ -146,7 +146,9 @@ def main(argv=None):
     ap.add_argument("--feedback-lr", type=float, default=feedback_d.lr, help=f"(default {feedback_d.lr:g})")
     ap.add_argument("--holdout-fraction", type=float, default=feedback_d.holdout_fraction, help=f"(default {feedback_d.holdout_fraction:g})")
     ap.add_argument("--max-eval-drop", type=float, default=feedback_d.max_eval_drop, help=f"(default {feedback_d.max_eval_drop:g})")
-    ap.add_argument("--device", default="auto")
+    from training.config import add_device_arg  # light: no torch before the flags are read
+
+    add_device_arg(ap)
     ap.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"(default {DEFAULTS.seed})")
     ap.add_argument("--work", default=str(ROOT / "runs" / "feedback-sim"), help="runs, repositories and the store (removed first)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "feedback"))

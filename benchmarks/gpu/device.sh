@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The lent GPU machine's side of benchmarks/gpu (prepared here by carry.sh; run from the repository root there).
-# Calls on one warm machine (what is installed under /tmp survives about 30 s between calls):
+# Calls on one warm machine (what is installed under .gpu-work/ survives about 30 s between calls):
 #   1. carry gpu-carry/a:  bash benchmarks/gpu/device.sh install gpu-carry/a                       (Triton wheels)
 #   2. carry gpu-carry/s:  bash benchmarks/gpu/device.sh install gpu-carry/s && bash benchmarks/gpu/device.sh serve
 #   3. carry gpu-carry/b:  bash benchmarks/gpu/device.sh install gpu-carry/b && bash benchmarks/gpu/device.sh sweep   (or: ... oof)
@@ -14,8 +14,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$(mktemp -d)}
-SITE=${MAILROUTE_GPU_SITE:-/tmp/mr-site}
-DATA=${MAILROUTE_GPU_DATA:-/tmp/mr-data}
+WORK=${MAILROUTE_GPU_WORK:-$PWD/.gpu-work}  # ignored by git; kept between calls on a warm machine
+mkdir -p "$WORK"
+SITE=${MAILROUTE_GPU_SITE:-$WORK/site}
+DATA=${MAILROUTE_GPU_DATA:-$WORK/data}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$PWD" HF_HUB_OFFLINE=1
 
@@ -84,7 +86,7 @@ case "${1:-}" in
     exit $rc
     ;;
   sweep)  # BANKING77 training configurations at once on the card (issue 6's variants)
-    S=${SWEEP_DIR:-/tmp/mr-sweep}
+    S=${SWEEP_DIR:-$WORK/sweep}
     export MAILROUTE_BANKING77="$DATA/banking77"
     if [ "${SMOKE:-0}" = 1 ]; then
       COMMON=(--dataset banking77 --device cpu --base "$DATA/base" --sample-per-label 3 --test-limit 40 --bi-epochs 0.2 --flat-epochs 1)
@@ -117,7 +119,7 @@ case "${1:-}" in
   oof)  # the defaults vs ARM (nearest label cards unless named), chosen on held-out folds of all training emails (benchmarks/oof_choice.py)
     # FULL: whole-data runs trained beside the folds (NAME:--flag=value,... each; "" for none), e.g. the configuration
     # the folds may choose, with its flat baseline, so that one call brings back both the choice and the run it picks
-    S=${SWEEP_DIR:-/tmp/mr-oof}
+    S=${SWEEP_DIR:-$WORK/oof}
     export MAILROUTE_BANKING77="$DATA/banking77"
     N=${FOLDS:-3}
     if [ "${SMOKE:-0}" = 1 ]; then

