@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from mailroute.contract import CLASSIFIER
-from mailroute.settings import (CANARY_INTERVAL_S, DEFAULT_GRPC_URL, BadSetting, DEFAULT_REPOSITORY, DEFAULT_RUN, DEFAULTS, GRPC_PORT, HTTP_PORT,
+from mailroute.settings import (CANARY_INTERVAL_S, shown, DEFAULT_GRPC_URL, BadSetting, DEFAULT_REPOSITORY, DEFAULT_RUN, DEFAULTS, GRPC_PORT, HTTP_PORT,
                                 METRICS_PORT, PRUNE_KEEP, READY_PORT, REQUEST_TIMEOUT_S, SERVER_START_TIMEOUT_S)
 
 
@@ -52,7 +52,7 @@ def _add_dataclass_args(parser, cls, skip=()):
             parser.add_argument(flag, action="store_true", help=f"{text} (default: off)")
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            parser.add_argument(flag, type=typ, default=f.default, help=f"{text} (default: {f.default!r})")
+            parser.add_argument(flag, type=typ, default=f.default, help=f"{text} (default: {shown(f.default)})")
 
 
 def _config(cls, args):
@@ -305,7 +305,7 @@ def cmd_demo(args):
     print(f"\ndone in {(time.time() - t0) / 60:.1f} min")
 
 
-REPO_HELP = f"model repository (default: {DEFAULT_REPOSITORY})"
+REPO_HELP = f"model repository (default: {shown(DEFAULT_REPOSITORY)})"
 
 
 def _store_args(p, repo=True):
@@ -339,7 +339,7 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the main job on the built-in demo taxonomy: train, export, serve, classify")
-    p.add_argument("--run", default=str(DEFAULT_RUN), help=f"run folder (default: {DEFAULT_RUN})")
+    p.add_argument("--run", default=str(DEFAULT_RUN), help=f"run folder (default: {shown(DEFAULT_RUN)})")
     p.add_argument("--repo", default=str(DEFAULT_REPOSITORY), help=REPO_HELP)
     p.add_argument("--retrain", action="store_true", help="train and export again even if a run exists")
     p.set_defaults(fn=cmd_demo)

@@ -13,6 +13,13 @@ DEFAULT_REPOSITORY = ROOT / "model_repository"
 DEFAULT_RUN = ROOT / "runs" / "demo"
 
 
+def shown(value) -> str:
+    """A default as --help prints it: a path inside this checkout as <checkout>/..., so that help texts name no
+    machine path (the value itself stays absolute, so commands work from any working directory)."""
+    text = str(value)
+    return "<checkout>" + text[len(str(ROOT)):] if text.startswith(str(ROOT) + os.sep) else repr(value)
+
+
 def shared_dir() -> Path:
     """The workplace's shared folder (datasets, outside checks): $MAILROUTE_SHARED, else ../shared next to this
     checkout (a clone elsewhere sets the variable: .ci/run does)."""

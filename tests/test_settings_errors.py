@@ -180,3 +180,31 @@ def test_a_label_index_of_another_bi_encoder_and_a_failed_parity_check_are_one_l
     assert _known_failure(IndexMismatch("label index built from bi-encoder ab12, not cd34: rebuild it with `mailroute export`"))
     assert _known_failure(ParityError("cross_encoder: ONNX differs from PyTorch by 0.3"))
     assert not _known_failure(KeyError("a bug stays a traceback"))
+
+
+def _help_texts(main, prefix=()):
+    """Every (sub)command's --help text, walking the subcommand choices argparse prints."""
+    import contextlib
+    import io
+    import re
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main([*prefix, "--help"])
+    text = out.getvalue()
+    yield " ".join(prefix), text
+    usage = text.split("\n\n")[0]
+    choices = re.search(r"\{([\w,-]+)\}", usage)
+    for name in choices.group(1).split(",") if choices else []:
+        yield from _help_texts(main, (*prefix, name))
+
+
+def test_no_help_text_names_a_machine_path():
+    from mailroute.cli import main
+    from mailroute.settings import ROOT
+
+    texts = dict(_help_texts(main))
+    assert {"train", "demo", "export", "feedback train", "versions promote"} <= set(texts)
+    for command, text in texts.items():
+        assert str(ROOT) not in "".join(text.split()), f"`mailroute {command} --help` names this checkout's path"
+    assert "<checkout>/runs/demo" in texts["demo"] and "<checkout>/model_repository" in texts["export"]
