@@ -177,8 +177,9 @@ def export(cfg: ExportConfig) -> dict:
     if cfg.runtime not in configs.EXPORT_RUNTIMES:  # settings are checked before any work
         raise BadSetting(f"--runtime must be one of {configs.EXPORT_RUNTIMES}, got {cfg.runtime!r}")
     if cfg.encoders_in_classifier and not configs.runtime(cfg.runtime).torch_weights:
-        raise BadSetting(f"--encoders-in-classifier runs the encoders' PyTorch weights inside the classifier: it needs --runtime torch, "
-                         f"got {cfg.runtime!r}")
+        with_weights = " or ".join(name for name in configs.EXPORT_RUNTIMES if configs.runtime(name).torch_weights)
+        raise BadSetting(f"--encoders-in-classifier runs the encoders' PyTorch weights inside the classifier: it needs --runtime "
+                         f"{with_weights}, got {cfg.runtime!r}")
     if cfg.quantize and configs.runtime(cfg.runtime).torch_weights:
         raise BadSetting(f"--quantize makes int8 ONNX graphs, which the {cfg.runtime} runtime does not run: leave one out")
     for flag, value in (("--version", cfg.version), ("--quantize-eval", cfg.quantize_eval)):
@@ -192,25 +193,29 @@ def export(cfg: ExportConfig) -> dict:
     if not folder.is_trained():
         needs = ", ".join(f"{p.name}/" for p in (folder.bi_encoder, folder.cross_encoder, folder.label_index))
         raise FileNotFoundError(f"{run} is not a trained run (needs {needs}): run `mailroute train` first")
+    if not folder.policy.exists():  # written last, after the evaluation: a run without it stopped part way
+        raise FileNotFoundError(f"{run} has no {folder.policy.name}: its training stopped before the rerank policy was fitted "
+                                f"on validation, and serving it would drop the fitted fusion, temperature and gate; train it "
+                                f"again (or `mailroute refit --run {run}` where its {folder.metrics.name} exists)")
+    policy = load_policy(run)  # before any work: a broken policy file is named in a second, not after the ONNX export
     old = LabelIndex.load(folder.label_index)
     top_k, threshold = serving_params(cfg, folder, len(old.taxonomy))
     repo.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="mailroute-export-"))
     try:
-        return _export(cfg, run, repo, folder, work, old, top_k, threshold)
+        return _export(cfg, run, repo, folder, work, old, policy, top_k, threshold)
     finally:  # the scratch folder goes, whether the export succeeded or not
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: Path, old: LabelIndex, top_k: int,
-            threshold: float) -> dict:
+def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: Path, old: LabelIndex, policy: RerankPolicy,
+            top_k: int, threshold: float) -> dict:
     report = {"run": str(run), "runtime": cfg.runtime, "quantize": cfg.quantize}
 
     # 1. ONNX graphs with the contract's names, parity-checked against PyTorch; fused only for runtimes that run fused ops
     t = time.perf_counter()
     fuse = not cfg.no_optimize and configs.runtime(cfg.runtime).fused_graph
     bi_model, cross_model = load_bi_encoder(folder.bi_encoder), load_cross_encoder(folder.cross_encoder)
-    policy = load_policy(run)
     bi_tok, cross_tok = folder.bi_encoder / TOKENIZER_FILE, folder.cross_encoder / TOKENIZER_FILE
     flat_model = flat_head = None
     if policy.uses_flat:  # the flat classifier is served with the version whose policy fuses it

@@ -177,20 +177,23 @@ def cmd_classify(args):
 
 
 def _serving_labels(repo):
-    """Label names of the serving classifier version (what corrections may name); None without a repository."""
+    """Label names of the serving classifier version (what corrections may name); refuses a repository without one,
+    since a correction to a label nobody serves would be stored and then fail the next feedback round."""
     from export.versions import serving_version
     from mailroute import contract
     from mailroute.repository import load_label_index, version_dir, versions
 
     if not versions(repo, contract.CLASSIFIER):
-        return None
+        raise FileNotFoundError(f"--repo {repo} holds no {contract.CLASSIFIER} version: corrections are checked against the "
+                                f"serving version's labels; name the model repository the server runs")
     return load_label_index(repo, version_dir(repo, contract.CLASSIFIER, serving_version(repo))).taxonomy.names
 
 
-def _store(args):
+def _store(args, check_labels: bool = True):
     from mailroute.feedback_store import FeedbackStore
 
-    return FeedbackStore(args.db or None, labels=_serving_labels(args.repo), store_text=not args.hash_only)
+    labels = _serving_labels(args.repo) if check_labels else None  # None: any label (counting needs none)
+    return FeedbackStore(args.db or None, labels=labels, store_text=not args.hash_only)
 
 
 def cmd_feedback(args):
@@ -214,7 +217,7 @@ def cmd_feedback(args):
         else:
             print("not promoted" + (" (--promote serves a candidate that passes)" if g["passed"] else ""))
         return
-    with _store(args) as store:
+    with _store(args, check_labels=args.action in ("add", "import")) as store:
         if args.action == "add":
             c = store.correct(args.prediction, args.label, text=args.text, who=args.who, source="cli")
             print(json.dumps(asdict(c), default=str) if args.json else f"correction {c.id}: {c.label}"
@@ -267,12 +270,25 @@ def cmd_labels(args):
     print(json.dumps(report, indent=1, default=str))
 
 
+def _served_run(repo):
+    """The training run behind the serving classifier version (None: no version, or one that records none)."""
+    from export.versions import serving_version
+    from mailroute.repository import source_run, versions
+
+    if not versions(repo, CLASSIFIER):
+        return None
+    try:
+        return source_run(repo, serving_version(repo)).resolve()
+    except FileNotFoundError:
+        return None
+
+
 def cmd_demo(args):
     from client import ClassifierClient
     from client.inputs import read_inputs
     from client.server import TritonServer
     from export.run import ExportConfig, export
-    from mailroute.repository import versions
+    from export.versions import serving_version
     from mailroute.run_layout import RunFolder
     from training.data import DEMO_DIR, load_demo
     from training.run import TrainConfig, run
@@ -287,8 +303,10 @@ def cmd_demo(args):
         print(f"== 1. using the trained run in {run_dir} (--retrain to train again)")
     print(f"\n{run_folder.report.read_text()}")
     print("== 2. export ONNX into the Triton model repository", flush=True)
-    if args.retrain or not versions(args.repo, CLASSIFIER):
+    if args.retrain or _served_run(args.repo) != run_dir.resolve():  # what serves must be this run (or derive from it)
         export(ExportConfig(run=str(run_dir), repo=args.repo))
+    else:
+        print(f"{CLASSIFIER} v{serving_version(args.repo)} already serves this run")
     print("== 3. start Triton and classify sample emails over gRPC", flush=True)
     with TritonServer(args.repo) as server:
         print(f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.http_url}")
@@ -516,10 +534,10 @@ def _known_failure(e: Exception) -> bool:
     """Whether e is a failure kind the CLI prints as one line. The light kinds are checked first; a heavy
     module's kind only when that module was imported (sys.modules), since an error of a module never loaded
     cannot have been raised: the handler imports nothing, so a missing package cannot mask the user's error."""
-    from mailroute.settings import BadSetting
+    from mailroute.settings import BadSetting, BrokenFile
     from mailroute.taxonomy import DataError
 
-    if isinstance(e, (DataError, BadSetting, FileNotFoundError, FileExistsError)):
+    if isinstance(e, (DataError, BadSetting, BrokenFile, FileNotFoundError, FileExistsError)):
         return True
     kinds = [getattr(sys.modules.get(module), name, None) for module, name in _HEAVY_ERRORS]
     return isinstance(e, tuple(k for k in kinds if isinstance(k, type)))

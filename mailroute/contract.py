@@ -105,7 +105,7 @@ RERANKED = "RERANKED"  # bool, (batch, 1): stage 2 ran for this email (False whe
 
 # "flat": the flat classifier's pass (0 where the version does not fuse it). It runs after "embed" but comes last, so a
 # caller that reads the four columns of a version exported before it still reads them under their own names
-STAGES = ("preprocess", "embed", "search", "rerank", "flat")
+STAGE_PREPROCESS, STAGE_EMBED, STAGE_SEARCH, STAGE_RERANK, STAGE_FLAT = STAGES = ("preprocess", "embed", "search", "rerank", "flat")
 CLASSIFIER_INPUT_TENSORS = (Tensor(TEXT, object, (1,)), Tensor(SUBJECT, object, (1,), optional=True))
 CLASSIFIER_OUTPUT_TENSORS = (
     Tensor(LABEL, object, (1,)), Tensor(PROBABILITY, np.float32, (1,)), Tensor(TOP_LABELS, object, (-1,)),

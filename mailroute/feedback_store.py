@@ -227,11 +227,17 @@ class FeedbackStore:
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
-        with self.engine.begin() as conn:  # one transaction: alembic sees it as external and runs inside it
-            if conn.dialect.name == "postgresql":
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+        try:
+            with self.engine.begin() as conn:  # one transaction: alembic sees it as external and runs inside it
+                if conn.dialect.name == "postgresql":
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        except sa.exc.DBAPIError as e:  # no server there, wrong credentials, a folder for a SQLite file, ...
+            self.engine.dispose()
+            reason = str(e.orig).strip().splitlines()[0] if e.orig is not None else str(e)
+            raise FeedbackError(f"cannot open the feedback store {self.engine.url.render_as_string(hide_password=True)}: "
+                                f"{reason} (--db / ${FEEDBACK_URL_ENV})") from None
 
     def set_labels(self, labels):
         """Replace the valid label set (None accepts any label)."""
@@ -365,6 +371,8 @@ class FeedbackStore:
             raise FeedbackError(f"cannot import {path}: expected a .jsonl or .csv file, got {suffix or 'no extension'!r}")
         try:  # a file in another encoding is refused whole, before any row is stored
             path.read_bytes().decode("utf-8")
+        except OSError as e:  # missing, a folder, no permission
+            raise FeedbackError(f"cannot import {path}: {e.strerror}") from None
         except UnicodeDecodeError as e:
             raise FeedbackError(f"cannot import {path}: not UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8") from None
         with path.open(encoding="utf-8", newline="") as f:

@@ -473,7 +473,7 @@ class TwoStageClassifier:
                 flat.append(self.flat_head.log_probabilities(self.encoders.flat_embed(ids, mask)))
                 flat_s += time.perf_counter() - t
         if stage_ms is not None:
-            stage_ms["flat"] = flat_s * 1e3
+            stage_ms[contract.STAGE_FLAT] = flat_s * 1e3
         return np.concatenate(out).astype(np.float32), np.concatenate(flat) if with_flat else None  # (n, dim), (n, labels)
 
     def _label_parts(self) -> Parts:
@@ -570,7 +570,9 @@ class TwoStageClassifier:
             logits = None if skip[j] else ce_logits[start:start + k].astype(np.float64)
             rows.append((I[j, :k], D[j, :k].astype(np.float64), logits, None if flat_lp is None else flat_lp[j, I[j, :k]]))
             start += 0 if skip[j] else k
-        return rows, {"embed": (t1 - t0) * 1e3 - ms["flat"], "flat": ms["flat"], "search": (t2 - t1) * 1e3, "rerank": (t3 - t2) * 1e3}
+        flat_ms = ms[contract.STAGE_FLAT]
+        return rows, {contract.STAGE_EMBED: (t1 - t0) * 1e3 - flat_ms, contract.STAGE_FLAT: flat_ms,
+                      contract.STAGE_SEARCH: (t2 - t1) * 1e3, contract.STAGE_RERANK: (t3 - t2) * 1e3}
 
     def combine(self, cand, retrieval, logits, threshold: float, flat=None) -> Prediction:
         """The K candidates of one email -> its Prediction, by the rerank policy (logits None: stage 2 skipped; flat:
@@ -605,5 +607,5 @@ class TwoStageClassifier:
         pre = (time.perf_counter() - t0) * 1e3
         results = self.classify_texts(texts, errors, top_k, threshold, gate)
         for r in results:
-            r.stage_ms["preprocess"] = pre
+            r.stage_ms[contract.STAGE_PREPROCESS] = pre
         return results

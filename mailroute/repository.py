@@ -27,7 +27,7 @@ from mailroute.label_index import IndexMismatch, LabelIndex
 from mailroute.pipeline import TwoStageClassifier, load_tokenizer
 from mailroute.rerank_policy import RerankPolicy
 from mailroute.run_layout import FLAT_HEAD_FILE, LABEL_INDEX_DIR  # the same names in a classifier version; importable from here
-from mailroute.settings import DEFAULTS
+from mailroute.settings import DEFAULTS, BrokenFile
 
 MODEL_FILE, TOKENIZER_FILE, ENCODER_ID_FILE = "model.onnx", "tokenizer.json", "encoder_id"
 PIPELINE_FILE = "pipeline.json"
@@ -141,8 +141,25 @@ class PipelineSpec:
 
 
 def read_pipeline(classifier_dir) -> PipelineSpec:
-    """ValueError when the file is not a JSON object pinning both encoder versions; OSError when it cannot be read."""
-    return PipelineSpec.from_dict(json.loads((Path(classifier_dir) / PIPELINE_FILE).read_text()))
+    """BrokenFile (a ValueError naming the file) when it is not a JSON object pinning both encoder versions; OSError
+    when it cannot be read."""
+    path = Path(classifier_dir) / PIPELINE_FILE
+    text = path.read_text()
+    try:
+        return PipelineSpec.from_dict(json.loads(text))
+    except ValueError as e:  # JSONDecodeError is one too
+        raise BrokenFile(f"{path}: {e}") from None
+
+
+def source_run(repo, version: int) -> Path:
+    """The training run behind a classifier version: its own source_run, or its parent's."""
+    spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, version))
+    while spec.source_run is None and spec.parent:
+        spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, spec.parent))
+    if spec.source_run is None:
+        raise FileNotFoundError(f"{contract.CLASSIFIER} {version} records no source run, nor do its parents "
+                                f"(`feedback train` takes one with --replay-run)")
+    return Path(spec.source_run)
 
 
 def write_pipeline(classifier_dir, spec: PipelineSpec) -> None:

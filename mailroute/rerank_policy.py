@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mailroute.settings import BrokenFile
+
 
 @dataclass(frozen=True)
 class RerankPolicy:
@@ -113,7 +115,12 @@ class RerankPolicy:
 
     @classmethod
     def load(cls, path) -> "RerankPolicy":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """BrokenFile (naming the file) when it is not a policy's JSON form; OSError when it cannot be read."""
+        text = Path(path).read_text()
+        try:
+            return cls.from_dict(json.loads(text))
+        except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError; a list or number for the object: TypeError
+            raise BrokenFile(f"{path} is not a rerank policy: {e}") from None
 
     def without_flat(self) -> "RerankPolicy":
         """The same policy answering without the flat classifier (its other weights as fitted beside it)."""

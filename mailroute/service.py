@@ -117,7 +117,7 @@ class ClassifierService:
             contract.NEEDS_REVIEW: np.array([[p.needs_review] for p in preds], dtype=dt(contract.NEEDS_REVIEW)),
             contract.ERROR: np.array([[p.error.encode()] for p in preds], dtype=dt(contract.ERROR)),
             contract.MODEL_VERSIONS: np.tile(self.versions, (n, 1)),
-            contract.STAGE_MS: np.array([[p.stage_ms.get(s, 0.0) for s in contract.STAGES] for p in preds], dtype=dt(contract.STAGE_MS)),
+            contract.STAGE_MS: np.array([[p.stage_ms[s] for s in contract.STAGES] for p in preds], dtype=dt(contract.STAGE_MS)),
             contract.RERANKED: np.array([[p.reranked] for p in preds], dtype=dt(contract.RERANKED)),
             ERROR_KINDS: [p.error_kind for p in preds if p.error],  # for metrics, not sent
         }

@@ -53,6 +53,12 @@ class BadSetting(ValueError):
     """A command-line setting out of its allowed values; the CLI prints it as one line."""
 
 
+class BrokenFile(ValueError):
+    """A file mailroute wrote (a run's rerank policy, a version's pipeline.json) that no longer reads as what it
+    holds, e.g. cut off or edited by hand; the message names the file. A ValueError, so that code listing versions
+    still skips an unreadable one; the CLI prints it as one line."""
+
+
 @dataclass(frozen=True)
 class Defaults:
     # candidates retrieved and reranked per email: training's --k-train/--k-eval, and the K of a served version whose

@@ -70,3 +70,57 @@ def test_versions_and_labels_commands(repo, capsys):
     table = run(capsys, "versions", "list", "--repo", str(repo))
     assert "*       2  label" in table and "(* = serving)" in table
     assert "v1 serves" in run(capsys, "versions", "rollback", "--repo", str(repo))
+
+
+def test_feedback_refuses_what_it_cannot_use_in_one_line(repo, tmp_path, capsys, demo):
+    """An unreachable or unopenable store, a --repo without a classifier (corrections could name any label) and a
+    folder given as the import file are named errors, and nothing is stored."""
+    db = f"sqlite:///{tmp_path}/fb.sqlite3"
+    email = demo.test[0]
+    msg = fails(capsys, "feedback", "status", "--db", f"sqlite:///{tmp_path}", "--repo", str(repo))  # a folder, not a file
+    assert f"cannot open the feedback store sqlite:///{tmp_path}: unable to open database file" in msg
+    msg = fails(capsys, "feedback", "status", "--db", "postgresql://mailroute:s3cret@127.0.0.1:1/x", "--repo", str(repo))
+    assert "cannot open the feedback store postgresql+psycopg://mailroute:***@127.0.0.1:1/x" in msg and "s3cret" not in msg
+    empty = tmp_path / "no-repo"
+    empty.mkdir()
+    msg = fails(capsys, "feedback", "add", "--text", email.text, "--label", "no_such_label", "--db", db, "--repo", str(empty))
+    assert f"--repo {empty} holds no {contract.CLASSIFIER} version" in msg
+    folder = tmp_path / "corrections.jsonl"
+    folder.mkdir()
+    assert f"cannot import {folder}: Is a directory" in fails(capsys, "feedback", "import", str(folder), "--db", db, "--repo", str(repo))
+    assert json.loads(run(capsys, "feedback", "status", "--db", db, "--repo", str(empty))) == {"predictions": 0, "corrections": 0}
+    assert "--eval-limit must be >= 0" in fails(capsys, "feedback", "train", "--eval-limit", "-1", "--db", db, "--repo", str(repo))
+
+
+def test_a_broken_pipeline_file_is_one_line_naming_it(repo, capsys):
+    from mailroute.repository import PIPELINE_FILE
+
+    path = repo / contract.CLASSIFIER / "1" / PIPELINE_FILE
+    spec = json.loads(path.read_text())
+    del spec["cross_encoder_version"]
+    path.write_text(json.dumps(spec))
+    msg = fails(capsys, "labels", "add", "--name", "pet_insurance", "--description", "insurance for pets", "--repo", str(repo))
+    assert f"{path}: {PIPELINE_FILE} pins no cross_encoder_version" in msg
+
+
+def test_label_examples_are_normalised_like_every_email(repo, capsys):
+    """An --example is indexed and shown on the label card as the encoders see emails (HTML and spacing cleaned)."""
+    from mailroute.normalise import normalise
+    from mailroute.repository import load_label_index, version_dir
+
+    raw = "<p>My   <b>dog</b> broke a leg:\n\n\n is the vet covered?</p>"
+    run(capsys, "labels", "add", "--name", "pet_insurance", "--description", "insurance for pets", "--example", raw, "--repo", str(repo))
+    index = load_label_index(repo, version_dir(repo, contract.CLASSIFIER, 2))
+    assert normalise(raw) != raw and index.exemplar_texts[-1] == normalise(raw)
+    assert "--example 1: " in fails(capsys, "labels", "add", "--name", "pet_food", "--description", "food for pets", "--example", "   ",
+                                    "--repo", str(repo))
+
+
+def test_the_demo_exports_unless_what_serves_comes_from_its_run(tiny_repo, tiny_run, tmp_path):
+    """`mailroute demo` skips its export only where the serving version was exported from the run it shows."""
+    from pathlib import Path
+
+    from mailroute.cli import _served_run
+
+    assert _served_run(tiny_repo) == Path(tiny_run).resolve()
+    assert _served_run(tmp_path) is None  # no classifier: export

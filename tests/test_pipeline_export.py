@@ -282,3 +282,21 @@ def test_export_keeps_the_runs_card_format(tiny_repo):
     source = replace(source, manifest=source.manifest | {"cards": asdict(CardSpec(examples=3, chars=300))})
     bi_dir = version_dir(tiny_repo, contract.BI_ENCODER)
     assert label_index_from_onnx(bi_dir / MODEL_FILE, bi_dir / TOKENIZER_FILE, source).card_spec == CardSpec(examples=3, chars=300)
+
+
+@pytest.mark.parametrize("policy_text,msg", [(None, r"has no rerank_policy\.json: its training stopped before the rerank policy was fitted"),
+                                             ('{"retrieval_weight": 20', r"rerank_policy\.json is not a rerank policy: Expecting"),
+                                             ('{"retrieval_weight": "20"}', r"rerank_policy\.json is not a rerank policy: .*retrieval_weight must be a number")])
+def test_export_refuses_a_run_without_a_readable_policy_before_any_work(tiny_run, tmp_path, policy_text, msg):
+    """A run whose training stopped after the cross-encoder (no policy yet) or whose policy file is cut off or edited is
+    refused by name, before the models load: serving it would silently drop the fitted fusion, temperature and gate."""
+    from export.run import ExportConfig, export
+    from mailroute.settings import BrokenFile
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    policy = RunFolder(run).policy
+    policy.unlink() if policy_text is None else policy.write_text(policy_text)
+    repo = tmp_path / "repo"
+    with pytest.raises(FileNotFoundError if policy_text is None else BrokenFile, match=msg):
+        export(ExportConfig(run=str(run), repo=str(repo)))
+    assert not repo.exists()  # refused before the repository is touched

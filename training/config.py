@@ -89,7 +89,7 @@ class TrainConfig:
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise BadSetting(f"{path}: not valid JSON ({e}): a run's config.json as `mailroute train` wrote it is needed") from None
+            raise BadSetting(f"{path}: not valid JSON ({e}): the run's settings as `mailroute train` wrote them are needed") from None
         if not isinstance(d, dict):
             raise BadSetting(f"{path}: expected a JSON object of training settings, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}

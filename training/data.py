@@ -47,6 +47,8 @@ def _rows(path: Path):
         raw = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except OSError as e:  # a folder, no permission
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None

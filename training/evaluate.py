@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from mailroute import contract
 from mailroute.label_index import LabelScoring
 from mailroute.rerank_policy import GateTarget, RerankPolicy, fit_fusion, fit_gate, fit_retrieval_temperature
 
@@ -94,9 +95,9 @@ def embed_texts(clf, texts: list, batch_size: int = EVAL_BATCH, with_flat: bool 
     for s in tqdm(range(0, len(texts), batch_size), desc="evaluate: embed"):
         ms = {}
         parts.append(clf.encode(texts[s:s + batch_size], with_flat=with_flat, stage_ms=ms))
-        flat_ms += ms["flat"]
+        flat_ms += ms[contract.STAGE_FLAT]
     if stage_ms is not None:
-        stage_ms["flat"] = flat_ms
+        stage_ms[contract.STAGE_FLAT] = flat_ms
     return np.concatenate([x for x, _ in parts]), np.concatenate([f for _, f in parts]) if with_flat else None
 
 
@@ -136,7 +137,7 @@ def collect(clf, examples: list, k: int, batch_size: int = EVAL_BATCH) -> Scored
     t3 = time.perf_counter()
     n = max(1, len(texts))
     # embed: the bi-encoder alone; flat: the flat classifier's pass (0 without one); rerank: stage 2 for every email
-    ms = {"embed_ms_per_email": (1e3 * (t1 - t0) - flat_ms["flat"]) / n, "flat_ms_per_email": flat_ms["flat"] / n,
+    ms = {"embed_ms_per_email": (1e3 * (t1 - t0) - flat_ms[contract.STAGE_FLAT]) / n, "flat_ms_per_email": flat_ms[contract.STAGE_FLAT] / n,
           "search_ms_per_email": 1e3 * (t2 - t1) / n, "rerank_ms_per_email": 1e3 * (t3 - t2) / n,
           "two_stage_ms_per_email": 1e3 * (t3 - t0) / n, "batch_size": batch_size}
     flat = None if flat_all is None else np.take_along_axis(flat_all, I, 1)

@@ -30,11 +30,13 @@ import numpy as np
 
 from mailroute import contract
 from mailroute.feedback_store import FeedbackError, FeedbackStore
-from mailroute.repository import (GATE_REPORT_FILE, TORCH_WEIGHTS_DIR, load_label_index, open_onnx_classifier, read_pipeline, utc_stamp,
-                                  version_dir)
+from mailroute.normalise import InvalidEmail, normalise
+from mailroute.repository import (GATE_REPORT_FILE, TORCH_WEIGHTS_DIR, load_label_index, open_onnx_classifier, read_pipeline, source_run,
+                                  utc_stamp, version_dir)
 from mailroute.rerank_policy import GateTarget, RerankPolicy
 from mailroute.run_layout import RunFolder
-from mailroute.settings import DEFAULTS, BadSetting
+from mailroute.settings import DEFAULTS
+from mailroute.taxonomy import DataError
 from training.data import Example, limit
 from training.evaluate import EVAL_BATCH
 from training.feedback_config import FeedbackConfig
@@ -43,16 +45,6 @@ from training.feedback_config import FeedbackConfig
 def held_out(text_hash: str, fraction: float) -> bool:
     """A fixed share of emails, chosen by hash: the same email is held out in every round."""
     return int(text_hash[:8], 16) % 10_000 < fraction * 10_000
-
-
-def source_run(repo, version: int) -> Path:
-    """The training run behind a classifier version: its own source_run, or its parent's."""
-    spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, version))
-    while spec.source_run is None and spec.parent:
-        spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, spec.parent))
-    if spec.source_run is None:
-        raise FileNotFoundError(f"{contract.CLASSIFIER} {version} records no source run: pass --replay-run")
-    return Path(spec.source_run)
 
 
 def cross_encoder_weights(repo, cross_version: int) -> Path:
@@ -203,10 +195,7 @@ def build_candidate(cfg: FeedbackConfig, store: FeedbackStore = None) -> dict:
     from export import versions
     from export.derive import derive_version, write_cross_encoder_version
 
-    if not 0.0 <= cfg.holdout_fraction < 1.0:
-        raise BadSetting(f"--holdout-fraction must be in [0, 1), got {cfg.holdout_fraction}")
-    if cfg.replay_ratio < 0:
-        raise BadSetting(f"--replay-ratio must be >= 0, got {cfg.replay_ratio}")
+    cfg.check()
     repo = Path(cfg.repo)
     serving = versions.current_version(repo)
     base = cfg.base_version or serving
@@ -261,6 +250,17 @@ def build_candidate(cfg: FeedbackConfig, store: FeedbackStore = None) -> dict:
     return report
 
 
+def _normalised(examples) -> list:
+    """Example texts as the encoders see emails (quoted replies, HTML, spacing cleaned); DataError naming a bad one."""
+    out = []
+    for i, text in enumerate(examples, 1):
+        try:
+            out.append(normalise(text))
+        except InvalidEmail as e:
+            raise DataError(f"--example {i}: {e}") from None
+    return out
+
+
 def add_label(repo, name: str, description: str, examples: list = (), base: int = 0, evaluation: list = ()) -> dict:
     """A new taxonomy entry -> a new classifier version (not served yet), no retraining. With `evaluation`
     (Examples, some of the new label), its zero-shot accuracy: recall on the new label's emails, and the
@@ -271,6 +271,7 @@ def add_label(repo, name: str, description: str, examples: list = (), base: int 
     repo = Path(repo)
     base = base or versions.current_version(repo)
     label = label_from_args(name, description)
+    examples = _normalised(examples)  # exemplars are what the encoder sees of an email, as for training and serving
     v = derive_version(repo, base, "label", new_labels=[(label, list(examples))],
                        note=f"label {label.name!r} added ({len(examples)} example(s))")
     report = {"version": v, "base_version": base, "label": label.name, "examples": len(examples), "zero_shot": not examples}

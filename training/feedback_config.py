@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from mailroute.settings import DEFAULT_REPOSITORY, DEFAULTS
+from mailroute.settings import DEFAULT_REPOSITORY, DEFAULTS, BadSetting
 from training.config import DEFAULT_DEVICE
 
 
@@ -26,3 +26,18 @@ class FeedbackConfig:
     admin_key: str = ""  # the server's admin key for repository loads
     device: str = DEFAULT_DEVICE  # auto (CUDA when PyTorch sees a GPU) | cpu | cuda
     seed: int = DEFAULTS.seed  # replay sampling and shuffles
+
+    def check(self) -> "FeedbackConfig":
+        """BadSetting naming the first flag out of its range, before any model or store is opened."""
+        rules = [("--holdout-fraction", self.holdout_fraction, 0.0 <= self.holdout_fraction < 1.0, "in [0, 1)"),
+                 ("--replay-ratio", self.replay_ratio, self.replay_ratio >= 0, ">= 0"),
+                 ("--epochs", self.epochs, self.epochs > 0, "> 0"),
+                 ("--lr", self.lr, self.lr > 0, "> 0"),
+                 ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
+                 ("--max-eval-drop", self.max_eval_drop, -1.0 <= self.max_eval_drop <= 1.0, "in [-1, 1] (negative: the candidate must gain as much)"),
+                 ("--eval-limit", self.eval_limit, self.eval_limit >= 0, ">= 0 (0 = the whole evaluation split)"),
+                 ("--base-version", self.base_version, self.base_version >= 0, ">= 0 (0 = the serving version)")]
+        for flag, value, ok, allowed in rules:
+            if not ok:
+                raise BadSetting(f"{flag} must be {allowed}, got {value}")
+        return self

