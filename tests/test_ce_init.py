@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mailroute.settings import BadSetting
+from training.models import HF_CONFIG_FILE
 
 
 def test_ce_init_flat_needs_flat_epochs_even_with_skip_baseline(tmp_path):
@@ -41,7 +42,7 @@ def test_ce_init_flat_starts_the_cross_encoder_from_the_trained_flat_encoder(tmp
     m = train_run.run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), base=str(base), ce_init="flat", skip_baseline=True,
                                   bi_epochs=0.2, ce_epochs=0.2, flat_epochs=1, test_limit=20, k_train=3, k_eval=3))
     out = RunFolder(tmp_path / "run")
-    assert started["path"] == out.flat_encoder and (out.flat_encoder / "config.json").is_file()
+    assert started["path"] == out.flat_encoder and (out.flat_encoder / HF_CONFIG_FILE).is_file()
     from sentence_transformers import SentenceTransformer
 
     flat_encoder = SentenceTransformer(str(out.flat_encoder), device="cpu")

@@ -15,6 +15,7 @@ from client import AsyncClassifierClient, ClassifierClient, ClassifierError
 from client.server import TritonServer
 from client.watchdog import ReadinessServer, Watchdog
 from mailroute import contract
+from mailroute.repository import CONFIG_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -143,7 +144,7 @@ def test_queue_limit_refuses_overload_at_once_and_keeps_serving(tiny_run, tmp_pa
 
     repo = tmp_path / "repo"
     export(ExportConfig(run=str(tiny_run), repo=str(repo), top_k=5, max_queue_size=1))
-    cfg = repo / contract.CLASSIFIER / "config.pbtxt"
+    cfg = repo / contract.CLASSIFIER / CONFIG_FILE
     cfg.write_text(classifier_config(64, 1, 64, 256, serving_version=1, throughput=Throughput(1, (), 200_000, 1)))
     with TritonServer(repo) as server:
         # When 16 callers arrive at once, without retries

@@ -9,7 +9,7 @@ from mailroute.label_index import IndexMismatch
 from mailroute.pipeline import BadParameter
 from mailroute.repository import ENCODER_ID_FILE, EXPORT_REPORT_FILE, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE, open_onnx_classifier, version_dir
 from mailroute.run_layout import RunFolder
-from mailroute.settings import BadSetting
+from mailroute.settings import DEFAULTS, BadSetting
 from training.reference import SentenceTransformerEncoders
 
 EMAILS = ["I was charged twice for my plan", "Where is my parcel? Tracking is stuck.", "The app crashes when I open settings",
@@ -23,7 +23,7 @@ def test_predictions_are_consistent(tiny_reference):
         assert p.label == p.top_labels[0] and p.probability == p.top_probabilities[0]
         assert sum(p.top_probabilities) == pytest.approx(1.0, abs=1e-6)  # softmax over exactly the K candidates
         assert p.top_probabilities == sorted(p.top_probabilities, reverse=True)
-        assert p.needs_review == (p.probability < 0.5)
+        assert p.needs_review == (p.probability < DEFAULTS.threshold)
 
 
 def test_batch_invariance_and_per_row_errors(tiny_reference):

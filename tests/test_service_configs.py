@@ -10,6 +10,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from mailroute import contract
+from mailroute.repository import CONFIG_FILE
 from mailroute.service import ClassifierService, Request, RequestError
 
 
@@ -116,7 +117,7 @@ def test_configs_are_rendered_from_the_contract(tiny_repo):
     from export.runtimes import TENSORRT
     from mailroute.repository import ADAPTER_FILE
 
-    cfg = text_format.Parse((tiny_repo / contract.CLASSIFIER / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    cfg = text_format.Parse((tiny_repo / contract.CLASSIFIER / CONFIG_FILE).read_text(), model_config_pb2.ModelConfig())
     declared = {t.name: t for t in contract.CLASSIFIER_INPUT_TENSORS + contract.CLASSIFIER_OUTPUT_TENSORS}
     for t in list(cfg.input) + list(cfg.output):
         want = declared.pop(t.name)
@@ -153,10 +154,10 @@ def test_an_export_never_changes_the_runtime_of_served_versions(tiny_repo, tiny_
     from mailroute.settings import BadSetting
 
     repo = shutil.copytree(tiny_repo, tmp_path / "repo")
-    before = (repo / contract.BI_ENCODER / "config.pbtxt").read_text()
+    before = (repo / contract.BI_ENCODER / CONFIG_FILE).read_text()
     with pytest.raises(BadSetting, match="run portable; an export with another runtime would change how they run"):
         export(ExportConfig(run=str(tiny_run), repo=str(repo), runtime="native"))
-    assert (repo / contract.BI_ENCODER / "config.pbtxt").read_text() == before
+    assert (repo / contract.BI_ENCODER / CONFIG_FILE).read_text() == before
     assert [p.name for p in (repo / contract.BI_ENCODER).iterdir() if p.name.isdigit()] == ["1"]
     with pytest.raises(BadSetting, match="--runtime must be one of"):
         export(ExportConfig(run=str(tiny_run), repo=str(repo), runtime=TENSORRT))  # plans are built by trtexec, not exported

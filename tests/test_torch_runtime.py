@@ -18,6 +18,7 @@ from mailroute.pipeline import load_tokenizer, tensors
 from mailroute.repository import TOKENIZER_FILE, TORCH_WEIGHTS_DIR, open_classifier, open_onnx_classifier, version_dir
 from mailroute.settings import DEFAULTS
 from mailroute.torch_encoders import BI, TorchEncoder, TorchEncoders, TorchFlatIP
+from training.models import HF_CONFIG_FILE
 
 EMAILS = ["Hi, I was charged twice this month, please refund the extra charge.", "I can't log in, the reset link never arrives.",
           "Where is my order? Tracking has not moved since Monday.", "x"]
@@ -102,7 +103,7 @@ def test_exemplar_scores_on_the_device_rank_the_candidates_as_faiss_at_a_shallow
 
 def test_torch_runtime_agrees_with_onnx(torch_repo):
     bi_dir, cross_dir = version_dir(torch_repo, contract.BI_ENCODER), version_dir(torch_repo, contract.CROSS_ENCODER)
-    assert (bi_dir / "model.py").read_text().count("TorchEncoder") and (bi_dir / TORCH_WEIGHTS_DIR / "config.json").exists()
+    assert (bi_dir / "model.py").read_text().count("TorchEncoder") and (bi_dir / TORCH_WEIGHTS_DIR / HF_CONFIG_FILE).exists()
     cdir = version_dir(torch_repo, contract.CLASSIFIER)
     flat_dir = version_dir(torch_repo, contract.FLAT_ENCODER)
     by_torch = open_classifier(torch_repo, cdir, TorchEncoders(bi_dir / TORCH_WEIGHTS_DIR, cross_dir / TORCH_WEIGHTS_DIR,

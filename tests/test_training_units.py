@@ -8,7 +8,7 @@ from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 from mailroute.label_index import LabelIndex
 from mailroute.repository import WEIGHTS_FILE
 from mailroute.rerank_policy import RerankPolicy
-from mailroute.run_layout import RunFolder
+from mailroute.run_layout import PREDICTIONS_FILE, RunFolder
 from training.bi_encoder import LabelDisjointBatchSampler, mnr_dataset, train_bi_encoder
 from training.listwise_loss import ListwiseSoftmaxCrossEntropyLoss, listwise_softmax_ce
 from training.mining import listwise_rows, mine_candidates
@@ -304,7 +304,7 @@ def test_paired_against_compares_two_runs_served_labels_on_the_same_emails(tmp_p
     assert r["labels_differ"] == 2
     # a run folder is read through its predictions.jsonl; both wrong with different labels counts as a difference
     (tmp_path / "run").mkdir()
-    write("run/predictions.jsonl", ["b", "a", "b", "c"])
+    write(f"run/{PREDICTIONS_FILE}", ["b", "a", "b", "c"])
     main(["--predictions", str(this), "--against", str(tmp_path / "run"), "--resamples", "200"])
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (r["only_a_right"], r["only_b_right"], r["labels_differ"]) == (1, 0, 2)
