@@ -10,6 +10,7 @@ import grpc.experimental.gevent as grpc_gevent
 from locust import User
 
 from client import ClassifierClient
+from mailroute.settings import DEFAULT_GRPC_URL, REQUEST_TIMEOUT_S
 
 grpc_gevent.init_gevent()
 
@@ -17,10 +18,11 @@ grpc_gevent.init_gevent()
 class ClassifierUser(User):
     abstract = True
     top_k = None
+    host = DEFAULT_GRPC_URL  # where `mailroute serve` listens; --host overrides
 
     def __init__(self, environment):
         super().__init__(environment)
-        self.client = ClassifierClient(self.host, timeout=30, retries=0)  # retries would hide errors from the stats
+        self.client = ClassifierClient(self.host, timeout=REQUEST_TIMEOUT_S, retries=0)  # retries would hide errors from the stats
 
     def classify(self, texts: list, name: str):
         start, exc, size = time.perf_counter(), None, 0

@@ -18,6 +18,8 @@ default gate, as a caller would.
 import argparse
 import contextlib
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -89,14 +91,20 @@ def main(argv=None) -> int:
         try:
             client.classify(texts[:1])  # warm-up, not timed
             t = time.perf_counter()
-            answers = [a for s in range(0, n, args.batch) for a in client.classify(texts[s:s + args.batch])]
+            answers = []
+            for s in range(0, n, args.batch):  # a line every ~10 batches: thousands of emails take minutes on a CPU
+                answers += client.classify(texts[s:s + args.batch])
+                if (s // args.batch) % 10 == 9:
+                    print(f"  {len(answers)} of {n} answered", file=sys.stderr, flush=True)
             seconds = time.perf_counter() - t
         except ClassifierError as e:
             raise SystemExit(f"error: the classifier at {url} did not answer: {e}") from None
     out = compare(rows, answers, args.atol) | {
         "run": str(run.root), "seconds": round(seconds, 2), "emails_per_s": round(n / seconds, 1), "batch": args.batch,
         "share_reranked": float(np.mean([a.reranked for a in answers])) if answers else 0.0,
-        "model_versions": answers[0].model_versions if answers else {}, "date": time.strftime("%Y-%m-%d")}
+        "model_versions": answers[0].model_versions if answers else {}, "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": "python -m benchmarks.served_agreement " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
     print(f"served {n} test emails over gRPC in {seconds:.1f} s ({out['emails_per_s']} emails/s, batches of {args.batch}): "
           f"{out['equal']} of {n} answers equal to the run's evaluation (label, probability within {args.atol:g}, reranked); "
           f"accuracy served {out['accuracy_served']:.2%} vs measured {out['accuracy_measured']:.2%}; "
@@ -110,4 +118,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from client.server import ServerStartError
+
+    try:
+        sys.exit(main())
+    except ServerStartError as e:  # a wrong --repo, a port in use: one line (after the server log's tail, where it has one)
+        sys.exit((f"{e.log_tail}\n" if e.log_tail else "") + f"served_agreement: {e.summary}")

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import signal
 import threading
 import time
@@ -32,7 +33,7 @@ from client import ClassifierClient
 from client.server import TritonServer
 from client.watchdog import Watchdog
 from mailroute import contract
-from mailroute.settings import DEFAULT_REPOSITORY, ROOT
+from mailroute.settings import DEFAULT_REPOSITORY, ROOT, shown
 
 BAD = [("", "empty"), (b"\xff\xfe\xfa", "not UTF-8")]
 
@@ -78,13 +79,13 @@ def max_throughput(url: str, texts: list, concurrency: int, seconds: float) -> f
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repo", default=str(DEFAULT_REPOSITORY))
-    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--repo", default=str(DEFAULT_REPOSITORY), help=f"model repository to serve (default: {shown(DEFAULT_REPOSITORY)})")
+    ap.add_argument("--minutes", type=float, default=10.0, help="length of the soak (default: 10)")
     ap.add_argument("--load", type=float, default=0.7, help="share of the measured maximum throughput (default 0.7)")
     ap.add_argument("--kill-at", type=float, default=300.0, help="seconds into the soak to kill the cross_encoder stub; <0 = never")
-    ap.add_argument("--max-concurrency", type=int, default=8)
+    ap.add_argument("--max-concurrency", type=int, default=8, help="closed-loop clients of the maximum-throughput measurement (default: 8)")
     ap.add_argument("--max-seconds", type=float, default=30.0, help="length of the maximum-throughput measurement")
-    ap.add_argument("--out", default="benchmarks/results/soak.json")
+    ap.add_argument("--out", default="benchmarks/results/soak.json", help="summary JSON to write (default: benchmarks/results/soak.json)")
     a = ap.parse_args(argv)
 
     texts = banking77_texts(2000, seed=1)
@@ -102,7 +103,7 @@ def main(argv=None):
 
         def one(i: int, scheduled: float):
             bad = i % 10 == 9
-            text, _ = BAD[i % 2] if bad else (texts[i % len(texts)], "")
+            text, _ = BAD[(i // 10) % 2] if bad else (texts[i % len(texts)], "")  # the bad kinds in turn
             t = time.perf_counter()
             try:
                 r = client.classify([text])[0]
@@ -135,6 +136,10 @@ def main(argv=None):
                 due = start + i / rate
                 time.sleep(max(0.0, due - time.time()))
                 pool.submit(one, i, due - start)
+                if i and i % max(1, int(60 * rate)) == 0:  # a line a minute: a 10-minute run is not silent
+                    with lock:
+                        errs = sum(r["outcome"] not in ("ok", "expected_row_error") for r in records)
+                    print(f"  {time.time() - start:4.0f} s: {i} sent, {len(records)} answered, {errs} unexpected", flush=True)
         rss.append((time.time() - start, server_rss_mb(server)))
         client.close()
         wd.stop()
@@ -171,4 +176,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from client.server import ServerStartError
+
+    try:
+        main()
+    except ServerStartError as e:  # a wrong --repo, a port in use: one line (after the server log's tail, where it has one)
+        sys.exit((f"{e.log_tail}\n" if e.log_tail else "") + f"soak: {e.summary}")

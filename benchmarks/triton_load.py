@@ -10,7 +10,9 @@ in flight), and reports the overhead.
 
 import argparse
 import json
+import os
 import platform
+import sys
 import threading
 import time
 
@@ -18,7 +20,7 @@ from benchmarks.inputs import banking77_texts, email_texts, percentiles
 from client import ClassifierClient
 from client.server import TritonServer
 from mailroute.repository import open_onnx_classifier
-from mailroute.settings import DEFAULT_REPOSITORY
+from mailroute.settings import DEFAULT_REPOSITORY, shown
 
 
 def load(url: str, texts: list, concurrency: int, seconds: float, k: int) -> dict:
@@ -41,7 +43,9 @@ def load(url: str, texts: list, concurrency: int, seconds: float, k: int) -> dic
     [t.start() for t in threads]
     [t.join() for t in threads]
     wall = time.perf_counter() - t0
-    return {"emails_per_s": len(lat) / wall, "requests": len(lat), "errors": len(errors)} | percentiles(lat)
+    if not lat:  # nothing to take percentiles of: the errors are the result
+        sys.exit(f"triton_load: no request answered in {seconds:g} s ({len(errors)} failed), e.g. {sorted(set(errors))[:3]}")
+    return {"emails_per_s": len(lat) / wall, "requests": len(lat), "errors": len(errors), "error_sample": sorted(set(errors))[:3]} | percentiles(lat)
 
 
 def inprocess(clf, texts: list, batch: int, k: int, n: int) -> float:
@@ -54,14 +58,19 @@ def inprocess(clf, texts: list, batch: int, k: int, n: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repo", default=str(DEFAULT_REPOSITORY))
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=30)
-    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--repo", default=str(DEFAULT_REPOSITORY), help=f"model repository to serve (default: {shown(DEFAULT_REPOSITORY)})")
+    ap.add_argument("--concurrency", type=int, default=8, help="client threads, one email per request each (default: 8)")
+    ap.add_argument("--seconds", type=float, default=30, help="load time per email length (default: 30)")
+    ap.add_argument("--k", type=int, default=10, help="candidates reranked per email, at most the taxonomy's labels (default: 10)")
     a = ap.parse_args()
-    results = {"machine": platform.platform(), "date": time.strftime("%Y-%m-%d"), "k": a.k, "concurrency": a.concurrency}
+    for flag, ok in (("--concurrency", a.concurrency >= 1), ("--seconds", a.seconds > 0), ("--k", a.k >= 1)):
+        if not ok:
+            ap.error(f"{flag} must be positive")
+    results = {"command": "python -m benchmarks.triton_load " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M"),
+               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "k": a.k, "concurrency": a.concurrency}
     clf = open_onnx_classifier(a.repo)
     for name, texts in (("banking77_length", banking77_texts(512)), ("email_200_words", email_texts(512))):
+        print(f"{name}: {a.concurrency} clients for {a.seconds:g} s ...", flush=True)
         with TritonServer(a.repo) as server:
             served = load(server.grpc_url, texts, a.concurrency, a.seconds, a.k)
         # the in-process baseline at the batch size concurrency allows (the server batches up to that)
@@ -75,4 +84,11 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from client.server import ServerStartError
+
+    try:
+        main()
+    except ServerStartError as e:  # a wrong --repo, a port in use: one line (after the server log's tail, where it has one)
+        sys.exit((f"{e.log_tail}\n" if e.log_tail else "") + f"triton_load: {e.summary}")
+    except FileNotFoundError as e:  # no classifier in --repo (the in-process baseline opens it first)
+        sys.exit(f"triton_load: {e}")

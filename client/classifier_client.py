@@ -119,7 +119,8 @@ def retryable(e: Exception) -> bool:
         return True  # a backend process died; the watchdog brings it back
     # a request cut off by a dying server comes back with no message (INTERNAL or UNKNOWN); classifying is
     # idempotent, so sending it again is safe
-    cut_off = not msg.strip() or not msg.isprintable()  # no message, or a torn frame's bytes
+    # (a server's own message may span lines: whitespace is not what marks a torn frame)
+    cut_off = not msg.strip() or not "".join(msg.split()).isprintable()  # no message, or a torn frame's bytes
     return ("INTERNAL" in status or "UNKNOWN" in status) and cut_off
 
 
@@ -142,8 +143,10 @@ class _Base:
         self.url, self.model, self.version = url, model, version
         self.timeout, self.retries, self.backoff, self.max_batch = timeout, retries, backoff, max_batch
         self.headers, self.max_in_flight, self.store = headers, max_in_flight, store
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        for name, value, ok in (("max_in_flight", max_in_flight, max_in_flight >= 1), ("max_batch", max_batch, max_batch >= 1),
+                                ("retries", retries, retries >= 0), ("timeout", timeout, timeout > 0), ("backoff", backoff, backoff >= 0)):
+            if not ok:
+                raise ValueError(f"{name} must be {'>= 0' if name in ('retries', 'backoff') else '> 0'}, got {value}")
         self._conn = {"keepalive_options": keepalive or default_keepalive(), "ssl": ssl, "root_certificates": root_certificates,
                       "private_key": private_key, "certificate_chain": certificate_chain}
 
@@ -163,6 +166,8 @@ class _Base:
 
     def _chunks(self, texts, subjects):
         texts, subjects = list(texts), None if subjects is None else list(subjects)
+        if subjects is not None and len(subjects) != len(texts):  # checked whole: per chunk, an extra subject would go unseen
+            raise ValueError(f"got {len(subjects)} subjects for {len(texts)} texts")
         for s in range(0, len(texts), self.max_batch):
             yield texts[s:s + self.max_batch], (subjects[s:s + self.max_batch] if subjects is not None else None)
 

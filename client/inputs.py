@@ -22,38 +22,51 @@ FILE_SUFFIXES = (".eml", ".txt", ".jsonl")
 
 
 def _existing_path(item: str):
-    """The file or folder `item` names, or None when it names none. Email text is no path: the system refuses
-    a name over 255 bytes (OSError ENAMETOOLONG) or with a NUL (ValueError), and either means "text" here."""
+    """The file, folder or pipe (`<(cmd)`, /dev/stdin) `item` names, or None when it names none. Email text is no
+    path: the system refuses a name over 255 bytes (OSError ENAMETOOLONG) or with a NUL (ValueError), and either
+    means "text" here."""
     if not item:
         return None  # Path("") is the current folder
     p = Path(item)
     try:
-        return p if p.is_file() or p.is_dir() else None
+        return p if p.exists() else None
     except (OSError, ValueError):
         return None
 
 
+def _looks_like_a_path(item: str) -> bool:
+    """An item naming no file that is still a mistyped path, not an email: a name ending in .eml/.txt/.jsonl (any
+    case) of at most 255 bytes, and either a path with a folder in it or one word ("Re: invoice.txt" is an email)."""
+    name = Path(item).name
+    return (Path(name).suffix.lower() in FILE_SUFFIXES and len(name.encode("utf-8", "surrogateescape")) <= 255
+            and "\n" not in item and ("/" in item or not any(c.isspace() for c in item)))
+
+
 def read_inputs(items: list) -> list:
     """Each item is a file (.eml, .jsonl, else read as text) when it names an existing file, else email text.
-    An item that could be a file name (one line, a name of at most 255 bytes) ending in .eml/.txt/.jsonl but naming
-    no file is refused: a mistyped path, not an email."""
+    An item that looks like a mistyped path (see _looks_like_a_path) is refused, not classified as an email."""
     out = []
     for n, item in enumerate(items, 1):
         p = _existing_path(item)
         if p is None:
-            name = Path(item).name
-            if Path(name).suffix in FILE_SUFFIXES and "\n" not in item and len(name.encode("utf-8", "surrogateescape")) <= 255:
+            if _looks_like_a_path(item):
                 raise InputError(f"{item}: file not found")
             out.append(EmailInput(f"arg {n}", item.encode("utf-8", "surrogateescape")))
         elif p.is_dir():
             raise InputError(f"{item}: is a folder; give the files in it")
-        elif p.suffix == ".eml":
-            subject, body = parse_eml(p.read_bytes())
-            out.append(EmailInput(str(p), body.encode("utf-8"), subject))
-        elif p.suffix == ".jsonl":
-            out += read_jsonl(p)
         else:
-            out.append(EmailInput(str(p), p.read_bytes()))
+            try:
+                raw = p.read_bytes()  # once: a pipe can be read only once
+            except OSError as e:  # no permission, a device
+                raise InputError(f"{item}: cannot read it ({e.strerror})") from None
+            suffix = p.suffix.lower()
+            if suffix == ".eml":
+                subject, body = parse_eml(raw)
+                out.append(EmailInput(str(p), body.encode("utf-8"), subject))
+            elif suffix == ".jsonl":
+                out += read_jsonl(p, raw)
+            else:
+                out.append(EmailInput(str(p), raw))
     return out
 
 
@@ -63,9 +76,9 @@ def read_stdin(data) -> list:
     return [EmailInput("stdin", text)] if text.strip() else []
 
 
-def read_jsonl(path: Path) -> list:
+def read_jsonl(path: Path, raw: bytes = None) -> list:
     out = []
-    for n, line in enumerate(path.read_bytes().split(b"\n"), 1):
+    for n, line in enumerate((path.read_bytes() if raw is None else raw).split(b"\n"), 1):
         if not line.strip():
             continue
         try:

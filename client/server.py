@@ -5,6 +5,7 @@ for this Python, put the wheel's libraries and libpython on LD_LIBRARY_PATH, put
 bin/ first on PATH (the stub takes sys.path from the python3 it finds there), wait for readiness.
 """
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -67,6 +69,25 @@ class ServerStartError(RuntimeError):
     def __init__(self, summary: str, log_tail: str = ""):
         super().__init__(summary + (f"\n{log_tail}" if log_tail else ""))
         self.summary, self.log_tail = summary, log_tail
+
+
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (docker stop, systemd, kill) raises KeyboardInterrupt as Ctrl-C does, so that the `finally` stopping a
+    tritonserver runs: the server has its own session, so the signal never reaches it, and the default handler would
+    end this process with the server left running on its ports. Main thread only (where Python runs handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 class ServerNotReady(ServerStartError, TimeoutError):
@@ -264,8 +285,17 @@ class TritonServer:
         env.setdefault("HF_HUB_OFFLINE", "1")
         return env
 
+    def check_log_file(self) -> None:
+        """Refuse a log file the server could not write (a folder, no such folder, no permission), by name."""
+        try:
+            open(self.log_file, "a").close()
+        except OSError as e:
+            raise ServerStartError(f"--log {self.log_file}: cannot write the server log there ({e.strerror})") from None
+
     def start(self, timeout: float = SERVER_START_TIMEOUT_S) -> "TritonServer":
+        self.check_repository()  # every caller, not only `mailroute serve`: a wrong repository launches nothing
         self.check_ports()
+        self.check_log_file()
         self.log = open(self.log_file, "a")
         self._started = time.time()
         self.proc = subprocess.Popen(self.command(), env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
@@ -343,6 +373,8 @@ class TritonServer:
         shutil.rmtree(self.work, ignore_errors=True)
 
     def __enter__(self):
+        self._signals = contextlib.ExitStack()
+        self._signals.enter_context(sigterm_as_interrupt())  # a SIGTERM while it runs stops the server too
         try:
             return self.start()
         except BaseException:  # __exit__ never runs when __enter__ raises: stop what started and remove the temp folder
@@ -350,8 +382,12 @@ class TritonServer:
                 self.stop()
             finally:
                 self.cleanup()
+                self._signals.close()
             raise
 
     def __exit__(self, *exc):
-        self.stop()
-        self.cleanup()
+        try:
+            self.stop()
+            self.cleanup()
+        finally:
+            self._signals.close()

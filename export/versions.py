@@ -26,7 +26,7 @@ from tritonclient.grpc import model_config_pb2
 
 from mailroute import contract
 from mailroute.label_index import MANIFEST_FILE
-from mailroute.settings import PRUNE_KEEP
+from mailroute.settings import PRUNE_KEEP, BrokenFile
 from mailroute.repository import (CONFIG_FILE, GATE_REPORT_FILE, HISTORY_FILE, LABEL_INDEX_DIR, PIPELINE_FILE,  # noqa: F401
                                   encoder_models, read_pipeline, utc_stamp, versions)
 
@@ -76,8 +76,12 @@ def remove_stale_staging(repo) -> list:
 # the serving version: the classifier config's version policy
 
 def read_config(repo, model: str = contract.CLASSIFIER) -> model_config_pb2.ModelConfig:
+    path = Path(repo) / model / CONFIG_FILE
     cfg = model_config_pb2.ModelConfig()
-    text_format.Parse((Path(repo) / model / CONFIG_FILE).read_text(), cfg)
+    try:
+        text_format.Parse(path.read_text(), cfg)
+    except text_format.ParseError as e:
+        raise BrokenFile(f"{path} is not a Triton model configuration ({e})") from None
     return cfg
 
 
@@ -104,8 +108,18 @@ def set_serving(repo, version: int) -> None:
 
 
 def history(repo) -> list:
+    """The promotion log, oldest first. A last line cut off (a crash while appending) is left out: that change was
+    never recorded whole; a bad line before it is a BrokenFile."""
     path = Path(repo) / contract.CLASSIFIER / HISTORY_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n < len(lines):
+                raise BrokenFile(f"{path}:{n}: not a promotion record ({e})") from None
+    return out
 
 
 def _log(repo, entry: dict) -> None:
@@ -199,15 +213,28 @@ def list_versions(repo) -> list:
         except (OSError, ValueError) as e:
             rows.append({"version": v, "error": f"unreadable {PIPELINE_FILE}: {e}"})
             continue
-        gate = json.loads((vdir / GATE_REPORT_FILE).read_text()) if (vdir / GATE_REPORT_FILE).exists() else None
-        manifest_path = vdir / LABEL_INDEX_DIR / MANIFEST_FILE
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        try:
+            gate = _json(vdir / GATE_REPORT_FILE, None)
+            manifest = _json(vdir / LABEL_INDEX_DIR / MANIFEST_FILE, {})
+        except BrokenFile as e:
+            rows.append({"version": v, "error": str(e)})
+            continue
         rows.append({"version": v, "serving": v == serving or (serving is None and v == max(versions(repo, contract.CLASSIFIER))),
                      "kind": spec.kind, "parent": spec.parent, "created": spec.created,
                      contract.BI_ENCODER: spec.bi_encoder_version, contract.CROSS_ENCODER: spec.cross_encoder_version,
                      contract.FLAT_ENCODER: spec.flat_encoder_version,
                      "labels": manifest.get("labels"), "exemplars": manifest.get("exemplars"), "gate": gate})
     return rows
+
+
+def _json(path: Path, missing):
+    """A JSON file a version holds (`missing` where it has none); BrokenFile naming it when cut off."""
+    if not path.exists():
+        return missing
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BrokenFile(f"unreadable {path.name}: {e}") from None
 
 
 def _pct(x) -> str:
@@ -265,7 +292,13 @@ def prune(repo, keep: int = PRUNE_KEEP, url: str = None, admin_key: str = "") ->
             shutil.rmtree(repo / model / str(v))
     plan["staging"] = remove_stale_staging(repo)
     if url:
-        for model in encoder_models(repo):
-            if plan.get(model):
-                _load(url, model, admin_key)
+        try:
+            for model in encoder_models(repo):
+                if plan.get(model):
+                    _load(url, model, admin_key)
+        except Exception as e:  # the files are gone already: say so, and how the server lets them go
+            removed = ", ".join(f"{m} {vs}" for m, vs in plan.items() if vs and m != "staging")
+            raise VersionError(f"prune removed {removed} from {repo}, but the server at {url} did not reload "
+                               f"({getattr(e, 'message', lambda: str(e))()}); it keeps them loaded until a reload "
+                               f"(`mailroute versions promote N --url ...`) or a restart") from None
     return plan

@@ -15,7 +15,6 @@
 import argparse
 import dataclasses
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -89,15 +88,28 @@ def cmd_export(args):
     export(_config(ExportConfig, args))
 
 
-def _wait_for_signal():
-    stop = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.append(1))
-    while not stop:
-        time.sleep(0.5)
+def _serve_until_stopped(server, watched: bool):
+    """Until Ctrl-C or SIGTERM (a KeyboardInterrupt under sigterm_as_interrupt). Unwatched, a tritonserver that exits
+    on its own ends the launcher with its log tail; watched, the watchdog restarts it (and reports it on /ready)."""
+    from client.server import ServerStartError
+
+    try:
+        while watched or server.proc.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return
+    raise ServerStartError(f"tritonserver exited with {server.proc.returncode} while serving (no watchdog: --ready-port -1)",
+                           server.tail())
 
 
 def cmd_serve(args):
+    from client.server import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # from here on, SIGTERM stops the server too (it runs in its own session)
+        _serve(args)
+
+
+def _serve(args):
     from client.server import TritonServer
 
     if args.ready_port < -1:
@@ -109,6 +121,7 @@ def cmd_serve(args):
     watchdog = readiness = None
     try:  # a failed start (or a taken readiness port) still stops the server and removes its temporary folder
         server.check_repository()  # a wrong --repo is refused before anything is launched
+        server.check_log_file()  # and so is a --log that cannot be written
         if args.ready_port >= 0:  # and so are ports that cannot be listened on, readiness's too (-1 = off)
             server.check_ports(more=(("readiness", args.ready_port, "--ready-port"),))
         print(f"starting tritonserver on {server.repo} (log: {server.log_file}) ...", flush=True)
@@ -121,7 +134,7 @@ def cmd_serve(args):
         print(f"ready\n  gRPC     {server.grpc_url}\n  HTTP     {server.http_url}\n  metrics  http://127.0.0.1:{server.metrics_port}/metrics"
               + (f"\n  ready    http://127.0.0.1:{readiness.port}/ready  (canary classification every {args.canary_interval:g} s; "
                  f"dead backends are reloaded)" if readiness else "") + "\nCtrl-C or SIGTERM stops it.", flush=True)
-        _wait_for_signal()
+        _serve_until_stopped(server, watched=watchdog is not None)
     finally:
         if server.proc is not None:
             print("stopping tritonserver ...", flush=True)
@@ -145,9 +158,18 @@ def print_table(rows: list, file=None):
         print(f"{snippet:<44} {r.label:<32} {r.probability:5.2f} {'yes' if r.needs_review else 'no':<6} {nxt}", file=file)
 
 
+def _check_grpc_url(url: str) -> None:
+    host, _, port = url.rpartition(":")
+    if "://" in url or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise BadSetting(f"--url must be a running server's gRPC host:port, like {DEFAULT_GRPC_URL}, got {url!r}")
+
+
 def cmd_classify(args):
     from client import ClassifierClient
     from client.inputs import InputError, read_inputs, read_stdin
+
+    if not args.timeout > 0:
+        raise BadSetting(f"--timeout must be seconds > 0, got {args.timeout:g}")
 
     try:  # piped text is one email, never a file name (an email is no valid path: too long, or several lines)
         emails = read_inputs(args.inputs) if args.inputs else read_stdin(getattr(sys.stdin, "buffer", sys.stdin).read())
@@ -426,12 +448,15 @@ def main(argv=None):
     p.add_argument("--http-port", type=int, default=HTTP_PORT, help=f"(default: {HTTP_PORT})")
     p.add_argument("--metrics-port", type=int, default=METRICS_PORT, help=f"(default: {METRICS_PORT})")
     p.add_argument("--admin-key", default="", help="require header admin-key=<this> for model load/unload/config (recommended)")
-    p.add_argument("--poll-all", action="store_true", help="load every model in the repository at start (default: explicit mode, the mailroute models the repository has)")
+    p.add_argument("--poll-all", action="store_true", help="load every model in the repository at start (default: explicit mode, the mailroute models "
+                                                           "the repository has). Triton then has no load API: the watchdog restarts the "
+                                                           "server instead of reloading a model, and `versions promote --url` cannot load")
     p.add_argument("--log", default=None, help="server log file (default: a temporary file)")
     p.add_argument("--timeout", type=float, default=SERVER_START_TIMEOUT_S, help=f"seconds to wait for readiness (default: {SERVER_START_TIMEOUT_S:g})")
     p.add_argument("--ready-port", type=int, default=READY_PORT,
                    help="port of the proven readiness endpoint /ready (a canary classification; 200 or 503) and /live; "
-                        f"its watchdog reloads models whose backend process died. 0 = a free port, -1 = off (default: {READY_PORT})")
+                        f"its watchdog reloads models whose backend process died (restarts the server where that fails). 0 = a free port, "
+                        f"-1 = off: nothing watches the server, and the launcher ends when tritonserver does (default: {READY_PORT})")
     p.add_argument("--canary-interval", type=float, default=CANARY_INTERVAL_S,
                    help=f"seconds between canary classifications (default: {CANARY_INTERVAL_S:g})")
     p.set_defaults(fn=cmd_serve)
@@ -511,6 +536,8 @@ def main(argv=None):
 
     args = ap.parse_args(argv)
     try:
+        if getattr(args, "url", ""):  # every command that talks to a running server: refused before any work
+            _check_grpc_url(args.url)
         args.fn(args)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -58,7 +58,7 @@ def check_params(top_k, threshold, n_labels: int) -> tuple:
         k = int(top_k)
         if k != float(top_k):
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # int(inf) overflows: refused like any other non-integer
         raise BadParameter(f"top_k must be an integer, got {top_k!r}") from None
     if not 1 <= k <= n_labels:
         raise BadParameter(f"top_k must be between 1 and {n_labels} (labels in the taxonomy), got {k}")

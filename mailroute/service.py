@@ -37,7 +37,7 @@ def server_fault(e: Exception) -> tuple:
     own (its index, policy, in-process encoders) and a retry would get the same: INTERNAL, said once."""
     if isinstance(e, EncoderUnavailable):
         return f"classification failed, retry: {e}", True
-    return f"classification failed: {type(e).__name__}: {e}", False
+    return f"classification failed: {type(e).__name__}: {' '.join(str(e).split())}", False  # one line
 
 
 @dataclass

@@ -124,3 +124,25 @@ def test_the_demo_exports_unless_what_serves_comes_from_its_run(tiny_repo, tiny_
 
     assert _served_run(tiny_repo) == Path(tiny_run).resolve()
     assert _served_run(tmp_path) is None  # no classifier: export
+
+
+def test_versions_name_a_broken_file_and_skip_a_torn_last_promotion(repo, capsys):
+    from export.versions import history
+    from mailroute.repository import CONFIG_FILE, GATE_REPORT_FILE, HISTORY_FILE
+
+    run(capsys, "labels", "add", "--name", "pet_insurance", "--description", "insurance for pets", "--repo", str(repo))
+    run(capsys, "versions", "promote", "2", "--repo", str(repo))
+    log = repo / contract.CLASSIFIER / HISTORY_FILE
+    whole = history(repo)
+    with open(log, "a") as f:
+        f.write('{"at": "2026-11-28T14:00:00Z", "action": "prom')  # a crash while appending
+    assert history(repo) == whole  # the torn record is left out
+    assert "v1 serves" in run(capsys, "versions", "rollback", "--repo", str(repo))
+    log.write_text("{torn\n" + log.read_text())
+    assert f"{log}:1: not a promotion record" in fails(capsys, "versions", "rollback", "--repo", str(repo))
+    (repo / contract.CLASSIFIER / "2" / GATE_REPORT_FILE).write_text("{cut")
+    rows = json.loads(run(capsys, "versions", "list", "--json", "--repo", str(repo)))
+    assert f"unreadable {GATE_REPORT_FILE}" in rows[1]["error"] and "error" not in rows[0]
+    config = repo / contract.CLASSIFIER / CONFIG_FILE
+    config.write_text("version_policy { specific")
+    assert f"{config} is not a Triton model configuration" in fails(capsys, "versions", "list", "--repo", str(repo))

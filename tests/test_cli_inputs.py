@@ -92,3 +92,55 @@ def test_a_jsonl_line_with_a_lone_surrogate_is_refused_by_line(tmp_path):
     jl.write_text('{"text": "fine"}\n{"text": "broken \\ud800 here"}\n')
     with pytest.raises(InputError, match=r"in.jsonl:2: text is not encodable as UTF-8"):
         read_inputs([str(jl)])
+
+
+@pytest.mark.parametrize("item", ["invoice.txt", "report.EML", "out/missing.jsonl", "my folder/mail.eml"])
+def test_what_can_only_be_a_mistyped_path_is_refused(item):
+    with pytest.raises(InputError, match="file not found"):
+        read_inputs([item])
+
+
+def test_a_sentence_ending_in_a_file_name_is_an_email():
+    text = "Hi, I cannot open the attachment invoice.txt"
+    assert read_inputs([text])[0].text == text.encode()
+
+
+def test_a_pipe_an_upper_case_suffix_and_an_unreadable_file(tmp_path):
+    import os
+
+    eml = next((DEMO_DIR / "samples").glob("*.eml"))
+    upper = tmp_path / "MAIL.EML"
+    upper.write_bytes(eml.read_bytes())
+    [e] = read_inputs([str(upper)])
+    assert e.subject and not e.text.startswith(b"From:")  # parsed as an .eml, headers apart
+    r, w = os.pipe()  # what `mailroute classify <(cmd)` receives: /dev/fd/N
+    os.write(w, b"piped email text")
+    os.close(w)
+    try:
+        [e] = read_inputs([f"/dev/fd/{r}"])
+    finally:
+        os.close(r)
+    assert e.text == b"piped email text"
+
+
+def test_an_unreadable_file_is_named(tmp_path):
+    import os
+
+    locked = tmp_path / "locked.txt"
+    locked.write_text("secret")
+    locked.chmod(0)
+    # root reads a mode-0 file; a write-only /proc file refuses every reader
+    target = next((p for p in (str(locked), "/proc/sys/vm/compact_memory") if os.path.exists(p) and not _readable(p)), None)
+    if target is None:
+        pytest.skip("every candidate file is readable by this user (root without a write-only /proc file)")
+    with pytest.raises(InputError, match=f"{target}: cannot read it"):
+        read_inputs([target])
+
+
+def _readable(path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+        return True
+    except OSError:
+        return False

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -179,28 +180,95 @@ def test_new_version_is_loaded_through_the_repository_api(tiny_repo, tiny_run, t
             assert all((repo / m / "1").is_dir() for m in contract.MODELS)
 
 
-def test_serve_command_prints_endpoints_and_stops_on_sigterm(tiny_repo):
+def _serve(repo, *flags):
+    """`mailroute serve` on free ports as a user starts it, its stdout lines in a queue (read by a thread, so that a
+    silent serve fails a deadline instead of hanging)."""
     import queue
-    import signal
     import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "mailroute.cli", "serve", "--repo", str(repo), "--grpc-port", "0",
+                             "--http-port", "0", "--metrics-port", "0", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = queue.Queue()
+    threading.Thread(target=lambda: [out.put(line) for line in iter(proc.stdout.readline, "")] + [out.put("")], daemon=True).start()
+    return proc, out
+
+
+def _lines_until(out, prefix: str, seconds: float = 180) -> list:
+    import queue
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "mailroute.cli", "serve", "--repo", str(tiny_repo), "--grpc-port", "0",
-                             "--http-port", "0", "--metrics-port", "0", "--ready-port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    out = queue.Queue()  # lines read by a thread: a serve that goes silent fails the deadline instead of hanging
-    threading.Thread(target=lambda: [out.put(line) for line in iter(proc.stdout.readline, "")] + [out.put("")], daemon=True).start()
+    lines, deadline = [], time.time() + seconds
+    while time.time() < deadline:
+        try:
+            line = out.get(timeout=max(0.1, deadline - time.time()))
+        except queue.Empty:
+            break
+        lines.append(line)
+        if line.startswith(prefix) or not line:
+            break
+    assert lines and lines[-1].startswith(prefix), f"no line starting {prefix!r} in {seconds:g} s:\n{''.join(lines)}"
+    return lines
+
+
+def _processes_of(work, pattern: str = "") -> list:
+    """Processes whose command line names the launcher's temporary folder: tritonserver (its --backend-directory) and
+    its backend stubs (pattern: only those matching it before the folder, e.g. the server binary)."""
+    out = subprocess.run(["pgrep", "-f", f"{pattern}.*{work}" if pattern else str(work)], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def _work_dir(lines: list):
+    """The launcher's temporary folder, from the `starting tritonserver on REPO (log: WORK/triton.log) ...` line."""
+    import re
+    from pathlib import Path
+
+    line = next(l for l in lines if l.startswith("starting tritonserver"))
+    return Path(re.search(r"\(log: (.*)\) \.\.\.", line).group(1)).parent
+
+
+def test_a_serve_stopped_while_starting_leaves_no_server_and_an_unwatched_server_death_ends_it(tiny_repo):
+    """SIGTERM (docker stop, systemd) during the minutes a start may take stops tritonserver too, though it runs in its
+    own session; and without a watchdog (--ready-port -1) a tritonserver that dies ends the launcher with its reason,
+    instead of a launcher that waits on forever for a server that is gone."""
+    import signal
+    import time
+
+    proc, out = _serve(tiny_repo, "--ready-port", "-1")
     try:
-        lines, deadline = [], time.time() + 180
-        while time.time() < deadline:
-            try:
-                line = out.get(timeout=max(0.1, deadline - time.time()))
-            except queue.Empty:
-                break
-            lines.append(line)
-            if line.startswith("Ctrl-C") or not line:
-                break
-        assert any(l.startswith("Ctrl-C") for l in lines), f"serve did not get ready in 180 s:\n{''.join(lines)}"
+        work = _work_dir(_lines_until(out, "starting tritonserver", 30))
+        deadline = time.time() + 30
+        while not _processes_of(work) and time.time() < deadline:  # launched, not yet ready
+            time.sleep(0.05)
+        assert _processes_of(work), "tritonserver was never launched"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 130  # interrupted, as Ctrl-C
+        assert not _processes_of(work) and not work.exists()  # no orphaned server, no temporary folder left
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    proc, out = _serve(tiny_repo, "--ready-port", "-1")
+    try:
+        work = _work_dir(_lines_until(out, "Ctrl-C"))
+        [server_pid] = _processes_of(work, "bin/tritonserver ")
+        os.kill(server_pid, signal.SIGKILL)
+        assert proc.wait(60) == 1
+        rest = "".join(iter(lambda: out.get(timeout=10), ""))
+        assert "mailroute serve: tritonserver exited with -9 while serving (no watchdog: --ready-port -1)" in rest
+        assert not work.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_command_prints_endpoints_and_stops_on_sigterm(tiny_repo):
+    import signal
+
+    proc, out = _serve(tiny_repo, "--ready-port", "0")
+    try:
+        lines = _lines_until(out, "Ctrl-C")
         grpc_url = next(l.split()[-1] for l in lines if l.strip().startswith("gRPC"))
         with ClassifierClient(grpc_url) as c:
             assert c.ready() and c.classify_one(EMAILS[0]).ok

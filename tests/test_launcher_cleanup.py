@@ -15,6 +15,7 @@ def _stand_in(monkeypatch, code: str):
     """TritonServer launches `python -c code` instead of tritonserver (no backend copy, no stub venv)."""
     monkeypatch.setattr(TritonServer, "command", lambda self: [sys.executable, "-c", code])
     monkeypatch.setattr(TritonServer, "env", lambda self: dict(os.environ))
+    monkeypatch.setattr(TritonServer, "check_repository", lambda self: None)  # no model repository behind a stand-in
 
 
 def test_a_server_that_exits_at_start_leaves_no_temp_folder(monkeypatch, tmp_path):
@@ -49,6 +50,7 @@ def test_a_start_that_cannot_launch_the_binary_leaves_no_temp_folder(monkeypatch
     # Given a tritonserver path that does not exist
     monkeypatch.setattr(TritonServer, "command", lambda self: [str(tmp_path / "no-such-tritonserver")])
     monkeypatch.setattr(TritonServer, "env", lambda self: dict(os.environ))
+    monkeypatch.setattr(TritonServer, "check_repository", lambda self: None)
     server = TritonServer(tmp_path)
     with pytest.raises(FileNotFoundError):
         with server:
@@ -113,3 +115,17 @@ def test_serve_refuses_ports_it_cannot_listen_on_before_starting_anything(tmp_pa
     assert "--canary-interval must be a number of seconds > 0" in fails("--canary-interval", "0")
     assert "--ready-port must be a port, 0 for a free one or -1 for none, got -2" in fails("--ready-port", "-2")
     assert "--http-port and --ready-port are both 8765" in fails("--http-port", "8765", "--ready-port", "8765")
+
+
+def test_every_start_refuses_a_wrong_repository_before_launching(monkeypatch, tmp_path):
+    """Benchmarks and the demo start servers as context managers, not through `mailroute serve`: a wrong repository is
+    refused by name there too, and nothing is launched."""
+    from client.server import ServerStartError
+
+    launched = []
+    monkeypatch.setattr("client.server.subprocess.Popen", lambda *a, **k: launched.append(a))
+    server = TritonServer(tmp_path / "no-such-repository")
+    with pytest.raises(ServerStartError, match="no-such-repository does not exist"):
+        with server:
+            pass
+    assert not launched and not server.work.exists()

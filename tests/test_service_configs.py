@@ -289,6 +289,18 @@ def test_only_an_unavailable_encoder_is_a_retryable_server_fault():
     assert retryable and message == "classification failed, retry: bi_encoder v1: model is not ready"
     message, retryable = server_fault(KeyError("label_17"))  # a fault of the version itself: the same on a retry
     assert not retryable and message == "classification failed: KeyError: 'label_17'"
+    message, _ = server_fault(RuntimeError("index mismatch:\n  expected 77 labels\n  got 76"))
+    assert message == "classification failed: RuntimeError: index mismatch: expected 77 labels got 76"  # one line
+
+
+def test_the_client_retries_a_torn_frame_but_not_a_server_message_over_several_lines():
+    from tritonclient.utils import InferenceServerException
+
+    from client.classifier_client import retryable
+
+    assert retryable(InferenceServerException("", status="StatusCode.UNKNOWN"))  # cut off: no message
+    assert retryable(InferenceServerException("\x00\x17\x8a", status="StatusCode.INTERNAL"))  # a torn frame's bytes
+    assert not retryable(InferenceServerException("classification failed: RuntimeError: a\nb\tc", status="StatusCode.INTERNAL"))
 
 
 def test_encoder_inputs_are_fed_by_their_declared_names_in_order():
