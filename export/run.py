@@ -254,6 +254,8 @@ def _export(cfg: ExportConfig, run: Path, repo: Path, folder: RunFolder, work: P
         flat_v = _write_encoder(repo, contract.FLAT_ENCODER, flat_path, bi_tok, cfg, dim, plain,
                                 save_weights=flat_model[0].auto_model.save_pretrained)
         flat_head = flat_head.with_encoder(weights_id(repo / contract.FLAT_ENCODER / str(flat_v) / MODEL_FILE))
+    print(f"[2/3] encoder versions: {contract.BI_ENCODER} v{bi_v}, {contract.CROSS_ENCODER} v{cross_v}"
+          + (f", {contract.FLAT_ENCODER} v{flat_v}" if flat_v else "") + f"; label index rebuilt with the exported {contract.BI_ENCODER}")
 
     # 3. the classifier version that pins them
     with new_version(repo, contract.CLASSIFIER, cfg.version) as (cdir, cv):

@@ -1,6 +1,6 @@
 """The label index: FAISS inner-product indexes over L2-normalised embeddings of each label's
-description and of its exemplars (training emails, later corrected emails; k-means prototypes when
-a label has many), and the rule that turns them into one score per label:
+description and of its exemplars (training emails, later corrected emails; k-means medoids in their place
+beyond --max-exemplars-per-label, off by default), and the rule that turns them into one score per label:
 
     score(label) = description_weight x cos(email, description)
                    + (1 - description_weight) x mean of the exemplar_top_n best cos(email, exemplar)

@@ -227,11 +227,11 @@ class CardTokens:
         keys = np.asarray(keys, dtype=np.int64)
         if not len(keys):
             return Parts.of([]), np.zeros(0, np.int64)
-        distinct, label_of = np.unique(keys.reshape(len(keys), -1), axis=0, return_inverse=True)
+        distinct, card_of = np.unique(keys.reshape(len(keys), -1), axis=0, return_inverse=True)
         distinct = [tuple(k) for k in distinct.tolist()]
-        label_of = label_of.reshape(-1)
+        card_of = card_of.reshape(-1)
         if not self.by_pieces:
-            return Parts.of(self.tok.encode_batch(["".join(pieces_of(k)) for k in distinct], add_special_tokens=False)), label_of
+            return Parts.of(self.tok.encode_batch(["".join(pieces_of(k)) for k in distinct], add_special_tokens=False)), card_of
         new = [k for k in distinct if k not in self.cards]
         if len(self.cards) + len(new) > self.MAX_CARDS:
             self.cards.clear()
@@ -251,7 +251,7 @@ class CardTokens:
                 self.by_pieces = False
                 self.cards.clear()
                 return self(keys, pieces_of)
-        return parts, label_of
+        return parts, card_of
 
     def _tokenise(self, keys: list, pieces_of) -> None:
         """Remember these cards' tokens, tokenising only the pieces not seen before."""
@@ -448,9 +448,10 @@ class TwoStageClassifier:
                 errors.append(e)
         return texts, errors
 
-    def _embed(self, texts: list, parts: Parts = None) -> np.ndarray:
-        """(n, dim) embeddings. `parts`: the texts already tokenised without special tokens (score_candidates),
-        turned into the bi-encoder's input as its own post-processing lays it out instead of tokenising again."""
+    def embed(self, texts: list, parts: Parts = None) -> np.ndarray:
+        """(n, dim) bi-encoder embeddings (the flat classifier not run). `parts`: the texts already tokenised without
+        special tokens (as score_candidates tokenises once for both stages), turned into the bi-encoder's input as its
+        own post-processing lays it out instead of tokenising again."""
         return self.encode(texts, parts, with_flat=False)[0]
 
     def encode(self, texts: list, parts: Parts = None, with_flat: bool = None, stage_ms: dict = None) -> tuple:
@@ -534,7 +535,7 @@ class TwoStageClassifier:
         candidates = [np.asarray(c, dtype=np.int64).reshape(-1) for c in candidates]
         email_of = np.repeat(rows, [len(c) for c in candidates])  # (pairs,) row of each pair's email in parts
         if self.index.card_spec.nearest and candidates:
-            xq = self._embed(list(texts)) if xq is None else xq
+            xq = self.embed(list(texts)) if xq is None else xq
             # (pairs,) row of each pair's card in labels, the distinct cards tokenised piece by piece
             labels, label_of = self._card_tokens()(self.index.pair_card_keys(xq, candidates), self.index.card_pieces)
         else:

@@ -51,7 +51,8 @@ GATE_REPORT_FILE = "gate_report.json"  # email_classifier/<v>/: the promotion ga
 # weights are its pipeline's source_run
 TORCH_WEIGHTS_DIR = "pytorch"
 # the Hugging Face weights file that sentence-transformers saves in an encoder folder (a run's bi_encoder/ and
-# cross_encoder/, a version's pytorch/); the bi-encoder's encoder_id is its hash (mailroute.label_index.weights_id)
+# cross_encoder/, a version's pytorch/); a run's label index pins the bi-encoder by its hash (mailroute.label_index.weights_id),
+# while in the repository an encoder version's encoder_id and a version's index manifest hash its exported model.onnx
 WEIGHTS_FILE = "model.safetensors"
 
 

@@ -173,16 +173,17 @@ def conditional_logit(features: list, gold: np.ndarray) -> np.ndarray:
     return minimize(objective, np.ones(x.shape[-1]), jac=True, method="L-BFGS-B").x
 
 
-def fit_fusion(logits: np.ndarray, retrieval: np.ndarray, gold: np.ndarray, base: RerankPolicy = RerankPolicy(),
-               flat: np.ndarray = None) -> RerankPolicy:
+def fit_fusion(logits: np.ndarray, retrieval: np.ndarray, gold: np.ndarray, flat: np.ndarray = None) -> RerankPolicy:
     """Conditional-logit fit of score = a x logit + b x retrieval (+ c x log p_flat) by NLL of the gold candidate.
 
     Args:
         logits, retrieval: (n, k) per email and candidate, rows whose gold was retrieved only.
         gold: (n,) position of the gold candidate in each row.
         flat: (n, k) the flat classifier's log-probabilities of the candidates, or None (not fused).
-    Returns a policy with ce_weight 1, retrieval_weight b/a, flat_weight c/a, temperature 1/a (or, when the
-    cross-encoder carries no signal (a <= 0), ce_weight 0 and the other scores refitted without it).
+    Returns a policy with ce_weight 1, retrieval_weight b/a, flat_weight c/a, temperature 1/a; where the
+    cross-encoder carries no signal (a <= 1e-6), ce_weight 0 and the other scores refitted without it: retrieval_weight
+    1, flat_weight c/b, temperature 1/b, or, where retrieval carries none either (b <= 1e-6 < c), the flat classifier
+    alone (retrieval_weight 0, flat_weight 1, temperature 1/c). Gate and retrieval temperature stay the defaults'.
     """
     logits, retrieval = np.asarray(logits, np.float64), np.asarray(retrieval, np.float64)
     if logits.shape != retrieval.shape or logits.ndim != 2 or len(gold) != len(logits) or (flat is not None and np.shape(flat) != logits.shape):
@@ -193,11 +194,11 @@ def fit_fusion(logits: np.ndarray, retrieval: np.ndarray, gold: np.ndarray, base
     if a <= 1e-6:  # the cross-encoder carries no signal: the other scores alone
         b, *c = conditional_logit(others, gold)
         if c and b <= 1e-6 and c[0] > 1e-6:  # nor retrieval: the flat classifier alone
-            return replace(base, ce_weight=0.0, retrieval_weight=0.0, flat_weight=1.0, temperature=float(1.0 / c[0]))
+            return RerankPolicy(ce_weight=0.0, retrieval_weight=0.0, flat_weight=1.0, temperature=float(1.0 / c[0]))
         b = max(b, 1e-6)
-        return replace(base, ce_weight=0.0, retrieval_weight=1.0, flat_weight=float(c[0] / b) if c else 0.0, temperature=float(1.0 / b))
-    return replace(base, ce_weight=1.0, retrieval_weight=float(rest[0] / a), flat_weight=float(rest[1] / a) if flat is not None else 0.0,
-                   temperature=float(1.0 / a))
+        return RerankPolicy(ce_weight=0.0, retrieval_weight=1.0, flat_weight=float(c[0] / b) if c else 0.0, temperature=float(1.0 / b))
+    return RerankPolicy(ce_weight=1.0, retrieval_weight=float(rest[0] / a), flat_weight=float(rest[1] / a) if flat is not None else 0.0,
+                        temperature=float(1.0 / a))
 
 
 def fit_retrieval_temperature(retrieval: np.ndarray, gold: np.ndarray, base: RerankPolicy, flat: np.ndarray = None) -> RerankPolicy:

@@ -114,7 +114,7 @@ class TorchEncoder:
 
 
 class TorchEncoders:
-    """The pipeline's Encoders seam over TorchEncoders: bi, cross and (where the classifier has one) flat (what the
+    """The pipeline's Encoders seam over TorchEncoder instances: bi, cross and (where the classifier has one) flat (what the
     `torch` runtime serves). embed_batch and score_batch: the most rows the pipeline sends each in one call (their
     CUDA graphs' largest batch; the flat encoder takes the bi-encoder's)."""
 

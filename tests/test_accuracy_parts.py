@@ -170,7 +170,7 @@ def test_leave_one_out_mining_does_not_find_the_email_itself(demo, tiny_models):
 def test_gate_off_gives_the_same_labels_where_the_gate_does_not_fire(tiny_reference):
     # Given a policy whose gate fires for about half of the emails
     clf = tiny_reference
-    xq = clf._embed(EMAILS)
+    xq = clf.embed(EMAILS)
     D, _ = clf.index.search(xq, clf.top_k)
     margin = np.median(D[:, 0] - D[:, 1])
     clf.policy = clf.policy.with_gate(margin)

@@ -91,6 +91,9 @@ def test_correction_lists_hold_gold_and_the_wrong_choice(repo):
     docs = rows["docs"][0]
     assert len(docs) == 5 and sum(rows["labels"][0]) == 1  # gold + wrong + top-3, deduplicated
     assert docs[rows["labels"][0].index(1)] == index.label_texts[3] and index.label_texts[7] in docs
+    # each candidate's retrieval score rides along, in the trainer's column order, for a run trained with a retrieval weight
+    assert list(rows) == ["query", "docs", "retrieval", "labels"]
+    assert sorted(rows["retrieval"][0], reverse=True)[:3] == pytest.approx([0.9, 0.8, 0.7])
 
 
 def test_continued_training_moves_corrected_emails_to_their_label(repo, store, demo):

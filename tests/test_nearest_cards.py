@@ -94,7 +94,7 @@ def test_pipeline_pairs_carry_each_emails_nearest_cards(tiny_repo):
     clf._card_tokens().unchecked = 0  # the cards' tokens come from their pieces alone, unchecked
     clf._score(emails, cand)
     assert clf._card_tokens().by_pieces
-    cards = clf.index.pair_cards(clf._embed(emails), cand)
+    cards = clf.index.pair_cards(clf.embed(emails), cand)
     assert len(set(cards)) > 1 and all("Examples: " in c for c in cards)
     pairs = [(e, card) for e, card in zip(np.repeat(emails, [len(c) for c in cand]), cards)]
     assert len(seen) == -(-len(pairs) // 4)  # every chunk of 4 pairs was scored, and each is checked below
@@ -104,7 +104,7 @@ def test_pipeline_pairs_carry_each_emails_nearest_cards(tiny_repo):
     # the served path: same pairs from stage 1's own embeddings
     seen.clear()
     rows, _ = clf.score_candidates(emails, [3, 3, 3])
-    served = clf.index.pair_cards(clf._embed(emails), [r[0] for r in rows])
+    served = clf.index.pair_cards(clf.embed(emails), [r[0] for r in rows])
     flat = [(e, card) for e, card in zip(np.repeat(emails, 3), served)]
     assert len(seen) == 3
     for s, (ids, mask, types) in zip(range(0, len(flat), 4), seen):

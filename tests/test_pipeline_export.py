@@ -197,7 +197,7 @@ def test_each_email_tokenised_once_for_both_stages_gives_the_same_answers(tiny_r
             return self.inner.score(*a)
 
     clf.encoders = Recorder(clf.encoders)
-    clf._embed(emails, Parts.of(parts))
+    clf.embed(emails, Parts.of(parts))
     want = tensors(clf.bi_tok.encode_batch(emails))
     assert (seen[0][0] == want[0]).all() and (seen[0][1] == want[1]).all() and seen[0][0].shape[1] == 128
     shared = clf._tokenizers()[0]

@@ -48,7 +48,7 @@ def test_torch_flat_ip_equals_faiss():
 
 def test_label_scores_by_torch_equal_faiss(tiny_repo):
     clf = open_onnx_classifier(tiny_repo)
-    xq = clf._embed(EMAILS)
+    xq = clf.embed(EMAILS)
     a, b = clf.index.label_scores(xq), clf.index.on_device("cpu").label_scores(xq)
     assert np.abs(a - b).max() < 1e-5
 

@@ -212,7 +212,7 @@ def test_resume_trains_only_the_cross_encoder_and_keeps_its_best_epoch(tiny_run,
     run.metrics.write_text(json.dumps({  # what `mailroute train` writes before the evaluation's own keys
         "dataset": "demo", "labels": 50, "n_train": 450, "n_validation": 50, "n_test": 200, "device": "cpu",
         "cross_encoder_validation_by_epoch": [], "train_time": {}, "anisotropy": {"before": 0.5, "after": 0.3},
-        "mining": {"how": "leave-one-out", "gold_retrieved_train": 1.0, "gold_in_rows": 1.0, "rows": 450}}))
+        "mining": {"how": "leave-one-out", "gold_retrieved_train": 1.0, "rows": 450}}))
     run.predictions.write_text("")
     metrics = resume(run.root, more.root, ce_epochs=1, ce_lr=1e-3, device="cpu")
     history, best = metrics["resume"]["validation_listwise_accuracy_by_epoch"], metrics["resume"]["best_epoch"]
@@ -245,7 +245,7 @@ def test_baseline_retrains_only_the_flat_softmax_and_keeps_the_old_numbers(tiny_
     out.metrics.write_text(json.dumps({  # what `mailroute train` writes before the evaluation's own keys
         "dataset": "demo", "labels": 50, "n_train": 450, "n_validation": 50, "n_test": 200, "device": "cpu",
         "cross_encoder_validation_by_epoch": [], "train_time": {}, "anisotropy": {"before": 0.5, "after": 0.3},
-        "mining": {"how": "leave-one-out", "gold_retrieved_train": 1.0, "gold_in_rows": 1.0, "rows": 450}}))
+        "mining": {"how": "leave-one-out", "gold_retrieved_train": 1.0, "rows": 450}}))
     evaluated = refit(run, device="cpu")
     # When the baseline is trained again with 2 epochs
     metrics = retrain_baseline(run, flat_epochs=2, device="cpu")

@@ -156,12 +156,12 @@ class Policies:
     two_stage_gated: RerankPolicy = None  # two_stage with its own gate: what a version answers once it drops the flat classifier
 
 
-def fit_policy(sc: Scored, target: GateTarget = GateTarget(), use_flat: bool = True) -> Policies:
+def fit_policy(sc: Scored, target: GateTarget = GateTarget()) -> Policies:
     """On validation: fusion weights and temperature (NLL), the stage-1-only softmax (where the gate skips
-    stage 2), then the gate. use_flat: fuse the flat classifier's log-probabilities where `sc` has them."""
+    stage 2), then the gate; the flat classifier's log-probabilities are fused where `sc` has them."""
     ok = sc.gold_pos >= 0
     pos = sc.gold_pos[ok]
-    flat = sc.flat if use_flat else None
+    flat = sc.flat
     flat_ok = None if flat is None else flat[ok]
     fused = fit_retrieval_temperature(sc.D[ok], pos, fit_fusion(sc.logits[ok], sc.D[ok], pos, flat=flat_ok), flat=flat_ok)
     two_stage = fused if flat is None else fit_retrieval_temperature(sc.D[ok], pos, fit_fusion(sc.logits[ok], sc.D[ok], pos))

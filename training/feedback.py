@@ -65,7 +65,7 @@ def cross_encoder_weights(repo, cross_version: int) -> Path:
 
 
 def run_splits(run: Path):
-    """(train, validation) of a run, exactly as `mailroute train` split them."""
+    """(train, validation, its TrainConfig) of a run, the emails exactly as `mailroute train` split them."""
     from training.config import TrainConfig
     from training.data import splits_of
 
@@ -114,11 +114,12 @@ def gate(repo, serving: int, candidate: int, evaluation: list, held: list, max_e
 
 def correction_lists(index, scores: np.ndarray, corrections: list, k: int, seed: int, x: np.ndarray = None,
                      exclude: np.ndarray = None) -> dict:
-    """Listwise rows for corrections: gold + the wrongly chosen label + the retrieval top-K, deduplicated, shuffled.
+    """Listwise rows for corrections: gold + the wrongly chosen label + the retrieval top-K, deduplicated, shuffled,
+    with each candidate's retrieval score (what the loss fuses where the run trained with a retrieval weight).
     The label side as serving reads it (`LabelIndex.pair_cards`; x: the corrections' embeddings, needed where the
     cards show each email's nearest exemplars; exclude: each one's own exemplar row, -1 none)."""
     tax, rng = index.taxonomy, random.Random(seed)
-    rows = {"query": [], "docs": [], "labels": []}
+    rows = {"query": [], "docs": [], "retrieval": [], "labels": []}  # the trainer's column order (mining.listwise_rows)
     for n, (c, s) in enumerate(zip(corrections, scores)):
         gold = tax.index(c.label)
         wrong = [tax.index(c.wrong_label)] if c.wrong_label in tax and c.wrong_label != c.label else []
@@ -127,6 +128,7 @@ def correction_lists(index, scores: np.ndarray, corrections: list, k: int, seed:
         rng.shuffle(cand)
         rows["query"].append(c.text)
         rows["docs"].append(index.pair_cards(None if x is None else x[n:n + 1], [cand], None if exclude is None else exclude[n:n + 1]))
+        rows["retrieval"].append([float(s[i]) for i in cand])
         rows["labels"].append([int(i == gold) for i in cand])
     return rows
 
@@ -134,7 +136,7 @@ def correction_lists(index, scores: np.ndarray, corrections: list, k: int, seed:
 def continue_cross_encoder(repo, base: int, corrections: list, cfg: FeedbackConfig) -> tuple:
     """Continued listwise training from the base version's cross-encoder -> (model, training report)."""
     from training.cross_encoder import train_cross_encoder
-    from training.mining import exemplar_rows, listwise_rows
+    from training.mining import exemplar_rows, listwise_rows, mine_candidates
     from training.models import load_cross_encoder, resolve_device
 
     t = time.perf_counter()
@@ -143,7 +145,7 @@ def continue_cross_encoder(repo, base: int, corrections: list, cfg: FeedbackConf
     clf = open_onnx_classifier(repo, base)
     index, k = clf.index, spec.top_k
     examples = [Example(c.text, c.label) for c in corrections]
-    x = clf._embed([e.text for e in examples])
+    x = clf.embed([e.text for e in examples])
     own = exemplar_rows(index, examples)
     scores = index.label_scores(x, exclude=own)  # an exemplar correction does not find itself
     rows = correction_lists(index, scores, corrections, k, cfg.seed, x, own)
@@ -152,12 +154,11 @@ def continue_cross_encoder(repo, base: int, corrections: list, cfg: FeedbackConf
     train = [e for e in train if e.label in index.taxonomy]
     n_replay = min(len(train), int(round(cfg.replay_ratio * len(examples))))
     replay = random.Random(cfg.seed).sample(train, n_replay)
-    if replay:
-        xr = clf._embed([e.text for e in replay])
+    if replay:  # mined as `mailroute train` mined them: leave-one-out, the run's k_train, with retrieval scores
+        xr = clf.embed([e.text for e in replay])
         own = exemplar_rows(index, replay)
-        sr = index.label_scores(xr, exclude=own)
-        cand = np.argsort(-sr, axis=1, kind="stable")[:, :k]
-        rr = listwise_rows(replay, cand, index, cfg.seed, x=xr, exclude=own)
+        cand, sr = mine_candidates(None, None, index, run_cfg.k_train, exclude=own, x=xr)
+        rr = listwise_rows(replay, cand, index, cfg.seed, scores=sr, x=xr, exclude=own)
         for key in rows:
             rows[key] += rr[key]
     model = load_cross_encoder(cross_encoder_weights(repo, spec.cross_encoder_version), device=device)
@@ -168,7 +169,7 @@ def continue_cross_encoder(repo, base: int, corrections: list, cfg: FeedbackConf
                    "epochs": cfg.epochs, "lr": cfg.lr, "device": device, "seconds": round(time.perf_counter() - t, 1)}
 
 
-def refit_policy(repo, base: int, index, cross_version: int, evaluation: list, gate: GateTarget) -> tuple:
+def refit_policy(repo, base: int, index, cross_version: int, evaluation: list, target: GateTarget) -> tuple:
     """The rerank policy (fusion, temperatures, gate) fitted on the evaluation split for a candidate's own
     scores, as `mailroute train` fits it: a cross-encoder that learnt may now be worth running where the
     serving version's gate skipped it. -> (the policy's JSON form, the two stages' own fit where it fuses the flat
@@ -186,7 +187,7 @@ def refit_policy(repo, base: int, index, cross_version: int, evaluation: list, g
                              load_tokenizer(bi_dir / TOKENIZER_FILE, DEFAULTS.max_email_tokens),
                              load_tokenizer(cross_dir / TOKENIZER_FILE, DEFAULTS.max_pair_tokens), top_k=k,
                              flat_head=load_flat_head(repo, base_dir))
-    policies = fit_policy(collect(clf, evaluation, k), gate)
+    policies = fit_policy(collect(clf, evaluation, k), target)
     return policies.gated.to_dict(), None if policies.two_stage_gated is None else policies.two_stage_gated.to_dict()
 
 

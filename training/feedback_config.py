@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from mailroute.settings import DEFAULT_REPOSITORY, DEFAULTS, BadSetting
-from training.config import DEFAULT_DEVICE
+from training.config import DEFAULT_DEVICE, TrainConfig
 
 
 @dataclass
@@ -15,7 +15,7 @@ class FeedbackConfig:
     replay_ratio: float = 2.0  # original training emails replayed per correction (against forgetting)
     replay_run: str = ""  # run folder whose training emails are replayed (default: the source run of the version chain)
     epochs: float = 2.0  # continued listwise epochs over corrections + replay
-    lr: float = 5e-5  # continued-training learning rate (half of training's: the head is not new)
+    lr: float = TrainConfig.ce_lr / 2  # continued-training learning rate (half of training's: the head is not new)
     batch_size: int = 8  # emails per batch (x their candidates)
     keep_policy: bool = False  # keep the base version's rerank policy instead of fitting it again on the evaluation split
     holdout_fraction: float = 0.2  # share of corrections (by email hash) kept out to measure the gate on

@@ -1,7 +1,8 @@
 """The in-process reference classifier: the pipeline class over the PyTorch encoders of a run.
 
 Evaluation uses it, and the Triton pipeline must agree with it (same labels, probabilities within
-1e-4). Pooling and normalisation here are written out the same way the ONNX graph computes them.
+1e-4). Pooling and normalisation are one function (mailroute.torch_encoders.mean_pool_normalise) that the ONNX
+export traces too.
 """
 
 from pathlib import Path

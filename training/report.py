@@ -25,7 +25,10 @@ def _row(name, m):
     return f"| {name} | {m['accuracy']:.2%} | {m['macro_f1']:.4f} | {_pct(m.get('recall@10'))} | {_pct(m.get('ece'))} |"
 
 
-def closest_pairs(index, n: int = 10) -> list:
+CLOSE_PAIRS = 10  # label pairs the report follows (by description cosine)
+
+
+def closest_pairs(index, n: int = CLOSE_PAIRS) -> list:
     """The n label pairs whose descriptions are closest (cosine of the description embeddings)."""
     xb = index.index.reconstruct_n(0, index.index.ntotal)  # (labels, dim), normalised
     sim = xb @ xb.T
@@ -110,7 +113,7 @@ def write_report(m: dict, run, index, gold, pred, conf, flat_pred=None, flat_con
               latency_line(m), "",
               "Training time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in m["train_time"].items()), ""]
     # closest label pairs: errors between them, flat vs two-stage
-    lines += ["## The 10 closest label pairs (description cosine): errors between them on test", "",
+    lines += [f"## The {CLOSE_PAIRS} closest label pairs (description cosine): errors between them on test", "",
               "| label a | label b | cosine | two-stage errors | flat errors |", "| --- | --- | --- | --- | --- |"]
     pairs = []
     for a, b, c in closest_pairs(index):

@@ -1,5 +1,7 @@
 """`mailroute train`: both stages and the flat baseline on one dataset, evaluated, saved with config,
-the fitted rerank policy and metrics. The folder layout is mailroute.run_layout."""
+the fitted rerank policy and metrics; and what works on a trained run folder: `refit` (the policy again),
+`resume` (more cross-encoder epochs) and `baseline` (the flat baseline again, retrain_baseline). The folder
+layout is mailroute.run_layout."""
 
 import json
 import platform
@@ -173,7 +175,6 @@ def run(cfg: TrainConfig) -> dict:
         cand, scores = mine_candidates(model, [e.text for e in train], index, cfg.k_train, exclude=own, x=x_train)
         how = "leave-one-out"
     rows = _training_rows(cfg, index, train, x_train, cand, scores, card_texts, own)
-    gold_mined = float(np.mean([1 in r for r in rows["labels"]]))
     gold_retrieved = float(np.mean([tax.index(e.label) in c for e, c in zip(train, cand)]))
     print(f"[5/9] mined top-{cfg.k_train} {how}: gold retrieved for {gold_retrieved:.1%} of train (inserted where missed); "
           f"{len(rows['query'])} listwise rows" + (f" (the {cfg.ce_train_share:.0%} least sure)" if cfg.ce_train_share < 1 else ""))
@@ -222,7 +223,7 @@ def run(cfg: TrainConfig) -> dict:
     metrics = {"dataset": tax.name, "labels": len(tax), "n_train": len(train), "n_validation": len(val), "n_test": len(test),
                "device": device, "training_autocast": autocast_name, "cross_encoder_start": cfg.ce_init,
                "label_scoring_validation": scoring_table, "cross_encoder_validation_by_epoch": ce_history,
-               "mining": {"how": how, "k_train": cfg.k_train, "gold_retrieved_train": gold_retrieved, "gold_in_rows": gold_mined, "rows": len(rows["query"])},
+               "mining": {"how": how, "k_train": cfg.k_train, "gold_retrieved_train": gold_retrieved, "rows": len(rows["query"])},
                "anisotropy": {"before": aniso_before, "after": aniso_after}}
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, flat=flat_parts, top_k=min(cfg.k_eval, len(tax)))
     ev = evaluate_and_fit(clf, val, test, cfg.gate_target())
