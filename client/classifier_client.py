@@ -144,7 +144,7 @@ class _Base:
         self.timeout, self.retries, self.backoff, self.max_batch = timeout, retries, backoff, max_batch
         self.headers, self.max_in_flight, self.store = headers, max_in_flight, store
         for name, value, ok in (("max_in_flight", max_in_flight, max_in_flight >= 1), ("max_batch", max_batch, max_batch >= 1),
-                                ("retries", retries, retries >= 0), ("timeout", timeout, timeout > 0), ("backoff", backoff, backoff >= 0)):
+                                ("retries", retries, retries >= 0), ("timeout", timeout, timeout is None or timeout > 0), ("backoff", backoff, backoff >= 0)):
             if not ok:
                 raise ValueError(f"{name} must be {'>= 0' if name in ('retries', 'backoff') else '> 0'}, got {value}")
         self._conn = {"keepalive_options": keepalive or default_keepalive(), "ssl": ssl, "root_certificates": root_certificates,

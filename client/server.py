@@ -86,8 +86,23 @@ def sigterm_as_interrupt():
     old = signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield
+    finally:  # None: the old handler was not installed from Python
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait while a server is being stopped: a second signal must not cut the stop short and leave
+    tritonserver (its own session: the terminal's Ctrl-C never reaches it) on its ports. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)
 
 
 class ServerNotReady(ServerStartError, TimeoutError):
@@ -379,15 +394,17 @@ class TritonServer:
             return self.start()
         except BaseException:  # __exit__ never runs when __enter__ raises: stop what started and remove the temp folder
             try:
-                self.stop()
+                with signals_held():
+                    self.stop()
+                    self.cleanup()
             finally:
-                self.cleanup()
                 self._signals.close()
             raise
 
     def __exit__(self, *exc):
         try:
-            self.stop()
-            self.cleanup()
+            with signals_held():
+                self.stop()
+                self.cleanup()
         finally:
             self._signals.close()

@@ -111,19 +111,24 @@ def history(repo) -> list:
     """The promotion log, oldest first. A last line cut off (a crash while appending) is left out: that change was
     never recorded whole; a bad line before it is a BrokenFile."""
     path = Path(repo) / contract.CLASSIFIER / HISTORY_FILE
-    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()] if path.exists() else []
     out = []
-    for n, line in enumerate(lines, 1):
+    for i, (n, line) in enumerate(lines):
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as e:
-            if n < len(lines):
+            if i < len(lines) - 1:
                 raise BrokenFile(f"{path}:{n}: not a promotion record ({e})") from None
     return out
 
 
 def _log(repo, entry: dict) -> None:
-    with open(Path(repo) / contract.CLASSIFIER / HISTORY_FILE, "a") as f:
+    path = Path(repo) / contract.CLASSIFIER / HISTORY_FILE
+    raw = path.read_bytes() if path.exists() else b""
+    if raw and not raw.endswith(b"\n"):  # a torn last record (history() leaves it out): cut it, or this one would join it
+        with open(path, "r+b") as f:
+            f.truncate(raw.rfind(b"\n") + 1)
+    with open(path, "a") as f:
         f.write(json.dumps(entry) + "\n")
 
 

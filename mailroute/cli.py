@@ -110,7 +110,7 @@ def cmd_serve(args):
 
 
 def _serve(args):
-    from client.server import TritonServer
+    from client.server import TritonServer, signals_held
 
     if args.ready_port < -1:
         raise BadSetting(f"--ready-port must be a port, 0 for a free one or -1 for none, got {args.ready_port}")
@@ -136,14 +136,15 @@ def _serve(args):
                  f"dead backends are reloaded)" if readiness else "") + "\nCtrl-C or SIGTERM stops it.", flush=True)
         _serve_until_stopped(server, watched=watchdog is not None)
     finally:
-        if server.proc is not None:
-            print("stopping tritonserver ...", flush=True)
-        if readiness:
-            readiness.stop()
-        if watchdog:
-            watchdog.stop()
-        server.stop()
-        server.cleanup()
+        with signals_held():  # a second Ctrl-C / SIGTERM must not cut the stop short
+            if server.proc is not None:
+                print("stopping tritonserver ...", flush=True)
+            if readiness:
+                readiness.stop()
+            if watchdog:
+                watchdog.stop()
+            server.stop()
+            server.cleanup()
 
 
 def print_table(rows: list, file=None):
@@ -159,6 +160,8 @@ def print_table(rows: list, file=None):
 
 
 def _check_grpc_url(url: str) -> None:
+    if url.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):  # gRPC's own target schemes: its resolver checks them
+        return
     host, _, port = url.rpartition(":")
     if "://" in url or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise BadSetting(f"--url must be a running server's gRPC host:port, like {DEFAULT_GRPC_URL}, got {url!r}")

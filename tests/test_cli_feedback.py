@@ -138,6 +138,8 @@ def test_versions_name_a_broken_file_and_skip_a_torn_last_promotion(repo, capsys
         f.write('{"at": "2026-11-28T14:00:00Z", "action": "prom')  # a crash while appending
     assert history(repo) == whole  # the torn record is left out
     assert "v1 serves" in run(capsys, "versions", "rollback", "--repo", str(repo))
+    after = history(repo)  # the next record starts a line of its own: not glued to the torn one, not lost
+    assert after[:-1] == whole and after[-1]["action"] == "rollback" and after[-1]["version"] == 1
     log.write_text("{torn\n" + log.read_text())
     assert f"{log}:1: not a promotion record" in fails(capsys, "versions", "rollback", "--repo", str(repo))
     (repo / contract.CLASSIFIER / "2" / GATE_REPORT_FILE).write_text("{cut")

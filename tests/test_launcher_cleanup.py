@@ -129,3 +129,27 @@ def test_every_start_refuses_a_wrong_repository_before_launching(monkeypatch, tm
         with server:
             pass
     assert not launched and not server.work.exists()
+
+
+def test_sigterm_interrupts_a_start_but_not_the_stop_that_follows():
+    """SIGTERM raises KeyboardInterrupt (so the `finally` stopping tritonserver runs), and while the stop runs a second
+    Ctrl-C or SIGTERM is held off, so it cannot leave the server running; each handler is put back afterwards."""
+    import signal
+    import time
+
+    from client.server import sigterm_as_interrupt, signals_held
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    stopped = False
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_as_interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)  # the handler runs at the next bytecode: it raises before this returns
+                pytest.fail("SIGTERM did not interrupt")
+            finally:
+                with signals_held():
+                    os.kill(os.getpid(), signal.SIGTERM)  # a second one, mid-stop
+                    os.kill(os.getpid(), signal.SIGINT)
+                    stopped = True
+    assert stopped and (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
