@@ -393,16 +393,11 @@ class TritonServer:
         try:
             return self.start()
         except BaseException:  # __exit__ never runs when __enter__ raises: stop what started and remove the temp folder
-            try:
-                with signals_held():
-                    self.stop()
-                    self.cleanup()
-            finally:
-                self._signals.close()
+            self.__exit__()
             raise
 
     def __exit__(self, *exc):
-        try:
+        try:  # stopping is not cut short by a second signal; then SIGTERM's handler is put back
             with signals_held():
                 self.stop()
                 self.cleanup()
