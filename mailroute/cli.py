@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from mailroute.contract import CLASSIFIER
-from mailroute.settings import (CANARY_INTERVAL_S, shown, DEFAULT_GRPC_URL, BadSetting, DEFAULT_REPOSITORY, DEFAULT_RUN, DEFAULTS, GRPC_PORT, HTTP_PORT,
-                                METRICS_PORT, PRUNE_KEEP, READY_PORT, REQUEST_TIMEOUT_S, SERVER_START_TIMEOUT_S)
+from mailroute.settings import (CANARY_INTERVAL_S, DEFAULT_GRPC_URL, BadSetting, DEFAULT_REPOSITORY, DEFAULT_RUN, DEFAULTS, GRPC_PORT, HTTP_PORT,
+                                METRICS_PORT, PRUNE_KEEP, READY_PORT, REQUEST_TIMEOUT_S, SERVER_START_TIMEOUT_S, shown)
 
 
 def _field_comments(cls) -> dict:
