@@ -40,6 +40,28 @@ def test_retrieval_score_is_fused_into_the_logits(tiny_models):
     assert loss.item() == pytest.approx(manual, abs=1e-5)
 
 
+def test_early_stopping_judges_the_fused_score_a_retrieval_weighted_cross_encoder_is_trained_on(tiny_models):
+    # Given validation rows with retrieval scores, and for each the candidate the cross-encoder alone ranks first
+    from training.cross_encoder import listwise_accuracy
+
+    _, cross = tiny_models
+    queries = ["I was charged twice", "my parcel is late", "reset my password"]
+    docs = [["refund", "dispute", "double charge"], ["tracking", "delayed", "damaged"], ["login", "password", "locked"]]
+    logits = [cross.predict([(q, d) for d in ds], convert_to_numpy=True) for q, ds in zip(queries, docs)]
+    alone = [int(np.argmax(l)) for l in logits]
+    gold = [(a + 1) % 3 for a in alone]  # the cross-encoder alone gets every row wrong
+    retrieval = [[1.0 if j == g else 0.0 for j in range(3)] for g in gold]  # retrieval is sure of the gold
+    rows = {"query": queries, "docs": docs, "retrieval": retrieval, "labels": [[int(j == g) for j in range(3)] for g in gold]}
+    # When accuracy is measured alone, and with the training policy (retrieval weight far above the logits' spread)
+    spread = max(float(np.ptp(l)) for l in logits)
+    fused = RerankPolicy(retrieval_weight=10 * spread + 1)
+    # Then alone it is 0, fused it is 1: early stopping ranks what the loss trained, not the logit alone
+    assert listwise_accuracy(cross, rows) == 0.0
+    assert listwise_accuracy(cross, rows, fused) == 1.0
+    # and a policy without retrieval scores in the rows falls back to the logits
+    assert listwise_accuracy(cross, {k: v for k, v in rows.items() if k != "retrieval"}, fused) == 0.0
+
+
 def test_listwise_ce_masks_padded_candidates():
     logits = torch.tensor([[2.0, 1.0, 5.0], [0.5, 0.1, 0.0]])
     mask = torch.tensor([[True, True, False], [True, True, True]])

@@ -4,7 +4,7 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from mailroute.rerank_policy import GateTarget
+from mailroute.rerank_policy import GateTarget, RerankPolicy
 from mailroute.settings import DEFAULT_RUN, DEFAULTS, BadSetting
 from mailroute.taxonomy import CardSpec
 
@@ -130,3 +130,8 @@ class TrainConfig:
 
     def gate_target(self) -> GateTarget:
         return GateTarget(self.gate_tolerance, self.rerank_budget)
+
+    def training_policy(self) -> RerankPolicy:
+        """The formula the listwise loss trains (and early stopping judges): the logit, plus the retrieval score
+        times --train-retrieval-weight."""
+        return RerankPolicy(retrieval_weight=self.train_retrieval_weight)

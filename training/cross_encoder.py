@@ -30,28 +30,37 @@ def train_cross_encoder(model, rows: dict, epochs: float, batch_size: int, lr: f
     return model
 
 
-def listwise_accuracy(model, rows: dict, batch_size: int = DEFAULTS.score_batch) -> float:
-    """Share of rows whose gold candidate gets the highest cross-encoder logit (the reranker alone)."""
+def listwise_accuracy(model, rows: dict, policy: RerankPolicy = None, batch_size: int = DEFAULTS.score_batch) -> float:
+    """Share of rows whose gold candidate gets the highest score: the cross-encoder logit alone, or, given a policy and
+    rows with "retrieval" scores, the policy's fusion of both: what a cross-encoder trained with a retrieval weight
+    (ListwiseSoftmaxCrossEntropyLoss with that policy) is trained to rank."""
     pairs = [(q, d) for q, docs in zip(rows["query"], rows["docs"]) for d in docs]
     scores = np.asarray(model.predict(pairs, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)).reshape(-1)
+    retrieval = rows.get("retrieval") if policy is not None else None
     hits, start = [], 0
-    for docs, labels in zip(rows["docs"], rows["labels"]):
-        hits.append(int(np.argmax(scores[start:start + len(docs)])) == labels.index(1))
+    for i, (docs, labels) in enumerate(zip(rows["docs"], rows["labels"])):
+        row = scores[start:start + len(docs)]
+        if retrieval is not None:
+            row = policy.fused(row, np.asarray(retrieval[i], np.float64))
+        hits.append(int(np.argmax(row)) == labels.index(1))
         start += len(docs)
     return float(np.mean(hits))
 
 
 class KeepBestEpoch(TrainerCallback):
-    """Early stopping by epochs: after every epoch, the cross-encoder's listwise accuracy on validation
-    rows (mined like training rows); `restore()` puts back the weights of the best epoch."""
+    """Early stopping by epochs: after every epoch, the listwise accuracy on validation rows (mined like training
+    rows) of what training ranks: the cross-encoder alone, or with `policy` its fusion with the rows' retrieval
+    scores (a cross-encoder trained as a correction to retrieval is judged as one); `restore()` puts back the
+    weights of the best epoch."""
 
-    def __init__(self, model, validation_rows: dict, first_epoch: int = 1):
+    def __init__(self, model, validation_rows: dict, first_epoch: int = 1, policy: RerankPolicy = None):
         self.model, self.rows, self.first_epoch = model, validation_rows, first_epoch  # resume counts its starting weights as 0
+        self.policy = policy
         self.history, self.best = [], None
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.model.model.eval()
-        acc = listwise_accuracy(self.model, self.rows)
+        acc = listwise_accuracy(self.model, self.rows, self.policy)
         self.model.model.train()
         self.history.append(acc)
         if acc >= max(self.history):

@@ -33,7 +33,7 @@ from mailroute.feedback_store import FeedbackError, FeedbackStore
 from mailroute.normalise import InvalidEmail, normalise
 from mailroute.repository import (GATE_REPORT_FILE, TORCH_WEIGHTS_DIR, load_label_index, open_onnx_classifier, read_pipeline, source_run,
                                   utc_stamp, version_dir)
-from mailroute.rerank_policy import GateTarget, RerankPolicy
+from mailroute.rerank_policy import GateTarget
 from mailroute.run_layout import RunFolder
 from mailroute.settings import DEFAULTS
 from mailroute.taxonomy import DataError
@@ -162,7 +162,7 @@ def continue_cross_encoder(repo, base: int, corrections: list, cfg: FeedbackConf
         for key in rows:
             rows[key] += rr[key]
     model = load_cross_encoder(cross_encoder_weights(repo, spec.cross_encoder_version), device=device)
-    policy = RerankPolicy(retrieval_weight=run_cfg.train_retrieval_weight)
+    policy = run_cfg.training_policy()
     if rows["query"]:
         train_cross_encoder(model, rows, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed, policy, device)
     return model, {"lists": len(rows["query"]), "corrections": len(examples), "replay": len(replay), "replay_run": str(run),

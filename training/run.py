@@ -198,9 +198,9 @@ def run(cfg: TrainConfig) -> dict:
     keep_best = None
     if cfg.ce_epochs > 1:  # epochs by early stopping: validation rows mined like training rows, checked after every epoch
         cand_val, scores_val = mine_candidates(model, [e.text for e in val], index, cfg.k_train, x=x_val)
-        keep_best = KeepBestEpoch(cross, _validation_rows(cfg, index, val, x_val, cand_val, scores_val))
+        keep_best = KeepBestEpoch(cross, _validation_rows(cfg, index, val, x_val, cand_val, scores_val), policy=cfg.training_policy())
     train_cross_encoder(cross, rows, cfg.ce_epochs, cfg.ce_batch_size, cfg.ce_lr, cfg.seed,
-                        RerankPolicy(retrieval_weight=cfg.train_retrieval_weight), device, callbacks=[keep_best] if keep_best else None,
+                        cfg.training_policy(), device, callbacks=[keep_best] if keep_best else None,
                         precision=cfg.precision)
     ce_history = keep_best.restore() if keep_best else []
     cross.save(str(out.cross_encoder))
@@ -390,11 +390,12 @@ def resume(run_dir, out_dir, ce_epochs: float = RESUME_CE_EPOCHS, ce_lr: float =
     x_val = bi.embed(model, [e.text for e in val])
     cand_val, scores_val = mine_candidates(model, None, index, cfg.k_train, x=x_val)
     cross = load_cross_encoder(src.cross_encoder, device=device)
-    keep_best = KeepBestEpoch(cross, _validation_rows(cfg, index, val, x_val, cand_val, scores_val), first_epoch=0)
+    keep_best = KeepBestEpoch(cross, _validation_rows(cfg, index, val, x_val, cand_val, scores_val), first_epoch=0,
+                              policy=cfg.training_policy())
     keep_best.on_epoch_end(None, None, None)  # epoch 0: the starting weights compete too
     lr = ce_lr or cfg.ce_lr
     print(f"resume: cross-encoder +{ce_epochs} epoch(s) at lr {lr} from {src.cross_encoder}")
-    train_cross_encoder(cross, rows, ce_epochs, cfg.ce_batch_size, lr, cfg.seed, RerankPolicy(retrieval_weight=cfg.train_retrieval_weight),
+    train_cross_encoder(cross, rows, ce_epochs, cfg.ce_batch_size, lr, cfg.seed, cfg.training_policy(),
                         device, callbacks=[keep_best], precision=cfg.precision)
     history = keep_best.restore()
     ce_s = time.perf_counter() - t
