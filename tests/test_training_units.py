@@ -40,26 +40,32 @@ def test_retrieval_score_is_fused_into_the_logits(tiny_models):
     assert loss.item() == pytest.approx(manual, abs=1e-5)
 
 
-def test_early_stopping_judges_the_fused_score_a_retrieval_weighted_cross_encoder_is_trained_on(tiny_models):
+def test_early_stopping_judges_the_fused_score_a_retrieval_weighted_cross_encoder_is_trained_on(tiny_models, tmp_path):
     # Given validation rows with retrieval scores, and for each the candidate the cross-encoder alone ranks first
-    from training.cross_encoder import listwise_accuracy
+    from training.config import TrainConfig
+    from training.cross_encoder import KeepBestEpoch, listwise_accuracy
 
     _, cross = tiny_models
     queries = ["I was charged twice", "my parcel is late", "reset my password"]
     docs = [["refund", "dispute", "double charge"], ["tracking", "delayed", "damaged"], ["login", "password", "locked"]]
-    logits = [cross.predict([(q, d) for d in ds], convert_to_numpy=True) for q, ds in zip(queries, docs)]
-    alone = [int(np.argmax(l)) for l in logits]
-    gold = [(a + 1) % 3 for a in alone]  # the cross-encoder alone gets every row wrong
+    logits = np.asarray(cross.predict([(q, d) for q, ds in zip(queries, docs) for d in ds], convert_to_numpy=True)).reshape(3, 3)
+    alone = logits.argmax(1)
+    gold = [(int(a) + 1) % 3 for a in alone]  # the cross-encoder alone gets every row wrong
     retrieval = [[1.0 if j == g else 0.0 for j in range(3)] for g in gold]  # retrieval is sure of the gold
     rows = {"query": queries, "docs": docs, "retrieval": retrieval, "labels": [[int(j == g) for j in range(3)] for g in gold]}
-    # When accuracy is measured alone, and with the training policy (retrieval weight far above the logits' spread)
-    spread = max(float(np.ptp(l)) for l in logits)
-    fused = RerankPolicy(retrieval_weight=10 * spread + 1)
+    # When accuracy is measured alone, and with a training policy whose retrieval weight is far above the logits' spread
+    cfg = TrainConfig(out=str(tmp_path), train_retrieval_weight=10 * float(np.ptp(logits, axis=1).max()) + 1)
+    fused = cfg.training_policy()
+    assert fused.retrieval_weight == cfg.train_retrieval_weight and fused.ce_weight == 1
     # Then alone it is 0, fused it is 1: early stopping ranks what the loss trained, not the logit alone
     assert listwise_accuracy(cross, rows) == 0.0
     assert listwise_accuracy(cross, rows, fused) == 1.0
-    # and a policy without retrieval scores in the rows falls back to the logits
-    assert listwise_accuracy(cross, {k: v for k, v in rows.items() if k != "retrieval"}, fused) == 0.0
+    keep_best = KeepBestEpoch(cross, rows, first_epoch=0, policy=fused)
+    keep_best.on_epoch_end(None, None, None)
+    assert keep_best.history == [1.0]
+    # and a policy weighing retrieval over rows without retrieval scores is refused (it would judge the logit alone)
+    with pytest.raises(ValueError, match="rows have none"):
+        listwise_accuracy(cross, {k: v for k, v in rows.items() if k != "retrieval"}, fused)
 
 
 def test_listwise_ce_masks_padded_candidates():

@@ -37,6 +37,8 @@ def listwise_accuracy(model, rows: dict, policy: RerankPolicy = None, batch_size
     pairs = [(q, d) for q, docs in zip(rows["query"], rows["docs"]) for d in docs]
     scores = np.asarray(model.predict(pairs, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)).reshape(-1)
     retrieval = rows.get("retrieval") if policy is not None else None
+    if policy is not None and policy.retrieval_weight and retrieval is None:  # would judge the logit alone, silently
+        raise ValueError(f"listwise_accuracy: the policy weighs retrieval scores ({policy.retrieval_weight:g}) but the rows have none")
     hits, start = [], 0
     for i, (docs, labels) in enumerate(zip(rows["docs"], rows["labels"])):
         row = scores[start:start + len(docs)]

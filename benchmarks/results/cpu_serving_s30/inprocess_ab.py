@@ -1,5 +1,6 @@
 # In-process ONNX classifier of one repository, K=10, batches of 8 (what triton_load compares the server with):
-# run from either arm's checkout: python inprocess_ab.py <repo>
+# current arm: python inprocess_ab.py runs/bench-repo-s30 from this checkout; base arm: from $BASE with PYTHONPATH=$BASE
+# (else the editable install imports this checkout's mailroute): PYTHONPATH=$BASE .venv/bin/python <this file> runs/bench-repo-base
 import sys, time
 from benchmarks.inputs import banking77_texts, email_texts
 from mailroute.repository import open_onnx_classifier

@@ -4,6 +4,7 @@
 set -eu
 CUR=$(git rev-parse --show-toplevel); BASE=${BASE:?set BASE to a worktree of 2dabf9c}
 export HF_HUB_OFFLINE=1
+rm -rf "$CUR/runs/demo-trw10" "$CUR/runs/bench-repo-s30" "$BASE/runs/demo-base" "$BASE/runs/bench-repo-base"  # version 1 below is each export
 (cd "$CUR" && .venv/bin/mailroute train --dataset demo --train-retrieval-weight 10 --out runs/demo-trw10 \
    && .venv/bin/mailroute export --run runs/demo-trw10 --repo runs/bench-repo-s30)
 (cd "$BASE" && PYTHONPATH=$BASE .venv/bin/python -m mailroute.cli train --dataset demo --out runs/demo-base \
