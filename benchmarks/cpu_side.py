@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--emails", type=int, default=256, help="emails per batch")
     ap.add_argument("--k", type=int, default=10, help="candidates reranked per email")
-    ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=6, help="timed repetitions; the median is reported (default: 6)")
     ap.add_argument("--search", choices=("faiss", "torch"), default="faiss",
                     help="label search by FAISS on the CPU (portable runtime) or by torch (the torch runtime's; on the CPU here)")
     ap.add_argument("--nearest", action="store_true",

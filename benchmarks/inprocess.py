@@ -28,11 +28,11 @@ def throughput(clf, texts: list, batch: int, k: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", default=str(DEFAULT_RUN))
-    ap.add_argument("--repo", default=str(DEFAULT_REPOSITORY))
-    ap.add_argument("--n", type=int, default=256, help="emails per measurement")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--run", default=str(DEFAULT_RUN), help="trained run: the PyTorch reference (default: %(default)s)")
+    ap.add_argument("--repo", default=str(DEFAULT_REPOSITORY), help="its export: the onnxruntime classifier (default: %(default)s)")
+    ap.add_argument("--n", type=int, default=256, help="emails per measurement (default: %(default)s)")
+    ap.add_argument("--batch", type=int, default=32, help="emails per classify call (default: %(default)s)")
+    ap.add_argument("--k", type=int, default=10, help="candidates reranked per email (default: %(default)s)")
     ap.add_argument("--int8-repo", default="", help="also measure this repository (an export with --quantize)")
     a = ap.parse_args()
     systems = {"pytorch": load_reference(a.run), "onnxruntime": open_onnx_classifier(a.repo)}

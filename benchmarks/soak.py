@@ -7,8 +7,8 @@
 2. measures the maximum throughput (closed loop, `--max-concurrency` clients, one email per request);
 3. sends `--load` x that rate, open loop (fixed arrival times), for `--minutes`: mostly BANKING77-length
    emails, one in ten a bad one (empty, not UTF-8) that must come back as a row error;
-4. at `--kill-at` seconds kills the cross_encoder backend process (SIGKILL); the watchdog reloads it and
-   the client's retries carry the requests of the gap;
+4. at `--kill-at` seconds kills the cross_encoder backend process (SIGKILL); the watchdog reloads it (or restarts the server
+   when the stub took it down, as it did under load in both recorded soaks) and the client's retries carry the requests of the gap;
 5. samples the server's memory (tritonserver + its backend processes) every 10 s.
 Reports unexpected errors, lost requests, RSS growth, p50/p99 per minute (first vs last), the recovery
 time, and writes benchmarks/results/soak.json.
@@ -82,9 +82,9 @@ def main(argv=None):
     ap.add_argument("--repo", default=str(DEFAULT_REPOSITORY), help=f"model repository to serve (default: {shown(DEFAULT_REPOSITORY)})")
     ap.add_argument("--minutes", type=float, default=10.0, help="length of the soak (default: 10)")
     ap.add_argument("--load", type=float, default=0.7, help="share of the measured maximum throughput (default 0.7)")
-    ap.add_argument("--kill-at", type=float, default=300.0, help="seconds into the soak to kill the cross_encoder stub; <0 = never")
+    ap.add_argument("--kill-at", type=float, default=300.0, help="seconds into the soak to kill the cross_encoder stub; <0 = never (default: 300)")
     ap.add_argument("--max-concurrency", type=int, default=8, help="closed-loop clients of the maximum-throughput measurement (default: 8)")
-    ap.add_argument("--max-seconds", type=float, default=30.0, help="length of the maximum-throughput measurement")
+    ap.add_argument("--max-seconds", type=float, default=30.0, help="seconds of the maximum-throughput measurement (default: 30)")
     ap.add_argument("--out", default="benchmarks/results/soak.json", help="summary JSON to write (default: benchmarks/results/soak.json)")
     a = ap.parse_args(argv)
 

@@ -24,5 +24,7 @@ class ExportConfig:
     classifier_instances: int = 1  # email_classifier instances (BLS model; more help under load: 4 on a GPU)
     encoder_instances: int = 1  # instances of each encoder model
     preferred_batch_sizes: str = ""  # encoders' preferred batch sizes, e.g. "16,32,64" (empty: batch whatever is queued)
-    max_queue_delay_us: int = DEFAULTS.max_queue_delay_us  # encoders: microseconds a request may wait to be batched with others (the classifier's: export/configs.py CLASSIFIER_DELAY_FACTOR times this)
+    max_queue_delay_us: int = field(default=DEFAULTS.max_queue_delay_us, metadata={"help": (
+        f"encoders: microseconds a request may wait to be batched with others (the classifier waits "
+        f"{DEFAULTS.classifier_delay_factor}x as long: it batches whole emails)")})
     max_queue_size: int = 0  # requests queued per model before new ones are refused at once (UNAVAILABLE); 0 = unbounded

@@ -38,7 +38,7 @@ class Throughput:
             cfg.dynamic_batching.default_queue_policy.max_queue_size = self.max_queue_size
 
 
-CLASSIFIER_DELAY_FACTOR = 4  # the BLS classifier waits this many times the encoders' queue delay: it batches whole emails
+CLASSIFIER_DELAY_FACTOR = DEFAULTS.classifier_delay_factor  # the BLS classifier batches whole emails: it waits longer
 
 
 def _dims(t: contract.Tensor, fill: dict) -> list:

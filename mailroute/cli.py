@@ -51,7 +51,8 @@ def _add_dataclass_args(parser, cls, skip=()):
             parser.add_argument(flag, action="store_true", help=f"{text} (default: off)")
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            parser.add_argument(flag, type=typ, default=f.default, help=f"{text} (default: {shown(f.default)})")
+            said = f.default == "" and "(default" in text  # the comment already says what an empty value stands for
+            parser.add_argument(flag, type=typ, default=f.default, help=text if said else f"{text} (default: {shown(f.default)})")
 
 
 def _config(cls, args):
@@ -218,7 +219,7 @@ def _store(args, check_labels: bool = True):
     from mailroute.feedback_store import FeedbackStore
 
     labels = _serving_labels(args.repo) if check_labels else None  # None: any label (counting needs none)
-    return FeedbackStore(args.db or None, labels=labels, store_text=not args.hash_only)
+    return FeedbackStore(args.db or None, labels=labels, store_text=not getattr(args, "hash_only", False))
 
 
 def cmd_feedback(args):
@@ -351,13 +352,15 @@ def cmd_demo(args):
 REPO_HELP = f"model repository (default: {shown(DEFAULT_REPOSITORY)})"
 
 
-def _store_args(p, repo=True):
+def _store_args(p, repo=True, writes=True):
+    """--db; --repo where corrections are checked against the serving labels; --hash-only where text is written."""
     from mailroute.settings import DEFAULT_FEEDBACK_URL, FEEDBACK_URL_ENV
 
     p.add_argument("--db", default="", help=f"feedback store URL, any SQLAlchemy URL (default: ${FEEDBACK_URL_ENV}, else {DEFAULT_FEEDBACK_URL})")
     if repo:
         p.add_argument("--repo", default=str(DEFAULT_REPOSITORY), help=REPO_HELP + "; corrections must name its serving labels")
-    p.add_argument("--hash-only", action="store_true", help="privacy: keep only a hash of each email's text")
+    if writes:
+        p.add_argument("--hash-only", action="store_true", help="privacy: keep only a hash of each email's text")
 
 
 def _server_args(p):
@@ -448,8 +451,8 @@ def main(argv=None):
     p = sub.add_parser("serve", help="start the real tritonserver (from nvidia-pytriton) on a model repository")
     p.add_argument("--repo", default=str(DEFAULT_REPOSITORY), help=REPO_HELP)
     p.add_argument("--grpc-port", type=int, default=GRPC_PORT, help=f"0 = a free port (default: {GRPC_PORT})")
-    p.add_argument("--http-port", type=int, default=HTTP_PORT, help=f"(default: {HTTP_PORT})")
-    p.add_argument("--metrics-port", type=int, default=METRICS_PORT, help=f"(default: {METRICS_PORT})")
+    p.add_argument("--http-port", type=int, default=HTTP_PORT, help=f"HTTP/REST port (readiness, repository API); 0 = a free port (default: {HTTP_PORT})")
+    p.add_argument("--metrics-port", type=int, default=METRICS_PORT, help=f"Prometheus metrics port; 0 = a free port (default: {METRICS_PORT})")
     p.add_argument("--admin-key", default="", help="require header admin-key=<this> for model load/unload/config (recommended)")
     p.add_argument("--poll-all", action="store_true", help="load every model in the repository at start (default: explicit mode, the mailroute models "
                                                            "the repository has). Triton then has no load API: the watchdog restarts the "
@@ -495,11 +498,11 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print the stored correction as JSON")
     _store_args(p)
     p = fsub.add_parser("import", help="bulk import from .jsonl or .csv (prediction_id or text, label[, subject, who]); all or nothing")
-    p.add_argument("file")
+    p.add_argument("file", help="corrections file, .jsonl or .csv (columns above)")
     p.add_argument("--who", default=None, help="who corrected them (where a row does not say)")
     _store_args(p)
     p = fsub.add_parser("status", help="how many predictions and corrections the store holds")
-    _store_args(p)
+    _store_args(p, repo=False, writes=False)
     p = fsub.add_parser("train", help="corrections -> candidate version (exemplars + continued training) -> gate [-> promote]")
     _add_dataclass_args(p, FeedbackConfig)
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
@@ -513,7 +516,7 @@ def main(argv=None):
     p.add_argument("--repo", default=str(DEFAULT_REPOSITORY), help=REPO_HELP)
     p.set_defaults(fn=cmd_versions)
     p = vsub.add_parser("promote", help="serve a version (loaded into the running server with --url)")
-    p.add_argument("version", type=int)
+    p.add_argument("version", type=int, help="the classifier version to serve (see `mailroute versions list`)")
     p = vsub.add_parser("rollback", help="serve again the version that served before the current one")
     p.add_argument("--to", type=int, default=None, help="roll back to this version instead")
     p = vsub.add_parser("prune", help="remove old classifier versions and encoder versions no kept classifier pins")

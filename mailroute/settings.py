@@ -75,6 +75,8 @@ class Defaults:
     score_batch: int = 256  # (email, label) pairs per cross-encoder call (256 emails x K=5 = 5 calls)
     # how long a request may wait in an encoder's queue for others to batch with (export --max-queue-delay-us)
     max_queue_delay_us: int = 500
+    # the BLS classifier waits this many times the encoders' queue delay: it batches whole emails
+    classifier_delay_factor: int = 4
 
 
 DEFAULTS = Defaults()

@@ -99,6 +99,7 @@ def _fixed_seed():
     torch.manual_seed(0)
 
 
-def copy_tree(src, dst):
-    shutil.copytree(src, dst)
-    return dst
+@pytest.fixture()
+def repo(tiny_repo, tmp_path):
+    """A copy of the tiny model repository that a test may change (tiny_repo itself is shared by the session)."""
+    return shutil.copytree(tiny_repo, tmp_path / "repo")

@@ -180,7 +180,8 @@ def test_gate_off_gives_the_same_labels_where_the_gate_does_not_fire(tiny_refere
     fired = (D[:, 0] - D[:, 1]) > margin
     assert [not p.reranked for p in gated] == list(fired) and all(p.reranked for p in ungated)
     assert 0 < fired.sum() < len(EMAILS)
-    for g, u, f in zip(gated, ungated, fired):
+    assert len(gated) == len(ungated) == len(EMAILS)
+    for g, u, f in zip(gated, ungated, fired, strict=True):
         if not f:
             assert g.top_labels == u.top_labels and g.probability == pytest.approx(u.probability, abs=1e-9)
         else:

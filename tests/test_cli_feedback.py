@@ -1,17 +1,11 @@
 """The feedback, versions and labels commands as a user runs them: answers on stdout, one-line errors."""
 
 import json
-import shutil
 
 import pytest
 
 from mailroute import contract
 from mailroute.cli import main
-
-
-@pytest.fixture()
-def repo(tiny_repo, tmp_path):
-    return shutil.copytree(tiny_repo, tmp_path / "repo")
 
 
 def run(capsys, *argv):
@@ -28,7 +22,7 @@ def fails(capsys, *argv) -> str:
 def test_feedback_commands(repo, tmp_path, capsys, demo):
     db = f"sqlite:///{tmp_path}/fb.sqlite3"
     common = ("--db", db, "--repo", str(repo))
-    assert json.loads(run(capsys, "feedback", "status", *common)) == {"predictions": 0, "corrections": 0}
+    assert json.loads(run(capsys, "feedback", "status", "--db", db)) == {"predictions": 0, "corrections": 0}
     assert "no usable corrections" in fails(capsys, "feedback", "train", "--db", db, "--repo", str(repo))
     email = demo.test[0]
     out = json.loads(run(capsys, "feedback", "add", "--text", email.text, "--label", email.label, "--who", "me", "--json", *common))
@@ -40,13 +34,13 @@ def test_feedback_commands(repo, tmp_path, capsys, demo):
     bad.write_text(json.dumps({"text": "fine", "label": email.label}) + "\n{broken\n")
     msg = fails(capsys, "feedback", "import", str(bad), *common)
     assert f"{bad}:2:" in msg
-    assert json.loads(run(capsys, "feedback", "status", *common))["corrections"] == 1  # the import wrote nothing
+    assert json.loads(run(capsys, "feedback", "status", "--db", db))["corrections"] == 1  # the import wrote nothing
     latin1 = tmp_path / "latin1.csv"
     latin1.write_bytes(f"text,label\nrembourser la facture r\xe9gl\xe9e,{email.label}\n".encode("latin-1"))
     assert f"cannot import {latin1}: not UTF-8" in fails(capsys, "feedback", "import", str(latin1), *common)
     for url in ("notaurl", "foo://bar"):  # unparsable; a dialect SQLAlchemy does not know
-        assert f"'{url}' is not a usable database URL" in fails(capsys, "feedback", "status", "--db", url, "--repo", str(repo))
-    assert json.loads(run(capsys, "feedback", "status", *common))["corrections"] == 1
+        assert f"'{url}' is not a usable database URL" in fails(capsys, "feedback", "status", "--db", url)
+    assert json.loads(run(capsys, "feedback", "status", "--db", db))["corrections"] == 1
 
 
 def test_prune_refuses_when_a_kept_version_pins_unknown_encoders(repo, capsys):
@@ -77,9 +71,9 @@ def test_feedback_refuses_what_it_cannot_use_in_one_line(repo, tmp_path, capsys,
     folder given as the import file are named errors, and nothing is stored."""
     db = f"sqlite:///{tmp_path}/fb.sqlite3"
     email = demo.test[0]
-    msg = fails(capsys, "feedback", "status", "--db", f"sqlite:///{tmp_path}", "--repo", str(repo))  # a folder, not a file
+    msg = fails(capsys, "feedback", "status", "--db", f"sqlite:///{tmp_path}")  # a folder, not a file
     assert f"cannot open the feedback store sqlite:///{tmp_path}: unable to open database file" in msg
-    msg = fails(capsys, "feedback", "status", "--db", "postgresql://mailroute:s3cret@127.0.0.1:1/x", "--repo", str(repo))
+    msg = fails(capsys, "feedback", "status", "--db", "postgresql://mailroute:s3cret@127.0.0.1:1/x")
     assert "cannot open the feedback store postgresql+psycopg://mailroute:***@127.0.0.1:1/x" in msg and "s3cret" not in msg
     empty = tmp_path / "no-repo"
     empty.mkdir()
@@ -88,7 +82,7 @@ def test_feedback_refuses_what_it_cannot_use_in_one_line(repo, tmp_path, capsys,
     folder = tmp_path / "corrections.jsonl"
     folder.mkdir()
     assert f"cannot import {folder}: Is a directory" in fails(capsys, "feedback", "import", str(folder), "--db", db, "--repo", str(repo))
-    assert json.loads(run(capsys, "feedback", "status", "--db", db, "--repo", str(empty))) == {"predictions": 0, "corrections": 0}
+    assert json.loads(run(capsys, "feedback", "status", "--db", db)) == {"predictions": 0, "corrections": 0}  # nothing stored
     assert "--eval-limit must be >= 0" in fails(capsys, "feedback", "train", "--eval-limit", "-1", "--db", db, "--repo", str(repo))
 
 

@@ -19,11 +19,6 @@ from training.feedback import FeedbackConfig, add_label, build_candidate, correc
 
 
 @pytest.fixture()
-def repo(tiny_repo, tmp_path):
-    return shutil.copytree(tiny_repo, tmp_path / "repo")
-
-
-@pytest.fixture()
 def store(tmp_path, repo):
     names = open_onnx_classifier(repo).index.taxonomy.names
     with FeedbackStore(f"sqlite:///{tmp_path}/fb.sqlite3", labels=names) as s:

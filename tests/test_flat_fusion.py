@@ -137,11 +137,9 @@ def test_export_pins_the_flat_encoder_and_its_head(tiny_repo, tiny_reference):
         assert a.top_labels == b.top_labels and np.abs(np.array(a.top_probabilities) - np.array(b.top_probabilities)).max() < 1e-4
 
 
-def test_a_head_pinned_to_another_flat_encoder_is_refused(tiny_repo, tmp_path):
+def test_a_head_pinned_to_another_flat_encoder_is_refused(repo):
     from mailroute.repository import ENCODER_ID_FILE, load_flat_head, version_dir
 
-    repo = tmp_path / "repo"
-    shutil.copytree(tiny_repo, repo)
     flat_dir = version_dir(repo, contract.FLAT_ENCODER)
     (flat_dir / ENCODER_ID_FILE).write_text("another-encoder\n")
     with pytest.raises(IndexMismatch, match="pins flat_encoder"):
@@ -159,13 +157,11 @@ def test_export_refuses_a_flat_policy_whose_run_kept_no_flat_classifier(tiny_run
     assert not (tmp_path / "repo" / contract.BI_ENCODER).exists()  # refused before any version was written
 
 
-def test_derived_versions_keep_the_flat_classifier_unless_a_label_is_new(tiny_repo, tmp_path):
+def test_derived_versions_keep_the_flat_classifier_unless_a_label_is_new(repo):
     from export.derive import derive_version
     from mailroute.repository import FLAT_HEAD_FILE, open_onnx_classifier, read_pipeline, version_dir
     from mailroute.taxonomy import Label
 
-    repo = tmp_path / "repo"
-    shutil.copytree(tiny_repo, repo)
     base = int(version_dir(repo, contract.CLASSIFIER).name)
     flat_v = read_pipeline(version_dir(repo, contract.CLASSIFIER, base)).flat_encoder_version
     v = derive_version(repo, base, "exemplars", [("my parcel never came", open_onnx_classifier(repo).label_names[0])])

@@ -104,13 +104,15 @@ def test_fold_runs_must_be_one_split_of_one_configuration(tmp_path):
 @pytest.mark.slow
 def test_two_held_out_folds_score_every_training_email_once(tmp_path, capsys):
     # Given two tiny demo runs, each trained without one half of the training emails
+    from tiny_encoders import make_tiny_base
     from training.run import run
 
+    base = make_tiny_base(tmp_path / "base")  # the bookkeeping below does not need the real MiniLM
     runs = []
     for i in range(2):
         out = tmp_path / f"fold{i}"
-        run(TrainConfig(dataset="demo", out=str(out), holdout_fold=f"{i}/2", bi_epochs=0.2, ce_epochs=0.2, skip_baseline=True,
-                        test_limit=10, top_n_grid="3", description_weight_grid="0"))
+        run(TrainConfig(dataset="demo", out=str(out), base=str(base), holdout_fold=f"{i}/2", bi_epochs=0.2, ce_epochs=0.2,
+                        skip_baseline=True, test_limit=10, top_n_grid="3", description_weight_grid="0"))
         runs.append(str(out))
     # When the rules are compared on the held-out emails
     assert oof_choice.main(["--runs", *runs, "--json", str(tmp_path / "t.json"), "--device", "cpu"]) == 0

@@ -16,6 +16,7 @@ from client.server import TritonServer
 from client.watchdog import ReadinessServer, Watchdog
 from mailroute import contract
 from mailroute.repository import CONFIG_FILE
+from server_metrics import metric_total, metrics_text
 
 pytestmark = pytest.mark.slow
 
@@ -95,32 +96,19 @@ def test_caller_errors_are_invalid_argument_and_not_retried(triton):
         assert isinstance(err.value, InferenceServerException) and "not retryable" in str(err.value)
 
 
-def _metrics(server) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as r:
-        return r.read().decode()
-
-
-def _value(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_metrics_appear_and_move_after_requests(triton):
-    before = _metrics(triton)
+    before = metrics_text(triton)
     with ClassifierClient(triton.grpc_url) as c:
         res = c.classify([EMAIL, "", "Where is my parcel?"])
     assert [r.ok for r in res] == [True, False, True]
-    after = _metrics(triton)
+    after = metrics_text(triton)
     for name in (contract.METRIC_STAGE_MS, contract.METRIC_EMAILS, contract.METRIC_RERANKED, contract.METRIC_ROW_ERRORS):
         assert name in after, name
-    assert _value(after, contract.METRIC_EMAILS + "{") - _value(before, contract.METRIC_EMAILS + "{") == 2
-    assert _value(after, contract.METRIC_ROW_ERRORS, kind="empty") - _value(before, contract.METRIC_ROW_ERRORS, kind="empty") == 1
+    assert metric_total(after, contract.METRIC_EMAILS + "{") - metric_total(before, contract.METRIC_EMAILS + "{") == 2
+    assert metric_total(after, contract.METRIC_ROW_ERRORS, kind="empty") - metric_total(before, contract.METRIC_ROW_ERRORS, kind="empty") == 1
     for stage in contract.STAGES:
         count = contract.METRIC_STAGE_MS + "_count"
-        assert _value(after, count, stage=stage) > _value(before, count, stage=stage)
+        assert metric_total(after, count, stage=stage) > metric_total(before, count, stage=stage)
     assert re.search(contract.METRIC_EMAILS + r'\{[^}]*version="1"', after)
 
 

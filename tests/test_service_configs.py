@@ -147,13 +147,12 @@ def test_every_runtime_renders_with_throughput_settings():
     assert not unbounded.dynamic_batching.HasField("default_queue_policy") and unbounded.dynamic_batching.max_queue_delay_microseconds == 2000
 
 
-def test_an_export_never_changes_the_runtime_of_served_versions(tiny_repo, tiny_run, tmp_path):
+def test_an_export_never_changes_the_runtime_of_served_versions(repo, tiny_run):
     from export.run import ExportConfig, export
     from export.runtimes import TENSORRT
     from export.versions import read_config
     from mailroute.settings import BadSetting
 
-    repo = shutil.copytree(tiny_repo, tmp_path / "repo")
     before = (repo / contract.BI_ENCODER / CONFIG_FILE).read_text()
     with pytest.raises(BadSetting, match="run portable; an export with another runtime would change how they run"):
         export(ExportConfig(run=str(tiny_run), repo=str(repo), runtime="native"))
@@ -225,12 +224,11 @@ def test_native_export_writes_trtexec_shapes_from_the_contract(tiny_run, tmp_pat
     assert _build_tensorrt(repo, tmp_path).returncode == 0 and len((tmp_path / "trtexec.log").read_text().splitlines()) == len(contract.ENCODERS)  # built once
 
 
-def test_build_tensorrt_stops_at_a_version_without_shapes(tiny_repo, tmp_path):
+def test_build_tensorrt_stops_at_a_version_without_shapes(tiny_repo, repo, tmp_path):
     """The portable export's fused graphs get no shapes file (TensorRT cannot parse them): the build names the version."""
     from mailroute.repository import TRTEXEC_SHAPES_FILE
 
     assert not list(tiny_repo.glob(f"*/*/{TRTEXEC_SHAPES_FILE}"))
-    repo = shutil.copytree(tiny_repo, tmp_path / "repo")
     res = _build_tensorrt(repo, tmp_path)
     assert res.returncode == 1 and not (tmp_path / "trtexec.log").exists()
     assert f"{contract.BI_ENCODER}/1 has model.onnx but no {TRTEXEC_SHAPES_FILE}" in res.stderr and "--runtime native" in res.stderr
@@ -270,11 +268,10 @@ def test_bad_throughput_flags_are_refused_before_any_work(tiny_run, tmp_path, fl
     assert not (tmp_path / "repo" / contract.BI_ENCODER).exists()
 
 
-def test_an_export_to_a_version_one_model_already_has_writes_nothing(tiny_repo, tmp_path):
+def test_an_export_to_a_version_one_model_already_has_writes_nothing(repo):
     from export.run import ExportConfig, export
     from mailroute.settings import BadSetting
 
-    repo = shutil.copytree(tiny_repo, tmp_path / "repo")
     shutil.copytree(repo / contract.CLASSIFIER / "1", repo / contract.CLASSIFIER / "2")  # only the classifier has v2
     before = {m: sorted(p.name for p in (repo / m).iterdir()) for m in contract.MODELS}
     with pytest.raises(BadSetting, match=f"--version 2: {contract.CLASSIFIER} in .* already have it"):

@@ -21,8 +21,7 @@ KEY = "versions-key"
 
 
 @pytest.fixture()
-def served(tiny_repo, tmp_path):
-    repo = shutil.copytree(tiny_repo, tmp_path / "repo")
+def served(repo):
     with TritonServer(repo, admin_key=KEY) as server:
         yield repo, server
 

@@ -32,7 +32,7 @@ CE_INITS = {
 
 @dataclass
 class TrainConfig:
-    dataset: str = "demo"  # demo | banking77 | files (taxonomy/train/test below)
+    dataset: str = "demo"  # demo | banking77 (ignored when --taxonomy/--train/--test name your own files)
     taxonomy: str = ""  # taxonomy JSON (with --train/--test instead of --dataset)
     train: str = ""  # training examples, .jsonl or .csv
     test: str = ""  # held-out test examples, .jsonl or .csv

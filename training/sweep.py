@@ -1,4 +1,4 @@
-"""`mailroute sweep`: several `mailroute train` configurations at once on one machine (one GPU card
+r"""`mailroute sweep`: several `mailroute train` configurations at once on one machine (one GPU card
 fits five BANKING77 runs), each in its own process, every run's metrics.json and report.md gathered
 into one folder with a summary table (validation beside test; choose on validation).
 
@@ -9,8 +9,8 @@ into one folder with a summary table (validation beside test; choose on validati
         nocards:--card-examples=0 \
         flat6:--flat-epochs=6 -- --dataset banking77 --device auto
 
-Each configuration is NAME:FLAG=VALUE[,FLAG=VALUE...] (flags of `mailroute train`); the flags after `--`
-apply to every run. Each process gets OMP_NUM_THREADS = cores / parallel, so runs sharing a card do
+Each configuration is NAME:--flag=value[,--flag=value...] (flags of `mailroute train`; `NAME:` alone = the
+defaults); the flags after `--` apply to every run. Each process gets OMP_NUM_THREADS = cores / parallel, so runs sharing a card do
 not fight over the CPU that feeds it.
 """
 
