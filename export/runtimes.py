@@ -26,7 +26,7 @@ class Runtime:
     gpu_accelerator: dict = field(default_factory=dict)  # execution accelerator on KIND_GPU instances: name + parameters
     fused_graph: bool = True  # model.onnx may hold onnxruntime's fused transformer operators
     torch_weights: bool = False  # the version folder carries the Hugging Face weights (pytorch/) it runs
-    gpu_label_search: str = ""  # with --gpu, the classifier's label search runs by torch on this device ("" = FAISS on the CPU)
+    gpu_label_search: str = ""  # with --gpu, the classifier's label search runs by torch on this device ("" = the index's own FAISS search: on the GPU where faiss-gpu is installed, else the CPU)
     exported: bool = True  # `mailroute export --runtime` may choose it (tensorrt plans are built later, by trtexec)
 
 

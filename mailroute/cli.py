@@ -222,6 +222,10 @@ def _store(args, check_labels: bool = True):
     return FeedbackStore(args.db or None, labels=labels, store_text=not getattr(args, "hash_only", False))
 
 
+def _was(event: dict) -> str:
+    return "already serving" if event.get("previous") is None else f"was v{event['previous']}"
+
+
 def cmd_feedback(args):
     from dataclasses import asdict
 
@@ -265,10 +269,10 @@ def cmd_versions(args):
         print(json.dumps(rows, indent=1) if args.json else versions.format_versions(rows))
     elif args.action == "promote":
         e = versions.promote(args.repo, args.version, args.url or None, args.admin_key)
-        print(f"{CLASSIFIER} v{e['version']} serves (was v{e['previous']})" + ("" if args.url else "; no --url: takes effect when the server loads it"))
+        print(f"{CLASSIFIER} v{e['version']} serves ({_was(e)})" + ("" if args.url else "; no --url: takes effect when the server loads it"))
     elif args.action == "rollback":
         e = versions.rollback(args.repo, args.url or None, args.admin_key, args.to)
-        print(f"rolled back: {CLASSIFIER} v{e['version']} serves (was v{e['previous']})")
+        print(f"rolled back: {CLASSIFIER} v{e['version']} serves ({_was(e)})")
     else:
         removed = versions.prune(args.repo, args.keep, args.url or None, args.admin_key)
         print("removed: " + ", ".join(f"{m} {v}" for m, v in removed.items()))

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mailroute.label_index import IndexMismatch
+from mailroute.settings import BrokenFile
 
 # logits = LOGIT_SCALE x (weight @ embedding + bias): the embedding is L2-normalised, so without a scale the logits could not
 # be confident (as MNR's cosine scale); training/flat_baseline.py trains with it
@@ -62,7 +63,8 @@ class FlatHead:
 
     @classmethod
     def load(cls, path) -> "FlatHead":
-        """ValueError naming the file when it is not a flat head as save() writes it (FileNotFoundError when absent)."""
+        """BrokenFile (a ValueError) naming the file when it is not a flat head as save() writes it (FileNotFoundError when
+        absent)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no flat head at {path}")
@@ -71,4 +73,4 @@ class FlatHead:
                 return cls(z["weight"].astype(np.float64), z["bias"].astype(np.float64), float(z["scale"]), tuple(z["labels"].tolist()),
                            str(z["encoder_id"]))
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # truncated, not npz, or missing arrays
-            raise ValueError(f"{path} is not a flat head ({type(e).__name__}: {e})") from None
+            raise BrokenFile(f"{path} is not a flat head ({type(e).__name__}: {e})") from None

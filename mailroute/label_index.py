@@ -20,6 +20,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from mailroute.settings import BrokenFile
 from mailroute.taxonomy import CardSpec, Taxonomy, load_taxonomy  # noqa: F401 (CardSpec: part of this module's interface)
 
 # file names inside a label index folder
@@ -70,6 +71,22 @@ def _on_gpu(index):
 
 def _to_cpu(index):
     return faiss.index_gpu_to_cpu(index) if hasattr(index, "getDevice") else index
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BrokenFile(f"{path}: not the JSON save() wrote ({e})") from None
+
+
+def _read_index(path: Path):
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file (the label index is incomplete)")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as e:  # FAISS reports a cut-off or foreign file as a RuntimeError with its C++ context
+        raise BrokenFile(f"{path}: not a FAISS index ({str(e).rsplit(': ', 1)[-1][:200]})") from None
 
 
 def _flat_ip(x: np.ndarray, dim: int):
@@ -282,8 +299,13 @@ class LabelIndex:
 
     @classmethod
     def load(cls, folder, expect_encoder: str = None) -> "LabelIndex":
+        """IndexMismatch when the parts do not belong together; BrokenFile naming the file when one no longer reads as
+        what save() wrote (cut off, edited by hand); FileNotFoundError when one is missing."""
         folder = Path(folder)
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        manifest = _read_json(folder / MANIFEST_FILE)
+        missing = [k for k in ("encoder", "taxonomy") if not isinstance(manifest, dict) or k not in manifest]
+        if missing:
+            raise BrokenFile(f"{folder / MANIFEST_FILE}: not a label index manifest (no {' and no '.join(missing)})")
         taxonomy = load_taxonomy(folder / TAXONOMY_FILE)
         if expect_encoder is not None and manifest["encoder"] != expect_encoder:
             raise IndexMismatch(
@@ -292,21 +314,30 @@ class LabelIndex:
             )
         if manifest["taxonomy"] != taxonomy.fingerprint():
             raise IndexMismatch(f"label index in {folder}: taxonomy.json changed after the index was built")
-        index = faiss.read_index(str(folder / INDEX_FILE))
+        index = _read_index(folder / INDEX_FILE)
         if index.ntotal != len(taxonomy):
             raise IndexMismatch(f"label index in {folder} holds {index.ntotal} vectors for {len(taxonomy)} labels")
-        self = cls(taxonomy, _on_gpu(index), manifest, scoring=LabelScoring(**manifest.get("scoring", {})))
+        try:
+            scoring = LabelScoring(**manifest.get("scoring", {}))
+        except TypeError as e:  # a field save() never writes
+            raise BrokenFile(f"{folder / MANIFEST_FILE}: its scoring does not read ({e})") from None
+        self = cls(taxonomy, _on_gpu(index), manifest, scoring=scoring)
         if manifest.get("exemplars"):
-            rows = [json.loads(line) for line in (folder / EXEMPLARS_FILE).read_text().splitlines() if line.strip()]
-            ex = faiss.read_index(str(folder / EXEMPLAR_INDEX_FILE))
+            path = folder / EXEMPLARS_FILE
+            try:
+                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                labels, texts = [taxonomy.index(r["label"]) for r in rows], [r["text"] for r in rows]
+            except (ValueError, KeyError, TypeError) as e:  # not JSON lines; a row without label/text; a label not in the taxonomy
+                raise BrokenFile(f"{path}: not the exemplar rows save() wrote ({type(e).__name__}: {e})") from None
+            ex = _read_index(folder / EXEMPLAR_INDEX_FILE)
             if ex.ntotal != len(rows) or len(rows) != manifest["exemplars"]:
                 raise IndexMismatch(f"label index in {folder}: {ex.ntotal} exemplar vectors, {len(rows)} exemplar rows, "
                                     f"manifest says {manifest['exemplars']}")
             self.exemplar_index = _on_gpu(ex)
-            self.exemplar_labels = np.array([taxonomy.index(r["label"]) for r in rows], dtype=np.int64)
-            self.exemplar_texts = [r["text"] for r in rows]
+            self.exemplar_labels = np.array(labels, dtype=np.int64)
+            self.exemplar_texts = texts
         if (folder / CARDS_FILE).exists():
-            self.cards = json.loads((folder / CARDS_FILE).read_text())
+            self.cards = _read_json(folder / CARDS_FILE)
         return self
 
     def on_device(self, device: str) -> "LabelIndex":

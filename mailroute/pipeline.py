@@ -54,6 +54,10 @@ class BadParameter(ValueError):
 
 
 def check_params(top_k, threshold, n_labels: int) -> tuple:
+    if isinstance(top_k, (bool, np.bool_)):  # int(True) is 1: a JSON true would silently mean K=1
+        raise BadParameter(f"top_k must be an integer, got {top_k!r}")
+    if isinstance(threshold, (bool, np.bool_)):  # float(True) is 1.0: every row would need review
+        raise BadParameter(f"threshold must be a number, got {threshold!r}")
     try:
         k = int(top_k)
         if k != float(top_k):

@@ -111,6 +111,12 @@ class PipelineSpec:
             raise ValueError(f"{PIPELINE_FILE} pins versions that are not numbers: {d['bi_encoder_version']!r}, "
                              f"{d['cross_encoder_version']!r}") from None
         known = {f.name for f in fields(cls)} - {"other"}
+        for key in ("policy", "policy_without_flat"):  # read now, so that a broken one is named with its file
+            if d.get(key) is not None:
+                try:
+                    RerankPolicy.from_dict(d[key])
+                except (TypeError, ValueError, AttributeError) as e:
+                    raise ValueError(f"{PIPELINE_FILE} holds a {key} that is not a rerank policy: {e}") from None
         if d.get("flat_encoder_version") is not None:
             try:
                 pins["flat_encoder_version"] = int(d["flat_encoder_version"])

@@ -19,10 +19,13 @@ import torch
 
 from mailroute import contract
 from mailroute.pipeline import NoFlatClassifier
+from mailroute.settings import DEFAULTS
 
 BI, CROSS = "bi", "cross"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-SEQUENCE_BUCKETS = (16, 32, 64, 128, 160, 256)
+# the two token budgets are buckets of their own, so a full-length email or pair is not padded further
+SEQUENCE_BUCKETS = tuple(sorted({16, 32, 64, DEFAULTS.max_email_tokens, DEFAULTS.max_pair_tokens, 256}))
+TOKEN_DTYPE = torch.from_numpy(np.zeros(0, contract.TOKEN_DTYPE)).dtype  # the contract's token dtype, as torch names it
 
 
 def mean_pool_normalise(token_embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -74,7 +77,7 @@ class TorchEncoder:
         pool = torch.cuda.graph_pool_handle()
         for b in self.batches:
             for s in self.sequences:
-                static = {n: torch.zeros((b, s), dtype=torch.long, device=self.device) for n in self.inputs}
+                static = {n: torch.zeros((b, s), dtype=TOKEN_DTYPE, device=self.device) for n in self.inputs}
                 static[contract.ATTENTION_MASK][:, 0] = 1
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())

@@ -6,6 +6,8 @@ import pytest
 
 from mailroute import contract
 from mailroute.cli import main
+from mailroute.label_index import CARDS_FILE, EXEMPLARS_FILE, INDEX_FILE, MANIFEST_FILE
+from mailroute.run_layout import LABEL_INDEX_DIR
 
 
 def run(capsys, *argv):
@@ -95,6 +97,36 @@ def test_a_broken_pipeline_file_is_one_line_naming_it(repo, capsys):
     path.write_text(json.dumps(spec))
     msg = fails(capsys, "labels", "add", "--name", "pet_insurance", "--description", "insurance for pets", "--repo", str(repo))
     assert f"{path}: {PIPELINE_FILE} pins no cross_encoder_version" in msg
+
+
+@pytest.mark.parametrize("part, damage, named", [
+    (f"{LABEL_INDEX_DIR}/{MANIFEST_FILE}", b'{"encoder": "x", "tax', "not the JSON save() wrote"),
+    (f"{LABEL_INDEX_DIR}/{MANIFEST_FILE}", b'{"taxonomy": "x"}', "not a label index manifest (no encoder)"),
+    (f"{LABEL_INDEX_DIR}/{EXEMPLARS_FILE}", b'{"label": "no_such_label", "text": "hi"}\n', "not the exemplar rows save() wrote"),
+    (f"{LABEL_INDEX_DIR}/{INDEX_FILE}", b"garbage!", "not a FAISS index"),
+    (f"{LABEL_INDEX_DIR}/{CARDS_FILE}", b"[{", "not the JSON save() wrote"),
+])
+def test_a_damaged_file_of_a_version_is_one_line_naming_it(repo, capsys, part, damage, named):
+    """Label index files export wrote that no longer read as what they hold (cut off, edited by hand) stop a command
+    with one line naming the file, not a traceback; nothing is written. (A damaged flat head: test_flat_fusion.)"""
+    path = repo / contract.CLASSIFIER / "1" / part
+    assert path.exists(), path
+    path.write_bytes(damage)
+    before = sorted(str(p.relative_to(repo)) for p in repo.rglob("*"))
+    msg = fails(capsys, "labels", "add", "--name", "pet_insurance", "--description", "insurance for pets", "--repo", str(repo))
+    assert str(path) in msg and named in msg
+    assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == before
+
+
+def test_a_pipeline_file_with_a_broken_policy_is_named(repo, capsys):
+    from mailroute.repository import PIPELINE_FILE
+
+    path = repo / contract.CLASSIFIER / "1" / PIPELINE_FILE
+    spec = json.loads(path.read_text())
+    spec["policy"]["flat_weight"] = "lots"
+    path.write_text(json.dumps(spec))
+    msg = fails(capsys, "labels", "add", "--name", "pet_insurance", "--description", "insurance for pets", "--repo", str(repo))
+    assert f"{path}: {PIPELINE_FILE} holds a policy that is not a rerank policy: RerankPolicy.flat_weight must be a number, got 'lots'" in msg
 
 
 def test_label_examples_are_normalised_like_every_email(repo, capsys):

@@ -88,6 +88,7 @@ def text_input(values, shape=None, dtype="BYTES"):
     ("unknown parameter", [[b"hello"]], {"topk": 3}, "request:unknown request parameter(s) ['topk']"),
     ("bad top_k", [[b"hello"]], {"top_k": 500}, "request:top_k must be between 1 and 50"),
     ("bad threshold", [[b"hello"]], {"threshold": "x"}, "request:threshold must be a number"),
+    ("boolean top_k", [[b"hello"]], {"top_k": True}, "request:top_k must be an integer, got True"),
     ("bad gate", [[b"hello"]], {"gate": 3}, "request:gate must be a boolean"),
 ])
 def test_bad_input_matrix(triton, client, what, inputs, params, expect):

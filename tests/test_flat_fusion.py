@@ -10,6 +10,7 @@ import pytest
 from mailroute import contract
 from mailroute.flat_head import FlatHead
 from mailroute.label_index import IndexMismatch
+from mailroute.settings import BrokenFile
 from mailroute.rerank_policy import RerankPolicy, fit_fusion, fit_gate, fit_retrieval_temperature
 
 EMAILS = ["I was charged twice for my plan", "Where is my parcel? Tracking is stuck.", "refund please", "x"]
@@ -266,10 +267,10 @@ def test_bad_flat_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match="gated_flat_weight must be a number"):
         RerankPolicy(gated_flat_weight=float("nan"))
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="bad.npz is not a flat head"):
+    with pytest.raises(BrokenFile, match="bad.npz is not a flat head"):
         FlatHead.load(tmp_path / "bad.npz")
     np.savez(tmp_path / "partial.npz", weight=np.zeros((2, 3)))
-    with pytest.raises(ValueError, match="partial.npz is not a flat head"):
+    with pytest.raises(BrokenFile, match="partial.npz is not a flat head"):
         FlatHead.load(tmp_path / "partial.npz")
     with pytest.raises(FileNotFoundError, match="no flat head"):
         FlatHead.load(tmp_path / "absent.npz")

@@ -44,7 +44,8 @@ def test_thresholds_and_top_k_per_row(tiny_reference):
 
 @pytest.mark.parametrize("k,t,msg", [(0, 0.5, "top_k must be between 1 and 50"), (51, 0.5, "between 1 and 50"),
                                      ("x", 0.5, "top_k must be an integer"), (2.5, 0.5, "integer"),
-                                     (3, 1.5, "threshold must be between 0 and 1"), (3, "hi", "threshold must be a number")])
+                                     (3, 1.5, "threshold must be between 0 and 1"), (3, "hi", "threshold must be a number"),
+                                     (True, 0.5, "top_k must be an integer, got True"), (3, True, "threshold must be a number, got True")])
 def test_bad_parameters_are_named(k, t, msg):
     from mailroute.pipeline import check_params
 

@@ -476,7 +476,12 @@ def test_early_stopping_rows_with_a_share_are_the_least_sure_validation_emails()
                                               ({"test_limit": -1}, r"--test-limit must be an integer >= 0 \(0 = no limit\), got -1"),
                                               ({"sample_per_label": -1}, "--sample-per-label must be an integer >= 0"),
                                               ({"max_exemplars_per_label": -1}, "--max-exemplars-per-label must be an integer >= 0"),
-                                              ({"ce_init": "flt"}, "--ce-init must be one of base, bi_encoder, flat, got 'flt'")])
+                                              ({"ce_init": "flt"}, "--ce-init must be one of base, bi_encoder, flat, got 'flt'"),
+                                              ({"flat_lr": -1.0}, "--flat-lr must be a number > 0, got -1.0"),
+                                              ({"ce_lr": 0.0}, "--ce-lr must be a number > 0, got 0.0"),
+                                              ({"bi_lr": "5e-5"}, "--bi-lr must be a number > 0, got '5e-5'"),
+                                              ({"ce_epochs": 0.0}, "--ce-epochs must be a number > 0"),
+                                              ({"bi_epochs": -2.0}, "--bi-epochs must be a number > 0")])
 def test_bad_training_settings_are_refused_before_any_work(tmp_path, setting, message):
     from mailroute.settings import BadSetting
     from training.config import TrainConfig
@@ -485,6 +490,17 @@ def test_bad_training_settings_are_refused_before_any_work(tmp_path, setting, me
     with pytest.raises(BadSetting, match=message):
         run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), **setting))
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.parametrize("kw, message", [({"ce_epochs": 0}, "--ce-epochs must be a number > 0, got 0"),
+                                         ({"ce_lr": 0.0}, "--ce-lr must be a number > 0, got 0.0")])
+def test_resume_refuses_zero_epochs_or_learning_rate_instead_of_falling_back(tmp_path, kw, message):
+    from mailroute.settings import BadSetting
+    from training.run import resume
+
+    with pytest.raises(BadSetting, match=message):  # checked before the run folder is even read
+        resume(tmp_path / "no-run", tmp_path / "out", **kw)
+    assert not (tmp_path / "out").exists()
 
 
 def test_zero_flat_epochs_are_fine_when_the_baseline_is_skipped(tmp_path, monkeypatch):

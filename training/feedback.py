@@ -3,10 +3,11 @@
 Corrections take effect at two speeds:
   exemplars  corrected emails join the label index as exemplars of their label (no training, no encoder
              change: the bi-encoder checksum pinning still holds);
-  continued  and the cross-encoder keeps training from the serving version, listwise softmax cross-entropy
-             as in `mailroute train`, on lists of: the gold label + the label the system wrongly chose (a
-             guaranteed hard negative) + the retrieval top-K; plus a replay sample of the original training
-             emails (`replay_ratio` per correction), mined the same way, against forgetting.
+  continued  and the cross-encoder keeps training from the base version (--base-version, default the serving
+             one), listwise softmax cross-entropy as in `mailroute train`, on lists of: the gold label + the
+             label the system wrongly chose (a guaranteed hard negative) + the retrieval top-K; plus a replay
+             sample of the original training emails (`replay_ratio` per correction), mined the same way,
+             against forgetting.
 
 The candidate's rerank policy (fusion, temperatures, gate) is fitted again on the frozen evaluation
 split for its own scores, as `mailroute train` fits it (unless `keep_policy`).

@@ -16,7 +16,7 @@ class FeedbackConfig:
     replay_run: str = ""  # run folder whose training emails are replayed (default: the source run of the version chain)
     epochs: float = 2.0  # continued listwise epochs over corrections + replay
     lr: float = TrainConfig.ce_lr / 2  # continued-training learning rate (half of training's: the head is not new)
-    batch_size: int = 8  # emails per batch (x their candidates)
+    batch_size: int = TrainConfig.ce_batch_size  # emails per batch (x their candidates), as in training
     keep_policy: bool = False  # keep the base version's rerank policy instead of fitting it again on the evaluation split
     holdout_fraction: float = 0.2  # share of corrections (by email hash) kept out to measure the gate on
     max_eval_drop: float = 0.005  # the gate: evaluation-split accuracy may fall by at most this

@@ -69,6 +69,14 @@ def train_flat_baseline(cfg: TrainConfig, train: list, tax, val: list, device: s
                       cfg.flat_lr, cfg.seed, val=val, device=device, precision=cfg.precision)
 
 
+def _check_positive(*flags) -> None:
+    """(flag, value) pairs of epochs and learning rates: each a number > 0, refused by name before any work (a negative
+    learning rate would otherwise surface as torch's traceback after the stages before it)."""
+    for flag, value in flags:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not value > 0:
+            raise BadSetting(f"{flag} must be a number > 0, got {value!r}")
+
+
 def run(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -93,6 +101,8 @@ def run(cfg: TrainConfig) -> dict:
                         ("--max-exemplars-per-label", cfg.max_exemplars_per_label)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise BadSetting(f"{flag} must be an integer >= 0 (0 = no limit), got {value!r}")
+    _check_positive(("--bi-epochs", cfg.bi_epochs), ("--bi-lr", cfg.bi_lr), ("--ce-epochs", cfg.ce_epochs), ("--ce-lr", cfg.ce_lr),
+                    ("--flat-lr", cfg.flat_lr))
     if cfg.trains_flat() and cfg.flat_epochs < 1:
         raise BadSetting(f"--flat-epochs must be >= 1 (or --skip-baseline, unless --ce-init flat), got {cfg.flat_epochs}")
     if cfg.oof_folds < 0 or cfg.oof_folds == 1:
@@ -367,6 +377,7 @@ def resume(run_dir, out_dir, ce_epochs: float = RESUME_CE_EPOCHS, ce_lr: float =
     run folder (the flat baseline's numbers are copied from the run)."""
     import shutil
 
+    _check_positive(("--ce-epochs", ce_epochs), *((("--ce-lr", ce_lr),) if ce_lr is not None else ()))
     src, out = RunFolder(run_dir), RunFolder(out_dir)
     if not src.is_trained() or not src.metrics.exists():
         raise FileNotFoundError(f"{src.root} is not a trained run folder: run `mailroute train` first")
@@ -393,7 +404,7 @@ def resume(run_dir, out_dir, ce_epochs: float = RESUME_CE_EPOCHS, ce_lr: float =
     keep_best = KeepBestEpoch(cross, _validation_rows(cfg, index, val, x_val, cand_val, scores_val), first_epoch=0,
                               policy=cfg.training_policy())
     keep_best.on_epoch_end(None, None, None)  # epoch 0: the starting weights compete too
-    lr = ce_lr or cfg.ce_lr
+    lr = cfg.ce_lr if ce_lr is None else ce_lr
     print(f"resume: cross-encoder +{ce_epochs} epoch(s) at lr {lr} from {src.cross_encoder}")
     train_cross_encoder(cross, rows, ce_epochs, cfg.ce_batch_size, lr, cfg.seed, cfg.training_policy(),
                         device, callbacks=[keep_best], precision=cfg.precision)
@@ -442,6 +453,8 @@ def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: s
                                 f"run `mailroute train` first")
     if flat_epochs < 1:
         raise BadSetting(f"--flat-epochs must be >= 1, got {flat_epochs}")
+    if flat_lr is not None:
+        _check_positive(("--flat-lr", flat_lr))
     cfg = TrainConfig.load(out.config)
     cfg.flat_epochs, cfg.skip_baseline = int(flat_epochs), False
     cfg.flat_lr = cfg.flat_lr if flat_lr is None else flat_lr

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from mailroute.run_layout import METRICS_FILE, REPORT_FILE
-from mailroute.settings import BadSetting
+from mailroute.settings import DEFAULT_RUN, BadSetting, shown
 
 
 def parse_config(spec: str) -> tuple:
@@ -59,7 +59,8 @@ def main(argv=None) -> int:
         argv, common = argv[:i], argv[i + 1:]
     ap = argparse.ArgumentParser(prog="mailroute sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("configs", nargs="+", help="NAME[:--flag=value,...] per run")
-    ap.add_argument("--out", default="runs/sweep", help="parent folder of the runs and the summary (default: runs/sweep)")
+    out = DEFAULT_RUN.parent / "sweep"  # beside the default run, in this checkout whatever the working directory
+    ap.add_argument("--out", default=str(out), help=f"parent folder of the runs and the summary (default: {shown(out)})")
     ap.add_argument("--parallel", type=int, default=5, help="runs at once (default 5)")
     ap.add_argument("--threads", type=int, default=0,
                     help="OMP/MKL threads per run (default: cores / --parallel; set it when another sweep shares the machine)")
