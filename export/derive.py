@@ -32,10 +32,10 @@ from export.versions import new_version
 def embed_with_version(repo, bi_version: int, texts: list) -> np.ndarray:
     """(n,) texts -> (n, dim) embeddings by the exported graph of one bi-encoder version."""
     from export.run import onnx_embed
-    from mailroute.onnx_encoders import session
+    from mailroute.onnx_encoders import OnnxEncoders
 
     bdir = version_dir(repo, contract.BI_ENCODER, bi_version)
-    return onnx_embed(session(bdir / MODEL_FILE), load_tokenizer(bdir / TOKENIZER_FILE, DEFAULTS.max_email_tokens), list(texts))
+    return onnx_embed(OnnxEncoders(bdir / MODEL_FILE), load_tokenizer(bdir / TOKENIZER_FILE, DEFAULTS.max_email_tokens), list(texts))
 
 
 def _vectors(index) -> np.ndarray:

@@ -16,7 +16,7 @@ from pathlib import Path
 from mailroute import contract
 from mailroute.flat_head import FlatHead
 from mailroute.label_index import LabelIndex, weights_id
-from mailroute.onnx_encoders import session
+from mailroute.onnx_encoders import OnnxEncoders
 from mailroute.pipeline import BadParameter, check_params, load_tokenizer, tensors
 from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, EXPORT_REPORT_FILE, FLAT_HEAD_FILE, LABEL_INDEX_DIR, MODEL_FILE,
                                   TENSORRT_CONFIG, TOKENIZER_FILE, TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE, PipelineSpec, utc_stamp,
@@ -117,13 +117,14 @@ def serving_params(cfg: ExportConfig, folder: RunFolder, n_labels: int) -> tuple
     return checked
 
 
-def onnx_embed(sess, tok, texts: list, batch: int = DEFAULTS.embed_batch):
+def onnx_embed(encoders, tok, texts: list, batch: int = DEFAULTS.embed_batch):
+    """(n, dim) embeddings by an Encoders' bi-encoder, tokenised as the classifier tokenises unsplit text."""
     import numpy as np
 
     out = []
     for s in range(0, len(texts), batch):
         ids, mask, _ = tensors(tok.encode_batch(texts[s:s + batch]))
-        out.append(sess.run([contract.EMBEDDING], contract.feed(contract.BI_ENCODER, ids, mask))[0])
+        out.append(encoders.embed(ids, mask))
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 
 
@@ -131,9 +132,9 @@ def label_index_from_onnx(onnx_path: Path, tokenizer: Path, source: LabelIndex) 
     """Embed the label texts and every exemplar with the exported graph itself, so the index matches
     the served encoder; scoring rule and label cards are kept."""
     tok = load_tokenizer(tokenizer, DEFAULTS.max_email_tokens)
-    sess = session(onnx_path)
-    xb = onnx_embed(sess, tok, source.taxonomy.texts)
-    xe = onnx_embed(sess, tok, source.exemplar_texts) if source.exemplar_index is not None else None
+    graph = OnnxEncoders(onnx_path)
+    xb = onnx_embed(graph, tok, source.taxonomy.texts)
+    xe = onnx_embed(graph, tok, source.exemplar_texts) if source.exemplar_index is not None else None
     return LabelIndex.build(source.taxonomy, xb, weights_id(onnx_path), xe, source.exemplar_labels, source.exemplar_texts,
                             source.scoring, source.cards, source.card_spec)
 
@@ -143,7 +144,6 @@ def int8_accuracy_change(run: Path, source: LabelIndex, fp32: tuple, int8: tuple
     """Accuracy of the fp32 and int8 graphs through the same pipeline, on the run's own test emails, each
     with the label index rebuilt from its own bi-encoder graph and the K that is shipped: what it measures
     is what serves. fp32, int8: (bi-encoder, cross-encoder, flat encoder or None) graphs."""
-    from mailroute.onnx_encoders import OnnxEncoders
     from mailroute.pipeline import TwoStageClassifier
     from training.config import TrainConfig
     from training.data import limit, splits_of

@@ -17,8 +17,12 @@ def session(path, threads: int = 0) -> ort.InferenceSession:
 
 
 class OnnxEncoders:
-    def __init__(self, bi_path, cross_path, threads: int = 0, flat_path=None):
-        self.bi, self.cross = session(bi_path, threads), session(cross_path, threads)
+    """The Encoders seam over the exported graphs. cross_path None: a bi-encoder alone (building a label index with the
+    graph that serves), which refuses to score."""
+
+    def __init__(self, bi_path, cross_path=None, threads: int = 0, flat_path=None):
+        self.bi = session(bi_path, threads)
+        self.cross = None if cross_path is None else session(cross_path, threads)
         self.flat = None if flat_path is None else session(flat_path, threads)
 
     def embed(self, input_ids, attention_mask):
@@ -30,5 +34,7 @@ class OnnxEncoders:
         return self.flat.run([contract.EMBEDDING], contract.feed(contract.FLAT_ENCODER, input_ids, attention_mask))[0]
 
     def score(self, input_ids, attention_mask, token_type_ids):
+        if self.cross is None:
+            raise ValueError("these OnnxEncoders hold a bi-encoder alone: give cross_path to score pairs")
         feed = contract.feed(contract.CROSS_ENCODER, input_ids, attention_mask, token_type_ids)
         return self.cross.run([contract.LOGIT], feed)[0][:, 0].astype(np.float32)

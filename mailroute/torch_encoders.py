@@ -65,6 +65,21 @@ class TorchEncoder:
         if gpu and (cuda_graphs is None or cuda_graphs):
             self._capture()
 
+    @classmethod
+    def of_module(cls, module, kind: str) -> "TorchEncoder":
+        """An encoder over a model already in memory (a BertModel for "bi", a BertForSequenceClassification for
+        "cross"), as it is: its device and dtype, no graphs, nothing copied (evaluation during training reads the
+        model being trained)."""
+        if kind not in (BI, CROSS):
+            raise ValueError(f"kind must be {BI!r} or {CROSS!r}, got {kind!r}")
+        self = cls.__new__(cls)
+        self.kind, self.model = kind, module.eval()
+        first = next(module.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self.inputs = contract.BI_ENCODER_INPUTS if kind == BI else contract.CROSS_ENCODER_INPUTS
+        self.batches, self.sequences, self.graphs = (), (), {}
+        return self
+
     @torch.inference_mode()
     def _forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         if self.kind == BI:
@@ -126,6 +141,14 @@ class TorchEncoders:
         self.bi = TorchEncoder(bi_folder, BI, device, **kw | ({"max_batch": embed_batch} if embed_batch else {}))
         self.cross = TorchEncoder(cross_folder, CROSS, device, **kw | ({"max_batch": score_batch} if score_batch else {}))
         self.flat = None if flat_folder is None else TorchEncoder(flat_folder, BI, device, **kw | ({"max_batch": embed_batch} if embed_batch else {}))
+
+    @classmethod
+    def of_modules(cls, bi_module, cross_module, flat_module=None) -> "TorchEncoders":
+        """Over models already in memory, as they are (TorchEncoder.of_module): what evaluation in training uses."""
+        self = cls.__new__(cls)
+        self.bi, self.cross = TorchEncoder.of_module(bi_module, BI), TorchEncoder.of_module(cross_module, CROSS)
+        self.flat = None if flat_module is None else TorchEncoder.of_module(flat_module, BI)
+        return self
 
     @classmethod
     def of_versions(cls, repo, bi_version: int, cross_version: int, device: str = "cpu", flat_version: int = None, **kw) -> "TorchEncoders":

@@ -10,7 +10,7 @@ from mailroute.pipeline import BadParameter
 from mailroute.repository import ENCODER_ID_FILE, EXPORT_REPORT_FILE, MODEL_FILE, PIPELINE_FILE, TOKENIZER_FILE, open_onnx_classifier, version_dir
 from mailroute.run_layout import RunFolder
 from mailroute.settings import DEFAULTS, BadSetting
-from training.reference import SentenceTransformerEncoders
+from training.reference import encoders_of_models
 
 EMAILS = ["I was charged twice for my plan", "Where is my parcel? Tracking is stuck.", "The app crashes when I open settings",
           "Please send the March invoice", "How many vacation days are left?"]
@@ -56,7 +56,7 @@ def test_bad_parameters_are_named(k, t, msg):
 def test_reference_encoders_embed_like_sentence_transformers_encode(tiny_models):
     bi, _ = tiny_models
     tok = bi.tokenizer(EMAILS, padding=True, return_tensors="np")
-    ours = SentenceTransformerEncoders(bi, tiny_models[1]).embed(tok["input_ids"].astype(np.int64), tok["attention_mask"].astype(np.int64))
+    ours = encoders_of_models(bi, tiny_models[1]).embed(tok["input_ids"].astype(np.int64), tok["attention_mask"].astype(np.int64))
     theirs = bi.encode(EMAILS, normalize_embeddings=True)
     assert np.abs(ours - theirs).max() < 1e-5
 
@@ -300,3 +300,20 @@ def test_export_refuses_a_run_without_a_readable_policy_before_any_work(tiny_run
     with pytest.raises(FileNotFoundError if policy_text is None else BrokenFile, match=msg):
         export(ExportConfig(run=str(run), repo=str(repo)))
     assert not repo.exists()  # refused before the repository is touched
+
+
+def test_the_label_index_graph_embeds_as_the_served_classifier_and_refuses_to_score(tiny_repo):
+    """Export builds the label index with the bi-encoder graph alone (OnnxEncoders without a cross-encoder): its
+    embeddings are the served classifier's, and it cannot be mistaken for a whole pipeline."""
+    from export.run import onnx_embed
+    from mailroute.onnx_encoders import OnnxEncoders
+    from mailroute.pipeline import load_tokenizer
+
+    bi_dir = version_dir(tiny_repo, contract.BI_ENCODER)
+    graph = OnnxEncoders(bi_dir / MODEL_FILE)
+    ours = onnx_embed(graph, load_tokenizer(bi_dir / TOKENIZER_FILE, DEFAULTS.max_email_tokens), EMAILS, batch=2)
+    served = open_onnx_classifier(tiny_repo).embed(EMAILS)
+    assert ours.shape == served.shape and np.abs(ours - served).max() < 1e-6
+    ids = np.ones((1, 4), np.int64)
+    with pytest.raises(ValueError, match="bi-encoder alone"):
+        graph.score(ids, ids, np.zeros_like(ids))
