@@ -10,8 +10,9 @@ import pytest
 from mailroute import contract
 from mailroute.flat_head import FlatHead
 from mailroute.label_index import IndexMismatch
-from mailroute.settings import BrokenFile
 from mailroute.rerank_policy import RerankPolicy, fit_fusion, fit_gate, fit_retrieval_temperature
+from mailroute.settings import BrokenFile
+from stand_ins import empty_repository
 
 EMAILS = ["I was charged twice for my plan", "Where is my parcel? Tracking is stuck.", "refund please", "x"]
 
@@ -231,10 +232,8 @@ def test_the_launcher_loads_the_encoders_the_repository_has(tmp_path):
     version: the launcher (explicit mode) loads what has a version, read again at every start."""
     from client.server import TritonServer, serving_args
 
-    repo = tmp_path / "repo"
-    for m in contract.MODELS:
-        (repo / m / "1").mkdir(parents=True)
-    (repo / contract.FLAT_ENCODER).mkdir()  # a config, no version
+    repo = empty_repository(tmp_path / "repo", version="1")
+    (repo / contract.FLAT_ENCODER).mkdir()  # a config, no version (MODELS: the models every repository has)
     server = TritonServer(repo)
     assert server.models == [contract.BI_ENCODER, contract.CROSS_ENCODER, contract.CLASSIFIER]
     (repo / contract.FLAT_ENCODER / "2").mkdir()  # an export adds one while the launcher exists

@@ -9,13 +9,12 @@ import pytest
 
 from client.server import TritonServer
 from client.watchdog import Watchdog, default_max_age
+from stand_ins import empty_repository, launch_instead
 
 
 def _stand_in(monkeypatch, code: str):
-    """TritonServer launches `python -c code` instead of tritonserver (no backend copy, no stub venv)."""
-    monkeypatch.setattr(TritonServer, "command", lambda self: [sys.executable, "-c", code])
-    monkeypatch.setattr(TritonServer, "env", lambda self: dict(os.environ))
-    monkeypatch.setattr(TritonServer, "check_repository", lambda self: None)  # no model repository behind a stand-in
+    """TritonServer launches `python -c code` instead of tritonserver."""
+    launch_instead(monkeypatch, [sys.executable, "-c", code])
 
 
 def test_a_server_that_exits_at_start_leaves_no_temp_folder(monkeypatch, tmp_path):
@@ -48,9 +47,7 @@ def test_a_server_that_never_gets_ready_is_stopped_and_leaves_no_temp_folder(mon
 
 def test_a_start_that_cannot_launch_the_binary_leaves_no_temp_folder(monkeypatch, tmp_path):
     # Given a tritonserver path that does not exist
-    monkeypatch.setattr(TritonServer, "command", lambda self: [str(tmp_path / "no-such-tritonserver")])
-    monkeypatch.setattr(TritonServer, "env", lambda self: dict(os.environ))
-    monkeypatch.setattr(TritonServer, "check_repository", lambda self: None)
+    launch_instead(monkeypatch, [str(tmp_path / "no-such-tritonserver")])
     server = TritonServer(tmp_path)
     with pytest.raises(FileNotFoundError):
         with server:
@@ -93,11 +90,9 @@ def test_a_canary_interval_that_is_not_positive_is_refused(interval):
 def test_serve_refuses_ports_it_cannot_listen_on_before_starting_anything(tmp_path, capsys, monkeypatch):
     import socket
 
-    from mailroute import contract
     from mailroute.cli import main
 
-    for model in contract.MODELS:  # a repository the launcher accepts; no server may start
-        (tmp_path / model).mkdir()
+    empty_repository(tmp_path)  # a repository the launcher accepts; no server may start
     monkeypatch.setattr(TritonServer, "start", lambda self, timeout=0: pytest.fail("a server was started"))
 
     def fails(*flags):

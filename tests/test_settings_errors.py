@@ -8,6 +8,7 @@ import pytest
 
 from mailroute import contract
 from mailroute.settings import ROOT, BadSetting
+from stand_ins import empty_repository, launch_instead
 
 # a training-only machine: no SQLAlchemy (feedback store) and no tritonclient (server, model repository tools).
 # None in sys.modules makes `import` fail and find_spec answer None, as for a package not installed
@@ -113,15 +114,6 @@ def test_serve_on_a_wrong_repository_is_one_line_naming_it_before_any_launch(tmp
     assert "starting tritonserver" not in r.stdout  # refused before launch
 
 
-def _repository(tmp_path):
-    from mailroute import contract
-
-    repo = tmp_path / "repo"
-    for m in contract.MODELS:
-        (repo / m).mkdir(parents=True)
-    return repo
-
-
 def test_serve_on_a_port_in_use_names_the_port_and_launches_nothing(tmp_path, monkeypatch):
     import socket
 
@@ -132,7 +124,7 @@ def test_serve_on_a_port_in_use_names_the_port_and_launches_nothing(tmp_path, mo
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = TritonServer(_repository(tmp_path), http_port=port)
+        server = TritonServer(empty_repository(tmp_path / "repo"), http_port=port)
         try:
             with pytest.raises(ServerStartError, match=f"HTTP port {port} cannot be used .*--http-port"):
                 server.start(timeout=5)
@@ -143,18 +135,14 @@ def test_serve_on_a_port_in_use_names_the_port_and_launches_nothing(tmp_path, mo
 
 
 def test_a_server_that_dies_at_start_is_one_error_line_after_its_log_tail(tmp_path, monkeypatch, capsys):
-    import os
-
-    from client.server import TritonServer
     from mailroute.cli import main
 
     # a stand-in for tritonserver that logs the way it does when its port is taken, then exits 1
     log = ("I0101 00:00:00.000000 1 server.cc:1] loading\n"
            "E0101 00:00:01.000000 1 main.cc:42] failed to start GRPC service: Unavailable - Socket '0.0.0.0:8001' already in use\n")
-    monkeypatch.setattr(TritonServer, "command", lambda self: [sys.executable, "-c", f"import sys; sys.stdout.write({log!r}); sys.exit(1)"])
-    monkeypatch.setattr(TritonServer, "env", lambda self: dict(os.environ))
+    launch_instead(monkeypatch, [sys.executable, "-c", f"import sys; sys.stdout.write({log!r}); sys.exit(1)"], check_repository=True)
     with pytest.raises(SystemExit) as exit_:
-        main(["serve", "--repo", str(_repository(tmp_path)), "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
+        main(["serve", "--repo", str(empty_repository(tmp_path / "repo")), "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
               "--ready-port", "-1", "--timeout", "30"])
     assert exit_.value.code == ("mailroute serve: tritonserver exited with 1 before it was ready: "
                                 "failed to start GRPC service: Unavailable - Socket '0.0.0.0:8001' already in use")

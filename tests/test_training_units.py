@@ -230,6 +230,13 @@ def test_macro_f1_averages_over_the_labels_in_gold_or_predictions():
     assert m["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3) and m["accuracy"] == pytest.approx(2 / 3)
 
 
+# what `mailroute train` writes into metrics.json before the evaluation's own keys (a tiny run's, for resume and baseline)
+METRICS_BEFORE_EVALUATION = {
+    "dataset": "demo", "labels": 50, "n_train": 450, "n_validation": 50, "n_test": 200, "device": "cpu",
+    "cross_encoder_validation_by_epoch": [], "train_time": {}, "anisotropy": {"before": 0.5, "after": 0.3},
+    "mining": {"how": "leave-one-out", "gold_retrieved_train": 1.0, "rows": 450}}
+
+
 def test_resume_trains_only_the_cross_encoder_and_keeps_its_best_epoch(tiny_run, tmp_path):
     import json
     import shutil
@@ -237,10 +244,7 @@ def test_resume_trains_only_the_cross_encoder_and_keeps_its_best_epoch(tiny_run,
     from training.run import resume
 
     run, more = RunFolder(shutil.copytree(tiny_run, tmp_path / "run")), RunFolder(tmp_path / "more")
-    run.metrics.write_text(json.dumps({  # what `mailroute train` writes before the evaluation's own keys
-        "dataset": "demo", "labels": 50, "n_train": 450, "n_validation": 50, "n_test": 200, "device": "cpu",
-        "cross_encoder_validation_by_epoch": [], "train_time": {}, "anisotropy": {"before": 0.5, "after": 0.3},
-        "mining": {"how": "leave-one-out", "gold_retrieved_train": 1.0, "rows": 450}}))
+    run.metrics.write_text(json.dumps(METRICS_BEFORE_EVALUATION))
     run.predictions.write_text("")
     metrics = resume(run.root, more.root, ce_epochs=1, ce_lr=1e-3, device="cpu")
     history, best = metrics["resume"]["validation_listwise_accuracy_by_epoch"], metrics["resume"]["best_epoch"]
@@ -270,10 +274,7 @@ def test_baseline_retrains_only_the_flat_softmax_and_keeps_the_old_numbers(tiny_
     # tiny weights: a fast flat model; first a run that measures the flat model as the baseline only (not fused)
     cfg = json.loads(out.config.read_text()) | {"base": str(out.bi_encoder), "no_flat_fusion": True}
     out.config.write_text(json.dumps(cfg))
-    out.metrics.write_text(json.dumps({  # what `mailroute train` writes before the evaluation's own keys
-        "dataset": "demo", "labels": 50, "n_train": 450, "n_validation": 50, "n_test": 200, "device": "cpu",
-        "cross_encoder_validation_by_epoch": [], "train_time": {}, "anisotropy": {"before": 0.5, "after": 0.3},
-        "mining": {"how": "leave-one-out", "gold_retrieved_train": 1.0, "rows": 450}}))
+    out.metrics.write_text(json.dumps(METRICS_BEFORE_EVALUATION))
     evaluated = refit(run, device="cpu")
     # When the baseline is trained again with 2 epochs
     metrics = retrain_baseline(run, flat_epochs=2, device="cpu")
