@@ -14,7 +14,7 @@ import torch
 
 from benchmarks.inputs import banking77_texts, email_texts
 from mailroute.repository import open_onnx_classifier
-from mailroute.settings import DEFAULT_REPOSITORY, DEFAULT_RUN
+from mailroute.settings import DEFAULT_REPOSITORY, DEFAULT_RUN, shown
 from training.reference import load_reference
 
 
@@ -28,8 +28,8 @@ def throughput(clf, texts: list, batch: int, k: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", default=str(DEFAULT_RUN), help="trained run: the PyTorch reference (default: %(default)s)")
-    ap.add_argument("--repo", default=str(DEFAULT_REPOSITORY), help="its export: the onnxruntime classifier (default: %(default)s)")
+    ap.add_argument("--run", default=str(DEFAULT_RUN), help=f"trained run: the PyTorch reference (default: {shown(DEFAULT_RUN)})")
+    ap.add_argument("--repo", default=str(DEFAULT_REPOSITORY), help=f"its export: the onnxruntime classifier (default: {shown(DEFAULT_REPOSITORY)})")
     ap.add_argument("--n", type=int, default=256, help="emails per measurement (default: %(default)s)")
     ap.add_argument("--batch", type=int, default=32, help="emails per classify call (default: %(default)s)")
     ap.add_argument("--k", type=int, default=10, help="candidates reranked per email (default: %(default)s)")

@@ -21,9 +21,9 @@ import numpy as np
 from mailroute import contract
 from mailroute.label_index import LabelIndex
 from mailroute.pipeline import load_tokenizer
-from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, FLAT_HEAD_FILE, LABEL_INDEX_DIR, MODEL_FILE, TOKENIZER_FILE,
-                                  TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE, load_label_index, read_pipeline, utc_stamp, version_dir,
-                                  write_pipeline)
+from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, FLAT_HEAD_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE,
+                                  TOKENIZER_FILE, TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE, load_label_index, read_pipeline, utc_stamp,
+                                  version_dir, write_pipeline)
 from mailroute.settings import DEFAULTS
 from mailroute.taxonomy import NAME_RE, DataError, Label, parse_taxonomy
 from export.versions import new_version
@@ -76,6 +76,7 @@ def derive_version(repo, base: int, kind: str, exemplars: list = (), new_labels:
     repo = Path(repo)
     base_dir = version_dir(repo, contract.CLASSIFIER, base)
     spec = read_pipeline(base_dir)
+    spec.rerank_policy(base_dir / PIPELINE_FILE)  # a derived version serves its base's policy: refuse a broken one now
     index = derived_index(repo, base_dir, exemplars, new_labels)
     with new_version(repo, contract.CLASSIFIER) as (folder, v):
         index.save(folder / LABEL_INDEX_DIR)
@@ -94,7 +95,7 @@ def derive_version(repo, base: int, kind: str, exemplars: list = (), new_labels:
             shutil.copy(base_dir / FLAT_HEAD_FILE, folder / FLAT_HEAD_FILE)
         elif spec.flat_encoder_version is not None:  # the head has no row for a new label: the two stages answer alone, by
             # their own fit where the export kept one (else the same weights without the flat term)
-            policy = spec.policy_without_flat or spec.rerank_policy().without_flat().to_dict()
+            policy = spec.policy_without_flat or spec.rerank_policy(base_dir / PIPELINE_FILE).without_flat().to_dict()
             spec = replace(spec, flat_encoder_version=None, policy=policy, policy_without_flat=None)
         write_pipeline(folder, spec)
     return v

@@ -502,7 +502,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print the stored correction as JSON")
     _store_args(p)
     p = fsub.add_parser("import", help="bulk import from .jsonl or .csv (prediction_id or text, label[, subject, who]); all or nothing")
-    p.add_argument("file", help="corrections file, .jsonl or .csv (columns above)")
+    p.add_argument("file", help="corrections file, .jsonl or .csv: prediction_id or text, label[, subject, who] per row")
     p.add_argument("--who", default=None, help="who corrected them (where a row does not say)")
     _store_args(p)
     p = fsub.add_parser("status", help="how many predictions and corrections the store holds")

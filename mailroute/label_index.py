@@ -319,7 +319,7 @@ class LabelIndex:
             raise IndexMismatch(f"label index in {folder} holds {index.ntotal} vectors for {len(taxonomy)} labels")
         try:
             scoring = LabelScoring(**manifest.get("scoring", {}))
-        except TypeError as e:  # a field save() never writes
+        except (TypeError, ValueError) as e:  # a field save() never writes; a value out of its range
             raise BrokenFile(f"{folder / MANIFEST_FILE}: its scoring does not read ({e})") from None
         self = cls(taxonomy, _on_gpu(index), manifest, scoring=scoring)
         if manifest.get("exemplars"):

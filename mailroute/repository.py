@@ -111,12 +111,6 @@ class PipelineSpec:
             raise ValueError(f"{PIPELINE_FILE} pins versions that are not numbers: {d['bi_encoder_version']!r}, "
                              f"{d['cross_encoder_version']!r}") from None
         known = {f.name for f in fields(cls)} - {"other"}
-        for key in ("policy", "policy_without_flat"):  # read now, so that a broken one is named with its file
-            if d.get(key) is not None:
-                try:
-                    RerankPolicy.from_dict(d[key])
-                except (TypeError, ValueError, AttributeError) as e:
-                    raise ValueError(f"{PIPELINE_FILE} holds a {key} that is not a rerank policy: {e}") from None
         if d.get("flat_encoder_version") is not None:
             try:
                 pins["flat_encoder_version"] = int(d["flat_encoder_version"])
@@ -132,8 +126,13 @@ class PipelineSpec:
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "other" and getattr(self, f.name) is not None} | self.other
 
-    def rerank_policy(self) -> RerankPolicy:
-        return RerankPolicy.from_dict(self.policy)
+    def rerank_policy(self, where=PIPELINE_FILE) -> RerankPolicy:
+        """The version's policy; BrokenFile naming `where` (the file it was read from) when it is not one. Read where it is
+        used, not by read_pipeline: listing, pruning and tracing a version need only its pins."""
+        try:
+            return RerankPolicy.from_dict(self.policy)
+        except (TypeError, ValueError, AttributeError) as e:  # hand-edited: a field of the wrong type, not an object
+            raise BrokenFile(f"{where}: its policy is not a rerank policy: {e}") from None
 
     # read as the dict it was before: the model.py of a version exported earlier (each version keeps its own, and a
     # derived version copies its parent's) does `spec["bi_encoder_version"]` on what read_pipeline returns
@@ -208,7 +207,7 @@ def open_classifier(repo, classifier_dir, encoders, **kw) -> TwoStageClassifier:
     spec = read_pipeline(classifier_dir)
     bi_dir = version_dir(repo, contract.BI_ENCODER, spec.bi_encoder_version)
     cross_dir = version_dir(repo, contract.CROSS_ENCODER, spec.cross_encoder_version)
-    kw = {"top_k": spec.top_k, "threshold": spec.threshold, "policy": spec.rerank_policy(),
+    kw = {"top_k": spec.top_k, "threshold": spec.threshold, "policy": spec.rerank_policy(Path(classifier_dir) / PIPELINE_FILE),
           "flat_head": load_flat_head(repo, classifier_dir)} | kw
     return TwoStageClassifier(encoders, load_label_index(repo, classifier_dir),
                               load_tokenizer(bi_dir / TOKENIZER_FILE, DEFAULTS.max_email_tokens),

@@ -118,6 +118,15 @@ def test_a_damaged_file_of_a_version_is_one_line_naming_it(repo, capsys, part, d
     assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == before
 
 
+def test_a_hand_edited_label_scoring_out_of_range_is_named(repo, capsys):
+    path = repo / contract.CLASSIFIER / "1" / LABEL_INDEX_DIR / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    manifest["scoring"] = manifest.get("scoring", {}) | {"description_weight": 2}
+    path.write_text(json.dumps(manifest))
+    msg = fails(capsys, "labels", "add", "--name", "pet_insurance", "--description", "insurance for pets", "--repo", str(repo))
+    assert f"{path}: its scoring does not read" in msg and "description_weight" in msg
+
+
 def test_a_pipeline_file_with_a_broken_policy_is_named(repo, capsys):
     from mailroute.repository import PIPELINE_FILE
 
@@ -126,7 +135,7 @@ def test_a_pipeline_file_with_a_broken_policy_is_named(repo, capsys):
     spec["policy"]["flat_weight"] = "lots"
     path.write_text(json.dumps(spec))
     msg = fails(capsys, "labels", "add", "--name", "pet_insurance", "--description", "insurance for pets", "--repo", str(repo))
-    assert f"{path}: {PIPELINE_FILE} holds a policy that is not a rerank policy: RerankPolicy.flat_weight must be a number, got 'lots'" in msg
+    assert f"{path}: its policy is not a rerank policy: RerankPolicy.flat_weight must be a number, got 'lots'" in msg
 
 
 def test_label_examples_are_normalised_like_every_email(repo, capsys):

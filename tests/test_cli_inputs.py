@@ -58,7 +58,7 @@ def test_a_mistyped_path_or_a_folder_is_refused(tmp_path):
         read_inputs([str(tmp_path)])
 
 
-def test_classify_reads_a_long_piped_email_as_text(monkeypatch):
+def test_classify_reads_a_long_piped_email_as_text(monkeypatch, capsys):
     """The CLI end to end up to the client, with a stand-in client (no server)."""
     import client
     from mailroute.cli import main
@@ -84,6 +84,7 @@ def test_classify_reads_a_long_piped_email_as_text(monkeypatch):
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(LONG.encode())))
     main(["classify", "--url", "127.0.0.1:1"])
     assert seen["texts"] == [LONG.encode()]
+    assert "billing" in capsys.readouterr().out  # the CLI prints what the client answered (the stand-in's label)
 
 
 def test_a_jsonl_line_with_a_lone_surrogate_is_refused_by_line(tmp_path):
