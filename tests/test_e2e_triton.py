@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 
 import numpy as np
@@ -142,7 +143,11 @@ def test_tritons_own_counter_counts_one_request(triton, client):
     success = "nv_inference_request_success"
     before = metric_total(metrics_text(triton), success, model=contract.CLASSIFIER)
     client.classify(EMAILS[:2])  # one gRPC request of two emails
-    assert metric_total(metrics_text(triton), success, model=contract.CLASSIFIER) - before == 1
+    deadline, moved = time.monotonic() + 10, 0.0
+    while not moved and time.monotonic() < deadline:  # Triton publishes its counters on an interval, not per request
+        moved = metric_total(metrics_text(triton), success, model=contract.CLASSIFIER) - before
+        time.sleep(0.2)
+    assert moved == 1
 
 
 def test_cli_classify_text_eml_and_jsonl(triton, tmp_path):
