@@ -26,7 +26,7 @@ from tritonclient.grpc import model_config_pb2
 
 from mailroute import contract
 from mailroute.label_index import MANIFEST_FILE
-from mailroute.settings import PRUNE_KEEP, BrokenFile
+from mailroute.settings import PRUNE_KEEP, BrokenFile, read_json
 from mailroute.repository import (CONFIG_FILE, GATE_REPORT_FILE, HISTORY_FILE, LABEL_INDEX_DIR, PIPELINE_FILE,  # noqa: F401
                                   encoder_models, read_pipeline, utc_stamp, versions)
 
@@ -234,12 +234,7 @@ def list_versions(repo) -> list:
 
 def _json(path: Path, missing):
     """A JSON file a version holds (`missing` where it has none); BrokenFile naming it when cut off."""
-    if not path.exists():
-        return missing
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BrokenFile(f"unreadable {path.name}: {e}") from None
+    return read_json(path) if path.exists() else missing
 
 
 def _pct(x) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from mailroute.settings import BrokenFile
+from mailroute.settings import BrokenFile, read_json
 from mailroute.taxonomy import CardSpec, Taxonomy, load_taxonomy  # noqa: F401 (CardSpec: part of this module's interface)
 
 # file names inside a label index folder
@@ -71,13 +71,6 @@ def _on_gpu(index):
 
 def _to_cpu(index):
     return faiss.index_gpu_to_cpu(index) if hasattr(index, "getDevice") else index
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise BrokenFile(f"{path}: not the JSON save() wrote ({e})") from None
 
 
 def _read_index(path: Path):
@@ -302,7 +295,7 @@ class LabelIndex:
         """IndexMismatch when the parts do not belong together; BrokenFile naming the file when one no longer reads as
         what save() wrote (cut off, edited by hand); FileNotFoundError when one is missing."""
         folder = Path(folder)
-        manifest = _read_json(folder / MANIFEST_FILE)
+        manifest = read_json(folder / MANIFEST_FILE)
         missing = [k for k in ("encoder", "taxonomy") if not isinstance(manifest, dict) or k not in manifest]
         if missing:
             raise BrokenFile(f"{folder / MANIFEST_FILE}: not a label index manifest (no {' and no '.join(missing)})")
@@ -337,7 +330,7 @@ class LabelIndex:
             self.exemplar_labels = np.array(labels, dtype=np.int64)
             self.exemplar_texts = texts
         if (folder / CARDS_FILE).exists():
-            self.cards = _read_json(folder / CARDS_FILE)
+            self.cards = read_json(folder / CARDS_FILE)
         return self
 
     def on_device(self, device: str) -> "LabelIndex":

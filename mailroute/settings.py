@@ -59,6 +59,16 @@ class BrokenFile(ValueError):
     still skips an unreadable one; the CLI prints it as one line."""
 
 
+def read_json(path: Path):
+    """A JSON file mailroute wrote; BrokenFile naming it when it no longer parses (cut off, edited by hand, not UTF-8)."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BrokenFile(f"unreadable {Path(path).name} ({path}): {e}") from None
+
+
 @dataclass(frozen=True)
 class Defaults:
     # candidates retrieved and reranked per email: training's --k-train/--k-eval, and the K of a served version whose

@@ -100,11 +100,11 @@ def test_a_broken_pipeline_file_is_one_line_naming_it(repo, capsys):
 
 
 @pytest.mark.parametrize("part, damage, named", [
-    (f"{LABEL_INDEX_DIR}/{MANIFEST_FILE}", b'{"encoder": "x", "tax', "not the JSON save() wrote"),
+    (f"{LABEL_INDEX_DIR}/{MANIFEST_FILE}", b'{"encoder": "x", "tax', f"unreadable {MANIFEST_FILE}"),
     (f"{LABEL_INDEX_DIR}/{MANIFEST_FILE}", b'{"taxonomy": "x"}', "not a label index manifest (no encoder)"),
     (f"{LABEL_INDEX_DIR}/{EXEMPLARS_FILE}", b'{"label": "no_such_label", "text": "hi"}\n', "not the exemplar rows save() wrote"),
     (f"{LABEL_INDEX_DIR}/{INDEX_FILE}", b"garbage!", "not a FAISS index"),
-    (f"{LABEL_INDEX_DIR}/{CARDS_FILE}", b"[{", "not the JSON save() wrote"),
+    (f"{LABEL_INDEX_DIR}/{CARDS_FILE}", b"[{", f"unreadable {CARDS_FILE}"),
 ])
 def test_a_damaged_file_of_a_version_is_one_line_naming_it(repo, capsys, part, damage, named):
     """Label index files export wrote that no longer read as what they hold (cut off, edited by hand) stop a command
