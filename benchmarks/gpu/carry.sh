@@ -2,10 +2,11 @@
 # What the lent GPU machine lacks for benchmarks/gpu (it has PyTorch + CUDA, transformers, sentence-transformers,
 # onnx, onnxruntime CPU, grpcio, protobuf, numpy 2.5; see ../shared/docs/gpu.md), prepared here in three git-ignored
 # folders, each under the 64 MiB a call may carry (the working tree included, about 2 MiB; keep untracked results out):
-# (a call carries the working tree too, ~5.4 MB: each folder stays under ~61 MB)
-#   gpu-carry/a: nvidia-pytriton (tritonserver), tritonclient, datasets + dill + multiprocess        (~56 MB, cp312 wheels)
+# (a call carries the working tree too, ~11 MB in session 32, mostly committed raw results: the du line at the end
+# adds it up, and each folder must stay under 64 MiB minus the tree)
+#   gpu-carry/a: nvidia-pytriton (tritonserver), tritonclient                                        (~55.5 MB, cp312 wheels)
 #   gpu-carry/s: faiss-cpu, grpcio, protobuf, python-rapidjson, numpy 1.26.4 for the Triton backend
-#                stub, the MiniLM tokenizer                                                          (~47 MB)  serving
+#                stub, the MiniLM tokenizer, datasets + dill + multiprocess                          (~48 MB)  serving
 #   gpu-carry/b: site.tar.xz (faiss-cpu, datasets, dill, multiprocess: the wheels unpacked and xz-compressed, 10 MB
 #                instead of 20 as wheels), the base weights as fp16 + xz (benchmarks/gpu/weights.py), a BANKING77
 #                copy: everything a training call needs, in one call                                 (~52 MB)  training
@@ -20,7 +21,7 @@ PIP=(.venv/bin/python -m pip download --no-deps --only-binary=:all: --python-ver
 mkdir -p gpu-carry/a gpu-carry/b gpu-carry/s/stub-numpy gpu-carry/s/tokenizer
 DATASETS=(datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19)  # imported by training/ (the image's pyarrow 25 suits 5.2.0)
 FAISS=faiss-cpu==1.15.1
-"${PIP[@]}" -d gpu-carry/a nvidia-pytriton==0.7.0 tritonclient==2.73.0 "${DATASETS[@]}"
+"${PIP[@]}" -d gpu-carry/a nvidia-pytriton==0.7.0 tritonclient==2.73.0
 SITE_WHEELS=$(mktemp -d)
 trap 'rm -rf "$SITE_WHEELS"' EXIT
 "${PIP[@]}" -d "$SITE_WHEELS/whl" "$FAISS" "${DATASETS[@]}"
@@ -28,7 +29,7 @@ trap 'rm -rf "$SITE_WHEELS"' EXIT
 # dill's *.data/scripts, console scripts nothing here runs, stay unplaced)
 for w in "$SITE_WHEELS"/whl/*.whl; do unzip -q -o "$w" -d "$SITE_WHEELS/site"; done
 tar -C "$SITE_WHEELS/site" -cf - . | xz -9e -T2 > gpu-carry/b/site.tar.xz
-"${PIP[@]}" -d gpu-carry/s "$FAISS" grpcio==1.85.1 protobuf==6.33.6 python-rapidjson==1.25
+"${PIP[@]}" -d gpu-carry/s "$FAISS" grpcio==1.85.1 protobuf==6.33.6 python-rapidjson==1.25 "${DATASETS[@]}"
 "${PIP[@]}" -d gpu-carry/s/stub-numpy numpy==1.26.4  # the stub of nvidia-pytriton 0.7.0 needs numpy < 2 (client/server.py)
 .venv/bin/python -m benchmarks.gpu.weights pack gpu-carry/b/base.tar.xz
 BANKING77=$(.venv/bin/python -c "from mailroute.settings import banking77_dir; print(banking77_dir())")
@@ -37,4 +38,8 @@ mkdir -p gpu-carry/b/banking77 && cp "$BANKING77"/train.csv "$BANKING77"/test.cs
 TOKENIZER_PATHS=$(.venv/bin/python -c "from training.models import TOKENIZER_FILES, base_model_dir; print(*(base_model_dir() / f for f in TOKENIZER_FILES), sep='\n')")
 mapfile -t TOKENIZER <<< "$TOKENIZER_PATHS"
 cp "${TOKENIZER[@]}" gpu-carry/s/tokenizer/
-du -sb gpu-carry/a gpu-carry/s gpu-carry/b  # + the tree (git ls-files) must stay under 64 MiB = 67,108,864 bytes
+TREE=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+for d in gpu-carry/a gpu-carry/s gpu-carry/b; do  # each with the tree must stay under 64 MiB = 67,108,864 bytes
+  n=$(( $(du -sb "$d" | cut -f1) + TREE ))
+  echo "$d + tree: $n bytes$([ $n -lt 67108864 ] || echo '  OVER the 64 MiB a call may carry')"
+done

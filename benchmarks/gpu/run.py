@@ -192,10 +192,67 @@ def load(url: str, texts: list, concurrency: int, seconds: float, k: int, proces
             "stage_p50_ms": stage_p50, "outside_stages_p50_ms": float(p[0]) - inside}
 
 
+def encoder_profile(enc, k: int, batch: int = 256, reps: int = 10) -> dict:
+    """The encoders' own time for `batch` emails at the benchmark's shapes (each email one bi-encoder and one
+    flat-encoder pass of max_email_tokens, k pairs of max_pair_tokens through the cross-encoder), in ms, by how the
+    passes are run: CUDA-graph replays of the largest bucket one after another with no read-back between (the served
+    path's GPU work alone), eager in the same chunks, and eager in one pass over all rows, with a padded attention
+    mask (as served: any row shorter than the longest masks positions) and with none padded (the probe's case in
+    ../shared/docs/gpu.md: Hugging Face then drops the mask and SDPA may take its flash kernel). "emails_per_s":
+    what each way allows if nothing but these passes ran. Timed by CUDA events on a GPU; on a CPU (smoke runs) by the
+    clock, once each."""
+    import torch
+
+    from mailroute.torch_encoders import CROSS
+
+    gpu = enc.bi.device.type == "cuda"
+
+    def ms(fn) -> float:
+        if not gpu:
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e3
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps
+
+    out, per_email = {"batch": batch}, {}
+    passes = 2 if enc.flat is not None else 1  # the flat encoder: the bi-encoder's shape, on the same tokens
+    for e, rows, seq, n in ((enc.bi, batch, DEFAULTS.max_email_tokens, passes), (enc.cross, batch * k, DEFAULTS.max_pair_tokens, 1)):
+        ids = torch.randint(1000, 30000, (rows, seq), device=e.device)
+        full = torch.ones_like(ids)
+        padded = full.clone()
+        padded[:, -1] = 0
+        types = torch.zeros_like(ids) if e.kind == CROSS else None
+        chunk = max(e.batches) if e.batches else rows
+
+        def part(x, s):
+            return None if x is None else x[s:s + chunk]
+
+        ways = {"eager_one_pass_padded": lambda: e._forward(ids, padded, types),
+                "eager_one_pass_unpadded": lambda: e._forward(ids, full, types),
+                "eager_chunks_padded": lambda: [e._forward(ids[s:s + chunk], padded[s:s + chunk], part(types, s)) for s in range(0, rows, chunk)]}
+        graph = e.graphs.get((chunk, seq))
+        if graph:
+            ways["graph_replays"] = lambda: [graph[0].replay() for _ in range(0, rows, chunk)]
+        out[f"{e.kind}_{rows}x{seq}_chunks_of_{chunk}"] = timed = {way: round(ms(fn), 3) for way, fn in ways.items()}
+        for way, v in timed.items():
+            per_email[way] = per_email.get(way, 0.0) + n * v
+    out["emails_per_s"] = {way: round(batch / (v / 1e3), 1) for way, v in per_email.items()}
+    return out
+
+
 def ceiling(repo: Path, texts: list, device: str, k: int, batch: int = 256, seconds: float = 10) -> tuple:
     """The same two-stage computation in PyTorch alone, no server: (emails/s of the whole pipeline in one
     process: tokenise, embed, search, score B x K pairs, softmax; emails/s of the encoders and search
-    alone on tensors tokenised once)."""
+    alone on tensors tokenised once; encoder_profile: the encoders' GPU time alone, by how they run)."""
     from mailroute import contract
     from mailroute.repository import open_classifier, version_dir
     from mailroute.settings import DEFAULTS
@@ -231,7 +288,7 @@ def ceiling(repo: Path, texts: list, device: str, k: int, batch: int = 256, seco
         for c in chunks:
             enc.score(*c)
         n += batch
-    return whole, n / (time.perf_counter() - t0)
+    return whole, n / (time.perf_counter() - t0), encoder_profile(enc, k, batch)
 
 
 def main(argv=None):
@@ -302,8 +359,10 @@ def main(argv=None):
             server.cleanup()
         if gpu:
             torch.cuda.empty_cache()
-        top, top_accelerator = ceiling(repo, texts, a.device, a.k)
+        top, top_accelerator, profile = ceiling(repo, texts, a.device, a.k)
         print(f"raw PyTorch ceiling: {top:.1f} emails/s whole pipeline, {top_accelerator:.1f} emails/s encoders + search alone", flush=True)
+        if profile:
+            print("encoders' GPU time alone (ms per 256 emails' passes; emails/s each way allows):", json.dumps(profile), flush=True)
         best = max(rows, key=lambda r: r["emails_per_s"]) if rows else None
         single = next((r for r in rows if r["concurrency"] == 1), None)
         summary = {"card": torch.cuda.get_device_name(0) if gpu else platform.processor() or "cpu", "device": a.device, "tiny": a.tiny,
@@ -312,6 +371,7 @@ def main(argv=None):
                    "max_queue_delay_us": a.max_queue_delay_us, "encoders_in_classifier": a.encoders_in_classifier, "label_cards": "nearest" if a.nearest_cards else "fixed",
                    "emails_per_s": best and best["emails_per_s"], "p50_ms": best and best["p50_ms"], "p99_ms": best and best["p99_ms"],
                    "at_concurrency": best and best["concurrency"], "ceiling_emails_per_s": top, "ceiling_encoders_only_emails_per_s": top_accelerator,
+                   "encoder_profile_ms": profile,
                    "share_of_ceiling": best and best["emails_per_s"] / top, "single_email_p50_ms": single["p50_ms"] if single else None,
                    "levels": rows, "gated_levels": gated, "gated_share_target": a.gated_share,
                    "setup_s": round(setup_s, 1), "serving_error": served_error}
