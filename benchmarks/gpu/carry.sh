@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # What the lent GPU machine lacks for benchmarks/gpu (it has PyTorch + CUDA, transformers, sentence-transformers,
 # onnx, onnxruntime CPU, grpcio, protobuf, numpy 2.5; see ../shared/docs/gpu.md), prepared here in three git-ignored
-# folders, each under the 64 MiB a call may carry (the working tree included, about 2 MiB; keep untracked results out):
-# (a call carries the working tree too, ~11 MB in session 32, mostly committed raw results: the du line at the end
-# adds it up, and each folder must stay under 64 MiB minus the tree)
-#   gpu-carry/a: nvidia-pytriton (tritonserver), tritonclient                                        (~55.5 MB, cp312 wheels)
+# folders; a call carries one of them and the working tree (~11 MB in session 32, mostly committed raw results), so each
+# must stay under 64 MiB minus the tree (the lines at the end add them up):
+#   gpu-carry/a: site.tar.xz: nvidia-pytriton (tritonserver) and tritonclient, the wheels unpacked and xz-compressed
+#                (34 MB instead of 55.5 as wheels: as wheels they left 0.6 MB for the tree in session 32)      Triton
 #   gpu-carry/s: faiss-cpu, grpcio, protobuf, python-rapidjson, numpy 1.26.4 for the Triton backend
 #                stub, the MiniLM tokenizer, datasets + dill + multiprocess                          (~48 MB)  serving
-#   gpu-carry/b: site.tar.xz (faiss-cpu, datasets, dill, multiprocess: the wheels unpacked and xz-compressed, 10 MB
-#                instead of 20 as wheels), the base weights as fp16 + xz (benchmarks/gpu/weights.py), a BANKING77
-#                copy: everything a training call needs, in one call                                 (~52 MB)  training
+#   gpu-carry/b: site.tar.xz (faiss-cpu, datasets, dill, multiprocess: 10 MB instead of 20 as wheels), the base weights
+#                as fp16 + xz (benchmarks/gpu/weights.py), a BANKING77 copy: everything a training call needs, in one
+#                call                                                                                (~52 MB)  training
 # Then the calls of benchmarks/gpu/device.sh on one warm machine (install a; install s + serve) or, for training alone,
 # one call (install b + sweep / oof).
 # Remove gpu-carry/ afterwards: the dataset is read in place everywhere else.
@@ -18,17 +18,24 @@ cd "$(dirname "$0")/../.."
 grep -qx "/gpu-carry/" .git/info/exclude 2>/dev/null || echo "/gpu-carry/" >> .git/info/exclude
 PIP=(.venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
      --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_35_x86_64)
+rm -rf gpu-carry/a gpu-carry/b gpu-carry/s  # nothing left from an earlier carry (a call carries the whole folder)
 mkdir -p gpu-carry/a gpu-carry/b gpu-carry/s/stub-numpy gpu-carry/s/tokenizer
 DATASETS=(datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19)  # imported by training/ (the image's pyarrow 25 suits 5.2.0)
 FAISS=faiss-cpu==1.15.1
-"${PIP[@]}" -d gpu-carry/a nvidia-pytriton==0.7.0 tritonclient==2.73.0
-SITE_WHEELS=$(mktemp -d)
-trap 'rm -rf "$SITE_WHEELS"' EXIT
-"${PIP[@]}" -d "$SITE_WHEELS/whl" "$FAISS" "${DATASETS[@]}"
-# what `pip install --target` would put there: the unpacked wheels (these have no *.data/purelib or platlib parts;
-# dill's *.data/scripts, console scripts nothing here runs, stay unplaced)
-for w in "$SITE_WHEELS"/whl/*.whl; do unzip -q -o "$w" -d "$SITE_WHEELS/site"; done
-tar -C "$SITE_WHEELS/site" -cf - . | xz -9e -T2 > gpu-carry/b/site.tar.xz
+SCRATCH=$(mktemp -d)
+trap 'rm -rf "$SCRATCH"' EXIT
+site_tar() {  # site_tar OUT WHEEL...: what `pip install --target` would put there (the unpacked wheels, executable bits
+  # kept: tritonserver, the backend stubs), xz-compressed; device.sh install unpacks it (these wheels have no
+  # *.data/purelib or platlib parts; dill's *.data/scripts, console scripts nothing here runs, stay unplaced)
+  local out=$1 w
+  shift
+  rm -rf "$SCRATCH/whl" "$SCRATCH/site"
+  "${PIP[@]}" -d "$SCRATCH/whl" "$@"
+  for w in "$SCRATCH"/whl/*.whl; do unzip -q -o "$w" -d "$SCRATCH/site"; done
+  tar -C "$SCRATCH/site" -cf - . | xz -9e -T2 > "$out"
+}
+site_tar gpu-carry/a/site.tar.xz nvidia-pytriton==0.7.0 tritonclient==2.73.0
+site_tar gpu-carry/b/site.tar.xz "$FAISS" "${DATASETS[@]}"
 "${PIP[@]}" -d gpu-carry/s "$FAISS" grpcio==1.85.1 protobuf==6.33.6 python-rapidjson==1.25 "${DATASETS[@]}"
 "${PIP[@]}" -d gpu-carry/s/stub-numpy numpy==1.26.4  # the stub of nvidia-pytriton 0.7.0 needs numpy < 2 (client/server.py)
 .venv/bin/python -m benchmarks.gpu.weights pack gpu-carry/b/base.tar.xz

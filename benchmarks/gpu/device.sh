@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The lent GPU machine's side of benchmarks/gpu (prepared here by carry.sh; run from the repository root there).
 # Calls on one warm machine (what is installed under .gpu-work/ survives about 30 s between calls):
-#   1. carry gpu-carry/a:  bash benchmarks/gpu/device.sh install gpu-carry/a                       (Triton wheels)
+#   1. carry gpu-carry/a:  bash benchmarks/gpu/device.sh install gpu-carry/a                       (Triton)
 #   2. carry gpu-carry/s:  bash benchmarks/gpu/device.sh install gpu-carry/s && bash benchmarks/gpu/device.sh serve
 #   3. carry gpu-carry/b:  bash benchmarks/gpu/device.sh install gpu-carry/b && bash benchmarks/gpu/device.sh sweep   (or: ... oof)
 #      (gpu-carry/b holds all that training needs: a lease spent on training alone needs this one call, on a fresh machine)

@@ -362,7 +362,7 @@ def main(argv=None):
         top, top_accelerator, profile = ceiling(repo, texts, a.device, a.k)
         print(f"raw PyTorch ceiling: {top:.1f} emails/s whole pipeline, {top_accelerator:.1f} emails/s encoders + search alone", flush=True)
         if profile:
-            print("encoders' GPU time alone (ms per 256 emails' passes; emails/s each way allows):", json.dumps(profile), flush=True)
+            print("the encoders' own time (ms per 256 emails' passes; emails/s each way allows):", json.dumps(profile), flush=True)
         best = max(rows, key=lambda r: r["emails_per_s"]) if rows else None
         single = next((r for r in rows if r["concurrency"] == 1), None)
         summary = {"card": torch.cuda.get_device_name(0) if gpu else platform.processor() or "cpu", "device": a.device, "tiny": a.tiny,
