@@ -17,11 +17,7 @@ from mailroute import contract
 from mailroute.settings import DEFAULTS
 from export.runtimes import EXPORT_RUNTIMES, RUNTIMES, TRT_ENGINE_CACHE, Runtime, runtime  # noqa: F401 (the registry, re-exported)
 
-# per encoder: the most rows in one call (its config's max_batch_size: the rows the classifier sends in one BLS call)
-# and the most tokens in a row (the tokenizer's budget: every caller truncates to it)
-ENCODER_LIMITS = {contract.BI_ENCODER: (DEFAULTS.embed_batch, DEFAULTS.max_email_tokens),
-                  contract.CROSS_ENCODER: (DEFAULTS.score_batch, DEFAULTS.max_pair_tokens)}
-ENCODER_LIMITS[contract.FLAT_ENCODER] = ENCODER_LIMITS[contract.BI_ENCODER]  # called with the bi-encoder's inputs, in its batches
+ENCODER_LIMITS = contract.ENCODER_LIMITS  # per encoder: (most rows in one call, most tokens in a row), declared there
 
 
 @dataclass(frozen=True)

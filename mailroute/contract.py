@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mailroute.settings import DEFAULTS
+
 # Triton's names for numpy dtypes: config data_type (TYPE_*) and wire datatype (tritonclient, HTTP/JSON)
 _TRITON_TYPES = {np.dtype(np.int64): ("TYPE_INT64", "INT64"), np.dtype(np.float32): ("TYPE_FP32", "FP32"),
                  np.dtype(bool): ("TYPE_BOOL", "BOOL"), np.dtype(object): ("TYPE_STRING", "BYTES")}
@@ -44,6 +46,11 @@ MODELS = (CLASSIFIER, BI_ENCODER, CROSS_ENCODER)  # the models every repository 
 # the order of the MODEL_VERSIONS output ("" = not pinned). MODELS first: the model.py of a version exported before the
 # flat encoder answers those three, and the service fills the rest with ""
 VERSION_MODELS = MODELS + (FLAT_ENCODER,)  # also the versions a feedback-store prediction row keeps
+# per encoder: the most rows in one call (its config's max_batch_size: the rows the classifier sends in one BLS call, or
+# to its in-process encoders) and the most tokens in a row (the tokenizer's budget: every caller truncates to it)
+ENCODER_LIMITS = {BI_ENCODER: (DEFAULTS.embed_batch, DEFAULTS.max_email_tokens),
+                  CROSS_ENCODER: (DEFAULTS.score_batch, DEFAULTS.max_pair_tokens)}
+ENCODER_LIMITS[FLAT_ENCODER] = ENCODER_LIMITS[BI_ENCODER]  # called with the bi-encoder's inputs, in its batches
 # Triton's restricted protocol key for model load/unload/config (`mailroute serve --admin-key`): the server is
 # started with <groups>:ADMIN_KEY=<secret>; a gRPC caller sends it as a header with Triton's gRPC prefix
 ADMIN_KEY = "admin-key"

@@ -19,17 +19,17 @@ import torch
 
 from mailroute import contract
 from mailroute.pipeline import NoFlatClassifier
-from mailroute.settings import DEFAULTS
 
 BI, CROSS = "bi", "cross"
 # The (rows, tokens) shapes a graph is captured for. Powers of two up to 16 rows (small batches are launch-bound: padded
 # rows cost next to nothing), then steps of at most half the bucket below, so that a batch of 17-256 rows computes at
 # most 1.5x its rows (about 1.15x on average) instead of up to 2x (1.4x) between powers of two: at concurrency the card
-# is the bottleneck, and padded rows are its time spent on nothing. Lengths likewise; the two token budgets are buckets of
-# their own (a full-length email or pair is not padded further) and an encoder's last (TorchEncoder: max_sequence).
+# is the bottleneck, and padded rows are its time spent on nothing. Lengths likewise. An encoder's own limits (its most
+# rows and tokens, contract.ENCODER_LIMITS) are buckets of their own and its last: a full batch of full-length rows is
+# not padded further, and nothing longer is ever sent.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
-SEQUENCE_BUCKETS = tuple(sorted({16, 32, 48, 64, 96, DEFAULTS.max_email_tokens, DEFAULTS.max_pair_tokens}))
-TOKEN_BUDGET = {BI: DEFAULTS.max_email_tokens, CROSS: DEFAULTS.max_pair_tokens}  # the most tokens every caller sends each kind
+SEQUENCE_BUCKETS = (16, 32, 48, 64, 96, 128, 160, 192, 256)
+LIMITS = {BI: contract.ENCODER_LIMITS[contract.BI_ENCODER], CROSS: contract.ENCODER_LIMITS[contract.CROSS_ENCODER]}  # (rows, tokens) by kind
 TOKEN_DTYPE = torch.from_numpy(np.zeros(0, contract.TOKEN_DTYPE)).dtype  # the contract's token dtype, as torch names it
 
 
@@ -44,14 +44,19 @@ def _bucket(n: int, buckets: tuple):
     return next((b for b in buckets if b >= n), None)
 
 
+def buckets(grid: tuple, limit: int) -> tuple:
+    """The grid's sizes below `limit`, then `limit` itself: the largest input a caller sends gets a graph of its exact size."""
+    return tuple(b for b in grid if b < limit) + (int(limit),)
+
+
 class TorchEncoder:
     """One encoder from a Hugging Face folder: kind "bi" (BertModel -> pooled, normalised embedding) or
     "cross" (BertForSequenceClassification, one label -> raw logit). max_batch, max_sequence: the largest graph
-    captured (default: the most rows of BATCH_BUCKETS, and the kind's token budget: no caller sends longer rows, so
-    longer graphs would only cost load time and memory); larger inputs run eagerly."""
+    captured, each a bucket of its own (default: the kind's limits, contract.ENCODER_LIMITS: no caller sends more, so
+    larger graphs would only cost load time and memory); larger inputs run eagerly."""
 
     def __init__(self, folder, kind: str, device: str = "cpu", half: bool = None, cuda_graphs: bool = None,
-                 max_batch: int = BATCH_BUCKETS[-1], max_sequence: int = None):
+                 max_batch: int = None, max_sequence: int = None):
         from transformers import AutoModel, AutoModelForSequenceClassification
 
         if kind not in (BI, CROSS):
@@ -66,8 +71,8 @@ class TorchEncoder:
         cls = AutoModel if kind == BI else AutoModelForSequenceClassification
         self.model = cls.from_pretrained(str(folder)).eval().to(self.device, self.dtype)
         self.inputs = contract.BI_ENCODER_INPUTS if kind == BI else contract.CROSS_ENCODER_INPUTS
-        self.batches = tuple(b for b in BATCH_BUCKETS if b <= max_batch)
-        self.sequences = tuple(s for s in SEQUENCE_BUCKETS if s <= (max_sequence or TOKEN_BUDGET[kind]))
+        self.batches = buckets(BATCH_BUCKETS, max_batch or LIMITS[kind][0])
+        self.sequences = buckets(SEQUENCE_BUCKETS, max_sequence or LIMITS[kind][1])
         self.graphs = {}
         if gpu and (cuda_graphs is None or cuda_graphs):
             self._capture()

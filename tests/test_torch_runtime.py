@@ -135,17 +135,23 @@ def test_padding_to_a_bucket_changes_nothing(torch_repo):
     assert np.isfinite(out).all() and np.abs(out[:3] - plain).max() < 1e-5
 
 
-def test_graph_buckets_pad_a_batch_by_at_most_half_and_end_at_each_kinds_token_budget(torch_repo):
-    from mailroute.torch_encoders import BATCH_BUCKETS, CROSS, SEQUENCE_BUCKETS, _bucket
+def test_graph_buckets_pad_a_batch_by_at_most_half_and_end_at_each_encoders_limits(torch_repo):
+    from mailroute.torch_encoders import BATCH_BUCKETS, CROSS, _bucket
 
     # from 16 rows up (below, a batch is launch-bound), a batch computes at most 1.5x its rows; beyond the last, eagerly
     assert all(_bucket(n, BATCH_BUCKETS) <= 1.5 * n for n in range(16, BATCH_BUCKETS[-1] + 1))
     assert _bucket(BATCH_BUCKETS[-1] + 1, BATCH_BUCKETS) is None
-    # graphs up to the token budget each kind's callers truncate to, no longer (they would cost load time and memory)
-    for kind, budget in ((BI, DEFAULTS.max_email_tokens), (CROSS, DEFAULTS.max_pair_tokens)):
-        enc = TorchEncoder(version_dir(torch_repo, contract.BI_ENCODER if kind == BI else contract.CROSS_ENCODER) / TORCH_WEIGHTS_DIR, kind)
-        assert enc.sequences[-1] == budget and budget in SEQUENCE_BUCKETS and enc.batches == BATCH_BUCKETS
-    assert TorchEncoder(version_dir(torch_repo, contract.BI_ENCODER) / TORCH_WEIGHTS_DIR, BI, max_batch=64).batches[-1] == 64
+    # by default an encoder's graphs end at its model's limits (the most rows and tokens any caller sends it): the
+    # largest call gets a graph of its own size, and none larger is captured (load time and memory for nothing)
+    for name, kind in ((contract.BI_ENCODER, BI), (contract.FLAT_ENCODER, BI), (contract.CROSS_ENCODER, CROSS)):
+        folder = version_dir(torch_repo, name) / TORCH_WEIGHTS_DIR
+        enc = TorchEncoder(folder, kind)
+        rows, tokens = contract.ENCODER_LIMITS[name]
+        assert (enc.batches[-1], enc.sequences[-1]) == (rows, tokens), name
+        assert sorted(enc.batches) == list(enc.batches) and len(set(enc.batches)) == len(enc.batches)
+    # a limit between buckets is a bucket of its own (a caller's full batch of 100 rows is not padded to 128)
+    odd = TorchEncoder(version_dir(torch_repo, contract.BI_ENCODER) / TORCH_WEIGHTS_DIR, BI, max_batch=100, max_sequence=140)
+    assert odd.batches[-2:] == (96, 100) and odd.sequences[-2:] == (128, 140)
 
 
 @pytest.mark.slow

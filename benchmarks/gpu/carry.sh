@@ -45,7 +45,8 @@ mkdir -p gpu-carry/b/banking77 && cp "$BANKING77"/train.csv "$BANKING77"/test.cs
 TOKENIZER_PATHS=$(.venv/bin/python -c "from training.models import TOKENIZER_FILES, base_model_dir; print(*(base_model_dir() / f for f in TOKENIZER_FILES), sep='\n')")
 mapfile -t TOKENIZER <<< "$TOKENIZER_PATHS"
 cp "${TOKENIZER[@]}" gpu-carry/s/tokenizer/
-TREE=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+# what a call copies besides the folder: tracked files and untracked ones git does not ignore
+TREE=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}' || true)
 for d in gpu-carry/a gpu-carry/s gpu-carry/b; do  # each with the tree must stay under 64 MiB = 67,108,864 bytes
   n=$(( $(du -sb "$d" | cut -f1) + TREE ))
   echo "$d + tree: $n bytes$([ $n -lt 67108864 ] || echo '  OVER the 64 MiB a call may carry')"

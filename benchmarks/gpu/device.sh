@@ -45,7 +45,7 @@ case "${1:-}" in
       if ls "$dir"/*.whl >/dev/null 2>&1; then
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$dir"/*.whl || exit 1
       fi
-      # wheels carry.sh already unpacked (a --target install) and xz-compressed: half the bytes of the wheels
+      # wheels carry.sh already unpacked (a --target install) and xz-compressed: 50-60% of the bytes of the wheels
       # (Python's tarfile: the image need not have xz)
       if [ -f "$dir/site.tar.xz" ]; then
         $PY -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="tar")' "$dir/site.tar.xz" "$SITE" || exit 1
@@ -90,7 +90,7 @@ case "${1:-}" in
     export MAILROUTE_BANKING77="$DATA/banking77"
     if [ "${SMOKE:-0}" = 1 ]; then
       COMMON=(--dataset banking77 --device cpu --base "$DATA/base" --sample-per-label 3 --test-limit 40 --bi-epochs 0.2 --flat-epochs 1)
-      CONFIGS=(base: oof3:--oof-folds=3,--ce-epochs=0.2)
+      read -r -a CONFIGS <<< "${CONFIGS_OVERRIDE:-base: oof3:--oof-folds=3,--ce-epochs=0.2}"
     else
       # the defaults (issue 6's "full run <= 5 min on one GPU", timed with one other run sharing the card) beside
       # session 31's residual cross-encoder on out-of-fold retrieval offsets (val one email below the defaults on the
@@ -107,7 +107,7 @@ case "${1:-}" in
     STOP="$S.stop-packing"; rm -f "$STOP"
     every 20 >/dev/null 2>&1 &
     PACKER=$!
-    timeout "${SWEEP_TIMEOUT:-420}" $PY -m mailroute.cli sweep --out "$S" --parallel 5 "${CONFIGS[@]}" -- "${COMMON[@]}"
+    timeout "${SWEEP_TIMEOUT:-420}" $PY -m mailroute.cli sweep --out "$S" --parallel ${#CONFIGS[@]} "${CONFIGS[@]}" -- "${COMMON[@]}"
     rc=$?
     touch "$STOP"; wait $PACKER; rm -f "$STOP"
     pack
