@@ -357,6 +357,13 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        if self.proc:
+            # a backend stub tritonserver left behind (stopped while its models were still loading, the stub mid-start)
+            # would wait for a parent that is gone: the server's own session holds nothing else, so end what is left
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):  # nothing left (the usual case)
+                pass
         if getattr(self, "log", None):
             self.log.close()
         self._remove_python_envs()

@@ -37,7 +37,7 @@ def tiny_run(tmp_path_factory, demo):
     """A run folder like `mailroute train` writes, with tiny random encoders over the demo taxonomy (and a flat classifier
     whose log-probabilities the policy fuses, so every path runs the flat encoder too)."""
     run = RunFolder(tmp_path_factory.mktemp("tiny-run"))
-    run.config.write_text(json.dumps(asdict(TrainConfig(dataset="demo", k_eval=5))) + "\n")
+    run.config.write_text(json.dumps(asdict(TrainConfig(dataset="demo", k_eval=5, flat_fusion="always"))) + "\n")  # its fits keep fusing it
     model = tiny_bi_encoder(tmp_path_factory.mktemp("tiny-bi-base"))
     model.save(str(run.bi_encoder))
     # the label index as training builds it: descriptions + training emails as exemplars + label cards

@@ -35,6 +35,55 @@ def test_policy_formula_adds_the_flat_log_probability_in_both_paths():
     assert RerankPolicy.from_dict(p.to_dict()) == p
 
 
+def _scores_with_flat(informative: bool, n: int = 300, k: int = 5, seed: int = 0):
+    """Validation-like scores whose golds follow logit + retrieval, and a flat score that carries signal of its own
+    (informative) or is noise."""
+    rng = np.random.default_rng(seed)
+    logits, retrieval, extra = rng.normal(size=(n, k)), rng.normal(size=(n, k)), rng.normal(size=(n, k))
+    z = logits + 2.0 * retrieval + (1.5 * extra if informative else 0.0)
+    gold = np.array([rng.choice(k, p=_softmax(row)) for row in z])
+    flat = np.log(_softmax(extra if informative else rng.normal(size=(n, k)) * 3))
+    return logits, retrieval, flat, gold
+
+
+@pytest.mark.parametrize("informative", [True, False])
+def test_the_flat_classifier_is_fused_only_where_it_lowers_the_held_out_likelihood(informative):
+    from mailroute.rerank_policy import cross_validated_nll, flat_fusion_helps
+    from training.evaluate import Scored, fit_policy
+
+    logits, retrieval, flat, gold = _scores_with_flat(informative)
+    decision = flat_fusion_helps(logits, retrieval, gold, flat)
+    assert decision["fused"] == informative
+    assert (decision["cv_nll_with_flat"] < decision["cv_nll_without_flat"]) == informative
+    # in-sample the extra score always looks better: that is why the choice is held out
+    assert cross_validated_nll([logits, retrieval], gold) > 0
+    # fit_policy: auto follows the decision, always / never override it; the decision is reported either way
+    n, k = logits.shape
+    ids = np.tile(np.arange(k), (n, 1))
+    sc = Scored(gold=gold, xq=np.zeros((n, 2)), ranked=ids, D=retrieval, I=ids, logits=logits, flat=flat)
+    for mode, fused in (("auto", informative), ("always", True)):
+        policies = fit_policy(sc, flat_fusion=mode)
+        assert policies.fused.uses_flat == fused and policies.flat_fusion["fused"] == fused and policies.flat_fusion["mode"] == mode
+        assert (policies.two_stage_gated is None) != fused  # the two stages' own gated fit exists where the answer fuses flat
+
+
+def test_flat_fusion_setting_is_checked_and_old_run_configs_read_as_they_ran(tmp_path):
+    import json
+
+    from mailroute.settings import BadSetting
+    from training.config import TrainConfig
+    from training.run import run
+
+    with pytest.raises(BadSetting, match="--flat-fusion must be one of auto, always, never"):
+        run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), flat_fusion="sometimes"))
+    # before --flat-fusion, a run config said no_flat_fusion: false meant fused whenever trained, true never
+    for old, mode in ((False, "always"), (True, "never")):
+        path = tmp_path / f"config_{old}.json"
+        path.write_text(json.dumps({"dataset": "demo", "no_flat_fusion": old}))
+        assert TrainConfig.load(path).flat_fusion == mode
+    assert TrainConfig().flat_fusion == "auto"
+
+
 def test_fusion_fit_recovers_a_known_flat_weight():
     # Given golds drawn from softmax((logit + 3 x retrieval + 0.8 x flat) / 2)
     rng = np.random.default_rng(0)
@@ -192,7 +241,7 @@ def test_derived_versions_keep_the_flat_classifier_unless_a_label_is_new(repo):
 @pytest.mark.parametrize("no_fusion", [False, True])
 def test_training_keeps_and_fuses_the_flat_classifier_unless_asked_not_to(tmp_path, no_fusion):
     """`mailroute train` trains the flat classifier before the policy is fitted, keeps it (encoder + head pinned to its
-    weights) and fits its weights on validation; --no-flat-fusion measures it as the baseline only. The reference
+    weights) and fits its weights on validation (--flat-fusion always); never measures it as the baseline only. The reference
     classifier loaded back from the run answers as the evaluation did."""
     import json
 
@@ -206,7 +255,7 @@ def test_training_keeps_and_fuses_the_flat_classifier_unless_asked_not_to(tmp_pa
 
     base = make_tiny_base(tmp_path / "base")
     m = run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), base=str(base), bi_epochs=0.2, ce_epochs=0.2, flat_epochs=1,
-                        test_limit=20, k_train=3, k_eval=3, no_flat_fusion=no_fusion))
+                        test_limit=20, k_train=3, k_eval=3, flat_fusion="never" if no_fusion else "always"))
     out = RunFolder(tmp_path / "run")
     policy = RerankPolicy.load(out.policy)
     assert "flat_baseline" in m and policy.uses_flat != no_fusion and out.has_flat() != no_fusion

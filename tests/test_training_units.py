@@ -272,7 +272,7 @@ def test_baseline_retrains_only_the_flat_softmax_and_keeps_the_old_numbers(tiny_
     out = RunFolder(shutil.copytree(tiny_run, tmp_path / "run"))
     run = out.root
     # tiny weights: a fast flat model; first a run that measures the flat model as the baseline only (not fused)
-    cfg = json.loads(out.config.read_text()) | {"base": str(out.bi_encoder), "no_flat_fusion": True}
+    cfg = json.loads(out.config.read_text()) | {"base": str(out.bi_encoder), "flat_fusion": "never"}
     out.config.write_text(json.dumps(cfg))
     out.metrics.write_text(json.dumps(METRICS_BEFORE_EVALUATION))
     evaluated = refit(run, device="cpu")
@@ -292,7 +292,7 @@ def test_baseline_retrains_only_the_flat_softmax_and_keeps_the_old_numbers(tiny_
     with pytest.raises(BadSetting, match="--flat-epochs"):
         retrain_baseline(run, flat_epochs=0)
     # A run that fuses the flat classifier: the new one is kept and the policy fitted again with it
-    out.config.write_text(json.dumps(json.loads(out.config.read_text()) | {"no_flat_fusion": False}))
+    out.config.write_text(json.dumps(json.loads(out.config.read_text()) | {"flat_fusion": "always"}))
     before = out.flat_head.read_bytes()  # the 1-epoch model's (retrain_baseline keeps the model it trains, fused or not)
     metrics = retrain_baseline(run, flat_epochs=2, device="cpu")
     assert out.flat_head.read_bytes() != before and metrics["refit"]["flat_fused"]

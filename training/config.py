@@ -21,6 +21,13 @@ def add_device_arg(parser) -> None:
 RESUME_CE_EPOCHS = 1.0  # further cross-encoder epochs of `mailroute resume`
 
 
+# --flat-fusion: whether the served answer fuses the flat classifier's log-probabilities (weights fitted on validation)
+FLAT_FUSION = {
+    "auto": "where that lowers the held-out likelihood of validation's gold candidates (5-fold; rerank_policy.flat_fusion_helps)",
+    "always": "whenever the run trains it",
+    "never": "measured as the baseline only, not fused nor exported",
+}
+
 # --ce-init: where the cross-encoder's training starts (a new one-logit head on each). The flat baseline's encoder already
 # separates the labels from one email; the cross-encoder then learns to compare the email with a label card
 CE_INITS = {
@@ -76,7 +83,8 @@ class TrainConfig:
     flat_batch_size: int = 32  # flat baseline batch
     flat_lr: float = 5e-5  # flat baseline learning rate (its new head gets 50x)
     skip_baseline: bool = False  # do not train the flat softmax baseline, so nothing is fused with the two stages (it is trained and fused all the same with --ce-init flat, which starts from it)
-    no_flat_fusion: bool = False  # serve the two stages alone: the flat baseline is measured but its log-probabilities are not fused into the answer (weights fitted on validation) and it is not exported
+    flat_fusion: str = field(default="auto", metadata={"help": "fuse the flat classifier into the served answer: "
+                                                       + "; ".join(f"{k} = {v}" for k, v in FLAT_FUSION.items())})
     drop_invalid: bool = False  # drop invalid rows (printing how many) instead of refusing to train
     seed: int = DEFAULTS.seed  # one seed for splits, sampling, shuffles and initialisation
 
@@ -92,6 +100,8 @@ class TrainConfig:
             raise BadSetting(f"{path}: not valid JSON ({e}): the run's settings as `mailroute train` wrote them are needed") from None
         if not isinstance(d, dict):
             raise BadSetting(f"{path}: expected a JSON object of training settings, got {type(d).__name__}")
+        if "no_flat_fusion" in d:  # the boolean before --flat-fusion (session 32): true = never; false = always, as it then did
+            d["flat_fusion"] = "never" if d.pop("no_flat_fusion") else d.get("flat_fusion", "always")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -125,8 +135,9 @@ class TrainConfig:
         return not self.skip_baseline or self.ce_init == "flat"
 
     def fuses_flat(self) -> bool:
-        """Whether the run's answer fuses the flat classifier: it is trained and not --no-flat-fusion."""
-        return self.trains_flat() and not self.no_flat_fusion
+        """Whether the run's answer may fuse the flat classifier (it is trained, not --flat-fusion never): the run keeps
+        it, and the policy fit fuses it always, or with auto where validation's held-out likelihood says so."""
+        return self.trains_flat() and self.flat_fusion != "never"
 
     def gate_target(self) -> GateTarget:
         return GateTarget(self.gate_tolerance, self.rerank_budget)

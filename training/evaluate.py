@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from mailroute import contract
 from mailroute.label_index import LabelScoring
-from mailroute.rerank_policy import GateTarget, RerankPolicy, fit_fusion, fit_gate, fit_retrieval_temperature
+from mailroute.rerank_policy import GateTarget, RerankPolicy, fit_fusion, fit_gate, fit_retrieval_temperature, flat_fusion_helps
 
 
 def accuracy(y_true, y_pred) -> float:
@@ -154,14 +154,22 @@ class Policies:
     two_stage: RerankPolicy  # cross-encoder and retrieval without the flat classifier (= fused where there is none)
     retrieval: RerankPolicy  # stage 1 alone
     two_stage_gated: RerankPolicy = None  # two_stage with its own gate: what a version answers once it drops the flat classifier
+    flat_fusion: dict = None  # where `sc` has the flat classifier: whether validation's held-out likelihood fuses it, and its numbers
 
 
-def fit_policy(sc: Scored, target: GateTarget = GateTarget()) -> Policies:
+def fit_policy(sc: Scored, target: GateTarget = GateTarget(), flat_fusion: str = "auto") -> Policies:
     """On validation: fusion weights and temperature (NLL), the stage-1-only softmax (where the gate skips
-    stage 2), then the gate; the flat classifier's log-probabilities are fused where `sc` has them."""
+    stage 2), then the gate. Where `sc` has the flat classifier's log-probabilities they are fused with flat_fusion
+    "always", and with "auto" where fusing them lowers the held-out likelihood of validation's gold candidates
+    (rerank_policy.flat_fusion_helps); else `fused` is the two stages alone (and the report's flat-fused variants are
+    not made). Policies.flat_fusion: the decision and its numbers (None without a flat classifier)."""
     ok = sc.gold_pos >= 0
     pos = sc.gold_pos[ok]
-    flat = sc.flat
+    decision = None
+    if sc.flat is not None:
+        decision = flat_fusion_helps(sc.logits[ok], sc.D[ok], pos, sc.flat[ok]) | {"mode": flat_fusion}
+        decision["fused"] = {"auto": decision["fused"], "always": True, "never": False}[flat_fusion]
+    flat = sc.flat if decision and decision["fused"] else None
     flat_ok = None if flat is None else flat[ok]
     fused = fit_retrieval_temperature(sc.D[ok], pos, fit_fusion(sc.logits[ok], sc.D[ok], pos, flat=flat_ok), flat=flat_ok)
     two_stage = fused if flat is None else fit_retrieval_temperature(sc.D[ok], pos, fit_fusion(sc.logits[ok], sc.D[ok], pos))
@@ -170,7 +178,7 @@ def fit_policy(sc: Scored, target: GateTarget = GateTarget()) -> Policies:
     ce_only = RerankPolicy(ce_weight=1.0, retrieval_weight=0.0, temperature=ce_only.temperature if ce_only.ce_weight else 1.0)
     gated, report = fit_gate(fused, sc.logits, sc.D, sc.gold_pos, target, flat=flat)
     two_stage_gated = None if flat is None else fit_gate(two_stage, sc.logits, sc.D, sc.gold_pos, target)[0]
-    return Policies(fused, gated, report, ce_only, two_stage, retrieval, two_stage_gated)
+    return Policies(fused, gated, report, ce_only, two_stage, retrieval, two_stage_gated, decision)
 
 
 def predict(sc: Scored, policy: RerankPolicy, names, mode: str = "rerank") -> tuple:

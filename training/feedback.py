@@ -170,11 +170,11 @@ def continue_cross_encoder(repo, base: int, corrections: list, cfg: FeedbackConf
                    "epochs": cfg.epochs, "lr": cfg.lr, "device": device, "seconds": round(time.perf_counter() - t, 1)}
 
 
-def refit_policy(repo, base: int, index, cross_version: int, evaluation: list, target: GateTarget) -> tuple:
+def refit_policy(repo, base: int, index, cross_version: int, evaluation: list, target: GateTarget, flat_fusion: str = "auto") -> tuple:
     """The rerank policy (fusion, temperatures, gate) fitted on the evaluation split for a candidate's own
     scores, as `mailroute train` fits it: a cross-encoder that learnt may now be worth running where the
     serving version's gate skipped it. -> (the policy's JSON form, the two stages' own fit where it fuses the flat
-    classifier, else None)."""
+    classifier, else None). flat_fusion: the source run's --flat-fusion (fit_policy)."""
     from mailroute.pipeline import TwoStageClassifier, load_tokenizer
     from mailroute.repository import TOKENIZER_FILE, load_flat_head, onnx_encoders_of
     from training.evaluate import collect, fit_policy
@@ -188,7 +188,7 @@ def refit_policy(repo, base: int, index, cross_version: int, evaluation: list, t
                              load_tokenizer(bi_dir / TOKENIZER_FILE, DEFAULTS.max_email_tokens),
                              load_tokenizer(cross_dir / TOKENIZER_FILE, DEFAULTS.max_pair_tokens), top_k=k,
                              flat_head=load_flat_head(repo, base_dir))
-    policies = fit_policy(collect(clf, evaluation, k), target)
+    policies = fit_policy(collect(clf, evaluation, k), target, flat_fusion)
     return policies.gated.to_dict(), None if policies.two_stage_gated is None else policies.two_stage_gated.to_dict()
 
 
@@ -239,7 +239,7 @@ def build_candidate(cfg: FeedbackConfig, store: FeedbackStore = None) -> dict:
 
         index = derived_index(repo, version_dir(repo, contract.CLASSIFIER, base), new_exemplars)
         cross_now = cross_v or read_pipeline(version_dir(repo, contract.CLASSIFIER, base)).cross_encoder_version
-        policy, policy_without_flat = refit_policy(repo, base, index, cross_now, evaluation, run_cfg.gate_target())
+        policy, policy_without_flat = refit_policy(repo, base, index, cross_now, evaluation, run_cfg.gate_target(), run_cfg.flat_fusion)
         report["policy"] = policy
     v = derive_version(repo, base, "exemplars" if cfg.exemplars_only else "continued", new_exemplars, cross_encoder_version=cross_v,
                        policy=policy, policy_without_flat=policy_without_flat,

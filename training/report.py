@@ -105,6 +105,11 @@ def write_report(m: dict, run, index, gold, pred, conf, flat_pred=None, flat_con
         v, t = m["variants"]["validation"].get(key), m["variants"]["test"].get(key)
         if v and t:
             lines.append(f"| {name} | {v['accuracy']:.2%} | {t['accuracy']:.2%} | {_pct(t.get('ece'))} | {_pct(t.get('share_reranked'))} |")
+    ff = m.get("flat_fusion")
+    if ff:  # a run with the flat classifier: whether its answer fuses it (held-out likelihood on validation)
+        lines += ["", f"Flat classifier {'fused into' if ff['fused'] else 'not fused into'} the answer (--flat-fusion {ff['mode']}): the held-out NLL of "
+                      f"validation's gold candidates ({ff['folds']}-fold, reranked + gated fits) is {ff['cv_nll_with_flat']:.1f} "
+                      f"with it and {ff['cv_nll_without_flat']:.1f} without."]
     lines += ["", f"Rerank policy (fitted by NLL on validation): {RerankPolicy.from_dict(m['policy']).describe()}.",
               f"Label scoring (chosen on validation): {m['label_scoring']}.", "",
               mining_line(m), "",

@@ -19,7 +19,7 @@ from mailroute.run_layout import RunFolder
 from mailroute.settings import BadSetting
 from mailroute.taxonomy import DataError
 from training import bi_encoder as bi
-from training.config import CE_INITS, DEFAULT_DEVICE, RESUME_CE_EPOCHS, TrainConfig  # noqa: F401 (TrainConfig re-exported for callers)
+from training.config import CE_INITS, DEFAULT_DEVICE, FLAT_FUSION, RESUME_CE_EPOCHS, TrainConfig  # noqa: F401 (TrainConfig re-exported for callers)
 from training.cross_encoder import KeepBestEpoch, train_cross_encoder
 from training.data import splits_of
 from training.evaluate import choose_scoring, collect, fit_policy, predict, recall_at, system_metrics, top_confusions, variants
@@ -89,6 +89,8 @@ def run(cfg: TrainConfig) -> dict:
         raise BadSetting("--bi-encoder skips MNR training, but --oof-folds trains one bi-encoder per fold: use one or the other")
     if not 0 < cfg.ce_train_share <= 1:
         raise BadSetting(f"--ce-train-share must be a share in (0, 1] (e.g. 0.5, not 50), got {cfg.ce_train_share}")
+    if cfg.flat_fusion not in FLAT_FUSION:
+        raise BadSetting(f"--flat-fusion must be one of {', '.join(FLAT_FUSION)}, got {cfg.flat_fusion!r}")
     if cfg.bi_positives not in bi.BI_POSITIVES:
         raise BadSetting(f"--bi-positives must be one of {', '.join(bi.BI_POSITIVES)}, got {cfg.bi_positives!r}")
     if not 0 < cfg.validation_fraction < 1:  # every choice is made on validation; 1 would leave nothing to train on
@@ -221,7 +223,9 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.trains_flat() and flat is None:
         t = time.perf_counter()
         print(f"[7/9] flat classifier ({cfg.flat_epochs} epoch(s), best on validation): the baseline"
-              + (", and one more score of the fusion" if cfg.fuses_flat() else " (not fused: --no-flat-fusion)"))
+              + ("" if cfg.fuses_flat() else " (not fused: --flat-fusion never)")
+              + {"auto": ", and one more score of the fusion where validation's held-out likelihood says so",
+                 "always": ", and one more score of the fusion"}.get(cfg.flat_fusion, ""))
         flat, flat_val = train_flat_baseline(cfg, train, tax, val, device)
         times["flat_baseline_s"] = time.perf_counter() - t
     flat_parts = save_flat(out, flat, tax) if cfg.fuses_flat() else None
@@ -236,7 +240,7 @@ def run(cfg: TrainConfig) -> dict:
                "mining": {"how": how, "k_train": cfg.k_train, "gold_retrieved_train": gold_retrieved, "rows": len(rows["query"])},
                "anisotropy": {"before": aniso_before, "after": aniso_after}}
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, flat=flat_parts, top_k=min(cfg.k_eval, len(tax)))
-    ev = evaluate_and_fit(clf, val, test, cfg.gate_target())
+    ev = evaluate_and_fit(clf, val, test, cfg.gate_target(), cfg.flat_fusion)
     ev.save_policies(out)
     metrics |= ev.metrics
     times["evaluation_s"] = time.perf_counter() - t
@@ -291,12 +295,12 @@ def save_flat(out: RunFolder, flat, tax) -> tuple:
     return flat.encoder, head
 
 
-def evaluate_and_fit(clf, val: list, test: list, gate: GateTarget) -> Evaluation:
+def evaluate_and_fit(clf, val: list, test: list, gate: GateTarget, flat_fusion: str = "auto") -> Evaluation:
     """Both stages on validation and test (scores computed once per split); the policy fitted on
-    validation; every variant measured on both."""
+    validation (flat_fusion: --flat-fusion, where the classifier has the flat classifier); every variant measured on both."""
     tax, names, k = clf.index.taxonomy, list(clf.label_names), clf.top_k
     sv, st = collect(clf, val, k), collect(clf, test, k)
-    policies = fit_policy(sv, gate)
+    policies = fit_policy(sv, gate, flat_fusion)
     gated, gate_report = policies.gated, policies.gate_report
     desc = LabelScoring(description_weight=1.0)
     v_val = variants(sv, names, policies, clf.index.search(sv.xq, len(tax), scoring=desc)[1])
@@ -304,7 +308,7 @@ def evaluate_and_fit(clf, val: list, test: list, gate: GateTarget) -> Evaluation
     gold_test = [names[g] for g in st.gold]
     pred, conf, reranked = predict(st, gated, names, "gated")
     recall = recall_at(st.gold, st.ranked)
-    metrics = {"k": k, "policy": gated.to_dict(), "gate": gate_report | asdict(gate),
+    metrics = {"k": k, "policy": gated.to_dict(), "gate": gate_report | asdict(gate), "flat_fusion": policies.flat_fusion,
                "label_scoring": asdict(clf.index.scoring),
                "bi_encoder": v_test["bi_encoder"] | {"recall@10": recall.get("recall@10")},
                "two_stage": v_test["two_stage"] | {"recall@10": recall.get("recall@10"), "k": k},
@@ -354,11 +358,11 @@ def refit(run_dir, gate_tolerance: float = None, rerank_budget: float = None, de
     index = LabelIndex.load(out.label_index)
     flat = load_flat(out.root, index.taxonomy.names, device) if cfg.fuses_flat() else None  # a run that kept its flat classifier
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, flat=flat, top_k=min(cfg.k_eval, len(index)))
-    ev = evaluate_and_fit(clf, val, test, cfg.gate_target())
+    ev = evaluate_and_fit(clf, val, test, cfg.gate_target(), cfg.flat_fusion)
     ev.save_policies(out)
-    metrics = json.loads(out.metrics.read_text()) | ev.metrics | {"refit": {"date": time.strftime("%Y-%m-%d %H:%M"), "flat_fused": flat is not None}
+    metrics = json.loads(out.metrics.read_text()) | ev.metrics | {"refit": {"date": time.strftime("%Y-%m-%d %H:%M"), "flat_fused": RerankPolicy.from_dict(ev.metrics["policy"]).uses_flat}
                                                                   | asdict(cfg.gate_target())}
-    if flat is None:  # variants of an earlier fit with the flat classifier would now describe another policy
+    if not metrics["refit"]["flat_fused"]:  # variants of an earlier fit with the flat classifier would now describe another policy
         for split in metrics["variants"].values():
             split.pop("retrieval_flat", None), split.pop("two_stage_without_flat", None)
     flat_pred, flat_conf = saved_flat_predictions(out, ev.gold)
@@ -422,7 +426,7 @@ def resume(run_dir, out_dir, ce_epochs: float = RESUME_CE_EPOCHS, ce_lr: float =
     t = time.perf_counter()
     flat = load_flat(out.root, tax.names, device) if cfg.fuses_flat() else None
     clf = classifier_from_models(model, cross, index, out.bi_encoder, out.cross_encoder, flat=flat, top_k=min(cfg.k_eval, len(tax)))
-    ev = evaluate_and_fit(clf, val, test, cfg.gate_target())
+    ev = evaluate_and_fit(clf, val, test, cfg.gate_target(), cfg.flat_fusion)
     ev.save_policies(out)
     old = json.loads(src.metrics.read_text())
     metrics = old | ev.metrics | {"resumed_from": str(src.root), "resume": {"epochs": ce_epochs, "lr": lr, "best_epoch": best_epoch,

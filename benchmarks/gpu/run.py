@@ -199,11 +199,11 @@ def encoder_profile(enc, k: int, batch: int = 256, reps: int = 10) -> dict:
     path's GPU work alone), eager in the same chunks, and eager in one pass over all rows, with a padded attention
     mask (as served: any row shorter than the longest masks positions) and with none padded (the probe's case in
     ../shared/docs/gpu.md: Hugging Face then drops the mask and SDPA may take its flash kernel). "emails_per_s":
-    what each way allows if nothing but these passes ran. Timed by CUDA events on a GPU; on a CPU (smoke runs) by the
-    clock, once each."""
+    what each way allows if nothing but these passes ran; "one_email_ms": one email's encoder calls, whole and the graph
+    replay alone. Timed by CUDA events on a GPU; on a CPU (smoke runs) by the clock, once each."""
     import torch
 
-    from mailroute.torch_encoders import CROSS
+    from mailroute.torch_encoders import CROSS, _bucket
 
     gpu = enc.bi.device.type == "cuda"
 
@@ -247,6 +247,22 @@ def encoder_profile(enc, k: int, batch: int = 256, reps: int = 10) -> dict:
             per_email.setdefault(way, []).append(n * v)
     # only the ways both encoders were timed (a way one of them lacks, e.g. no graph of its chunk, would be half the work)
     out["emails_per_s"] = {way: round(batch / (sum(v) / 1e3), 1) for way, v in per_email.items() if len(v) == 2}
+    # one email (the single-email latency target): a whole encoder call as the pipeline makes it (numpy in, host copies,
+    # padding to the bucket, replay, numpy out: what the classifier's stage times hold) against its graph replay alone
+    # on the card; the difference is host work per call
+    one = {}
+    for e, rows, seq in ((enc.bi, 1, DEFAULTS.max_email_tokens), (enc.cross, k, DEFAULTS.max_pair_tokens)):
+        feed = {name: np.ones((rows, seq), np.int64) for name in e.inputs}
+        calls = []
+        for _ in range(3 + (reps if gpu else 0)):
+            t = time.perf_counter()
+            e(feed)
+            calls.append((time.perf_counter() - t) * 1e3)
+        one[f"{e.kind}_{rows}x{seq}_call_p50"] = round(float(np.median(calls[3:] or calls)), 3)
+        graph = e.graphs.get((_bucket(rows, e.batches), _bucket(seq, e.sequences)))  # the bucket the call replays
+        if graph:
+            one[f"{e.kind}_{rows}x{seq}_replay"] = round(ms(graph[0].replay), 3)
+    out["one_email_ms"] = one
     return out
 
 
