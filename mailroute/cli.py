@@ -394,7 +394,7 @@ def main(argv=None):
     p.add_argument("--retrain", action="store_true", help="train and export again even if a run exists")
     p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("train", help="train bi-encoder + cross-encoder + flat classifier (the baseline, fused into the served answer unless --no-flat-fusion) and write the evaluation report",
+    p = sub.add_parser("train", help="train bi-encoder + cross-encoder + flat classifier (the baseline, fused into the served answer where validation's held-out likelihood says so: --flat-fusion) and write the evaluation report",
                        description="Dataset: --dataset demo|banking77, or --taxonomy T.json --train A.jsonl --test B.jsonl "
                                    "(format in training/data.py and the README). Invalid data stops training unless --drop-invalid.")
     _add_dataclass_args(p, TrainConfig)
@@ -439,9 +439,10 @@ def main(argv=None):
                                    "it again from the base weights on the run's own split, keeps its best epoch on validation, keeps "
                                    f"the model in the run folder ({layout.FLAT_ENCODER_DIR}/, {layout.FLAT_HEAD_FILE}) and replaces its numbers, test "
                                    f"predictions and report rows (the old numbers stay in {layout.METRICS_FILE} under flat_baseline_history). "
-                                   "Where the run fuses the flat classifier into its answer (not --no-flat-fusion), the rerank policy is "
-                                   "then fitted again with the new one on validation (as `mailroute refit`: both stages scored again); a run trained with "
-                                   "--skip-baseline starts fusing it (unless --no-flat-fusion).")
+                                   "Where the run may fuse the flat classifier into its answer (not --flat-fusion never), the rerank policy is "
+                                   "then fitted again with the new one on validation (as `mailroute refit`: both stages scored again; with "
+                                   "--flat-fusion auto, fused where validation's held-out likelihood says so); a run trained with "
+                                   "--skip-baseline may start fusing it.")
     p.add_argument("--run", required=True, help="evaluated run folder")
     p.add_argument("--flat-epochs", type=int, required=True, help="epochs to train (the best on validation is kept)")
     p.add_argument("--flat-lr", type=float, default=None, help="learning rate (default: the run's)")

@@ -448,7 +448,7 @@ def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: s
     validation kept, as in `mailroute train`), so that the baseline gets at least the epochs the two-stage
     system got. The run's flat numbers and test predictions are replaced; the replaced numbers stay in
     metrics.json under `flat_baseline_history`. The new flat classifier is kept in the run folder; where the run
-    fuses it (not --no-flat-fusion), the policy is then fitted again with it (`refit`: both stages scored again);
+    may fuse it (not --flat-fusion never), the policy is then fitted again with it (`refit`: both stages scored again);
     otherwise the two-stage system is not touched."""
     out = RunFolder(run_dir)
     needed = (out.config, out.metrics, out.predictions, out.policy, out.label_index)
