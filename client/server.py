@@ -315,6 +315,7 @@ class TritonServer:
         self._started = time.time()
         self.proc = subprocess.Popen(self.command(), env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        self._session = self.proc.pid  # its own session and process group: stop() ends whatever is left in it
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -357,9 +358,11 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        if self.proc:
+        if self.proc and self.proc.pid == getattr(self, "_session", None):
             # a backend stub tritonserver left behind (stopped while its models were still loading, the stub mid-start)
             # would wait for a parent that is gone: the server's own session holds nothing else, so end what is left
+            # (once: a later stop must not signal a session id the system may have given to another process since)
+            self._session = None
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):  # nothing left (the usual case)

@@ -24,6 +24,7 @@ from mailroute.pipeline import load_tokenizer
 from mailroute.repository import (ADAPTER_FILE, ENCODER_ID_FILE, FLAT_HEAD_FILE, LABEL_INDEX_DIR, MODEL_FILE, PIPELINE_FILE,
                                   TOKENIZER_FILE, TORCH_WEIGHTS_DIR, TRTEXEC_SHAPES_FILE, load_label_index, read_pipeline, utc_stamp,
                                   version_dir, write_pipeline)
+from mailroute.rerank_policy import RerankPolicy
 from mailroute.settings import DEFAULTS
 from mailroute.taxonomy import NAME_RE, DataError, Label, parse_taxonomy
 from export.versions import new_version
@@ -89,6 +90,9 @@ def derive_version(repo, base: int, kind: str, exemplars: list = (), new_labels:
             spec = replace(spec, cross_encoder_version=int(cross_encoder_version))
         if policy is not None:
             spec = replace(spec, policy=policy)
+            if not RerankPolicy.from_dict(policy).uses_flat:  # refitted without the flat classifier (a feedback round under
+                # --flat-fusion auto): the version neither pins nor serves it, and the base's two-stage fit is not its own
+                spec = replace(spec, flat_encoder_version=None, policy_without_flat=None)
         if policy_without_flat is not None:
             spec = replace(spec, policy_without_flat=policy_without_flat)
         if spec.flat_encoder_version is not None and not new_labels:

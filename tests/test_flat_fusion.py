@@ -55,13 +55,19 @@ def test_the_flat_classifier_is_fused_only_where_it_lowers_the_held_out_likeliho
     decision = flat_fusion_helps(logits, retrieval, gold, flat)
     assert decision["fused"] == informative
     assert (decision["cv_nll_with_flat"] < decision["cv_nll_without_flat"]) == informative
-    # in-sample the extra score always looks better: that is why the choice is held out
-    assert cross_validated_nll([logits, retrieval], gold) > 0
+    # in-sample the extra score never looks worse, noise included: that is why the choice is held out
+    from mailroute.rerank_policy import _nll, conditional_logit
+
+    x = np.stack([logits, retrieval, flat], -1)
+    assert _nll(x @ conditional_logit([logits, retrieval, flat], gold), gold) <= _nll(x[..., :2] @ conditional_logit([logits, retrieval], gold), gold) + 1e-6
+    # a flat score that is the same for every candidate carries nothing: never fused, whatever rounding says
+    assert not flat_fusion_helps(logits, retrieval, gold, np.zeros_like(flat))["fused"]
+    assert cross_validated_nll([logits, retrieval], gold) == pytest.approx(decision["cv_nll_without_flat"] - cross_validated_nll([retrieval], gold))
     # fit_policy: auto follows the decision, always / never override it; the decision is reported either way
     n, k = logits.shape
     ids = np.tile(np.arange(k), (n, 1))
     sc = Scored(gold=gold, xq=np.zeros((n, 2)), ranked=ids, D=retrieval, I=ids, logits=logits, flat=flat)
-    for mode, fused in (("auto", informative), ("always", True)):
+    for mode, fused in (("auto", informative), ("always", True), ("never", False)):
         policies = fit_policy(sc, flat_fusion=mode)
         assert policies.fused.uses_flat == fused and policies.flat_fusion["fused"] == fused and policies.flat_fusion["mode"] == mode
         assert (policies.two_stage_gated is None) != fused  # the two stages' own gated fit exists where the answer fuses flat
@@ -82,6 +88,11 @@ def test_flat_fusion_setting_is_checked_and_old_run_configs_read_as_they_ran(tmp
         path.write_text(json.dumps({"dataset": "demo", "no_flat_fusion": old}))
         assert TrainConfig.load(path).flat_fusion == mode
     assert TrainConfig().flat_fusion == "auto"
+    # a config edited by hand is refused when read (refit, resume, baseline, feedback), by name, before any work
+    for bad, why in (({"flat_fusion": "yes"}, "flat_fusion must be one of"), ({"flat_fusion": "auto", "no_flat_fusion": True}, "both")):
+        path.write_text(json.dumps({"dataset": "demo"} | bad))
+        with pytest.raises(BadSetting, match=why):
+            TrainConfig.load(path)
 
 
 def test_fusion_fit_recovers_a_known_flat_weight():
@@ -236,6 +247,13 @@ def test_derived_versions_keep_the_flat_classifier_unless_a_label_is_new(repo):
     assert not (version_dir(repo, contract.CLASSIFIER, w) / FLAT_HEAD_FILE).exists()
     clf = open_onnx_classifier(repo, w)  # answers by the two stages alone, over the new taxonomy
     assert clf.flat_head is None and len(clf.classify(EMAILS[:2])) == 2
+    # a policy refitted without the flat classifier (a feedback round under --flat-fusion auto) drops it from the version,
+    # and with it the base's two-stage fit (fitted for other scores), instead of pinning an encoder nothing runs
+    refit = RerankPolicy(retrieval_weight=5.0, temperature=2.0).to_dict()
+    x = derive_version(repo, base, "exemplars", [("my parcel never came", open_onnx_classifier(repo).label_names[0])], policy=refit)
+    spec = read_pipeline(version_dir(repo, contract.CLASSIFIER, x))
+    assert spec.flat_encoder_version is None and spec.policy_without_flat is None and spec.rerank_policy() == RerankPolicy.from_dict(refit)
+    assert not (version_dir(repo, contract.CLASSIFIER, x) / FLAT_HEAD_FILE).exists() and open_onnx_classifier(repo, x).flat_head is None
 
 
 @pytest.mark.parametrize("no_fusion", [False, True])

@@ -101,7 +101,11 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise BadSetting(f"{path}: expected a JSON object of training settings, got {type(d).__name__}")
         if "no_flat_fusion" in d:  # the boolean before --flat-fusion (session 32): true = never; false = always, as it then did
-            d["flat_fusion"] = "never" if d.pop("no_flat_fusion") else d.get("flat_fusion", "always")
+            if "flat_fusion" in d:
+                raise BadSetting(f"{path} has both no_flat_fusion (before session 32) and flat_fusion: keep flat_fusion")
+            d["flat_fusion"] = "never" if d.pop("no_flat_fusion") else "always"
+        if d.get("flat_fusion", "auto") not in FLAT_FUSION:
+            raise BadSetting(f"{path}: flat_fusion must be one of {', '.join(FLAT_FUSION)}, got {d['flat_fusion']!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -149,7 +149,9 @@ def latency_line(m: dict) -> str:
     policy costs: stage 2 only for the share it reranks (none where the cross-encoder has no weight)."""
     lat, share = m["latency"], m["two_stage"].get("share_reranked", 1.0)
     flat = lat.get("flat_ms_per_email", 0.0)  # metrics written before the flat pass was timed apart count it in embed
-    served = lat["embed_ms_per_email"] + flat + lat["search_ms_per_email"] + share * lat["rerank_ms_per_email"]
+    # a run may keep its flat classifier without fusing it (--flat-fusion auto): then serving never runs its pass
+    served_flat = flat if RerankPolicy.from_dict(m["policy"]).uses_flat else 0.0
+    served = lat["embed_ms_per_email"] + served_flat + lat["search_ms_per_email"] + share * lat["rerank_ms_per_email"]
     return (f"Latency per email (batches of {lat['batch_size']}, PyTorch on {m['device']}): embed {lat['embed_ms_per_email']:.1f} ms"
             + (f", flat classifier {flat:.1f} ms" if flat else "") + f", search {lat['search_ms_per_email']:.2f} ms, rerank "
             f"{lat['rerank_ms_per_email']:.1f} ms (timed for every email); as served, stage 2 for {share:.0%} of emails: "

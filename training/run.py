@@ -493,6 +493,6 @@ def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: s
     print(f"baseline {out.root}: flat {metrics['flat_baseline']['accuracy']:.2%} (epoch {best} of {cfg.flat_epochs} on validation "
           f"{['%.2f%%' % (100 * a) for a in flat_val]}); two-stage {metrics['two_stage']['accuracy']:.2%}")
     if cfg.fuses_flat() and out.is_trained():
-        print("baseline: the run fuses the flat classifier: fitting its policy again with the new one")
+        print(f"baseline: the run may fuse the flat classifier (--flat-fusion {cfg.flat_fusion}): fitting its policy again with the new one")
         return refit(out.root, device=device)
     return metrics
