@@ -13,7 +13,9 @@
 # FOLDS=3 held-out folds of the training emails, and the FULL whole-data runs trained beside them: ARM's unless named, "" none). A smoke run of any anywhere: SMOKE=1 (tiny model / tiny data, CPU).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-$(mktemp -d)}
+out_dir() {  # where a step's results go: $OUT (the device tool sets it), else a new folder, named (install writes none)
+  if [ -z "${OUT:-}" ]; then OUT=$(mktemp -d); echo "results in $OUT (set OUT to choose)"; fi
+}
 WORK=${MAILROUTE_GPU_WORK:-$PWD/.gpu-work}  # ignored by git; kept between calls on a warm machine
 mkdir -p "$WORK"
 SITE=${MAILROUTE_GPU_SITE:-$WORK/site}
@@ -67,6 +69,7 @@ case "${1:-}" in
     ls "$SITE" | tr '\n' ' '; echo; ls "$DATA" 2>/dev/null
     ;;
   serve)  # the real email_classifier on the torch runtime vs the raw PyTorch ceiling
+    out_dir
     # the backend stub ignores PYTHONPATH and needs numpy < 2: client/server.py gives it its own environment
     [ -d "$DATA/stub-numpy" ] && export MAILROUTE_STUB_SITE="$DATA/stub-numpy"
     mkdir -p "$DATA/tokenizer" "$OUT/gpu"
@@ -86,6 +89,7 @@ case "${1:-}" in
     exit $rc
     ;;
   sweep)  # BANKING77 training configurations at once on the card (issue 6's variants)
+    out_dir
     S=${SWEEP_DIR:-$WORK/sweep}
     export MAILROUTE_BANKING77="$DATA/banking77"
     if [ "${SMOKE:-0}" = 1 ]; then
@@ -115,6 +119,7 @@ case "${1:-}" in
     exit $rc
     ;;
   oof)  # the defaults vs ARM (nearest label cards unless named), chosen on held-out folds of all training emails (benchmarks/oof_choice.py)
+    out_dir
     # FULL: whole-data runs trained beside the folds (NAME:--flag=value,... each; "" for none), e.g. the configuration
     # the folds may choose, with its flat baseline, so that one call brings back both the choice and the run it picks
     S=${SWEEP_DIR:-$WORK/oof}
