@@ -20,13 +20,14 @@ import numpy as np
 
 def compare(run_dir, device: str = "cpu") -> dict:
     from mailroute.label_index import LabelIndex
-    from mailroute.rerank_policy import flat_fusion_helps
     from mailroute.run_layout import RunFolder
     from training.data import splits_of
     from training.evaluate import collect, fit_policy, predict
     from training.run import TrainConfig, classifier_from_models, load_bi_encoder, load_cross_encoder, load_flat
 
     out = RunFolder(run_dir)
+    if not out.is_trained():
+        raise SystemExit(f"{out.root} is not a trained run folder (run `mailroute train` first)")
     if not out.has_flat():
         raise SystemExit(f"{out.root} kept no flat classifier (trained with --skip-baseline or --flat-fusion never): nothing to decide")
     cfg = TrainConfig.load(out.config)
@@ -37,9 +38,8 @@ def compare(run_dir, device: str = "cpu") -> dict:
                                  top_k=min(cfg.k_eval, len(index)))
     names = list(clf.label_names)
     sv, st = collect(clf, val, clf.top_k), collect(clf, test, clf.top_k)
-    ok = sv.gold_pos >= 0
-    rule = flat_fusion_helps(sv.logits[ok], sv.D[ok], sv.gold_pos[ok], sv.flat[ok])
-    policies = fit_policy(sv, cfg.gate_target(), "always")
+    policies = fit_policy(sv, cfg.gate_target(), "always")  # fused, and the rule's verdict on it (what auto would do)
+    rule = policies.flat_fusion | {"fused": policies.flat_fusion["held_out_gain"]}
 
     def accuracy(sc, policy, mode) -> float:
         pred, _, _ = predict(sc, policy, names, mode)

@@ -70,6 +70,7 @@ def test_the_flat_classifier_is_fused_only_where_it_lowers_the_held_out_likeliho
     for mode, fused in (("auto", informative), ("always", True), ("never", False)):
         policies = fit_policy(sc, flat_fusion=mode)
         assert policies.fused.uses_flat == fused and policies.flat_fusion["fused"] == fused and policies.flat_fusion["mode"] == mode
+        assert policies.flat_fusion["held_out_gain"] == informative  # the rule's verdict, whatever the mode did with it
         assert (policies.two_stage_gated is None) != fused  # the two stages' own gated fit exists where the answer fuses flat
 
 

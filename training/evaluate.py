@@ -167,8 +167,10 @@ def fit_policy(sc: Scored, target: GateTarget = GateTarget(), flat_fusion: str =
     pos = sc.gold_pos[ok]
     decision = None
     if sc.flat is not None:
-        decision = flat_fusion_helps(sc.logits[ok], sc.D[ok], pos, sc.flat[ok]) | {"mode": flat_fusion}
-        decision["fused"] = {"auto": decision["fused"], "always": True, "never": False}[flat_fusion]
+        decision = flat_fusion_helps(sc.logits[ok], sc.D[ok], pos, sc.flat[ok])
+        # the rule's own verdict is kept beside what the mode made of it (always / never override it)
+        decision |= {"mode": flat_fusion, "held_out_gain": decision["fused"],
+                     "fused": {"auto": decision["fused"], "always": True, "never": False}[flat_fusion]}
     flat = sc.flat if decision and decision["fused"] else None
     flat_ok = None if flat is None else flat[ok]
     fused = fit_retrieval_temperature(sc.D[ok], pos, fit_fusion(sc.logits[ok], sc.D[ok], pos, flat=flat_ok), flat=flat_ok)
