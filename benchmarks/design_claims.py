@@ -48,7 +48,7 @@ def main(argv=None):
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
     from sentence_transformers.sentence_transformer.losses import TripletLoss
 
-    from mailroute.rerank_policy import RerankPolicy, fit_fusion
+    from mailroute.rerank_policy import fit_ce_only
     from mailroute.taxonomy import CardSpec
     from training import bi_encoder as bi
     from training.cross_encoder import train_cross_encoder
@@ -137,8 +137,7 @@ def main(argv=None):
         exs, D, I = split_cands["validation"]
         gold_pos = (I == np.array([tax.index(e.label) for e in exs])[:, None])
         ok = gold_pos.any(1)
-        fitted = fit_fusion(logits["validation"][ok], np.zeros_like(D[ok]), gold_pos[ok].argmax(1))
-        policy = RerankPolicy(temperature=fitted.temperature if fitted.ce_weight else 1.0)
+        policy = fit_ce_only(logits["validation"][ok], gold_pos[ok].argmax(1))
         res = {"train_s": seconds, "temperature": policy.temperature}
         for split, (exs, D, I) in split_cands.items():
             gold = np.array([tax.index(e.label) for e in exs])

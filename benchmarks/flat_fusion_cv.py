@@ -55,7 +55,7 @@ def compare(run_dir, device: str = "cpu") -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="trained run folders that kept their flat classifier")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     ap.add_argument("--json", default="", help="also write the rows here")
     a = ap.parse_args(argv)
     rows = [compare(r, a.device) for r in a.runs]

@@ -109,9 +109,10 @@ def fitted_ensembles(scored: list, flat_probabilities: list, gate_skips: list, k
     `ensemble` fuses cross-encoder, retrieval and flat for every email; `ensemble_gated` answers the emails the served
     gate skips with `retrieval_flat`, which never runs the cross-encoder: where the ensemble is no better than it,
     the reranker adds nothing the flat model does not already give."""
+    from benchmarks.fusion_study import flat_feature
     from benchmarks.oof_choice import cross_fitted
 
-    folds = [dict(z) | {"flat": np.log(np.take_along_axis(p, z["I"][:, :k], 1).astype(np.float64) + 1e-9)}
+    folds = [dict(z) | {"flat": flat_feature(p, z["I"][:, :k])}
              for z, p in zip(scored, flat_probabilities)]
     fitted = {name: cross_fitted(folds, feats, k) for name, feats in ENSEMBLES.items()}
     out = {name: right for name, (right, _) in fitted.items()}

@@ -68,9 +68,9 @@ def main(argv=None) -> int:
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--repo", help="model repository: a tritonserver is started over it (free ports) and stopped after")
     where.add_argument("--url", help="gRPC address of a server already serving the run's export (host:port)")
-    ap.add_argument("--limit", type=int, default=0, help="send the first N test emails (0 = all)")
-    ap.add_argument("--batch", type=int, default=contract.CLASSIFIER_MAX_BATCH, help="emails per request")
-    ap.add_argument("--atol", type=float, default=ATOL, help="largest probability difference counted as equal")
+    ap.add_argument("--limit", type=int, default=0, help="send the first N test emails (default 0 = all)")
+    ap.add_argument("--batch", type=int, default=contract.CLASSIFIER_MAX_BATCH, help=f"emails per request (default {contract.CLASSIFIER_MAX_BATCH})")
+    ap.add_argument("--atol", type=float, default=ATOL, help=f"largest probability difference counted as equal (default {ATOL:g})")
     ap.add_argument("--json", help="write the summary here")
     args = ap.parse_args(argv)
     if args.limit < 0 or args.batch < 1 or args.atol < 0:

@@ -1,7 +1,7 @@
 """`mailroute`: train, export, serve, classify, and the one-command demo.
 
   mailroute demo                      train on the built-in taxonomy, export, start Triton, classify samples
-  mailroute train --dataset banking77 both stages + the flat classifier (fused into the answer), evaluated, saved to --out
+  mailroute train --dataset banking77 both stages + the flat classifier (fused where validation's held-out likelihood says so), evaluated, saved to --out
   mailroute refit --run runs/demo     fit the rerank policy (fusion, temperature, gate) again on validation
   mailroute sweep a: b:--oof-folds=3 -- --dataset banking77   several train configurations at once, one summary
   mailroute export --run runs/demo    ONNX (parity-checked) -> new versions in model_repository/
@@ -458,7 +458,8 @@ def main(argv=None):
     p.add_argument("--grpc-port", type=int, default=GRPC_PORT, help=f"0 = a free port (default: {GRPC_PORT})")
     p.add_argument("--http-port", type=int, default=HTTP_PORT, help=f"HTTP/REST port (readiness, repository API); 0 = a free port (default: {HTTP_PORT})")
     p.add_argument("--metrics-port", type=int, default=METRICS_PORT, help=f"Prometheus metrics port; 0 = a free port (default: {METRICS_PORT})")
-    p.add_argument("--admin-key", default="", help="require header admin-key=<this> for model load/unload/config (recommended)")
+    p.add_argument("--admin-key", default="", help="require header admin-key=<this> for model load/unload/config (recommended; default: none, so anyone who "
+                                                        "can reach the HTTP port can load and unload models)")
     p.add_argument("--poll-all", action="store_true", help="load every model in the repository at start (default: explicit mode, the mailroute models "
                                                            "the repository has). Triton then has no load API: the watchdog restarts the "
                                                            "server instead of reloading a model, and `versions promote --url` cannot load")
@@ -525,8 +526,8 @@ def main(argv=None):
     p = vsub.add_parser("rollback", help="serve again the version that served before the current one")
     p.add_argument("--to", type=int, default=None, help="roll back to this version instead")
     p = vsub.add_parser("prune", help="remove old classifier versions and encoder versions no kept classifier pins")
-    p.add_argument("--keep", type=int, default=PRUNE_KEEP, help=f"newest classifier versions to keep (the serving one always stays; "
-                                                                f"default: {PRUNE_KEEP})")
+    p.add_argument("--keep", type=int, default=PRUNE_KEEP, help=f"newest classifier versions to keep (the serving one and the last --keep "
+                                                                f"rollback targets always stay; default: {PRUNE_KEEP})")
     for name, p in vsub.choices.items():
         if name != "list":
             _server_args(p)

@@ -151,45 +151,61 @@ def _nll(z: np.ndarray, gold: np.ndarray) -> float:
     return float(-(z[np.arange(len(z)), gold] - np.log(np.exp(z).sum(1))).sum())
 
 
-def conditional_logit(features: list, gold: np.ndarray) -> np.ndarray:
+NO_SIGNAL = 1e-6  # a fitted weight at or below this carries no signal: that score is left out and the others refitted
+
+
+def conditional_logit(features: list, gold: np.ndarray, l2: float = 0.0, standardise: bool = False) -> np.ndarray:
     """Weights w of score = sum_f w_f x features[f] maximising the likelihood of the gold candidate under the
-    softmax over each row's candidates. features: (n, k) arrays; gold: (n,) positions."""
+    softmax over each row's candidates. features: (n, k) arrays; gold: (n,) positions.
+    l2: ridge penalty per row on the weights (of the standardised features where `standardise`); standardise: fit
+    on features divided by their standard deviation (weights returned for the features as given). The served fits
+    use neither; the fusion studies (benchmarks/fusion_study.py) compare many correlated features with both."""
     from scipy.optimize import minimize
 
     x = np.stack([np.asarray(f, np.float64) for f in features], -1)  # (n, k, F)
     gold = np.asarray(gold)
     if x.ndim != 3 or len(gold) != len(x):
         raise ValueError(f"conditional_logit expects (n, k) features and (n,) gold, but got {[np.shape(f) for f in features]}, {gold.shape}")
-    rows = np.arange(len(gold))
+    scale = x.reshape(-1, x.shape[-1]).std(0) + 1e-9 if standardise else np.ones(x.shape[-1])  # (F,)
+    x = x / scale
+    rows, n = np.arange(len(gold)), len(gold)
 
-    def objective(w):  # NLL and its gradient
-        z = x @ w
+    def objective(w):  # NLL (+ ridge) and its gradient
+        z = x @ w  # (n, k)
         z = z - z.max(1, keepdims=True)
         p = np.exp(z)
         p /= p.sum(1, keepdims=True)
-        nll = -np.log(p[rows, gold] + 1e-300).sum()
-        return nll, -(x[rows, gold] - (p[..., None] * x).sum(1)).sum(0)
+        nll = -np.log(p[rows, gold] + 1e-300).sum() + l2 * n * (w @ w)
+        return nll, -(x[rows, gold] - (p[..., None] * x).sum(1)).sum(0) + 2 * l2 * n * w
 
-    return minimize(objective, np.ones(x.shape[-1]), jac=True, method="L-BFGS-B").x
+    return minimize(objective, np.ones(x.shape[-1]), jac=True, method="L-BFGS-B").x / scale
 
 
 CV_FOLDS = 5  # folds of the validation emails for held-out likelihoods (cross_validated_nll)
 FLAT_FUSION_MIN_GAIN = 1e-3  # the share of held-out NLL fusing the flat classifier must save (BANKING77: 8.6%)
 
 
-def cross_validated_nll(features: list, gold: np.ndarray, folds: int = CV_FOLDS, seed: int = 0) -> float:
-    """Summed NLL of the gold candidate on each fold of these rows under the conditional-logit weights fitted on the
-    other folds (`conditional_logit`): how well a fusion of these features does on emails its weights never saw."""
+def cross_fitted_scores(features: list, gold: np.ndarray, folds: int = CV_FOLDS, seed: int = 0, **fit) -> np.ndarray:
+    """(n, k) fused scores of these rows, each fold's under the conditional-logit weights fitted on the other folds
+    (`conditional_logit`, with `fit`'s options): how a fusion of these features scores emails its weights never saw.
+    Rows whose gold is -1 (not among the candidates) are scored but never fitted on."""
     gold = np.asarray(gold)
     x = np.stack([np.asarray(f, np.float64) for f in features], -1)  # (n, k, F)
     order = np.random.default_rng(seed).permutation(len(gold))
-    total = 0.0
+    out = np.zeros(x.shape[:2])
     for f in range(min(folds, len(gold))):
         held = order[f::folds]
-        fit = np.setdiff1d(order, held)
-        w = conditional_logit([x[fit, :, j] for j in range(x.shape[-1])], gold[fit])
-        total += _nll(x[held] @ w, gold[held])
-    return float(total)
+        rest = np.setdiff1d(order, held)
+        rest = rest[gold[rest] >= 0]
+        w = conditional_logit([x[rest, :, j] for j in range(x.shape[-1])], gold[rest], **fit)
+        out[held] = x[held] @ w
+    return out
+
+
+def cross_validated_nll(features: list, gold: np.ndarray, folds: int = CV_FOLDS, seed: int = 0) -> float:
+    """Summed NLL of the gold candidate under `cross_fitted_scores`: how well a fusion of these features does on
+    emails its weights never saw (rows whose gold was retrieved only)."""
+    return _nll(cross_fitted_scores(features, gold, folds, seed), np.asarray(gold))
 
 
 def flat_fusion_helps(logits: np.ndarray, retrieval: np.ndarray, gold: np.ndarray, flat: np.ndarray) -> dict:
@@ -216,8 +232,8 @@ def fit_fusion(logits: np.ndarray, retrieval: np.ndarray, gold: np.ndarray, flat
         gold: (n,) position of the gold candidate in each row.
         flat: (n, k) the flat classifier's log-probabilities of the candidates, or None (not fused).
     Returns a policy with ce_weight 1, retrieval_weight b/a, flat_weight c/a, temperature 1/a; where the
-    cross-encoder carries no signal (a <= 1e-6), ce_weight 0 and the other scores refitted without it: retrieval_weight
-    1, flat_weight c/b, temperature 1/b, or, where retrieval carries none either (b <= 1e-6 < c), the flat classifier
+    cross-encoder carries no signal (a <= NO_SIGNAL), ce_weight 0 and the other scores refitted without it: retrieval_weight
+    1, flat_weight c/b, temperature 1/b, or, where retrieval carries none either (b <= NO_SIGNAL < c), the flat classifier
     alone (retrieval_weight 0, flat_weight 1, temperature 1/c). Gate and retrieval temperature stay the defaults'.
     """
     logits, retrieval = np.asarray(logits, np.float64), np.asarray(retrieval, np.float64)
@@ -226,14 +242,22 @@ def fit_fusion(logits: np.ndarray, retrieval: np.ndarray, gold: np.ndarray, flat
                          f"{retrieval.shape}, {np.shape(gold)}" + ("" if flat is None else f", flat {np.shape(flat)}"))
     others = [retrieval] + ([] if flat is None else [flat])
     a, *rest = conditional_logit([logits] + others, gold)
-    if a <= 1e-6:  # the cross-encoder carries no signal: the other scores alone
+    if a <= NO_SIGNAL:  # the cross-encoder carries no signal: the other scores alone
         b, *c = conditional_logit(others, gold)
-        if c and b <= 1e-6 and c[0] > 1e-6:  # nor retrieval: the flat classifier alone
+        if c and b <= NO_SIGNAL < c[0]:  # nor retrieval: the flat classifier alone
             return RerankPolicy(ce_weight=0.0, retrieval_weight=0.0, flat_weight=1.0, temperature=float(1.0 / c[0]))
-        b = max(b, 1e-6)
+        b = max(b, NO_SIGNAL)
         return RerankPolicy(ce_weight=0.0, retrieval_weight=1.0, flat_weight=float(c[0] / b) if c else 0.0, temperature=float(1.0 / b))
     return RerankPolicy(ce_weight=1.0, retrieval_weight=float(rest[0] / a), flat_weight=float(rest[1] / a) if flat is not None else 0.0,
                         temperature=float(1.0 / a))
+
+
+def fit_ce_only(logits: np.ndarray, gold: np.ndarray) -> RerankPolicy:
+    """The reranker alone (retrieval weight 0), its temperature fitted by NLL where its logit carries signal (else the
+    default's): the "cross-encoder only" row of a run's variants, as evaluation and benchmarks/design_claims.py report it."""
+    logits = np.asarray(logits, np.float64)
+    fitted = fit_fusion(logits, np.zeros_like(logits), gold)
+    return RerankPolicy(ce_weight=1.0, retrieval_weight=0.0, **({"temperature": fitted.temperature} if fitted.ce_weight else {}))
 
 
 def fit_retrieval_temperature(retrieval: np.ndarray, gold: np.ndarray, base: RerankPolicy, flat: np.ndarray = None) -> RerankPolicy:
@@ -242,7 +266,7 @@ def fit_retrieval_temperature(retrieval: np.ndarray, gold: np.ndarray, base: Rer
     retrieval = np.asarray(retrieval, np.float64)
     if flat is not None:
         b, c = conditional_logit([retrieval, flat], gold)
-        if b > 1e-6:
+        if b > NO_SIGNAL:
             return replace(base, retrieval_temperature=float(1.0 / b), gated_flat_weight=float(c / b))
     grid = np.exp(np.linspace(np.log(1e-3), np.log(2.0), 200))
     best = min(grid, key=lambda t: _nll(retrieval / t, gold))

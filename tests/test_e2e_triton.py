@@ -184,6 +184,20 @@ def test_new_version_is_loaded_through_the_repository_api(repo, tiny_run):
             assert all((repo / m / "1").is_dir() for m in contract.MODELS)
 
 
+def _stop_serve(proc) -> None:
+    """Stops a `mailroute serve` still running as a user would (SIGTERM: it stops its tritonserver, which runs in a
+    session of its own and would outlive a SIGKILL of the launcher), then kills it only if that fails."""
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _serve(repo, *flags):
     """`mailroute serve` on free ports as a user starts it, its stdout lines in a queue (read by a thread, so that a
     silent serve fails a deadline instead of hanging)."""
@@ -247,10 +261,8 @@ def test_a_serve_stopped_while_starting_leaves_no_server_and_an_unwatched_server
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 130  # interrupted, as Ctrl-C
         assert not _processes_of(work) and not work.exists()  # no orphaned server, no temporary folder left
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    finally:  # a failed assertion leaves no serve (and no tritonserver holding ports) behind
+        _stop_serve(proc)
 
     proc, out = _serve(tiny_repo, "--ready-port", "-1")
     try:
@@ -261,10 +273,8 @@ def test_a_serve_stopped_while_starting_leaves_no_server_and_an_unwatched_server
         rest = "".join(iter(lambda: out.get(timeout=10), ""))
         assert "mailroute serve: tritonserver exited with -9 while serving (no watchdog: --ready-port -1)" in rest
         assert not work.exists()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    finally:  # a failed assertion leaves no serve (and no tritonserver holding ports) behind
+        _stop_serve(proc)
 
 
 def test_serve_command_prints_endpoints_and_stops_on_sigterm(tiny_repo):
@@ -288,10 +298,4 @@ def test_serve_command_prints_endpoints_and_stops_on_sigterm(tiny_repo):
         with ClassifierClient(grpc_url, retries=0, timeout=2) as c:
             assert not c.ready()  # the server is gone, not orphaned
     finally:  # a failed assertion leaves no serve (and no tritonserver holding ports) behind
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop_serve(proc)

@@ -213,13 +213,18 @@ def _writer(url, worker, barrier, queue):
 def test_concurrent_writers(store_url):
     FeedbackStore(store_url).close()  # migrate once here; the children then only check the version
     ctx = multiprocessing.get_context("spawn")  # nothing inherited, as separate API workers would be
-    barrier, queue = ctx.Barrier(4), ctx.Queue()
+    barrier, queue = ctx.Barrier(4, timeout=60), ctx.Queue()  # a worker that dies early breaks the barrier: no one waits forever
     procs = [ctx.Process(target=_writer, args=(store_url, w, barrier, queue)) for w in range(4)]
-    for p in procs:
-        p.start()
-    got = sorted(queue.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(10)
+    try:
+        for p in procs:
+            p.start()
+        got = sorted(queue.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
     assert [outcome for _, outcome, _ in got] == ["ok"] * 4
     assert sorted(race for _, _, race in got[:2]) == ["ConflictingCorrection", "ok"]
     with FeedbackStore(store_url) as store:

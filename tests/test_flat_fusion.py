@@ -303,12 +303,14 @@ def test_the_launcher_loads_the_encoders_the_repository_has(tmp_path):
     repo = empty_repository(tmp_path / "repo", version="1")
     (repo / contract.FLAT_ENCODER).mkdir()  # a config, no version (MODELS: the models every repository has)
     server = TritonServer(repo)
-    assert server.models == [contract.BI_ENCODER, contract.CROSS_ENCODER, contract.CLASSIFIER]
-    (repo / contract.FLAT_ENCODER / "2").mkdir()  # an export adds one while the launcher exists
-    assert server.models == [contract.BI_ENCODER, contract.CROSS_ENCODER, contract.FLAT_ENCODER, contract.CLASSIFIER]
-    assert f"--load-model={contract.FLAT_ENCODER}" in serving_args(server.models)
-    assert "--load-model=*" in serving_args()  # docker-compose.yml's: whatever the repository holds
-    shutil.rmtree(server.work, ignore_errors=True)  # the launcher made its scratch folder; nothing was started
+    try:
+        assert server.models == [contract.BI_ENCODER, contract.CROSS_ENCODER, contract.CLASSIFIER]
+        (repo / contract.FLAT_ENCODER / "2").mkdir()  # an export adds one while the launcher exists
+        assert server.models == [contract.BI_ENCODER, contract.CROSS_ENCODER, contract.FLAT_ENCODER, contract.CLASSIFIER]
+        assert f"--load-model={contract.FLAT_ENCODER}" in serving_args(server.models)
+        assert "--load-model=*" in serving_args()  # docker-compose.yml's: whatever the repository holds
+    finally:
+        shutil.rmtree(server.work, ignore_errors=True)  # the launcher made its scratch folder; nothing was started
 
 
 def test_a_weightless_reranker_is_never_run():

@@ -7,6 +7,7 @@ import re
 import signal
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from tritonclient.utils import InferenceServerException
@@ -68,12 +69,26 @@ def test_killed_stub_turns_readiness_false_and_is_recovered(fresh_server):
         ready.stop()
 
 
+def _wait_dead(pid: int, seconds: float = 10) -> None:
+    """Until a killed process is gone or a zombie (its parent, tritonserver, reaps it later)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} still runs {seconds} s after SIGKILL")
+
+
 def test_client_retries_carry_a_request_over_the_recovery_gap(fresh_server):
     # Given a watchdog that repairs, and a dead classifier stub
     wd = Watchdog(fresh_server, interval=0.5, max_age=1.5).start()
     try:
-        os.kill(fresh_server.stub_pid(contract.CLASSIFIER), signal.SIGKILL)
-        time.sleep(0.2)
+        stub = fresh_server.stub_pid(contract.CLASSIFIER)
+        os.kill(stub, signal.SIGKILL)
+        _wait_dead(stub)
         # When a client with the default retries classifies during the gap, it gets its answer
         with ClassifierClient(fresh_server.grpc_url, timeout=30) as c:
             waits, delay = [], c._delay  # the backoffs taken, recorded (and waited: the gap must pass)

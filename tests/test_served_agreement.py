@@ -44,9 +44,11 @@ def test_bad_arguments_are_named(tmp_path, capsys):
         main(["--run", str(tmp_path), "--url", "127.0.0.1:1"])
 
 
-def test_a_server_that_does_not_answer_is_named(tmp_path):
+def test_a_server_that_does_not_answer_is_named(tmp_path, monkeypatch):
     """A run whose predictions exist but whose --url serves nothing: one line naming the address, no traceback."""
     import shutil
+
+    from client.classifier_client import ClassifierClient
 
     from benchmarks.served_agreement import main
     from mailroute.run_layout import RunFolder
@@ -58,5 +60,6 @@ def test_a_server_that_does_not_answer_is_named(tmp_path):
     run(TrainConfig(dataset="demo", out=str(tmp_path / "run"), base=str(base), bi_epochs=0.1, ce_epochs=0.1, flat_epochs=1,
                     test_limit=4, k_train=3, k_eval=3))
     shutil.rmtree(tmp_path / "base")
+    monkeypatch.setattr(ClassifierClient, "_delay", lambda self, attempt: 0.0)  # the retries still happen, without their backoff
     with pytest.raises(SystemExit, match="the classifier at 127.0.0.1:1 did not answer"):
         main(["--run", str(RunFolder(tmp_path / "run").root), "--url", "127.0.0.1:1"])

@@ -84,19 +84,26 @@ def test_listwise_loss_rejects_rows_without_exactly_one_gold(tiny_models):
         loss([["q"], [["a", "b"]]], [[0, 0]])
 
 
-def test_mnr_batches_never_hold_two_rows_of_one_label(demo):
+def test_mnr_batches_never_hold_two_rows_of_one_label(tiny_models, demo, monkeypatch):
     """With label-text positives (the default) train_bi_encoder relies on NO_DUPLICATES: every row's positive is its
-    label's text, so no duplicate text in a batch means no label twice."""
+    label's text, so no duplicate text in a batch means no label twice. Checked on the batches the trainer draws."""
+    import copy
+
+    # Given the demo's label-text positives: an email's text names its one label, its positive is that label's text
     ds = mnr_dataset(demo.train, demo.taxonomy)
     label_of = {e.text: e.label for e in demo.train}
-    assert len(label_of) == len(demo.train)  # an email's text names its one label
+    assert len(label_of) == len(demo.train)
     assert list(ds["positive"]) == [demo.taxonomy.labels[demo.taxonomy.index(label_of[a])].text() for a in ds["anchor"]]
-    sampler = NoDuplicatesBatchSampler(ds, batch_size=32, drop_last=False, valid_label_columns=[], generator=torch.Generator().manual_seed(0))
-    batches = list(sampler)
-    assert sorted(i for b in batches for i in b) == list(range(len(ds)))  # every row used once
-    for b in batches:
-        labels = [label_of[ds[i]["anchor"]] for i in b]
-        assert len(set(labels)) == len(labels)
+    # and a spy on the batches the trainer's sampler yields
+    seen = []
+    real_iter = NoDuplicatesBatchSampler.__iter__
+    monkeypatch.setattr(NoDuplicatesBatchSampler, "__iter__",
+                        lambda self: (seen.append([label_of[self.dataset[i]["anchor"]] for i in b]) or b for b in real_iter(self)))
+    # When one epoch of MNR runs with the default positives
+    train_bi_encoder(copy.deepcopy(tiny_models[0]), demo.train, demo.taxonomy, epochs=1, batch_size=32, lr=1e-4, seed=0)
+    # Then it drew every email once, in batches that never hold one label twice
+    assert sorted(a for labels in seen for a in labels) == sorted(e.label for e in demo.train)
+    assert all(len(set(labels)) == len(labels) for labels in seen)
 
 
 def test_exemplar_positives_are_another_email_of_the_same_label(demo):

@@ -82,7 +82,7 @@ class TrainConfig:
     flat_epochs: int = 5  # flat softmax baseline epochs, the best on validation kept
     flat_batch_size: int = 32  # flat baseline batch
     flat_lr: float = 5e-5  # flat baseline learning rate (its new head gets 50x)
-    skip_baseline: bool = False  # do not train the flat softmax baseline, so nothing is fused with the two stages (it is trained and fused all the same with --ce-init flat, which starts from it)
+    skip_baseline: bool = False  # do not train the flat softmax baseline, so nothing is fused with the two stages (it is trained all the same with --ce-init flat, which starts from it, and then fused as --flat-fusion says)
     flat_fusion: str = field(default="auto", metadata={"help": "fuse the flat classifier into the served answer: "
                                                        + "; ".join(f"{k} = {v}" for k, v in FLAT_FUSION.items())})
     drop_invalid: bool = False  # drop invalid rows (printing how many) instead of refusing to train

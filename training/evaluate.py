@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from mailroute import contract
 from mailroute.label_index import LabelScoring
-from mailroute.rerank_policy import GateTarget, RerankPolicy, fit_fusion, fit_gate, fit_retrieval_temperature, flat_fusion_helps
+from mailroute.rerank_policy import GateTarget, RerankPolicy, fit_ce_only, fit_fusion, fit_gate, fit_retrieval_temperature, flat_fusion_helps
 
 
 def accuracy(y_true, y_pred) -> float:
@@ -176,8 +176,7 @@ def fit_policy(sc: Scored, target: GateTarget = GateTarget(), flat_fusion: str =
     fused = fit_retrieval_temperature(sc.D[ok], pos, fit_fusion(sc.logits[ok], sc.D[ok], pos, flat=flat_ok), flat=flat_ok)
     two_stage = fused if flat is None else fit_retrieval_temperature(sc.D[ok], pos, fit_fusion(sc.logits[ok], sc.D[ok], pos))
     retrieval = two_stage  # its retrieval softmax is stage 1's alone (no flat term): the same fit
-    ce_only = fit_fusion(sc.logits[ok], np.zeros_like(sc.D[ok]), pos)  # the reranker alone, for the variants table
-    ce_only = RerankPolicy(ce_weight=1.0, retrieval_weight=0.0, temperature=ce_only.temperature if ce_only.ce_weight else 1.0)
+    ce_only = fit_ce_only(sc.logits[ok], pos)  # the reranker alone, for the variants table
     gated, report = fit_gate(fused, sc.logits, sc.D, sc.gold_pos, target, flat=flat)
     two_stage_gated = None if flat is None else fit_gate(two_stage, sc.logits, sc.D, sc.gold_pos, target)[0]
     return Policies(fused, gated, report, ce_only, two_stage, retrieval, two_stage_gated, decision)

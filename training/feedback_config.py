@@ -9,7 +9,7 @@ from training.config import DEFAULT_DEVICE, TrainConfig
 @dataclass
 class FeedbackConfig:
     repo: str = str(DEFAULT_REPOSITORY)  # Triton model repository holding the serving version
-    db: str = ""  # feedback store URL (default $MAILROUTE_FEEDBACK_URL, else a SQLite file in the working directory)
+    db: str = ""  # feedback store URL, any SQLAlchemy URL (default $MAILROUTE_FEEDBACK_URL, else sqlite:///feedback.sqlite3: a file in the working directory)
     base_version: int = 0  # classifier version to start from (0 = the one serving)
     exemplars_only: bool = False  # first speed only: corrections become exemplars, the cross-encoder is not trained
     replay_ratio: float = 2.0  # original training emails replayed per correction (against forgetting)

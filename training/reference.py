@@ -22,8 +22,9 @@ def encoders_of_models(bi_model, cross_model, flat_model=None) -> TorchEncoders:
     """The pipeline's Encoders seam (the torch runtime's, TorchEncoders) over already-loaded sentence-transformers models:
     a SentenceTransformer, a CrossEncoder and, where there is one, the flat classifier's SentenceTransformer, used as they
     are (device, dtype) for evaluation in-process."""
-    return TorchEncoders.of_modules(bi_model[0].auto_model, cross_model.model,  # the BertModel inside the SentenceTransformer;
-                                    None if flat_model is None else flat_model[0].auto_model)  # 1-label BertForSequenceClassification
+    return TorchEncoders.of_modules(bi_model[0].auto_model,  # the BertModel inside the SentenceTransformer
+                                    cross_model.model,  # the CrossEncoder's 1-label BertForSequenceClassification
+                                    None if flat_model is None else flat_model[0].auto_model)  # the flat classifier's BertModel
 
 
 def classifier_from_models(bi_model, cross_model, index: LabelIndex, bi_dir, cross_dir, flat=None, **kw) -> TwoStageClassifier:

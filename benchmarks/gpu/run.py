@@ -27,8 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mailroute import contract
 from mailroute.rerank_policy import GateTarget, retrieval_margin
 from mailroute.settings import DEFAULTS
+
+RUNTIME = "torch"  # the export/runtimes.py entry served: encoders in PyTorch on the GPU, fp16, CUDA graphs
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ("refund charge card transfer account payment pending declined balance fee exchange rate top up verify identity "
@@ -123,7 +126,8 @@ def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: 
         rng = np.random.default_rng(seed)
         FlatHead(rng.normal(0, 0.05, (len(taxonomy), tr.get_embedding_dimension())), np.zeros(len(taxonomy)), LOGIT_SCALE,
                  tuple(taxonomy.names), weights_id(run.flat_encoder / WEIGHTS_FILE)).save(run.flat_head)
-    # the weights of session 25's held-out fit (0.42 log p_flat beside the retrieval score) where the flat classifier is fused
+    # the weights of session 25's held-out fit where the flat classifier is fused: 0.42 x log p_flat beside the logit and
+    # retrieval score when reranked, 0.02 beside the retrieval score alone where the gate skips stage 2
     RerankPolicy(gate_margin=margin, flat_weight=0.42 if flat else 0.0, gated_flat_weight=0.02 if flat else 0.0).save(run.policy)
     return run.root
 
@@ -166,8 +170,6 @@ def load(url: str, texts: list, concurrency: int, seconds: float, k: int, proces
     `processes` client processes (one Python process tops out near a few thousand gRPC calls/s, below
     what the GPU serves; the probe in ../shared/gpu-probe used several too)."""
     import multiprocessing as mp
-
-    from mailroute import contract
 
     procs = max(1, min(processes, concurrency))
     shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
@@ -252,7 +254,7 @@ def encoder_profile(enc, k: int, batch: int = 256, reps: int = 10) -> dict:
     # on the card; the difference is host work per call
     one = {}
     for e, rows, seq in ((enc.bi, 1, DEFAULTS.max_email_tokens), (enc.cross, k, DEFAULTS.max_pair_tokens)):
-        feed = {name: np.ones((rows, seq), np.int64) for name in e.inputs}
+        feed = {name: np.ones((rows, seq), contract.TOKEN_DTYPE) for name in e.inputs}
         calls = []
         for _ in range(3 + (reps if gpu else 0)):
             t = time.perf_counter()
@@ -270,9 +272,7 @@ def ceiling(repo: Path, texts: list, device: str, k: int, batch: int = 256, seco
     """The same two-stage computation in PyTorch alone, no server: (emails/s of the whole pipeline in one
     process: tokenise, embed, search, score B x K pairs, softmax; emails/s of the encoders and search
     alone on tensors tokenised once; encoder_profile: the encoders' GPU time alone, by how they run)."""
-    from mailroute import contract
     from mailroute.repository import open_classifier, version_dir
-    from mailroute.settings import DEFAULTS
     from mailroute.torch_encoders import TorchEncoders
 
     from mailroute.repository import read_pipeline
@@ -369,7 +369,7 @@ def main(argv=None):
         texts = synthetic_emails(2048)
         run = random_run(work, tokenizer, a.tiny, texts=texts, rerank_share=a.gated_share, nearest_cards=a.nearest_cards)
         repo = work / "repo"
-        export(ExportConfig(run=str(run), repo=str(repo), runtime="torch", gpu=gpu, top_k=a.k, classifier_instances=a.classifier_instances,
+        export(ExportConfig(run=str(run), repo=str(repo), runtime=RUNTIME, gpu=gpu, top_k=a.k, classifier_instances=a.classifier_instances,
                             encoder_instances=a.encoder_instances, preferred_batch_sizes="16,32,64",
                             max_queue_delay_us=a.max_queue_delay_us, encoders_in_classifier=a.encoders_in_classifier))
         setup_s = time.perf_counter() - t
@@ -400,7 +400,7 @@ def main(argv=None):
         best = max(rows, key=lambda r: r["emails_per_s"]) if rows else None
         single = next((r for r in rows if r["concurrency"] == 1), None)
         summary = {"card": torch.cuda.get_device_name(0) if gpu else platform.processor() or "cpu", "device": a.device, "tiny": a.tiny,
-                   "date": time.strftime("%Y-%m-%d"), "k": a.k, "gated": False, "runtime": "torch", "email_tokens": DEFAULTS.max_email_tokens,
+                   "date": time.strftime("%Y-%m-%d"), "k": a.k, "gated": False, "runtime": RUNTIME, "email_tokens": DEFAULTS.max_email_tokens,
                    "classifier_instances": a.classifier_instances, "encoder_instances": a.encoder_instances,
                    "max_queue_delay_us": a.max_queue_delay_us, "encoders_in_classifier": a.encoders_in_classifier, "label_cards": "nearest" if a.nearest_cards else "fixed",
                    "emails_per_s": best and best["emails_per_s"], "p50_ms": best and best["p50_ms"], "p99_ms": best and best["p99_ms"],
