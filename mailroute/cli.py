@@ -59,9 +59,18 @@ def _config(cls, args):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
 
+def refuse_trained_out(out, overwrite: bool, flag: str = "--out") -> None:
+    """A finished run (its metrics.json) is hours of training: `mailroute train` writes over one only when told to."""
+    from mailroute.run_layout import RunFolder
+
+    if not overwrite and RunFolder(out).metrics.exists():
+        raise BadSetting(f"{flag} {shown(out)} already holds a trained run: name another folder, or pass --overwrite to train over it")
+
+
 def cmd_train(args):
     from training.run import TrainConfig, run
 
+    refuse_trained_out(args.out, args.overwrite)
     run(_config(TrainConfig, args))
 
 
@@ -398,6 +407,8 @@ def main(argv=None):
                        description="Dataset: --dataset demo|banking77, or --taxonomy T.json --train A.jsonl --test B.jsonl "
                                    "(format in training/data.py and the README). Invalid data stops training unless --drop-invalid.")
     _add_dataclass_args(p, TrainConfig)
+    p.add_argument("--overwrite", action="store_true", help="train over a run folder that already holds a trained run (default: "
+                                                            "refused, so that a run is never lost to a forgotten --out)")
     p.set_defaults(fn=cmd_train)
 
     sub.add_parser("sweep", help="several `mailroute train` configurations at once (e.g. five on one GPU), one summary table; "

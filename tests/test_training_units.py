@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -559,6 +560,39 @@ def test_sweep_threads_sets_each_runs_omp_threads_and_refuses_a_negative(tmp_pat
     # And a negative count is refused by name
     with pytest.raises(SystemExit, match="--threads must be >= 1 .*got -1"):
         sweep.main(["--out", str(tmp_path / "t"), "--threads", "-1", "a:"])
+
+
+def test_train_and_sweep_refuse_to_write_over_a_trained_run_unless_told(tmp_path, monkeypatch):
+    import subprocess
+
+    import training.run as tr
+    import training.sweep as sweep
+    from mailroute.cli import main as cli
+
+    # Given a folder that holds a finished run (its metrics.json), and a train that only records being called
+    done = RunFolder(tmp_path / "sweep" / "a")
+    done.root.mkdir(parents=True)
+    done.metrics.write_text('{"kept": true}')
+    trained = []
+    monkeypatch.setattr(tr, "run", lambda cfg: trained.append(cfg.out))
+    # When `mailroute train` is pointed at it, it is refused by name and the run stays as it was
+    with pytest.raises(SystemExit, match="mailroute train: --out .* already holds a trained run: .* --overwrite"):
+        cli(["train", "--dataset", "demo", "--out", str(done.root)])
+    assert not trained
+    assert done.metrics.read_text() == '{"kept": true}' and not done.config.exists()
+    # and with --overwrite it trains there
+    cli(["train", "--dataset", "demo", "--out", str(done.root), "--overwrite"])
+    assert trained == [str(done.root)]
+    # A sweep naming that run is refused before anything starts (its log is not replaced either) ...
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: started.append(cmd) or SimpleNamespace(poll=lambda: 1, returncode=1))
+    monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
+    with pytest.raises(SystemExit, match="configuration 'a': --out .* already holds a trained run"):
+        sweep.main(["--out", str(tmp_path / "sweep"), "b:", "a:"])
+    assert not started and not (tmp_path / "sweep" / "a.log").exists()
+    # ... unless its flags say --overwrite
+    sweep.main(["--out", str(tmp_path / "sweep"), "b:", "a:", "--", "--overwrite"])
+    assert [cmd[cmd.index("--out") + 1] for cmd in started] == [str(tmp_path / "sweep" / n) for n in ("b", "a")]
 
 
 def test_report_mining_line_names_the_mining_k_not_the_evaluation_k():

@@ -76,6 +76,13 @@ def main(argv=None) -> int:
     if len({n for n, _ in configs}) != len(configs):
         raise SystemExit("mailroute sweep: configuration names must be unique")
     out = Path(a.out)
+    from mailroute.cli import refuse_trained_out
+
+    for name, args in configs:  # refused before anything starts, not one run at a time (its log would be replaced too)
+        try:
+            refuse_trained_out(out / name, "--overwrite" in common + args, flag=f"configuration {name!r}: --out")
+        except BadSetting as e:
+            raise SystemExit(f"mailroute sweep: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
     threads = a.threads or max(1, (os.cpu_count() or 2) // a.parallel)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
