@@ -2,7 +2,7 @@
 # All CPU serving benchmarks in one run (about 10 minutes on 2 cores), outputs in OUT_DIR (default benchmarks/results/:
 # pass a new folder to keep the committed raw files of earlier sessions).
 # Needs a trained run and its export: `mailroute demo` (or train + export) first.
-#   bash benchmarks/run_all.sh [RUN_DIR] [REPO] [OUT_DIR]
+#   bash benchmarks/run_all.sh [RUN_DIR] [REPO] [OUT_DIR]    (relative paths: from the checkout's root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/demo}; REPO=${2:-model_repository}; OUT=${3:-benchmarks/results}; mkdir -p "$OUT"

@@ -64,7 +64,7 @@ def refuse_trained_out(out, overwrite: bool, flag: str = "--out") -> None:
     from mailroute.run_layout import RunFolder
 
     if not overwrite and RunFolder(out).metrics.exists():
-        raise BadSetting(f"{flag} {shown(out)} already holds a trained run: name another folder, or pass --overwrite to train over it")
+        raise BadSetting(f"{flag} {shown(str(out))} already holds a trained run: name another folder, or pass --overwrite to train over it")
 
 
 def cmd_train(args):

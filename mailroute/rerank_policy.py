@@ -205,7 +205,10 @@ def cross_fitted_scores(features: list, gold: np.ndarray, folds: int = CV_FOLDS,
 def cross_validated_nll(features: list, gold: np.ndarray, folds: int = CV_FOLDS, seed: int = 0) -> float:
     """Summed NLL of the gold candidate under `cross_fitted_scores`: how well a fusion of these features does on
     emails its weights never saw (rows whose gold was retrieved only)."""
-    return _nll(cross_fitted_scores(features, gold, folds, seed), np.asarray(gold))
+    gold = np.asarray(gold)
+    if (gold < 0).any():
+        raise ValueError(f"cross_validated_nll expects the gold candidate's position in every row, but got {int((gold < 0).sum())} rows without one")
+    return _nll(cross_fitted_scores(features, gold, folds, seed), gold)
 
 
 def flat_fusion_helps(logits: np.ndarray, retrieval: np.ndarray, gold: np.ndarray, flat: np.ndarray) -> dict:

@@ -10,7 +10,8 @@ into one folder with a summary table (validation beside test; choose on validati
         flat6:--flat-epochs=6 -- --dataset banking77 --device auto
 
 Each configuration is NAME:--flag=value[,--flag=value...] (flags of `mailroute train`; `NAME:` alone = the
-defaults); the flags after `--` apply to every run. Each process gets OMP_NUM_THREADS = cores / parallel, so runs sharing a card do
+defaults); the flags after `--` apply to every run. A configuration whose folder already holds a trained run is refused before
+anything starts, unless its flags (or those after `--`) say --overwrite. Each process gets OMP_NUM_THREADS = cores / parallel, so runs sharing a card do
 not fight over the CPU that feeds it.
 """
 
