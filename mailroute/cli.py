@@ -1,6 +1,7 @@
 """`mailroute`: train, export, serve, classify, and the one-command demo.
 
   mailroute demo                      train on the built-in taxonomy, export, start Triton, classify samples
+  mailroute taxonomy train.csv --out t.json   draft a taxonomy from the labels of example files (then --taxonomy t.json)
   mailroute train --dataset banking77 both stages + the flat classifier (fused where validation's held-out likelihood says so), evaluated, saved to --out
   mailroute refit --run runs/demo     fit the rerank policy (fusion, temperature, gate) again on validation
   mailroute sweep a: b:--oof-folds=3 -- --dataset banking77   several train configurations at once, one summary
@@ -72,6 +73,20 @@ def cmd_train(args):
 
     refuse_trained_out(args.out, args.overwrite)
     run(_config(TrainConfig, args))
+
+
+def cmd_taxonomy(args):
+    from training.data import draft_taxonomy
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists: name another --out, or pass --overwrite")
+    tax = draft_taxonomy(args.examples, args.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tax.save(out)
+    print(f"wrote {out}: {len(tax)} labels from {', '.join(args.examples)}, each described by its own name. A sentence of what "
+          f"each label means helps retrieval most where a label has few emails; edit them, then\n"
+          f"  mailroute train --taxonomy {out} --train TRAIN --test TEST --out runs/NAME")
 
 
 def cmd_refit(args):
@@ -415,6 +430,17 @@ def main(argv=None):
                                  "see `mailroute sweep --help`")
 
     from mailroute import run_layout as layout  # light: file names only
+
+    p = sub.add_parser("taxonomy", help="draft a taxonomy JSON from the labels that example files use (each described by its name), "
+                                        "to edit and train with",
+                       description="Reads the label column of JSONL or CSV example files (the format of `mailroute train --train`) and "
+                                   "writes a taxonomy with every label in order of first appearance, described by its own name in "
+                                   "words (card_arrival -> \"card arrival\"). Written descriptions can replace them before training.")
+    p.add_argument("examples", nargs="+", help="example files (.jsonl or .csv) whose labels make the taxonomy")
+    p.add_argument("--out", required=True, help="taxonomy JSON to write")
+    p.add_argument("--name", default="", help="the taxonomy's name (default: the first file's name without its suffix)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refused)")
+    p.set_defaults(fn=cmd_taxonomy)
 
     p = sub.add_parser("refit", help="fit a trained run's rerank policy again on validation (e.g. another gate tolerance), no retraining",
                        description="Scores validation and test again with the run's models, fits fusion, temperature and gate on "

@@ -128,3 +128,31 @@ def test_half_a_dataset_of_files_is_refused_by_name(given):
     # Then the error names what is missing
     for flag in ("taxonomy", "train", "test"):
         assert f"--{flag}" in str(e.value)
+
+
+def test_a_taxonomy_drafted_from_example_files_trains_and_names_bad_rows(tmp_path):
+    from mailroute.cli import main as cli
+    from training.data import load_dataset
+
+    # Given a labelled dataset without a taxonomy (BANKING77's CSV shape: text, category)
+    data = tmp_path / "acme"
+    data.mkdir()
+    (data / "train.csv").write_text("text,category\nwhere is my card,card_arrival\nrefund me,refund-request\nstill no card,card_arrival\n")
+    (data / "test.csv").write_text("text,category\nmy card never came,card_arrival\nI want a refund,refund-request\n")
+    out = tmp_path / "taxonomy.json"
+    # When a taxonomy is drafted from its files
+    cli(["taxonomy", str(data / "train.csv"), str(data / "test.csv"), "--out", str(out)])
+    # Then every label is there once, in order of first appearance, described by its name in words, named after the folder
+    tax = load_taxonomy(out)
+    assert [(l.name, l.description) for l in tax.labels] == [("card_arrival", "card arrival"), ("refund-request", "refund request")]
+    assert tax.name == "acme"
+    # and the dataset loads with it as `mailroute train --taxonomy --train --test` reads it
+    ds = load_dataset(out, data / "train.csv", data / "test.csv")
+    assert [e.label for e in ds.train] == ["card_arrival", "refund-request", "card_arrival"] and len(ds.test) == 2
+    # An existing taxonomy is not replaced without --overwrite, and a row without a label is named by file and line
+    with pytest.raises(SystemExit, match="taxonomy.json exists"):
+        cli(["taxonomy", str(data / "train.csv"), "--out", str(out)])
+    (data / "bad.csv").write_text("text,category\nwhere is my card,card_arrival\nno label here,\n")
+    with pytest.raises(SystemExit, match=r"bad.csv:3: missing label"):
+        cli(["taxonomy", str(data / "bad.csv"), "--out", str(tmp_path / "other.json"), "--overwrite"])
+    assert load_taxonomy(out).names == ["card_arrival", "refund-request"]
