@@ -84,8 +84,8 @@ def cmd_taxonomy(args):
     tax = draft_taxonomy(args.examples, args.name)
     out.parent.mkdir(parents=True, exist_ok=True)
     tax.save(out)
-    print(f"wrote {out}: {len(tax)} labels from {', '.join(args.examples)}, each described by its own name. A sentence of what "
-          f"each label means helps retrieval most where a label has few emails; edit them, then\n"
+    print(f"wrote {out}: {len(tax)} labels from {', '.join(args.examples)}, each described by its own name (a sentence of what "
+          f"each label means can replace it: benchmarks/RESULTS.md measures both on BANKING77); then\n"
           f"  mailroute train --taxonomy {out} --train TRAIN --test TEST --out runs/NAME")
 
 
