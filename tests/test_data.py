@@ -149,6 +149,11 @@ def test_a_taxonomy_drafted_from_example_files_trains_and_names_bad_rows(tmp_pat
     # and the dataset loads with it as `mailroute train --taxonomy --train --test` reads it
     ds = load_dataset(out, data / "train.csv", data / "test.csv")
     assert [e.label for e in ds.train] == ["card_arrival", "refund-request", "card_arrival"] and len(ds.test) == 2
+    # A JSONL file whose column is named "intent", as other intent datasets name it, reads the same
+    (data / "more.jsonl").write_text('{"text": "cancel my order", "intent": "order_cancel"}\n')
+    cli(["taxonomy", str(data / "train.csv"), str(data / "more.jsonl"), "--out", str(tmp_path / "more.json")])
+    assert load_taxonomy(tmp_path / "more.json").names == ["card_arrival", "refund-request", "order_cancel"]
+    assert [e.label for e in load_examples(data / "more.jsonl", load_taxonomy(tmp_path / "more.json"))] == ["order_cancel"]
     # An existing taxonomy is not replaced without --overwrite, and a row without a label is named by file and line
     with pytest.raises(SystemExit, match="taxonomy.json exists"):
         cli(["taxonomy", str(data / "train.csv"), "--out", str(out)])

@@ -3,7 +3,8 @@
 Examples are JSONL (one object a line) or CSV (a header row), with columns
   text            the email (or use subject + body instead)
   subject, body   optional alternative to text
-  label           a label name from the taxonomy ("category" is accepted, as BANKING77 names it)
+  label           a label name from the taxonomy ("category" or "intent" are read the same: BANKING77 and other intent
+                  datasets name the column so)
   id              optional, unique when given
 Every problem is reported as `file:line: problem`. Loading refuses invalid data unless
 `drop_invalid=True`, which drops bad rows and reports how many.
@@ -25,6 +26,11 @@ HERE = Path(__file__).resolve().parent
 DEMO_DIR = HERE / "demo"
 DEMO_TAXONOMY, DEMO_TRAIN, DEMO_TEST = DEMO_DIR / "taxonomy.json", DEMO_DIR / "train.jsonl", DEMO_DIR / "test.jsonl"
 BANKING77_TAXONOMY = HERE / "taxonomies" / "banking77.json"
+LABEL_COLUMNS = ("label", "category", "intent")  # the first a row fills is its label
+
+
+def _label(row: dict) -> str:
+    return str(next((row[c] for c in LABEL_COLUMNS if row.get(c)), "")).strip()
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,9 @@ def _rows(path: Path):
     elif path.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(raw))
         cols = set(reader.fieldnames or [])
-        if not ({"text", "body", "subject"} & cols) or not ({"label", "category"} & cols):
-            raise DataError(f"{path}:1: missing column: need 'text' (or 'subject'/'body') and 'label', found {sorted(cols)}")
+        if not ({"text", "body", "subject"} & cols) or not (set(LABEL_COLUMNS) & cols):
+            raise DataError(f"{path}:1: missing column: need 'text' (or 'subject'/'body') and 'label' (or "
+                            f"{'/'.join(repr(c) for c in LABEL_COLUMNS[1:])}), found {sorted(cols)}")
         for row in reader:
             yield reader.line_num, row
     else:
@@ -80,7 +87,7 @@ def load_examples(path, taxonomy: Taxonomy, drop_invalid: bool = False) -> list:
         try:
             if isinstance(row, DataError):
                 raise row
-            label = str(row.get("label") or row.get("category") or "").strip()
+            label = _label(row)
             if not label:
                 raise DataError(f"{path}:{n}: missing label")
             if label not in taxonomy:
@@ -119,7 +126,7 @@ def draft_taxonomy(paths: list, name: str = "") -> Taxonomy:
         for n, row in _rows(path):
             if isinstance(row, DataError):
                 raise row
-            label = str(row.get("label") or row.get("category") or "").strip()
+            label = _label(row)
             if not label:
                 raise DataError(f"{path}:{n}: missing label")
             labels.setdefault(label, " ".join(label.replace("_", " ").replace("-", " ").split()))
