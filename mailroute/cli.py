@@ -79,6 +79,8 @@ def cmd_taxonomy(args):
     from training.data import draft_taxonomy
 
     out = Path(args.out)
+    if out.is_dir():
+        raise FileExistsError(f"{out} is a folder: --out names the taxonomy JSON file to write")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists: name another --out, or pass --overwrite")
     tax = draft_taxonomy(args.examples, args.name)

@@ -157,6 +157,8 @@ def test_a_taxonomy_drafted_from_example_files_trains_and_names_bad_rows(tmp_pat
     # An existing taxonomy is not replaced without --overwrite, and a row without a label is named by file and line
     with pytest.raises(SystemExit, match="taxonomy.json exists"):
         cli(["taxonomy", str(data / "train.csv"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="is a folder: --out names the taxonomy JSON file"):
+        cli(["taxonomy", str(data / "train.csv"), "--out", str(data), "--overwrite"])
     (data / "bad.csv").write_text("text,category\nwhere is my card,card_arrival\nno label here,\n")
     with pytest.raises(SystemExit, match=r"bad.csv:3: missing label"):
         cli(["taxonomy", str(data / "bad.csv"), "--out", str(tmp_path / "other.json"), "--overwrite"])
