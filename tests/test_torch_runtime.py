@@ -205,6 +205,24 @@ def test_carried_weights_round_trip_through_fp16(tmp_path):
     assert {f.name for f in src.iterdir()} <= {f.name for f in (tmp_path / "back").iterdir()}
 
 
+def test_gpu_benchmark_rate_counts_every_answer_over_the_common_window():
+    """benchmarks/gpu/run.py level_row: client processes load one wall-clock window from a common start; a process that
+    was ready late is reported, and the rate is every answer over the window from the first start to the last answer
+    (each process's own window would overstate it)."""
+    from benchmarks.gpu.run import level_row
+
+    stage = {"embed": 1.0, "rerank": 2.0}
+    # Given two processes from a common start at t=100: one loads 100..110, the other was ready at 102 and ends at 111
+    parts = [([5.0] * 600, 0, (100.0, 110.0), 150, [stage] * 600),
+             ([7.0] * 400, 1, (102.0, 111.0), 100, [stage] * 400)]
+    row = level_row(64, False, parts, start_at=100.0)
+    # Then 1,000 answers over 11 s (not over the longest process's 10 s), the late start and the error counted
+    assert row["emails_per_s"] == pytest.approx(1000 / 11)
+    assert row["latest_client_start_s"] == 2.0 and row["errors"] == 1 and row["client_processes"] == 2
+    assert row["share_reranked"] == 0.25 and row["p50_ms"] == 5.0
+    assert row["outside_stages_p50_ms"] == pytest.approx(5.0 - 3.0)
+
+
 def test_backend_stub_gets_numpy_below_2(tmp_path, monkeypatch):
     """pytriton 0.7.0's stub corrupts every input tensor under numpy >= 2 (each element reads as the first;
     seen on the GPU machine): where numpy >= 2 the server refuses without a numpy < 2 folder for the stub, and

@@ -7,6 +7,7 @@
 #      (gpu-carry/b holds all that training needs: a lease spent on training alone needs this one call, on a fresh machine)
 #   Session 22's 15-minute lease, in this order: b + oof (start + 378 s), a (11 s), s + serve (172 s); then on a fresh
 #   machine a (12 s) and s + a shorter serve (175 s): a start cost about 35 s of the lease.
+# A second sweep on the same warm machine: SWEEP_DIR=.gpu-work/sweep2 (`mailroute sweep` refuses a folder holding a finished run).
 # `serve` takes RUN_ARGS (more benchmarks/gpu/run.py flags, e.g. "--max-queue-delay-us 0 --encoders-in-classifier"); writes $OUT/gpu/{summary.json,triton.log}; `sweep` writes $OUT/sweep.tgz (every run's metrics,
 # report, policy, predictions and log); `oof` writes $OUT/oof.tgz (held-out scores, oof.txt/json: the defaults vs ARM (default
 # near:--card-nearest; e.g. ARM=flatinit:--ce-init=flat, whose fold runs also train a flat baseline: raise SWEEP_TIMEOUT) on
@@ -70,6 +71,12 @@ case "${1:-}" in
     ;;
   serve)  # the real email_classifier on the torch runtime vs the raw PyTorch ceiling
     out_dir
+    # a call that landed on a fresh machine (the last one given back) has no Triton: say so now, not after the set-up
+    if ! $PY -c "import pytriton, tritonclient.grpc" 2>/dev/null; then
+      echo "device.sh serve: no tritonserver/tritonclient under $SITE on this machine: carry gpu-carry/a and run" \
+           "'bash benchmarks/gpu/device.sh install gpu-carry/a' first (a machine given back loses what was installed)" >&2
+      exit 3
+    fi
     # the backend stub ignores PYTHONPATH and needs numpy < 2: client/server.py gives it its own environment
     [ -d "$DATA/stub-numpy" ] && export MAILROUTE_STUB_SITE="$DATA/stub-numpy"
     mkdir -p "$DATA/tokenizer" "$OUT/gpu"

@@ -132,11 +132,14 @@ def random_run(folder: Path, tokenizer: Path, tiny: bool, seed: int = 0, texts: 
     return run.root
 
 
-async def _closed_loop(url: str, texts: list, concurrency: int, seconds: float, k: int, offset: int, gate: bool) -> tuple:
-    """`concurrency` workers on one connection, each sending one email and waiting for its answer."""
+async def _closed_loop(url: str, texts: list, concurrency: int, seconds: float, k: int, offset: int, gate: bool,
+                       start_at: float) -> tuple:
+    """`concurrency` workers on one connection, each sending one email and waiting for its answer, from the wall-clock
+    time `start_at` (shared by every client process of a level, so their windows coincide) for `seconds`."""
     from client import AsyncClassifierClient
 
     lat, errors, reranked, stages = [], 0, 0, []
+    stop = start_at + seconds
 
     async def worker(i, c):
         nonlocal errors, reranked
@@ -154,44 +157,60 @@ async def _closed_loop(url: str, texts: list, concurrency: int, seconds: float, 
 
     async with AsyncClassifierClient(url, timeout=60, max_in_flight=concurrency) as c:
         await c.classify(texts[:4], top_k=k)  # connection and first-request costs out of the measurement
-        stop = time.time() + seconds
-        t0 = time.perf_counter()
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        began = time.time()  # start_at, or later where this process was not ready by then (its window is shorter)
         await asyncio.gather(*(worker(i, c) for i in range(concurrency)))
-        wall = time.perf_counter() - t0
-    return lat, errors, wall, reranked, stages
+        end = time.time()  # the last in-flight answer after `stop`
+    return lat, errors, (began, end), reranked, stages
 
 
 def _load_process(args) -> tuple:
     return asyncio.run(_closed_loop(*args))
 
 
+# seconds between handing a level to its client processes and their common start: spawning one and its first request
+# take about a second on the GPU machine's 16 cores; a process later than this starts late (reported), never early
+START_AFTER_S = {1: 0.5, "spawned": 3.0}
+
+
 def load(url: str, texts: list, concurrency: int, seconds: float, k: int, processes: int = 1, gate: bool = False) -> dict:
     """Closed-loop load at `concurrency` requests in flight, one email per request, spread over up to
     `processes` client processes (one Python process tops out near a few thousand gRPC calls/s, below
-    what the GPU serves; the probe in ../shared/gpu-probe used several too)."""
+    what the GPU serves; the probe in ../shared/gpu-probe used several too). Every process loads the same wall-clock
+    window, and emails/s is every answer over the window from the common start to the last answer."""
     import multiprocessing as mp
 
     procs = max(1, min(processes, concurrency))
     shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
-    jobs = [(url, texts, c, seconds, k, i * 7919, gate) for i, c in enumerate(shares)]
+    start_at = time.time() + START_AFTER_S[1 if procs == 1 else "spawned"]
+    jobs = [(url, texts, c, seconds, k, i * 7919, gate, start_at) for i, c in enumerate(shares)]
     if procs == 1:
         parts = [_load_process(jobs[0])]
     else:
         with mp.get_context("spawn").Pool(procs) as pool:
             parts = pool.map(_load_process, jobs)
+    return level_row(concurrency, gate, parts, start_at)
+
+
+def level_row(concurrency: int, gate: bool, parts: list, start_at: float) -> dict:
+    """One level's row from its client processes' parts (`_closed_loop`'s tuples) and their common start time."""
     lat = [x for p in parts for x in p[0]]
     errors = sum(p[1] for p in parts)
-    wall = max(p[2] for p in parts)
+    # the window every answer came in: from the first process's start to the last answer (each process's own window
+    # would overstate the rate where they do not coincide)
+    wall = max(p[2][1] for p in parts) - min(p[2][0] for p in parts)
     reranked = sum(p[3] for p in parts)
     stages = [s for p in parts for s in p[4]]
+    latest_start = max(part[2][0] for part in parts) - start_at
     p = np.percentile(lat, [50, 99]) if lat else [float("nan")] * 2
     # where a request's time goes inside the classifier (the server batch it was part of; contract.STAGES), and what is
     # left for queueing, BLS and gRPC: the median request's latency minus the median of the stages' sum
     stage_p50 = {s: float(np.median([x.get(s, 0.0) for x in stages])) for s in contract.STAGES} if stages else {}
     inside = float(np.median([sum(x.values()) for x in stages])) if stages else float("nan")
-    return {"concurrency": concurrency, "gated": gate, "client_processes": procs, "emails_per_s": len(lat) / wall, "p50_ms": float(p[0]),
+    return {"concurrency": concurrency, "gated": gate, "client_processes": len(parts), "emails_per_s": len(lat) / wall, "p50_ms": float(p[0]),
             "p99_ms": float(p[1]), "requests": len(lat), "errors": errors, "share_reranked": reranked / max(1, len(lat)),
-            "stage_p50_ms": stage_p50, "outside_stages_p50_ms": float(p[0]) - inside}
+            "stage_p50_ms": stage_p50, "outside_stages_p50_ms": float(p[0]) - inside,
+            "latest_client_start_s": round(latest_start, 3)}
 
 
 def encoder_profile(enc, k: int, batch: int = 256, reps: int = 10) -> dict:
@@ -354,73 +373,97 @@ def main(argv=None):
 
     import torch
 
-    from client.server import TritonServer
+    from client.server import TritonServer, sigterm_as_interrupt
 
     gpu = a.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--device cuda but PyTorch sees no GPU: use --device cpu for a smoke run")
-    work = Path(tempfile.mkdtemp(prefix="mailroute-gpu-"))  # scratch (and the base tokenizer, unless given): removed at the end
-    rows, gated, served_error, top = [], [], None, None
-    try:
-        tokenizer = Path(a.tokenizer) if a.tokenizer else base_tokenizer(work / "tokenizer")
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        t = time.perf_counter()
-        texts = synthetic_emails(2048)
-        run = random_run(work, tokenizer, a.tiny, texts=texts, rerank_share=a.gated_share, nearest_cards=a.nearest_cards)
-        repo = work / "repo"
-        export(ExportConfig(run=str(run), repo=str(repo), runtime=RUNTIME, gpu=gpu, top_k=a.k, classifier_instances=a.classifier_instances,
-                            encoder_instances=a.encoder_instances, preferred_batch_sizes="16,32,64",
-                            max_queue_delay_us=a.max_queue_delay_us, encoders_in_classifier=a.encoders_in_classifier))
-        setup_s = time.perf_counter() - t
-        print(f"run folder and torch export: {setup_s:.0f} s", flush=True)
-        server = TritonServer(repo, log_file=out / "triton.log", extra_args=a.triton_args.split())
-        try:  # a serving failure still leaves the ceiling measured and the server's log in --out
-            t = time.perf_counter()
-            server.start(timeout=300)  # CUDA graphs are captured at load: a GPU start takes longer
-            print(f"tritonserver ready in {time.perf_counter() - t:.0f} s", flush=True)
-            for c in (int(x) for x in a.concurrency.split(",")):
-                rows.append(load(server.grpc_url, texts, c, a.seconds, a.k, a.client_processes))
-                print(json.dumps(rows[-1]), flush=True)
-            if a.gated_concurrency:  # the served default: the gate skips stage 2 for the surest emails
-                gated.append(load(server.grpc_url, texts, a.gated_concurrency, a.seconds, a.k, a.client_processes, gate=True))
-                print(json.dumps(gated[-1]), flush=True)
-        except Exception as e:  # noqa: BLE001 - reported in the summary
-            served_error = f"{type(e).__name__}: {e}"
-            print(f"serving failed: {served_error}", flush=True)
-        finally:
-            server.stop()
-            server.cleanup()
-        if gpu:
-            torch.cuda.empty_cache()
-        top, top_accelerator, profile = ceiling(repo, texts, a.device, a.k)
-        print(f"raw PyTorch ceiling: {top:.1f} emails/s whole pipeline, {top_accelerator:.1f} emails/s encoders + search alone", flush=True)
-        if profile:
-            print("the encoders' own time (ms per 256 emails' passes; emails/s each way allows):", json.dumps(profile), flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"card": torch.cuda.get_device_name(0) if gpu else platform.processor() or "cpu", "device": a.device, "tiny": a.tiny,
+                "date": time.strftime("%Y-%m-%d"), "k": a.k, "gated": False, "runtime": RUNTIME, "email_tokens": DEFAULTS.max_email_tokens,
+                "classifier_instances": a.classifier_instances, "encoder_instances": a.encoder_instances,
+                "max_queue_delay_us": a.max_queue_delay_us, "encoders_in_classifier": a.encoders_in_classifier,
+                "label_cards": "nearest" if a.nearest_cards else "fixed", "gated_share_target": a.gated_share}
+    rows, gated, measured = [], [], {"serving_error": None, "ceiling_error": None}
+
+    def write_summary() -> dict:
+        """summary.json from what is measured so far: written after every level and after the ceiling, so a call cut
+        off by its timeout (or the lease's end) still brings back what it measured."""
         best = max(rows, key=lambda r: r["emails_per_s"]) if rows else None
         single = next((r for r in rows if r["concurrency"] == 1), None)
-        summary = {"card": torch.cuda.get_device_name(0) if gpu else platform.processor() or "cpu", "device": a.device, "tiny": a.tiny,
-                   "date": time.strftime("%Y-%m-%d"), "k": a.k, "gated": False, "runtime": RUNTIME, "email_tokens": DEFAULTS.max_email_tokens,
-                   "classifier_instances": a.classifier_instances, "encoder_instances": a.encoder_instances,
-                   "max_queue_delay_us": a.max_queue_delay_us, "encoders_in_classifier": a.encoders_in_classifier, "label_cards": "nearest" if a.nearest_cards else "fixed",
-                   "emails_per_s": best and best["emails_per_s"], "p50_ms": best and best["p50_ms"], "p99_ms": best and best["p99_ms"],
-                   "at_concurrency": best and best["concurrency"], "ceiling_emails_per_s": top, "ceiling_encoders_only_emails_per_s": top_accelerator,
-                   "encoder_profile_ms": profile,
-                   "share_of_ceiling": best and best["emails_per_s"] / top, "single_email_p50_ms": single["p50_ms"] if single else None,
-                   "levels": rows, "gated_levels": gated, "gated_share_target": a.gated_share,
-                   "setup_s": round(setup_s, 1), "serving_error": served_error}
+        top = measured.get("ceiling_emails_per_s")
+        summary = settings | {
+            "emails_per_s": best and best["emails_per_s"], "p50_ms": best and best["p50_ms"], "p99_ms": best and best["p99_ms"],
+            "at_concurrency": best and best["concurrency"], "ceiling_emails_per_s": top,
+            "ceiling_encoders_only_emails_per_s": measured.get("ceiling_encoders_only_emails_per_s"),
+            "encoder_profile_ms": measured.get("encoder_profile_ms"),
+            "share_of_ceiling": best and top and best["emails_per_s"] / top, "single_email_p50_ms": single["p50_ms"] if single else None,
+            "levels": rows, "gated_levels": gated, "setup_s": measured.get("setup_s"),
+            "serving_error": measured["serving_error"], "ceiling_error": measured["ceiling_error"]}
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        print(f"\n{'concurrency':>11} {'emails/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}   p50 ms in the classifier by stage | outside (queues, BLS, gRPC)")
-        for r in rows + gated:
-            split = " ".join(f"{k} {v:.1f}" for k, v in r["stage_p50_ms"].items())
-            print(f"{r['concurrency']:>11} {r['emails_per_s']:>9.1f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['errors']:>6}   {split} | "
-                  f"{r['outside_stages_p50_ms']:.1f}" + ("  gated" if r["gated"] else ""))
-        print(f"card {summary['card']}")
-        if best:
-            print(f"served best {best['emails_per_s']:.1f} emails/s = {summary['share_of_ceiling']:.0%} of the ceiling")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0 if rows and not served_error else 1
+        return summary
+
+    work = Path(tempfile.mkdtemp(prefix="mailroute-gpu-"))  # scratch (and the base tokenizer, unless given): removed at the end
+    # SIGTERM (the device call's `timeout`) as Ctrl-C: the `finally`s below stop tritonserver, which runs in its own session
+    # and would otherwise stay on the card, and remove the scratch folder
+    with sigterm_as_interrupt():
+        try:
+            tokenizer = Path(a.tokenizer) if a.tokenizer else base_tokenizer(work / "tokenizer")
+            t = time.perf_counter()
+            texts = synthetic_emails(2048)
+            run = random_run(work, tokenizer, a.tiny, texts=texts, rerank_share=a.gated_share, nearest_cards=a.nearest_cards)
+            repo = work / "repo"
+            export(ExportConfig(run=str(run), repo=str(repo), runtime=RUNTIME, gpu=gpu, top_k=a.k, classifier_instances=a.classifier_instances,
+                                encoder_instances=a.encoder_instances, preferred_batch_sizes="16,32,64",
+                                max_queue_delay_us=a.max_queue_delay_us, encoders_in_classifier=a.encoders_in_classifier))
+            measured["setup_s"] = round(time.perf_counter() - t, 1)
+            print(f"run folder and torch export: {measured['setup_s']:.0f} s", flush=True)
+            # with the encoders inside the classifier nothing calls the encoder models: loading them would only add
+            # processes, GPU memory and CUDA-graph captures to the start
+            server = TritonServer(repo, log_file=out / "triton.log", extra_args=a.triton_args.split(),
+                                  models=[contract.CLASSIFIER] if a.encoders_in_classifier else None)
+            try:  # a serving failure still leaves the ceiling measured and the server's log in --out
+                t = time.perf_counter()
+                server.start(timeout=300)  # CUDA graphs are captured at load: a GPU start takes longer
+                print(f"tritonserver ready in {time.perf_counter() - t:.0f} s", flush=True)
+                for c in (int(x) for x in a.concurrency.split(",")):
+                    rows.append(load(server.grpc_url, texts, c, a.seconds, a.k, a.client_processes))
+                    print(json.dumps(rows[-1]), flush=True)
+                    write_summary()
+                if a.gated_concurrency:  # the served default: the gate skips stage 2 for the surest emails
+                    gated.append(load(server.grpc_url, texts, a.gated_concurrency, a.seconds, a.k, a.client_processes, gate=True))
+                    print(json.dumps(gated[-1]), flush=True)
+                    write_summary()
+            except Exception as e:  # noqa: BLE001 - reported in the summary
+                measured["serving_error"] = f"{type(e).__name__}: {e}"
+                print(f"serving failed: {measured['serving_error']}", flush=True)
+            finally:
+                server.stop()
+                server.cleanup()
+            write_summary()
+            if gpu:
+                torch.cuda.empty_cache()
+            try:  # the serving levels are in summary.json already; a failure here must not lose them
+                top, top_accelerator, profile = ceiling(repo, texts, a.device, a.k)
+                measured |= {"ceiling_emails_per_s": top, "ceiling_encoders_only_emails_per_s": top_accelerator, "encoder_profile_ms": profile}
+                print(f"raw PyTorch ceiling: {top:.1f} emails/s whole pipeline, {top_accelerator:.1f} emails/s encoders + search alone", flush=True)
+                print("the encoders' own time (ms per 256 emails' passes; emails/s each way allows):", json.dumps(profile), flush=True)
+            except Exception as e:  # noqa: BLE001 - reported in the summary
+                measured["ceiling_error"] = f"{type(e).__name__}: {e}"
+                print(f"ceiling failed: {measured['ceiling_error']}", flush=True)
+            summary = write_summary()
+            print(f"\n{'concurrency':>11} {'emails/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}   p50 ms in the classifier by stage | outside (queues, BLS, gRPC)")
+            for r in rows + gated:
+                split = " ".join(f"{k} {v:.1f}" for k, v in r["stage_p50_ms"].items())
+                print(f"{r['concurrency']:>11} {r['emails_per_s']:>9.1f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['errors']:>6}   {split} | "
+                      f"{r['outside_stages_p50_ms']:.1f}" + ("  gated" if r["gated"] else ""))
+            print(f"card {summary['card']}")
+            if summary["share_of_ceiling"]:
+                print(f"served best {summary['emails_per_s']:.1f} emails/s = {summary['share_of_ceiling']:.0%} of the ceiling")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if rows and not measured["serving_error"] and not measured["ceiling_error"] else 1
 
 
 if __name__ == "__main__":
