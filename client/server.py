@@ -35,10 +35,10 @@ GRPC_KEEPALIVE = ("--grpc-keepalive-permit-without-calls=1", "--grpc-http2-min-r
 
 def repository_models(repo) -> list:
     """The models a server over this repository loads: the encoders every repository has, the flat encoder where one was
-    exported, then the classifier (whose versions call them)."""
-    from mailroute.repository import encoder_models  # here: the repository module loads faiss and tokenizers
+    exported, then the classifier (whose versions call them); the classifier alone where it runs the encoders itself."""
+    from mailroute.repository import served_encoder_models  # here: the repository module loads faiss and tokenizers
 
-    return encoder_models(repo) + [contract.CLASSIFIER]
+    return served_encoder_models(repo) + [contract.CLASSIFIER]
 
 
 # explicit mode's name for every model of the repository at start (tritonserver 2.51 `--load-model=*`): the repository holds

@@ -55,15 +55,25 @@ def encoder_throughput(cfg: ExportConfig) -> configs.Throughput:
     return configs.Throughput(cfg.encoder_instances, sizes, cfg.max_queue_delay_us, cfg.max_queue_size)
 
 
-def check_runtime_unchanged(repo: Path, runtime_name: str) -> None:
+def check_runtime_unchanged(repo: Path, runtime_name: str, encoders_in_classifier: bool = False) -> None:
     """An export never changes how already-served versions run: `version_policy: all` keeps every encoder
-    version loaded under the model's one config, so another runtime is refused (use another repository)."""
+    version loaded under the model's one config, so another runtime is refused (use another repository); and the
+    classifier's one config says for all its versions whether their encoders run in its process or behind BLS calls,
+    so moving them either way is refused too."""
     for name in contract.ENCODERS:
         if (repo / name / versions.CONFIG_FILE).exists():
             current = configs.runtime_of(versions.read_config(repo, name))
             if current != runtime_name:
                 raise BadSetting(f"--runtime {runtime_name}: {name} versions {versions.versions(repo, name)} in {repo} run {current}; "
                                  f"an export with another runtime would change how they run. Export into another --repo")
+    if versions.versions(repo, contract.CLASSIFIER):
+        in_process = versions.encoders_in_classifier(repo)
+        if in_process != encoders_in_classifier:
+            where = ("in its own process (--encoders-in-classifier)", "through BLS calls to the encoder models")
+            raise BadSetting(f"{'--encoders-in-classifier' if encoders_in_classifier else 'an export without --encoders-in-classifier'}: "
+                             f"{contract.CLASSIFIER} versions {versions.versions(repo, contract.CLASSIFIER)} in {repo} run their encoders "
+                             f"{where[not in_process]}; this export would move them {where[in_process]}, changing how the served "
+                             f"versions run. Export {'without' if encoders_in_classifier else 'with'} the flag, or into another --repo")
 
 
 def check_version_free(repo: Path, version: int) -> None:
@@ -186,7 +196,7 @@ def export(cfg: ExportConfig) -> dict:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise BadSetting(f"{flag} must be a whole number >= 0, got {value!r} "
                              + ("(0 = the next free version)" if flag == "--version" else "(0 = every test email)"))
-    check_runtime_unchanged(repo, cfg.runtime)
+    check_runtime_unchanged(repo, cfg.runtime, cfg.encoders_in_classifier)
     check_version_free(repo, cfg.version)
     encoder_throughput(cfg)
     folder = RunFolder(run)

@@ -28,7 +28,8 @@ from mailroute import contract
 from mailroute.label_index import MANIFEST_FILE
 from mailroute.settings import PRUNE_KEEP, BrokenFile, read_json
 from mailroute.repository import (CONFIG_FILE, GATE_REPORT_FILE, HISTORY_FILE, LABEL_INDEX_DIR, PIPELINE_FILE,  # noqa: F401
-                                  encoder_models, read_pipeline, utc_stamp, versions)
+                                  encoder_models, encoders_in_classifier, read_model_config, read_pipeline,
+                                  served_encoder_models, utc_stamp, versions)
 
 STAGING_PREFIX = ".staging-"
 
@@ -76,13 +77,7 @@ def remove_stale_staging(repo) -> list:
 # the serving version: the classifier config's version policy
 
 def read_config(repo, model: str = contract.CLASSIFIER) -> model_config_pb2.ModelConfig:
-    path = Path(repo) / model / CONFIG_FILE
-    cfg = model_config_pb2.ModelConfig()
-    try:
-        text_format.Parse(path.read_text(), cfg)
-    except text_format.ParseError as e:
-        raise BrokenFile(f"{path} is not a Triton model configuration ({e})") from None
-    return cfg
+    return read_model_config(repo, model)
 
 
 def write_config(repo, cfg: model_config_pb2.ModelConfig, model: str = contract.CLASSIFIER) -> None:
@@ -154,7 +149,7 @@ def promote(repo, version: int, url: str = None, admin_key: str = "", action: st
     t = time.perf_counter()
     if url:
         try:
-            for model in encoder_models(repo):  # `all` policy: a load picks up new encoder versions
+            for model in served_encoder_models(repo):  # `all` policy: a load picks up new encoder versions
                 _load(url, model, admin_key)
             _load(url, contract.CLASSIFIER, admin_key)
         except Exception as e:

@@ -67,6 +67,35 @@ def encoder_models(repo) -> list:
     return [m for m in contract.ENCODERS if m in contract.MODELS or versions(repo, m)]
 
 
+def read_model_config(repo, model: str = contract.CLASSIFIER):
+    """<repo>/<model>/config.pbtxt parsed as Triton's `ModelConfig` protobuf."""
+    from google.protobuf import text_format  # here: the adapters import this module, and Triton's stub needs neither
+    from tritonclient.grpc import model_config_pb2
+
+    path = Path(repo) / model / CONFIG_FILE
+    cfg = model_config_pb2.ModelConfig()
+    try:
+        text_format.Parse(path.read_text(), cfg)
+    except text_format.ParseError as e:
+        raise BrokenFile(f"{path} is not a Triton model configuration ({e})") from None
+    return cfg
+
+
+def encoders_in_classifier(repo) -> bool:
+    """Whether the classifier's config runs the encoders in its own process (`mailroute export --encoders-in-classifier`)
+    rather than through BLS calls to the encoder models; one config says it for all its versions."""
+    if not (Path(repo) / contract.CLASSIFIER / CONFIG_FILE).is_file():
+        return False
+    param = read_model_config(repo).parameters.get(contract.ENCODERS_PARAMETER)
+    return param is not None and param.string_value == contract.ENCODERS_IN_PROCESS
+
+
+def served_encoder_models(repo) -> list:
+    """The encoder models a server over this repository must load: none where the classifier runs the encoders itself
+    (nothing calls them; each would only add backend processes, memory and, on a GPU, CUDA-graph captures)."""
+    return [] if encoders_in_classifier(repo) else encoder_models(repo)
+
+
 def version_dir(repo, model: str, version=None) -> Path:
     vs = versions(repo, model)
     if not vs:

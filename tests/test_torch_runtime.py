@@ -269,16 +269,26 @@ def test_encoders_in_the_classifier_serve_the_same_answers_without_bls(tiny_run,
     assert cfg.parameters[contract.ENCODERS_PARAMETER].string_value == contract.ENCODERS_IN_PROCESS
     assert configs.classifier_model_config(8, 2, 64, 256, encoders_in_process=True, gpu=True).instance_group[0].kind == \
         configs.mc.ModelInstanceGroup.KIND_GPU
-    # When the real server serves it
+    # When the real server serves it: the classifier alone, since nothing calls the encoder models
+    assert TritonServer(repo).models == [contract.CLASSIFIER] and TritonServer(torch_repo).models[-1] == contract.CLASSIFIER
+    assert len(TritonServer(torch_repo).models) > 1
     with TritonServer(repo) as server, ClassifierClient(server.grpc_url) as c:
         served = c.classify(EMAILS, gate=False)
         log = server.log_file.read_text()
+    assert "successfully loaded 'email_classifier'" in log and "successfully loaded 'bi_encoder'" not in log
     # Then the answers equal the BLS export's (same weights, same pipeline), and the classifier says where its encoders run
     local = open_onnx_classifier(torch_repo).classify(EMAILS, gate=False)
     for s, o in zip(served, local, strict=True):
         assert s.ok and s.top_labels == o.top_labels
         assert np.abs(np.array(s.top_probabilities) - np.array(o.top_probabilities)).max() < 1e-4
     assert "encoders in this process on cpu" in log
+    # and a later export into the repository may not move the served versions' encoders back behind BLS calls
+    config_before = (repo / contract.CLASSIFIER / versions.CONFIG_FILE).read_text()
+    with pytest.raises(BadSetting, match=r"run their encoders in its own process .* this export would move them through BLS"):
+        export(ExportConfig(run=str(tiny_run), repo=str(repo), top_k=5, runtime="torch"))
+    assert (repo / contract.CLASSIFIER / versions.CONFIG_FILE).read_text() == config_before
+    with pytest.raises(BadSetting, match=r"run their encoders through BLS calls .* this export would move them in its own process"):
+        export(ExportConfig(run=str(tiny_run), repo=str(torch_repo), top_k=5, runtime="torch", encoders_in_classifier=True))
     # and only the torch runtime can: other runtimes have no PyTorch weights to run in the classifier
     with pytest.raises(BadSetting, match="--encoders-in-classifier"):
         export(ExportConfig(run=str(tiny_run), repo=str(tmp_path / "other"), runtime="portable", encoders_in_classifier=True))

@@ -419,10 +419,8 @@ def main(argv=None):
                                 max_queue_delay_us=a.max_queue_delay_us, encoders_in_classifier=a.encoders_in_classifier))
             measured["setup_s"] = round(time.perf_counter() - t, 1)
             print(f"run folder and torch export: {measured['setup_s']:.0f} s", flush=True)
-            # with the encoders inside the classifier nothing calls the encoder models: loading them would only add
-            # processes, GPU memory and CUDA-graph captures to the start
-            server = TritonServer(repo, log_file=out / "triton.log", extra_args=a.triton_args.split(),
-                                  models=[contract.CLASSIFIER] if a.encoders_in_classifier else None)
+            # (with the encoders inside the classifier it loads the classifier alone: client.server.repository_models)
+            server = TritonServer(repo, log_file=out / "triton.log", extra_args=a.triton_args.split())
             try:  # a serving failure still leaves the ceiling measured and the server's log in --out
                 t = time.perf_counter()
                 server.start(timeout=300)  # CUDA graphs are captured at load: a GPU start takes longer
