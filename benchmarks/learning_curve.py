@@ -25,8 +25,10 @@ from pathlib import Path
 from benchmarks.paired import paired_comparison
 from mailroute.rerank_policy import RerankPolicy
 from mailroute.run_layout import POLICY_FILE, RunFolder
+from training.data import SPLIT_SETTINGS
 
-# metrics.json's test variants, in the order the table and the plot show them (name in metrics -> what it is)
+# the systems compared, in the order the table and the plot show them: "flat" is metrics.json's flat_baseline, the
+# others its test variants (name in metrics -> what it is)
 SYSTEMS = {"flat": "flat softmax", "bi_encoder_descriptions": "stage 1, descriptions only",
            "bi_encoder": "stage 1, exemplar index", "cross_encoder_only": "cross-encoder alone over K",
            "retrieval_flat": "retrieval + flat, no cross-encoder", "two_stage": "served (gated)"}
@@ -36,39 +38,54 @@ class CurveError(ValueError):
     """A run folder that cannot be a point of the curve; the message names the folder and what it lacks."""
 
 
-def _read_rows(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _json(folder, path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CurveError(f"{folder}: {path.name} cannot be read ({e})") from None
 
 
 def run_point(folder) -> dict:
-    """One run folder -> its point of the curve (test accuracies, the paired comparison, the fitted policy)."""
+    """One run folder -> its point of the curve (test accuracies, the paired comparison, the fitted policy), with the
+    run's split settings and test gold labels (`curve` checks that the points share them)."""
     run = RunFolder(folder)
-    missing = [f.name for f in (run.metrics, run.predictions) if not f.is_file()]
+    missing = [f.name for f in (run.metrics, run.predictions, run.config) if not f.is_file()]
     if missing:
         raise CurveError(f"{folder}: no {' nor '.join(missing)} (not a trained run folder?)")
-    m = json.loads(run.metrics.read_text())
+    m, config = _json(folder, run.metrics), _json(folder, run.config)
     if "flat_baseline" not in m:
         raise CurveError(f"{folder}: the run skipped the flat baseline (--skip-baseline), so it has no flat softmax to compare")
-    rows = _read_rows(run.predictions)
+    rows = [json.loads(line) for line in run.predictions.read_text().splitlines() if line.strip()]
     if not rows or "flat_label" not in rows[0]:
         raise CurveError(f"{folder}: {run.predictions.name} has no flat_label column")
-    test = m.get("variants", {}).get("test", {})
-    accuracy = {"flat": m["flat_baseline"]["accuracy"]} | {name: test[name]["accuracy"] for name in SYSTEMS if name in test}
+    try:
+        test = m["variants"]["test"]
+        accuracy = {"flat": m["flat_baseline"]["accuracy"]} | {name: test[name]["accuracy"] for name in SYSTEMS if name in test}
+        point = {"run": str(folder), "labels": m["labels"], "n_train": m["n_train"], "n_validation": m["n_validation"],
+                 "n_test": m["n_test"], "emails_per_label": m["n_train"] / m["labels"], "accuracy": accuracy,
+                 "share_reranked": m["two_stage"]["share_reranked"], "run_minutes": sum(m["train_time"].values()) / 60}
+    except KeyError as e:
+        raise CurveError(f"{folder}: {run.metrics.name} has no {e} (written by an older mailroute train?)") from None
     policy = RerankPolicy.load(run.policy) if run.policy.is_file() else None
     paired = paired_comparison([r["gold"] for r in rows], [r["label"] for r in rows], [r["flat_label"] for r in rows])
-    return {"run": str(folder), "labels": m["labels"], "n_train": m["n_train"], "n_validation": m["n_validation"],
-            "n_test": m["n_test"], "emails_per_label": m["n_train"] / m["labels"], "accuracy": accuracy,
-            "share_reranked": m["two_stage"]["share_reranked"],
-            "ce_weight_per_logit": None if policy is None else policy.ce_weight / policy.temperature,
-            "flat_fused": None if policy is None else policy.uses_flat,
-            "served_vs_flat": paired, "train_minutes": sum(m.get("train_time", {}).values()) / 60}
+    # the cross-encoder logit's coefficient in the served softmax (ce_weight / temperature): 0 = not used
+    return point | {"ce_logit_coefficient": None if policy is None else policy.ce_weight / policy.temperature,
+                    "flat_fused": None if policy is None else policy.uses_flat, "served_vs_flat": paired,
+                    "split": {k: config.get(k) for k in SPLIT_SETTINGS if k != "sample_per_label"},
+                    "gold": [r["gold"] for r in rows]}
 
 
 def curve(folders: list) -> dict:
     points = sorted((run_point(f) for f in folders), key=lambda p: p["n_train"])
-    splits = {(p["n_validation"], p["n_test"], p["labels"]) for p in points}
-    if len(splits) > 1:  # points of one curve share validation and test; else the x axis is not the only difference
-        raise CurveError(f"the runs do not share one split (validation, test, labels): {sorted(splits)}")
+    # points of one curve differ only in their training emails: the settings that deal the split (training.data.
+    # SPLIT_SETTINGS) but --sample-per-label are the same, and so are the test emails
+    for p in points[1:]:
+        differ = sorted(k for k in p["split"] if p["split"][k] != points[0]["split"][k])
+        if differ or p["gold"] != points[0]["gold"]:
+            raise CurveError(f"{p['run']} and {points[0]['run']} do not share one split: "
+                             + (f"they differ in {', '.join(differ)}" if differ else "their test emails differ"))
+    for p in points:
+        del p["gold"]
     return {"points": points, "systems": SYSTEMS}
 
 
@@ -85,10 +102,10 @@ def table(summary: dict) -> str:
                                                                   f"p = {p['served_vs_flat']['mcnemar_exact_p']:.3g}"),
             "served - (retrieval + flat): the cross-encoder's share": lambda p: (
                 f"{100 * (p['accuracy']['two_stage'] - p['accuracy']['retrieval_flat']):+.2f}" if "retrieval_flat" in p["accuracy"] else "–"),
-            "cross-encoder weight per logit unit (policy)": lambda p: "–" if p["ce_weight_per_logit"] is None else f"{p['ce_weight_per_logit']:.3g}",
+            "cross-encoder logit coefficient in the policy (ce_weight / T)": lambda p: "–" if p["ce_logit_coefficient"] is None else f"{p['ce_logit_coefficient']:.3g}",
             "flat classifier fused (validation's choice)": lambda p: {True: "yes", False: "no", None: "–"}[p["flat_fused"]],
             "test emails reranked": lambda p: f"{p['share_reranked']:.1%}",
-            "training minutes (stages)": lambda p: f"{p['train_minutes']:.1f}"}
+            "run minutes (training stages and evaluation)": lambda p: f"{p['run_minutes']:.1f}"}
     lines += [f"| {what} | " + " | ".join(cell(p) for p in pts) + " |" for what, cell in rows.items()]
     return "\n".join(lines) + "\n"
 

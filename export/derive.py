@@ -118,7 +118,7 @@ def write_cross_encoder_version(repo, cross_model, pairs: list, quantize: bool =
         shutil.copy(folder / TORCH_WEIGHTS_DIR / TOKENIZER_FILE, folder / TOKENIZER_FILE)
         from export import configs, versions
 
-        served = configs.runtime(configs.runtime_of(versions.read_config(repo, contract.CROSS_ENCODER)))
+        served = configs.runtime(configs.runtime_of(versions.read_model_config(repo, contract.CROSS_ENCODER)))
         fused = served.fused_graph
         export_cross_encoder(cross_model, folder / TOKENIZER_FILE, folder / "fp32.onnx", pairs, optimize=fused)
         if quantize:

@@ -55,14 +55,14 @@ def encoder_throughput(cfg: ExportConfig) -> configs.Throughput:
     return configs.Throughput(cfg.encoder_instances, sizes, cfg.max_queue_delay_us, cfg.max_queue_size)
 
 
-def check_runtime_unchanged(repo: Path, runtime_name: str, encoders_in_classifier: bool = False) -> None:
+def check_runtime_unchanged(repo: Path, runtime_name: str, encoders_in_classifier: bool) -> None:
     """An export never changes how already-served versions run: `version_policy: all` keeps every encoder
     version loaded under the model's one config, so another runtime is refused (use another repository); and the
     classifier's one config says for all its versions whether their encoders run in its process or behind BLS calls,
     so moving them either way is refused too."""
     for name in contract.ENCODERS:
         if (repo / name / versions.CONFIG_FILE).exists():
-            current = configs.runtime_of(versions.read_config(repo, name))
+            current = configs.runtime_of(versions.read_model_config(repo, name))
             if current != runtime_name:
                 raise BadSetting(f"--runtime {runtime_name}: {name} versions {versions.versions(repo, name)} in {repo} run {current}; "
                                  f"an export with another runtime would change how they run. Export into another --repo")

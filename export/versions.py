@@ -76,10 +76,6 @@ def remove_stale_staging(repo) -> list:
 
 # the serving version: the classifier config's version policy
 
-def read_config(repo, model: str = contract.CLASSIFIER) -> model_config_pb2.ModelConfig:
-    return read_model_config(repo, model)
-
-
 def write_config(repo, cfg: model_config_pb2.ModelConfig, model: str = contract.CLASSIFIER) -> None:
     path = Path(repo) / model / CONFIG_FILE
     tmp = path.with_suffix(".tmp")
@@ -91,12 +87,12 @@ def serving_version(repo):
     """The classifier version the config serves (None when the config serves the latest, as old repositories did)."""
     if not (Path(repo) / contract.CLASSIFIER / CONFIG_FILE).exists():
         raise VersionError(f"{repo} holds no {contract.CLASSIFIER} (no {CONFIG_FILE}): run `mailroute export` first")
-    cfg = read_config(repo)
+    cfg = read_model_config(repo)
     return int(cfg.version_policy.specific.versions[0]) if cfg.version_policy.HasField("specific") else None
 
 
 def set_serving(repo, version: int) -> None:
-    cfg = read_config(repo)
+    cfg = read_model_config(repo)
     cfg.version_policy.Clear()
     cfg.version_policy.specific.versions.append(int(version))
     write_config(repo, cfg)
@@ -144,7 +140,7 @@ def promote(repo, version: int, url: str = None, admin_key: str = "", action: st
     repo = Path(repo)
     if int(version) not in versions(repo, contract.CLASSIFIER):
         raise VersionError(f"{contract.CLASSIFIER} has no version {version} in {repo} (has {versions(repo, contract.CLASSIFIER)})")
-    old_cfg, old = read_config(repo), current_version(repo)
+    old_cfg, old = read_model_config(repo), current_version(repo)
     set_serving(repo, version)
     t = time.perf_counter()
     if url:
@@ -288,7 +284,7 @@ def prune(repo, keep: int = PRUNE_KEEP, url: str = None, admin_key: str = "") ->
     plan["staging"] = remove_stale_staging(repo)
     if url:
         try:
-            for model in encoder_models(repo):
+            for model in served_encoder_models(repo):  # a server of the classifier alone was never given them
                 if plan.get(model):
                     _load(url, model, admin_key)
         except Exception as e:  # the files are gone already: say so, and how the server lets them go

@@ -150,7 +150,6 @@ def test_every_runtime_renders_with_throughput_settings():
 def test_an_export_never_changes_the_runtime_of_served_versions(repo, tiny_run):
     from export.run import ExportConfig, export
     from export.runtimes import TENSORRT
-    from export.versions import read_config
     from mailroute.settings import BadSetting
 
     before = (repo / contract.BI_ENCODER / CONFIG_FILE).read_text()
@@ -198,7 +197,7 @@ def test_native_export_writes_trtexec_shapes_from_the_contract(tiny_run, tmp_pat
     config (max_batch_size) and the tokenizer budget; build_tensorrt.sh passes them on, per version, as they are."""
     from export.configs import ENCODER_LIMITS
     from export.run import ExportConfig, export
-    from export.versions import read_config
+    from export.versions import read_model_config
     from mailroute.repository import TENSORRT_CONFIG, TRTEXEC_SHAPES_FILE, version_dir
 
     repo = tmp_path / "repo"
@@ -207,7 +206,7 @@ def test_native_export_writes_trtexec_shapes_from_the_contract(tiny_run, tmp_pat
                          (contract.FLAT_ENCODER, contract.BI_ENCODER_INPUTS)):
         flags = _shape_flags(version_dir(repo, name) / TRTEXEC_SHAPES_FILE)
         max_batch, tokens = ENCODER_LIMITS[name]
-        for cfg in (read_config(repo, name), text_format.Parse((repo / name / TENSORRT_CONFIG).read_text(), model_config_pb2.ModelConfig())):
+        for cfg in (read_model_config(repo, name), text_format.Parse((repo / name / TENSORRT_CONFIG).read_text(), model_config_pb2.ModelConfig())):
             assert cfg.max_batch_size == max_batch and tuple(i.name for i in cfg.input) == inputs
         assert flags == {"min": dict.fromkeys(inputs, (1, 1)), "opt": dict.fromkeys(inputs, (max_batch, tokens)),
                          "max": dict.fromkeys(inputs, (max_batch, tokens))}

@@ -256,7 +256,7 @@ def test_backend_stub_gets_numpy_below_2(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_encoders_in_the_classifier_serve_the_same_answers_without_bls(tiny_run, torch_repo, tmp_path):
     from client import ClassifierClient
-    from client.server import TritonServer
+    from client.server import TritonServer, repository_models
     from export import configs, versions
     from export.run import ExportConfig, export
     from mailroute import contract
@@ -265,13 +265,13 @@ def test_encoders_in_the_classifier_serve_the_same_answers_without_bls(tiny_run,
     # Given the torch runtime exported with the encoders inside each classifier instance
     repo = tmp_path / "repo"
     export(ExportConfig(run=str(tiny_run), repo=str(repo), top_k=5, runtime="torch", encoders_in_classifier=True))
-    cfg = versions.read_config(repo, contract.CLASSIFIER)
+    cfg = versions.read_model_config(repo, contract.CLASSIFIER)
     assert cfg.parameters[contract.ENCODERS_PARAMETER].string_value == contract.ENCODERS_IN_PROCESS
     assert configs.classifier_model_config(8, 2, 64, 256, encoders_in_process=True, gpu=True).instance_group[0].kind == \
         configs.mc.ModelInstanceGroup.KIND_GPU
     # When the real server serves it: the classifier alone, since nothing calls the encoder models
-    assert TritonServer(repo).models == [contract.CLASSIFIER] and TritonServer(torch_repo).models[-1] == contract.CLASSIFIER
-    assert len(TritonServer(torch_repo).models) > 1
+    assert repository_models(repo) == [contract.CLASSIFIER]
+    assert repository_models(torch_repo)[-1] == contract.CLASSIFIER and len(repository_models(torch_repo)) > 1
     with TritonServer(repo) as server, ClassifierClient(server.grpc_url) as c:
         served = c.classify(EMAILS, gate=False)
         log = server.log_file.read_text()
