@@ -24,7 +24,7 @@ from pathlib import Path
 
 from benchmarks.paired import paired_comparison
 from mailroute.rerank_policy import RerankPolicy
-from mailroute.run_layout import POLICY_FILE, RunFolder
+from mailroute.run_layout import POLICY_FILE, RunFolder, read_predictions
 from training.data import SPLIT_SETTINGS
 
 # the systems compared, in the order the table and the plot show them: "flat" is metrics.json's flat_baseline, the
@@ -55,7 +55,7 @@ def run_point(folder) -> dict:
     m, config = _json(folder, run.metrics), _json(folder, run.config)
     if "flat_baseline" not in m:
         raise CurveError(f"{folder}: the run skipped the flat baseline (--skip-baseline), so it has no flat softmax to compare")
-    rows = [json.loads(line) for line in run.predictions.read_text().splitlines() if line.strip()]
+    rows = read_predictions(run.predictions)
     if not rows or "flat_label" not in rows[0]:
         raise CurveError(f"{folder}: {run.predictions.name} has no flat_label column")
     try:

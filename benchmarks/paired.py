@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mailroute.run_layout import RunFolder
+from mailroute.run_layout import RunFolder, read_predictions
 
 
 def mcnemar_p(ok_a: np.ndarray, ok_b: np.ndarray) -> float:
@@ -76,10 +76,10 @@ def main(argv=None):
     path = Path(a.predictions) if a.predictions else RunFolder(a.run).predictions
     if not path.exists():
         sys.exit(f"paired: {path} does not exist (train or refit the run first)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_predictions(path)
     if a.against:
         against = RunFolder(a.against).predictions if Path(a.against).is_dir() else Path(a.against)
-        other = [json.loads(line) for line in against.read_text().splitlines() if line.strip()] if against.is_file() else None
+        other = read_predictions(against) if against.is_file() else None
         if not rows or other is None or [x.get("gold") for x in other] != [x.get("gold") for x in rows] \
                 or not all("label" in x for x in rows + other):
             sys.exit(f"paired: --against {a.against} is not a run (or predictions.jsonl) with served labels over the same, "
@@ -95,7 +95,7 @@ def main(argv=None):
     if a.flat_from:
         if not Path(a.flat_from).is_file():
             sys.exit(f"paired: --flat-from {a.flat_from} does not exist (a run's predictions.jsonl)")
-        flat = [json.loads(line) for line in Path(a.flat_from).read_text().splitlines() if line.strip()]
+        flat = read_predictions(a.flat_from)
         if [x["gold"] for x in flat] != [x["gold"] for x in rows] or "flat_label" not in flat[0]:
             sys.exit(f"paired: {a.flat_from} is not a run with a flat baseline over the same test emails as {path} "
                      f"({len(flat)} vs {len(rows)} rows, or gold labels differ, or no flat_label)")

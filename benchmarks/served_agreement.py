@@ -27,15 +27,16 @@ from pathlib import Path
 import numpy as np
 
 from mailroute import contract
-from mailroute.run_layout import RunFolder
+from mailroute.run_layout import RunFolder, read_predictions
 
 ATOL = 1e-4  # probability tolerance: ONNX vs PyTorch differ in the 6th digit (export's parity check), fused scores / T amplify it
 
 
-def read_predictions(run: RunFolder) -> list:
+def run_predictions(run: RunFolder) -> list:
+    """The run's evaluation answers (predictions.jsonl), or exit naming the missing file."""
     if not run.predictions.exists():
         raise SystemExit(f"error: {run.predictions} not found: is {run.root} a trained run (`mailroute train`)?")
-    return [json.loads(line) for line in run.predictions.read_text().splitlines() if line.strip()]
+    return read_predictions(run.predictions)
 
 
 def read_test_emails(run: RunFolder) -> list:
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     from client.server import TritonServer
 
     run = RunFolder(args.run)
-    rows, test = read_predictions(run), read_test_emails(run)
+    rows, test = run_predictions(run), read_test_emails(run)
     if [r["gold"] for r in rows] != [e.label for e in test]:
         raise SystemExit(f"error: {run.predictions} is not for this run's test emails (was the dataset changed?)")
     n = len(rows) if args.limit == 0 else min(args.limit, len(rows))

@@ -16,6 +16,7 @@
                                         benchmarks/heldout_flat.py)
 """
 
+import json
 from pathlib import Path
 
 BI_ENCODER_DIR = "bi_encoder"
@@ -35,6 +36,12 @@ STUDY_EMBEDDINGS = "study_embeddings.npz"
 STUDY_FLAT = "study_flat_e{epochs}.npz"
 HELDOUT_CACHE = "heldout_k{k}.npz"
 HELDOUT_FLAT = "heldout_flat_e{epochs}.npz"
+
+
+def read_predictions(path) -> list:
+    """The rows of a predictions.jsonl (one test email a line, in the test split's order: gold, label, probability,
+    reranked, and flat_label / flat_probability where the run has a flat baseline)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 class RunFolder:

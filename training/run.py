@@ -15,7 +15,7 @@ import torch
 from mailroute.label_index import LabelIndex, LabelScoring, weights_id
 from mailroute.repository import WEIGHTS_FILE
 from mailroute.rerank_policy import GateTarget, RerankPolicy
-from mailroute.run_layout import RunFolder
+from mailroute.run_layout import RunFolder, read_predictions
 from mailroute.settings import BadSetting
 from mailroute.taxonomy import DataError
 from training import bi_encoder as bi
@@ -332,7 +332,7 @@ def save_evaluation(out: RunFolder, metrics: dict, index, ev: Evaluation, flat_p
 
 def saved_flat_predictions(out: RunFolder, gold: list) -> tuple:
     """The run's flat-baseline predictions on test, when they are for exactly these test emails (else None, None)."""
-    rows = [json.loads(line) for line in out.predictions.read_text().splitlines() if line.strip()] if out.predictions.exists() else []
+    rows = read_predictions(out.predictions) if out.predictions.exists() else []
     if not rows or "flat_label" not in rows[0] or [r["gold"] for r in rows] != list(gold):
         return None, None
     return [r["flat_label"] for r in rows], np.array([r["flat_probability"] for r in rows])
@@ -466,7 +466,7 @@ def retrain_baseline(run_dir, flat_epochs: int, flat_lr: float = None, device: s
     seed_everything(cfg.seed)
     device = resolve_device(device)
     tax, train, val, test = splits_of(cfg)
-    rows = [json.loads(line) for line in out.predictions.read_text().splitlines() if line.strip()]
+    rows = read_predictions(out.predictions)
     if [r["gold"] for r in rows] != [e.label for e in test]:
         raise BadSetting(f"{out.predictions} is not for this run's test emails (was the dataset changed?): run `mailroute refit` first")
     t = time.perf_counter()
